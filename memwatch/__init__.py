@@ -1,0 +1,1 @@
+"""memwatch: detect memorization in diffusion models while they train."""
