@@ -1,0 +1,91 @@
+"""Ground truth for validation: is a generated sample a copy of a training sample?
+
+The criterion used in the memorization literature (Yoon et al. 2023; Gu et al. 2023): with
+``d₁ ≤ d₂`` a sample's Euclidean distances to its nearest and second-nearest training points,
+the sample is memorized when ``d₁ / d₂ < 1/3``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+__all__ = ["nn_ratio", "nearest_neighbours", "MEMORIZED_RATIO"]
+
+MEMORIZED_RATIO = 1.0 / 3.0
+
+
+def nearest_neighbours(
+    samples: Tensor, train_data: Tensor | Iterable[Tensor], *, chunk_size: int = 4096
+) -> tuple[Tensor, Tensor]:
+    """Distances to and indices of the two nearest training points, streaming over the train set.
+
+    Args:
+        samples: ``[n, *shape]`` generated samples.
+        train_data: ``[N, *shape]`` training samples, or an iterable of such batches (e.g. a
+            DataLoader yielding tensors, or tuples/lists/dicts whose first tensor is the data).
+        chunk_size: training points compared at once; memory is ``O(n · chunk_size)``, not ``O(n · N)``.
+
+    Returns:
+        ``(dist [n, 2], index [n, 2])``: ``d₁ ≤ d₂`` (float64) and their indices into the
+        training set in iteration order.
+
+    Raises:
+        ValueError: shapes differ or fewer than two training points.
+    """
+    x = rearrange(samples.detach(), "n ... -> n (...)").to(torch.float64)
+    best_d = torch.full((x.shape[0], 2), float("inf"), dtype=torch.float64, device=x.device)
+    best_i = torch.full((x.shape[0], 2), -1, dtype=torch.long, device=x.device)
+    offset = 0
+    for batch in _batches(train_data, chunk_size):
+        if batch.shape[1:] != samples.shape[1:]:
+            raise ValueError(
+                f"`train_data` samples have shape {tuple(batch.shape[1:])}, "
+                f"but `samples` have shape {tuple(samples.shape[1:])}"
+            )
+        y = rearrange(batch.detach(), "m ... -> m (...)").to(x.device, torch.float64)
+        dist = torch.cdist(x, y)
+        idx = torch.arange(offset, offset + y.shape[0], device=x.device).expand_as(dist)
+        all_d = torch.cat([best_d, dist], dim=1)
+        all_i = torch.cat([best_i, idx], dim=1)
+        best_d, pos = all_d.topk(2, dim=1, largest=False)
+        best_i = all_i.gather(1, pos)
+        offset += y.shape[0]
+    if offset < 2:
+        raise ValueError(f"`train_data` must hold at least 2 samples, got {offset}")
+    return best_d, best_i
+
+
+def nn_ratio(samples: Tensor, train_data: Tensor | Iterable[Tensor], *, chunk_size: int = 4096) -> Tensor:
+    """``d₁ / d₂`` per sample ``[n]`` (float64); memorized when ``< MEMORIZED_RATIO``.
+
+    Example:
+        >>> train = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+        >>> nn_ratio(torch.tensor([[0.1, 0.0], [5.0, 5.0]]), train)
+        tensor([0.0101, 1.0000], dtype=torch.float64)
+    """
+    dist, _ = nearest_neighbours(samples, train_data, chunk_size=chunk_size)
+    return dist[:, 0] / dist[:, 1].clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def _batches(data: Tensor | Iterable[Tensor], chunk_size: int) -> Iterable[Tensor]:
+    if isinstance(data, Tensor):
+        yield from data.split(chunk_size)
+        return
+    for item in data:
+        yield _first_tensor(item)
+
+
+def _first_tensor(item: object) -> Tensor:
+    if isinstance(item, Tensor):
+        return item
+    if isinstance(item, dict):
+        item = list(item.values())
+    if isinstance(item, (list, tuple)):
+        for value in item:
+            if isinstance(value, Tensor):
+                return value
+    raise ValueError(f"cannot find a tensor in a training batch of type {type(item).__name__}")

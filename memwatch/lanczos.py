@@ -1,0 +1,284 @@
+"""Batched Lanczos, stochastic Lanczos quadrature and Hutchinson traces for symmetric operators.
+
+Everything here acts on ``B`` independent symmetric operators ``A_1, …, A_B`` (each ``[D, D]``)
+through one batched product ``matvec: [B, D] -> [B, D]`` whose row ``b`` is ``A_b v_b``. All rows
+run the same iterations at once; there is no Python loop over ``B``.
+
+``m`` Lanczos steps from a start vector ``v_b`` build an orthonormal basis ``Q_b`` ``[D, m]`` of the
+Krylov space and the tridiagonal ``T_b = Q_bᵀ A_b Q_b`` ``[m, m]``. Its eigenvalues (Ritz values
+``θ_bj``) approximate the extremes of ``A_b``'s spectrum first; the squared first components
+``w_bj`` of its eigenvectors make ``Σ_j w_bj f(θ_bj)`` the Gauss quadrature of
+``v_bᵀ f(A_b) v_b / ‖v_b‖²`` (stochastic Lanczos quadrature, SLQ).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from einops import einsum
+from torch import Tensor
+
+__all__ = [
+    "Matvec",
+    "LanczosResult",
+    "rademacher",
+    "lanczos",
+    "extreme_eigenvalues",
+    "fraction_below",
+    "spectral_density",
+    "hutchinson_trace",
+]
+
+Matvec = Callable[[Tensor], Tensor]
+"""Batched symmetric product ``[B, D] -> [B, D]``; row ``b`` of the output is ``A_b @ v_b``."""
+
+WHICH = ("smallest", "largest")
+
+
+def rademacher(
+    shape: tuple[int, ...],
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Independent ±1 entries with equal probability, of the given ``shape`` and ``dtype``.
+
+    Example:
+        >>> rademacher((2, 3), generator=torch.Generator().manual_seed(0)).abs().unique()
+        tensor([1.])
+    """
+    bits = torch.randint(0, 2, shape, generator=generator, device=device)
+    return (2 * bits - 1).to(dtype)
+
+
+@dataclass(frozen=True)
+class LanczosResult:
+    """The tridiagonal matrices ``T_b`` of a batched Lanczos run (all in the accumulation dtype).
+
+    Attributes:
+        alpha: ``[B, m]`` diagonal of ``T_b``.
+        beta: ``[B, m-1]`` off-diagonal of ``T_b``; exactly 0 where a row broke down and restarted.
+        krylov_dim: ``[B]`` int64, steps before the first breakdown (``m`` if none): the dimension
+            of the Krylov space of the start vector that the run explored.
+        residual: ``[B]`` norm ``β_m`` of the residual left after the last step; the Ritz pair
+            ``(θ_bj, y_bj)`` satisfies ``‖A_b y_bj − θ_bj y_bj‖ = β_m |u_bj[m-1]|`` (see ``error_bounds``).
+    """
+
+    alpha: Tensor
+    beta: Tensor
+    krylov_dim: Tensor
+    residual: Tensor
+
+    def tridiagonal(self) -> Tensor:
+        """Dense ``T`` ``[B, m, m]``."""
+        return torch.diag_embed(self.alpha) + torch.diag_embed(self.beta, 1) + torch.diag_embed(self.beta, -1)
+
+    def ritz(self) -> tuple[Tensor, Tensor]:
+        """Ritz values ``θ`` ``[B, m]`` in ascending order and SLQ weights ``w`` ``[B, m]``.
+
+        ``w_bj = u_bj[0]²`` for the unit eigenvectors ``u_bj`` of ``T_b``; each row sums to 1. Blocks
+        started after a breakdown carry no weight; where eigenvalues repeat, only the total
+        weight of equal ``θ`` is defined (``eigh`` may spread it over the copies).
+        """
+        theta, vecs = torch.linalg.eigh(self.tridiagonal())
+        return theta, vecs[:, 0, :] ** 2
+
+    def error_bounds(self) -> Tensor:
+        """``[B, m]`` residual norms ``β_m |u_bj[m-1]|`` of the Ritz pairs, in the order of ``ritz``.
+
+        A Ritz value lies within this distance of an eigenvalue of ``A_b``; it is small when
+        ``θ_bj`` has converged and ~0 for all ``j`` when ``m = D``.
+        """
+        vecs = torch.linalg.eigh(self.tridiagonal())[1]
+        return self.residual[:, None] * vecs[:, -1, :].abs()
+
+
+def lanczos(
+    matvec: Matvec,
+    v0: Tensor,
+    num_iters: int,
+    *,
+    accum_dtype: torch.dtype = torch.float64,
+    reorthogonalize: bool = True,
+    generator: torch.Generator | None = None,
+    breakdown_tol: float = 1e-10,
+) -> LanczosResult:
+    """Run ``m = min(num_iters, D)`` Lanczos steps on ``B`` symmetric operators at once.
+
+    With ``q_1 = v0 / ‖v0‖`` (row-wise) and ``β_0 q_0 = 0``, step ``j`` computes
+
+        w = A q_j − α_j q_j − β_{j-1} q_{j-1},   α_j = q_jᵀ A q_j,   β_j = ‖w‖,   q_{j+1} = w / β_j
+
+    so that ``T = tridiag(β, α, β) = Qᵀ A Q``. With a Rademacher start vector ``z`` (``‖z‖² = D``),
+    ``D · alpha[:, 0] = zᵀ A z`` is exactly one Hutchinson trace sample.
+
+    Stopping rule: always ``m`` steps; convergence is not tested (see ``LanczosResult.error_bounds``).
+    Breakdown: where ``β_j ≤ breakdown_tol · max_{i≤j} ‖A q_i‖`` the row's Krylov space is invariant;
+    that row sets ``β_j = 0`` and continues from a fresh Gaussian vector (drawn from ``generator``)
+    orthogonalized against its basis. ``T_b`` becomes block diagonal, so with ``m = D`` its
+    eigenvalues are exactly ``A_b``'s spectrum, and the restarted blocks get SLQ weight 0. Other
+    rows are unaffected. (With matvecs in float32 the noise floor, ~1e-7 ‖A‖, hides breakdowns
+    from the default tolerance; with reorthogonalization the noise then acts as such a restart.)
+
+    Args:
+        matvec: batched product ``[B, D] -> [B, D]``, called ``m`` times with vectors in ``v0``'s
+            dtype and device; its results are cast to ``accum_dtype``.
+        v0: ``[B, D]`` start vectors with nonzero rows (need not be normalized).
+        num_iters: requested number of steps ``≥ 1``.
+        accum_dtype: dtype of the basis, ``α``, ``β`` and all inner products.
+        reorthogonalize: orthogonalize each ``w`` against the whole basis (two passes of classical
+            Gram-Schmidt). The basis ``[B, m, D]`` is stored either way (restarts need it).
+        generator: source of restart vectors.
+        breakdown_tol: relative threshold on ``β_j`` for a breakdown.
+
+    Returns:
+        A ``LanczosResult`` with ``alpha`` ``[B, m]`` and ``beta`` ``[B, m-1]``.
+
+    Raises:
+        ValueError: if ``v0`` is not ``[B, D]`` or has a zero row, if ``num_iters < 1``, or if
+            ``matvec`` returns a wrong shape.
+
+    Example:
+        >>> A = torch.diag(torch.arange(1.0, 5.0)).expand(2, 4, 4)
+        >>> res = lanczos(lambda v: einsum(A, v, "b i j, b j -> b i"), torch.ones(2, 4), 10)
+        >>> res.alpha.shape, res.ritz()[0][0]
+        (torch.Size([2, 4]), tensor([1.0000, 2.0000, 3.0000, 4.0000], dtype=torch.float64))
+    """
+    if v0.ndim != 2 or 0 in v0.shape:
+        raise ValueError(f"`v0` must be a non-empty [B, D] tensor, got shape {tuple(v0.shape)}")
+    if num_iters < 1:
+        raise ValueError(f"`num_iters` must be >= 1, got {num_iters}")
+    (batch, dim), m = v0.shape, min(num_iters, v0.shape[1])
+    q = v0.to(accum_dtype)
+    norm = q.norm(dim=-1, keepdim=True)
+    if (norm == 0).any():
+        raise ValueError("`v0` has a zero row; start vectors must be nonzero")
+    q = q / norm
+    basis = q.new_zeros(batch, m, dim)
+    alpha, beta = q.new_zeros(batch, m), q.new_zeros(batch, m - 1)
+    krylov_dim = torch.full((batch,), m, dtype=torch.int64, device=q.device)
+    scale, q_prev, beta_prev = q.new_zeros(batch), torch.zeros_like(q), q.new_zeros(batch)
+    for j in range(m):
+        basis[:, j] = q
+        w = _apply(matvec, q, v0)
+        scale = torch.maximum(scale, w.norm(dim=-1))
+        alpha[:, j] = (q * w).sum(-1)
+        w = w - alpha[:, j, None] * q - beta_prev[:, None] * q_prev
+        if reorthogonalize:
+            w = _project_out(w, basis[:, : j + 1])
+        beta_j = w.norm(dim=-1)
+        if j == m - 1:
+            break
+        broke = beta_j <= breakdown_tol * scale
+        if broke.any():
+            krylov_dim = torch.where(broke & (krylov_dim == m), j + 1, krylov_dim)
+            fresh = _project_out(_gaussian_like(q, generator), basis[:, : j + 1])
+            w, beta_j = torch.where(broke[:, None], fresh, w), torch.where(broke, 0.0, beta_j)
+        beta[:, j] = beta_j
+        q_prev, q, beta_prev = q, w / w.norm(dim=-1, keepdim=True), beta_j
+    return LanczosResult(alpha=alpha, beta=beta, krylov_dim=krylov_dim, residual=beta_j)
+
+
+def extreme_eigenvalues(result: LanczosResult, k: int, which: str = "smallest") -> Tensor:
+    """The ``k`` extreme Ritz values ``[B, k]``: ``"smallest"`` ascending, ``"largest"`` descending.
+
+    Raises:
+        ValueError: if ``which`` is not in ``("smallest", "largest")`` or not ``1 ≤ k ≤ m``.
+    """
+    if which not in WHICH:
+        raise ValueError(f"`which` must be one of {WHICH}, got {which!r}")
+    m = result.alpha.shape[-1]
+    if not 1 <= k <= m:
+        raise ValueError(f"`k` must be in [1, m={m}] (m = Lanczos steps), got {k}")
+    theta = result.ritz()[0]
+    return theta[:, :k] if which == "smallest" else theta[:, -k:].flip(-1)
+
+
+def fraction_below(result: LanczosResult, threshold: float | Tensor) -> Tensor:
+    """SLQ estimate ``[B]`` of the share of ``A_b``'s eigenvalues below ``threshold`` (scalar or ``[B]``).
+
+        frac_b = Σ_j w_bj [θ_bj < thr_b]  ≈  v_bᵀ 1(A_b < thr_b) v_b / ‖v_b‖²
+
+    Unbiased over Rademacher or Gaussian ``v_b`` (up to quadrature error). For ``n`` random vectors
+    per operator, stack them in the batch and average:
+
+        >>> A = torch.diag(torch.arange(4.0))[None]                       # one operator, D = 4
+        >>> As = A.repeat(16, 1, 1)                                       # rows ordered (n b), n = 16
+        >>> z = rademacher((16, 4), generator=torch.Generator().manual_seed(0))
+        >>> res = lanczos(lambda v: einsum(As, v, "b i j, b j -> b i"), z, 4)
+        >>> from einops import reduce
+        >>> reduce(fraction_below(res, 1.5), "(n b) -> b", "mean", n=16)
+        tensor([0.5000], dtype=torch.float64)
+    """
+    theta, weights = result.ritz()
+    thr = torch.as_tensor(threshold, dtype=theta.dtype, device=theta.device).reshape(-1, 1)
+    return (weights * (theta < thr)).sum(-1)
+
+
+def spectral_density(result: LanczosResult, grid: Tensor, bandwidth: float | Tensor) -> Tensor:
+    """Gaussian-smoothed SLQ spectral density ``[B, G]`` on ``grid`` ``[G]``; integrates to ~1.
+
+        ρ_b(x) = Σ_j w_bj N(x; θ_bj, h_b²),   h = ``bandwidth`` (scalar or ``[B]``)
+    """
+    theta, weights = result.ritz()
+    h = torch.as_tensor(bandwidth, dtype=theta.dtype, device=theta.device).reshape(-1, 1, 1)
+    z = (grid.to(theta)[None, :, None] - theta[:, None, :]) / h
+    kernel = torch.exp(-0.5 * z**2) / (h * math.sqrt(2 * math.pi))
+    return einsum(kernel, weights, "b g m, b m -> b g")
+
+
+def hutchinson_trace(
+    matvec: Matvec,
+    batch: int,
+    dim: int,
+    num_samples: int,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    accum_dtype: torch.dtype = torch.float64,
+) -> tuple[Tensor, Tensor]:
+    """Hutchinson estimate of ``tr A_b`` and its standard error, both ``[B]`` in ``accum_dtype``.
+
+        tr A_b ≈ (1/n) Σ_j z_jᵀ A_b z_j,   z_j ∈ {±1}^D Rademacher,   s.e. = std_j / √n
+
+    Cost: ``n = num_samples`` calls of ``matvec`` on ``[B, D]`` (the batch axis indexes operators,
+    so samples cannot share a call).
+
+    Raises:
+        ValueError: if ``num_samples < 2`` (the standard error needs two samples).
+    """
+    if num_samples < 2:
+        raise ValueError(f"`num_samples` must be >= 2, got {num_samples}")
+    samples = []
+    for _ in range(num_samples):
+        z = rademacher((batch, dim), generator=generator, dtype=dtype, device=device)
+        z_acc = z.to(accum_dtype)
+        samples.append((z_acc * _apply(matvec, z_acc, z)).sum(-1))
+    stacked = torch.stack(samples)  # [n, B]
+    return stacked.mean(0), stacked.std(0) / math.sqrt(num_samples)
+
+
+def _apply(matvec: Matvec, v: Tensor, like: Tensor) -> Tensor:
+    """``matvec(v)`` with ``v`` in ``like``'s dtype/device, the result in ``v``'s dtype; checks the shape."""
+    out = matvec(v.to(like))
+    if out.shape != v.shape:
+        raise ValueError(f"`matvec` must map [B, D] -> [B, D]; got {tuple(v.shape)} -> {tuple(out.shape)}")
+    return out.to(v)
+
+
+def _project_out(w: Tensor, basis: Tensor) -> Tensor:
+    """Remove from ``w`` ``[B, D]`` its components along the orthonormal rows of ``basis`` ``[B, k, D]`` (twice)."""
+    for _ in range(2):
+        w = w - einsum(basis, einsum(basis, w, "b k d, b d -> b k"), "b k d, b k -> b d")
+    return w
+
+
+def _gaussian_like(q: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal ``[B, D]`` like ``q``, drawn on the generator's device."""
+    device = generator.device if generator is not None else q.device
+    return torch.randn(q.shape, generator=generator, dtype=q.dtype, device=device).to(q.device)

@@ -1,0 +1,202 @@
+"""Noise schedules: how much signal and noise a diffusion state ``x_t`` holds.
+
+Every schedule describes the forward process
+
+    x_t = α_t · x_0 + σ_t · ε,        ε ~ N(0, I),
+
+with signal scale ``α_t`` and noise standard deviation ``σ_t``. ``alpha_bar(t) = α_t²``.
+
+* discrete (DDPM-style): ``t`` is an integer step in ``[0, T-1]``, ``α_t² = ᾱ_t`` and
+  ``σ_t² = 1 - ᾱ_t`` (linear, scaled-linear, cosine, or any diffusers scheduler).
+* ``"vp"`` (continuous variance preserving): ``t ∈ [t_min, 1]``,
+  ``ᾱ(t) = exp(-½ t² (β_max - β_min) - t β_min)``.
+* ``"ve"`` (EDM / variance exploding): ``t`` *is* the noise level σ, ``α_t = 1``, ``σ_t = t``.
+
+Timesteps are always in the schedule's own units.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["NoiseSchedule"]
+
+Kind = Literal["discrete", "vp", "ve"]
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """A diffusion noise schedule ``x_t = α_t x_0 + σ_t ε``.
+
+    Build one with a constructor rather than directly:
+    :meth:`linear`, :meth:`scaled_linear`, :meth:`cosine`, :meth:`from_diffusers` (discrete),
+    :meth:`vp` and :meth:`edm` (continuous).
+
+    Example:
+        >>> sched = NoiseSchedule.linear(1000)
+        >>> sched.sigma(torch.tensor([0, 999])).shape
+        torch.Size([2])
+        >>> round(float(sched.sigma(999)), 4)
+        1.0
+    """
+
+    kind: Kind
+    alphas_cumprod: Tensor | None = None  # [T] float64, discrete schedules only
+    t_min: float = 0.0
+    t_max: float = 1.0
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+
+    # ----------------------------------------------------------------- constructors
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod: Tensor) -> NoiseSchedule:
+        """Discrete schedule from ``ᾱ_t`` for ``t = 0 … T-1`` (``[T]``, decreasing in (0, 1])."""
+        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu().flatten()
+        if ac.numel() < 2 or not bool(((ac > 0) & (ac <= 1)).all()):
+            raise ValueError(f"`alphas_cumprod` must hold T >= 2 values in (0, 1], got {ac.numel()} values")
+        return cls(kind="discrete", alphas_cumprod=ac, t_min=0.0, t_max=float(ac.numel() - 1))
+
+    @classmethod
+    def from_betas(cls, betas: Tensor) -> NoiseSchedule:
+        """Discrete schedule from per-step variances ``β_t`` (``[T]``): ``ᾱ_t = Π_{s≤t} (1 - β_s)``."""
+        return cls.from_alphas_cumprod(torch.cumprod(1.0 - torch.as_tensor(betas, dtype=torch.float64), 0))
+
+    @classmethod
+    def linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
+        """DDPM's linear β schedule (Ho et al. 2020)."""
+        _check_steps(num_timesteps)
+        return cls.from_betas(torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64))
+
+    @classmethod
+    def scaled_linear(
+        cls, num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+    ) -> NoiseSchedule:
+        """Latent-diffusion's schedule: linear in ``√β``."""
+        _check_steps(num_timesteps)
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
+        return cls.from_betas(betas)
+
+    @classmethod
+    def cosine(cls, num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> NoiseSchedule:
+        """Nichol & Dhariwal's cosine schedule, ``ᾱ(u) ∝ cos²((u + s)/(1 + s) · π/2)``."""
+        _check_steps(num_timesteps)
+        u = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        f = torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+        betas = (1 - f[1:] / f[:-1]).clamp(max=max_beta)
+        return cls.from_betas(betas)
+
+    @classmethod
+    def from_diffusers(cls, scheduler: Any) -> NoiseSchedule:
+        """Discrete schedule of a diffusers scheduler (anything with ``alphas_cumprod``)."""
+        ac = getattr(scheduler, "alphas_cumprod", None)
+        if ac is None:
+            raise ValueError(
+                f"`scheduler` must have an `alphas_cumprod` attribute (a diffusers DDPM/DDIM-style "
+                f"scheduler), got {type(scheduler).__name__}"
+            )
+        return cls.from_alphas_cumprod(ac)
+
+    @classmethod
+    def vp(cls, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3) -> NoiseSchedule:
+        """Continuous variance-preserving SDE (Song et al. 2021), ``t ∈ [t_min, 1]``."""
+        if not 0 < t_min < 1:
+            raise ValueError(f"`t_min` must be in (0, 1), got {t_min}")
+        return cls(kind="vp", t_min=t_min, t_max=1.0, beta_min=beta_min, beta_max=beta_max)
+
+    @classmethod
+    def edm(cls, sigma_min: float = 0.002, sigma_max: float = 80.0) -> NoiseSchedule:
+        """EDM / variance-exploding noise levels (Karras et al. 2022): ``t = σ``, ``α = 1``."""
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < `sigma_min` < `sigma_max`, got {sigma_min}, {sigma_max}")
+        return cls(kind="ve", t_min=sigma_min, t_max=sigma_max)
+
+    # ------------------------------------------------------------------- queries
+    @property
+    def is_discrete(self) -> bool:
+        return self.kind == "discrete"
+
+    @property
+    def num_timesteps(self) -> int | None:
+        """``T`` for discrete schedules, ``None`` for continuous ones."""
+        return None if self.alphas_cumprod is None else self.alphas_cumprod.numel()
+
+    def check_t(self, t: Tensor | float | int, name: str = "t") -> Tensor:
+        """Return ``t`` as a tensor after checking it lies in the schedule's range.
+
+        Raises:
+            ValueError: ``t`` is non-finite, out of ``[t_min, t_max]``, or not an integer step
+                for a discrete schedule.
+        """
+        tt = torch.as_tensor(t)
+        if tt.is_floating_point() and not bool(torch.isfinite(tt).all()):
+            raise ValueError(f"`{name}` must be finite, got {tt}")
+        if self.is_discrete and tt.is_floating_point() and not bool((tt == tt.round()).all()):
+            raise ValueError(f"`{name}` must be integer steps for a discrete schedule, got {tt}")
+        lo, hi = float(tt.min()), float(tt.max())
+        if lo < self.t_min or hi > self.t_max:
+            raise ValueError(
+                f"`{name}` must lie in [{self.t_min:g}, {self.t_max:g}] for this {self.kind} schedule, "
+                f"got values in [{lo:g}, {hi:g}]"
+            )
+        return tt
+
+    def alpha_bar(self, t: Tensor | float | int) -> Tensor:
+        """``ᾱ_t = α_t²`` (float64, shape of ``t``)."""
+        tt = torch.as_tensor(t)
+        if self.kind == "discrete":
+            assert self.alphas_cumprod is not None
+            return self.alphas_cumprod[tt.long().cpu()].reshape(tt.shape)
+        tt = tt.to(torch.float64).cpu()
+        if self.kind == "vp":
+            return torch.exp(-0.5 * tt**2 * (self.beta_max - self.beta_min) - tt * self.beta_min)
+        return torch.ones_like(tt)
+
+    def alpha(self, t: Tensor | float | int) -> Tensor:
+        """Signal scale ``α_t`` (float64)."""
+        return self.alpha_bar(t).sqrt()
+
+    def sigma(self, t: Tensor | float | int) -> Tensor:
+        """Noise standard deviation ``σ_t`` of ``x_t`` — the scale of the score (float64)."""
+        if self.kind == "ve":
+            return torch.as_tensor(t).to(torch.float64).cpu()
+        return (1.0 - self.alpha_bar(t)).clamp_min(0).sqrt()
+
+    def sampling_timesteps(self, steps: int) -> Tensor:
+        """Decreasing timestep grid for a ``steps``-step sampler, first = noisiest.
+
+        Discrete: ``steps`` evenly spaced integers from ``T-1`` down to 0. VP: uniform in
+        ``[t_min, 1]``. VE: Karras et al.'s ρ=7 spacing of σ from ``t_max`` to ``t_min``.
+        """
+        _check_steps(steps, "steps")
+        if self.kind == "discrete":
+            return torch.linspace(self.t_max, 0, steps, dtype=torch.float64).round().long()
+        if self.kind == "vp":
+            return torch.linspace(self.t_max, self.t_min, steps, dtype=torch.float64)
+        rho = 7.0
+        ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+        lo, hi = self.t_min ** (1 / rho), self.t_max ** (1 / rho)
+        return (hi + ramp * (lo - hi)) ** rho
+
+    def timestep_for_sigma(self, sigma: float) -> Tensor:
+        """The timestep whose ``σ_t`` is closest to ``sigma`` (integer step when discrete)."""
+        if sigma <= 0:
+            raise ValueError(f"`sigma` must be positive, got {sigma}")
+        if self.kind == "discrete":
+            return (self.sigma(torch.arange(self.num_timesteps)) - sigma).abs().argmin()
+        if self.kind == "ve":
+            return torch.tensor(min(max(sigma, self.t_min), self.t_max), dtype=torch.float64)
+        # VP: solve -log(1 - σ²) = ½ t² Δβ + t β_min for t.
+        c = -math.log1p(-min(sigma, 1 - 1e-12) ** 2)
+        db = self.beta_max - self.beta_min
+        t = (-self.beta_min + math.sqrt(self.beta_min**2 + 2 * db * c)) / db if db > 0 else c / self.beta_min
+        return torch.tensor(min(max(t, self.t_min), self.t_max), dtype=torch.float64)
+
+
+def _check_steps(n: int, name: str = "num_timesteps") -> None:
+    if not isinstance(n, int) or n < 2:
+        raise ValueError(f"`{name}` must be an integer >= 2, got {n!r}")
