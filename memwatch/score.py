@@ -110,6 +110,18 @@ class DiffusionScore:
         """``s_Δ = s_c - s_uc`` ``[n, *shape]``, Wen et al.'s memorization signal is its norm."""
         return self.conditional(x, t, cond) - self.unconditional(x, t)
 
+    def with_model(self, model: nn.Module | Callable[..., Any]) -> DiffusionScore:
+        """The same score around another network (e.g. an EMA copy of the weights)."""
+        return DiffusionScore(
+            model,
+            self.schedule,
+            self.prediction,
+            null_cond=self.null_cond,
+            guidance_scale=self.guidance_scale,
+            cond_kwarg=self.cond_kwarg,
+            time_fn=self.time_fn,
+        )
+
     def timesteps(self, t: Tensor | int | float, n: int, device: torch.device | None = None) -> Tensor:
         """Checked timesteps broadcast to ``[n]`` (long for discrete schedules, float64 otherwise)."""
         tt = self.schedule.check_t(t).to(device)

@@ -35,11 +35,18 @@ import torch
 from einops import rearrange, reduce, repeat
 from torch import Tensor
 
-from memwatch.lanczos import LanczosResult, extreme_eigenvalues, fraction_below, lanczos, rademacher
+from memwatch.lanczos import (
+    LanczosResult,
+    extreme_eigenvalues,
+    fraction_below,
+    lanczos,
+    quadrature_density,
+    rademacher,
+)
 from memwatch.operators import ScoreJacobian, map_chunks
 from memwatch.score import DiffusionScore
 
-__all__ = ["SharpnessResult", "measure_sharpness", "spectral_density", "DENSE_MAX_DIM", "METHODS"]
+__all__ = ["SharpnessResult", "measure_sharpness", "DENSE_MAX_DIM", "METHODS"]
 
 METHODS = ("auto", "dense", "lanczos")
 DENSE_MAX_DIM = 256
@@ -82,15 +89,7 @@ class SharpnessResult:
 
     def density(self, grid: Tensor, bandwidth: float = 0.05) -> Tensor:
         """Gaussian-smoothed density of normalized eigenvalues ``[n, G]`` on ``grid`` ``[G]``."""
-        return spectral_density(self.spectrum_nodes, self.spectrum_weights, grid, bandwidth)
-
-
-def spectral_density(nodes: Tensor, weights: Tensor, grid: Tensor, bandwidth: float = 0.05) -> Tensor:
-    """``ρ(g) = Σ_j w_j N(g; node_j, bandwidth²)`` ``[n, G]`` for nodes, weights ``[n, M]``, grid ``[G]``."""
-    grid = grid.to(torch.float64)
-    z = (grid[None, None, :] - nodes[..., None]) / bandwidth
-    kernel = torch.exp(-0.5 * z**2) / (bandwidth * (2 * torch.pi) ** 0.5)
-    return torch.nan_to_num(reduce(weights[..., None] * kernel, "n m g -> n g", "sum"))
+        return torch.nan_to_num(quadrature_density(self.spectrum_nodes, self.spectrum_weights, grid, bandwidth))
 
 
 def measure_sharpness(

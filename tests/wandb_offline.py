@@ -18,7 +18,8 @@ the value as JSON; media values are stubs such as ``{"_type": "histogram", "valu
 "filenames": [...]}`` or ``{"_type": "table-file", "path": "media/table/..."}``.
 
 The reader is strict: a bad header, a CRC mismatch, a broken fragment chain or a truncated
-record raise ``ValueError``, so a test can't pass on a file it misread.
+record raise ``ValueError``, so a test can't pass on a file it misread; and it waits for the
+run's final ``exit`` record, so it never reads a run that wandb-core is still writing.
 
 Example:
     >>> run_dir = find_offline_run(tmp_path)                          # doctest: +SKIP
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,20 +116,41 @@ def _payloads(data: bytes) -> Iterator[bytes]:
         raise ValueError("file ends inside a fragmented record")
 
 
-def read_records(path: str | Path) -> list[Any]:
-    """All ``wandb_internal_pb2.Record`` messages of a run, in file order.
+def read_records(path: str | Path, *, timeout: float = 60.0) -> list[Any]:
+    """All ``wandb_internal_pb2.Record`` messages of a finished run, in file order.
+
+    ``wandb.finish()`` in offline mode can return before wandb-core has written the file (seen
+    with wandb 0.31: only the 7-byte header on disk right after ``finish``), so this polls until
+    the file parses and ends with the ``exit`` record that wandb-core writes last.
 
     Args:
         path: the ``run-*.wandb`` file or the ``offline-run-*`` folder holding it.
+        timeout: seconds to wait for the ``exit`` record.
+
+    Raises:
+        ValueError: the file is still malformed at the deadline.
+        TimeoutError: it parses but has no ``exit`` record at the deadline (run not finished).
     """
     from wandb.proto import wandb_internal_pb2
 
-    records = []
-    for payload in _payloads(_wandb_file(path).read_bytes()):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(payload)
-        records.append(record)
-    return records
+    file = _wandb_file(path)
+    deadline = time.monotonic() + timeout
+    while True:
+        records, error = [], None
+        try:
+            for payload in _payloads(file.read_bytes()):
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(payload)
+                records.append(record)
+        except ValueError as err:  # possibly a record still being written
+            error = err
+        if error is None and records and records[-1].WhichOneof("record_type") == "exit":
+            return records
+        if time.monotonic() > deadline:
+            if error is not None:
+                raise error
+            raise TimeoutError(f"{file} has no exit record after {timeout}s; seen {record_types(records)}")
+        time.sleep(0.05)
 
 
 def record_types(records: list[Any]) -> dict[str, int]:
@@ -139,7 +162,7 @@ def record_types(records: list[Any]) -> dict[str, int]:
     return counts
 
 
-def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
+def read_history(run_dir: str | Path, *, timeout: float = 60.0) -> list[dict[str, Any]]:
     """One dict per logged history row (one ``run.log`` call), values JSON-decoded.
 
     Keys are as logged; a media value, which wandb stores as one item per field under a
@@ -148,7 +171,7 @@ def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
     hold wandb's own ``_step``, ``_runtime`` and ``_timestamp``.
     """
     rows = []
-    for record in read_records(run_dir):
+    for record in read_records(run_dir, timeout=timeout):
         if record.WhichOneof("record_type") != "history":
             continue
         row: dict[str, Any] = {}

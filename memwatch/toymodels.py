@@ -1,0 +1,149 @@
+"""Small diffusion models for the demo, the examples and the tests.
+
+:class:`DDPMModule` is also a template for your own LightningModule: the only thing memwatch needs
+from it is :meth:`DDPMModule.memwatch_score`, which returns the model's :class:`DiffusionScore`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import lightning.pytorch as pl
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+from memwatch.schedules import NoiseSchedule
+from memwatch.score import DiffusionScore
+
+__all__ = ["MLPDenoiser", "DDPMModule", "TensorDataModule", "timestep_embedding"]
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
+    """Sinusoidal embedding ``[n, dim]`` of timesteps ``t`` ``[n]`` (Vaswani et al.; DDPM)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class MLPDenoiser(nn.Module):
+    """ε-network for small data: ``[n, *shape] -> [n, *shape]``, flattened inside.
+
+    Args:
+        shape: sample shape, e.g. ``(1, 8, 8)`` or ``(2,)``.
+        hidden: width; depth: number of hidden layers; time_dim: timestep embedding size.
+        num_classes: if set, a class-conditional model; label ``num_classes`` is the null
+            (unconditional) label used for classifier-free guidance.
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        hidden: int = 256,
+        depth: int = 3,
+        time_dim: int = 64,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+        dim = math.prod(self.shape)
+        self.time_dim = time_dim
+        self.time_mlp = nn.Sequential(nn.Linear(time_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.label_emb = None if num_classes is None else nn.Embedding(num_classes + 1, hidden)
+        self.inp = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(depth))
+        self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        h = self.inp(rearrange(x, "n ... -> n (...)"))
+        emb = self.time_mlp(timestep_embedding(t, self.time_dim).to(h.dtype))
+        if self.label_emb is not None:
+            if cond is None:
+                cond = torch.full((x.shape[0],), self.label_emb.num_embeddings - 1, device=x.device)
+            emb = emb + self.label_emb(cond.long())
+        for block in self.blocks:
+            h = h + block(h + emb)
+        return self.out(h).reshape(x.shape)
+
+
+class DDPMModule(pl.LightningModule):
+    """A DDPM trained with the ε-objective on small data, ready for :class:`MemorizationMonitor`.
+
+    Args:
+        shape: sample shape; hidden, depth: MLP size; num_timesteps: T of the linear schedule;
+        lr: Adam learning rate; num_classes: class-conditional if set (labels come as the
+        batch's second tensor); p_uncond: label dropout for classifier-free guidance.
+
+    Example:
+        >>> module = DDPMModule(shape=(2,), hidden=32, depth=1)
+        >>> module.memwatch_score().prediction
+        'epsilon'
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int] = (1, 8, 8),
+        hidden: int = 256,
+        depth: int = 3,
+        num_timesteps: int = 1000,
+        lr: float = 1e-3,
+        num_classes: int | None = None,
+        p_uncond: float = 0.2,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = MLPDenoiser(shape, hidden=hidden, depth=depth, num_classes=num_classes)
+        self.schedule = NoiseSchedule.linear(num_timesteps)
+        self.register_buffer("alphas_cumprod", self.schedule.alphas_cumprod.float(), persistent=False)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        return self.net(x, t, cond)
+
+    def memwatch_score(self) -> DiffusionScore:
+        """The score memwatch measures (with the null label for conditional models)."""
+        null = None if self.hparams.num_classes is None else torch.tensor(self.hparams.num_classes)
+        return DiffusionScore(self.net, self.schedule, prediction="epsilon", null_cond=null)
+
+    def training_step(self, batch: Sequence[Tensor] | Tensor, batch_idx: int) -> Tensor:
+        x = batch if isinstance(batch, Tensor) else batch[0]
+        cond = None
+        if self.hparams.num_classes is not None:
+            cond = batch[1].clone()
+            drop = torch.rand(cond.shape, device=cond.device) < self.hparams.p_uncond
+            cond[drop] = self.hparams.num_classes
+        t = torch.randint(0, self.schedule.num_timesteps, (x.shape[0],), device=x.device)
+        noise = torch.randn_like(x)
+        ab = self.alphas_cumprod[t].reshape(-1, *([1] * (x.ndim - 1)))
+        loss = nn.functional.mse_loss(self.net(ab.sqrt() * x + (1 - ab).sqrt() * noise, t, cond), noise)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+class TensorDataModule(pl.LightningDataModule):
+    """Serves in-memory tensors in random batches drawn with replacement (a fixed seed).
+
+    Each epoch is ``steps_per_epoch`` batches however small the data set, so tiny training sets
+    (the ones that memorize) train as fast per step as large ones.
+    """
+
+    def __init__(self, *tensors: Tensor, batch_size: int = 64, steps_per_epoch: int = 100, seed: int = 0) -> None:
+        super().__init__()
+        if not tensors:
+            raise ValueError("TensorDataModule needs at least one tensor")
+        self.tensors, self.batch_size, self.steps_per_epoch, self.seed = tensors, batch_size, steps_per_epoch, seed
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = TensorDataset(*self.tensors)
+        sampler = RandomSampler(
+            dataset,
+            replacement=True,
+            num_samples=self.batch_size * self.steps_per_epoch,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)

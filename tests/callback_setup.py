@@ -1,0 +1,45 @@
+"""Tiny training setups shared by the callback tests (and the DDP script)."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+
+from memwatch.data import manifold
+from memwatch.toymodels import DDPMModule, TensorDataModule
+
+CORNERS = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
+
+
+def memorizing_data() -> torch.Tensor:
+    """Four isolated training points: a 2-D model memorizes them within a few hundred steps."""
+    return CORNERS
+
+
+def generalizing_data() -> torch.Tensor:
+    """2000 points on the moons (a 1-D manifold): probes keep one flat direction."""
+    return manifold("moons", 2000, dim=2, seed=0)
+
+
+def module_2d(**kwargs) -> DDPMModule:
+    return DDPMModule(shape=(2,), hidden=kwargs.pop("hidden", 128), depth=kwargs.pop("depth", 2), lr=2e-3, **kwargs)
+
+
+def datamodule(x: torch.Tensor, batch_size: int = 128) -> TensorDataModule:
+    return TensorDataModule(x, batch_size=batch_size, steps_per_epoch=100, seed=0)
+
+
+def trainer(tmp_path, callbacks=(), max_steps: int = 200, **kwargs) -> pl.Trainer:
+    kwargs.setdefault("logger", False)
+    kwargs.setdefault("enable_checkpointing", False)
+    return pl.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=max_steps,
+        callbacks=list(callbacks),
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        **kwargs,
+    )

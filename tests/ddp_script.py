@@ -1,0 +1,59 @@
+"""Run by test_callback.py: a 2-process CPU DDP fit (gloo) with the monitor; each rank writes a JSON report.
+
+Lightning's "ddp" strategy re-launches this script for rank 1, so it must be a plain script.
+"""
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+from callback_setup import datamodule, memorizing_data, module_2d
+from memwatch.callback import MemorizationMonitor, _shard
+
+warnings.filterwarnings("ignore")
+
+
+def main(out: Path) -> None:
+    pl.seed_everything(0, verbose=False)
+    monitor = MemorizationMonitor(
+        every_n_train_steps=100,
+        num_probes=16,
+        sampler_steps=20,
+        sigmas=(0.2,),
+        k=2,
+        patience=2,
+        stop_on_onset=True,
+        save_clean_checkpoint=True,
+        dirpath=out / "clean",
+        verbose=False,
+        raise_errors=True,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=1500,
+        callbacks=[monitor],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+    )
+    trainer.fit(module_2d(), datamodule(memorizing_data(), batch_size=64))
+    rows = _shard(16, trainer.world_size, trainer.global_rank)
+    report = {
+        "world_size": trainer.world_size,
+        "onset_step": monitor.onset_step,
+        "global_step": trainer.global_step,
+        "history": [{k: round(v, 9) for k, v in h.items() if k != "check_seconds"} for h in monitor.history],
+        "local_probes": rows.stop - rows.start,
+    }
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

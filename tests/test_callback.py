@@ -1,0 +1,262 @@
+"""One short real ``Trainer.fit`` per feature of MemorizationMonitor."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+import memwatch
+from memwatch.callback import MemorizationMonitor
+from memwatch.toymodels import DDPMModule, TensorDataModule
+
+from callback_setup import datamodule, generalizing_data, memorizing_data, module_2d, trainer
+from wandb_offline import find_offline_run, history_values, media_files, read_history
+
+FAST = dict(num_probes=8, sampler_steps=10, sigmas=(0.2,), k=2, verbose=False, raise_errors=True)
+
+
+def _fit(tmp_path, data, monitor=None, max_steps=200, seed=0, module=None, **kwargs):
+    pl.seed_everything(seed, verbose=False)
+    module = module or module_2d()
+    t = trainer(tmp_path, [] if monitor is None else [monitor], max_steps=max_steps, **kwargs)
+    t.fit(module, datamodule(data))
+    return t, module
+
+
+# ------------------------------------------------------------------------ configuration
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(every_n_train_steps=-5), "every_n_train_steps"),
+        (dict(every_n_train_steps=None, every_n_epochs=None), "every_n_train_steps"),
+        (dict(every_n_epochs=0), "every_n_epochs"),
+        (dict(num_probes=0), "num_probes"),
+        (dict(k=0), "`k`"),
+        (dict(method="arpack"), "`method`"),
+        (dict(patience=0), "patience"),
+        (dict(score_threshold=1.5), "score_threshold"),
+        (dict(sigmas=()), "sigmas"),
+        (dict(sampler_steps=1), "sampler_steps"),
+    ],
+)
+def test_bad_configuration_fails_at_construction(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        MemorizationMonitor(**kwargs)
+
+
+def test_k_larger_than_the_dimension_fails_at_setup(tmp_path):
+    with pytest.raises(ValueError, match="`k`=3 is larger than the sample dimension d=2"):
+        _fit(tmp_path, memorizing_data(), MemorizationMonitor(every_n_train_steps=10, **dict(FAST, k=3)), max_steps=5)
+
+
+def test_missing_score_fails_at_setup_with_what_to_add(tmp_path):
+    class NoScore(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 2)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    with pytest.raises(ValueError, match="memwatch_score"):
+        _fit(tmp_path, memorizing_data(), MemorizationMonitor(**FAST), module=NoScore(), max_steps=2)
+
+
+# ------------------------------------------------------------------------ isolation
+def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
+    data = generalizing_data()
+    _, plain = _fit(tmp_path / "a", data, None, max_steps=60)
+    monitor = MemorizationMonitor(every_n_train_steps=20, save_clean_checkpoint=False, **FAST)
+    _, watched = _fit(tmp_path / "b", data, monitor, max_steps=60)
+    assert len(monitor.history) == 3
+    for (name, p), q in zip(plain.state_dict().items(), watched.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert watched.training and all(p.requires_grad for p in watched.parameters())
+
+
+# ------------------------------------------------------------------------ loggers
+def test_metrics_reach_csv_logger_and_callback_metrics(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv")
+    monitor = MemorizationMonitor(every_n_train_steps=25, **FAST)
+    t, _ = _fit(tmp_path, memorizing_data(), monitor, max_steps=50, logger=logger)
+    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
+    logged = [r for r in rows if r.get("memwatch/sharp_fraction_mean")]
+    assert [int(r["step"]) for r in logged] == [25, 50]
+    for name in ("lid_mean", "lambda_min", "normalized_eig_mean", "memorized_fraction", "onset"):
+        assert logged[0][f"memwatch/{name}"] != ""
+    assert "memwatch/sharp_fraction_mean" in t.callback_metrics
+    assert list(Path(logger.log_dir, "memwatch").glob("spectrum_step*.png"))
+    assert monitor.clean_checkpoint_path is not None and monitor.clean_checkpoint_path.exists()
+
+
+def test_wandb_offline_run_holds_metrics_histograms_images_and_table(tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.chdir(tmp_path)
+    images = torch.rand(64, 1, 4, 4) * 2 - 1
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="memwatch-test")
+    monitor = MemorizationMonitor(every_n_train_steps=20, reference_data=images, log_media=True, **dict(FAST, k=4))
+    module = DDPMModule(shape=(1, 4, 4), hidden=32, depth=1)
+    pl.seed_everything(0, verbose=False)
+    trainer(tmp_path, [monitor], max_steps=40, logger=logger).fit(module, TensorDataModule(images, batch_size=32))
+    wandb.finish()
+    run = find_offline_run(tmp_path)
+    rows = read_history(run)
+    for key in ("sharp_fraction_mean", "lid_mean", "memorized_fraction", "nn_memorized_fraction", "auroc", "onset"):
+        assert len(history_values(rows, f"memwatch/{key}")) == 2, key
+    assert history_values(rows, "memwatch/normalized_eigenvalues")[0]["_type"] == "histogram"
+    assert history_values(rows, "memwatch/spectrum")[0]["_type"] == "image-file"
+    assert history_values(rows, "memwatch/most_memorized")[0]["_type"] == "image-file"
+    assert history_values(rows, "memwatch/probes")[0]["_type"] == "table-file"
+    assert all("trainer/global_step" in r for r in rows if any(k.startswith("memwatch/") for k in r))
+    assert len(media_files(run, ".png")) >= 4
+
+
+def test_media_of_probes_are_off_by_default(tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.chdir(tmp_path)
+    images = torch.rand(64, 1, 4, 4) * 2 - 1
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="memwatch-test")
+    monitor = MemorizationMonitor(every_n_train_steps=20, reference_data=images, **dict(FAST, k=4))
+    pl.seed_everything(0, verbose=False)
+    trainer(tmp_path, [monitor], max_steps=20, logger=logger).fit(
+        DDPMModule(shape=(1, 4, 4), hidden=32, depth=1), TensorDataModule(images, batch_size=32)
+    )
+    wandb.finish()
+    rows = read_history(find_offline_run(tmp_path))
+    assert history_values(rows, "memwatch/spectrum") and not history_values(rows, "memwatch/most_memorized")
+
+
+# ------------------------------------------------------------------------ detection
+def _detecting_monitor(**kwargs):
+    return MemorizationMonitor(
+        every_n_train_steps=100,
+        num_probes=16,
+        sampler_steps=20,
+        sigmas=(0.2,),
+        k=2,
+        patience=2,
+        onset_threshold=0.5,
+        stop_on_onset=True,
+        verbose=False,
+        raise_errors=True,
+        **kwargs,
+    )
+
+
+def test_memorizing_run_stops_early_and_keeps_a_clean_checkpoint(tmp_path):
+    monitor = _detecting_monitor(dirpath=tmp_path / "clean")
+    t, _ = _fit(tmp_path, memorizing_data(), monitor, max_steps=1500)
+    assert monitor.onset_step is not None and t.global_step == monitor.onset_step < 1500
+    assert monitor.clean_step is not None and monitor.clean_step < monitor.onset_step
+    ckpt = torch.load(monitor.clean_checkpoint_path, weights_only=False)
+    assert ckpt["global_step"] == monitor.clean_step
+    assert t.callback_metrics["memwatch/onset"] == 1.0
+    assert t.callback_metrics["memwatch/clean_step"] == monitor.clean_step
+
+
+def test_generalizing_run_never_triggers(tmp_path):
+    monitor = _detecting_monitor(save_clean_checkpoint=False)
+    t, _ = _fit(tmp_path, generalizing_data(), monitor, max_steps=1000)
+    assert monitor.onset_step is None and t.global_step == 1000
+    assert max(h["memorized_fraction"] for h in monitor.history) < 0.5
+
+
+def test_resume_reaches_the_same_decision(tmp_path):
+    def monitor():
+        return _detecting_monitor(save_clean_checkpoint=False)
+
+    full = monitor()
+    _fit(tmp_path / "full", memorizing_data(), full, max_steps=1500)
+
+    first = monitor()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=300, save_top_k=-1)
+    _fit(tmp_path / "a", memorizing_data(), first, max_steps=300, callbacks=[ckpt], enable_checkpointing=True)
+    resumed = monitor()
+    pl.seed_everything(0, verbose=False)
+    t = trainer(tmp_path / "b", [resumed], max_steps=1500)
+    t.fit(module_2d(), datamodule(memorizing_data()), ckpt_path=ckpt.last_model_path or ckpt.best_model_path)
+    assert resumed.detector.state_dict()["history"][: len(first.history)] == first.detector.state_dict()["history"]
+    assert resumed.onset_step == full.onset_step is not None
+
+
+# ------------------------------------------------------------------------ robustness
+def test_nan_during_a_check_warns_and_training_continues(tmp_path):
+    class Broken(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, t, cond=None):
+            out = self.net(x, t, cond)
+            return out if self.training else out * float("nan")
+
+    module = module_2d()
+    module.net = Broken(module.net)
+    monitor = MemorizationMonitor(every_n_train_steps=10, **dict(FAST, raise_errors=False))
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        t, _ = _fit(tmp_path, memorizing_data(), monitor, max_steps=30, module=module)
+    assert t.global_step == 30 and len(monitor.history) == 3
+    assert monitor.history[0]["nonfinite_count"] == 8
+
+
+def test_every_n_epochs_cadence_and_explicit_score_fn(tmp_path):
+    calls = []
+
+    def score_fn(module):
+        calls.append(1)
+        return module.memwatch_score()
+
+    monitor = MemorizationMonitor(score_fn=score_fn, every_n_train_steps=None, every_n_epochs=1, **FAST)
+    _fit(tmp_path, memorizing_data(), monitor, max_steps=200)  # 2 epochs of 100 steps
+    assert [h["step"] for h in monitor.history] == [100.0, 200.0] and calls
+
+
+def test_ema_copy_is_measured_when_asked(tmp_path):
+    class WithEMA(type(module_2d())):
+        def __init__(self):
+            super().__init__(shape=(2,), hidden=32, depth=1)
+            self.ema = torch.optim.swa_utils.AveragedModel(self.net)
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            self.ema.update_parameters(self.net)
+
+    monitor = MemorizationMonitor(every_n_train_steps=10, ema_attr="ema", **FAST)
+    _fit(tmp_path, memorizing_data(), monitor, max_steps=10, module=WithEMA())
+    assert len(monitor.history) == 1
+    with pytest.raises(ValueError, match="ema_attr"):
+        _fit(tmp_path, memorizing_data(), MemorizationMonitor(every_n_train_steps=10, ema_attr="nope", **FAST), max_steps=10)
+
+
+# ------------------------------------------------------------------------ DDP
+def test_two_process_ddp_reaches_one_decision(tmp_path):
+    script = Path(__file__).with_name("ddp_script.py")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
+    assert ranks[0]["onset_step"] == ranks[1]["onset_step"] is not None
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == ranks[0]["onset_step"]
+    assert ranks[0]["history"] == ranks[1]["history"]  # synced metrics, identical on both ranks
+    assert ranks[0]["local_probes"] + ranks[1]["local_probes"] == 16
+
+
+def test_public_api_exports_the_callback():
+    assert memwatch.MemorizationMonitor is MemorizationMonitor
