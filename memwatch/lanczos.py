@@ -224,7 +224,7 @@ def fraction_below(result: LanczosResult, threshold: float | Tensor) -> Tensor:
 def spectral_density(result: LanczosResult, grid: Tensor, bandwidth: float | Tensor) -> Tensor:
     """Gaussian-smoothed SLQ spectral density ``[B, G]`` on ``grid`` ``[G]``; integrates to ~1.
 
-        ρ_b(x) = Σ_j w_bj N(x; θ_bj, h_b²),   h = ``bandwidth`` (scalar or ``[B]``)
+    ρ_b(x) = Σ_j w_bj N(x; θ_bj, h_b²),   h = ``bandwidth`` (scalar or ``[B]``)
     """
     return quadrature_density(*result.ritz(), grid, bandwidth)
 

@@ -84,9 +84,7 @@ def _memorization_update(
         try:
             x = torch.as_tensor(x)
         except (TypeError, ValueError, RuntimeError) as err:
-            raise TypeError(
-                f"`{name}` must be a tensor of per-probe values, got {type(x).__name__}"
-            ) from err
+            raise TypeError(f"`{name}` must be a tensor of per-probe values, got {type(x).__name__}") from err
         if x.is_complex():
             raise TypeError(f"`{name}` must hold real numbers, got dtype {x.dtype}")
         if not x.is_floating_point():
@@ -200,9 +198,7 @@ def memorization_metrics(
     """
     score_threshold = _check_threshold("score_threshold", score_threshold)
     nn_threshold = _check_threshold("nn_threshold", nn_threshold)
-    values, nonfinite = _memorization_update(
-        sharp_fraction, lid, lambda_min, normalized_mean, score, nn_ratio
-    )
+    values, nonfinite = _memorization_update(sharp_fraction, lid, lambda_min, normalized_mean, score, nn_ratio)
     return _memorization_compute(values, nonfinite, score_threshold, nn_threshold)
 
 
@@ -273,9 +269,7 @@ class MemorizationMetrics(Metric):
     nonfinite: list[Tensor]
     has_nn_ratio: list[Tensor]
 
-    def __init__(
-        self, score_threshold: float = 0.5, nn_threshold: float = 1 / 3, **kwargs: Any
-    ) -> None:
+    def __init__(self, score_threshold: float = 0.5, nn_threshold: float = 1 / 3, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.score_threshold = _check_threshold("score_threshold", score_threshold)
         self.nn_threshold = _check_threshold("nn_threshold", nn_threshold)
@@ -304,9 +298,7 @@ class MemorizationMetrics(Metric):
                 f"nn_ratio={'a tensor' if given else 'None'} after updates "
                 f"{'without' if given else 'with'} it (call reset() between checks)"
             )
-        values, nonfinite = _memorization_update(
-            sharp_fraction, lid, lambda_min, normalized_mean, score, nn_ratio
-        )
+        values, nonfinite = _memorization_update(sharp_fraction, lid, lambda_min, normalized_mean, score, nn_ratio)
         for name, v in values.items():
             getattr(self, name).append(v.to(self.device))
         self.nonfinite.append(torch.tensor([nonfinite], dtype=torch.long, device=self.device))

@@ -120,8 +120,11 @@ class OnsetDetector:
             raise ValueError(f"`threshold` must be a finite float or None, got {threshold!r}")
         if min_delta is not None and not (math.isfinite(float(min_delta)) and min_delta >= 0):
             raise ValueError(f"`min_delta` must be a finite float >= 0 or None, got {min_delta!r}")
-        for name, value, low in (("baseline_checks", baseline_checks, 1), ("patience", patience, 1),
-                                 ("min_steps", min_steps, 0)):
+        for name, value, low in (
+            ("baseline_checks", baseline_checks, 1),
+            ("patience", patience, 1),
+            ("min_steps", min_steps, 0),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
         self.threshold = None if threshold is None else float(threshold)
@@ -182,8 +185,11 @@ class OnsetDetector:
         name = f"{self.monitor}={_fmt(value)}"
 
         if not math.isfinite(value):  # rule 2
-            state = f"memorizing since step {self.onset_step}" if self.memorizing else (
-                f"streak unchanged at {self._streak}/{self.patience}")
+            state = (
+                f"memorizing since step {self.onset_step}"
+                if self.memorizing
+                else (f"streak unchanged at {self._streak}/{self.patience}")
+            )
             return OnsetDecision(False, self.memorizing, False, f"{name} is not finite; ignored ({state})")
 
         baseline_before = self.baseline
@@ -204,15 +210,15 @@ class OnsetDetector:
             return OnsetDecision(False, False, True, f"{name} within limits (baseline {_fmt(self.baseline)})")
 
         if not counted:
-            return OnsetDecision(
-                False, False, False, f"{name} {how}, not counted before min_steps={self.min_steps}"
-            )
+            return OnsetDecision(False, False, False, f"{name} {how}, not counted before min_steps={self.min_steps}")
 
         self._streak += 1  # rule 5
         if self._streak_start is None:
             self._streak_start = step
-        span = (f"for {self._streak} consecutive check{'s' if self._streak > 1 else ''} "
-                f"since step {self._streak_start} (baseline {_fmt(self.baseline)})")
+        span = (
+            f"for {self._streak} consecutive check{'s' if self._streak > 1 else ''} "
+            f"since step {self._streak_start} (baseline {_fmt(self.baseline)})"
+        )
         if self._streak >= self.patience:  # rule 6
             self.onset_step = step
             return OnsetDecision(True, True, False, f"{name} {how} {span}")

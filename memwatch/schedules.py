@@ -191,7 +191,7 @@ class NoiseSchedule:
         if self.kind == "ve":
             return torch.tensor(min(max(sigma, self.t_min), self.t_max), dtype=torch.float64)
         # VP: solve -log(1 - σ²) = ½ t² Δβ + t β_min for t.
-        c = -math.log1p(-min(sigma, 1 - 1e-12) ** 2)
+        c = -math.log1p(-(min(sigma, 1 - 1e-12) ** 2))
         db = self.beta_max - self.beta_min
         t = (-self.beta_min + math.sqrt(self.beta_min**2 + 2 * db * c)) / db if db > 0 else c / self.beta_min
         return torch.tensor(min(max(t, self.t_min), self.t_max), dtype=torch.float64)

@@ -182,7 +182,9 @@ class DiffusionScore:
     @staticmethod
     def _broadcast_cond(cond: Any, n: int, name: str) -> Tensor:
         if not isinstance(cond, Tensor):
-            raise ValueError(f"`{name}` must be a torch.Tensor (batch-first, or a single condition), got {type(cond).__name__}")
+            raise ValueError(
+                f"`{name}` must be a torch.Tensor (batch-first, or a single condition), got {type(cond).__name__}"
+            )
         if cond.ndim == 0:
             return cond.expand(n)
         if cond.shape[0] == n:

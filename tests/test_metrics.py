@@ -10,8 +10,7 @@ from torchmetrics.utilities.data import dim_zero_cat
 
 from memwatch.metrics import MemorizationMetrics, memorization_metrics
 
-KEYS = {"sharp_fraction_mean", "lid_mean", "lambda_min", "normalized_eig_mean", "memorized_fraction",
-        "nonfinite_count"}
+KEYS = {"sharp_fraction_mean", "lid_mean", "lambda_min", "normalized_eig_mean", "memorized_fraction", "nonfinite_count"}
 NN_KEYS = KEYS | {"nn_memorized_fraction", "auroc"}
 
 
@@ -38,9 +37,12 @@ def _assert_same(a, b):
 def test_values_by_hand():
     t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     out = memorization_metrics(
-        sharp_fraction=t(1.0, 0.5, 0.0, 0.25), lid=t(0.0, 4.0, 8.0, 6.0),
-        lambda_min=t(-9.0, -3.0, -1.0, -2.0), normalized_mean=t(-1.0, -0.5, 0.0, -0.3),
-        score=t(0.9, 0.5, 0.1, 0.7), nn_ratio=t(0.1, 0.5, 0.9, 0.3),
+        sharp_fraction=t(1.0, 0.5, 0.0, 0.25),
+        lid=t(0.0, 4.0, 8.0, 6.0),
+        lambda_min=t(-9.0, -3.0, -1.0, -2.0),
+        normalized_mean=t(-1.0, -0.5, 0.0, -0.3),
+        score=t(0.9, 0.5, 0.1, 0.7),
+        nn_ratio=t(0.1, 0.5, 0.9, 0.3),
     )
     assert set(out) == NN_KEYS
     assert out["sharp_fraction_mean"].item() == pytest.approx(1.75 / 4)
@@ -154,8 +156,14 @@ def test_reset_between_checks():
 def test_states_are_cat_reduced():
     m = MemorizationMetrics()
     assert set(m._reductions) == {
-        "sharp_fraction", "lid", "lambda_min", "normalized_mean", "score", "nn_ratio",
-        "nonfinite", "has_nn_ratio",
+        "sharp_fraction",
+        "lid",
+        "lambda_min",
+        "normalized_mean",
+        "score",
+        "nn_ratio",
+        "nonfinite",
+        "has_nn_ratio",
     }
     assert all(fn is dim_zero_cat for fn in m._reductions.values())
     assert all(m._defaults[k] == [] for k in m._reductions)

@@ -123,10 +123,14 @@ def test_constructor_errors(kwargs, match):
 
 SEQUENCES = [
     ({"threshold": 0.5, "patience": 2}, [0.1, 0.6, 0.2, 0.7, float("nan"), 0.9, 0.3, 0.1]),
-    ({"threshold": None, "min_delta": 0.1, "baseline_checks": 3, "patience": 2, "min_steps": 200},
-     [0.9, 0.0, 0.2, 0.1, 0.25, 0.3, 0.1, 0.4, 0.5, 0.6]),
-    ({"threshold": 3.0, "min_delta": 0.5, "baseline_checks": 2, "patience": 3, "mode": "min"},
-     [5.0, 5.2, 4.0, 4.1, 5.5, 4.2, 2.0, float("inf"), 3.9, 1.0]),
+    (
+        {"threshold": None, "min_delta": 0.1, "baseline_checks": 3, "patience": 2, "min_steps": 200},
+        [0.9, 0.0, 0.2, 0.1, 0.25, 0.3, 0.1, 0.4, 0.5, 0.6],
+    ),
+    (
+        {"threshold": 3.0, "min_delta": 0.5, "baseline_checks": 2, "patience": 3, "mode": "min"},
+        [5.0, 5.2, 4.0, 4.1, 5.5, 4.2, 2.0, float("inf"), 3.9, 1.0],
+    ),
 ]
 
 

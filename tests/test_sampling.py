@@ -35,4 +35,6 @@ def test_trajectory_records_exact_states():
     assert set(traj.states) == {123.0, 500.0}
     assert 123 in traj.timesteps.tolist() and traj.timesteps[0] == 999
     assert traj.states[123.0].shape == (4, 2)
-    torch.testing.assert_close(traj.samples, sample(score, 4, (2,), 10, generator=torch.Generator().manual_seed(0)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        traj.samples, sample(score, 4, (2,), 10, generator=torch.Generator().manual_seed(0)), atol=1e-5, rtol=0
+    )

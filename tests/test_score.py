@@ -62,7 +62,9 @@ def test_conditional_guided_and_difference():
     s_c, s_uc = score.conditional(x, 50, cond), score.unconditional(x, 50)
     torch.testing.assert_close(score(x, 50, cond), s_uc + 3.0 * (s_c - s_uc))
     torch.testing.assert_close(score.score_difference(x, 50, cond), s_c - s_uc)
-    torch.testing.assert_close(score.conditional(x, 50, torch.tensor([2])), score.conditional(x, 50, torch.full((4,), 2)))
+    torch.testing.assert_close(
+        score.conditional(x, 50, torch.tensor([2])), score.conditional(x, 50, torch.full((4,), 2))
+    )
     with pytest.raises(ValueError, match="batch size 1 or 4"):
         score.conditional(x, 50, torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="must be a torch.Tensor"):
