@@ -35,7 +35,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-__all__ = ["ScoreJacobian", "reference_jacobian", "map_chunks", "JVP_MODES"]
+__all__ = ["ScoreJacobian", "reference_jacobian", "map_chunks", "is_out_of_memory", "JVP_MODES"]
 
 JVP_MODES = ("auto", "forward", "reverse")
 
@@ -95,16 +95,19 @@ class ScoreJacobian:
     def dense(self, symmetric: bool = True, chunk_size: int | None = None) -> Tensor:
         """The Jacobian ``[n, D, D]`` (``J_b[i, j] = ∂f_bi/∂x_bj``), symmetrized if asked.
 
-        Costs ``D`` vjp products, vectorized with ``vmap`` in chunks of ``chunk_size`` basis vectors.
+        Costs ``D`` vjp products, vectorized with ``vmap`` in chunks of ``chunk_size`` basis vectors
+        (``None``: all ``D`` at once; memory grows with ``n · chunk_size``).
         """
         basis = torch.eye(self.dim, dtype=self._x.dtype, device=self._x.device)
         basis = basis[:, None, :].expand(self.dim, self.n, self.dim)
         with _autodiff_context():
             try:
-                rows = torch.func.vmap(lambda e: self._vjp_fn(e)[0], chunk_size=chunk_size)(basis)
-            except RuntimeError:  # an op without a batching rule: one product at a time
-                rows = torch.stack([self._vjp_fn(e)[0] for e in basis])
-        jac = rearrange(rows.detach(), "i b j -> b i j")
+                rows = torch.func.vmap(lambda e: self._vjp_fn(e)[0].detach(), chunk_size=chunk_size)(basis)
+            except RuntimeError as err:  # an op without a batching rule: one product at a time
+                if is_out_of_memory(err):
+                    raise
+                rows = torch.stack([self.vjp(e) for e in basis])
+        jac = rearrange(rows, "i b j -> b i j")
         return 0.5 * (jac + jac.transpose(1, 2)) if symmetric else jac
 
     # ------------------------------------------------------------------ private
@@ -155,19 +158,25 @@ def reference_jacobian(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
 def map_chunks(fn: Callable[[slice], tuple[Tensor, ...]], n: int, max_batch: int | None) -> tuple[Tensor, ...]:
     """Concatenate ``fn(rows)`` over consecutive row slices of at most ``max_batch`` rows.
 
-    Memory then grows with ``max_batch``, not with ``n``. On ``torch.OutOfMemoryError`` the chunk
-    is halved (with a warning) and retried; a single row that does not fit raises.
+    Memory then grows with ``max_batch``, not with ``n``. On out-of-memory (accelerator or CPU
+    allocator) the chunk is halved (with a warning) and retried; a single row that does not fit raises.
     """
     parts, start, step = [], 0, min(max_batch or n, n)
     while start < n:
         rows = slice(start, min(start + step, n))
         try:
             parts.append(fn(rows))
-        except torch.OutOfMemoryError:
-            if step == 1:
+        except RuntimeError as err:
+            if step == 1 or not is_out_of_memory(err):
                 raise
             step = max(1, step // 2)
             warnings.warn(f"memwatch: out of memory, retrying with max_batch={step}", RuntimeWarning, stacklevel=2)
             continue
         start = rows.stop
     return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure: ``torch.OutOfMemoryError`` on an accelerator, a
+    ``RuntimeError`` from the CPU allocator."""
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)

@@ -106,3 +106,22 @@ def test_map_chunks_halves_on_out_of_memory():
     with pytest.warns(RuntimeWarning, match="max_batch=3"):
         (out,) = map_chunks(fn, 6, 8)
     assert out.tolist() == list(range(6)) and sizes == [6, 3, 3]
+
+
+def test_map_chunks_treats_cpu_allocator_failure_as_out_of_memory():
+    def fn(rows):
+        if rows.stop - rows.start > 2:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+        return (torch.arange(rows.start, rows.stop),)
+
+    with pytest.warns(RuntimeWarning, match="max_batch=2"):
+        (out,) = map_chunks(fn, 4, 4)
+    assert out.tolist() == [0, 1, 2, 3]
+
+
+def test_map_chunks_reraises_other_errors():
+    def fn(rows):
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        map_chunks(fn, 4, 4)

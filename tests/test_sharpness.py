@@ -78,6 +78,16 @@ def test_chunking_and_auto_method_do_not_change_results(mixture):
     assert auto.method == "dense"
 
 
+@pytest.mark.parametrize("max_batch", [1, 5, 30, 100])
+def test_dense_chunking_does_not_change_results(mixture, max_batch):
+    # max_batch bounds samples × basis vectors: 1 → one product at a time, 30 → 2 samples × 15 vectors
+    x = torch.randn(6, 12, generator=_gen(6), dtype=torch.float64)
+    full = measure_sharpness(_score(mixture), x, 100, k=12, method="dense")
+    chunked = measure_sharpness(_score(mixture), x, 100, k=12, method="dense", max_batch=max_batch)
+    torch.testing.assert_close(full.eigenvalues, chunked.eigenvalues)
+    torch.testing.assert_close(full.trace, chunked.trace)
+
+
 def test_image_shaped_samples():
     gmm = GaussianMixture.isotropic(torch.randn(2, 2 * 3 * 3, generator=_gen(8), dtype=torch.float64), std=0.5)
 
