@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 __all__ = [
+    "plot_condition_metrics",
     "plot_density_2d",
     "plot_gallery",
     "plot_metric_curves",
@@ -92,9 +93,7 @@ def _curve_pair(label: str, pair: Any, what: str) -> tuple[np.ndarray, np.ndarra
     x = _to_numpy(pair[0], f"{what}[{label!r}][0]").astype(np.float64).reshape(-1)
     y = _to_numpy(pair[1], f"{what}[{label!r}][1]").astype(np.float64).reshape(-1)
     if x.shape != y.shape:
-        raise ValueError(
-            f"`{what}[{label!r}]`: x and y must have the same length, got {x.shape[0]} and {y.shape[0]}"
-        )
+        raise ValueError(f"`{what}[{label!r}]`: x and y must have the same length, got {x.shape[0]} and {y.shape[0]}")
     return x, y
 
 
@@ -229,9 +228,7 @@ def plot_metric_curves(
     for label, step in onsets.items():
         if step is None:
             continue
-        ax.axvline(
-            float(step), color=colours[label], ls="--", lw=1.3, label=f"onset ({label}) @ step {int(step)}"
-        )
+        ax.axvline(float(step), color=colours[label], ls="--", lw=1.3, label=f"onset ({label}) @ step {int(step)}")
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -495,16 +492,40 @@ def plot_density_2d(
         cbar = fig.colorbar(im, cax=cax)
         cbar.set_label(value_label)
     if trn is not None:
-        ax.scatter(trn[:, 0], trn[:, 1], s=6, c="0.6", edgecolors="none", label=f"training points ({len(trn)})")
+        # dark with a thin white rim: visible on the bright (dense) and the dark parts of the map;
+        # many points get small plain dots, so they do not paint over the density
+        few = len(trn) <= 200
+        ax.scatter(
+            trn[:, 0],
+            trn[:, 1],
+            s=10 if few else 2,
+            c="0.15",
+            marker="D" if few else "o",
+            edgecolors="white" if few else "none",
+            linewidths=0.4,
+            alpha=1.0 if few else 0.5,
+            label=f"training points ({len(trn)})",
+        )
     ok = ~mask
     if ok.any():
         ax.scatter(
-            pts[ok, 0], pts[ok, 1], s=18, c="tab:blue", edgecolors="white", linewidths=0.5,
+            pts[ok, 0],
+            pts[ok, 1],
+            s=18,
+            c="tab:blue",
+            edgecolors="white",
+            linewidths=0.5,
             label=f"probes ({int(ok.sum())})",
         )
     if mask.any():
         ax.scatter(
-            pts[mask, 0], pts[mask, 1], s=60, c="red", marker="X", edgecolors="white", linewidths=0.6,
+            pts[mask, 0],
+            pts[mask, 1],
+            s=60,
+            c="red",
+            marker="X",
+            edgecolors="white",
+            linewidths=0.6,
             label=f"flagged as memorized ({int(mask.sum())})",
         )
     ax.set_xlim(xmin, xmax)
@@ -516,6 +537,119 @@ def plot_density_2d(
     handles, labels = ax.get_legend_handles_labels()
     if handles:  # below the plot, so it never hides a probe
         fig.legend(handles, labels, fontsize="small", loc="outside lower center", ncols=min(3, len(handles)))
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# per-condition metrics
+# --------------------------------------------------------------------------------------------
+#: axis labels (metric and unit) of the metrics memwatch logs per condition
+CONDITION_METRIC_LABELS = {
+    "hessian_score_diff": "$\\|H_c s_\\Delta - H_{uc} s_\\Delta\\|$\n(Jeon et al., 1/[x]$^3$)",
+    "score_diff": "$\\|s_c - s_{uc}\\|$\n(Wen et al., 1/[x])",
+    "sharp_fraction_mean": "sharp fraction\nof $p_t(x\\mid c)$",
+}
+
+
+def plot_condition_metrics(
+    metrics: Mapping[str, ArrayLike],
+    conditions: Sequence[str],
+    *,
+    errors: Mapping[str, ArrayLike] | None = None,
+    flagged: int | None = None,
+    title: str = "Memorization metrics per condition",
+) -> Figure:
+    """Bar charts of per-condition metrics (one panel per metric), the flagged condition in red.
+
+    Made for :mod:`memwatch.conditional`: e.g. the mean Hessian-weighted score difference, score
+    difference and sharp fraction of each class of a class-conditional model; the class that
+    memorizes stands out in every panel. Each bar carries its value; metric names listed in
+    ``CONDITION_METRIC_LABELS`` get a descriptive axis label, others their name.
+
+    Args:
+        metrics: ``name -> values [C]``, one value per condition (NaN draws no bar).
+        conditions: the ``C`` condition labels (x axis).
+        errors: ``name -> [C]`` half-heights of error bars (e.g. the standard deviation over
+            probes); names must be keys of ``metrics``.
+        flagged: index of the condition flagged as memorized (red bar, red tick label).
+        title: figure title.
+
+    Returns:
+        A Figure with one Axes per metric, stacked, sharing the x axis; each Axes holds ``C``
+        bars (``ax.patches``).
+
+    Raises:
+        ValueError: no metrics or conditions, a value array not of length ``C``, ``errors``
+            naming an unknown metric, or ``flagged`` not an index in ``[0, C)``.
+
+    Example:
+        >>> fig = plot_condition_metrics({"score_diff": [1.0, 3.0, 1.2]}, ["0", "1", "2"], flagged=1)
+        >>> len(fig.axes), len(fig.axes[0].patches)
+        (1, 3)
+    """
+    if not metrics:
+        raise ValueError("`metrics` must hold at least one entry, got an empty mapping")
+    labels = [str(c) for c in conditions]
+    c = len(labels)
+    if c == 0:
+        raise ValueError("`conditions` must hold at least one label, got none")
+    values = {}
+    for name, v in metrics.items():
+        arr = _to_numpy(v, f"metrics[{name!r}]").astype(np.float64).reshape(-1)
+        if arr.shape[0] != c:
+            raise ValueError(f"`metrics[{name!r}]` must hold one value per condition ({c}), got {arr.shape[0]}")
+        values[name] = arr
+    errs = {}
+    for name, e in (errors or {}).items():
+        if name not in values:
+            raise ValueError(f"`errors` names a metric not in `metrics`: {name!r}; known: {sorted(values)}")
+        arr = _to_numpy(e, f"errors[{name!r}]").astype(np.float64).reshape(-1)
+        if arr.shape[0] != c:
+            raise ValueError(f"`errors[{name!r}]` must hold one value per condition ({c}), got {arr.shape[0]}")
+        errs[name] = arr
+    is_index = isinstance(flagged, (int, np.integer)) and not isinstance(flagged, bool)
+    if flagged is not None and (not is_index or not 0 <= flagged < c):
+        raise ValueError(f"`flagged` must be None or a condition index in [0, {c}), got {flagged!r}")
+
+    k = len(values)
+    fig = _new_figure((max(6.0, 0.5 * c + 2.0), 1.9 * k + 0.9))
+    axes = fig.subplots(k, 1, sharex=True, squeeze=False)[:, 0]
+    x = np.arange(c)
+    colours = ["tab:red" if i == flagged else "tab:blue" for i in range(c)]
+    for ax, (name, vals) in zip(axes, values.items()):
+        ax.bar(
+            x,
+            np.nan_to_num(vals, nan=0.0),
+            color=colours,
+            alpha=0.85,
+            yerr=errs.get(name),
+            capsize=3 if name in errs else 0,
+            error_kw={"elinewidth": 1, "ecolor": "0.3"},
+        )
+        err = errs.get(name, np.zeros(c))
+        top = float(np.nanmax(vals + np.nan_to_num(err))) if np.isfinite(vals).any() else 1.0
+        for i, v in enumerate(vals):
+            if np.isfinite(v):  # above the error bar, if any
+                ax.annotate(
+                    f"{v:.3g}",
+                    (i, v + np.nan_to_num(err[i])),
+                    xytext=(0, 2),
+                    textcoords="offset points",
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    color="tab:red" if i == flagged else "0.2",
+                )
+        ax.set_ylim(0, top * 1.25 if top > 0 else 1.0)
+        ax.set_ylabel(CONDITION_METRIC_LABELS.get(name, name), fontsize=8.5)
+        ax.grid(axis="y", alpha=0.3)
+    axes[-1].set_xticks(x, labels)
+    axes[-1].set_xlabel("condition")
+    if flagged is not None:
+        axes[-1].get_xticklabels()[flagged].set_color("tab:red")
+        axes[-1].get_xticklabels()[flagged].set_fontweight("bold")
+        title = f"{title}\n(red: most memorized, condition {labels[flagged]})"
+    fig.suptitle(title, fontsize=11)
     return fig
 
 
@@ -538,4 +672,3 @@ def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=_DPI, format="png")
     return out
-

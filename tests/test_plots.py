@@ -9,7 +9,14 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from memwatch.plots import plot_density_2d, plot_gallery, plot_metric_curves, plot_spectrum, save_figure
+from memwatch.plots import (
+    plot_condition_metrics,
+    plot_density_2d,
+    plot_gallery,
+    plot_metric_curves,
+    plot_spectrum,
+    save_figure,
+)
 
 
 def _bump(grid: np.ndarray, centre: float, width: float) -> np.ndarray:
@@ -31,9 +38,7 @@ def _n_images(fig: Figure) -> int:
 @pytest.mark.parametrize("kind", ["numpy", "torch"])
 def test_spectrum_lines_threshold_and_sharp_fraction_in_legend(kind: str) -> None:
     conv = torch.tensor if kind == "torch" else np.asarray
-    fig = plot_spectrum(
-        {"memorized": (conv(GRID), conv(MEMORIZED)), "generalizing": (conv(GRID), conv(GENERALIZING))}
-    )
+    fig = plot_spectrum({"memorized": (conv(GRID), conv(MEMORIZED)), "generalizing": (conv(GRID), conv(GENERALIZING))})
     assert isinstance(fig, Figure)
     assert len(fig.axes) == 1
     ax = fig.axes[0]
@@ -238,3 +243,40 @@ def test_plots_does_not_touch_pyplot_state() -> None:
     pyplot = sys.modules.get("matplotlib.pyplot")
     if pyplot is not None:  # another test may have imported it; we must not have opened figures
         assert pyplot.get_fignums() == []
+
+
+# ------------------------------------------------------------------------------------------
+# plot_condition_metrics
+# ------------------------------------------------------------------------------------------
+def test_condition_metrics_one_panel_per_metric_flagged_bar_in_red() -> None:
+    hsd = torch.tensor([1.0, 1.2, 0.9, 2.5, float("nan")])
+    fig = plot_condition_metrics(
+        {"hessian_score_diff": hsd, "sharp_fraction_mean": np.array([0.5, 0.48, 0.47, 0.6, 0.5])},
+        ["0", "1", "2", "3", "4"],
+        errors={"hessian_score_diff": [0.1] * 5},
+        flagged=3,
+    )
+    assert len(fig.axes) == 2
+    top, bottom = fig.axes
+    assert len(top.patches) == len(bottom.patches) == 5
+    colours = [p.get_facecolor() for p in top.patches]
+    assert colours[3] != colours[0] and colours[0] == colours[1]
+    assert top.patches[4].get_height() == 0  # NaN draws no bar
+    assert [t.get_text() for t in bottom.get_xticklabels()] == ["0", "1", "2", "3", "4"]
+    assert bottom.get_xticklabels()[3].get_color() == "tab:red"
+    assert "Jeon" in top.get_ylabel() and "sharp fraction" in bottom.get_ylabel()
+    assert "condition 3" in fig._suptitle.get_text()
+    assert [t.get_text() for t in top.texts][:4] == ["1", "1.2", "0.9", "2.5"]
+
+
+def test_condition_metrics_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="`metrics` must hold"):
+        plot_condition_metrics({}, ["a"])
+    with pytest.raises(ValueError, match="`conditions` must hold"):
+        plot_condition_metrics({"m": []}, [])
+    with pytest.raises(ValueError, match=r"one value per condition \(2\), got 3"):
+        plot_condition_metrics({"m": [1, 2, 3]}, ["a", "b"])
+    with pytest.raises(ValueError, match="`errors` names a metric not in `metrics`"):
+        plot_condition_metrics({"m": [1, 2]}, ["a", "b"], errors={"x": [0, 0]})
+    with pytest.raises(ValueError, match="`flagged`"):
+        plot_condition_metrics({"m": [1, 2]}, ["a", "b"], flagged=2)
