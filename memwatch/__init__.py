@@ -5,20 +5,24 @@ ICML 2025): every eigenvalue of the Hessian of log p_t there is ≈ -1/σ_t². m
 spectrum on probes drawn from the model under training and raises the alarm at onset.
 """
 
+from memwatch.callback import CheckResult, MemorizationMonitor
+from memwatch.conditional import ConditionalResult, conditional_metrics
 from memwatch.groundtruth import MEMORIZED_RATIO, nearest_neighbours, nn_ratio
 from memwatch.sampling import Trajectory, sample, sample_trajectory
 from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore
 from memwatch.sharpness import SharpnessResult, measure_sharpness
-from memwatch.callback import MemorizationMonitor
 
 __all__ = [
     "MEMORIZED_RATIO",
-    "MemorizationMonitor",
+    "CheckResult",
+    "ConditionalResult",
     "DiffusionScore",
+    "MemorizationMonitor",
     "NoiseSchedule",
     "SharpnessResult",
     "Trajectory",
+    "conditional_metrics",
     "measure_sharpness",
     "nearest_neighbours",
     "nn_ratio",

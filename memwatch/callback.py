@@ -13,6 +13,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 
-from memwatch.groundtruth import MEMORIZED_RATIO, nearest_neighbours
+from memwatch.groundtruth import nearest_neighbours
 from memwatch.loggers import MonitorLogger
 from memwatch.metrics import MemorizationMetrics
 from memwatch.onset import OnsetDecision, OnsetDetector
@@ -32,9 +33,31 @@ from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore
 from memwatch.sharpness import METHODS, SharpnessResult, measure_sharpness
 
-__all__ = ["MemorizationMonitor", "find_score"]
+__all__ = ["MemorizationMonitor", "CheckResult", "find_score"]
 
 ScoreFn = Callable[[pl.LightningModule], DiffusionScore]
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """Everything one check measured on this rank (see :meth:`MemorizationMonitor.on_check_end`).
+
+    Attributes:
+        step: the trainer's global step of the check.
+        values: the logged scalars without the ``memwatch/`` prefix (synced over ranks), including
+            ``onset`` and ``check_seconds``.
+        results: evaluation timestep → :class:`memwatch.SharpnessResult` of this rank's probes.
+        samples: ``[n, *shape]`` this rank's probes (final DDIM samples), on the CPU.
+        nn_ratio: ``[n]`` the probes' ``d₁/d₂`` to ``reference_data`` (``None`` without it).
+        decision: the onset detector's decision at this check.
+    """
+
+    step: int
+    values: dict[str, float]
+    results: dict[float, SharpnessResult]
+    samples: Tensor
+    nn_ratio: Tensor | None
+    decision: OnsetDecision
 
 
 class MemorizationMonitor(Callback):
@@ -61,14 +84,18 @@ class MemorizationMonitor(Callback):
         num_probes: probes per check (sharded across DDP ranks).
         sampler_steps: DDIM steps per probe.
         sigmas: evaluation noise levels σ_t (converted to the schedule's nearest timesteps);
-            ignored when ``timesteps`` is given. The first one is the primary timestep.
+            ignored when ``timesteps`` is given. The first one is the primary timestep. The
+            default 0.3 (data scaled to about [-1, 1]) and the thresholds below are the
+            validation study's choice on held-out seeds (``docs/validation.md``); for data much
+            more or less spread out, scale σ with its nearest-neighbour distances.
         timesteps: evaluation timesteps in schedule units.
         k: most negative eigenvalues reported per probe.
         threshold: ``τ``; a direction is sharp when ``σ_t² λ < -τ``.
         score_threshold: a probe counts as memorized when its score exceeds this.
         method, num_iters, num_vectors, max_batch: passed to :func:`memwatch.measure_sharpness`.
         onset_threshold, onset_min_delta, patience, min_steps, baseline_checks: the
-            :class:`memwatch.onset.OnsetDetector` rule on ``memorized_fraction``.
+            :class:`memwatch.onset.OnsetDetector` rule on ``memorized_fraction``: onset when
+            more than ``onset_threshold`` of the probes are memorized ``patience`` checks in a row.
         stop_on_onset: set ``trainer.should_stop`` at onset (one decision for all ranks).
         save_clean_checkpoint: save ``memwatch-clean.ckpt`` at every clean check (overwritten),
             so the last one before onset survives; see ``clean_checkpoint_path``.
@@ -79,10 +106,24 @@ class MemorizationMonitor(Callback):
         batch_key: key of the data in dict batches (else the batch's first tensor).
         ema_attr: name of an EMA copy of the network on the module to measure instead.
         seed: seed of the probes' start noise and of the Lanczos start vectors.
+        log_figures: draw and log the per-check spectrum / curve / condition plots and the probe
+            table (a few tens of ms per check); scalars and histograms are logged regardless.
         log_media: also log probe images / nearest-neighbour galleries (privacy: off by default).
         raise_errors: re-raise errors of a check instead of warning (default: training never
             crashes because of memwatch).
-        verbose: print a line per check (rank zero).
+        verbose: print a line when a check starts and one with its result (rank zero).
+        conditions: for a conditional (classifier-free-guidance) model, the conditions to watch,
+            e.g. ``torch.arange(10)`` for all class labels: a tensor ``[C, ...]`` (one row per
+            condition) or a sequence of int labels / tensors. Each check then also draws
+            ``num_probes`` probes per condition (the same seeds for every condition) and logs
+            ``memwatch/cond/{c}/hessian_score_diff`` (Jeon et al.'s ``‖H_c s_Δ − H_uc s_Δ‖``),
+            ``…/score_diff`` (Wen et al.'s ``‖s_Δ‖``), ``…/sharp_fraction_mean`` (of ``p(x | c)`` at
+            the primary timestep), ``memwatch/most_memorized_condition`` (the condition with the
+            highest Hessian-weighted score difference, i.e. the one that memorizes first) and a
+            ``conditions`` table and bar chart; see :mod:`memwatch.conditional`. ``{c}`` is the
+            label for int conditions, else the condition's index.
+        condition_first_steps: the metrics above are averaged over this many leading (noisiest)
+            sampler steps; default :func:`memwatch.conditional.default_first_steps`.
 
     Raises:
         ValueError: an argument is out of range (the message names it).
@@ -99,7 +140,7 @@ class MemorizationMonitor(Callback):
         every_n_epochs: int | None = None,
         num_probes: int = 32,
         sampler_steps: int = 50,
-        sigmas: Sequence[float] = (0.1, 0.3),
+        sigmas: Sequence[float] = (0.3,),
         timesteps: Sequence[float] | None = None,
         k: int = 8,
         threshold: float = 0.5,
@@ -108,7 +149,7 @@ class MemorizationMonitor(Callback):
         num_iters: int = 32,
         num_vectors: int = 4,
         max_batch: int | None = None,
-        onset_threshold: float | None = 0.5,
+        onset_threshold: float | None = 0.2,
         onset_min_delta: float | None = None,
         patience: int = 2,
         min_steps: int = 0,
@@ -121,9 +162,12 @@ class MemorizationMonitor(Callback):
         batch_key: str | None = None,
         ema_attr: str | None = None,
         seed: int = 0,
+        log_figures: bool = True,
         log_media: bool = False,
         raise_errors: bool = False,
         verbose: bool = True,
+        conditions: Tensor | Sequence[Any] | None = None,
+        condition_first_steps: int | None = None,
     ) -> None:
         super().__init__()
         _check_cadence("every_n_train_steps", every_n_train_steps)
@@ -181,13 +225,20 @@ class MemorizationMonitor(Callback):
         self.batch_key = batch_key
         self.ema_attr = ema_attr
         self.seed = seed
+        self.log_figures = log_figures
         self.log_media = log_media
         self.raise_errors = raise_errors
         self.verbose = verbose
+        self.conditions = conditions
+        self._conditions = _check_conditions(conditions, condition_first_steps, sampler_steps)
+        self.condition_first_steps = condition_first_steps
+        self._condition_values: dict[str, dict[str, float]] = {}
+        self._most_memorized = ""
 
         self.clean_checkpoint_path: Path | None = None
         self.clean_step: int | None = None
         self.history: list[dict[str, float]] = []
+        self.last_check: CheckResult | None = None
         self._eval_timesteps: list[float] = []
         self._metrics: dict[float, MemorizationMetrics] = {}
         self._logger: MonitorLogger | None = None
@@ -195,29 +246,37 @@ class MemorizationMonitor(Callback):
         self._first_density: Tensor | None = None
         self._nearest: Tensor | None = None
         self._last_checked_step = -1
+        self._state_key: str | None = None
 
     # ------------------------------------------------------------------ identity
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            num_probes=self.num_probes, sigmas=self.sigmas, timesteps=self.timesteps, seed=self.seed
-        )
+        # Lightning reads this at every hook call (profiler names): built once, not per step
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(
+                num_probes=self.num_probes,
+                sigmas=self.sigmas,
+                timesteps=self.timesteps,
+                seed=self.seed,
+                conditions=tuple(self._conditions),
+            )
+        return self._state_key
 
     @property
     def onset_step(self) -> int | None:
         """Global step of the check at which onset was declared (``None`` before)."""
         return self.detector.onset_step
 
+    def on_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, check: CheckResult) -> None:
+        """Called on every rank after each check has been logged; override to use its per-probe
+        results (also kept as :attr:`last_check`). The default does nothing."""
+
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         score = self._score(pl_module)
-        if self.timesteps is not None:
-            self._eval_timesteps = [float(score.schedule.check_t(t, "timesteps")) for t in self.timesteps]
-        else:
-            self._eval_timesteps = [float(score.schedule.timestep_for_sigma(s)) for s in self.sigmas]
-        self._eval_timesteps = list(dict.fromkeys(self._eval_timesteps))
+        self._eval_timesteps = self._timesteps_of(score)
         self._metrics = {t: MemorizationMetrics(score_threshold=self.score_threshold) for t in self._eval_timesteps}
         self._logger = MonitorLogger.from_trainer(trainer, log_media=self.log_media)
         if self.reference_data is not None:
@@ -271,6 +330,11 @@ class MemorizationMonitor(Callback):
         self._last_checked_step = trainer.global_step
         if self.detector.memorizing and self.stop_on_onset:
             return
+        if self.verbose:
+            rank_zero_info(
+                f"memwatch step {trainer.global_step}: checking {self.num_probes} probes "
+                f"at {len(self._eval_timesteps)} timestep(s)…"
+            )
         try:
             with _isolated(pl_module):
                 values, results, samples, ratios = self._measure(trainer, pl_module)
@@ -280,43 +344,24 @@ class MemorizationMonitor(Callback):
             rank_zero_warn(f"memwatch: the check at step {trainer.global_step} failed and was skipped: {err!r}")
             return
         decision = self._decide(trainer, values)
-        self._publish(trainer, values, results, samples, ratios, decision)
+        self.last_check = self._publish(trainer, values, results, samples, ratios, decision)
+        self.on_check_end(trainer, pl_module, self.last_check)
 
     def _measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> tuple[dict[str, float], dict[float, SharpnessResult], Tensor, Tensor | None]:
         """Probe, measure, update and compute the metrics; returns synced values and local results."""
         started = time.perf_counter()
-        score = self._score(pl_module)
-        if self.sample_shape is None:
-            raise ValueError("memwatch could not infer the probe shape; pass `sample_shape=`")
         device = pl_module.device
         rows = _shard(self.num_probes, trainer.world_size, trainer.global_rank)
-        noise = probe_noise(self.num_probes, self.sample_shape, generator=torch.Generator().manual_seed(self.seed))
-        traj = sample_trajectory(
-            score, noise=noise[rows], steps=self.sampler_steps, states_at=self._eval_timesteps, device=device
-        )
+        samples, results = self.measure_probes(pl_module, rows)
         ratios = None
         if self._reference is not None:
-            dist, idx = nearest_neighbours(traj.samples, self._reference)
+            dist, idx = nearest_neighbours(samples, self._reference)
             ratios = (dist[:, 0] / dist[:, 1].clamp_min(1e-12)).float()
             self._nearest = idx[:, 0]
-        results: dict[float, SharpnessResult] = {}
         values: dict[str, float] = {}
-        for t in self._eval_timesteps:
-            res = measure_sharpness(
-                score,
-                traj.states[t],
-                t,
-                k=self.k,
-                threshold=self.threshold,
-                method=self.method,
-                num_iters=self.num_iters,
-                num_vectors=self.num_vectors,
-                max_batch=self.max_batch,
-                generator=torch.Generator().manual_seed(self.seed + 1),
-            )
-            results[t] = res
+        for t, res in results.items():
             metric = self._metrics[t].to(device)
             metric.reset()
             metric.update(
@@ -331,8 +376,43 @@ class MemorizationMonitor(Callback):
             values.update({f"t{_fmt(t)}/{name}": v for name, v in computed.items()})
             if t == self._eval_timesteps[0]:
                 values.update(computed)
+        if self._conditions:
+            values.update(self._measure_conditions(self._score(pl_module), self._probe_noise()[rows], device))
         values["check_seconds"] = time.perf_counter() - started
-        return values, results, traj.samples.detach().cpu(), ratios
+        return values, results, samples, ratios
+
+    def measure_probes(
+        self, pl_module: pl.LightningModule, rows: slice = slice(None)
+    ) -> tuple[Tensor, dict[float, SharpnessResult]]:
+        """Draw this monitor's probes (``rows`` of them) from the module's current weights and
+        measure them at every evaluation timestep: what a check measures, without metrics,
+        decisions or logging. Put the module in eval mode first (a check does).
+
+        Returns:
+            ``(samples [n, *shape] on the CPU, {timestep: SharpnessResult}``, the primary timestep first).
+
+        Raises:
+            ValueError: the probe shape is unknown (before the first training batch, without
+                ``sample_shape``).
+        """
+        if self.sample_shape is None:
+            raise ValueError("memwatch could not infer the probe shape; pass `sample_shape=`")
+        score = self._score(pl_module)
+        times = self._eval_timesteps or self._timesteps_of(score)
+        traj = sample_trajectory(
+            score, noise=self._probe_noise()[rows], steps=self.sampler_steps, states_at=times, device=pl_module.device
+        )
+        results = {
+            t: measure_sharpness(
+                score,
+                traj.states[t],
+                t,
+                **self._spectrum_options(),
+                generator=torch.Generator().manual_seed(self.seed + 1),
+            )
+            for t in times
+        }
+        return traj.samples.detach().cpu(), results
 
     def _decide(self, trainer: pl.Trainer, values: Mapping[str, float]) -> OnsetDecision:
         decision = self.detector.update(trainer.global_step, values["memorized_fraction"])
@@ -340,8 +420,9 @@ class MemorizationMonitor(Callback):
             self.clean_step = trainer.global_step
             self.clean_checkpoint_path = self._checkpoint_dir(trainer) / "memwatch-clean.ckpt"
             trainer.save_checkpoint(self.clean_checkpoint_path)
-        if decision.onset and self.stop_on_onset:
-            trainer.should_stop = trainer.strategy.reduce_boolean_decision(True, all=False)
+        if self.stop_on_onset:  # a collective on every rank at every check: one decision for all
+            if trainer.strategy.reduce_boolean_decision(decision.onset, all=False):
+                trainer.should_stop = True
         return decision
 
     def _publish(
@@ -352,7 +433,7 @@ class MemorizationMonitor(Callback):
         samples: Tensor,
         ratios: Tensor | None,
         decision: OnsetDecision,
-    ) -> None:
+    ) -> CheckResult:
         step = trainer.global_step
         values = dict(values, onset=float(decision.memorizing))
         if self.clean_step is not None:
@@ -364,7 +445,7 @@ class MemorizationMonitor(Callback):
         assert self._logger is not None
         self._logger.define_metrics()
         self._logger.log_scalars(values, step)
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and self._logger.loggers:
             self._log_media(step, results, samples, ratios)
         if decision.onset:
             msg = (
@@ -378,17 +459,48 @@ class MemorizationMonitor(Callback):
                 f"memwatch step {step}: sharp fraction {values['sharp_fraction_mean']:.3f}, "
                 f"memorized {values['memorized_fraction']:.2f} ({values['check_seconds']:.1f}s)"
             )
+        if self._conditions and self.verbose:
+            scores = torch.tensor([c["hessian_score_diff"] for c in self._condition_values.values()])
+            rank_zero_info(
+                f"memwatch step {step}: most memorized condition {self._most_memorized} "
+                f"(Hessian-weighted score difference {float(scores.nanmax()):.3g}, "
+                f"median over conditions {float(scores.nanmedian()):.3g})"
+            )
+        return CheckResult(step, values, results, samples, ratios, decision)
 
     def _log_media(
         self, step: int, results: dict[float, SharpnessResult], samples: Tensor, ratios: Tensor | None
     ) -> None:
-        """Histograms, spectrum and curves (safe); per-probe table; probe gallery if ``log_media``."""
-        from memwatch import plots
-
+        """Histograms (safe); spectrum, curves, probe table and condition chart (safe) if
+        ``log_figures``; the probe gallery if ``log_media``."""
         assert self._logger is not None
         primary = results[self._eval_timesteps[0]]
         self._logger.log_histogram("normalized_eigenvalues", primary.normalized.flatten(), step)
         self._logger.log_histogram("probe_score", primary.score, step)
+        if self.log_figures:
+            self._log_figures(step, results, ratios)
+        if self.log_media and samples.ndim >= 3:
+            from memwatch import plots
+
+            order = torch.nan_to_num(primary.score, nan=-1.0).argsort(descending=True)[:8]
+            neighbours = None if self._reference is None else self._reference[self._nearest[order].cpu()]
+            captions = [
+                f"score {float(primary.score[i]):.2f}" + ("" if ratios is None else f"\nd1/d2 {float(ratios[i]):.2f}")
+                for i in order
+            ]
+            self._logger.log_figure(
+                "most_memorized",
+                plots.plot_gallery(samples[order], neighbours=neighbours, captions=captions),
+                step,
+                private=True,
+            )
+
+    def _log_figures(self, step: int, results: dict[float, SharpnessResult], ratios: Tensor | None) -> None:
+        """Spectrum (first check vs now), metric curves, per-probe table, per-condition chart."""
+        from memwatch import plots
+
+        assert self._logger is not None
+        primary = results[self._eval_timesteps[0]]
         grid = torch.linspace(-1.6, 0.4, 201)
         density = torch.nanmean(primary.density(grid), 0)
         if self._first_density is None:
@@ -408,29 +520,86 @@ class MemorizationMonitor(Callback):
             if name in self.history[-1]
         }
         self._logger.log_figure(
-            "curves", plots.plot_metric_curves(curves, onsets={"memorized_fraction": self.onset_step}, ylabel="value"), step
+            "curves",
+            plots.plot_metric_curves(curves, onsets={"memorized_fraction": self.onset_step}, ylabel="value"),
+            step,
         )
         columns = ["probe", "t", "sharp_fraction", "lid", "lambda_min", "trace", "score", "nn_ratio"]
         rows = [
-            [i, t, *(float(v) for v in (r.sharp_fraction[i], r.lid[i], r.eigenvalues[i, 0], r.trace[i], r.score[i])),
-             None if ratios is None else float(ratios[i])]
+            [
+                i,
+                t,
+                *(float(v) for v in (r.sharp_fraction[i], r.lid[i], r.eigenvalues[i, 0], r.trace[i], r.score[i])),
+                None if ratios is None else float(ratios[i]),
+            ]
             for t, r in results.items()
             for i in range(len(r.score))
         ]
         self._logger.log_table("probes", columns, rows, step)
-        if self.log_media and samples.ndim >= 3:
-            order = torch.nan_to_num(primary.score, nan=-1.0).argsort(descending=True)[:8]
-            neighbours = None if self._reference is None else self._reference[self._nearest[order].cpu()]
-            captions = [
-                f"score {float(primary.score[i]):.2f}" + ("" if ratios is None else f"\nd1/d2 {float(ratios[i]):.2f}")
-                for i in order
-            ]
-            self._logger.log_figure(
-                "most_memorized",
-                plots.plot_gallery(samples[order], neighbours=neighbours, captions=captions),
-                step,
-                private=True,
+        if self._conditions:
+            self._log_conditions(step)
+
+    # ------------------------------------------------------------------ conditions (issue #6)
+    def _measure_conditions(self, score: DiffusionScore, noise: Tensor, device: torch.device) -> dict[str, float]:
+        """Per-condition means of the conditional metrics over this rank's probes (DDP-synced),
+        and which condition has the highest Hessian-weighted score difference."""
+        from torchmetrics.aggregation import MeanMetric
+
+        from memwatch.conditional import conditional_metrics
+
+        names = list(self._conditions)
+        r = noise.shape[0]
+        stacked = torch.stack(list(self._conditions.values()))  # [C, ...]
+        try:
+            res = conditional_metrics(
+                score,
+                stacked.repeat_interleave(r, dim=0),  # condition-major: rows c*r … c*r + r - 1
+                noise=noise.repeat(len(names), *([1] * (noise.ndim - 1))),
+                steps=self.sampler_steps,
+                first_steps=self.condition_first_steps,  # None: conditional.default_first_steps
+                eval_t=self._eval_timesteps[0],
+                **self._spectrum_options(),
+                lanczos_generator=torch.Generator().manual_seed(self.seed + 1),
+                device=device,
             )
+        except ValueError as err:
+            raise ValueError(f"memwatch `conditions`: {err}") from err
+        per_probe = {
+            "hessian_score_diff": res.hessian_score_diff_norm,
+            "score_diff": res.score_diff_norm,
+            "sharp_fraction_mean": res.sharp_fraction,
+        }
+        values: dict[str, float] = {}
+        self._condition_values = {}
+        for i, name in enumerate(names):
+            self._condition_values[name] = {}
+            for metric_name, v in per_probe.items():
+                mean = MeanMetric(nan_strategy="ignore").to(device)  # synced over ranks on compute
+                mean.update(v[i * r : (i + 1) * r].to(device))
+                self._condition_values[name][metric_name] = float(mean.compute())
+                values[f"cond/{name}/{metric_name}"] = self._condition_values[name][metric_name]
+        scores = torch.tensor([c["hessian_score_diff"] for c in self._condition_values.values()])
+        self._most_memorized = names[int(torch.nan_to_num(scores, nan=-math.inf).argmax())]
+        values["most_memorized_condition"] = float(self._most_memorized)  # the int label, else the index
+        return values
+
+    def _log_conditions(self, step: int) -> None:
+        """Table and bar chart of the per-condition metrics, the most memorized one flagged."""
+        from memwatch import plots
+
+        assert self._logger is not None
+        names = list(self._condition_values)
+        metrics = ("hessian_score_diff", "score_diff", "sharp_fraction_mean")
+        top = names.index(self._most_memorized)
+        rows = [[c, *(self._condition_values[c][m] for m in metrics), i == top] for i, c in enumerate(names)]
+        self._logger.log_table("conditions", ["condition", *metrics, "most_memorized"], rows, step)
+        figure = plots.plot_condition_metrics(
+            {m: [self._condition_values[c][m] for c in names] for m in metrics},
+            names,
+            flagged=top,
+            title=f"memwatch: per-condition metrics at step {step}",
+        )
+        self._logger.log_figure("conditions", figure, step)
 
     # ------------------------------------------------------------------ helpers
     def _score(self, pl_module: pl.LightningModule) -> DiffusionScore:
@@ -438,9 +607,35 @@ class MemorizationMonitor(Callback):
         if self.ema_attr is not None:
             ema = getattr(pl_module, self.ema_attr, None)
             if not isinstance(ema, nn.Module):
-                raise ValueError(f"`ema_attr`={self.ema_attr!r} does not name an nn.Module on {type(pl_module).__name__}")
+                raise ValueError(
+                    f"`ema_attr`={self.ema_attr!r} does not name an nn.Module on {type(pl_module).__name__}"
+                )
             score = score.with_model(getattr(ema, "module", ema))
         return score
+
+    def _timesteps_of(self, score: DiffusionScore) -> list[float]:
+        """The evaluation timesteps in the schedule's units, primary first, without repeats."""
+        if self.timesteps is not None:
+            times = [float(score.schedule.check_t(t, "timesteps")) for t in self.timesteps]
+        else:
+            times = [float(score.schedule.timestep_for_sigma(s)) for s in self.sigmas]
+        return list(dict.fromkeys(times))
+
+    def _probe_noise(self) -> Tensor:
+        """``[num_probes, *sample_shape]`` start noise of the probes: the same at every check."""
+        assert self.sample_shape is not None
+        return probe_noise(self.num_probes, self.sample_shape, generator=torch.Generator().manual_seed(self.seed))
+
+    def _spectrum_options(self) -> dict[str, Any]:
+        """The :func:`memwatch.measure_sharpness` options this monitor was configured with."""
+        return {
+            "k": self.k,
+            "threshold": self.threshold,
+            "method": self.method,
+            "num_iters": self.num_iters,
+            "num_vectors": self.num_vectors,
+            "max_batch": self.max_batch,
+        }
 
     def _check_k(self, shape: Sequence[int]) -> None:
         dim = math.prod(shape)
@@ -558,3 +753,45 @@ def _check_cadence(name: str, value: int | None) -> None:
 def _check_positive_int(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+
+
+def _check_conditions(
+    conditions: Tensor | Sequence[Any] | None, first_steps: int | None, sampler_steps: int
+) -> dict[str, Tensor]:
+    """``conditions`` as ``name -> condition`` (one condition each, without a batch dimension)."""
+    if first_steps is not None and (
+        not isinstance(first_steps, int) or isinstance(first_steps, bool) or not 1 <= first_steps <= sampler_steps
+    ):
+        raise ValueError(
+            "`condition_first_steps` must be None or an integer in "
+            f"[1, sampler_steps={sampler_steps}], got {first_steps!r}"
+        )
+    if conditions is None:
+        return {}
+    if isinstance(conditions, Tensor):
+        if conditions.ndim == 0 or conditions.shape[0] == 0 or conditions.dtype == torch.bool:
+            raise ValueError(
+                "`conditions` must be a tensor [C, ...] with one row per condition (C >= 1), or a sequence of "
+                f"int labels / tensors; got a {conditions.dtype} tensor of shape {tuple(conditions.shape)}"
+            )
+        items = list(conditions.detach().cpu())
+    elif isinstance(conditions, Sequence) and not isinstance(conditions, (str, bytes)) and len(conditions) > 0:
+        items = []
+        for i, c in enumerate(conditions):
+            if isinstance(c, bool) or not isinstance(c, (int, Tensor)):
+                raise ValueError(f"`conditions[{i}]` must be an int label or a torch.Tensor, got {type(c).__name__}")
+            items.append(torch.tensor(c) if isinstance(c, int) else c.detach().cpu())
+        if len({tuple(c.shape) for c in items}) > 1:
+            raise ValueError(
+                f"`conditions` must all have the same shape, got {sorted({tuple(c.shape) for c in items})}"
+            )
+    else:
+        raise ValueError(
+            "`conditions` must be None, a tensor [C, ...] or a non-empty sequence of int labels / tensors, "
+            f"got {type(conditions).__name__}"
+        )
+    labels = all(c.ndim == 0 and not c.is_floating_point() for c in items)
+    names = [str(int(c)) if labels else str(i) for i, c in enumerate(items)]
+    if len(set(names)) != len(names):
+        raise ValueError(f"`conditions` must not repeat a label, got {names}")
+    return dict(zip(names, items))

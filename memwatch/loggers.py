@@ -50,7 +50,9 @@ if TYPE_CHECKING:
     import numpy as np
     from matplotlib.figure import Figure
 
-__all__ = ["MonitorLogger"]
+__all__ = ["MonitorLogger", "WANDB_MODES", "wandb_logger", "finish_wandb"]
+
+WANDB_MODES = ("offline", "online", "disabled")
 
 _STEP_KEY = "trainer/global_step"  # the x-axis WandbLogger.log_metrics adds to every row
 _ALERT_LEVELS = ("INFO", "WARN", "ERROR")
@@ -92,9 +94,7 @@ class MonitorLogger:
         self._metrics_defined = False
 
     @classmethod
-    def from_trainer(
-        cls, trainer: pl.Trainer, *, log_media: bool = False, prefix: str = "memwatch"
-    ) -> MonitorLogger:
+    def from_trainer(cls, trainer: pl.Trainer, *, log_media: bool = False, prefix: str = "memwatch") -> MonitorLogger:
         """A ``MonitorLogger`` over ``trainer.loggers``; build it in ``Callback.setup`` or later,
         when ``trainer.is_global_zero`` is known."""
         return cls(trainer.loggers, log_media=log_media, prefix=prefix, is_global_zero=trainer.is_global_zero)
@@ -271,6 +271,37 @@ class MonitorLogger:
         path = Path(root) / self.prefix / f"{_UNSAFE.sub('_', name)}_step{step}{suffix}"
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def wandb_logger(mode: str, save_dir: str | Path, **kwargs: Any) -> WandbLogger | None:
+    """A quiet ``WandbLogger`` writing under ``save_dir`` (created; made absolute, because wandb's
+    service process may outlive the caller and have another working directory), or ``None`` for
+    ``mode="disabled"``.
+
+    Args:
+        mode: one of ``WANDB_MODES``; ``"offline"`` needs no account (``wandb sync`` uploads later).
+        save_dir: the folder that receives ``wandb/<run>``.
+        kwargs: passed to ``WandbLogger`` (``project``, ``name``, ``group``, ...).
+    """
+    if mode not in WANDB_MODES:
+        raise ValueError(f"`mode` must be one of {WANDB_MODES}, got {mode!r}")
+    if mode == "disabled":
+        return None
+    import wandb
+
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    kwargs.setdefault("settings", wandb.Settings(silent=True, console="off"))
+    return WandbLogger(save_dir=str(save_dir.resolve()), offline=mode == "offline", **kwargs)
+
+
+def finish_wandb(logger: WandbLogger) -> Path:
+    """Close the logger's W&B run; returns its folder (``…/wandb/offline-run-<date>-<id>`` offline)."""
+    import wandb
+
+    run_dir = Path(logger.experiment.dir).parent
+    wandb.finish()
+    return run_dir
 
 
 def _logger_prefix(logger: Logger) -> str:

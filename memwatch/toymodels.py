@@ -13,12 +13,19 @@ import lightning.pytorch as pl
 import torch
 from einops import rearrange
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore
 
-__all__ = ["MLPDenoiser", "DDPMModule", "TensorDataModule", "timestep_embedding"]
+__all__ = [
+    "DDPMModule",
+    "DigitsDataModule",
+    "MLPDenoiser",
+    "ManifoldDataModule",
+    "TensorDataModule",
+    "timestep_embedding",
+]
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
@@ -129,7 +136,9 @@ class TensorDataModule(pl.LightningDataModule):
     """Serves in-memory tensors in random batches drawn with replacement (a fixed seed).
 
     Each epoch is ``steps_per_epoch`` batches however small the data set, so tiny training sets
-    (the ones that memorize) train as fast per step as large ones.
+    (the ones that memorize) train as fast per step as large ones. The draws are made up front
+    into an index list read in order, so under DDP Lightning's ``DistributedSampler`` splits
+    that list between ranks (a resampling sampler would be replaced by one over the raw data).
     """
 
     def __init__(self, *tensors: Tensor, batch_size: int = 64, steps_per_epoch: int = 100, seed: int = 0) -> None:
@@ -139,11 +148,92 @@ class TensorDataModule(pl.LightningDataModule):
         self.tensors, self.batch_size, self.steps_per_epoch, self.seed = tensors, batch_size, steps_per_epoch, seed
 
     def train_dataloader(self) -> DataLoader:
-        dataset = TensorDataset(*self.tensors)
-        sampler = RandomSampler(
-            dataset,
-            replacement=True,
-            num_samples=self.batch_size * self.steps_per_epoch,
+        draws = torch.randint(
+            len(self.tensors[0]),
+            (self.batch_size * self.steps_per_epoch,),
             generator=torch.Generator().manual_seed(self.seed),
         )
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)
+        dataset = TensorDataset(*(t[draws] for t in self.tensors))
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
+
+
+class DigitsDataModule(TensorDataModule):
+    """sklearn's 8×8 handwritten digits (embedded in scikit-learn, no download) in [-1, 1].
+
+    A seeded random subset of ``n_train`` of the 1797 images, served like
+    :class:`TensorDataModule`; small subsets are what a diffusion model memorizes.
+
+    Args:
+        n_train: number of training images (``None``: all 1797).
+        batch_size, steps_per_epoch, seed: as for :class:`TensorDataModule`; ``seed`` also picks
+            the subset.
+        image_size: side of the served images; 8 is the original, larger sizes are bilinear
+            upsamplings (e.g. 16 for a UNet that halves the resolution twice).
+
+    Attributes:
+        train_data: the training images ``[n_train, 1, image_size, image_size]`` float32, which
+            ``memwatch fit`` also hands to a ``MemorizationMonitor`` as ``reference_data``.
+
+    Example:
+        >>> DigitsDataModule(n_train=16, image_size=16).train_data.shape
+        torch.Size([16, 1, 16, 16])
+    """
+
+    def __init__(
+        self,
+        n_train: int | None = 1024,
+        batch_size: int = 64,
+        steps_per_epoch: int = 100,
+        seed: int = 0,
+        image_size: int = 8,
+    ) -> None:
+        from memwatch.data import digits
+
+        if not isinstance(image_size, int) or image_size < 8:
+            raise ValueError(f"`image_size` must be an integer >= 8, got {image_size!r}")
+        images = digits(n_train, seed=seed)
+        if image_size != 8:
+            images = nn.functional.interpolate(
+                images, size=(image_size, image_size), mode="bilinear", align_corners=False
+            )
+            images = images.clamp(-1.0, 1.0)
+        super().__init__(images, batch_size=batch_size, steps_per_epoch=steps_per_epoch, seed=seed)
+        self.train_data = images
+
+
+class ManifoldDataModule(TensorDataModule):
+    """Points on a low-dimensional manifold (:func:`memwatch.data.manifold`): two moons in the
+    plane by default, the 2-D toy for density plots.
+
+    Args:
+        name: one of :data:`memwatch.data.MANIFOLDS` (``"moons"``: intrinsic dimension 1; swiss
+            roll / S-curve: 2, need ``dim >= 3``).
+        n_train: number of training points; a handful are memorized, thousands are not.
+        dim: ambient dimension.
+        noise: standard deviation of sklearn's noise on the manifold (before standardizing).
+        batch_size, steps_per_epoch, seed: as for :class:`TensorDataModule`.
+
+    Attributes:
+        train_data: the training points ``[n_train, dim]`` float32 (standardized per axis
+            before the random rotation).
+
+    Example:
+        >>> ManifoldDataModule(n_train=8).train_data.shape
+        torch.Size([8, 2])
+    """
+
+    def __init__(
+        self,
+        name: str = "moons",
+        n_train: int = 2000,
+        dim: int = 2,
+        noise: float = 0.0,
+        batch_size: int = 128,
+        steps_per_epoch: int = 100,
+        seed: int = 0,
+    ) -> None:
+        from memwatch.data import manifold
+
+        points = manifold(name, n_train, dim=dim, seed=seed, noise=noise)
+        super().__init__(points, batch_size=batch_size, steps_per_epoch=steps_per_epoch, seed=seed)
+        self.train_data = points

@@ -9,8 +9,8 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
-
 from callback_setup import datamodule, memorizing_data, module_2d
+
 from memwatch.callback import MemorizationMonitor, _shard
 
 warnings.filterwarnings("ignore")

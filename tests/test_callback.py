@@ -12,15 +12,14 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from callback_setup import datamodule, generalizing_data, memorizing_data, module_2d, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from wandb_offline import find_offline_run, history_values, media_files, read_history
 
 import memwatch
 from memwatch.callback import MemorizationMonitor
 from memwatch.toymodels import DDPMModule, TensorDataModule
-
-from callback_setup import datamodule, generalizing_data, memorizing_data, module_2d, trainer
-from wandb_offline import find_offline_run, history_values, media_files, read_history
 
 FAST = dict(num_probes=8, sampler_steps=10, sigmas=(0.2,), k=2, verbose=False, raise_errors=True)
 
@@ -102,6 +101,37 @@ def test_metrics_reach_csv_logger_and_callback_metrics(tmp_path):
     assert monitor.clean_checkpoint_path is not None and monitor.clean_checkpoint_path.exists()
 
 
+def test_log_figures_false_keeps_scalars_and_drops_plots(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv")
+    monitor = MemorizationMonitor(every_n_train_steps=25, log_figures=False, **FAST)
+    _fit(tmp_path, memorizing_data(), monitor, max_steps=50, logger=logger)
+    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
+    assert len([r for r in rows if r.get("memwatch/sharp_fraction_mean")]) == 2
+    assert not list(Path(logger.log_dir).rglob("*.png"))
+
+
+def test_on_check_end_sees_every_check_and_measure_probes_repeats_it(tmp_path):
+    seen = []
+
+    class Hooked(MemorizationMonitor):
+        def on_check_end(self, trainer, pl_module, check):
+            seen.append(check)
+
+    monitor = Hooked(every_n_train_steps=10, **FAST)
+    _, module = _fit(tmp_path, memorizing_data(), monitor, max_steps=30)
+    assert [c.step for c in seen] == [10, 20, 30] and monitor.last_check is seen[-1]
+    last = seen[-1]
+    assert last.values["sharp_fraction_mean"] == monitor.history[-1]["sharp_fraction_mean"]
+    assert last.nn_ratio is None and last.samples.shape == (8, 2) and not last.decision.onset
+    ((t, result),) = last.results.items()
+    assert result.sharp_fraction.shape == (8,)
+    assert last.values["sharp_fraction_mean"] == pytest.approx(float(result.sharp_fraction.mean()))
+    module.eval()  # measure_probes is what a check runs: same probes, same numbers for the same weights
+    samples, again = monitor.measure_probes(module)
+    torch.testing.assert_close(samples, last.samples)
+    torch.testing.assert_close(again[t].eigenvalues, result.eigenvalues)
+
+
 def test_wandb_offline_run_holds_metrics_histograms_images_and_table(tmp_path, monkeypatch):
     import wandb
 
@@ -177,21 +207,31 @@ def test_generalizing_run_never_triggers(tmp_path):
 
 
 def test_resume_reaches_the_same_decision(tmp_path):
+    """Interrupt right after the first exceeding check (streak 1 of patience 2): only a restored
+    detector declares onset at the next check, as the uninterrupted run does."""
+
     def monitor():
         return _detecting_monitor(save_clean_checkpoint=False)
 
     full = monitor()
     _fit(tmp_path / "full", memorizing_data(), full, max_steps=1500)
+    first_exceeding = next(int(h["step"]) for h in full.history if h["memorized_fraction"] > 0.5)
+    assert full.onset_step == first_exceeding + 100
 
     first = monitor()
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=300, save_top_k=-1)
-    _fit(tmp_path / "a", memorizing_data(), first, max_steps=300, callbacks=[ckpt], enable_checkpointing=True)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    pl.seed_everything(0, verbose=False)
+    trainer(tmp_path / "a", [first, ckpt], max_steps=first_exceeding, enable_checkpointing=True).fit(
+        module_2d(), datamodule(memorizing_data())
+    )
+    assert first.onset_step is None and first.detector.streak == 1
+
     resumed = monitor()
     pl.seed_everything(0, verbose=False)
     t = trainer(tmp_path / "b", [resumed], max_steps=1500)
-    t.fit(module_2d(), datamodule(memorizing_data()), ckpt_path=ckpt.last_model_path or ckpt.best_model_path)
+    t.fit(module_2d(), datamodule(memorizing_data()), ckpt_path=ckpt.last_model_path)
     assert resumed.detector.state_dict()["history"][: len(first.history)] == first.detector.state_dict()["history"]
-    assert resumed.onset_step == full.onset_step is not None
+    assert resumed.onset_step == full.onset_step
 
 
 # ------------------------------------------------------------------------ robustness
@@ -239,7 +279,12 @@ def test_ema_copy_is_measured_when_asked(tmp_path):
     _fit(tmp_path, memorizing_data(), monitor, max_steps=10, module=WithEMA())
     assert len(monitor.history) == 1
     with pytest.raises(ValueError, match="ema_attr"):
-        _fit(tmp_path, memorizing_data(), MemorizationMonitor(every_n_train_steps=10, ema_attr="nope", **FAST), max_steps=10)
+        _fit(
+            tmp_path,
+            memorizing_data(),
+            MemorizationMonitor(every_n_train_steps=10, ema_attr="nope", **FAST),
+            max_steps=10,
+        )
 
 
 # ------------------------------------------------------------------------ DDP

@@ -17,8 +17,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-from memwatch.loggers import MonitorLogger
 from wandb_offline import (
     _HEADER,
     _payloads,
@@ -30,6 +28,8 @@ from wandb_offline import (
     read_records,
     record_types,
 )
+
+from memwatch.loggers import MonitorLogger, finish_wandb, wandb_logger
 
 STEP = 7  # scalars; each media type gets its own step, so a row that lacks its own
 # trainer/global_step (W&B's step_sync would copy the last one in) shows up as a wrong step
@@ -339,3 +339,14 @@ def test_bad_inputs_name_the_argument(tmp_path: Path) -> None:
         ml.alert("t", "x", level="LOUD")
     with pytest.raises(ValueError, match="prefix"):
         MonitorLogger([], prefix="")
+
+
+def test_wandb_logger_modes_and_finish(wandb_env: Path) -> None:
+    assert wandb_logger("disabled", wandb_env / "none") is None
+    with pytest.raises(ValueError, match="`mode`"):
+        wandb_logger("offlne", wandb_env)
+    logger = wandb_logger("offline", wandb_env / "runs", project="memwatch-test", name="helper")
+    logger.log_metrics({"memwatch/x": 1.0}, step=1)
+    run_dir = finish_wandb(logger)
+    assert run_dir.parent == (wandb_env / "runs" / "wandb").resolve() and run_dir.name.startswith("offline-run-")
+    assert history_values(read_history(run_dir), "memwatch/x") == [1.0]
