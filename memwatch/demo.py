@@ -1,0 +1,772 @@
+"""``memwatch demo``: watch a diffusion model memorize handwritten digits, on a CPU, in minutes.
+
+Two DDPMs (:class:`memwatch.toymodels.DDPMModule`, an MLP ε-network) train on sklearn's 8×8
+digits with a :class:`MemorizationMonitor` attached — one on a handful of images, which it
+memorizes (its samples become copies of training digits), one on a thousand, which it does not.
+Each run logs to an offline W&B run (no account needed; ``wandb sync`` uploads it later); the
+demo then writes a few PNGs and prints a summary table.
+
+Why these monitor settings (digits in [-1, 1], d = 64 pixels, per-pixel std ≈ 0.45, median
+distance to the nearest other training image 4.1 for N = 16 and 2.2 for N = 1024). They are the
+callback's defaults, which the validation study chose on held-out seeds (``docs/validation.md``):
+
+* ``sigmas=(0.3,)``. A direction counts as sharp when ``σ_t² λ < -½``; for data spread with
+  standard deviation ``s`` along a direction, ``σ_t² λ ≈ -σ_t²/(σ_t² + s²)``, so at noise level
+  ``σ`` a direction is sharp exactly when the learned density is thinner than ``σ`` there. A
+  memorized training image is thin in every direction; real digits vary along a few dozen.
+  σ = 0.3 is under the per-pixel spread and a tenth of the distance between the small set's
+  images, so a memorized image is an isolated peak while the generalizing model keeps a third of
+  its directions flat (measured after 8000 steps on N = 1024: mean sharp fraction 0.62, LID ≈ 24,
+  no probe flagged). At σ = 0.8, above the digits' own spread, even the N = 1024 model is sharp
+  in almost every direction; at σ = 0.1 the network has not fit the score yet within 8000 steps.
+* ``score_threshold=0.9``: a probe is memorized when over 90 % of its 64 directions are sharp
+  (local intrinsic dimension < 6.4); ``onset_threshold=0.2``: onset when over a fifth of the
+  probes are, two checks in a row. On N = 16 memwatch declares onset at step 1500, before the
+  nearest-neighbour ground truth passes 10 % copies (step 2500); at the end 91 % of the probes
+  are flagged and 62 % are exact copies (nearest-neighbour ratio < 1/3) — the rest are
+  near-copies that the strict ratio does not count.
+
+The functions here are what ``memwatch demo`` and ``examples/digits.py`` run:
+:func:`fit_digits` (one training run, readable as a template), :func:`run_demo` (both runs,
+plots, table) and :func:`main` (the command line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, RichProgressBar
+from torch import Tensor
+
+from memwatch.callback import MemorizationMonitor
+from memwatch.groundtruth import MEMORIZED_RATIO, nearest_neighbours
+from memwatch.loggers import MonitorLogger, finish_wandb, wandb_logger
+from memwatch.toymodels import DDPMModule, DigitsDataModule
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+__all__ = [
+    "DEFAULT",
+    "FAST",
+    "DemoSettings",
+    "ProbeReport",
+    "RunResult",
+    "add_arguments",
+    "digits_monitor",
+    "fit_digits",
+    "main",
+    "print_summary",
+    "probe_report",
+    "run_demo",
+    "save_figures",
+    "settings_from_args",
+    "summary_table",
+]
+
+WANDB_MODES = ("offline", "online", "disabled")
+_GRID = torch.linspace(-2.2, 0.5, 271)  # normalized eigenvalues σ_t²λ shown in spectra
+_DATA_NOTE = (
+    "the probes_*.png galleries show generated digits beside images of sklearn's public 8x8 digits data set;"
+    " they stay on this disk - W&B receives probe images only with --log-media"
+)
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Everything that sets the size of a demo run (model, optimizer, monitor cadence and cost).
+
+    Attributes:
+        n_small, n_large: training-set sizes of the memorizing and the generalizing run.
+        steps: optimizer steps per run; check_every: the monitor's ``every_n_train_steps``.
+        hidden, depth, lr, batch_size: the MLP denoiser and its Adam optimizer.
+        num_probes, sampler_steps, sigmas, k, score_threshold, onset_threshold: the monitor
+            (see the module docstring; the callback's defaults except for the cadence).
+    """
+
+    n_small: int = 16
+    n_large: int = 1024
+    steps: int = 8000
+    check_every: int = 500
+    hidden: int = 256
+    depth: int = 3
+    lr: float = 2e-3
+    batch_size: int = 64
+    num_probes: int = 32
+    sampler_steps: int = 50
+    sigmas: tuple[float, ...] = (0.3,)
+    k: int = 8
+    score_threshold: float = 0.9
+    onset_threshold: float = 0.2
+
+
+DEFAULT = DemoSettings()
+#: ``--fast``: the same story in well under a minute (for tests and a first look).
+FAST = DemoSettings(
+    n_small=8,
+    n_large=256,
+    steps=1000,
+    check_every=250,
+    hidden=128,
+    depth=2,
+    num_probes=16,
+    sampler_steps=20,
+    k=4,
+)
+
+
+@dataclass
+class ProbeReport:
+    """Per-probe results of one measurement of a model (the monitor's probes, re-drawn).
+
+    Attributes:
+        samples: ``[n, *shape]`` generated probes; score: ``[n]`` sharp fraction at the primary σ;
+        lid: ``[n]``; nn_ratio: ``[n]`` d₁/d₂ to the training set; nearest: ``[n]`` index of the
+        nearest training image; density: ``[G]`` mean spectral density on ``grid`` ``[G]``.
+    """
+
+    samples: Tensor
+    score: Tensor
+    lid: Tensor
+    nn_ratio: Tensor
+    nearest: Tensor
+    grid: Tensor
+    density: Tensor
+
+
+@dataclass
+class RunResult:
+    """What one demo run produced.
+
+    Attributes:
+        name: run name, e.g. ``"digits-N16"``; label: legend label; n_train: training images.
+        steps: optimizer steps done; seconds: wall time of ``trainer.fit``.
+        onset_step, clean_step: from the monitor (``None``: no onset / no clean check).
+        history: the monitor's per-check values; final: its last check.
+        early, late: probe reports at the first check and at the end.
+        train_data: ``[N, 1, 8, 8]`` training images; wandb_dir: the W&B run folder (or None).
+        clean_checkpoint: the monitor's last clean checkpoint (or None).
+    """
+
+    name: str
+    label: str
+    n_train: int
+    steps: int
+    seconds: float
+    onset_step: int | None
+    clean_step: int | None
+    history: list[dict[str, float]]
+    early: ProbeReport | None
+    late: ProbeReport
+    train_data: Tensor
+    wandb_dir: Path | None = None
+    clean_checkpoint: Path | None = None
+    figures: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.history[-1] if self.history else {}
+
+
+# --------------------------------------------------------------------------------------------
+# one run
+# --------------------------------------------------------------------------------------------
+def digits_monitor(
+    settings: DemoSettings,
+    reference_data: Tensor | None = None,
+    *,
+    log_media: bool = False,
+    dirpath: str | Path | None = None,
+) -> MemorizationMonitor:
+    """The :class:`MemorizationMonitor` the demo attaches (settings for digits in [-1, 1]).
+
+    ``reference_data`` (the training set) turns on the nearest-neighbour ground truth
+    (``memwatch/nn_memorized_fraction``, ``memwatch/auroc``); a real run does not need it.
+    """
+    return MemorizationMonitor(
+        every_n_train_steps=settings.check_every,
+        num_probes=settings.num_probes,
+        sampler_steps=settings.sampler_steps,
+        sigmas=settings.sigmas,
+        k=settings.k,
+        score_threshold=settings.score_threshold,
+        onset_threshold=settings.onset_threshold,  # onset: this share of the probes memorized ...
+        patience=2,  # ... at two checks in a row
+        reference_data=reference_data,
+        dirpath=dirpath,
+        log_media=log_media,
+        verbose=False,  # the progress bar shows the numbers
+    )
+
+
+def fit_digits(
+    n_train: int,
+    settings: DemoSettings = DEFAULT,
+    *,
+    seed: int = 0,
+    out: str | Path = "memwatch_out",
+    wandb_mode: str = "offline",
+    log_media: bool = False,
+    progress: bool = True,
+    accelerator: str = "cpu",
+    label: str | None = None,
+    module_factory: Callable[..., pl.LightningModule] = DDPMModule,
+) -> RunResult:
+    """Train one DDPM on ``n_train`` digits with the monitor attached; measure before/after.
+
+    This is the whole recipe for your own model: a LightningModule with a ``memwatch_score()``
+    method (here :class:`DDPMModule`; ``module_factory`` swaps in another one taking the same
+    arguments), the callback in ``Trainer(callbacks=[...])``, any Lightning logger.
+
+    Args:
+        n_train: training images (a seeded subset of the 1797).
+        settings: model / monitor sizes (:data:`DEFAULT`, :data:`FAST`).
+        seed: seeds the subset, the weights and the batches.
+        out: output folder (W&B run under ``out/wandb``, checkpoints under ``out/checkpoints``).
+        wandb_mode: ``"offline"`` (default, no account), ``"online"`` or ``"disabled"``.
+        log_media: let the monitor log probe images and their nearest training images to W&B.
+        progress: show a progress bar.
+        accelerator: Lightning accelerator (``"cpu"``: the demo's timings).
+        label: legend label (default ``"N=<n_train>"``).
+
+    Raises:
+        ValueError: ``wandb_mode`` is not one of ``WANDB_MODES``.
+    """
+    if wandb_mode not in WANDB_MODES:
+        raise ValueError(f"`wandb_mode` must be one of {WANDB_MODES}, got {wandb_mode!r}")
+    out = Path(out)
+    name = f"digits-N{n_train}"
+    pl.seed_everything(seed, verbose=False)
+
+    data = DigitsDataModule(n_train, batch_size=settings.batch_size, steps_per_epoch=settings.check_every, seed=seed)
+    module = module_factory(shape=(1, 8, 8), hidden=settings.hidden, depth=settings.depth, lr=settings.lr)
+    monitor = digits_monitor(settings, data.train_data, log_media=log_media, dirpath=out / "checkpoints" / name)
+    snapshot = _Snapshot(settings.check_every)
+    logger = wandb_logger(wandb_mode, out, project="memwatch-demo", name=name, group=f"demo-seed{seed}")
+    callbacks: list[Callback] = [monitor, snapshot]
+    if progress:
+        callbacks.append(_ProgressBar())
+    trainer = pl.Trainer(
+        max_steps=settings.steps,
+        max_epochs=math.ceil(settings.steps / settings.check_every),  # one epoch per check
+        accelerator=accelerator,
+        devices=1,
+        logger=logger if logger is not None else False,
+        callbacks=callbacks,
+        enable_progress_bar=progress,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        log_every_n_steps=50,
+        default_root_dir=out,
+    )
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    seconds = time.perf_counter() - started
+
+    early = None
+    if snapshot.state is not None:
+        early_module = copy.deepcopy(module)
+        early_module.load_state_dict(snapshot.state)
+        early = probe_report(early_module, monitor, data.train_data)
+    late = probe_report(module, monitor, data.train_data)
+    result = RunResult(
+        name=name,
+        label=label or f"N={n_train}",
+        n_train=n_train,
+        steps=trainer.global_step,
+        seconds=seconds,
+        onset_step=monitor.onset_step,
+        clean_step=monitor.clean_step,
+        history=list(monitor.history),
+        early=early,
+        late=late,
+        train_data=data.train_data,
+        clean_checkpoint=monitor.clean_checkpoint_path,
+    )
+    if logger is not None:
+        result.wandb_dir = _finish_wandb(logger, result, settings, log_media)
+    return result
+
+
+def probe_report(module: pl.LightningModule, monitor: MemorizationMonitor, train_data: Tensor) -> ProbeReport:
+    """Re-draw the monitor's probes (same seed, sampler and σ) from ``module`` and measure them.
+
+    Reported at the primary noise level (``monitor.timesteps[0]``, else ``monitor.sigmas[0]``);
+    :meth:`MemorizationMonitor.measure_probes` is what the monitor's check runs, so the probes and
+    scores are the ones its check of the same weights saw.
+    """
+    was_training = module.training
+    module.eval()
+    try:
+        samples, results = monitor.measure_probes(module)
+    finally:
+        module.train(was_training)
+    res = next(iter(results.values()))  # the primary timestep
+    dist, idx = nearest_neighbours(samples, train_data)
+    return ProbeReport(
+        samples=samples,
+        score=res.score,
+        lid=res.lid,
+        nn_ratio=dist[:, 0] / dist[:, 1].clamp_min(1e-12),
+        nearest=idx[:, 0],
+        grid=_GRID,
+        density=torch.nanmean(res.density(_GRID), 0),
+    )
+
+
+class _Snapshot(Callback):
+    """Keeps a copy of the weights at step ``step`` (the monitor's first check)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.state: dict[str, Tensor] | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self.step and self.state is None:
+            self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+class _ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar with the monitor's latest numbers, kept short enough for an
+    80-column terminal: ``loss``, ``sharp`` (mean sharp fraction), ``copies`` (NN ground truth)
+    and ``onset`` (its step, once declared)."""
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        if "train/loss" in metrics:
+            metrics["loss"] = metrics.pop("train/loss")
+        values = trainer.callback_metrics
+        if "memwatch/sharp_fraction_mean" in values:
+            metrics["sharp"] = f"{float(values['memwatch/sharp_fraction_mean']):.2f}"
+        if "memwatch/nn_memorized_fraction" in values:
+            metrics["copies"] = f"{float(values['memwatch/nn_memorized_fraction']):.0%}"
+        onset = next((cb.onset_step for cb in trainer.callbacks if isinstance(cb, MemorizationMonitor)), None)
+        if onset is not None:
+            metrics["onset"] = onset
+        return metrics
+
+
+def _finish_wandb(logger: Any, result: RunResult, settings: DemoSettings, log_media: bool) -> Path:
+    """Log the run's own demo figures and summary, close the run; return its folder."""
+    run = logger.experiment
+    media = MonitorLogger([logger], log_media=log_media, prefix="demo")
+    media.log_figure("spectrum", _spectrum_figure([result], settings), result.steps)
+    media.log_figure("probes", _gallery_figure(result, settings), result.steps, private=True)
+    run.summary.update(
+        {
+            "demo/n_train": result.n_train,
+            "demo/onset_step": -1 if result.onset_step is None else result.onset_step,
+            "demo/seconds": result.seconds,
+        }
+    )
+    return finish_wandb(logger)
+
+
+# --------------------------------------------------------------------------------------------
+# figures
+# --------------------------------------------------------------------------------------------
+def _sigma_label(settings: DemoSettings) -> str:
+    return f"σ={settings.sigmas[0]:g}"
+
+
+def _curves_figure(results: Sequence[RunResult], settings: DemoSettings) -> Any:
+    from memwatch import plots
+
+    curves = {r.label: ([h["step"] for h in r.history], [h["sharp_fraction_mean"] for h in r.history]) for r in results}
+    fig = plots.plot_metric_curves(
+        curves,
+        onsets={r.label: r.onset_step for r in results},
+        ylabel=f"mean sharp fraction of the probes ({_sigma_label(settings)})",
+        title="Sharpness of the learned density during training",
+    )
+    fig.axes[0].set_ylim(-0.02, 1.02)
+    return fig
+
+
+def _memorized_figure(results: Sequence[RunResult], settings: DemoSettings) -> Any:
+    from memwatch import plots
+
+    curves: dict[str, tuple[list[float], list[float]]] = {}
+    onsets: dict[str, int | None] = {}
+    for r in results:
+        steps = [h["step"] for h in r.history]
+        flagged = f"{r.label}: flagged by memwatch"
+        curves[flagged] = (steps, [h["memorized_fraction"] for h in r.history])
+        curves[f"{r.label}: copies of training images"] = (
+            steps,
+            [h.get("nn_memorized_fraction", math.nan) for h in r.history],
+        )
+        onsets[flagged] = r.onset_step
+    fig = plots.plot_metric_curves(
+        curves,
+        onsets=onsets,
+        ylabel="share of the probes",
+        title="Memorized probes: memwatch's flag vs ground truth",
+    )
+    ax = fig.axes[0]
+    ax.set_ylim(-0.02, 1.02)
+    # one colour per run: solid = memwatch's flag, dashed = nearest-neighbour ground truth
+    n_curves = len(curves)
+    for i, line in enumerate(ax.lines[:n_curves]):
+        line.set_color(f"C{i // 2}")
+        if i % 2:
+            line.set_linestyle("--")
+            line.set_marker("s")
+    for line in ax.lines[n_curves:]:  # onset lines, in the order of `results` with an onset
+        line.set_label(line.get_label().replace(": flagged by memwatch", ""))
+    ax.axhline(
+        settings.onset_threshold, color="0.4", ls=":", lw=1.2, label="onset threshold (2 checks in a row above it)"
+    )
+    fig.legends[0].remove()
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize="small", loc="outside lower center", ncols=2)
+    return fig
+
+
+def _spectrum_figure(results: Sequence[RunResult], settings: DemoSettings) -> Any:
+    from memwatch import plots
+
+    densities = {}
+    for r in results:
+        if r.early is not None:
+            densities[f"{r.label}, step {settings.check_every}"] = (r.early.grid, r.early.density)
+        densities[f"{r.label}, step {r.steps}"] = (r.late.grid, r.late.density)
+    fig = plots.plot_spectrum(
+        densities, threshold=-0.5, title=f"Hessian spectrum at the probes ({_sigma_label(settings)}), early vs late"
+    )
+    _pair_colours(fig.axes[0], has_early=[r.early is not None for r in results])
+    return fig
+
+
+def _pair_colours(ax: Any, has_early: Sequence[bool]) -> None:
+    """Recolour the spectrum's density lines and fills: run ``i`` gets colour ``Ci``, its early
+    curve dotted with a fainter fill (``plot_spectrum`` draws one line and one fill per entry,
+    in order, then the dashed threshold line); the legend moves below the plot."""
+    lines, fills = ax.lines[:-1], ax.collections
+    pos = 0
+    for run, early in enumerate(has_early):
+        for is_early in ([True] if early else []) + [False]:
+            lines[pos].set_color(f"C{run}")
+            lines[pos].set_linestyle(":" if is_early else "-")
+            fills[pos].set_color(f"C{run}")
+            fills[pos].set_alpha(0.05 if is_early else 0.15)
+            pos += 1
+    ax.get_legend().remove()
+    handles, labels = ax.get_legend_handles_labels()
+    ax.figure.legend(handles, labels, fontsize="small", loc="outside lower center", ncols=2)
+    ax.set_ylim(0, max(line.get_ydata().max() for line in lines) * 1.08)
+
+
+def _gallery_figure(result: RunResult, settings: DemoSettings, n: int = 8) -> Any:
+    from memwatch import plots
+
+    rep = result.late
+    order = torch.nan_to_num(rep.score, nan=-1.0).argsort(descending=True)[:n]
+    captions = [
+        f"sharp {float(rep.score[i]):.2f}\nd1/d2 {float(rep.nn_ratio[i]):.2f}"
+        + (" copy" if float(rep.nn_ratio[i]) < MEMORIZED_RATIO else "")
+        for i in order
+    ]
+    return plots.plot_gallery(
+        rep.samples[order],
+        neighbours=result.train_data[rep.nearest[order]],
+        captions=captions,
+        flagged=rep.score[order] > settings.score_threshold,
+        title=f"{result.label}: the {len(order)} sharpest probes (top) and their nearest training digits",
+    )
+
+
+def save_figures(results: Sequence[RunResult], settings: DemoSettings, folder: str | Path) -> dict[str, Path]:
+    """Write the demo's PNGs into ``folder``; return ``name -> path``.
+
+    ``curves.png`` (sharp fraction per check, onset marked), ``memorized.png`` (share flagged vs
+    share that are copies), ``spectrum.png`` (early vs late), ``probes_<run>.png`` (galleries).
+    """
+    from memwatch import plots
+
+    folder = Path(folder)
+    figures = {
+        "curves": _curves_figure(results, settings),
+        "memorized": _memorized_figure(results, settings),
+        "spectrum": _spectrum_figure(results, settings),
+    }
+    for r in results:
+        figures[f"probes_{r.name}"] = _gallery_figure(r, settings)
+    paths = {name: plots.save_figure(fig, folder / f"{name}.png") for name, fig in figures.items()}
+    for r in results:
+        r.figures = dict(paths)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# both runs, the table, the command line
+# --------------------------------------------------------------------------------------------
+def run_demo(
+    n_small: int = DEFAULT.n_small,
+    n_large: int = DEFAULT.n_large,
+    settings: DemoSettings = DEFAULT,
+    *,
+    seed: int = 0,
+    out: str | Path = "memwatch_out",
+    wandb_mode: str = "offline",
+    log_media: bool = False,
+    progress: bool = True,
+    accelerator: str = "cpu",
+    console: Console | None = None,
+    module_factory: Callable[..., pl.LightningModule] = DDPMModule,
+) -> list[RunResult]:
+    """Train on ``n_small`` digits (memorizes) and on ``n_large`` (generalizes); save the PNGs
+    under ``out/plots`` and print the summary. Returns both runs' results."""
+    from rich.console import Console
+
+    console = console or Console()
+    out = Path(out)
+    results = []
+    with _quiet(), _threads(1 if accelerator == "cpu" else None):
+        for n, role in ((n_small, "memorizes"), (n_large, "generalizes")):
+            console.print(f"[bold]Training a DDPM on {n} digits[/] (expected: {role}) ...")
+            results.append(
+                fit_digits(
+                    n,
+                    settings,
+                    seed=seed,
+                    out=out,
+                    wandb_mode=wandb_mode,
+                    log_media=log_media,
+                    progress=progress,
+                    accelerator=accelerator,
+                    label=f"N={n}",
+                    module_factory=module_factory,
+                )
+            )
+        paths = save_figures(results, settings, out / "plots")
+    print_summary(results, settings, paths, console=console, wandb_mode=wandb_mode)
+    return results
+
+
+def summary_table(results: Sequence[RunResult], settings: DemoSettings) -> Table:
+    """One row per run: N, onset, final sharp fraction / LID, flagged and NN-memorized shares."""
+    from rich.table import Table
+
+    steps = ", ".join(sorted({str(r.steps) for r in results}))
+    table = Table(
+        title=f"memwatch demo: digits, {steps} steps, measured at {_sigma_label(settings)}", title_style="bold"
+    )
+    table.add_column("N train", justify="right", style="bold")
+    table.add_column("onset\nstep", justify="right")
+    table.add_column("sharp\nfraction", justify="right")
+    table.add_column("LID\n(of 64)", justify="right")
+    table.add_column("flagged\nby memwatch", justify="right")
+    table.add_column("copies\n(NN truth)", justify="right")
+    table.add_column("AUROC", justify="right")
+    table.add_column("time", justify="right")
+    for r in results:
+        f = r.final
+        onset = f"[red]{r.onset_step}[/]" if r.onset_step is not None else "[green]none[/]"
+        table.add_row(
+            str(r.n_train),
+            onset,
+            _fmt(f.get("sharp_fraction_mean")),
+            _fmt(f.get("lid_mean"), digits=1),
+            _fmt(f.get("memorized_fraction"), pct=True),
+            _fmt(f.get("nn_memorized_fraction"), pct=True),
+            _fmt(f.get("auroc")),
+            f"{r.seconds:.0f} s",
+        )
+    return table
+
+
+def print_summary(
+    results: Sequence[RunResult],
+    settings: DemoSettings,
+    paths: dict[str, Path],
+    *,
+    console: Console,
+    wandb_mode: str,
+) -> None:
+    """The table, then where everything went and how to upload it."""
+    console.print()
+    console.print(summary_table(results, settings))
+    console.print(
+        f"[dim]sharp fraction: share of the 64 Hessian directions with σ²λ < -0.5 at the probes (1: an isolated"
+        f" peak); LID = 64 x (1 - sharp fraction); flagged: probes with sharp fraction > {settings.score_threshold:g};"
+        " copies: probes whose nearest training image is < 1/3 as far as the 2nd-nearest (ground truth, needs the"
+        " training set); AUROC: memwatch's score against that ground truth (– when all probes are alike).[/]"
+    )
+    if any(r.steps < 4000 for r in results):
+        console.print(
+            "[dim]A short run: the small model has not finished memorizing; run without --fast for the full story.[/]"
+        )
+    folder = next(iter(paths.values())).parent if paths else None
+    if folder is not None:
+        console.print(f"\nPlots: [cyan]{folder}[/] ({', '.join(p.name for p in paths.values())})")
+        console.print(f"[dim]  ({_DATA_NOTE})[/]")
+    runs = [r for r in results if r.wandb_dir is not None]
+    for r in runs:
+        console.print(f"W&B {wandb_mode} run ({r.name}): [cyan]{_shell_path(r.wandb_dir)}[/]")
+    if runs and wandb_mode == "offline":
+        dirs = " ".join(_shell_path(r.wandb_dir) for r in runs)
+        console.print(f"Upload to W&B (needs `wandb login`):\n  [bold]wandb sync {dirs}[/]")
+    for r in results:
+        if r.clean_checkpoint is not None and r.onset_step is not None:
+            console.print(f"Last clean checkpoint of {r.name} (step {r.clean_step}): [cyan]{r.clean_checkpoint}[/]")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``memwatch demo`` flags (also used by ``examples/digits.py``)."""
+    parser.add_argument(
+        "--n-small",
+        type=int,
+        default=None,
+        help=f"training images of the memorizing run (default {DEFAULT.n_small}; --fast: {FAST.n_small})",
+    )
+    parser.add_argument(
+        "--n-large",
+        type=int,
+        default=None,
+        help=f"training images of the generalizing run (default {DEFAULT.n_large}; --fast: {FAST.n_large})",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"optimizer steps per run (default {DEFAULT.steps}; --fast: {FAST.steps})",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data subset, weights and batches (default 0)")
+    parser.add_argument("--out", type=Path, default=Path("memwatch_out"), help="output folder (default ./memwatch_out)")
+    parser.add_argument(
+        "--wandb-mode",
+        choices=WANDB_MODES,
+        default="offline",
+        help="W&B logging: offline (default, no account), online, disabled",
+    )
+    parser.add_argument(
+        "--log-media",
+        "--show-probes",
+        dest="log_media",
+        action="store_true",
+        help="also log probe images and their nearest training images to W&B",
+    )
+    parser.add_argument("--fast", action="store_true", help="a smaller, shorter demo (< 1 minute)")
+    parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator (default cpu)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> DemoSettings:
+    """``DEFAULT`` or ``FAST`` with the flags that were given."""
+    base = FAST if args.fast else DEFAULT
+    changes = {k: getattr(args, k) for k in ("n_small", "n_large", "steps") if getattr(args, k, None) is not None}
+    for name, value in changes.items():
+        if value < 1 if name == "steps" else value < 2:
+            raise SystemExit(
+                f"memwatch demo: --{name.replace('_', '-')} must be >= {1 if name == 'steps' else 2}, got {value}"
+            )
+    settings = dataclasses.replace(base, **changes)
+    if settings.check_every > settings.steps:
+        settings = dataclasses.replace(settings, check_every=max(1, settings.steps // 4))
+    return settings
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    parser: argparse.ArgumentParser | None = None,
+    module_factory: Callable[..., pl.LightningModule] = DDPMModule,
+) -> int:
+    """``memwatch demo [flags]``; returns the exit code. ``parser`` (default: ``memwatch demo``'s)
+    gets the demo's flags; ``module_factory`` is passed to :func:`run_demo`."""
+    if parser is None:
+        parser = argparse.ArgumentParser(prog="memwatch demo", description=__doc__.split("\n\n")[1])
+    args = add_arguments(parser).parse_args(argv)
+    settings = settings_from_args(args)
+    run_demo(
+        settings.n_small,
+        settings.n_large,
+        settings,
+        seed=args.seed,
+        out=args.out,
+        wandb_mode=args.wandb_mode,
+        log_media=args.log_media,
+        progress=args.progress,
+        accelerator=args.accelerator,
+        module_factory=module_factory,
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Hide Lightning's start-up chatter and warnings that are noise for a demo (the table says
+    what matters); everything else, e.g. a failed memwatch check, still shows."""
+    names = ("lightning.pytorch", "lightning.fabric", "lightning")
+    levels = {n: logging.getLogger(n).level for n in names}
+    env = {k: os.environ.get(k) for k in ("WANDB_SILENT", "WANDB_CONSOLE")}
+    try:
+        for n in names:
+            logging.getLogger(n).setLevel(logging.WARNING)
+        os.environ.setdefault("WANDB_SILENT", "true")
+        os.environ.setdefault("WANDB_CONSOLE", "off")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            warnings.filterwarnings("ignore", ".*memwatch: memorization onset.*")  # in the table
+            warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+            warnings.filterwarnings("ignore", ".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+            yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """Run torch on ``n`` CPU threads (``None``: unchanged), restored afterwards.
+
+    The demo's networks are tiny: one thread does a training step in a few ms, while several
+    threads spend more time synchronizing than computing, and on a busy machine (other jobs on
+    the same cores) a 2-thread step was measured 20x slower than a 1-thread step.
+    """
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _fmt(value: float | None, *, pct: bool = False, digits: int = 2) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    return f"{value:.0%}" if pct else f"{value:.{digits}f}"
+
+
+def _shell_path(path: Path | None) -> str:
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

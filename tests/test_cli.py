@@ -1,0 +1,123 @@
+"""The `memwatch` command line: `memwatch demo --fast` end to end, and `memwatch fit` configs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from wandb_offline import history_values, media_files, read_history
+
+from memwatch import cli, demo
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+# ------------------------------------------------------------------------------ demo
+def test_demo_fast_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert cli.main(["demo", "--fast", "--out", str(out), "--no-progress"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps lines at the terminal width
+
+    plots = {p.name for p in (out / "plots").glob("*.png")}
+    assert {"curves.png", "memorized.png", "spectrum.png"} <= plots
+    assert {f"probes_digits-N{demo.FAST.n_small}.png", f"probes_digits-N{demo.FAST.n_large}.png"} <= plots
+    assert all((out / "plots" / p).stat().st_size > 5_000 for p in plots)
+
+    runs = sorted(p for p in (out / "wandb").glob("offline-run-*") if p.is_dir())
+    assert len(runs) == 2  # memorizing run first, then the generalizing one
+    finals = []
+    for run in runs:
+        rows = read_history(run)
+        sharp = history_values(rows, "memwatch/sharp_fraction_mean")
+        assert len(sharp) == demo.FAST.steps // demo.FAST.check_every
+        assert len(history_values(rows, "memwatch/nn_memorized_fraction")) == len(sharp)  # reference data given
+        assert history_values(rows, "demo/spectrum")[0]["_type"] == "image-file"
+        assert not history_values(rows, "demo/probes")  # probe images only with --log-media
+        assert not history_values(rows, "memwatch/most_memorized")
+        assert media_files(run, ".png")
+        finals.append(sharp[-1])
+    memorizing, generalizing = finals
+    assert memorizing > generalizing
+
+    assert "memwatch demo: digits" in printed
+    assert f"digits-N{demo.FAST.n_small}" in printed and "wandb sync" in printed
+    assert "sklearn's public" in printed
+
+
+# ------------------------------------------------------------------------------ fit
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_config_parses(config, capsys):
+    assert cli.main(["fit", "--config", str(config), "--print_config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    paths = [cb["class_path"] for cb in printed["trainer"]["callbacks"]]
+    assert "memwatch.MemorizationMonitor" in paths
+    assert printed["trainer"]["logger"]["class_path"].endswith("WandbLogger")
+    assert printed["trainer"]["logger"]["init_args"]["offline"] is True
+
+
+def test_digits_config_matches_the_demo():
+    config = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
+    monitor = next(c for c in config["trainer"]["callbacks"] if c["class_path"] == "memwatch.MemorizationMonitor")
+    args, model = monitor["init_args"], config["model"]["init_args"]
+    d = demo.DEFAULT
+    assert tuple(args["sigmas"]) == d.sigmas and args["score_threshold"] == d.score_threshold
+    assert (args["every_n_train_steps"], args["num_probes"], args["k"]) == (d.check_every, d.num_probes, d.k)
+    assert (model["hidden"], model["depth"], model["lr"]) == (d.hidden, d.depth, d.lr)
+    assert config["trainer"]["max_steps"] == d.steps
+    assert config["data"]["init_args"]["n_train"] == d.n_small
+
+
+def test_toy2d_config_fits_a_few_steps_with_overrides(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rc = cli.main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "toy2d.yaml"),
+            "--trainer.max_steps",
+            "200",  # the config checks every 200 steps: one check
+            "--trainer.enable_progress_bar",
+            "false",
+            "--data.init_args.steps_per_epoch",
+            "50",
+        ]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "memwatch: no memorization onset (last check, step 200" in printed
+    assert "wandb sync" in printed
+    runs = sorted(p for p in (tmp_path / "memwatch_out" / "wandb").glob("offline-run-*") if p.is_dir())
+    assert len(runs) == 1
+    rows = read_history(runs[0])
+    assert len(history_values(rows, "memwatch/sharp_fraction_mean")) == 1
+    # `memwatch fit` handed the data module's training points to the monitor
+    assert len(history_values(rows, "memwatch/nn_memorized_fraction")) == 1
+    assert (tmp_path / "memwatch_out" / "config.yaml").exists()
+
+
+# ------------------------------------------------------------------------------ entry points
+def test_usage_and_unknown_command(capsys):
+    assert cli.main(["--help"]) == 0
+    assert "memwatch demo" not in capsys.readouterr().err
+    assert cli.main(["nonsense"]) == 2
+    assert "unknown command 'nonsense'" in capsys.readouterr().err
+    assert cli.main(["demo", "--help"]) == 0
+    assert "--wandb-mode" in capsys.readouterr().out
+
+
+def test_python_dash_m_memwatch(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "memwatch", "--help"],
+        check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "demo" in proc.stdout and "fit" in proc.stdout

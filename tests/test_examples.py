@@ -1,0 +1,64 @@
+"""Every script in examples/ runs with --fast in a fresh process (as a user would run it)."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
+
+# extra arguments and what each example must leave behind under --out (relative glob patterns)
+EXTRA = {
+    "diffusers_unet.py": [],
+    "diffusers_unet.py --prediction v_prediction": ["--prediction", "v_prediction"],
+}
+EXPECTED_FILES = {
+    "digits.py": ["plots/curves.png", "plots/spectrum.png", "wandb/offline-run-*"],
+    "toy2d.py": ["toy2d_N*.png"],
+    "diffusers_unet.py": ["wandb/offline-run-*"],
+    "conditional.py": ["conditional_metrics.png", "csv/version_0/metrics.csv"],
+}
+# one torch thread: the example's own advice for a busy machine (the suite runs beside it)
+ARGS = {"conditional.py": ["--threads", "1"]}
+CASES = [(p, ARGS.get(p.name, [])) for p in EXAMPLES if p.name != "diffusers_unet.py"]
+if (ROOT / "examples" / "diffusers_unet.py").exists():
+    CASES += [(ROOT / "examples" / "diffusers_unet.py", extra) for extra in EXTRA.values()]
+PARAMS = [pytest.param(p, e, id=" ".join([p.name, *e])) for p, e in CASES]
+
+
+def _cpu_seconds_of_children() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+@pytest.mark.parametrize("script, extra", PARAMS)
+def test_example_runs_fast(script, extra, tmp_path):
+    if script.name == "diffusers_unet.py":
+        pytest.importorskip("diffusers")
+    out = tmp_path / "out"
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(ROOT))
+    before = _cpu_seconds_of_children()
+    proc = subprocess.run(
+        [sys.executable, str(script), "--fast", "--out", str(out), *extra],
+        check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    cpu = _cpu_seconds_of_children() - before
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for pattern in EXPECTED_FILES.get(script.name, []):
+        assert list(out.glob(pattern)), f"{script.name} wrote no {pattern} under {out}"
+    # `--fast` means < 60 s on an idle 2-core machine; CPU seconds are what load does not inflate
+    assert cpu < 60, f"{script.name} --fast used {cpu:.0f} CPU seconds"
+    if script.name == "diffusers_unet.py":
+        prediction = extra[1] if extra else "epsilon"
+        assert f"UNet2DModel, prediction={prediction!r}, probe shape (1, 16, 16)" in proc.stdout
