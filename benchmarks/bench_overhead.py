@@ -1,0 +1,119 @@
+"""Wall-time overhead of MemorizationMonitor at its defaults on a short digits fit.
+
+The same fit (DDPMModule, 1024 sklearn digits, batch 64, CPU) runs without and with
+``MemorizationMonitor()`` (default cadence: a check every 500 steps with 32 probes, 50 DDIM
+steps, one noise level, dense 64×64 Hessians), alternating plain / monitored so that drifts in
+machine load hit both alike; after one discarded warm-up pair, the median of ``--repeats`` pairs
+is reported as ``monitored / plain`` for wall time and for process CPU time (steadier on a
+shared machine), and the wall time of the checks themselves (probing, measuring, saving the
+clean checkpoint, logging) as a share of the plain fit — on a busy machine the fit-to-fit noise
+(several %) can exceed the monitor's cost, and that share is the steadier figure.
+
+    python benchmarks/bench_overhead.py                 # 2000 steps (4 checks), 5 pairs
+    python benchmarks/bench_overhead.py --steps 500 --repeats 1   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import lightning.pytorch as pl
+import torch
+
+from memwatch import MemorizationMonitor
+from memwatch.toymodels import DDPMModule, DigitsDataModule
+
+
+class TimedMonitor(MemorizationMonitor):
+    """``MemorizationMonitor()`` that also times each whole check: probing, measuring, the
+    clean-checkpoint save and logging (``check_seconds`` covers only the measurement)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.check_times: list[float] = []
+
+    def _run_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        started = time.perf_counter()
+        super()._run_check(trainer, pl_module)
+        self.check_times.append(time.perf_counter() - started)
+
+
+def fit_once(steps: int, monitored: bool, root: str, seed: int = 0) -> tuple[float, float, list[float]]:
+    """One fit; returns (wall seconds, CPU seconds, the wall seconds of each whole check)."""
+    pl.seed_everything(seed, verbose=False)
+    data = DigitsDataModule(1024, batch_size=64, steps_per_epoch=steps, seed=seed)
+    module = DDPMModule(shape=(1, 8, 8))
+    monitor = TimedMonitor(verbose=False) if monitored else None
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        callbacks=[monitor] if monitor else [],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
+    wall, cpu = time.perf_counter(), time.process_time()
+    trainer.fit(module, datamodule=data)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    checks = monitor.check_times if monitor else []
+    return wall, cpu, checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=2000, help="optimizer steps per fit (default 2000: 4 checks)")
+    parser.add_argument("--repeats", type=int, default=5, help="measured plain/monitored pairs (default 5)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+    walls: dict[bool, list[float]] = {False: [], True: []}
+    cpus: dict[bool, list[float]] = {False: [], True: []}
+    checks: list[float] = []
+    with tempfile.TemporaryDirectory() as root:
+        for rep in range(args.repeats + 1):  # rep 0: warm-up, discarded
+            order = (False, True) if rep % 2 == 0 else (True, False)
+            for monitored in order:
+                wall, cpu, chk = fit_once(args.steps, monitored, root)
+                if rep:
+                    walls[monitored].append(wall)
+                    cpus[monitored].append(cpu)
+                    checks += chk
+                print(
+                    f"{'warm-up' if rep == 0 else f'pair {rep}':>8} {'monitored' if monitored else 'plain':>9}: "
+                    f"{wall:6.2f} s wall, {cpu:6.2f} s CPU",
+                    flush=True,
+                )
+    wall_ratios = [m / p for p, m in zip(walls[False], walls[True])]
+    per_fit_checks = sum(checks) / args.repeats  # the checks' own wall time per monitored fit
+    cpu_ratios = [m / p for p, m in zip(cpus[False], cpus[True])]
+    pairs = "  ".join(f"{w:.3f}/{c:.3f}" for w, c in zip(wall_ratios, cpu_ratios))
+    n_checks = args.steps // 500
+    print(
+        f"\n{args.steps} steps, {n_checks} checks, {args.repeats} pairs, {args.threads} thread(s):\n"
+        f"  plain fit      median {statistics.median(walls[False]):.2f} s wall "
+        f"({statistics.median(cpus[False]):.2f} s CPU)\n"
+        f"  monitored fit  median {statistics.median(walls[True]):.2f} s wall "
+        f"({statistics.median(cpus[True]):.2f} s CPU)\n"
+        f"  per pair (wall/CPU ratio): {pairs}\n"
+        f"  one check      median {statistics.median(checks):.3f} s wall ({per_fit_checks:.2f} s per fit, "
+        f"{per_fit_checks / statistics.median(walls[False]):.1%} of the plain fit)\n"
+        f"  overhead ratio (monitored / plain): wall {statistics.median(wall_ratios):.3f}, "
+        f"CPU {statistics.median(cpu_ratios):.3f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
