@@ -389,7 +389,8 @@ class MemorizationMonitor(Callback):
         decisions or logging. Put the module in eval mode first (a check does).
 
         Returns:
-            ``(samples [n, *shape] on the CPU, {timestep: SharpnessResult}``, the primary timestep first).
+            ``(samples, results)``: the final DDIM samples ``[n, *shape]`` on the CPU, and
+            ``{timestep: SharpnessResult}`` with the primary timestep first.
 
         Raises:
             ValueError: the probe shape is unknown (before the first training batch, without
