@@ -60,7 +60,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from memwatch import plots
 from memwatch.callback import CheckResult, MemorizationMonitor
 from memwatch.data import GaussianMixture, digits, manifold
-from memwatch.groundtruth import MEMORIZED_RATIO
+from memwatch.groundtruth import MEMORIZED_RATIO, median_nn_distance
 from memwatch.onset import OnsetDetector
 from memwatch.sharpness import SharpnessResult
 
@@ -170,13 +170,6 @@ def make_data(name: str, n: int, seed: int) -> torch.Tensor:
         gmm = GaussianMixture.isotropic(means, std=GMM_STD)
         return gmm.sample(n, generator=torch.Generator().manual_seed(seed)).float()
     return manifold(name, n, MANIFOLD_DIM, seed=seed)
-
-
-def median_nn_distance(x: torch.Tensor) -> float:
-    flat = x.reshape(x.shape[0], -1).double()
-    dist = torch.cdist(flat, flat)
-    dist.fill_diagonal_(math.inf)
-    return float(dist.min(1).values.median())
 
 
 def shipped_defaults() -> dict[str, Any]:
@@ -706,7 +699,15 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def analyse(runs: list[dict[str, Any]], cfg: StudyConfig, out: Path, timing: dict[str, Any]) -> str:
+def analyse(
+    runs: list[dict[str, Any]],
+    cfg: StudyConfig,
+    out: Path,
+    timing: dict[str, Any],
+    fresh: Sequence[dict[str, Any]] = (),
+) -> str:
+    """Write ``validation.md`` and the figures. ``fresh``: runs on further seeds, made after every
+    choice here was fixed; the rules of section 2 are only evaluated on them (section 6)."""
     img = out / "img"
     img.mkdir(parents=True, exist_ok=True)
     shipped = runs[0]["shipped"]
@@ -1093,6 +1094,8 @@ def analyse(runs: list[dict[str, Any]], cfg: StudyConfig, out: Path, timing: dic
         "possible onset is the second check of a streak.\n"
     )
     md.append(discussion(rep, rep_out, onset_spec, st, cfg.data[0].every, rep_label))
+    if fresh:
+        md.append(fresh_seeds_section(fresh, rules, shipped))
     md.append("## Runtime\n")
     runtime = [
         (
@@ -1114,6 +1117,60 @@ def analyse(runs: list[dict[str, Any]], cfg: StudyConfig, out: Path, timing: dic
     text = "\n".join(md)
     (out / "validation.md").write_text(text)
     return text
+
+
+def fresh_seeds_section(
+    fresh: Sequence[dict[str, Any]],
+    rules: dict[str, tuple[str, str, float, float, OnsetOutcome]],
+    shipped: dict[str, Any],
+) -> str:
+    """Section 6: the rules of section 2, as chosen, on seeds that played no part in any choice;
+    and whether the callback's own onset (its defaults at the time of these runs) matches the replay."""
+    seeds = sorted({r["seed"] for r in fresh})
+    label = "seeds " + ", ".join(map(str, seeds))
+    rows = []
+    for name, (signal, spec, st, ot, _) in rules.items():
+        res = evaluate_onsets(fresh, spec, st, ot, shipped, signal)
+        rows.append(
+            [
+                f"{name}: {SIGNALS[signal].label}",
+                spec,
+                f"{st:g}",
+                f"{ot:g}",
+                f"{res.false_alarms}/{res.never}",
+                f"{res.on_time}/{res.memorizing}",
+                f"{res.detected}/{res.memorizing}",
+            ]
+        )
+    now = fresh[0]["shipped"]
+    now_spec = f"abs {float(now['sigmas'][0]):g}"
+    res = evaluate_onsets(fresh, now_spec, now["score_threshold"], now["onset_threshold"], now)
+    own = sum(
+        replay_onset(r["steps"], r["shipped_primary_score"], now["score_threshold"], now["onset_threshold"], now)
+        == r["shipped_onset"]
+        for r in fresh
+    )
+    rows.append(
+        [
+            "callback defaults of these runs: sharp fraction",
+            now_spec,
+            f"{now['score_threshold']:g}",
+            f"{now['onset_threshold']:g}",
+            f"{res.false_alarms}/{res.never}",
+            f"{res.on_time}/{res.memorizing}",
+            f"{res.detected}/{res.memorizing}",
+        ]
+    )
+    header = ["rule", "σ", "score_threshold", "onset_threshold", "false alarms", "on time", "detected"]
+    return (
+        f"## 6. Fresh seeds ({label})\n\n"
+        f"{len(fresh)} further runs (same data sets, sizes and steps; {label}), trained after everything above "
+        "was fixed. The rules of section 2 as chosen there, and the callback with its defaults at the time of "
+        f"these runs (sigmas {tuple(now['sigmas'])}, score_threshold {now['score_threshold']}, onset_threshold "
+        f"{now['onset_threshold']}); its own onset equals the offline replay on {own}/{len(fresh)} runs.\n\n"
+        + md_table(header, rows)
+        + "\n"
+    )
 
 
 def discussion(
@@ -1243,9 +1300,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--cache", type=Path, default=None, help="also save the recorded checks here (torch.save)")
     ap.add_argument("--from-cache", type=Path, default=None, help="skip training; analyse saved checks")
+    ap.add_argument(
+        "--fresh-cache",
+        type=Path,
+        default=None,
+        help="saved checks of runs on further seeds (e.g. --seeds 3 4 --cache ...): evaluated, never used to choose",
+    )
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="train these seeds instead; without the selection seed only with --cache, for --fresh-cache",
+    )
     args = ap.parse_args(argv)
     _quiet()
     cfg = FAST if args.fast else DEFAULT
+    if args.seeds is not None:
+        cfg = replace(cfg, seeds=tuple(args.seeds))
+    analysable = set(cfg.select_seeds) <= set(cfg.seeds)
+    if args.from_cache is None and not analysable and args.cache is None:
+        ap.error(f"--seeds {' '.join(map(str, cfg.seeds))} lacks the selection seed(s) {cfg.select_seeds}: add --cache")
     if args.workers is None:  # --fast: 4 short runs, not worth a worker's start-up
         args.workers = 1 if args.fast else min(2, os.cpu_count() or 1)
     started = time.perf_counter()
@@ -1268,7 +1343,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.cache is not None:
             args.cache.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"runs": runs, "timing": timing, "config": asdict(cfg)}, args.cache)
-    text = analyse(runs, cfg, args.out, timing)
+        if not analysable:
+            print(
+                f"saved {len(runs)} runs to {args.cache}; analyse them with --from-cache ... --fresh-cache {args.cache}"
+            )
+            return 0
+    fresh = [] if args.fresh_cache is None else torch.load(args.fresh_cache, weights_only=False)["runs"]
+    text = analyse(runs, cfg, args.out, timing, fresh)
     print(text)
     print(
         f"\nwrote {args.out / 'validation.md'} and {args.out / 'img'}/validation_*.png "

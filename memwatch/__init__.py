@@ -7,7 +7,7 @@ spectrum on probes drawn from the model under training and raises the alarm at o
 
 from memwatch.callback import CheckResult, MemorizationMonitor
 from memwatch.conditional import ConditionalResult, conditional_metrics
-from memwatch.groundtruth import MEMORIZED_RATIO, nearest_neighbours, nn_ratio
+from memwatch.groundtruth import MEMORIZED_RATIO, median_nn_distance, nearest_neighbours, nn_ratio
 from memwatch.sampling import Trajectory, sample, sample_trajectory
 from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore
@@ -24,6 +24,7 @@ __all__ = [
     "Trajectory",
     "conditional_metrics",
     "measure_sharpness",
+    "median_nn_distance",
     "nearest_neighbours",
     "nn_ratio",
     "sample",

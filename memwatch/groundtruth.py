@@ -13,7 +13,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-__all__ = ["nn_ratio", "nearest_neighbours", "MEMORIZED_RATIO"]
+__all__ = ["nn_ratio", "nearest_neighbours", "median_nn_distance", "MEMORIZED_RATIO"]
 
 MEMORIZED_RATIO = 1.0 / 3.0
 
@@ -69,6 +69,32 @@ def nn_ratio(samples: Tensor, train_data: Tensor | Iterable[Tensor], *, chunk_si
     """
     dist, _ = nearest_neighbours(samples, train_data, chunk_size=chunk_size)
     return dist[:, 0] / dist[:, 1].clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def median_nn_distance(
+    train_data: Tensor, *, max_queries: int = 2048, generator: torch.Generator | None = None
+) -> float:
+    """Median distance from a training point to its nearest *other* training point (data units).
+
+    The natural length scale of a training set: a density that is sharp at noise levels well
+    below it separates the training points. Above ``max_queries`` points the median is taken
+    over a random subset of them (each still compared with the whole set).
+
+    Args:
+        train_data: ``[N, *shape]`` training samples, ``N >= 2``.
+        max_queries: at most this many query points.
+        generator: source of the query subset.
+
+    Example:
+        >>> median_nn_distance(torch.tensor([[0.0], [1.0], [3.0]]))
+        1.0
+    """
+    if not isinstance(train_data, Tensor) or train_data.ndim < 2 or train_data.shape[0] < 2:
+        raise ValueError(f"`train_data` must be a tensor [N >= 2, *shape], got {getattr(train_data, 'shape', None)}")
+    n = train_data.shape[0]
+    queries = train_data if n <= max_queries else train_data[torch.randperm(n, generator=generator)[:max_queries]]
+    dist, _ = nearest_neighbours(queries, train_data)  # the nearest is the query itself, at distance 0
+    return float(dist[:, 1].median())
 
 
 def _batches(data: Tensor | Iterable[Tensor], chunk_size: int) -> Iterable[Tensor]:
