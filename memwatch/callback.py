@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,17 @@ class CheckResult:
     samples: Tensor
     nn_ratio: Tensor | None
     decision: OnsetDecision
+
+
+@dataclass(frozen=True)
+class _LocalCheck:
+    """One rank's measurements of a check, before any sync: samples, results and ``nn_ratio`` as
+    in :class:`CheckResult`; ``conditional``: ``{condition: {metric: [n]}}`` or ``None``."""
+
+    samples: Tensor
+    results: dict[float, SharpnessResult]
+    nn_ratio: Tensor | None
+    conditional: dict[str, dict[str, Tensor]] | None
 
 
 class MemorizationMonitor(Callback):
@@ -335,24 +347,33 @@ class MemorizationMonitor(Callback):
                 f"memwatch step {trainer.global_step}: checking {self.num_probes} probes "
                 f"at {len(self._eval_timesteps)} timestep(s)…"
             )
+        started = time.perf_counter()
+        error: Exception | None = None
         try:
             with _isolated(pl_module):
-                values, results, samples, ratios = self._measure(trainer, pl_module)
+                local = self._measure(trainer, pl_module)
         except Exception as err:  # noqa: BLE001 - a monitor must not crash training
-            if self.raise_errors:
+            if self.raise_errors and trainer.world_size == 1:
                 raise
-            rank_zero_warn(f"memwatch: the check at step {trainer.global_step} failed and was skipped: {err!r}")
+            error = err
+        # every rank learns whether every rank measured before any metric is synced: a rank that
+        # failed alone would otherwise leave the others waiting in the sync forever
+        if not trainer.strategy.reduce_boolean_decision(error is None, all=True):
+            where = f"rank {trainer.global_rank}" if error is not None else "another rank"
+            msg = f"memwatch: the check at step {trainer.global_step} failed on {where} and was skipped"
+            if self.raise_errors:
+                raise RuntimeError(msg) from error
+            if error is not None:
+                warnings.warn(f"{msg}: {error!r}", RuntimeWarning, stacklevel=2)
             return
+        values = self._sync(local, pl_module.device)
+        values["check_seconds"] = time.perf_counter() - started
         decision = self._decide(trainer, values)
-        self.last_check = self._publish(trainer, values, results, samples, ratios, decision)
+        self.last_check = self._publish(trainer, values, local.results, local.samples, local.nn_ratio, decision)
         self.on_check_end(trainer, pl_module, self.last_check)
 
-    def _measure(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule
-    ) -> tuple[dict[str, float], dict[float, SharpnessResult], Tensor, Tensor | None]:
-        """Probe, measure, update and compute the metrics; returns synced values and local results."""
-        started = time.perf_counter()
-        device = pl_module.device
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> _LocalCheck:
+        """This rank's share of the probes, measured; no collective here."""
         rows = _shard(self.num_probes, trainer.world_size, trainer.global_rank)
         samples, results = self.measure_probes(pl_module, rows)
         ratios = None
@@ -360,8 +381,15 @@ class MemorizationMonitor(Callback):
             dist, idx = nearest_neighbours(samples, self._reference)
             ratios = (dist[:, 0] / dist[:, 1].clamp_min(1e-12)).float()
             self._nearest = idx[:, 0]
+        conditional = None
+        if self._conditions:
+            conditional = self._measure_conditions(self._score(pl_module), self._probe_noise()[rows], pl_module.device)
+        return _LocalCheck(samples, results, ratios, conditional)
+
+    def _sync(self, local: _LocalCheck, device: torch.device) -> dict[str, float]:
+        """The check's scalars from every rank's probes (torchmetrics syncs them under DDP)."""
         values: dict[str, float] = {}
-        for t, res in results.items():
+        for t, res in local.results.items():
             metric = self._metrics[t].to(device)
             metric.reset()
             metric.update(
@@ -370,16 +398,15 @@ class MemorizationMonitor(Callback):
                 res.eigenvalues[:, 0].to(device),
                 res.normalized.mean(1).to(device),
                 res.score.to(device),
-                None if ratios is None else ratios.to(device),
+                None if local.nn_ratio is None else local.nn_ratio.to(device),
             )
             computed = {name: float(v) for name, v in metric.compute().items()}
             values.update({f"t{_fmt(t)}/{name}": v for name, v in computed.items()})
             if t == self._eval_timesteps[0]:
                 values.update(computed)
-        if self._conditions:
-            values.update(self._measure_conditions(self._score(pl_module), self._probe_noise()[rows], device))
-        values["check_seconds"] = time.perf_counter() - started
-        return values, results, samples, ratios
+        if local.conditional is not None:
+            values.update(self._sync_conditions(local.conditional, device))
+        return values
 
     def measure_probes(
         self, pl_module: pl.LightningModule, rows: slice = slice(None)
@@ -541,11 +568,10 @@ class MemorizationMonitor(Callback):
             self._log_conditions(step)
 
     # ------------------------------------------------------------------ conditions (issue #6)
-    def _measure_conditions(self, score: DiffusionScore, noise: Tensor, device: torch.device) -> dict[str, float]:
-        """Per-condition means of the conditional metrics over this rank's probes (DDP-synced),
-        and which condition has the highest Hessian-weighted score difference."""
-        from torchmetrics.aggregation import MeanMetric
-
+    def _measure_conditions(
+        self, score: DiffusionScore, noise: Tensor, device: torch.device
+    ) -> dict[str, dict[str, Tensor]]:
+        """Per condition, the conditional metrics of this rank's probes: ``{name: {metric: [r]}}``."""
         from memwatch.conditional import conditional_metrics
 
         names = list(self._conditions)
@@ -570,15 +596,23 @@ class MemorizationMonitor(Callback):
             "score_diff": res.score_diff_norm,
             "sharp_fraction_mean": res.sharp_fraction,
         }
+        return {name: {m: v[i * r : (i + 1) * r] for m, v in per_probe.items()} for i, name in enumerate(names)}
+
+    def _sync_conditions(self, per_probe: dict[str, dict[str, Tensor]], device: torch.device) -> dict[str, float]:
+        """Per-condition means over every rank's probes, and the condition with the highest
+        Hessian-weighted score difference (the one that memorizes first)."""
+        from torchmetrics.aggregation import MeanMetric
+
         values: dict[str, float] = {}
         self._condition_values = {}
-        for i, name in enumerate(names):
+        for name, metrics in per_probe.items():
             self._condition_values[name] = {}
-            for metric_name, v in per_probe.items():
+            for metric_name, v in metrics.items():
                 mean = MeanMetric(nan_strategy="ignore").to(device)  # synced over ranks on compute
-                mean.update(v[i * r : (i + 1) * r].to(device))
+                mean.update(v.to(device))
                 self._condition_values[name][metric_name] = float(mean.compute())
                 values[f"cond/{name}/{metric_name}"] = self._condition_values[name][metric_name]
+        names = list(per_probe)
         scores = torch.tensor([c["hessian_score_diff"] for c in self._condition_values.values()])
         self._most_memorized = names[int(torch.nan_to_num(scores, nan=-math.inf).argmax())]
         values["most_memorized_condition"] = float(self._most_memorized)  # the int label, else the index

@@ -1,6 +1,7 @@
 """Run by test_callback.py: a 2-process CPU DDP fit (gloo) with the monitor; each rank writes a JSON report.
 
 Lightning's "ddp" strategy re-launches this script for rank 1, so it must be a plain script.
+``ddp_script.py OUT fail`` makes the check at step 200 raise on rank 1 only.
 """
 
 import json
@@ -11,14 +12,23 @@ from pathlib import Path
 import lightning.pytorch as pl
 from callback_setup import datamodule, memorizing_data, module_2d
 
-from memwatch.callback import MemorizationMonitor, _shard
+from memwatch.callback import MemorizationMonitor, _shard, find_score
 
 warnings.filterwarnings("ignore")
+warnings.filterwarnings("always", message="memwatch: the check", category=RuntimeWarning)
 
 
-def main(out: Path) -> None:
+def failing_on_rank1_at_step_200(module: pl.LightningModule):
+    trainer = module.trainer
+    if trainer.global_rank == 1 and trainer.global_step == 200:
+        raise RuntimeError("injected failure")
+    return find_score(module)
+
+
+def main(out: Path, fail: bool) -> None:
     pl.seed_everything(0, verbose=False)
     monitor = MemorizationMonitor(
+        score_fn=failing_on_rank1_at_step_200 if fail else None,
         every_n_train_steps=100,
         num_probes=16,
         sampler_steps=20,
@@ -29,7 +39,7 @@ def main(out: Path) -> None:
         save_clean_checkpoint=True,
         dirpath=out / "clean",
         verbose=False,
-        raise_errors=True,
+        raise_errors=not fail,
     )
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -56,4 +66,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), fail=sys.argv[2:] == ["fail"])

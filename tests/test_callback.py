@@ -288,19 +288,49 @@ def test_ema_copy_is_measured_when_asked(tmp_path):
 
 
 # ------------------------------------------------------------------------ DDP
-def test_two_process_ddp_reaches_one_decision(tmp_path):
+def _ddp(tmp_path, *args):
     script = Path(__file__).with_name("ddp_script.py")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(script), str(tmp_path), *args], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return proc, [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_two_process_ddp_reaches_one_decision(tmp_path):
+    _, ranks = _ddp(tmp_path)
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
     assert ranks[0]["onset_step"] == ranks[1]["onset_step"] is not None
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == ranks[0]["onset_step"]
     assert ranks[0]["history"] == ranks[1]["history"]  # synced metrics, identical on both ranks
     assert ranks[0]["local_probes"] + ranks[1]["local_probes"] == 16
+
+
+def test_a_check_failing_on_one_rank_is_skipped_on_both(tmp_path):
+    proc, ranks = _ddp(tmp_path, "fail")
+    assert "failed on rank 1 and was skipped" in proc.stderr and "injected failure" in proc.stderr
+    steps = [[int(h["step"]) for h in r["history"]] for r in ranks]
+    assert steps[0] == steps[1] and 100 in steps[0] and 200 not in steps[0] and 300 in steps[0]
+    assert ranks[0]["history"] == ranks[1]["history"] and ranks[0]["global_step"] == ranks[1]["global_step"]
+
+
+def test_a_failing_check_warns_and_training_continues(tmp_path):
+    def failing_at_step_20(module):
+        if module.trainer.global_step == 20:
+            raise RuntimeError("injected failure")
+        return module.memwatch_score()
+
+    monitor = MemorizationMonitor(every_n_train_steps=10, score_fn=failing_at_step_20, **dict(FAST, raise_errors=False))
+    with pytest.warns(RuntimeWarning, match=r"step 20 failed on rank 0 and was skipped: RuntimeError\('injected"):
+        t, _ = _fit(tmp_path, memorizing_data(), monitor, max_steps=30)
+    assert t.global_step == 30 and [int(h["step"]) for h in monitor.history] == [10, 30]
+    with pytest.raises(RuntimeError, match="injected failure"):
+        _fit(
+            tmp_path,
+            memorizing_data(),
+            MemorizationMonitor(every_n_train_steps=10, score_fn=failing_at_step_20, **FAST),
+        )
 
 
 def test_public_api_exports_the_callback():
