@@ -447,7 +447,7 @@ class MemorizationMonitor(Callback):
         if decision.clean and self.save_clean_checkpoint:
             self.clean_step = trainer.global_step
             self.clean_checkpoint_path = self._checkpoint_dir(trainer) / "memwatch-clean.ckpt"
-            trainer.save_checkpoint(self.clean_checkpoint_path)
+            trainer.save_checkpoint(self.clean_checkpoint_path, weights_only=False)  # resumable: callbacks too
         if self.stop_on_onset:  # a collective on every rank at every check: one decision for all
             if trainer.strategy.reduce_boolean_decision(decision.onset, all=False):
                 trainer.should_stop = True
