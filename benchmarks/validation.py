@@ -421,6 +421,22 @@ def replay_onset(
     return det.onset_step
 
 
+def replay_agreement(runs: Sequence[dict[str, Any]]) -> int:
+    """How many runs the offline replay of the callback's own rule (its settings in each run,
+    its primary score) puts the onset exactly where the callback itself declared it."""
+    return sum(
+        replay_onset(
+            r["steps"],
+            r["shipped_primary_score"],
+            r["shipped"]["score_threshold"],
+            r["shipped"]["onset_threshold"],
+            r["shipped"],
+        )
+        == r["shipped_onset"]
+        for r in runs
+    )
+
+
 def memorized_fraction(scores: np.ndarray, score_threshold: float) -> np.ndarray:
     ok = np.isfinite(scores)
     return np.where(ok, scores > score_threshold, False).sum(1) / np.maximum(ok.sum(1), 1)
@@ -748,13 +764,7 @@ def analyse(
         "best absolute": best_abs,
         "onset rule": rules["recommended"][1],
     }
-    replayed = sum(
-        replay_onset(
-            r["steps"], r["shipped_primary_score"], shipped["score_threshold"], shipped["onset_threshold"], shipped
-        )
-        == r["shipped_onset"]
-        for r in runs
-    )
+    replayed = replay_agreement(runs)
 
     def save(fig, name):
         return plots.save_figure(fig, img / f"validation_{name}.png").name
@@ -1129,12 +1139,27 @@ def fresh_seeds_section(
     and whether the callback's own onset (its defaults at the time of these runs) matches the replay."""
     seeds = sorted({r["seed"] for r in fresh})
     label = "seeds " + ", ".join(map(str, seeds))
+    now = fresh[0]["shipped"]
+    candidates = [
+        (f"{name}: {SIGNALS[signal].label}", signal, spec, st, ot, shipped)
+        for name, (signal, spec, st, ot, _) in rules.items()
+    ]
+    candidates.append(
+        (
+            "callback defaults of these runs: sharp fraction",
+            PRIMARY_SIGNAL,
+            f"abs {float(now['sigmas'][0]):g}",
+            now["score_threshold"],
+            now["onset_threshold"],
+            now,
+        )
+    )
     rows = []
-    for name, (signal, spec, st, ot, _) in rules.items():
-        res = evaluate_onsets(fresh, spec, st, ot, shipped, signal)
+    for label_, signal, spec, st, ot, settings in candidates:
+        res = evaluate_onsets(fresh, spec, st, ot, settings, signal)
         rows.append(
             [
-                f"{name}: {SIGNALS[signal].label}",
+                label_,
                 spec,
                 f"{st:g}",
                 f"{ot:g}",
@@ -1143,25 +1168,7 @@ def fresh_seeds_section(
                 f"{res.detected}/{res.memorizing}",
             ]
         )
-    now = fresh[0]["shipped"]
-    now_spec = f"abs {float(now['sigmas'][0]):g}"
-    res = evaluate_onsets(fresh, now_spec, now["score_threshold"], now["onset_threshold"], now)
-    own = sum(
-        replay_onset(r["steps"], r["shipped_primary_score"], now["score_threshold"], now["onset_threshold"], now)
-        == r["shipped_onset"]
-        for r in fresh
-    )
-    rows.append(
-        [
-            "callback defaults of these runs: sharp fraction",
-            now_spec,
-            f"{now['score_threshold']:g}",
-            f"{now['onset_threshold']:g}",
-            f"{res.false_alarms}/{res.never}",
-            f"{res.on_time}/{res.memorizing}",
-            f"{res.detected}/{res.memorizing}",
-        ]
-    )
+    own = replay_agreement(fresh)
     header = ["rule", "σ", "score_threshold", "onset_threshold", "false alarms", "on time", "detected"]
     return (
         f"## 6. Fresh seeds ({label})\n\n"
