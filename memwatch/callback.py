@@ -375,7 +375,8 @@ class MemorizationMonitor(Callback):
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> _LocalCheck:
         """This rank's share of the probes, measured; no collective here."""
         rows = _shard(self.num_probes, trainer.world_size, trainer.global_rank)
-        samples, results = self.measure_probes(pl_module, rows)
+        score, noise = self._score(pl_module), self._probe_noise()[rows]
+        samples, results = self._probe(score, noise, pl_module.device)
         ratios = None
         if self._reference is not None:
             dist, idx = nearest_neighbours(samples, self._reference)
@@ -383,7 +384,7 @@ class MemorizationMonitor(Callback):
             self._nearest = idx[:, 0]
         conditional = None
         if self._conditions:
-            conditional = self._measure_conditions(self._score(pl_module), self._probe_noise()[rows], pl_module.device)
+            conditional = self._measure_conditions(score, noise, pl_module.device)
         return _LocalCheck(samples, results, ratios, conditional)
 
     def _sync(self, local: _LocalCheck, device: torch.device) -> dict[str, float]:
@@ -423,13 +424,14 @@ class MemorizationMonitor(Callback):
             ValueError: the probe shape is unknown (before the first training batch, without
                 ``sample_shape``).
         """
-        if self.sample_shape is None:
-            raise ValueError("memwatch could not infer the probe shape; pass `sample_shape=`")
-        score = self._score(pl_module)
+        return self._probe(self._score(pl_module), self._probe_noise()[rows], pl_module.device)
+
+    def _probe(
+        self, score: DiffusionScore, noise: Tensor, device: torch.device
+    ) -> tuple[Tensor, dict[float, SharpnessResult]]:
+        """DDIM probes from ``noise`` and their spectra at every evaluation timestep."""
         times = self._eval_timesteps or self._timesteps_of(score)
-        traj = sample_trajectory(
-            score, noise=self._probe_noise()[rows], steps=self.sampler_steps, states_at=times, device=pl_module.device
-        )
+        traj = sample_trajectory(score, noise=noise, steps=self.sampler_steps, states_at=times, device=device)
         results = {
             t: measure_sharpness(
                 score,
@@ -658,7 +660,8 @@ class MemorizationMonitor(Callback):
 
     def _probe_noise(self) -> Tensor:
         """``[num_probes, *sample_shape]`` start noise of the probes: the same at every check."""
-        assert self.sample_shape is not None
+        if self.sample_shape is None:
+            raise ValueError("memwatch could not infer the probe shape; pass `sample_shape=`")
         return probe_noise(self.num_probes, self.sample_shape, generator=torch.Generator().manual_seed(self.seed))
 
     def _spectrum_options(self) -> dict[str, Any]:
