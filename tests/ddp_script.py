@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from callback_setup import datamodule, memorizing_data, module_2d
 
 from memwatch.callback import MemorizationMonitor, _shard, find_score
@@ -63,6 +64,9 @@ def main(out: Path, fail: bool) -> None:
         "local_probes": rows.stop - rows.start,
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+    # shut gloo down before interpreter exit: left to exit, its threads can abort the process
+    # ("terminate called without an active exception") and fail the run after it succeeded
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
