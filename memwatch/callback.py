@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 
+from memwatch.errors import MemwatchError
 from memwatch.groundtruth import nearest_neighbours
 from memwatch.loggers import MonitorLogger
 from memwatch.metrics import MemorizationMetrics
@@ -185,27 +186,27 @@ class MemorizationMonitor(Callback):
         _check_cadence("every_n_train_steps", every_n_train_steps)
         _check_cadence("every_n_epochs", every_n_epochs)
         if every_n_train_steps is None and every_n_epochs is None:
-            raise ValueError("set `every_n_train_steps` or `every_n_epochs`; both are None")
+            raise MemwatchError("set `every_n_train_steps` or `every_n_epochs`; both are None")
         _check_positive_int("num_probes", num_probes)
         _check_positive_int("k", k)
         _check_positive_int("num_iters", num_iters)
         _check_positive_int("num_vectors", num_vectors)
         if not isinstance(sampler_steps, int) or sampler_steps < 2:
-            raise ValueError(f"`sampler_steps` must be an integer >= 2, got {sampler_steps!r}")
+            raise MemwatchError(f"`sampler_steps` must be an integer >= 2, got {sampler_steps!r}")
         if method not in METHODS:
-            raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
+            raise MemwatchError(f"`method` must be one of {METHODS}, got {method!r}")
         if not threshold > 0:
-            raise ValueError(f"`threshold` must be positive, got {threshold!r}")
+            raise MemwatchError(f"`threshold` must be positive, got {threshold!r}")
         if not 0 <= score_threshold < 1:
-            raise ValueError(f"`score_threshold` must be in [0, 1), got {score_threshold!r}")
+            raise MemwatchError(f"`score_threshold` must be in [0, 1), got {score_threshold!r}")
         if max_batch is not None:
             _check_positive_int("max_batch", max_batch)
         if timesteps is None and (not sigmas or any(not s > 0 for s in sigmas)):
-            raise ValueError(f"`sigmas` must be a non-empty sequence of positive noise levels, got {sigmas!r}")
+            raise MemwatchError(f"`sigmas` must be a non-empty sequence of positive noise levels, got {sigmas!r}")
         if timesteps is not None and len(timesteps) == 0:
-            raise ValueError("`timesteps` must be non-empty (or None to use `sigmas`)")
+            raise MemwatchError("`timesteps` must be non-empty (or None to use `sigmas`)")
         if sample_shape is not None and (len(sample_shape) == 0 or any(int(s) < 1 for s in sample_shape)):
-            raise ValueError(f"`sample_shape` must be a non-empty shape of positive sizes, got {sample_shape!r}")
+            raise MemwatchError(f"`sample_shape` must be a non-empty shape of positive sizes, got {sample_shape!r}")
         # the detector validates its own arguments (patience, min_steps, …)
         self.detector = OnsetDetector(
             threshold=onset_threshold,
@@ -592,7 +593,7 @@ class MemorizationMonitor(Callback):
                 device=device,
             )
         except ValueError as err:
-            raise ValueError(f"memwatch `conditions`: {err}") from err
+            raise MemwatchError(f"memwatch `conditions`: {err}") from err
         per_probe = {
             "hessian_score_diff": res.hessian_score_diff_norm,
             "score_diff": res.score_diff_norm,
@@ -644,7 +645,7 @@ class MemorizationMonitor(Callback):
         if self.ema_attr is not None:
             ema = getattr(pl_module, self.ema_attr, None)
             if not isinstance(ema, nn.Module):
-                raise ValueError(
+                raise MemwatchError(
                     f"`ema_attr`={self.ema_attr!r} does not name an nn.Module on {type(pl_module).__name__}"
                 )
             score = score.with_model(getattr(ema, "module", ema))
@@ -661,7 +662,7 @@ class MemorizationMonitor(Callback):
     def _probe_noise(self) -> Tensor:
         """``[num_probes, *sample_shape]`` start noise of the probes: the same at every check."""
         if self.sample_shape is None:
-            raise ValueError("memwatch could not infer the probe shape; pass `sample_shape=`")
+            raise MemwatchError("memwatch could not infer the probe shape; pass `sample_shape=`")
         return probe_noise(self.num_probes, self.sample_shape, generator=torch.Generator().manual_seed(self.seed))
 
     def _spectrum_options(self) -> dict[str, Any]:
@@ -678,7 +679,7 @@ class MemorizationMonitor(Callback):
     def _check_k(self, shape: Sequence[int]) -> None:
         dim = math.prod(shape)
         if self.k > dim:
-            raise ValueError(f"`k`={self.k} is larger than the sample dimension d={dim} (shape {tuple(shape)})")
+            raise MemwatchError(f"`k`={self.k} is larger than the sample dimension d={dim} (shape {tuple(shape)})")
 
     def _checkpoint_dir(self, trainer: pl.Trainer) -> Path:
         if self.dirpath is not None:
@@ -701,7 +702,7 @@ def find_score(pl_module: pl.LightningModule, score_fn: ScoreFn | None = None) -
     else:
         score = _diffusers_score(pl_module)
     if not isinstance(score, DiffusionScore):
-        raise ValueError(f"the score must be a memwatch.DiffusionScore, got {type(score).__name__}")
+        raise MemwatchError(f"the score must be a memwatch.DiffusionScore, got {type(score).__name__}")
     return score
 
 
@@ -711,7 +712,7 @@ def _diffusers_score(pl_module: pl.LightningModule) -> DiffusionScore:
         (v for v in vars(pl_module).values() if hasattr(v, "alphas_cumprod") and hasattr(v, "config")), None
     )
     if unet is None or scheduler is None:
-        raise ValueError(
+        raise MemwatchError(
             f"memwatch cannot find the score of {type(pl_module).__name__}: pass "
             "`MemorizationMonitor(score_fn=lambda module: memwatch.DiffusionScore(...))`, or add a "
             "`memwatch_score()` method returning a memwatch.DiffusionScore, or keep a diffusers "
@@ -734,7 +735,7 @@ def _diffusers_sample_shape(model: Any) -> tuple[int, ...] | None:
 def _batch_sample_shape(batch: Any, key: str | None) -> tuple[int, ...]:
     if key is not None:
         if not isinstance(batch, Mapping) or key not in batch:
-            raise ValueError(f"`batch_key`={key!r} is not a key of the training batch")
+            raise MemwatchError(f"`batch_key`={key!r} is not a key of the training batch")
         return tuple(batch[key].shape[1:])
     if isinstance(batch, Tensor):
         return tuple(batch.shape[1:])
@@ -742,15 +743,15 @@ def _batch_sample_shape(batch: Any, key: str | None) -> tuple[int, ...]:
     for item in items:
         if isinstance(item, Tensor):
             return tuple(item.shape[1:])
-    raise ValueError("memwatch cannot infer the probe shape from the batch; pass `sample_shape=` or `batch_key=`")
+    raise MemwatchError("memwatch cannot infer the probe shape from the batch; pass `sample_shape=` or `batch_key=`")
 
 
 def _materialize(data: Any) -> Tensor:
     if isinstance(data, Tensor):
         return data.detach().cpu()
-    from memwatch.groundtruth import _first_tensor
+    from memwatch.groundtruth import first_tensor
 
-    return torch.cat([_first_tensor(b).detach().cpu() for b in data])
+    return torch.cat([first_tensor(b).detach().cpu() for b in data])
 
 
 def _shard(n: int, world_size: int, rank: int) -> slice:
@@ -785,12 +786,12 @@ def _isolated(pl_module: nn.Module) -> Iterator[None]:
 
 def _check_cadence(name: str, value: int | None) -> None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}")
+        raise MemwatchError(f"`{name}` must be a positive integer or None, got {value!r}")
 
 
 def _check_positive_int(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+        raise MemwatchError(f"`{name}` must be a positive integer, got {value!r}")
 
 
 def _check_conditions(
@@ -800,7 +801,7 @@ def _check_conditions(
     if first_steps is not None and (
         not isinstance(first_steps, int) or isinstance(first_steps, bool) or not 1 <= first_steps <= sampler_steps
     ):
-        raise ValueError(
+        raise MemwatchError(
             "`condition_first_steps` must be None or an integer in "
             f"[1, sampler_steps={sampler_steps}], got {first_steps!r}"
         )
@@ -808,7 +809,7 @@ def _check_conditions(
         return {}
     if isinstance(conditions, Tensor):
         if conditions.ndim == 0 or conditions.shape[0] == 0 or conditions.dtype == torch.bool:
-            raise ValueError(
+            raise MemwatchError(
                 "`conditions` must be a tensor [C, ...] with one row per condition (C >= 1), or a sequence of "
                 f"int labels / tensors; got a {conditions.dtype} tensor of shape {tuple(conditions.shape)}"
             )
@@ -817,19 +818,19 @@ def _check_conditions(
         items = []
         for i, c in enumerate(conditions):
             if isinstance(c, bool) or not isinstance(c, (int, Tensor)):
-                raise ValueError(f"`conditions[{i}]` must be an int label or a torch.Tensor, got {type(c).__name__}")
+                raise MemwatchError(f"`conditions[{i}]` must be an int label or a torch.Tensor, got {type(c).__name__}")
             items.append(torch.tensor(c) if isinstance(c, int) else c.detach().cpu())
         if len({tuple(c.shape) for c in items}) > 1:
-            raise ValueError(
+            raise MemwatchError(
                 f"`conditions` must all have the same shape, got {sorted({tuple(c.shape) for c in items})}"
             )
     else:
-        raise ValueError(
+        raise MemwatchError(
             "`conditions` must be None, a tensor [C, ...] or a non-empty sequence of int labels / tensors, "
             f"got {type(conditions).__name__}"
         )
     labels = all(c.ndim == 0 and not c.is_floating_point() for c in items)
     names = [str(int(c)) if labels else str(i) for i, c in enumerate(items)]
     if len(set(names)) != len(names):
-        raise ValueError(f"`conditions` must not repeat a label, got {names}")
+        raise MemwatchError(f"`conditions` must not repeat a label, got {names}")
     return dict(zip(names, items))

@@ -46,15 +46,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from memwatch.errors import MemwatchError
 from memwatch.operators import JVP_MODES, ScoreJacobian, map_chunks
-from memwatch.sampling import _model_device, probe_noise, sample_trajectory
-from memwatch.score import DiffusionScore
+from memwatch.sampling import probe_noise, sample_trajectory
+from memwatch.score import DiffusionScore, broadcast_condition
 from memwatch.sharpness import SharpnessResult, measure_sharpness
 
 __all__ = [
     "FIRST_STEPS_FRACTION",
     "ConditionalResult",
-    "check_condition",
     "conditional_metrics",
     "default_first_steps",
     "hessian_score_difference",
@@ -82,7 +82,7 @@ def default_first_steps(steps: int) -> int:
         (40, 16, 1)
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"`steps` must be a positive integer, got {steps!r}")
+        raise MemwatchError(f"`steps` must be a positive integer, got {steps!r}")
     return max(1, round(FIRST_STEPS_FRACTION * steps))
 
 
@@ -122,42 +122,6 @@ class ConditionalResult:
         return None if self.sharpness is None else self.sharpness.sharp_fraction
 
 
-def check_condition(cond: object, n: int, name: str = "cond") -> Tensor:
-    """Return ``cond`` as a tensor with batch size ``n`` (``[n, ...]``, a view where possible).
-
-    Accepts an ``int`` (one class label for every probe), a 0-d tensor (the same), a ``[1, ...]``
-    tensor (one condition, e.g. one prompt embedding ``[1, L, E]``) or an ``[n, ...]`` tensor
-    (one condition per probe).
-
-    Raises:
-        ValueError: ``cond`` is neither an int nor a tensor (bools and floats are rejected), or
-            its first dimension is neither 1 nor ``n``; the message names ``name``.
-
-    Example:
-        >>> check_condition(3, 4).shape
-        torch.Size([4])
-        >>> check_condition(torch.zeros(1, 7, 16), 4).shape
-        torch.Size([4, 7, 16])
-    """
-    if isinstance(cond, bool) or not isinstance(cond, (int, Tensor)):
-        raise ValueError(
-            f"`{name}` must be a torch.Tensor (one condition, or one per probe) or an int class label, "
-            f"got {type(cond).__name__}"
-        )
-    if isinstance(cond, int):
-        cond = torch.tensor(cond)
-    if cond.ndim == 0:
-        return cond.expand(n)
-    if cond.shape[0] == 1:
-        return cond.expand(n, *cond.shape[1:])
-    if cond.shape[0] == n:
-        return cond
-    raise ValueError(
-        f"`{name}` must be an int, a 0-d tensor, or a tensor with batch size 1 or {n} (the number of "
-        f"probes), got shape {tuple(cond.shape)}"
-    )
-
-
 def hessian_score_difference(
     score: DiffusionScore,
     x: Tensor,
@@ -177,7 +141,7 @@ def hessian_score_difference(
             ``s_c`` is the plain conditional score (no guidance).
         x: ``[n, *shape]`` points.
         t: timestep (schedule units), scalar or ``[n]``.
-        cond: one condition or ``[n, ...]`` (see :func:`check_condition`).
+        cond: one condition or ``[n, ...]`` (see :func:`memwatch.score.broadcast_condition`).
         symmetric: symmetrize the Jacobian (the Hessian of ``log p``) or use it as is.
         jvp_mode: ``"auto"``, ``"forward"`` or ``"reverse"`` (see :class:`ScoreJacobian`).
 
@@ -197,10 +161,10 @@ def hessian_score_difference(
     """
     _check_x(x)
     if jvp_mode not in JVP_MODES:
-        raise ValueError(f"`jvp_mode` must be one of {JVP_MODES}, got {jvp_mode!r}")
+        raise MemwatchError(f"`jvp_mode` must be one of {JVP_MODES}, got {jvp_mode!r}")
     n = x.shape[0]
     tt = score.timesteps(t, n, x.device)
-    cond_b = _on_device(check_condition(cond, n), x.device)
+    cond_b = _on_device(broadcast_condition(cond, n), x.device)
     return _hvp(score, x, tt, cond_b, symmetric, jvp_mode)
 
 
@@ -278,32 +242,32 @@ def conditional_metrics(
         (torch.Size([4]), torch.Size([4, 3]), torch.Size([4]))
     """
     if not isinstance(score, DiffusionScore):
-        raise ValueError(f"`score` must be a memwatch.DiffusionScore, got {type(score).__name__}")
+        raise MemwatchError(f"`score` must be a memwatch.DiffusionScore, got {type(score).__name__}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"`steps` must be a positive integer, got {steps!r}")
+        raise MemwatchError(f"`steps` must be a positive integer, got {steps!r}")
     if first_steps is None:
         first_steps = default_first_steps(steps)
     if not isinstance(first_steps, int) or isinstance(first_steps, bool) or not 1 <= first_steps <= steps:
-        raise ValueError(f"`first_steps` must be an integer in [1, steps={steps}], got {first_steps!r}")
+        raise MemwatchError(f"`first_steps` must be an integer in [1, steps={steps}], got {first_steps!r}")
     if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
-        raise ValueError(f"`max_batch` must be a positive integer or None, got {max_batch!r}")
+        raise MemwatchError(f"`max_batch` must be a positive integer or None, got {max_batch!r}")
     if jvp_mode not in JVP_MODES:
-        raise ValueError(f"`jvp_mode` must be one of {JVP_MODES}, got {jvp_mode!r}")
+        raise MemwatchError(f"`jvp_mode` must be one of {JVP_MODES}, got {jvp_mode!r}")
     if noise is None:
         if n is None or shape is None:
-            raise ValueError("pass `noise`, or both `n` and `shape`")
+            raise MemwatchError("pass `noise`, or both `n` and `shape`")
         if not isinstance(n, int) or n < 1:
-            raise ValueError(f"`n` must be a positive integer, got {n!r}")
+            raise MemwatchError(f"`n` must be a positive integer, got {n!r}")
         noise = probe_noise(n, tuple(shape), generator=generator, dtype=dtype)
     _check_x(noise, "noise")
     n = noise.shape[0]
-    cond_b = check_condition(cond, n)
+    cond_b = broadcast_condition(cond, n)
     schedule = score.schedule
     grid = schedule.sampling_timesteps(steps)
     first = [float(t) for t in grid[:first_steps]]
     t_eval = None if eval_t is None else float(schedule.check_t(eval_t, "eval_t"))
     states_at = first + ([] if t_eval is None or t_eval in first else [t_eval])
-    run_device = torch.device(device) if device is not None else _model_device(score)
+    run_device = torch.device(device) if device is not None else score.device
     check_rows = slice(0, max_batch or n)
     _check_model_accepts(score, cond_b[check_rows], noise[check_rows].to(run_device, dtype), grid[:1])
 
@@ -397,7 +361,7 @@ def _check_model_accepts(score: DiffusionScore, cond: Tensor, x: Tensor, t: Tens
     except (RuntimeError, IndexError, TypeError, ValueError) as err:
         if isinstance(err, torch.OutOfMemoryError):
             raise
-        raise ValueError(
+        raise MemwatchError(
             f"the model failed on `cond` (per-probe shape {tuple(cond.shape[1:])}, dtype {cond.dtype}): "
             f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
         ) from err
@@ -405,7 +369,7 @@ def _check_model_accepts(score: DiffusionScore, cond: Tensor, x: Tensor, t: Tens
 
 def _check_x(x: object, name: str = "x") -> None:
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 2:
-        raise ValueError(
+        raise MemwatchError(
             f"`{name}` must be a floating tensor [n, *shape], got {type(x).__name__} {tuple(getattr(x, 'shape', ()))}"
         )
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from memwatch.errors import MemwatchError
 from memwatch.schedules import NoiseSchedule
 
 __all__ = ["digits", "manifold", "GaussianMixture", "MANIFOLDS"]
@@ -31,7 +32,7 @@ def digits(n: int | None = None, *, seed: int = 0, labels: bool = False) -> Tens
     targets = torch.as_tensor(bunch.target, dtype=torch.long)
     if n is not None:
         if not 1 <= n <= len(images):
-            raise ValueError(f"`n` must be in [1, {len(images)}], got {n}")
+            raise MemwatchError(f"`n` must be in [1, {len(images)}], got {n}")
         idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
         images, targets = images[idx], targets[idx]
     images = images[:, None]
@@ -44,7 +45,7 @@ def manifold(name: str, n: int, dim: int = 16, *, seed: int = 0, noise: float = 
     from sklearn import datasets
 
     if name not in MANIFOLDS:
-        raise ValueError(f"`name` must be one of {MANIFOLDS}, got {name!r}")
+        raise MemwatchError(f"`name` must be one of {MANIFOLDS}, got {name!r}")
     if name == "moons":
         pts, _ = datasets.make_moons(n, noise=noise, random_state=seed)
     else:
@@ -53,7 +54,7 @@ def manifold(name: str, n: int, dim: int = 16, *, seed: int = 0, noise: float = 
     pts_t = torch.as_tensor(pts, dtype=torch.float32)
     pts_t = (pts_t - pts_t.mean(0)) / pts_t.std(0).clamp_min(1e-6)
     if dim < pts_t.shape[1]:
-        raise ValueError(f"`dim` must be >= {pts_t.shape[1]} for {name}, got {dim}")
+        raise MemwatchError(f"`dim` must be >= {pts_t.shape[1]} for {name}, got {dim}")
     g = torch.Generator().manual_seed(seed + 1)
     q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g))
     return pts_t @ q[: pts_t.shape[1]]

@@ -53,6 +53,7 @@ from lightning.pytorch.callbacks import Callback, RichProgressBar
 from torch import Tensor
 
 from memwatch.callback import MemorizationMonitor
+from memwatch.errors import MemwatchError
 from memwatch.groundtruth import MEMORIZED_RATIO, nearest_neighbours
 from memwatch.loggers import MonitorLogger, finish_wandb, wandb_logger
 from memwatch.toymodels import DDPMModule, DigitsDataModule
@@ -248,7 +249,7 @@ def fit_digits(
         ValueError: ``wandb_mode`` is not one of ``WANDB_MODES``.
     """
     if wandb_mode not in WANDB_MODES:
-        raise ValueError(f"`wandb_mode` must be one of {WANDB_MODES}, got {wandb_mode!r}")
+        raise MemwatchError(f"`wandb_mode` must be one of {WANDB_MODES}, got {wandb_mode!r}")
     out = Path(out)
     name = f"digits-N{n_train}"
     pl.seed_everything(seed, verbose=False)

@@ -13,7 +13,9 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-__all__ = ["nn_ratio", "nearest_neighbours", "median_nn_distance", "MEMORIZED_RATIO"]
+from memwatch.errors import MemwatchError
+
+__all__ = ["nn_ratio", "nearest_neighbours", "median_nn_distance", "first_tensor", "MEMORIZED_RATIO"]
 
 MEMORIZED_RATIO = 1.0 / 3.0
 
@@ -42,7 +44,7 @@ def nearest_neighbours(
     offset = 0
     for batch in _batches(train_data, chunk_size):
         if batch.shape[1:] != samples.shape[1:]:
-            raise ValueError(
+            raise MemwatchError(
                 f"`train_data` samples have shape {tuple(batch.shape[1:])}, "
                 f"but `samples` have shape {tuple(samples.shape[1:])}"
             )
@@ -55,7 +57,7 @@ def nearest_neighbours(
         best_i = all_i.gather(1, pos)
         offset += y.shape[0]
     if offset < 2:
-        raise ValueError(f"`train_data` must hold at least 2 samples, got {offset}")
+        raise MemwatchError(f"`train_data` must hold at least 2 samples, got {offset}")
     return best_d, best_i
 
 
@@ -90,7 +92,7 @@ def median_nn_distance(
         1.0
     """
     if not isinstance(train_data, Tensor) or train_data.ndim < 2 or train_data.shape[0] < 2:
-        raise ValueError(f"`train_data` must be a tensor [N >= 2, *shape], got {getattr(train_data, 'shape', None)}")
+        raise MemwatchError(f"`train_data` must be a tensor [N >= 2, *shape], got {getattr(train_data, 'shape', None)}")
     n = train_data.shape[0]
     queries = train_data if n <= max_queries else train_data[torch.randperm(n, generator=generator)[:max_queries]]
     dist, _ = nearest_neighbours(queries, train_data)  # the nearest is the query itself, at distance 0
@@ -102,10 +104,11 @@ def _batches(data: Tensor | Iterable[Tensor], chunk_size: int) -> Iterable[Tenso
         yield from data.split(chunk_size)
         return
     for item in data:
-        yield _first_tensor(item)
+        yield first_tensor(item)
 
 
-def _first_tensor(item: object) -> Tensor:
+def first_tensor(item: object) -> Tensor:
+    """The data tensor of a batch: the batch itself, or the first tensor of a tuple / list / dict."""
     if isinstance(item, Tensor):
         return item
     if isinstance(item, dict):
@@ -114,4 +117,4 @@ def _first_tensor(item: object) -> Tensor:
         for value in item:
             if isinstance(value, Tensor):
                 return value
-    raise ValueError(f"cannot find a tensor in a training batch of type {type(item).__name__}")
+    raise MemwatchError(f"cannot find a tensor in a training batch of type {type(item).__name__}")

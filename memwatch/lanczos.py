@@ -21,6 +21,8 @@ import torch
 from einops import einsum
 from torch import Tensor
 
+from memwatch.errors import MemwatchError
+
 __all__ = [
     "Matvec",
     "LanczosResult",
@@ -151,14 +153,14 @@ def lanczos(
         (torch.Size([2, 4]), tensor([1.0000, 2.0000, 3.0000, 4.0000], dtype=torch.float64))
     """
     if v0.ndim != 2 or 0 in v0.shape:
-        raise ValueError(f"`v0` must be a non-empty [B, D] tensor, got shape {tuple(v0.shape)}")
+        raise MemwatchError(f"`v0` must be a non-empty [B, D] tensor, got shape {tuple(v0.shape)}")
     if num_iters < 1:
-        raise ValueError(f"`num_iters` must be >= 1, got {num_iters}")
+        raise MemwatchError(f"`num_iters` must be >= 1, got {num_iters}")
     (batch, dim), m = v0.shape, min(num_iters, v0.shape[1])
     q = v0.to(accum_dtype)
     norm = q.norm(dim=-1, keepdim=True)
     if (norm == 0).any():
-        raise ValueError("`v0` has a zero row; start vectors must be nonzero")
+        raise MemwatchError("`v0` has a zero row; start vectors must be nonzero")
     q = q / norm
     basis = q.new_zeros(batch, m, dim)
     alpha, beta = q.new_zeros(batch, m), q.new_zeros(batch, m - 1)
@@ -192,10 +194,10 @@ def extreme_eigenvalues(result: LanczosResult, k: int, which: str = "smallest") 
         ValueError: if ``which`` is not in ``("smallest", "largest")`` or not ``1 ≤ k ≤ m``.
     """
     if which not in _WHICH:
-        raise ValueError(f"`which` must be one of {_WHICH}, got {which!r}")
+        raise MemwatchError(f"`which` must be one of {_WHICH}, got {which!r}")
     m = result.alpha.shape[-1]
     if not 1 <= k <= m:
-        raise ValueError(f"`k` must be in [1, m={m}] (m = Lanczos steps), got {k}")
+        raise MemwatchError(f"`k` must be in [1, m={m}] (m = Lanczos steps), got {k}")
     theta = result.ritz()[0]
     return theta[:, :k] if which == "smallest" else theta[:, -k:].flip(-1)
 
@@ -260,7 +262,7 @@ def hutchinson_trace(
         ValueError: if ``num_samples < 2`` (the standard error needs two samples).
     """
     if num_samples < 2:
-        raise ValueError(f"`num_samples` must be >= 2, got {num_samples}")
+        raise MemwatchError(f"`num_samples` must be >= 2, got {num_samples}")
     samples = []
     for _ in range(num_samples):
         z = rademacher((batch, dim), generator=generator, dtype=dtype, device=device)
@@ -274,7 +276,7 @@ def _apply(matvec: Matvec, v: Tensor, like: Tensor) -> Tensor:
     """``matvec(v)`` with ``v`` in ``like``'s dtype/device, the result in ``v``'s dtype; checks the shape."""
     out = matvec(v.to(like))
     if out.shape != v.shape:
-        raise ValueError(f"`matvec` must map [B, D] -> [B, D]; got {tuple(v.shape)} -> {tuple(out.shape)}")
+        raise MemwatchError(f"`matvec` must map [B, D] -> [B, D]; got {tuple(v.shape)} -> {tuple(out.shape)}")
     return out.to(v)
 
 

@@ -45,6 +45,8 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from memwatch.errors import MemwatchError
+
 if TYPE_CHECKING:
     import lightning.pytorch as pl
     import numpy as np
@@ -86,7 +88,7 @@ class MonitorLogger:
         is_global_zero: bool = True,
     ) -> None:
         if not isinstance(prefix, str) or not prefix or prefix.endswith("/"):
-            raise ValueError(f"`prefix` must be a non-empty string without a trailing '/', got {prefix!r}")
+            raise MemwatchError(f"`prefix` must be a non-empty string without a trailing '/', got {prefix!r}")
         self.loggers = list(loggers)
         self.log_media = bool(log_media)
         self.prefix = prefix
@@ -188,9 +190,9 @@ class MonitorLogger:
         if not targets:
             return
         if images.ndim != 4 or images.shape[1] not in (1, 3, 4):
-            raise ValueError(f"`images` must be [n, C, H, W] with C in (1, 3, 4), got shape {tuple(images.shape)}")
+            raise MemwatchError(f"`images` must be [n, C, H, W] with C in (1, 3, 4), got shape {tuple(images.shape)}")
         if captions is not None and len(captions) != images.shape[0]:
-            raise ValueError(f"`captions` must have {images.shape[0]} entries (one per image), got {len(captions)}")
+            raise MemwatchError(f"`captions` must have {images.shape[0]} entries (one per image), got {len(captions)}")
         x = images.detach().to("cpu", torch.float32)
         if x.numel() and x.min() < 0:
             x = (x + 1) / 2
@@ -226,7 +228,7 @@ class MonitorLogger:
         data = [[_plain(v) for v in row] for row in rows]
         for i, row in enumerate(data):
             if len(row) != len(columns):
-                raise ValueError(f"`rows[{i}]` has {len(row)} cells, expected {len(columns)} (one per column)")
+                raise MemwatchError(f"`rows[{i}]` has {len(row)} cells, expected {len(columns)} (one per column)")
         for logger in targets:
             if isinstance(logger, WandbLogger):
                 import wandb
@@ -245,7 +247,7 @@ class MonitorLogger:
             level: ``"INFO"``, ``"WARN"`` or ``"ERROR"``.
         """
         if level not in _ALERT_LEVELS:
-            raise ValueError(f"`level` must be one of {_ALERT_LEVELS}, got {level!r}")
+            raise MemwatchError(f"`level` must be one of {_ALERT_LEVELS}, got {level!r}")
         for logger in self._wandb():
             try:
                 logger.experiment.alert(title=title, text=text, level=level)
@@ -284,7 +286,7 @@ def wandb_logger(mode: str, save_dir: str | Path, **kwargs: Any) -> WandbLogger 
         kwargs: passed to ``WandbLogger`` (``project``, ``name``, ``group``, ...).
     """
     if mode not in WANDB_MODES:
-        raise ValueError(f"`mode` must be one of {WANDB_MODES}, got {mode!r}")
+        raise MemwatchError(f"`mode` must be one of {WANDB_MODES}, got {mode!r}")
     if mode == "disabled":
         return None
     import wandb
@@ -313,12 +315,12 @@ def _logger_prefix(logger: Logger) -> str:
 def _scalar(key: str, value: float | Tensor) -> float:
     if isinstance(value, Tensor):
         if value.numel() != 1:
-            raise ValueError(f"metric {key!r} must be a single number, got a Tensor of shape {tuple(value.shape)}")
+            raise MemwatchError(f"metric {key!r} must be a single number, got a Tensor of shape {tuple(value.shape)}")
         return float(value.item())
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"metric {key!r} must be a number, got {type(value).__name__}") from None
+        raise MemwatchError(f"metric {key!r} must be a number, got {type(value).__name__}") from None
 
 
 def _plain(value: Any) -> Any:

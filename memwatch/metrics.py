@@ -38,6 +38,8 @@ from torchmetrics import Metric
 from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities.data import dim_zero_cat
 
+from memwatch.errors import MemwatchError
+
 __all__ = ["MemorizationMetrics", "memorization_metrics"]
 
 _PROBE_FIELDS = ("sharp_fraction", "lid", "lambda_min", "normalized_mean", "score")
@@ -47,9 +49,9 @@ def _check_threshold(name: str, value: Any) -> float:
     try:
         value = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"`{name}` must be a finite float, got {value!r}") from None
+        raise MemwatchError(f"`{name}` must be a finite float, got {value!r}") from None
     if not math.isfinite(value):
-        raise ValueError(f"`{name}` must be a finite float, got {value!r}")
+        raise MemwatchError(f"`{name}` must be a finite float, got {value!r}")
     return value
 
 
@@ -73,7 +75,7 @@ def _memorization_update(
         finite probes (``m <= n``, same rows in every field); ``nonfinite`` = ``n - m``.
 
     Raises:
-        TypeError: an input is not a tensor / array-like of numbers.
+        MemwatchError: an input is not a tensor / array-like of numbers.
         ValueError: the inputs do not all have the same number of elements.
     """
     given = dict(zip(_PROBE_FIELDS, (sharp_fraction, lid, lambda_min, normalized_mean, score)))
@@ -84,9 +86,9 @@ def _memorization_update(
         try:
             x = torch.as_tensor(x)
         except (TypeError, ValueError, RuntimeError) as err:
-            raise TypeError(f"`{name}` must be a tensor of per-probe values, got {type(x).__name__}") from err
+            raise MemwatchError(f"`{name}` must be a tensor of per-probe values, got {type(x).__name__}") from err
         if x.is_complex():
-            raise TypeError(f"`{name}` must hold real numbers, got dtype {x.dtype}")
+            raise MemwatchError(f"`{name}` must hold real numbers, got dtype {x.dtype}")
         if not x.is_floating_point():
             x = x.to(torch.get_default_dtype())
         values[name] = x.detach().reshape(-1)
@@ -94,7 +96,7 @@ def _memorization_update(
     for name, x in values.items():
         if x.numel() != n:
             shapes = ", ".join(f"{k}={tuple(torch.as_tensor(v).shape)}" for k, v in given.items())
-            raise ValueError(
+            raise MemwatchError(
                 f"all per-probe inputs must have the same number of probes; `{name}` has {x.numel()}, "
                 f"`score` has {n} (shapes: {shapes})"
             )
@@ -293,7 +295,7 @@ class MemorizationMetrics(Metric):
         """Add one shard of per-probe results ``[n]`` (see the class docstring)."""
         given = nn_ratio is not None
         if self.has_nn_ratio and bool(self.has_nn_ratio[0].item()) != given:
-            raise ValueError(
+            raise MemwatchError(
                 "`nn_ratio` must be given to every update of a check or to none; got "
                 f"nn_ratio={'a tensor' if given else 'None'} after updates "
                 f"{'without' if given else 'with'} it (call reset() between checks)"
@@ -308,7 +310,7 @@ class MemorizationMetrics(Metric):
         """Summary over every probe given since the last reset, on all ranks."""
         has_nn = _cat(self.has_nn_ratio, self.device)
         if has_nn.numel() and bool(has_nn.min() != has_nn.max()):
-            raise ValueError(
+            raise MemwatchError(
                 "`nn_ratio` was given to some updates (possibly on other ranks) and not to others; "
                 "give it to every update of a check or to none"
             )

@@ -12,6 +12,8 @@ import operator
 from dataclasses import dataclass
 from typing import Any
 
+from memwatch.errors import MemwatchError
+
 __all__ = ["OnsetDecision", "OnsetDetector"]
 
 _MODES = ("max", "min")
@@ -110,23 +112,23 @@ class OnsetDetector:
         monitor: str = "value",
     ) -> None:
         if mode not in _MODES:
-            raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}")
+            raise MemwatchError(f"`mode` must be one of {_MODES}, got {mode!r}")
         if threshold is None and min_delta is None:
-            raise ValueError(
+            raise MemwatchError(
                 "`threshold` and `min_delta` are both None; give at least one "
                 "(an absolute limit, a limit relative to the baseline, or both)"
             )
         if threshold is not None and not math.isfinite(float(threshold)):
-            raise ValueError(f"`threshold` must be a finite float or None, got {threshold!r}")
+            raise MemwatchError(f"`threshold` must be a finite float or None, got {threshold!r}")
         if min_delta is not None and not (math.isfinite(float(min_delta)) and min_delta >= 0):
-            raise ValueError(f"`min_delta` must be a finite float >= 0 or None, got {min_delta!r}")
+            raise MemwatchError(f"`min_delta` must be a finite float >= 0 or None, got {min_delta!r}")
         for name, value, low in (
             ("baseline_checks", baseline_checks, 1),
             ("patience", patience, 1),
             ("min_steps", min_steps, 0),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
+                raise MemwatchError(f"`{name}` must be an int >= {low}, got {value!r}")
         self.threshold = None if threshold is None else float(threshold)
         self.min_delta = None if min_delta is None else float(min_delta)
         self.baseline_checks = baseline_checks
@@ -171,16 +173,16 @@ class OnsetDetector:
         """Feed one check (its global ``step`` and the monitored ``value``) and get the decision.
 
         Raises:
-            TypeError: ``step`` is not an int or ``value`` is not convertible to float.
+            MemwatchError: ``step`` is not an int or ``value`` is not convertible to float.
         """
         try:
             step = operator.index(step)
         except TypeError:
-            raise TypeError(f"`step` must be an int, got {type(step).__name__}") from None
+            raise MemwatchError(f"`step` must be an int, got {type(step).__name__}") from None
         try:
             value = float(value)  # also a 0-d tensor
         except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"`value` must be a float, got {value!r}") from None
+            raise MemwatchError(f"`value` must be a float, got {value!r}") from None
         self.history.append((step, value))
         name = f"{self.monitor}={_fmt(value)}"
 

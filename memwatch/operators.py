@@ -35,6 +35,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from memwatch.errors import MemwatchError
+
 __all__ = ["ScoreJacobian", "reference_jacobian", "map_chunks", "is_out_of_memory", "JVP_MODES"]
 
 JVP_MODES = ("auto", "forward", "reverse")
@@ -61,7 +63,7 @@ class ScoreJacobian:
 
     def __init__(self, fn: Callable[[Tensor], Tensor], x: Tensor, mode: str = "auto") -> None:
         if mode not in JVP_MODES:
-            raise ValueError(f"`mode` must be one of {JVP_MODES}, got {mode!r}")
+            raise MemwatchError(f"`mode` must be one of {JVP_MODES}, got {mode!r}")
         self.n = x.shape[0]
         self.sample_shape = tuple(x.shape[1:])
         self.dim = x[0].numel()

@@ -28,6 +28,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from memwatch.errors import MemwatchError
+
 if TYPE_CHECKING:
     from torch import Tensor
 
@@ -66,11 +68,11 @@ def _to_numpy(x: ArrayLike, name: str) -> np.ndarray:
     try:
         arr = np.asarray(x)
     except (TypeError, ValueError) as err:
-        raise TypeError(f"`{name}` must be a Tensor or array-like, got {type(x).__name__}") from err
+        raise MemwatchError(f"`{name}` must be a Tensor or array-like, got {type(x).__name__}") from err
     if arr.dtype.kind == "f":
         arr = arr.astype(np.float64, copy=False)
     elif arr.dtype.kind not in "biu":
-        raise TypeError(f"`{name}` must hold numbers, got dtype {arr.dtype}")
+        raise MemwatchError(f"`{name}` must hold numbers, got dtype {arr.dtype}")
     return arr
 
 
@@ -89,11 +91,13 @@ def _new_figure(figsize: tuple[float, float] = _FIGSIZE) -> Figure:
 def _curve_pair(label: str, pair: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
     """Validate one ``label -> (x [N], y [N])`` entry."""
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-        raise ValueError(f"`{what}[{label!r}]` must be a pair (x, y), got {type(pair).__name__}")
+        raise MemwatchError(f"`{what}[{label!r}]` must be a pair (x, y), got {type(pair).__name__}")
     x = _to_numpy(pair[0], f"{what}[{label!r}][0]").astype(np.float64).reshape(-1)
     y = _to_numpy(pair[1], f"{what}[{label!r}][1]").astype(np.float64).reshape(-1)
     if x.shape != y.shape:
-        raise ValueError(f"`{what}[{label!r}]`: x and y must have the same length, got {x.shape[0]} and {y.shape[0]}")
+        raise MemwatchError(
+            f"`{what}[{label!r}]`: x and y must have the same length, got {x.shape[0]} and {y.shape[0]}"
+        )
     return x, y
 
 
@@ -138,14 +142,14 @@ def plot_spectrum(
         'log'
     """
     if not densities:
-        raise ValueError("`densities` must hold at least one entry, got an empty mapping")
+        raise MemwatchError("`densities` must hold at least one entry, got an empty mapping")
     fig = _new_figure()
     ax = fig.add_subplot()
     lo, hi, peak = math.inf, -math.inf, 0.0
     for label, pair in densities.items():
         grid, dens = _curve_pair(label, pair, "densities")
         if grid.size < 2:
-            raise ValueError(f"`densities[{label!r}]` needs a grid of at least 2 points, got {grid.size}")
+            raise MemwatchError(f"`densities[{label!r}]` needs a grid of at least 2 points, got {grid.size}")
         order = np.argsort(grid)
         grid, dens = grid[order], dens[order]
         lo, hi = min(lo, float(grid.min())), max(hi, float(grid.max()))
@@ -212,11 +216,11 @@ def plot_metric_curves(
         2
     """
     if not curves:
-        raise ValueError("`curves` must hold at least one entry, got an empty mapping")
+        raise MemwatchError("`curves` must hold at least one entry, got an empty mapping")
     onsets = dict(onsets or {})
     unknown = sorted(set(onsets) - set(curves))
     if unknown:
-        raise ValueError(f"`onsets` names runs not in `curves`: {unknown}; known: {sorted(curves)}")
+        raise MemwatchError(f"`onsets` names runs not in `curves`: {unknown}; known: {sorted(curves)}")
     fig = _new_figure()
     ax = fig.add_subplot()
     colours: dict[str, str] = {}
@@ -247,12 +251,12 @@ def _images(x: ArrayLike, name: str) -> np.ndarray:
     arr = _to_numpy(x, name).astype(np.float64)
     if arr.ndim == 4:
         if arr.shape[1] not in (1, 3):
-            raise ValueError(
+            raise MemwatchError(
                 f"`{name}` must be [n, C, H, W] with C = 1 or 3 (channels first), got shape {tuple(arr.shape)}"
             )
         arr = arr[:, 0] if arr.shape[1] == 1 else arr.transpose(0, 2, 3, 1)
     elif arr.ndim != 3:
-        raise ValueError(f"`{name}` must be [n, C, H, W] or [n, H, W], got shape {tuple(arr.shape)}")
+        raise MemwatchError(f"`{name}` must be [n, C, H, W] or [n, H, W], got shape {tuple(arr.shape)}")
     return (np.clip(np.nan_to_num(arr), -1.0, 1.0) + 1.0) / 2.0
 
 
@@ -298,27 +302,27 @@ def plot_gallery(
         6
     """
     if max_items < 1:
-        raise ValueError(f"`max_items` must be >= 1, got {max_items}")
+        raise MemwatchError(f"`max_items` must be >= 1, got {max_items}")
     if ncols < 1:
-        raise ValueError(f"`ncols` must be >= 1, got {ncols}")
+        raise MemwatchError(f"`ncols` must be >= 1, got {ncols}")
     imgs = _images(probes, "probes")
     n = imgs.shape[0]
     if n == 0:
-        raise ValueError("`probes` must hold at least one image, got n = 0")
+        raise MemwatchError("`probes` must hold at least one image, got n = 0")
     nbrs = None
     if neighbours is not None:
         nbrs = _images(neighbours, "neighbours")
         if nbrs.shape != imgs.shape:
-            raise ValueError(
+            raise MemwatchError(
                 f"`neighbours` must match `probes` in shape, got {tuple(nbrs.shape)} vs {tuple(imgs.shape)}"
             )
     if captions is not None and len(captions) != n:
-        raise ValueError(f"`captions` must hold one string per probe ({n}), got {len(captions)}")
+        raise MemwatchError(f"`captions` must hold one string per probe ({n}), got {len(captions)}")
     flags = np.zeros(n, dtype=bool)
     if flagged is not None:
         flags = _to_numpy(flagged, "flagged").astype(bool).reshape(-1)
         if flags.shape[0] != n:
-            raise ValueError(f"`flagged` must hold one boolean per probe ({n}), got {flags.shape[0]}")
+            raise MemwatchError(f"`flagged` must hold one boolean per probe ({n}), got {flags.shape[0]}")
 
     m = min(n, max_items)
     cols = min(m, ncols)
@@ -374,21 +378,21 @@ def _point_mask(flagged: ArrayLike, n: int) -> np.ndarray:
     arr = _to_numpy(flagged, "flagged").reshape(-1)
     if arr.dtype.kind == "b":
         if arr.shape[0] != n:
-            raise ValueError(f"`flagged` as a boolean mask must have length {n}, got {arr.shape[0]}")
+            raise MemwatchError(f"`flagged` as a boolean mask must have length {n}, got {arr.shape[0]}")
         return arr
     if arr.dtype.kind in "iu":
         if arr.size and (arr.min() < -n or arr.max() >= n):
-            raise ValueError(f"`flagged` indices must lie in [0, {n}), got range [{arr.min()}, {arr.max()}]")
+            raise MemwatchError(f"`flagged` indices must lie in [0, {n}), got range [{arr.min()}, {arr.max()}]")
         mask = np.zeros(n, dtype=bool)
         mask[arr] = True
         return mask
-    raise ValueError(f"`flagged` must be a boolean mask [n] or integer indices, got dtype {arr.dtype}")
+    raise MemwatchError(f"`flagged` must be a boolean mask [n] or integer indices, got dtype {arr.dtype}")
 
 
 def _points2(x: ArrayLike, name: str) -> np.ndarray:
     arr = _to_numpy(x, name).astype(np.float64)
     if arr.ndim != 2 or arr.shape[1] != 2:
-        raise ValueError(f"`{name}` must be [n, 2] points, got shape {tuple(arr.shape)}")
+        raise MemwatchError(f"`{name}` must be [n, 2] points, got shape {tuple(arr.shape)}")
     return arr
 
 
@@ -442,7 +446,7 @@ def plot_density_2d(
     mask = _point_mask(flagged, n) if flagged is not None else np.zeros(n, dtype=bool)
     trn = _points2(train, "train") if train is not None else None
     if resolution < 2:
-        raise ValueError(f"`resolution` must be >= 2, got {resolution}")
+        raise MemwatchError(f"`resolution` must be >= 2, got {resolution}")
     if extent is None:
         allp = pts if trn is None else np.concatenate([pts, trn], axis=0)
         if allp.shape[0] == 0:
@@ -469,12 +473,12 @@ def plot_density_2d(
         grid = torch.from_numpy(np.stack([xx.ravel(), yy.ravel()], axis=1)).float()
         vals = _to_numpy(log_density_fn(grid), "log_density_fn(grid)").astype(np.float64).reshape(-1)
         if vals.shape[0] != grid.shape[0]:
-            raise ValueError(
+            raise MemwatchError(
                 f"`log_density_fn` must return one value per grid point ({grid.shape[0]}), got {vals.shape[0]}"
             )
         finite = np.isfinite(vals)
         if not finite.any():
-            raise ValueError("`log_density_fn` returned no finite value on the grid")
+            raise MemwatchError("`log_density_fn` returned no finite value on the grid")
         lo = float(np.quantile(vals[finite], floor_quantile)) if floor_quantile is not None else vals[finite].min()
         vals = np.clip(np.where(finite, vals, lo), lo, None).reshape(resolution, resolution)
         im = ax.imshow(
@@ -588,28 +592,28 @@ def plot_condition_metrics(
         (1, 3)
     """
     if not metrics:
-        raise ValueError("`metrics` must hold at least one entry, got an empty mapping")
+        raise MemwatchError("`metrics` must hold at least one entry, got an empty mapping")
     labels = [str(c) for c in conditions]
     c = len(labels)
     if c == 0:
-        raise ValueError("`conditions` must hold at least one label, got none")
+        raise MemwatchError("`conditions` must hold at least one label, got none")
     values = {}
     for name, v in metrics.items():
         arr = _to_numpy(v, f"metrics[{name!r}]").astype(np.float64).reshape(-1)
         if arr.shape[0] != c:
-            raise ValueError(f"`metrics[{name!r}]` must hold one value per condition ({c}), got {arr.shape[0]}")
+            raise MemwatchError(f"`metrics[{name!r}]` must hold one value per condition ({c}), got {arr.shape[0]}")
         values[name] = arr
     errs = {}
     for name, e in (errors or {}).items():
         if name not in values:
-            raise ValueError(f"`errors` names a metric not in `metrics`: {name!r}; known: {sorted(values)}")
+            raise MemwatchError(f"`errors` names a metric not in `metrics`: {name!r}; known: {sorted(values)}")
         arr = _to_numpy(e, f"errors[{name!r}]").astype(np.float64).reshape(-1)
         if arr.shape[0] != c:
-            raise ValueError(f"`errors[{name!r}]` must hold one value per condition ({c}), got {arr.shape[0]}")
+            raise MemwatchError(f"`errors[{name!r}]` must hold one value per condition ({c}), got {arr.shape[0]}")
         errs[name] = arr
     is_index = isinstance(flagged, (int, np.integer)) and not isinstance(flagged, bool)
     if flagged is not None and (not is_index or not 0 <= flagged < c):
-        raise ValueError(f"`flagged` must be None or a condition index in [0, {c}), got {flagged!r}")
+        raise MemwatchError(f"`flagged` must be None or a condition index in [0, {c}), got {flagged!r}")
 
     k = len(values)
     fig = _new_figure((max(6.0, 0.5 * c + 2.0), 1.9 * k + 0.9))

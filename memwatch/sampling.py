@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from memwatch.errors import MemwatchError
 from memwatch.score import DiffusionScore
 
 __all__ = ["Trajectory", "sample", "sample_trajectory", "probe_noise"]
@@ -76,11 +77,11 @@ def sample_trajectory(
     schedule = score.schedule
     if noise is None:
         if n is None or shape is None:
-            raise ValueError("pass `noise`, or both `n` and `shape`")
+            raise MemwatchError("pass `noise`, or both `n` and `shape`")
         if n < 1:
-            raise ValueError(f"`n` must be positive, got {n}")
+            raise MemwatchError(f"`n` must be positive, got {n}")
         noise = probe_noise(n, tuple(shape), generator=generator, dtype=dtype)
-    device = torch.device(device) if device is not None else _model_device(score)
+    device = torch.device(device) if device is not None else score.device
     checked = [float(schedule.check_t(t, "states_at")) for t in states_at]
     grid = _grid_with(schedule.sampling_timesteps(steps), checked)
 
@@ -127,11 +128,3 @@ def _grid_with(grid: Tensor, extra: list[float]) -> Tensor:
         return grid
     merged = torch.cat([grid, torch.tensor(extra, dtype=grid.dtype)])
     return torch.unique(merged).flip(0)
-
-
-def _model_device(score: DiffusionScore) -> torch.device:
-    params = getattr(score.model, "parameters", None)
-    if callable(params):
-        for p in params():
-            return p.device
-    return torch.device("cpu")

@@ -24,6 +24,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from memwatch.errors import MemwatchError
+
 __all__ = ["NoiseSchedule"]
 
 Kind = Literal["discrete", "vp", "ve"]
@@ -58,7 +60,7 @@ class NoiseSchedule:
         """Discrete schedule from ``ᾱ_t`` for ``t = 0 … T-1`` (``[T]``, decreasing in (0, 1])."""
         ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu().flatten()
         if ac.numel() < 2 or not bool(((ac > 0) & (ac <= 1)).all()):
-            raise ValueError(f"`alphas_cumprod` must hold T >= 2 values in (0, 1], got {ac.numel()} values")
+            raise MemwatchError(f"`alphas_cumprod` must hold T >= 2 values in (0, 1], got {ac.numel()} values")
         return cls(kind="discrete", alphas_cumprod=ac, t_min=0.0, t_max=float(ac.numel() - 1))
 
     @classmethod
@@ -95,7 +97,7 @@ class NoiseSchedule:
         """Discrete schedule of a diffusers scheduler (anything with ``alphas_cumprod``)."""
         ac = getattr(scheduler, "alphas_cumprod", None)
         if ac is None:
-            raise ValueError(
+            raise MemwatchError(
                 f"`scheduler` must have an `alphas_cumprod` attribute (a diffusers DDPM/DDIM-style "
                 f"scheduler), got {type(scheduler).__name__}"
             )
@@ -105,14 +107,14 @@ class NoiseSchedule:
     def vp(cls, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3) -> NoiseSchedule:
         """Continuous variance-preserving SDE (Song et al. 2021), ``t ∈ [t_min, 1]``."""
         if not 0 < t_min < 1:
-            raise ValueError(f"`t_min` must be in (0, 1), got {t_min}")
+            raise MemwatchError(f"`t_min` must be in (0, 1), got {t_min}")
         return cls(kind="vp", t_min=t_min, t_max=1.0, beta_min=beta_min, beta_max=beta_max)
 
     @classmethod
     def edm(cls, sigma_min: float = 0.002, sigma_max: float = 80.0) -> NoiseSchedule:
         """EDM / variance-exploding noise levels (Karras et al. 2022): ``t = σ``, ``α = 1``."""
         if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"need 0 < `sigma_min` < `sigma_max`, got {sigma_min}, {sigma_max}")
+            raise MemwatchError(f"need 0 < `sigma_min` < `sigma_max`, got {sigma_min}, {sigma_max}")
         return cls(kind="ve", t_min=sigma_min, t_max=sigma_max)
 
     # ------------------------------------------------------------------- queries
@@ -134,12 +136,12 @@ class NoiseSchedule:
         """
         tt = torch.as_tensor(t)
         if tt.is_floating_point() and not bool(torch.isfinite(tt).all()):
-            raise ValueError(f"`{name}` must be finite, got {tt}")
+            raise MemwatchError(f"`{name}` must be finite, got {tt}")
         if self.is_discrete and tt.is_floating_point() and not bool((tt == tt.round()).all()):
-            raise ValueError(f"`{name}` must be integer steps for a discrete schedule, got {tt}")
+            raise MemwatchError(f"`{name}` must be integer steps for a discrete schedule, got {tt}")
         lo, hi = float(tt.min()), float(tt.max())
         if lo < self.t_min or hi > self.t_max:
-            raise ValueError(
+            raise MemwatchError(
                 f"`{name}` must lie in [{self.t_min:g}, {self.t_max:g}] for this {self.kind} schedule, "
                 f"got values in [{lo:g}, {hi:g}]"
             )
@@ -185,7 +187,7 @@ class NoiseSchedule:
     def timestep_for_sigma(self, sigma: float) -> Tensor:
         """The timestep whose ``σ_t`` is closest to ``sigma`` (integer step when discrete)."""
         if sigma <= 0:
-            raise ValueError(f"`sigma` must be positive, got {sigma}")
+            raise MemwatchError(f"`sigma` must be positive, got {sigma}")
         if self.kind == "discrete":
             return (self.sigma(torch.arange(self.num_timesteps)) - sigma).abs().argmin()
         if self.kind == "ve":
@@ -199,4 +201,4 @@ class NoiseSchedule:
 
 def _check_steps(n: int, name: str = "num_timesteps") -> None:
     if not isinstance(n, int) or n < 2:
-        raise ValueError(f"`{name}` must be an integer >= 2, got {n!r}")
+        raise MemwatchError(f"`{name}` must be an integer >= 2, got {n!r}")

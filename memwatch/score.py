@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from memwatch.errors import MemwatchError
 from memwatch.schedules import NoiseSchedule
 
-__all__ = ["DiffusionScore", "PREDICTION_TYPES"]
+__all__ = ["DiffusionScore", "PREDICTION_TYPES", "broadcast_condition"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "score")
 
@@ -72,11 +73,11 @@ class DiffusionScore:
         time_fn: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         if prediction not in PREDICTION_TYPES:
-            raise ValueError(f"`prediction` must be one of {PREDICTION_TYPES}, got {prediction!r}")
+            raise MemwatchError(f"`prediction` must be one of {PREDICTION_TYPES}, got {prediction!r}")
         if not isinstance(schedule, NoiseSchedule):
-            raise ValueError(f"`schedule` must be a memwatch.NoiseSchedule, got {type(schedule).__name__}")
+            raise MemwatchError(f"`schedule` must be a memwatch.NoiseSchedule, got {type(schedule).__name__}")
         if guidance_scale is not None and not guidance_scale > 0:
-            raise ValueError(f"`guidance_scale` must be positive, got {guidance_scale}")
+            raise MemwatchError(f"`guidance_scale` must be positive, got {guidance_scale}")
         self.model = model
         self.schedule = schedule
         self.prediction = prediction
@@ -99,11 +100,11 @@ class DiffusionScore:
 
     def conditional(self, x: Tensor, t: Tensor | int | float, cond: Tensor) -> Tensor:
         """Conditional score ``s_c = ∇ log p_t(x | c)`` ``[n, *shape]``."""
-        return self._score(x, t, self._broadcast_cond(cond, x.shape[0], "cond"))
+        return self._score(x, t, broadcast_condition(cond, x.shape[0], "cond"))
 
     def unconditional(self, x: Tensor, t: Tensor | int | float) -> Tensor:
         """Unconditional score ``s_uc`` (the model with ``null_cond`` if one is set) ``[n, *shape]``."""
-        cond = None if self.null_cond is None else self._broadcast_cond(self.null_cond, x.shape[0], "null_cond")
+        cond = None if self.null_cond is None else broadcast_condition(self.null_cond, x.shape[0], "null_cond")
         return self._score(x, t, cond)
 
     def score_difference(self, x: Tensor, t: Tensor | int | float, cond: Tensor) -> Tensor:
@@ -128,8 +129,17 @@ class DiffusionScore:
         if tt.ndim == 0:
             tt = tt.expand(n)
         if tt.shape != (n,):
-            raise ValueError(f"`t` must be a scalar or have shape ({n},) to match x, got {tuple(tt.shape)}")
+            raise MemwatchError(f"`t` must be a scalar or have shape ({n},) to match x, got {tuple(tt.shape)}")
         return tt.long() if self.schedule.is_discrete else tt.to(torch.float64)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the network's first parameter (the CPU for a parameter-free callable)."""
+        params = getattr(self.model, "parameters", None)
+        if callable(params):
+            for p in params():
+                return p.device
+        return torch.device("cpu")
 
     def sigma(self, t: Tensor) -> Tensor:
         """``σ_t`` ``[n]`` (float64) of the schedule."""
@@ -141,7 +151,7 @@ class DiffusionScore:
         tt = self.timesteps(t, n, x.device)
         out = self._call_model(x, tt, cond)
         if out.shape != x.shape:
-            raise ValueError(
+            raise MemwatchError(
                 f"the model returned shape {tuple(out.shape)} for input shape {tuple(x.shape)}; "
                 "a diffusion network must return a tensor shaped like its input"
             )
@@ -176,21 +186,41 @@ class DiffusionScore:
         elif isinstance(out, (tuple, list)):
             out = out[0]
         if not isinstance(out, Tensor):
-            raise ValueError(f"the model must return a tensor (or .sample / a tuple), got {type(out).__name__}")
+            raise MemwatchError(f"the model must return a tensor (or .sample / a tuple), got {type(out).__name__}")
         return out
 
-    @staticmethod
-    def _broadcast_cond(cond: Any, n: int, name: str) -> Tensor:
-        if not isinstance(cond, Tensor):
-            raise ValueError(
-                f"`{name}` must be a torch.Tensor (batch-first, or a single condition), got {type(cond).__name__}"
-            )
-        if cond.ndim == 0:
-            return cond.expand(n)
-        if cond.shape[0] == n:
-            return cond
-        if cond.shape[0] == 1:
-            return cond.expand(n, *cond.shape[1:])
-        raise ValueError(
-            f"`{name}` must have batch size 1 or {n} (the number of samples), got shape {tuple(cond.shape)}"
+
+def broadcast_condition(cond: object, n: int, name: str = "cond") -> Tensor:
+    """``cond`` as a tensor with batch size ``n`` (``[n, ...]``, a view where possible).
+
+    Accepts an ``int`` (one class label for every sample), a 0-d tensor (the same), a ``[1, ...]``
+    tensor (one condition with a leading batch axis of 1, e.g. a prompt embedding ``[1, L, E]``)
+    or an ``[n, ...]`` tensor (one condition per sample).
+
+    Raises:
+        MemwatchError: ``cond`` is neither an int nor a tensor (bools and floats are rejected), or
+            its first dimension is neither 1 nor ``n``; the message names ``name``.
+
+    Example:
+        >>> broadcast_condition(3, 4).shape
+        torch.Size([4])
+        >>> broadcast_condition(torch.zeros(1, 7, 16), 4).shape
+        torch.Size([4, 7, 16])
+    """
+    if isinstance(cond, bool) or not isinstance(cond, (int, Tensor)):
+        raise MemwatchError(
+            f"`{name}` must be a torch.Tensor (one condition, or one per sample) or an int class label, "
+            f"got {type(cond).__name__}"
         )
+    if isinstance(cond, int):
+        cond = torch.tensor(cond)
+    if cond.ndim == 0:
+        return cond.expand(n)
+    if cond.shape[0] == n:
+        return cond
+    if cond.shape[0] == 1:
+        return cond.expand(n, *cond.shape[1:])
+    raise MemwatchError(
+        f"`{name}` must be an int, a 0-d tensor, or a tensor with batch size 1 or {n} (the number of "
+        f"samples), got shape {tuple(cond.shape)}"
+    )

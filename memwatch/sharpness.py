@@ -35,6 +35,7 @@ import torch
 from einops import rearrange, reduce, repeat
 from torch import Tensor
 
+from memwatch.errors import MemwatchError
 from memwatch.lanczos import (
     LanczosResult,
     extreme_eigenvalues,
@@ -43,13 +44,93 @@ from memwatch.lanczos import (
     quadrature_density,
     rademacher,
 )
-from memwatch.operators import ScoreJacobian, map_chunks
-from memwatch.score import DiffusionScore
+from memwatch.operators import JVP_MODES, ScoreJacobian, map_chunks
+from memwatch.score import DiffusionScore, broadcast_condition
 
-__all__ = ["SharpnessResult", "measure_sharpness", "DENSE_MAX_DIM", "METHODS"]
+__all__ = ["SharpnessOptions", "SharpnessResult", "measure_sharpness", "DENSE_MAX_DIM", "METHODS"]
 
 METHODS = ("auto", "dense", "lanczos")
 DENSE_MAX_DIM = 384  # measured crossover d ≈ 355–378 (two runs); at a tie the exact method wins
+
+
+@dataclass(frozen=True)
+class SharpnessOptions:
+    """How :func:`measure_sharpness` measures: one frozen settings object shared by
+    :func:`measure_sharpness`, :func:`memwatch.conditional_metrics` and the monitor.
+
+    Attributes:
+        k: number of most negative eigenvalues reported (``1 <= k <= d``; checked against ``d``
+            by :meth:`check_dim`).
+        threshold: ``τ > 0``; a direction is sharp when ``σ_t² λ < -τ``.
+        method: one of ``METHODS``.
+        num_iters: Lanczos steps per run, ``>= k`` (capped at ``d``); unused by ``"dense"``.
+        num_vectors: SLQ start vectors per sample, ``>= 1``; unused by ``"dense"``.
+        max_batch: at most this many rows go through the model at once; ``None`` = all.
+        jvp_mode: ``"auto"``, ``"forward"`` or ``"reverse"`` (see :class:`memwatch.operators.ScoreJacobian`).
+
+    Raises:
+        MemwatchError: a value out of range (the message names it, the range and the value).
+
+    Example:
+        >>> SharpnessOptions(k=4, method="dense").num_vectors
+        4
+        >>> SharpnessOptions().replace(max_batch=64).max_batch
+        64
+    """
+
+    k: int = 8
+    threshold: float = 0.5
+    method: str = "auto"
+    num_iters: int = 32
+    num_vectors: int = 4
+    max_batch: int | None = None
+    jvp_mode: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name, low in (("k", 1), ("num_iters", 1), ("num_vectors", 1)):
+            _check_int(name, getattr(self, name), low)
+        if self.max_batch is not None:
+            _check_int("max_batch", self.max_batch, 1)
+        if self.method not in METHODS:
+            raise MemwatchError(f"`method` must be one of {METHODS}, got {self.method!r}")
+        if self.jvp_mode not in JVP_MODES:
+            raise MemwatchError(f"`jvp_mode` must be one of {JVP_MODES}, got {self.jvp_mode!r}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise MemwatchError(f"`threshold` must be a number in (0, 1], got {self.threshold!r}")
+        if not 0 < self.threshold <= 1:
+            raise MemwatchError(
+                "`threshold` must be in (0, 1] (a direction is sharp when σ_t²λ < -threshold, and σ_t²λ ≈ -1 "
+                f"at a copy), got {self.threshold!r}"
+            )
+        if self.method == "lanczos" and self.num_iters < self.k:
+            raise MemwatchError(f"`num_iters` must be >= k={self.k} for method='lanczos', got {self.num_iters}")
+
+    def replace(self, **changes: object) -> SharpnessOptions:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def resolved_method(self, dim: int) -> str:
+        """``method`` with ``"auto"`` resolved for dimension ``dim``."""
+        if self.method != "auto":
+            return self.method
+        return "dense" if dim <= DENSE_MAX_DIM else "lanczos"
+
+    def check_dim(self, dim: int) -> None:
+        """Check the options against the sample dimension ``d`` (``k <= d``; Lanczos needs
+        ``num_iters >= k`` once ``num_iters`` is capped at ``d``).
+
+        Raises:
+            MemwatchError: ``k > d``, or ``min(num_iters, d) < k`` on the Lanczos path.
+        """
+        if self.k > dim:
+            raise MemwatchError(f"`k` must be an integer in [1, d={dim}], got {self.k!r}")
+        if self.resolved_method(dim) == "lanczos" and min(self.num_iters, dim) < self.k:
+            raise MemwatchError(f"`num_iters` must be >= k={self.k}, got {self.num_iters}")
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise MemwatchError(f"`{name}` must be an integer >= {low}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -96,16 +177,11 @@ def measure_sharpness(
     score: DiffusionScore,
     x: Tensor,
     t: Tensor | int | float,
+    options: SharpnessOptions | None = None,
     *,
-    k: int = 8,
-    threshold: float = 0.5,
-    method: str = "auto",
-    num_iters: int = 32,
-    num_vectors: int = 4,
-    max_batch: int | None = None,
     cond: Tensor | None = None,
     generator: torch.Generator | None = None,
-    jvp_mode: str = "auto",
+    **settings: object,
 ) -> SharpnessResult:
     """Measure the Hessian spectrum of ``log p_t`` at ``x``, for all samples at once.
 
@@ -113,31 +189,37 @@ def measure_sharpness(
         score: the model's score; ``cond`` (if given) selects the conditional/guided score.
         x: ``[n, *shape]`` points (e.g. probe states along the sampling trajectory).
         t: timestep (schedule units), scalar or ``[n]``.
-        k: number of most negative eigenvalues to report (``1 <= k <= d``).
-        threshold: ``τ``, a direction is sharp when ``σ_t² λ < -τ``.
-        method: one of ``METHODS``.
-        num_iters: Lanczos steps per run (capped at ``d``); ignored by ``"dense"``.
-        num_vectors: SLQ start vectors per sample; ignored by ``"dense"``.
-        max_batch: at most this many rows go through the model at once (samples × start vectors
-            for Lanczos, samples × basis vectors for dense); ``None`` = all. Halved automatically
-            on out-of-memory.
+        options: how to measure (:class:`SharpnessOptions`; default ``SharpnessOptions()``).
         cond: condition ``[n, ...]`` or one condition for all samples.
         generator: source of the Rademacher start vectors (explicit for repeatable runs).
-        jvp_mode: ``"auto"``, ``"forward"`` or ``"reverse"`` (see :class:`ScoreJacobian`).
+        settings: fields of :class:`SharpnessOptions` that override ``options``, e.g. ``k=4``.
+            ``max_batch`` bounds the rows through the model at once (samples × start vectors
+            for Lanczos, samples × basis vectors for dense), halved on out-of-memory.
 
     Returns:
         :class:`SharpnessResult`; samples whose model output is not finite get NaN and a
         ``RuntimeWarning`` — never a silent number.
 
     Raises:
-        ValueError: invalid arguments (named in the message).
+        MemwatchError: invalid arguments (named in the message).
+
+    Example:
+        >>> from memwatch.schedules import NoiseSchedule
+        >>> score = DiffusionScore(lambda x, t: x, NoiseSchedule.linear(100))
+        >>> measure_sharpness(score, torch.randn(3, 4), 50, k=2).eigenvalues.shape
+        torch.Size([3, 2])
     """
-    n, dim = _check_inputs(x, k, threshold, method, num_iters, num_vectors, max_batch)
-    if method == "auto":
-        method = "dense" if dim <= DENSE_MAX_DIM else "lanczos"
+    options = options or SharpnessOptions()
+    if settings:
+        options = options.replace(**settings)
+    k, threshold, num_iters, num_vectors = options.k, options.threshold, options.num_iters, options.num_vectors
+    max_batch, jvp_mode = options.max_batch, options.jvp_mode
+    n, dim = _check_inputs(x)
+    options.check_dim(dim)
+    method = options.resolved_method(dim)
     tt = score.timesteps(t, n, x.device)
     sigma = score.sigma(tt).cpu()
-    cond_b = None if cond is None else score._broadcast_cond(cond, n, "cond")
+    cond_b = None if cond is None else broadcast_condition(cond, n, "cond")
 
     if method == "dense":
         nodes, weights, eig_k, trace, finite = _dense(score, x, tt, cond_b, k, max_batch, jvp_mode)
@@ -246,24 +328,9 @@ def _finite_rows(out: Tensor) -> Tensor:
     return ok
 
 
-def _check_inputs(x, k, threshold, method, num_iters, num_vectors, max_batch) -> tuple[int, int]:
+def _check_inputs(x: object) -> tuple[int, int]:
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 2:
-        raise ValueError(
+        raise MemwatchError(
             f"`x` must be a floating tensor [n, *shape], got {type(x).__name__} {tuple(getattr(x, 'shape', ()))}"
         )
-    n, dim = x.shape[0], x[0].numel()
-    if method not in METHODS:
-        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
-    if not isinstance(k, int) or not 1 <= k <= dim:
-        raise ValueError(f"`k` must be an integer in [1, d={dim}], got {k!r}")
-    if not threshold > 0:
-        raise ValueError(
-            f"`threshold` must be positive (a direction is sharp when σ_t²λ < -threshold), got {threshold}"
-        )
-    if num_iters < k:
-        raise ValueError(f"`num_iters` must be >= k={k}, got {num_iters}")
-    if num_vectors < 1:
-        raise ValueError(f"`num_vectors` must be >= 1, got {num_vectors}")
-    if max_batch is not None and max_batch < 1:
-        raise ValueError(f"`max_batch` must be positive or None, got {max_batch}")
-    return n, dim
+    return x.shape[0], x[0].numel()

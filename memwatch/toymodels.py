@@ -15,6 +15,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from memwatch.errors import MemwatchError
 from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore
 
@@ -144,7 +145,7 @@ class TensorDataModule(pl.LightningDataModule):
     def __init__(self, *tensors: Tensor, batch_size: int = 64, steps_per_epoch: int = 100, seed: int = 0) -> None:
         super().__init__()
         if not tensors:
-            raise ValueError("TensorDataModule needs at least one tensor")
+            raise MemwatchError("TensorDataModule needs at least one tensor")
         self.tensors, self.batch_size, self.steps_per_epoch, self.seed = tensors, batch_size, steps_per_epoch, seed
 
     def train_dataloader(self) -> DataLoader:
@@ -190,7 +191,7 @@ class DigitsDataModule(TensorDataModule):
         from memwatch.data import digits
 
         if not isinstance(image_size, int) or image_size < 8:
-            raise ValueError(f"`image_size` must be an integer >= 8, got {image_size!r}")
+            raise MemwatchError(f"`image_size` must be an integer >= 8, got {image_size!r}")
         images = digits(n_train, seed=seed)
         if image_size != 8:
             images = nn.functional.interpolate(

@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 
 from memwatch.callback import MemorizationMonitor
 from memwatch.conditional import (
-    check_condition,
+
     conditional_metrics,
     default_first_steps,
     hessian_score_difference,
@@ -26,7 +26,7 @@ from memwatch.conditional import (
 from memwatch.operators import reference_jacobian
 from memwatch.sampling import sample_trajectory
 from memwatch.schedules import NoiseSchedule
-from memwatch.score import DiffusionScore
+from memwatch.score import DiffusionScore, broadcast_condition
 from memwatch.sharpness import measure_sharpness
 from memwatch.toymodels import MLPDenoiser, TensorDataModule
 
@@ -198,8 +198,8 @@ def test_bad_arguments_are_named(small_score, kwargs, match):
         conditional_metrics(small_score, 1, **args)
 
 
-def test_check_condition_and_hessian_score_difference_validate():
-    assert check_condition(torch.zeros(1, 7, 2), 3).shape == (3, 7, 2)
+def test_broadcast_condition_and_hessian_score_difference_validate():
+    assert broadcast_condition(torch.zeros(1, 7, 2), 3).shape == (3, 7, 2)
     with pytest.raises(ValueError, match="`x` must be a floating tensor"):
         hessian_score_difference(DiffusionScore(lambda x, t, c=None: x, SCHED), torch.ones(3, dtype=torch.long), 5, 1)
     with pytest.raises(ValueError, match="`score` must be a memwatch.DiffusionScore"):

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from memwatch.errors import MemwatchError
 from memwatch.onset import OnsetDecision, OnsetDetector
 
 
@@ -97,9 +98,9 @@ def test_accepts_tensor_step_and_value():
     det = OnsetDetector(threshold=0.5, patience=1)
     d = det.update(torch.tensor(3), torch.tensor(0.7))
     assert d.onset and det.onset_step == 3 and isinstance(det.history[0][0], int)
-    with pytest.raises(TypeError, match=r"`step` must be an int, got float"):
+    with pytest.raises(MemwatchError, match=r"`step` must be an int, got float"):
         det.update(1.5, 0.1)
-    with pytest.raises(TypeError, match=r"`value` must be a float, got 'abc'"):
+    with pytest.raises(MemwatchError, match=r"`value` must be a float, got 'abc'"):
         det.update(1, "abc")
 
 
