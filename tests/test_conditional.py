@@ -18,7 +18,6 @@ from sklearn.metrics import roc_auc_score
 
 from memwatch.callback import MemorizationMonitor
 from memwatch.conditional import (
-
     conditional_metrics,
     default_first_steps,
     hessian_score_difference,
