@@ -1,0 +1,401 @@
+"""Writing the clean checkpoint safely: atomically, cheaply, per run, and never crashing training.
+
+The clean checkpoint is the last checkpoint taken before memorization onset. It is overwritten at
+every clean check, so a save must never destroy the previous one, and a failed save (a full disk,
+a bad directory) must cost a warning, not the run.
+
+* **Atomic.** The checkpoint is streamed with ``torch.save`` into a hidden temporary file *in the
+  target's own directory* (``.memwatch-clean.ckpt.<random>.tmp``), flushed, ``fsync``-ed and moved
+  onto the target with ``os.replace``; then the directory is ``fsync``-ed. A kill at any moment
+  leaves either the previous or the new checkpoint, never a truncated one. A writer holds an
+  advisory lock (``flock``) on its temporary file, so the temporary files a killed process left
+  behind (no lock) are told apart from a live writer's and removed at the next save.
+* **Cheap by default.** ``mode="weights"`` is Lightning's ``weights_only=True`` checkpoint: the
+  LightningModule's ``state_dict`` (EMA copies held as submodules or buffers included), the
+  loops, the hyper-parameters; it loads with ``LightningModule.load_from_checkpoint``.
+  ``mode="full"`` adds the optimizer, LR-scheduler, precision and callback states (resumable with
+  ``Trainer.fit(ckpt_path=...)``): for Adam about three times the bytes.
+* **Collective.** :func:`save_clean_checkpoint` goes through ``Trainer.save_checkpoint`` (every
+  rank gathers its state, rank 0 writes, then all meet at Lightning's barrier) with the strategy's
+  ``checkpoint_io`` replaced for the call by a writer that never raises, so a failed write on rank
+  0 still reaches the barrier; rank 0's outcome is then broadcast, one decision for all ranks.
+* **Per run.** :func:`default_dirpath` is inside the run's own versioned log directory, the one
+  Lightning's ``ModelCheckpoint`` uses, so two runs never share a clean checkpoint.
+
+Example:
+    >>> import memwatch.checkpoint as mc
+    >>> outcome = mc.save_clean_checkpoint(trainer, dirpath)           # doctest: +SKIP
+    >>> if not outcome.ok:                                              # doctest: +SKIP
+    ...     warnings.warn(outcome.failure_message(previous_step=clean_step))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins import CheckpointIO
+
+from memwatch.errors import MemwatchError
+
+try:  # advisory locks tell a live writer's temporary file from a killed one's (POSIX only)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: every matching temporary file counts as stale
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "CLEAN_CHECKPOINT_NAME",
+    "SAVE_MODES",
+    "SaveOutcome",
+    "check_dirpath",
+    "check_save_mode",
+    "default_dirpath",
+    "prepare_dirpath",
+    "remove_stale_temp_files",
+    "save_clean_checkpoint",
+]
+
+CLEAN_CHECKPOINT_NAME = "memwatch-clean.ckpt"
+SAVE_MODES = ("weights", "full")
+_PathLike = str | os.PathLike
+
+
+@dataclass(frozen=True)
+class SaveOutcome:
+    """What one clean-checkpoint save did (the same object on every rank).
+
+    Attributes:
+        ok: the checkpoint was written and moved into place.
+        path: the checkpoint file when ``ok``, else ``None`` (the previous one, if any, is untouched).
+        dirpath: the directory it was written to (or should have been).
+        mode: ``"weights"`` or ``"full"``.
+        step: ``trainer.global_step`` at the save.
+        error: ``"<ExceptionType>: <message>"`` of the failure, ``None`` when ``ok``.
+        seconds: wall-clock time of the save on rank 0 (gathering the state included), in seconds.
+        nbytes: size of the written file in bytes (0 when not ``ok``).
+    """
+
+    ok: bool
+    path: Path | None
+    dirpath: Path
+    mode: str
+    step: int
+    error: str | None
+    seconds: float
+    nbytes: int
+
+    def failure_message(self, previous_step: int | None) -> str:
+        """The warning for a failed save: names ``dirpath``, the cause and what is kept.
+
+        Args:
+            previous_step: global step of the last clean checkpoint that was written, ``None`` if none.
+
+        Example:
+            >>> error = "OSError: [Errno 28] No space left on device"
+            >>> outcome = SaveOutcome(False, None, Path("/x"), "weights", 8, error, 0.1, 0)
+            >>> print(outcome.failure_message(previous_step=4))  # doctest: +NORMALIZE_WHITESPACE
+            memwatch: could not write the clean checkpoint to dirpath='/x' (OSError: [Errno 28] No space
+            left on device); training continues, the previous clean checkpoint (step 4) is kept
+        """
+        kept = (
+            "there is no earlier clean checkpoint"
+            if previous_step is None
+            else f"the previous clean checkpoint (step {previous_step}) is kept"
+        )
+        return (
+            f"memwatch: could not write the clean checkpoint to dirpath={str(self.dirpath)!r} ({self.error}); "
+            f"training continues, {kept}"
+        )
+
+
+# ------------------------------------------------------------------------ configuration
+def check_save_mode(mode: str) -> str:
+    """Return ``mode`` if it is one of :data:`SAVE_MODES`.
+
+    Raises:
+        MemwatchError: any other value (the message names ``mode``, the allowed values and the value).
+    """
+    if mode not in SAVE_MODES:
+        raise MemwatchError(f"`mode` must be one of {SAVE_MODES}, got {mode!r}")
+    return mode
+
+
+def check_dirpath(dirpath: _PathLike) -> Path:
+    """Validate a clean-checkpoint directory: create it if missing and prove it writable.
+
+    Writability is tested by creating and deleting a small hidden file (permission bits alone say
+    nothing for root or on network filesystems).
+
+    Args:
+        dirpath: a local directory (remote URLs such as ``s3://`` are not supported: the atomic
+            rename needs a local filesystem).
+
+    Returns:
+        The absolute path of the directory.
+
+    Raises:
+        MemwatchError: ``dirpath`` is not a path, is a URL, is a file, cannot be created or is not
+            writable (the message names ``dirpath``, its value and the cause).
+
+    Example:
+        >>> check_dirpath(tmp_path / "new" / "dir").is_dir()              # doctest: +SKIP
+        True
+    """
+    if not isinstance(dirpath, str | os.PathLike):
+        raise MemwatchError(f"`dirpath` must be a local directory path (str or os.PathLike), got {dirpath!r}")
+    text = os.fspath(dirpath)
+    if "://" in text:
+        raise MemwatchError(f"`dirpath` must be a local directory (the atomic rename needs one), got {text!r}")
+    path = Path(os.path.abspath(os.path.expanduser(text)))
+    if path.exists() and not path.is_dir():
+        raise MemwatchError(f"`dirpath`={text!r} must be a directory, but it is a file")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".memwatch-write-test.{secrets.token_hex(8)}"
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as err:
+        raise MemwatchError(f"`dirpath`={text!r} is not a writable directory ({_describe(err)})") from err
+    return path
+
+
+def default_dirpath(trainer: pl.Trainer) -> Path:
+    """The clean checkpoint's directory for this run, never shared with another run.
+
+    The run's versioned directory, as Lightning's ``ModelCheckpoint`` resolves it, plus ``memwatch``:
+    ``<save_dir>/<name>/<version>/memwatch`` for the first logger (TensorBoard / CSV:
+    ``.../version_N/memwatch``; W&B: ``<save_dir>/<project>/<run id>/memwatch``), where ``save_dir``
+    falls back to ``trainer.default_root_dir``. Without a logger, or when the first logger has no
+    version, ``<default_root_dir>/memwatch/<run stamp>`` with a stamp of the UTC time and 32
+    random bits. Collective: every rank must call it (rank 0's answer is broadcast). Call it once
+    per run (at ``setup``): the run stamp differs from call to call.
+
+    Returns:
+        The directory (not created; see :func:`check_dirpath`).
+    """
+    logger = trainer.loggers[0] if trainer.loggers else None
+    version = None if logger is None else logger.version
+    if logger is None or version is None or version == "":
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-{secrets.token_hex(4)}"
+        path = Path(trainer.default_root_dir) / "memwatch" / stamp
+    else:
+        name = logger.name
+        version = version if isinstance(version, str) else f"version_{version}"
+        parts = [str(name)] if name else []
+        path = Path(logger.save_dir or trainer.default_root_dir, *parts, version, "memwatch")
+    return Path(trainer.strategy.broadcast(str(path), src=0))
+
+
+def prepare_dirpath(trainer: pl.Trainer, dirpath: _PathLike | None) -> Path:
+    """Resolve, validate and tidy the clean-checkpoint directory at ``setup``, on all ranks at once.
+
+    ``dirpath`` (or :func:`default_dirpath` when ``None``) is checked by :func:`check_dirpath` on
+    rank 0, which alone writes; stale temporary files of killed saves are removed there. The result
+    or the error is broadcast, so every rank returns the same path or raises the same error.
+    Collective: every rank must call it.
+
+    Raises:
+        MemwatchError: ``dirpath`` is unusable (see :func:`check_dirpath`), on every rank.
+    """
+    target = default_dirpath(trainer) if dirpath is None else dirpath
+    answer: tuple[str | None, str | None] = (None, None)
+    if trainer.is_global_zero:
+        try:
+            path = check_dirpath(target)
+            remove_stale_temp_files(path)
+            answer = (str(path), None)
+        except MemwatchError as err:
+            answer = (None, str(err))
+    path_text, error = trainer.strategy.broadcast(answer, src=0)
+    if error is not None:
+        raise MemwatchError(error)
+    return Path(path_text)
+
+
+# ------------------------------------------------------------------------ the atomic file write
+def remove_stale_temp_files(dirpath: _PathLike, filename: str = CLEAN_CHECKPOINT_NAME) -> list[Path]:
+    """Delete the temporary files that killed saves of ``filename`` left in ``dirpath``.
+
+    A temporary file is ``.<filename>.<random>.tmp``. One that a live writer holds (its ``flock``)
+    is left alone, so two processes writing into one directory do not break each other's save.
+
+    Returns:
+        The removed files (empty when ``dirpath`` does not exist).
+    """
+    directory = Path(dirpath)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for candidate in sorted(directory.glob(f".{filename}.*.tmp")):
+        try:
+            fd = os.open(candidate, os.O_RDWR)
+        except OSError:  # vanished meanwhile, or not ours to delete
+            continue
+        try:
+            if _try_lock(fd):
+                candidate.unlink()
+                removed.append(candidate)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _try_lock(fd: int, blocking: bool = False) -> bool:
+    if fcntl is None:  # pragma: no cover - no advisory locks: treat the file as stale
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _write_atomic(checkpoint: dict[str, Any], target: Path) -> int:
+    """Stream ``checkpoint`` into a locked temporary sibling of ``target``, fsync, rename; return bytes."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(target.parent, target.name)
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+    try:
+        _try_lock(fd, blocking=True)  # held until close: marks the file as in progress
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(checkpoint, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+            nbytes = os.fstat(handle.fileno()).st_size
+            os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_directory(target.parent)
+    return nbytes
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename durable. Best effort: some filesystems (and Windows) cannot open or fsync a
+    # directory; the rename itself has happened by now, so the new checkpoint is in place either way.
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class _AtomicWriter(CheckpointIO):
+    """A ``CheckpointIO`` for one save: writes atomically and records, instead of raising, a failure.
+
+    Not raising matters under DDP: ``Trainer.save_checkpoint`` writes on rank 0 and then enters a
+    barrier; an exception on rank 0 would skip the barrier and leave the other ranks waiting.
+    """
+
+    def __init__(self) -> None:
+        self.called = False
+        self.nbytes = 0
+        self.error: Exception | None = None
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PathLike, storage_options: Any | None = None) -> None:
+        self.called = True
+        try:
+            if storage_options is not None:
+                raise TypeError(f"memwatch's clean checkpoint takes no storage_options, got {storage_options!r}")
+            self.nbytes = _write_atomic(checkpoint, Path(path))
+        except Exception as err:  # reported through SaveOutcome, after the barrier
+            self.error = err
+
+    def load_checkpoint(
+        self, path: _PathLike, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> Any:
+        raise NotImplementedError("memwatch's clean-checkpoint writer only writes")
+
+    def remove_checkpoint(self, path: _PathLike) -> None:
+        raise NotImplementedError("memwatch's clean-checkpoint writer only writes")
+
+
+# ------------------------------------------------------------------------ the save
+def save_clean_checkpoint(
+    trainer: pl.Trainer,
+    dirpath: _PathLike,
+    *,
+    mode: str = "weights",
+    filename: str = CLEAN_CHECKPOINT_NAME,
+    raise_errors: bool = False,
+) -> SaveOutcome:
+    """Write ``<dirpath>/<filename>`` atomically through ``Trainer.save_checkpoint``; never crash by default.
+
+    Collective: every rank must call it, in the same order relative to other collectives. Rank 0
+    writes; its :class:`SaveOutcome` is broadcast and returned on every rank. The file is written
+    with ``torch.save`` whatever ``checkpoint_io`` the strategy has (an asynchronous or remote one
+    would defeat the atomic rename). Strategies that write checkpoints themselves rather than
+    through ``checkpoint_io`` (DeepSpeed, sharded FSDP) are reported as a failed save.
+
+    Args:
+        trainer: the running Trainer (a model must be attached).
+        dirpath: the directory, normally from :func:`prepare_dirpath` (created if missing).
+        mode: ``"weights"`` (default: model ``state_dict``, loops and hyper-parameters, loadable
+            with ``LightningModule.load_from_checkpoint``) or ``"full"`` (also optimizer,
+            LR-scheduler, precision and callback states: resumable).
+        filename: the checkpoint's file name.
+        raise_errors: re-raise a failure instead of returning it (rank 0 re-raises the original
+            exception, the other ranks a ``RuntimeError`` carrying its text).
+
+    Returns:
+        The outcome; on failure ``ok`` is ``False`` and the previous file at the target is untouched.
+
+    Raises:
+        MemwatchError: ``mode`` is not one of :data:`SAVE_MODES` (always, whatever ``raise_errors``).
+    """
+    check_save_mode(mode)
+    start = time.perf_counter()
+    target = Path(dirpath) / filename
+    writer = _AtomicWriter()
+    strategy = trainer.strategy
+    previous_io = strategy.checkpoint_io
+    failure: Exception | None = None
+    try:
+        strategy.checkpoint_io = writer
+        trainer.save_checkpoint(target, weights_only=mode == "weights")
+    except Exception as err:  # e.g. a hook failing while the state is gathered
+        failure = err
+    finally:
+        strategy.checkpoint_io = previous_io
+    if trainer.is_global_zero:
+        failure = failure or writer.error
+        if failure is None and not writer.called:
+            failure = RuntimeError(
+                f"{type(strategy).__name__} wrote the checkpoint itself, not through `checkpoint_io`, so "
+                "memwatch cannot write it atomically"
+            )
+    local = SaveOutcome(
+        ok=failure is None,
+        path=target if failure is None else None,
+        dirpath=target.parent,
+        mode=mode,
+        step=trainer.global_step,
+        error=None if failure is None else _describe(failure),
+        seconds=time.perf_counter() - start,
+        nbytes=writer.nbytes if failure is None else 0,
+    )
+    outcome = strategy.broadcast(local, src=0)
+    if raise_errors and not outcome.ok:
+        if trainer.is_global_zero and failure is not None:
+            raise failure
+        raise RuntimeError(
+            f"memwatch: rank 0 could not write the clean checkpoint to dirpath={str(outcome.dirpath)!r} "
+            f"({outcome.error})"
+        )
+    return outcome
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
