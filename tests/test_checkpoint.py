@@ -1,0 +1,299 @@
+"""The clean checkpoint through real ``Trainer.fit`` runs: faults, kills, contents, per-run locations."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from checkpoint_setup import SaveAt, TinyModule, fit, make_trainer, sha256
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+from memwatch.checkpoint import (
+    CLEAN_CHECKPOINT_NAME,
+    SaveOutcome,
+    check_dirpath,
+    check_save_mode,
+    default_dirpath,
+    prepare_dirpath,
+    remove_stale_temp_files,
+    save_clean_checkpoint,
+)
+from memwatch.errors import MemwatchError
+
+TESTS = Path(__file__).parent
+REAL_SAVE = torch.save
+
+
+def _temp_files(dirpath: Path) -> list[Path]:
+    return sorted(dirpath.glob(f".{CLEAN_CHECKPOINT_NAME}.*.tmp"))
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _messages(record) -> list[str]:
+    return [str(w.message) for w in record if str(w.message).startswith("memwatch:")]
+
+
+def _finished(trainer: pl.Trainer, max_steps: int = 6) -> bool:
+    return trainer.state.finished and trainer.global_step == max_steps
+
+
+class _RecordDirpath(pl.Callback):
+    """Resolves the clean-checkpoint directory at setup, as the monitor does."""
+
+    def __init__(self, dirpath=None) -> None:
+        self.dirpath = dirpath
+        self.resolved: Path | None = None
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        self.resolved = prepare_dirpath(trainer, self.dirpath)
+
+
+# ------------------------------------------------------------------------ faults never crash training
+def test_full_disk_keeps_the_previous_checkpoint_and_training_continues(tmp_path, monkeypatch):
+    def full_disk(obj, f, *args, **kwargs):  # writes half, then the disk is full
+        buffer = io.BytesIO()
+        REAL_SAVE(obj, buffer, *args, **kwargs)
+        f.write(buffer.getvalue()[: buffer.tell() // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    dirpath = tmp_path / "clean"
+    path = dirpath / CLEAN_CHECKPOINT_NAME
+    kept = {}
+
+    def before(step: int) -> None:
+        if step == 6:  # after the failed save: the step-2 file, byte for byte, and no temporary file
+            kept.update(digest=sha256(path), step=_load(path)["global_step"], temp=_temp_files(dirpath))
+        monkeypatch.setattr(torch, "save", full_disk if step == 4 else REAL_SAVE)
+
+    saver = SaveAt(dirpath, steps=[2, 4, 6], before=before)
+    with pytest.warns(UserWarning, match="could not write the clean checkpoint") as record:
+        trainer = fit(tmp_path, [saver])
+    assert _finished(trainer)
+
+    failed = saver.outcomes[4]
+    assert not failed.ok and failed.path is None and failed.nbytes == 0 and failed.step == 4
+    assert failed.error == "OSError: [Errno 28] No space left on device"
+    [message] = _messages(record)
+    assert f"dirpath={str(dirpath)!r}" in message
+    assert "No space left on device" in message and "previous clean checkpoint (step 2) is kept" in message
+    assert kept == dict(digest=saver.digests[2], step=2, temp=[])
+
+    # the next good save replaces it
+    assert saver.outcomes[2].ok and saver.outcomes[6].ok
+    assert sha256(path) == saver.digests[6] != saver.digests[2]
+    assert _load(path)["global_step"] == 6
+    assert _temp_files(dirpath) == []
+
+
+def test_a_file_as_dirpath_is_reported_not_raised(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    saver = SaveAt(afile, steps=[2, 4])
+    with pytest.warns(UserWarning, match=f"dirpath={str(afile)!r}") as record:
+        trainer = fit(tmp_path, [saver])
+    assert _finished(trainer)
+    assert [o.ok for o in saver.outcomes.values()] == [False, False]
+    assert saver.outcomes[2].error.startswith(("FileExistsError", "NotADirectoryError"))
+    assert all("there is no earlier clean checkpoint" in m for m in _messages(record))
+    assert len(_messages(record)) == 2
+    assert afile.read_text() == "not a directory"
+
+
+def test_raise_errors_re_raises_the_original_error(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(OSError):
+        fit(tmp_path, [SaveAt(afile, steps=[2], raise_errors=True)])
+
+
+# ------------------------------------------------------------------------ a kill during the save
+def test_sigkill_during_a_save_keeps_the_previous_checkpoint_and_the_next_save_tidies(tmp_path):
+    dirpath, marker, other_tmp = tmp_path / "clean", tmp_path / "marker", tmp_path / "other-tmpdir"
+    other_tmp.mkdir()
+    env = dict(os.environ, TMPDIR=str(other_tmp))  # the save must not go through TMPDIR
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS.parent), env.get("PYTHONPATH", "")])
+    script = TESTS / "checkpoint_kill_script.py"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(dirpath), str(marker)], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 300  # a hang guard only: no timing is asserted
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), f"the script did not reach the second save: {proc.poll()=}"
+        [orphan] = _temp_files(dirpath)  # killed half-way through writing it
+        assert orphan.stat().st_size > 0
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert list(other_tmp.iterdir()) == []
+
+    path = dirpath / CLEAN_CHECKPOINT_NAME
+    assert _load(path)["global_step"] == 2
+    restored = TinyModule.load_from_checkpoint(path, map_location="cpu")
+    assert isinstance(restored, TinyModule)
+    assert _temp_files(dirpath) == [orphan]
+
+    saver = SaveAt(dirpath, steps=[3])
+    fit(tmp_path, [saver])
+    assert saver.outcomes[3].ok
+    assert _temp_files(dirpath) == []
+    assert _load(path)["global_step"] == 3
+
+
+def test_stale_temp_files_are_removed_but_a_live_writers_is_kept(tmp_path):
+    stale = tmp_path / f".{CLEAN_CHECKPOINT_NAME}.dead.tmp"
+    live = tmp_path / f".{CLEAN_CHECKPOINT_NAME}.live.tmp"
+    unrelated = [tmp_path / ".other.ckpt.x.tmp", tmp_path / CLEAN_CHECKPOINT_NAME, tmp_path / "notes.tmp"]
+    for path in [stale, live, *unrelated]:
+        path.write_bytes(b"x")
+    with open(live, "rb+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # another open file description: a live writer
+        assert remove_stale_temp_files(tmp_path) == [stale]
+    assert remove_stale_temp_files(tmp_path) == [live]
+    assert all(path.exists() for path in unrelated)
+    assert remove_stale_temp_files(tmp_path / "missing") == []
+
+
+# ------------------------------------------------------------------------ what is saved
+class _FirstStep(pl.Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.step = trainer.global_step
+
+
+def test_weights_and_full_contents_and_what_they_restore(tmp_path):
+    weights = SaveAt(tmp_path / "weights", steps=[3], mode="weights")
+    full = SaveAt(tmp_path / "full", steps=[3], mode="full")
+    fit(tmp_path, [weights, full])
+    w, f = weights.outcomes[3], full.outcomes[3]
+    assert w.ok and f.ok and w.mode == "weights" and f.mode == "full"
+    assert w.nbytes == w.path.stat().st_size and f.nbytes == f.path.stat().st_size
+    assert f.nbytes > w.nbytes
+
+    wckpt, fckpt = _load(w.path), _load(f.path)
+    for key in ("optimizer_states", "lr_schedulers", "callbacks"):
+        assert key not in wckpt and key in fckpt
+    assert wckpt["global_step"] == fckpt["global_step"] == 3
+    assert {"exp_avg", "exp_avg_sq"} <= set(fckpt["optimizer_states"][0]["state"][0])
+    assert any(k.startswith("ema.") for k in wckpt["state_dict"])  # an EMA submodule is model state
+
+    restored = TinyModule.load_from_checkpoint(w.path, map_location="cpu")
+    state = restored.state_dict()
+    assert state.keys() == weights.states[3].keys()
+    for name, value in weights.states[3].items():
+        torch.testing.assert_close(state[name], value, rtol=0, atol=0)
+
+    first = _FirstStep()  # full resumes training where it was saved; weights cannot
+    trainer = make_trainer(tmp_path, [first], max_steps=6)
+    trainer.fit(TinyModule(), ckpt_path=f.path)
+    assert first.step == 3 and _finished(trainer)
+    with pytest.raises(KeyError, match="optimizer"):
+        make_trainer(tmp_path, [], max_steps=6).fit(TinyModule(), ckpt_path=w.path)
+
+
+def test_bad_mode_raises_whatever_raise_errors(tmp_path):
+    with pytest.raises(MemwatchError, match=r"`mode` must be one of \('weights', 'full'\), got 'optimizer'"):
+        fit(tmp_path, [SaveAt(tmp_path, steps=[1], mode="optimizer")])
+    assert check_save_mode("full") == "full"
+
+
+# ------------------------------------------------------------------------ where it goes
+def test_check_dirpath(tmp_path):
+    created = check_dirpath(tmp_path / "a" / "b")
+    assert created == tmp_path / "a" / "b" and created.is_dir() and list(created.iterdir()) == []
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(MemwatchError, match=rf"`dirpath`={str(afile)!r} must be a directory, but it is a file"):
+        check_dirpath(afile)
+    with pytest.raises(MemwatchError, match=r"`dirpath`=.*afile/sub.* is not a writable directory \("):
+        check_dirpath(afile / "sub")
+    with pytest.raises(MemwatchError, match="must be a local directory"):
+        check_dirpath("s3://bucket/run")
+    with pytest.raises(MemwatchError, match="`dirpath` must be a local directory path"):
+        check_dirpath(3)
+
+
+def test_prepare_dirpath_fails_setup_naming_dirpath(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(MemwatchError, match="`dirpath`=.*afile"):
+        fit(tmp_path, [_RecordDirpath(afile)])
+
+
+def test_prepare_dirpath_removes_stale_temp_files(tmp_path):
+    dirpath = tmp_path / "clean"
+    dirpath.mkdir()
+    (dirpath / f".{CLEAN_CHECKPOINT_NAME}.dead.tmp").write_bytes(b"x")
+    record = _RecordDirpath(dirpath)
+    fit(tmp_path, [record], max_steps=1)
+    assert record.resolved == dirpath and _temp_files(dirpath) == []
+
+
+def _run_in_default_dir(root: Path, logger) -> tuple[Path, SaveOutcome]:
+    record = _RecordDirpath()
+
+    class _Save(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step == 2:
+                self.outcome = save_clean_checkpoint(trainer, record.resolved)
+
+    save = _Save()
+    fit(root, [record, save], max_steps=2, logger=logger)
+    assert save.outcome.ok and save.outcome.path.parent == record.resolved
+    return record.resolved, save.outcome
+
+
+def test_two_csv_runs_sharing_a_save_dir_get_their_own_checkpoint(tmp_path):
+    first, a = _run_in_default_dir(tmp_path, CSVLogger(tmp_path / "logs"))
+    second, b = _run_in_default_dir(tmp_path, CSVLogger(tmp_path / "logs"))
+    assert first == tmp_path / "logs" / "lightning_logs" / "version_0" / "memwatch"
+    assert second == tmp_path / "logs" / "lightning_logs" / "version_1" / "memwatch"
+    assert a.path.exists() and b.path.exists()
+
+
+def test_two_wandb_runs_sharing_a_save_dir_get_their_own_checkpoint(tmp_path):
+    import wandb
+
+    dirs = []
+    for _ in range(2):
+        logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="memwatch-test")
+        dirpath, outcome = _run_in_default_dir(tmp_path, logger)
+        assert dirpath == tmp_path / "memwatch-test" / logger.version / "memwatch"
+        dirs.append(dirpath)
+        wandb.finish()
+    assert dirs[0] != dirs[1]
+    assert all((d / CLEAN_CHECKPOINT_NAME).exists() for d in dirs)
+
+
+def test_two_runs_without_a_logger_get_their_own_checkpoint(tmp_path):
+    first, _ = _run_in_default_dir(tmp_path, False)
+    second, _ = _run_in_default_dir(tmp_path, False)
+    assert first != second
+    assert first.parent == second.parent == tmp_path / "memwatch"
+
+
+def test_default_dirpath_of_an_unversioned_logger(tmp_path):
+    class _NoVersion(CSVLogger):
+        @property
+        def version(self):
+            return None
+
+    trainer = make_trainer(tmp_path, [], logger=_NoVersion(tmp_path / "logs"))
+    assert default_dirpath(trainer).parent == tmp_path / "memwatch"
