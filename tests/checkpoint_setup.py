@@ -22,7 +22,7 @@ class TinyModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(nn.Linear(4, width), nn.Tanh(), nn.Linear(width, 4))
-        self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+        self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(0.9)).requires_grad_(False)
 
     def training_step(self, batch, batch_idx):
         (x,) = batch
@@ -32,7 +32,7 @@ class TinyModule(pl.LightningModule):
         self.ema.update_parameters(self.net)
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
+        return torch.optim.Adam(self.net.parameters(), lr=1e-2)
 
     def train_dataloader(self) -> DataLoader:
         data = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
