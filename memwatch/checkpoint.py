@@ -32,9 +32,11 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import secrets
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,14 +118,18 @@ class SaveOutcome:
 
 
 # ------------------------------------------------------------------------ configuration
-def check_save_mode(mode: str) -> str:
+def check_save_mode(mode: str, name: str = "mode") -> str:
     """Return ``mode`` if it is one of :data:`SAVE_MODES`.
 
+    Args:
+        mode: the value to check.
+        name: the argument's name in the message (e.g. a callback's ``clean_checkpoint_mode``).
+
     Raises:
-        MemwatchError: any other value (the message names ``mode``, the allowed values and the value).
+        MemwatchError: any other value (the message names the argument, the allowed values and the value).
     """
     if mode not in SAVE_MODES:
-        raise MemwatchError(f"`mode` must be one of {SAVE_MODES}, got {mode!r}")
+        raise MemwatchError(f"`{name}` must be one of {SAVE_MODES}, got {mode!r}")
     return mode
 
 
@@ -224,7 +230,8 @@ def remove_stale_temp_files(dirpath: _PathLike, filename: str = CLEAN_CHECKPOINT
     """Delete the temporary files that killed saves of ``filename`` left in ``dirpath``.
 
     A temporary file is ``.<filename>.<random>.tmp``. One that a live writer holds (its ``flock``)
-    is left alone, so two processes writing into one directory do not break each other's save.
+    is left alone, so two processes writing into one directory do not break each other's save. On
+    a filesystem without advisory locks every matching file counts as stale.
 
     Returns:
         The removed files (empty when ``dirpath`` does not exist).
@@ -233,7 +240,7 @@ def remove_stale_temp_files(dirpath: _PathLike, filename: str = CLEAN_CHECKPOINT
     if not directory.is_dir():
         return []
     removed = []
-    for candidate in sorted(directory.glob(f".{filename}.*.tmp")):
+    for candidate in sorted(directory.glob(f".{glob.escape(filename)}.*.tmp")):
         try:
             fd = os.open(candidate, os.O_RDWR)
         except OSError:  # vanished meanwhile, or not ours to delete
@@ -250,12 +257,15 @@ def remove_stale_temp_files(dirpath: _PathLike, filename: str = CLEAN_CHECKPOINT
 
 
 def _try_lock(fd: int, blocking: bool = False) -> bool:
-    if fcntl is None:  # pragma: no cover - no advisory locks: treat the file as stale
+    """Take an exclusive ``flock`` on ``fd``; ``False`` only when another open file holds one."""
+    if fcntl is None:  # pragma: no cover - no advisory locks on this platform
         return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
     except BlockingIOError:
         return False
+    except OSError:  # the filesystem has no locks (ENOLCK, EOPNOTSUPP): proceed unlocked
+        return True
     return True
 
 
@@ -369,6 +379,12 @@ def save_clean_checkpoint(
         failure = err
     finally:
         strategy.checkpoint_io = previous_io
+    if failure is not None and not trainer.is_global_zero:  # rank 0's outcome decides; say so here
+        warnings.warn(
+            f"memwatch: rank {trainer.global_rank} failed while saving the clean checkpoint ({_describe(failure)})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     if trainer.is_global_zero:
         failure = failure or writer.error
         if failure is None and not writer.called:

@@ -212,6 +212,8 @@ def test_bad_mode_raises_whatever_raise_errors(tmp_path):
     with pytest.raises(MemwatchError, match=r"`mode` must be one of \('weights', 'full'\), got 'optimizer'"):
         fit(tmp_path, [SaveAt(tmp_path, steps=[1], mode="optimizer")])
     assert check_save_mode("full") == "full"
+    with pytest.raises(MemwatchError, match="`clean_checkpoint_mode` must be one of"):
+        check_save_mode("all", name="clean_checkpoint_mode")
 
 
 # ------------------------------------------------------------------------ where it goes
