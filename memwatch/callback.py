@@ -1,10 +1,11 @@
 """``MemorizationMonitor``: a Lightning callback that watches a diffusion model memorize.
 
 Every ``every_n_train_steps`` steps (a *check*) it draws the same probes from the model under
-training (fixed seeds, deterministic DDIM), measures the sharpness of the learned density at the
-probes' trajectory states (:func:`memwatch.measure_sharpness`), updates torchmetrics metrics, runs
-the onset detector, logs to every logger of the Trainer, and can stop training at onset while
-keeping the last clean checkpoint. The callback holds no math; it orchestrates.
+training (:class:`memwatch.probes.ProbeSet`: fixed seeds, the model's own sampler), measures the
+sharpness of the learned density at them, syncs torchmetrics metrics over ranks, runs the onset
+detector, keeps the last clean checkpoint, can stop training at onset, and hands the finished
+check to :class:`memwatch.reporting.CheckReporter`. It holds no math and draws nothing: it
+orchestrates the hooks, the cadence, the agreement of DDP ranks, the decision and its state.
 """
 
 from __future__ import annotations
@@ -13,64 +14,30 @@ import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 
+from memwatch import defaults
+from memwatch.checkpoint import CLEAN_CHECKPOINT_NAME, check_save_mode, prepare_dirpath, save_clean_checkpoint
+from memwatch.discovery import ScoreFn, batch_sample_shape, find_score, materialize, sample_shape_of, with_ema
 from memwatch.errors import MemwatchError
-from memwatch.groundtruth import nearest_neighbours
 from memwatch.loggers import MonitorLogger
-from memwatch.metrics import MemorizationMetrics
+from memwatch.metrics import ConditionalMetrics, MemorizationMetrics
 from memwatch.onset import OnsetDecision, OnsetDetector
-from memwatch.sampling import probe_noise, sample_trajectory
-from memwatch.schedules import NoiseSchedule
+from memwatch.probes import CONDITION_METRICS, ProbeMeasurement, ProbeSet, evaluation_timesteps, shard
+from memwatch.reporting import CheckReporter, CheckResult, format_timestep
 from memwatch.score import DiffusionScore
-from memwatch.sharpness import METHODS, SharpnessResult, measure_sharpness
+from memwatch.sharpness import SharpnessOptions, SharpnessResult
 
 __all__ = ["MemorizationMonitor", "CheckResult", "find_score"]
-
-ScoreFn = Callable[[pl.LightningModule], DiffusionScore]
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """Everything one check measured on this rank (see :meth:`MemorizationMonitor.on_check_end`).
-
-    Attributes:
-        step: the trainer's global step of the check.
-        values: the logged scalars without the ``memwatch/`` prefix (synced over ranks), including
-            ``onset`` and ``check_seconds``.
-        results: evaluation timestep → :class:`memwatch.SharpnessResult` of this rank's probes.
-        samples: ``[n, *shape]`` this rank's probes (final DDIM samples), on the CPU.
-        nn_ratio: ``[n]`` the probes' ``d₁/d₂`` to ``reference_data`` (``None`` without it).
-        decision: the onset detector's decision at this check.
-    """
-
-    step: int
-    values: dict[str, float]
-    results: dict[float, SharpnessResult]
-    samples: Tensor
-    nn_ratio: Tensor | None
-    decision: OnsetDecision
-
-
-@dataclass(frozen=True)
-class _LocalCheck:
-    """One rank's measurements of a check, before any sync: samples, results and ``nn_ratio`` as
-    in :class:`CheckResult`; ``conditional``: ``{condition: {metric: [n]}}`` or ``None``."""
-
-    samples: Tensor
-    results: dict[float, SharpnessResult]
-    nn_ratio: Tensor | None
-    conditional: dict[str, dict[str, Tensor]] | None
 
 
 class MemorizationMonitor(Callback):
@@ -110,9 +77,16 @@ class MemorizationMonitor(Callback):
             :class:`memwatch.onset.OnsetDetector` rule on ``memorized_fraction``: onset when
             more than ``onset_threshold`` of the probes are memorized ``patience`` checks in a row.
         stop_on_onset: set ``trainer.should_stop`` at onset (one decision for all ranks).
-        save_clean_checkpoint: save ``memwatch-clean.ckpt`` at every clean check (overwritten),
-            so the last one before onset survives; see ``clean_checkpoint_path``.
-        dirpath: where that checkpoint goes (default ``<trainer.log_dir or default_root_dir>/memwatch``).
+        save_clean_checkpoint: save ``memwatch-clean.ckpt`` at every clean check (overwritten
+            atomically: a crash or kill mid-save keeps the previous one), so the last one before
+            onset survives; see ``clean_checkpoint_path``. A failed save is a warning.
+        dirpath: where that checkpoint goes; default: the run's own versioned log folder
+            (``<save_dir>/<name>/version_N/memwatch``, ``<save_dir>/<project>/<run id>/memwatch``
+            for W&B), never shared between runs. Checked (created, writable) at ``setup``.
+        clean_checkpoint_mode: ``"weights"`` (default: the module's weights, EMA copies held by
+            the module included — a third of a full checkpoint with Adam; load it with
+            ``YourModule.load_from_checkpoint``) or ``"full"`` (resumable: optimizer, loops,
+            callbacks).
         reference_data: training samples ``[N, *shape]`` (or an iterable of batches) for the
             nearest-neighbour ground truth (``nn_memorized_fraction``, ``auroc``).
         sample_shape: probe shape; default: inferred from the first training batch.
@@ -149,27 +123,28 @@ class MemorizationMonitor(Callback):
     def __init__(
         self,
         score_fn: ScoreFn | None = None,
-        every_n_train_steps: int | None = 500,
+        every_n_train_steps: int | None = defaults.EVERY_N_TRAIN_STEPS,
         every_n_epochs: int | None = None,
-        num_probes: int = 32,
-        sampler_steps: int = 50,
-        sigmas: Sequence[float] = (0.3,),
+        num_probes: int = defaults.NUM_PROBES,
+        sampler_steps: int = defaults.SAMPLER_STEPS,
+        sigmas: Sequence[float] = defaults.SIGMAS,
         timesteps: Sequence[float] | None = None,
-        k: int = 8,
-        threshold: float = 0.5,
-        score_threshold: float = 0.9,
-        method: str = "auto",
-        num_iters: int = 32,
-        num_vectors: int = 4,
-        max_batch: int | None = None,
-        onset_threshold: float | None = 0.2,
+        k: int = defaults.SHARPNESS.k,
+        threshold: float = defaults.SHARPNESS.threshold,
+        score_threshold: float = defaults.SCORE_THRESHOLD,
+        method: str = defaults.SHARPNESS.method,
+        num_iters: int = defaults.SHARPNESS.num_iters,
+        num_vectors: int = defaults.SHARPNESS.num_vectors,
+        max_batch: int | None = defaults.SHARPNESS.max_batch,
+        onset_threshold: float | None = defaults.ONSET_THRESHOLD,
         onset_min_delta: float | None = None,
-        patience: int = 2,
+        patience: int = defaults.PATIENCE,
         min_steps: int = 0,
         baseline_checks: int = 3,
         stop_on_onset: bool = False,
         save_clean_checkpoint: bool = True,
         dirpath: str | Path | None = None,
+        clean_checkpoint_mode: str = "weights",
         reference_data: Tensor | Any | None = None,
         sample_shape: Sequence[int] | None = None,
         batch_key: str | None = None,
@@ -181,33 +156,26 @@ class MemorizationMonitor(Callback):
         verbose: bool = True,
         conditions: Tensor | Sequence[Any] | None = None,
         condition_first_steps: int | None = None,
+        min_valid_fraction: float = defaults.MIN_VALID_FRACTION,
+        decode_fn: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__()
         _check_cadence("every_n_train_steps", every_n_train_steps)
         _check_cadence("every_n_epochs", every_n_epochs)
         if every_n_train_steps is None and every_n_epochs is None:
             raise MemwatchError("set `every_n_train_steps` or `every_n_epochs`; both are None")
-        _check_positive_int("num_probes", num_probes)
-        _check_positive_int("k", k)
-        _check_positive_int("num_iters", num_iters)
-        _check_positive_int("num_vectors", num_vectors)
-        if not isinstance(sampler_steps, int) or sampler_steps < 2:
-            raise MemwatchError(f"`sampler_steps` must be an integer >= 2, got {sampler_steps!r}")
-        if method not in METHODS:
-            raise MemwatchError(f"`method` must be one of {METHODS}, got {method!r}")
-        if not threshold > 0:
-            raise MemwatchError(f"`threshold` must be positive, got {threshold!r}")
-        if not 0 <= score_threshold < 1:
-            raise MemwatchError(f"`score_threshold` must be in [0, 1), got {score_threshold!r}")
-        if max_batch is not None:
-            _check_positive_int("max_batch", max_batch)
-        if timesteps is None and (not sigmas or any(not s > 0 for s in sigmas)):
-            raise MemwatchError(f"`sigmas` must be a non-empty sequence of positive noise levels, got {sigmas!r}")
-        if timesteps is not None and len(timesteps) == 0:
-            raise MemwatchError("`timesteps` must be non-empty (or None to use `sigmas`)")
-        if sample_shape is not None and (len(sample_shape) == 0 or any(int(s) < 1 for s in sample_shape)):
-            raise MemwatchError(f"`sample_shape` must be a non-empty shape of positive sizes, got {sample_shape!r}")
-        # the detector validates its own arguments (patience, min_steps, …)
+        _check_int("num_probes", num_probes, 1)
+        _check_int("sampler_steps", sampler_steps, 2)
+        _check_fraction("score_threshold", score_threshold)
+        _check_fraction("min_valid_fraction", min_valid_fraction, low_open=True, high_closed=True)
+        if onset_threshold is not None:
+            _check_fraction("onset_threshold", onset_threshold)
+        self.sigmas = _check_levels("sigmas", sigmas) if timesteps is None else tuple(float(s) for s in sigmas)
+        self.timesteps = None if timesteps is None else _check_levels("timesteps", timesteps, positive=False)
+        # the settings objects validate their own arguments (k, method, patience, …)
+        self.options = SharpnessOptions(
+            k=k, threshold=threshold, method=method, num_iters=num_iters, num_vectors=num_vectors, max_batch=max_batch
+        )
         self.detector = OnsetDetector(
             threshold=onset_threshold,
             min_delta=onset_min_delta,
@@ -216,23 +184,19 @@ class MemorizationMonitor(Callback):
             min_steps=min_steps,
             monitor="memorized_fraction",
         )
+        if sample_shape is not None and (len(sample_shape) == 0 or any(int(s) < 1 for s in sample_shape)):
+            raise MemwatchError(f"`sample_shape` must be a non-empty shape of positive sizes, got {sample_shape!r}")
         self.score_fn = score_fn
         self.every_n_train_steps = every_n_train_steps
         self.every_n_epochs = every_n_epochs
         self.num_probes = num_probes
         self.sampler_steps = sampler_steps
-        self.sigmas = tuple(float(s) for s in sigmas)
-        self.timesteps = None if timesteps is None else tuple(timesteps)
-        self.k = k
-        self.threshold = threshold
         self.score_threshold = score_threshold
-        self.method = method
-        self.num_iters = num_iters
-        self.num_vectors = num_vectors
-        self.max_batch = max_batch
+        self.min_valid_fraction = min_valid_fraction
         self.stop_on_onset = stop_on_onset
         self.save_clean_checkpoint = save_clean_checkpoint
-        self.dirpath = None if dirpath is None else Path(dirpath)
+        self.dirpath = dirpath
+        self.clean_checkpoint_mode = check_save_mode(clean_checkpoint_mode, name="clean_checkpoint_mode")
         self.reference_data = reference_data
         self.sample_shape = None if sample_shape is None else tuple(int(s) for s in sample_shape)
         self.batch_key = batch_key
@@ -242,11 +206,9 @@ class MemorizationMonitor(Callback):
         self.log_media = log_media
         self.raise_errors = raise_errors
         self.verbose = verbose
-        self.conditions = conditions
-        self._conditions = _check_conditions(conditions, condition_first_steps, sampler_steps)
+        self.decode_fn = decode_fn
         self.condition_first_steps = condition_first_steps
-        self._condition_values: dict[str, dict[str, float]] = {}
-        self._most_memorized = ""
+        self._conditions = _check_conditions(conditions, condition_first_steps, sampler_steps)
 
         self.clean_checkpoint_path: Path | None = None
         self.clean_step: int | None = None
@@ -254,10 +216,10 @@ class MemorizationMonitor(Callback):
         self.last_check: CheckResult | None = None
         self._eval_timesteps: list[float] = []
         self._metrics: dict[float, MemorizationMetrics] = {}
-        self._logger: MonitorLogger | None = None
+        self._condition_metrics = ConditionalMetrics(ranking_metric=CONDITION_METRICS.index("hessian_score_diff"))
+        self._reporter: CheckReporter | None = None
         self._reference: Tensor | None = None
-        self._first_density: Tensor | None = None
-        self._nearest: Tensor | None = None
+        self._clean_dir: Path | None = None
         self._last_checked_step = -1
         self._state_key: str | None = None
 
@@ -280,6 +242,17 @@ class MemorizationMonitor(Callback):
         """Global step of the check at which onset was declared (``None`` before)."""
         return self.detector.onset_step
 
+    @property
+    def probes(self) -> ProbeSet:
+        """The monitor's probes (known once the probe shape is: after ``setup`` or the first batch).
+
+        Raises:
+            MemwatchError: the probe shape is still unknown (pass ``sample_shape=``).
+        """
+        if self.sample_shape is None:
+            raise MemwatchError("memwatch could not infer the probe shape; pass `sample_shape=`")
+        return ProbeSet(self.sample_shape, self.num_probes, self.sampler_steps, self._eval_timesteps, self.seed)
+
     def on_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, check: CheckResult) -> None:
         """Called on every rank after each check has been logged; override to use its per-probe
         results (also kept as :attr:`last_check`). The default does nothing."""
@@ -289,22 +262,33 @@ class MemorizationMonitor(Callback):
         if stage != "fit":
             return
         score = self._score(pl_module)
-        self._eval_timesteps = self._timesteps_of(score)
+        self._eval_timesteps = evaluation_timesteps(score.schedule, self.sigmas, self.timesteps)
         self._metrics = {t: MemorizationMetrics(score_threshold=self.score_threshold) for t in self._eval_timesteps}
-        self._logger = MonitorLogger.from_trainer(trainer, log_media=self.log_media)
+        logger = MonitorLogger.from_trainer(trainer, log_media=self.log_media)
+        self._reporter = CheckReporter(
+            logger,
+            threshold=self.options.threshold,
+            log_figures=self.log_figures,
+            log_media=self.log_media,
+            decode_fn=self.decode_fn,
+            verbose=self.verbose,
+            raise_errors=self.raise_errors,
+        )
+        if self.save_clean_checkpoint:  # a bad dirpath fails here, on every rank alike
+            self._clean_dir = prepare_dirpath(trainer, self.dirpath)
         if self.reference_data is not None:
-            self._reference = _materialize(self.reference_data)
+            self._reference = materialize(self.reference_data)
         if self.sample_shape is None:
-            self.sample_shape = _diffusers_sample_shape(score.model)
+            self.sample_shape = sample_shape_of(score.model)
         if self.sample_shape is not None:
-            self._check_k(self.sample_shape)
+            self._check_shape(self.sample_shape)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.sample_shape is None:
-            self.sample_shape = _batch_sample_shape(batch, self.batch_key)
-            self._check_k(self.sample_shape)
+            self.sample_shape = batch_sample_shape(batch, self.batch_key)
+            self._check_shape(self.sample_shape)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -340,75 +324,152 @@ class MemorizationMonitor(Callback):
 
     # ------------------------------------------------------------------ the check
     def _run_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last_checked_step = trainer.global_step
+        self._last_checked_step = step = trainer.global_step
         if self.detector.memorizing and self.stop_on_onset:
             return
-        if self.verbose:
-            rank_zero_info(
-                f"memwatch step {trainer.global_step}: checking {self.num_probes} probes "
-                f"at {len(self._eval_timesteps)} timestep(s)…"
-            )
+        assert self._reporter is not None
+        self._reporter.start_line(step, self.num_probes, len(self._eval_timesteps))
         started = time.perf_counter()
-        error: Exception | None = None
+        measurement, error = None, None
         try:
             with _isolated(pl_module):
-                local = self._measure(trainer, pl_module)
+                measurement = self._measure(trainer, pl_module)
         except Exception as err:  # noqa: BLE001 - a monitor must not crash training
             if self.raise_errors and trainer.world_size == 1:
                 raise
             error = err
-        # every rank learns whether every rank measured before any metric is synced: a rank that
-        # failed alone would otherwise leave the others waiting in the sync forever
-        if not trainer.strategy.reduce_boolean_decision(error is None, all=True):
-            where = f"rank {trainer.global_rank}" if error is not None else "another rank"
-            msg = f"memwatch: the check at step {trainer.global_step} failed on {where} and was skipped"
-            if self.raise_errors:
-                raise RuntimeError(msg) from error
-            if error is not None:
-                warnings.warn(f"{msg}: {error!r}", RuntimeWarning, stacklevel=2)
+        if not self._all_ranks_measured(trainer, error):
             return
-        values = self._sync(local, pl_module.device)
+        assert measurement is not None
+        values, conditions, top = self._sync(measurement, pl_module.device)
         values["check_seconds"] = time.perf_counter() - started
-        decision = self._decide(trainer, values)
-        self.last_check = self._publish(trainer, values, local.results, local.samples, local.nn_ratio, decision)
-        self.on_check_end(trainer, pl_module, self.last_check)
-
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> _LocalCheck:
-        """This rank's share of the probes, measured; no collective here."""
-        rows = _shard(self.num_probes, trainer.world_size, trainer.global_rank)
-        score, noise = self._score(pl_module), self._probe_noise()[rows]
-        samples, results = self._probe(score, noise, pl_module.device)
-        ratios = None
-        if self._reference is not None:
-            dist, idx = nearest_neighbours(samples, self._reference)
-            ratios = (dist[:, 0] / dist[:, 1].clamp_min(1e-12)).float()
-            self._nearest = idx[:, 0]
-        conditional = None
-        if self._conditions:
-            conditional = self._measure_conditions(score, noise, pl_module.device)
-        return _LocalCheck(samples, results, ratios, conditional)
-
-    def _sync(self, local: _LocalCheck, device: torch.device) -> dict[str, float]:
-        """The check's scalars from every rank's probes (torchmetrics syncs them under DDP)."""
-        values: dict[str, float] = {}
-        for t, res in local.results.items():
-            metric = self._metrics[t].to(device)
-            metric.reset()
-            metric.update(
-                res.sharp_fraction.to(device),
-                res.lid.to(device),
-                res.eigenvalues[:, 0].to(device),
-                res.normalized.mean(1).to(device),
-                res.score.to(device),
-                None if local.nn_ratio is None else local.nn_ratio.to(device),
+        decision = self.detector.update(step, values["memorized_fraction"])
+        if decision.clean and self.save_clean_checkpoint:
+            self._save_clean_checkpoint(trainer)
+        should_stop, _ = self._should_stop(decision)
+        if self.stop_on_onset:  # a collective on every rank at every check: one decision for all
+            trainer.should_stop = trainer.should_stop or trainer.strategy.reduce_boolean_decision(
+                should_stop, all=False
             )
-            computed = {name: float(v) for name, v in metric.compute().items()}
-            values.update({f"t{_fmt(t)}/{name}": v for name, v in computed.items()})
+        values["onset"] = float(decision.memorizing)
+        if self.clean_step is not None:
+            values["clean_step"] = float(self.clean_step)
+        self.history.append(dict(values, step=float(step)))
+        for name, value in values.items():  # what EarlyStopping / ModelCheckpoint read
+            trainer.callback_metrics[f"memwatch/{name}"] = torch.tensor(value)
+        check = CheckResult(
+            step,
+            values,
+            measurement.results,
+            measurement.samples,
+            measurement.nn_ratio,
+            decision,
+            nearest=measurement.nearest,
+            conditions=conditions,
+            most_memorized_condition=top,
+        )
+        clean = None if self.clean_checkpoint_path is None else str(self.clean_checkpoint_path)
+        self._reporter.publish(
+            check, self.history, onset_step=self.onset_step, clean_checkpoint=clean, reference=self._reference
+        )
+        self.last_check = check
+        self.on_check_end(trainer, pl_module, check)
+
+    def _should_stop(self, decision: OnsetDecision) -> tuple[bool, str]:
+        """Pure stop rule: stop at onset when ``stop_on_onset``; the reason for the log."""
+        if decision.onset and self.stop_on_onset:
+            return True, f"memwatch stops training: {decision.reason}"
+        return False, decision.reason
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ProbeMeasurement:
+        """This rank's share of the probes, measured; no collective here."""
+        rows = shard(self.num_probes, trainer.world_size, trainer.global_rank)
+        return self.probes.measure(
+            self._score(pl_module),
+            options=self.options,
+            rows=rows,
+            device=pl_module.device,
+            reference=self._reference,
+            conditions=self._conditions,
+            condition_first_steps=self.condition_first_steps,
+        )
+
+    def _all_ranks_measured(self, trainer: pl.Trainer, error: Exception | None) -> bool:
+        """Every rank learns whether every rank measured before any metric is synced: a rank that
+        failed alone would otherwise leave the others waiting in the sync forever."""
+        if trainer.strategy.reduce_boolean_decision(error is None, all=True):
+            return True
+        where = f"rank {trainer.global_rank}" if error is not None else "another rank"
+        msg = f"memwatch: the check at step {trainer.global_step} failed on {where} and was skipped"
+        if self.raise_errors:
+            raise RuntimeError(msg) from error
+        if error is not None:
+            warnings.warn(f"{msg}: {error!r}", RuntimeWarning, stacklevel=3)
+        return False
+
+    def _sync(
+        self, measurement: ProbeMeasurement, device: torch.device
+    ) -> tuple[dict[str, float], dict[str, dict[str, float]], str | None]:
+        """The check's scalars from every rank's probes (torchmetrics syncs them under DDP), the
+        per-condition means and the most memorized condition."""
+        values: dict[str, float] = {}
+        for t, res in measurement.results.items():
+            computed = self._valid_or_nan(t, self._metric_values(self._metrics[t], res, measurement.nn_ratio, device))
+            values.update({f"t{format_timestep(t)}/{name}": v for name, v in computed.items()})
             if t == self._eval_timesteps[0]:
                 values.update(computed)
-        if local.conditional is not None:
-            values.update(self._sync_conditions(local.conditional, device))
-        return values
+        conditions: dict[str, dict[str, float]] = {}
+        top = None
+        if measurement.conditional is not None:
+            conditions, top = self._condition_values(measurement.conditional, device)
+            for name, metrics in conditions.items():
+                values.update({f"cond/{name}/{m}": v for m, v in metrics.items()})
+            values["most_memorized_condition"] = float(list(conditions).index(top)) if top is not None else math.nan
+        return values, conditions, top
+
+    def _metric_values(
+        self, metric: MemorizationMetrics, res: SharpnessResult, nn_ratio: Tensor | None, device: torch.device
+    ) -> dict[str, float]:
+        metric = metric.to(device)
+        metric.reset()
+        metric.update(
+            res.sharp_fraction.to(device),
+            res.lid.to(device),
+            res.eigenvalues[:, 0].to(device),
+            res.normalized.mean(1).to(device),
+            res.score.to(device),
+            None if nn_ratio is None else nn_ratio.to(device),
+        )
+        return {name: float(v) for name, v in metric.compute().items()}
+
+    def _valid_or_nan(self, t: float, values: dict[str, float]) -> dict[str, float]:
+        """A check that lost too many probes is a failed measurement: every value but the count
+        of non-finite probes becomes NaN (the detector then neither counts it clean nor moves its
+        streak), with a warning."""
+        bad = int(values["nonfinite_count"])
+        if self.num_probes - bad >= self.min_valid_fraction * self.num_probes:
+            return values
+        rank_zero_warn(
+            f"memwatch: only {self.num_probes - bad} of {self.num_probes} probes gave finite values at "
+            f"t={format_timestep(t)} (below min_valid_fraction={self.min_valid_fraction:g}); the check's metrics "
+            "are NaN and it counts neither as clean nor toward onset"
+        )
+        return {name: (v if name == "nonfinite_count" else math.nan) for name, v in values.items()}
+
+    def _condition_values(
+        self, per_condition: dict[str, dict[str, Tensor]], device: torch.device
+    ) -> tuple[dict[str, dict[str, float]], str | None]:
+        """Per-condition means over every rank's probes and the most memorized condition."""
+        names = list(per_condition)
+        per_probe = torch.stack(
+            [torch.stack([per_condition[c][m].to(torch.float64) for m in CONDITION_METRICS], 1) for c in names], 1
+        )  # [r, C, M]
+        metric = self._condition_metrics.to(device)
+        metric.reset()
+        metric.update(per_probe.to(device))
+        means, top = metric.compute()
+        table = {c: {m: float(means[i, j]) for j, m in enumerate(CONDITION_METRICS)} for i, c in enumerate(names)}
+        return table, (names[int(top)] if int(top) >= 0 else None)
 
     def measure_probes(
         self, pl_module: pl.LightningModule, rows: slice = slice(None)
@@ -418,353 +479,47 @@ class MemorizationMonitor(Callback):
         decisions or logging. Put the module in eval mode first (a check does).
 
         Returns:
-            ``(samples, results)``: the final DDIM samples ``[n, *shape]`` on the CPU, and
+            ``(samples, results)``: the final samples ``[n, *shape]`` on the CPU, and
             ``{timestep: SharpnessResult}`` with the primary timestep first.
 
         Raises:
-            ValueError: the probe shape is unknown (before the first training batch, without
+            MemwatchError: the probe shape is unknown (before the first training batch, without
                 ``sample_shape``).
         """
-        return self._probe(self._score(pl_module), self._probe_noise()[rows], pl_module.device)
-
-    def _probe(
-        self, score: DiffusionScore, noise: Tensor, device: torch.device
-    ) -> tuple[Tensor, dict[float, SharpnessResult]]:
-        """DDIM probes from ``noise`` and their spectra at every evaluation timestep."""
-        times = self._eval_timesteps or self._timesteps_of(score)
-        traj = sample_trajectory(score, noise=noise, steps=self.sampler_steps, states_at=times, device=device)
-        results = {
-            t: measure_sharpness(
-                score,
-                traj.states[t],
-                t,
-                **self._spectrum_options(),
-                generator=torch.Generator().manual_seed(self.seed + 1),
-            )
-            for t in times
-        }
-        return traj.samples.detach().cpu(), results
-
-    def _decide(self, trainer: pl.Trainer, values: Mapping[str, float]) -> OnsetDecision:
-        decision = self.detector.update(trainer.global_step, values["memorized_fraction"])
-        if decision.clean and self.save_clean_checkpoint:
-            self.clean_step = trainer.global_step
-            self.clean_checkpoint_path = self._checkpoint_dir(trainer) / "memwatch-clean.ckpt"
-            trainer.save_checkpoint(self.clean_checkpoint_path, weights_only=False)  # resumable: callbacks too
-        if self.stop_on_onset:  # a collective on every rank at every check: one decision for all
-            if trainer.strategy.reduce_boolean_decision(decision.onset, all=False):
-                trainer.should_stop = True
-        return decision
-
-    def _publish(
-        self,
-        trainer: pl.Trainer,
-        values: dict[str, float],
-        results: dict[float, SharpnessResult],
-        samples: Tensor,
-        ratios: Tensor | None,
-        decision: OnsetDecision,
-    ) -> CheckResult:
-        step = trainer.global_step
-        values = dict(values, onset=float(decision.memorizing))
-        if self.clean_step is not None:
-            values["clean_step"] = float(self.clean_step)
-        self.history.append(dict(values, step=float(step)))
-        # trainer.callback_metrics is what EarlyStopping / ModelCheckpoint read
-        for name, value in values.items():
-            trainer.callback_metrics[f"memwatch/{name}"] = torch.tensor(value)
-        assert self._logger is not None
-        self._logger.define_metrics()
-        self._logger.log_scalars(values, step)
-        if trainer.is_global_zero and self._logger.loggers:
-            self._log_media(step, results, samples, ratios)
-        if decision.onset:
-            msg = (
-                f"memorization onset at step {step}: {decision.reason}. "
-                f"Last clean checkpoint: {self.clean_checkpoint_path} (step {self.clean_step})"
-            )
-            rank_zero_warn(f"memwatch: {msg}")
-            self._logger.alert("memwatch: memorization onset", msg)
-        elif self.verbose:
-            rank_zero_info(
-                f"memwatch step {step}: sharp fraction {values['sharp_fraction_mean']:.3f}, "
-                f"memorized {values['memorized_fraction']:.2f} ({values['check_seconds']:.1f}s)"
-            )
-        if self._conditions and self.verbose:
-            scores = torch.tensor([c["hessian_score_diff"] for c in self._condition_values.values()])
-            rank_zero_info(
-                f"memwatch step {step}: most memorized condition {self._most_memorized} "
-                f"(Hessian-weighted score difference {float(scores.nanmax()):.3g}, "
-                f"median over conditions {float(scores.nanmedian()):.3g})"
-            )
-        return CheckResult(step, values, results, samples, ratios, decision)
-
-    def _log_media(
-        self, step: int, results: dict[float, SharpnessResult], samples: Tensor, ratios: Tensor | None
-    ) -> None:
-        """Histograms (safe); spectrum, curves, probe table and condition chart (safe) if
-        ``log_figures``; the probe gallery if ``log_media``."""
-        assert self._logger is not None
-        primary = results[self._eval_timesteps[0]]
-        self._logger.log_histogram("normalized_eigenvalues", primary.normalized.flatten(), step)
-        self._logger.log_histogram("probe_score", primary.score, step)
-        if self.log_figures:
-            self._log_figures(step, results, ratios)
-        if self.log_media and samples.ndim >= 3:
-            from memwatch import plots
-
-            order = torch.nan_to_num(primary.score, nan=-1.0).argsort(descending=True)[:8]
-            neighbours = None if self._reference is None else self._reference[self._nearest[order].cpu()]
-            captions = [
-                f"score {float(primary.score[i]):.2f}" + ("" if ratios is None else f"\nd1/d2 {float(ratios[i]):.2f}")
-                for i in order
-            ]
-            self._logger.log_figure(
-                "most_memorized",
-                plots.plot_gallery(samples[order], neighbours=neighbours, captions=captions),
-                step,
-                private=True,
-            )
-
-    def _log_figures(self, step: int, results: dict[float, SharpnessResult], ratios: Tensor | None) -> None:
-        """Spectrum (first check vs now), metric curves, per-probe table, per-condition chart."""
-        from memwatch import plots
-
-        assert self._logger is not None
-        primary = results[self._eval_timesteps[0]]
-        grid = torch.linspace(-1.6, 0.4, 201)
-        density = torch.nanmean(primary.density(grid), 0)
-        if self._first_density is None:
-            self._first_density = density
-        self._logger.log_figure(
-            "spectrum",
-            plots.plot_spectrum(
-                {"first check": (grid, self._first_density), f"step {step}": (grid, density)},
-                threshold=-self.threshold,
-            ),
-            step,
-        )
-        steps = [h["step"] for h in self.history]
-        curves = {
-            name: (steps, [h[name] for h in self.history])
-            for name in ("sharp_fraction_mean", "memorized_fraction", "nn_memorized_fraction")
-            if name in self.history[-1]
-        }
-        self._logger.log_figure(
-            "curves",
-            plots.plot_metric_curves(curves, onsets={"memorized_fraction": self.onset_step}, ylabel="value"),
-            step,
-        )
-        columns = ["probe", "t", "sharp_fraction", "lid", "lambda_min", "trace", "score", "nn_ratio"]
-        rows = [
-            [
-                i,
-                t,
-                *(float(v) for v in (r.sharp_fraction[i], r.lid[i], r.eigenvalues[i, 0], r.trace[i], r.score[i])),
-                None if ratios is None else float(ratios[i]),
-            ]
-            for t, r in results.items()
-            for i in range(len(r.score))
-        ]
-        self._logger.log_table("probes", columns, rows, step)
-        if self._conditions:
-            self._log_conditions(step)
-
-    # ------------------------------------------------------------------ conditions (issue #6)
-    def _measure_conditions(
-        self, score: DiffusionScore, noise: Tensor, device: torch.device
-    ) -> dict[str, dict[str, Tensor]]:
-        """Per condition, the conditional metrics of this rank's probes: ``{name: {metric: [r]}}``."""
-        from memwatch.conditional import conditional_metrics
-
-        names = list(self._conditions)
-        r = noise.shape[0]
-        stacked = torch.stack(list(self._conditions.values()))  # [C, ...]
-        try:
-            res = conditional_metrics(
-                score,
-                stacked.repeat_interleave(r, dim=0),  # condition-major: rows c*r … c*r + r - 1
-                noise=noise.repeat(len(names), *([1] * (noise.ndim - 1))),
-                steps=self.sampler_steps,
-                first_steps=self.condition_first_steps,  # None: conditional.default_first_steps
-                eval_t=self._eval_timesteps[0],
-                **self._spectrum_options(),
-                lanczos_generator=torch.Generator().manual_seed(self.seed + 1),
-                device=device,
-            )
-        except ValueError as err:
-            raise MemwatchError(f"memwatch `conditions`: {err}") from err
-        per_probe = {
-            "hessian_score_diff": res.hessian_score_diff_norm,
-            "score_diff": res.score_diff_norm,
-            "sharp_fraction_mean": res.sharp_fraction,
-        }
-        return {name: {m: v[i * r : (i + 1) * r] for m, v in per_probe.items()} for i, name in enumerate(names)}
-
-    def _sync_conditions(self, per_probe: dict[str, dict[str, Tensor]], device: torch.device) -> dict[str, float]:
-        """Per-condition means over every rank's probes, and the condition with the highest
-        Hessian-weighted score difference (the one that memorizes first)."""
-        from torchmetrics.aggregation import MeanMetric
-
-        values: dict[str, float] = {}
-        self._condition_values = {}
-        for name, metrics in per_probe.items():
-            self._condition_values[name] = {}
-            for metric_name, v in metrics.items():
-                mean = MeanMetric(nan_strategy="ignore").to(device)  # synced over ranks on compute
-                mean.update(v.to(device))
-                self._condition_values[name][metric_name] = float(mean.compute())
-                values[f"cond/{name}/{metric_name}"] = self._condition_values[name][metric_name]
-        names = list(per_probe)
-        scores = torch.tensor([c["hessian_score_diff"] for c in self._condition_values.values()])
-        self._most_memorized = names[int(torch.nan_to_num(scores, nan=-math.inf).argmax())]
-        values["most_memorized_condition"] = float(self._most_memorized)  # the int label, else the index
-        return values
-
-    def _log_conditions(self, step: int) -> None:
-        """Table and bar chart of the per-condition metrics, the most memorized one flagged."""
-        from memwatch import plots
-
-        assert self._logger is not None
-        names = list(self._condition_values)
-        metrics = ("hessian_score_diff", "score_diff", "sharp_fraction_mean")
-        top = names.index(self._most_memorized)
-        rows = [[c, *(self._condition_values[c][m] for m in metrics), i == top] for i, c in enumerate(names)]
-        self._logger.log_table("conditions", ["condition", *metrics, "most_memorized"], rows, step)
-        figure = plots.plot_condition_metrics(
-            {m: [self._condition_values[c][m] for c in names] for m in metrics},
-            names,
-            flagged=top,
-            title=f"memwatch: per-condition metrics at step {step}",
-        )
-        self._logger.log_figure("conditions", figure, step)
+        score = self._score(pl_module)
+        if not self._eval_timesteps:
+            self._eval_timesteps = evaluation_timesteps(score.schedule, self.sigmas, self.timesteps)
+        m = self.probes.measure(score, options=self.options, rows=rows, device=pl_module.device)
+        return m.samples, m.results
 
     # ------------------------------------------------------------------ helpers
     def _score(self, pl_module: pl.LightningModule) -> DiffusionScore:
-        score = find_score(pl_module, self.score_fn)
-        if self.ema_attr is not None:
-            ema = getattr(pl_module, self.ema_attr, None)
-            if not isinstance(ema, nn.Module):
-                raise MemwatchError(
-                    f"`ema_attr`={self.ema_attr!r} does not name an nn.Module on {type(pl_module).__name__}"
-                )
-            score = score.with_model(getattr(ema, "module", ema))
-        return score
+        return with_ema(find_score(pl_module, self.score_fn), pl_module, self.ema_attr)
 
-    def _timesteps_of(self, score: DiffusionScore) -> list[float]:
-        """The evaluation timesteps in the schedule's units, primary first, without repeats."""
-        if self.timesteps is not None:
-            times = [float(score.schedule.check_t(t, "timesteps")) for t in self.timesteps]
-        else:
-            times = [float(score.schedule.timestep_for_sigma(s)) for s in self.sigmas]
-        return list(dict.fromkeys(times))
-
-    def _probe_noise(self) -> Tensor:
-        """``[num_probes, *sample_shape]`` start noise of the probes: the same at every check."""
-        if self.sample_shape is None:
-            raise MemwatchError("memwatch could not infer the probe shape; pass `sample_shape=`")
-        return probe_noise(self.num_probes, self.sample_shape, generator=torch.Generator().manual_seed(self.seed))
-
-    def _spectrum_options(self) -> dict[str, Any]:
-        """The :func:`memwatch.measure_sharpness` options this monitor was configured with."""
-        return {
-            "k": self.k,
-            "threshold": self.threshold,
-            "method": self.method,
-            "num_iters": self.num_iters,
-            "num_vectors": self.num_vectors,
-            "max_batch": self.max_batch,
-        }
-
-    def _check_k(self, shape: Sequence[int]) -> None:
+    def _check_shape(self, shape: Sequence[int]) -> None:
         dim = math.prod(shape)
-        if self.k > dim:
-            raise MemwatchError(f"`k`={self.k} is larger than the sample dimension d={dim} (shape {tuple(shape)})")
+        if self.options.k > dim:
+            raise MemwatchError(
+                f"`k`={self.options.k} is larger than the sample dimension d={dim} (shape {tuple(shape)})"
+            )
+        self.options.check_dim(dim)
 
-    def _checkpoint_dir(self, trainer: pl.Trainer) -> Path:
-        if self.dirpath is not None:
-            return self.dirpath
-        return Path(trainer.log_dir or trainer.default_root_dir) / "memwatch"
+    def _save_clean_checkpoint(self, trainer: pl.Trainer) -> None:
+        """Write the clean checkpoint atomically (every rank takes part); a failed save keeps the
+        previous one and is a warning, never a crash."""
+        assert self._clean_dir is not None
+        previous = (self.clean_step, self.clean_checkpoint_path)
+        # set first, so that a "full" checkpoint's own callback state names itself
+        self.clean_step, self.clean_checkpoint_path = trainer.global_step, self._clean_dir / CLEAN_CHECKPOINT_NAME
+        outcome = save_clean_checkpoint(
+            trainer, self._clean_dir, mode=self.clean_checkpoint_mode, raise_errors=self.raise_errors
+        )
+        if not outcome.ok:
+            self.clean_step, self.clean_checkpoint_path = previous
+            rank_zero_warn(outcome.failure_message(previous_step=self.clean_step))
 
 
 # ---------------------------------------------------------------------- module-level helpers
-def find_score(pl_module: pl.LightningModule, score_fn: ScoreFn | None = None) -> DiffusionScore:
-    """The module's :class:`DiffusionScore`: ``score_fn(pl_module)``, else ``pl_module.memwatch_score()``,
-    else a diffusers ``UNet2DModel`` and a scheduler found among the module's attributes.
-
-    Raises:
-        ValueError: none of these applies (the message says what to add).
-    """
-    if score_fn is not None:
-        score = score_fn(pl_module)
-    elif callable(getattr(pl_module, "memwatch_score", None)):
-        score = pl_module.memwatch_score()
-    else:
-        score = _diffusers_score(pl_module)
-    if not isinstance(score, DiffusionScore):
-        raise MemwatchError(f"the score must be a memwatch.DiffusionScore, got {type(score).__name__}")
-    return score
-
-
-def _diffusers_score(pl_module: pl.LightningModule) -> DiffusionScore:
-    unet = next((m for m in vars(pl_module)["_modules"].values() if type(m).__name__ == "UNet2DModel"), None)
-    scheduler = next(
-        (v for v in vars(pl_module).values() if hasattr(v, "alphas_cumprod") and hasattr(v, "config")), None
-    )
-    if unet is None or scheduler is None:
-        raise MemwatchError(
-            f"memwatch cannot find the score of {type(pl_module).__name__}: pass "
-            "`MemorizationMonitor(score_fn=lambda module: memwatch.DiffusionScore(...))`, or add a "
-            "`memwatch_score()` method returning a memwatch.DiffusionScore, or keep a diffusers "
-            "UNet2DModel and its scheduler as attributes of the module"
-        )
-    prediction = getattr(scheduler.config, "prediction_type", "epsilon")
-    return DiffusionScore(unet, NoiseSchedule.from_diffusers(scheduler), prediction=prediction)
-
-
-def _diffusers_sample_shape(model: Any) -> tuple[int, ...] | None:
-    config = getattr(model, "config", None)
-    size = getattr(config, "sample_size", None)
-    channels = getattr(config, "in_channels", None)
-    if size is None or channels is None:
-        return None
-    h, w = (size, size) if isinstance(size, int) else size
-    return (int(channels), int(h), int(w))
-
-
-def _batch_sample_shape(batch: Any, key: str | None) -> tuple[int, ...]:
-    if key is not None:
-        if not isinstance(batch, Mapping) or key not in batch:
-            raise MemwatchError(f"`batch_key`={key!r} is not a key of the training batch")
-        return tuple(batch[key].shape[1:])
-    if isinstance(batch, Tensor):
-        return tuple(batch.shape[1:])
-    items = batch.values() if isinstance(batch, Mapping) else batch
-    for item in items:
-        if isinstance(item, Tensor):
-            return tuple(item.shape[1:])
-    raise MemwatchError("memwatch cannot infer the probe shape from the batch; pass `sample_shape=` or `batch_key=`")
-
-
-def _materialize(data: Any) -> Tensor:
-    if isinstance(data, Tensor):
-        return data.detach().cpu()
-    from memwatch.groundtruth import first_tensor
-
-    return torch.cat([first_tensor(b).detach().cpu() for b in data])
-
-
-def _shard(n: int, world_size: int, rank: int) -> slice:
-    """This rank's contiguous share of ``n`` probes (the first ``n % world_size`` ranks get one more)."""
-    base, extra = divmod(n, world_size)
-    start = rank * base + min(rank, extra)
-    return slice(start, start + base + (rank < extra))
-
-
-def _fmt(t: float) -> str:
-    return str(int(t)) if float(t).is_integer() else f"{t:g}"
-
-
 @contextlib.contextmanager
 def _isolated(pl_module: nn.Module) -> Iterator[None]:
     """Eval mode, frozen parameters, no autocast, isolated RNG; everything restored afterwards."""
@@ -785,13 +540,39 @@ def _isolated(pl_module: nn.Module) -> Iterator[None]:
 
 
 def _check_cadence(name: str, value: int | None) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise MemwatchError(f"`{name}` must be a positive integer or None, got {value!r}")
+    if value is not None:
+        _check_int(name, value, 1, allow="or None")
 
 
-def _check_positive_int(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise MemwatchError(f"`{name}` must be a positive integer, got {value!r}")
+def _check_int(name: str, value: object, low: int, allow: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        what = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise MemwatchError(f"`{name}` must be {what}{' ' + allow if allow else ''}, got {value!r}")
+
+
+def _check_fraction(name: str, value: object, *, low_open: bool = False, high_closed: bool = False) -> None:
+    """``value`` must be a number in ``[0, 1)`` (or ``(0, 1]`` etc. as asked)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > 0 if low_open else value >= 0) and (value <= 1 if high_closed else value < 1)
+    if not ok:
+        interval = f"{'(' if low_open else '['}0, 1{']' if high_closed else ')'}"
+        raise MemwatchError(f"`{name}` must be a number in {interval}, got {value!r}")
+
+
+def _check_levels(name: str, values: object, positive: bool = True) -> tuple[float, ...]:
+    """A non-empty sequence of finite (positive) numbers, as floats."""
+    if isinstance(values, (str, bytes, Tensor)) or not isinstance(values, Sequence) or len(values) == 0:
+        raise MemwatchError(
+            f"`{name}` must be a non-empty sequence of {'positive ' if positive else ''}numbers "
+            f"(e.g. {name}=(0.3,)), got {values!r}"
+        )
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (positive and v <= 0):
+            raise MemwatchError(f"`{name}` must hold finite {'positive ' if positive else ''}numbers, got {values!r}")
+        out.append(float(v))
+    return tuple(out)
 
 
 def _check_conditions(

@@ -40,7 +40,7 @@ from torchmetrics.utilities.data import dim_zero_cat
 
 from memwatch.errors import MemwatchError
 
-__all__ = ["MemorizationMetrics", "memorization_metrics"]
+__all__ = ["ConditionalMetrics", "MemorizationMetrics", "conditional_summary", "memorization_metrics"]
 
 _PROBE_FIELDS = ("sharp_fraction", "lid", "lambda_min", "normalized_mean", "score")
 
@@ -319,3 +319,82 @@ class MemorizationMetrics(Metric):
             values["nn_ratio"] = _cat(self.nn_ratio, self.device)
         nonfinite = _cat(self.nonfinite, self.device).sum()
         return _memorization_compute(values, nonfinite, self.score_threshold, self.nn_threshold)
+
+
+# ---------------------------------------------------------------------- conditional models
+def _conditional_update(per_probe: Tensor) -> Tensor:
+    """Check one shard of per-probe conditional metrics ``[r, C, M]`` (probes × conditions ×
+    metrics) and return it as float64."""
+    if not isinstance(per_probe, Tensor) or per_probe.ndim != 3:
+        raise MemwatchError(
+            "`per_probe` must be a tensor [probes, conditions, metrics], got "
+            f"{type(per_probe).__name__} {tuple(getattr(per_probe, 'shape', ()))}"
+        )
+    return per_probe.detach().to(torch.float64)
+
+
+def _conditional_compute(per_probe: Tensor, ranking_metric: int) -> tuple[Tensor, Tensor]:
+    """Per-condition means over the finite probes ``[C, M]`` (NaN where a condition has none)
+    and the index of the condition with the largest mean of metric ``ranking_metric`` (-1 when
+    every condition's value is NaN)."""
+    means = per_probe.nanmean(0) if per_probe.shape[0] else per_probe.new_full(per_probe.shape[1:], float("nan"))
+    ranking = torch.nan_to_num(means[:, ranking_metric], nan=-math.inf)
+    top = ranking.argmax() if bool(torch.isfinite(ranking).any()) else torch.tensor(-1)
+    return means, top
+
+
+def conditional_summary(per_probe: Tensor, ranking_metric: int = 0) -> tuple[Tensor, Tensor]:
+    """Functional twin of :class:`ConditionalMetrics`: ``(means [C, M], most memorized index)``.
+
+    Example:
+        >>> per_probe = torch.tensor([[[0.1, 1.0], [0.9, 2.0]], [[0.3, float("nan")], [0.7, 4.0]]])
+        >>> means, top = conditional_summary(per_probe)
+        >>> means, int(top)
+        (tensor([[0.2000, 1.0000],
+                [0.8000, 3.0000]], dtype=torch.float64), 1)
+    """
+    return _conditional_compute(_conditional_update(per_probe), ranking_metric)
+
+
+class ConditionalMetrics(Metric):
+    """Per-condition means of per-probe conditional metrics, synchronized across DDP ranks.
+
+    Each rank updates with its shard of the probes, ``[r, C, M]`` (probes × conditions ×
+    metrics, e.g. Jeon et al.'s Hessian-weighted score difference, Wen et al.'s score difference,
+    the conditional sharp fraction); the state is concatenated over ranks along the probes, and
+    :meth:`compute` returns the means over every finite probe, ``[C, M]``, and the condition
+    with the largest mean ``ranking_metric`` — the one that memorizes first.
+
+    Args:
+        ranking_metric: index of the metric that ranks the conditions (default 0).
+
+    Example:
+        >>> metric = ConditionalMetrics()
+        >>> metric.update(torch.tensor([[[0.1], [0.9]]]))
+        >>> metric.update(torch.tensor([[[0.3], [0.7]]]))
+        >>> means, top = metric.compute()
+        >>> means.flatten().tolist(), int(top)
+        ([0.2, 0.8], 1)
+    """
+
+    is_differentiable = False
+    higher_is_better: bool | None = None
+    full_state_update = False
+
+    per_probe: list[Tensor]
+
+    def __init__(self, ranking_metric: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if isinstance(ranking_metric, bool) or not isinstance(ranking_metric, int) or ranking_metric < 0:
+            raise MemwatchError(f"`ranking_metric` must be an integer >= 0, got {ranking_metric!r}")
+        self.ranking_metric = ranking_metric
+        self.add_state("per_probe", default=[], dist_reduce_fx="cat")
+
+    def update(self, per_probe: Tensor) -> None:
+        """Add one shard ``[r, C, M]`` of per-probe values."""
+        self.per_probe.append(_conditional_update(per_probe).to(self.device))
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        """``(means [C, M], index of the most memorized condition)`` over every probe since reset."""
+        state = self.per_probe if isinstance(self.per_probe, Tensor) else dim_zero_cat(self.per_probe)
+        return _conditional_compute(state, self.ranking_metric)

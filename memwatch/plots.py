@@ -110,6 +110,8 @@ def plot_spectrum(
     threshold: float | None = -0.5,
     title: str = "Hessian spectrum (SLQ density)",
     log_y: bool = False,
+    styles: Mapping[str, Mapping[str, Any]] | None = None,
+    legend_below: bool = False,
 ) -> Figure:
     """Plot spectral densities of the score Hessian over normalized eigenvalues ``σ_t² λ``.
 
@@ -126,6 +128,9 @@ def plot_spectrum(
             with the region left of it lightly shaded. ``None`` draws neither.
         title: figure title.
         log_y: use a logarithmic density axis (shows small bumps next to a large one).
+        styles: ``label -> matplotlib line keywords`` (``color``, ``linestyle``, ``lw``, …) for
+            that entry's line, plus ``fill_alpha`` for the shading under it (default 0.12).
+        legend_below: put the legend below the axes instead of inside them.
 
     Returns:
         A 6×4 in Figure with one Axes: one line per entry (plus one for the threshold).
@@ -164,8 +169,10 @@ def plot_spectrum(
             part = float(_trapezoid(ys, xs)) if xs.size > 1 else 0.0
             if total > 0:
                 shown = f"{label}  (sharp {part / total:.2f})"
-        (line,) = ax.plot(grid, dens, lw=1.8, label=shown)
-        ax.fill_between(grid, dens, color=line.get_color(), alpha=0.12, lw=0)
+        style = dict((styles or {}).get(label, {}))
+        fill_alpha = style.pop("fill_alpha", 0.12)
+        (line,) = ax.plot(grid, dens, **{"lw": 1.8, **style, "label": shown})
+        ax.fill_between(grid, dens, color=line.get_color(), alpha=fill_alpha, lw=0)
     if threshold is not None:
         ax.axvspan(min(lo, threshold), threshold, color="0.5", alpha=0.1, lw=0)
         ax.axvline(threshold, color="0.25", ls="--", lw=1.2, label=f"sharp threshold at {_num(threshold)}")
@@ -180,7 +187,11 @@ def plot_spectrum(
     ax.set_ylabel("spectral density (per unit $\\sigma_t^2\\lambda$)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="best")
+    if legend_below:
+        handles, labels = ax.get_legend_handles_labels()
+        fig.legend(handles, labels, fontsize="small", loc="outside lower center", ncols=2)
+    else:
+        ax.legend(fontsize="small", loc="best")
     return fig
 
 
@@ -193,6 +204,10 @@ def plot_metric_curves(
     onsets: Mapping[str, int | None] | None = None,
     ylabel: str = "sharp fraction",
     title: str = "Memorization metric during training",
+    styles: Mapping[str, Mapping[str, Any]] | None = None,
+    onset_labels: Mapping[str, str] | None = None,
+    hlines: Mapping[str, float] | None = None,
+    ylim: tuple[float, float] | None = None,
 ) -> Figure:
     """Plot one metric against the training step for one or more runs, with onset markers.
 
@@ -203,9 +218,15 @@ def plot_metric_curves(
             Labels must be keys of ``curves``.
         ylabel: y-axis label (the metric and its unit, e.g. ``"sharp fraction"``).
         title: figure title.
+        styles: ``label -> matplotlib line keywords`` (``color``, ``linestyle``, ``marker``, …)
+            for that curve (default: the next colour, round markers).
+        onset_labels: ``label -> name`` used in the onset line's legend entry (default: the label).
+        hlines: ``legend text -> y`` of dotted horizontal reference lines (e.g. a threshold).
+        ylim: y-axis limits.
 
     Returns:
-        A 6×4 in Figure with one Axes: one line per curve plus one per non-``None`` onset.
+        A 6×4 in Figure with one Axes: one line per curve, one per non-``None`` onset, one per
+        ``hlines`` entry.
 
     Raises:
         ValueError: ``curves`` is empty, an entry is malformed, or ``onsets`` names an unknown run.
@@ -227,12 +248,18 @@ def plot_metric_curves(
     for label, pair in curves.items():
         steps, values = _curve_pair(label, pair, "curves")
         order = np.argsort(steps, kind="stable")
-        (line,) = ax.plot(steps[order], values[order], marker="o", ms=4, lw=1.6, label=label)
+        style = {"marker": "o", "ms": 4, "lw": 1.6, **(styles or {}).get(label, {}), "label": label}
+        (line,) = ax.plot(steps[order], values[order], **style)
         colours[label] = line.get_color()
     for label, step in onsets.items():
         if step is None:
             continue
-        ax.axvline(float(step), color=colours[label], ls="--", lw=1.3, label=f"onset ({label}) @ step {int(step)}")
+        name = (onset_labels or {}).get(label, label)
+        ax.axvline(float(step), color=colours[label], ls="--", lw=1.3, label=f"onset ({name}) @ step {int(step)}")
+    for text, y in (hlines or {}).items():
+        ax.axhline(y, color="0.4", ls=":", lw=1.2, label=text)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -13,7 +13,9 @@ import lightning.pytorch as pl
 import torch
 from callback_setup import datamodule, memorizing_data, module_2d
 
-from memwatch.callback import MemorizationMonitor, _shard, find_score
+from memwatch.callback import MemorizationMonitor
+from memwatch.discovery import find_score
+from memwatch.probes import shard
 
 warnings.filterwarnings("ignore")
 warnings.filterwarnings("always", message="memwatch: the check", category=RuntimeWarning)
@@ -55,7 +57,7 @@ def main(out: Path, fail: bool) -> None:
         default_root_dir=out,
     )
     trainer.fit(module_2d(), datamodule(memorizing_data(), batch_size=64))
-    rows = _shard(16, trainer.world_size, trainer.global_rank)
+    rows = shard(16, trainer.world_size, trainer.global_rank)
     report = {
         "world_size": trainer.world_size,
         "onset_step": monitor.onset_step,

@@ -1,0 +1,33 @@
+"""The monitor's default settings, named once.
+
+:class:`memwatch.MemorizationMonitor`, the demo, ``memwatch scan`` and the validation study read
+these names instead of repeating the numbers. The detection defaults (noise level, thresholds)
+are the validation study's choice on held-out seeds (``docs/validation.md``), for data scaled to
+about ``[-1, 1]``.
+"""
+
+from __future__ import annotations
+
+from memwatch.sharpness import SharpnessOptions
+
+__all__ = [
+    "EVERY_N_TRAIN_STEPS",
+    "MIN_VALID_FRACTION",
+    "NUM_PROBES",
+    "ONSET_THRESHOLD",
+    "PATIENCE",
+    "SAMPLER_STEPS",
+    "SCORE_THRESHOLD",
+    "SHARPNESS",
+    "SIGMAS",
+]
+
+EVERY_N_TRAIN_STEPS = 500  #: check cadence, optimizer steps
+NUM_PROBES = 32  #: probes per check
+SAMPLER_STEPS = 50  #: sampler steps per probe
+SIGMAS = (0.3,)  #: evaluation noise levels σ_t (data units); the first is the primary one
+SCORE_THRESHOLD = 0.9  #: a probe is memorized when its sharp fraction exceeds this
+ONSET_THRESHOLD = 0.2  #: onset when more than this share of the probes is memorized ...
+PATIENCE = 2  #: ... at this many checks in a row
+MIN_VALID_FRACTION = 0.5  #: a check with fewer finite probes than this share is a failed check
+SHARPNESS = SharpnessOptions()  #: spectrum settings (k, threshold τ, method, Lanczos sizes)

@@ -1,0 +1,239 @@
+"""What one check measures for a model, without a Trainer: draw the probes, measure them.
+
+A *probe* is a sample drawn from the model under training from a fixed start noise (the same
+seeds at every check), by the model's own sampler. :class:`ProbeSet` holds everything that
+makes a check's probes and measurements repeatable — the start noise, the sampler and its step
+count, the evaluation timesteps, the spectrum options, the seed of the Lanczos / trace vectors —
+and :meth:`ProbeSet.measure` returns per-probe results for a given score:
+
+* the final samples ``[n, *shape]``,
+* a :class:`memwatch.SharpnessResult` at every evaluation timestep (primary first),
+* with training data given, the nearest-neighbour ground truth (``d₁/d₂`` and the nearest
+  item's index, for attribution),
+* with conditions given, per condition the conditional metrics of :mod:`memwatch.conditional`.
+
+The callback, ``memwatch scan`` and the demo all go through this one code path, so the same
+weights give the same numbers wherever they are measured.
+
+Example:
+    >>> from memwatch.schedules import NoiseSchedule
+    >>> from memwatch.score import DiffusionScore
+    >>> score = DiffusionScore(lambda x, t: 0.1 * x, NoiseSchedule.linear(100))
+    >>> probes = ProbeSet((2,), num_probes=4, sampler_steps=5, timesteps=evaluation_timesteps(score.schedule, (0.3,)))
+    >>> m = probes.measure(score, options=SharpnessOptions(k=2))
+    >>> m.samples.shape, m.primary.sharp_fraction.shape
+    (torch.Size([4, 2]), torch.Size([4]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from memwatch.errors import MemwatchError
+from memwatch.groundtruth import nearest_neighbours
+from memwatch.sampling import probe_noise, sample_trajectory
+from memwatch.schedules import NoiseSchedule
+from memwatch.score import DiffusionScore
+from memwatch.sharpness import SharpnessOptions, SharpnessResult, measure_sharpness
+
+__all__ = ["ProbeMeasurement", "ProbeSet", "evaluation_timesteps", "shard"]
+
+#: per-probe conditional metrics kept for each condition (names logged under ``cond/{name}/``)
+CONDITION_METRICS = ("hessian_score_diff", "score_diff", "sharp_fraction_mean")
+
+
+@dataclass(frozen=True)
+class ProbeMeasurement:
+    """Per-probe results of one measurement (all on the CPU).
+
+    Attributes:
+        samples: ``[n, *shape]`` the probes' final samples.
+        results: evaluation timestep → :class:`memwatch.SharpnessResult` of the probes' states
+            there, the primary timestep first.
+        nn_ratio: ``[n]`` ``d₁/d₂`` of each probe to the reference data (``None`` without it).
+        nearest: ``[n]`` index of each probe's nearest reference item (``None`` without it).
+        conditional: ``{condition name: {metric: [n]}}`` with the metrics of
+            ``CONDITION_METRICS`` (``None`` without conditions).
+    """
+
+    samples: Tensor
+    results: dict[float, SharpnessResult]
+    nn_ratio: Tensor | None = None
+    nearest: Tensor | None = None
+    conditional: dict[str, dict[str, Tensor]] | None = None
+
+    @property
+    def primary(self) -> SharpnessResult:
+        """The result at the primary (first) evaluation timestep."""
+        return next(iter(self.results.values()))
+
+
+def evaluation_timesteps(
+    schedule: NoiseSchedule, sigmas: Sequence[float] | None = None, timesteps: Sequence[float] | None = None
+) -> list[float]:
+    """The evaluation timesteps in the schedule's units, primary first, without repeats.
+
+    ``timesteps`` (schedule units) win over ``sigmas`` (noise levels σ_t, each mapped to the
+    timestep whose σ_t is nearest).
+
+    Raises:
+        MemwatchError: a σ outside the schedule's range ``[σ(t_min), σ(t_max)]`` (it would be
+            silently clamped to an end of the schedule) or a timestep outside ``[t_min, t_max]``.
+
+    Example:
+        >>> evaluation_timesteps(NoiseSchedule.linear(1000), (0.3, 0.5))
+        [46.0, 132.0]
+    """
+    if timesteps is not None:
+        times = [float(schedule.check_t(t, "timesteps")) for t in timesteps]
+    else:
+        if not sigmas:
+            raise MemwatchError(f"`sigmas` must be a non-empty sequence of noise levels, got {sigmas!r}")
+        lo, hi = float(schedule.sigma(schedule.t_min)), float(schedule.sigma(schedule.t_max))
+        for s in sigmas:
+            if not lo <= s <= hi:
+                raise MemwatchError(
+                    f"`sigmas` must lie in this {schedule.kind} schedule's range [{lo:.4g}, {hi:.4g}] of σ_t, got {s!r}"
+                )
+        times = [float(schedule.timestep_for_sigma(s)) for s in sigmas]
+    return list(dict.fromkeys(times))
+
+
+def shard(n: int, world_size: int, rank: int) -> slice:
+    """This rank's contiguous share of ``n`` probes (the first ``n % world_size`` ranks get one more).
+
+    Example:
+        >>> [shard(5, 2, r) for r in (0, 1)]
+        [slice(0, 3, None), slice(3, 5, None)]
+    """
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
+class ProbeSet:
+    """The probes of a monitor: the same start noise, sampler and measurement at every check.
+
+    Args:
+        shape: probe shape (one sample, without the batch axis), e.g. ``(3, 32, 32)``.
+        num_probes: number of probes ``n``.
+        sampler_steps: steps of the probe sampler.
+        timesteps: evaluation timesteps in schedule units, primary first (see
+            :func:`evaluation_timesteps`).
+        seed: seed of the start noise; ``seed + 1`` seeds the Lanczos / trace vectors.
+
+    Raises:
+        MemwatchError: an empty or non-positive ``shape``, ``num_probes < 1`` or ``sampler_steps < 2``.
+    """
+
+    def __init__(
+        self, shape: Sequence[int], num_probes: int, sampler_steps: int, timesteps: Sequence[float], seed: int = 0
+    ) -> None:
+        if len(shape) == 0 or any(int(s) < 1 for s in shape):
+            raise MemwatchError(f"`sample_shape` must be a non-empty shape of positive sizes, got {tuple(shape)!r}")
+        if num_probes < 1 or sampler_steps < 2:
+            raise MemwatchError(
+                f"need `num_probes` >= 1 and `sampler_steps` >= 2, got {num_probes} and {sampler_steps}"
+            )
+        if not timesteps:
+            raise MemwatchError("`timesteps` must hold at least one evaluation timestep")
+        self.shape = tuple(int(s) for s in shape)
+        self.num_probes = num_probes
+        self.sampler_steps = sampler_steps
+        self.timesteps = [float(t) for t in timesteps]
+        self.seed = seed
+
+    def noise(self, rows: slice = slice(None)) -> Tensor:
+        """``[len(rows), *shape]`` start noise of the probes ``rows`` (the same at every call)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        return probe_noise(self.num_probes, self.shape, generator=generator)[rows]
+
+    def measure(
+        self,
+        score: DiffusionScore,
+        *,
+        options: SharpnessOptions | None = None,
+        rows: slice = slice(None),
+        device: torch.device | str | None = None,
+        reference: Tensor | None = None,
+        conditions: Mapping[str, Tensor] | None = None,
+        condition_first_steps: int | None = None,
+    ) -> ProbeMeasurement:
+        """Draw the probes ``rows`` from ``score`` and measure them at every evaluation timestep.
+
+        Args:
+            score: the model's score (in eval mode, as a check runs it).
+            options: spectrum settings (default ``SharpnessOptions()``).
+            rows: which probes (a DDP rank's shard, see :func:`shard`).
+            device: where to run (default: the score's device).
+            reference: ``[N, *shape]`` training samples for the nearest-neighbour ground truth.
+            conditions: name → one condition, for conditional models: each condition's probes
+                start from the same noise.
+            condition_first_steps: noisiest sampler steps the conditional metrics average over.
+
+        Returns:
+            :class:`ProbeMeasurement` of the probes ``rows``.
+        """
+        options = options or SharpnessOptions()
+        device = torch.device(device) if device is not None else score.device
+        noise = self.noise(rows)
+        traj = sample_trajectory(score, noise=noise, steps=self.sampler_steps, states_at=self.timesteps, device=device)
+        results = {t: self._sharpness(score, traj.states[t], t, options) for t in self.timesteps}
+        samples = traj.samples.detach().cpu()
+        nn_ratio = nearest = None
+        if reference is not None:
+            dist, idx = nearest_neighbours(samples, reference)
+            nn_ratio = (dist[:, 0] / dist[:, 1].clamp_min(torch.finfo(torch.float64).tiny)).float()
+            nearest = idx[:, 0]
+        conditional = None
+        if conditions:
+            conditional = self._conditional(score, noise, conditions, condition_first_steps, options, device)
+        return ProbeMeasurement(samples, results, nn_ratio, nearest, conditional)
+
+    # ------------------------------------------------------------------ private
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed + 1)
+
+    def _sharpness(self, score: DiffusionScore, x: Tensor, t: float, options: SharpnessOptions) -> SharpnessResult:
+        return measure_sharpness(score, x, t, options, generator=self._generator())
+
+    def _conditional(
+        self,
+        score: DiffusionScore,
+        noise: Tensor,
+        conditions: Mapping[str, Tensor],
+        first_steps: int | None,
+        options: SharpnessOptions,
+        device: torch.device,
+    ) -> dict[str, dict[str, Tensor]]:
+        """Per condition, the conditional metrics of these probes: ``{name: {metric: [r]}}``."""
+        from memwatch.conditional import conditional_metrics
+
+        names, r = list(conditions), noise.shape[0]
+        stacked = torch.stack([conditions[c] for c in names])  # [C, ...]
+        try:
+            res = conditional_metrics(
+                score,
+                stacked.repeat_interleave(r, dim=0),  # condition-major: rows c*r … c*r + r - 1
+                noise=noise.repeat(len(names), *([1] * (noise.ndim - 1))),
+                steps=self.sampler_steps,
+                first_steps=first_steps,
+                eval_t=self.timesteps[0],
+                k=options.k,
+                threshold=options.threshold,
+                method=options.method,
+                num_iters=options.num_iters,
+                num_vectors=options.num_vectors,
+                max_batch=options.max_batch,
+                jvp_mode=options.jvp_mode,
+                lanczos_generator=self._generator(),
+                device=device,
+            )
+        except ValueError as err:
+            raise MemwatchError(f"memwatch `conditions`: {err}") from err
+        per_probe = dict(zip(CONDITION_METRICS, (res.hessian_score_diff_norm, res.score_diff_norm, res.sharp_fraction)))
+        return {c: {m: v[i * r : (i + 1) * r] for m, v in per_probe.items()} for i, c in enumerate(names)}

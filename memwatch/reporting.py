@@ -1,0 +1,287 @@
+"""Publishing a finished check: what a person reads, on every logger, from a :class:`CheckResult`.
+
+The monitor measures and decides; :class:`CheckReporter` only turns a finished check into
+scalars, histograms, figures, tables, galleries, the onset alert and the console lines, through
+:class:`memwatch.loggers.MonitorLogger`. Every publishing step is guarded on its own: a failing
+figure is a warning (or, with ``raise_errors=True``, an error) and the scalars of the check are
+still logged.
+
+Privacy: galleries show probes beside their nearest training samples, so they are drawn only
+with ``log_media=True``; every other output holds numbers only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from memwatch.loggers import MonitorLogger
+from memwatch.onset import OnsetDecision
+from memwatch.probes import CONDITION_METRICS
+from memwatch.sharpness import SharpnessResult
+
+__all__ = ["CheckReporter", "CheckResult", "format_timestep"]
+
+_SPECTRUM_GRID = torch.linspace(-1.6, 0.4, 201)  # normalized eigenvalues σ_t²λ shown in spectra
+_GALLERY_SIZE = 8
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """Everything one check measured on this rank (see :meth:`MemorizationMonitor.on_check_end`).
+
+    Attributes:
+        step: the trainer's global step of the check.
+        values: the logged scalars without the ``memwatch/`` prefix (synced over ranks), including
+            ``onset`` and ``check_seconds``.
+        results: evaluation timestep → :class:`memwatch.SharpnessResult` of this rank's probes.
+        samples: ``[n, *shape]`` this rank's probes (final samples), on the CPU.
+        nn_ratio: ``[n]`` the probes' ``d₁/d₂`` to ``reference_data`` (``None`` without it).
+        decision: the onset detector's decision at this check.
+        nearest: ``[n]`` index of each probe's nearest reference item (``None`` without it).
+        conditions: condition name → its synced metric means (empty without ``conditions``).
+        most_memorized_condition: the condition with the largest Hessian-weighted score
+            difference (``None`` without conditions).
+    """
+
+    step: int
+    values: dict[str, float]
+    results: dict[float, SharpnessResult]
+    samples: Tensor
+    nn_ratio: Tensor | None
+    decision: OnsetDecision
+    nearest: Tensor | None = None
+    conditions: dict[str, dict[str, float]] = field(default_factory=dict)
+    most_memorized_condition: str | None = None
+
+    @property
+    def primary(self) -> SharpnessResult:
+        """The result at the primary (first) evaluation timestep."""
+        return next(iter(self.results.values()))
+
+
+def format_timestep(t: float) -> str:
+    """A timestep as it appears in metric names: ``46`` for integer steps, else ``%g``."""
+    return str(int(t)) if float(t).is_integer() else f"{t:g}"
+
+
+class CheckReporter:
+    """Publishes each finished check of a monitor on a :class:`MonitorLogger`.
+
+    Args:
+        logger: where everything goes (``MonitorLogger.from_trainer``).
+        threshold: ``τ`` of the spectrum (drawn as the sharp line ``σ_t² λ = -τ``).
+        log_figures: spectrum / curve / condition plots and the probe table.
+        log_media: galleries of probes beside their nearest training samples (privacy).
+        decode_fn: maps probes ``[n, *shape]`` to images ``[n, C, H, W]`` for galleries (e.g. a
+            VAE decoder for latent models); ``None``: the probes are the images.
+        verbose: print a line per check (rank zero).
+        raise_errors: re-raise a failing publishing step instead of warning.
+    """
+
+    def __init__(
+        self,
+        logger: MonitorLogger,
+        *,
+        threshold: float,
+        log_figures: bool = True,
+        log_media: bool = False,
+        decode_fn: Callable[[Tensor], Tensor] | None = None,
+        verbose: bool = True,
+        raise_errors: bool = False,
+    ) -> None:
+        self.logger = logger
+        self.threshold = threshold
+        self.log_figures = log_figures
+        self.log_media = log_media
+        self.decode_fn = decode_fn
+        self.verbose = verbose
+        self.raise_errors = raise_errors
+        self._first_density: Tensor | None = None
+        self._gallery_warned = False
+
+    # ------------------------------------------------------------------ public
+    def publish(
+        self,
+        check: CheckResult,
+        history: Sequence[dict[str, float]],
+        *,
+        onset_step: int | None,
+        clean_checkpoint: str | None,
+        reference: Tensor | None = None,
+    ) -> None:
+        """Log one finished check: scalars first, then media (rank zero), then alert / lines.
+
+        Args:
+            check: the check, its values already synced over ranks.
+            history: every check's values so far, this one last (for the curves).
+            onset_step: the detector's onset step (``None`` before onset).
+            clean_checkpoint: where the last clean checkpoint is (for the alert text).
+            reference: ``[N, *shape]`` training samples (for the gallery's neighbours).
+        """
+        with self._step("scalars"):
+            self.logger.define_metrics()
+            self.logger.log_scalars(check.values, check.step)
+        if self.logger.is_global_zero and self.logger.loggers:
+            with self._step("histograms"):
+                self.logger.log_histogram("normalized_eigenvalues", check.primary.normalized.flatten(), check.step)
+                self.logger.log_histogram("probe_score", check.primary.score, check.step)
+            if self.log_figures:
+                with self._step("figures"):
+                    self._figures(check, history, onset_step)
+                with self._step("tables"):
+                    self._tables(check)
+            if self.log_media:
+                with self._step("gallery"):
+                    self._gallery(check, reference)
+        with self._step("console"):
+            self._announce(check, clean_checkpoint)
+
+    def start_line(self, step: int, num_probes: int, num_timesteps: int) -> None:
+        """The line that opens a check (with ``verbose``)."""
+        if self.verbose:
+            rank_zero_info(f"memwatch step {step}: checking {num_probes} probes at {num_timesteps} timestep(s)…")
+
+    def progress_line(self, step: int, text: str) -> None:
+        """A progress line within a long check (with ``verbose``)."""
+        if self.verbose:
+            rank_zero_info(f"memwatch step {step}: {text}")
+
+    # ------------------------------------------------------------------ private
+    @contextlib.contextmanager
+    def _step(self, what: str) -> Iterator[None]:
+        """Run one publishing step; its failure is a warning unless ``raise_errors``."""
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - publishing must never stop training
+            if self.raise_errors:
+                raise
+            warnings.warn(
+                f"memwatch: publishing the check's {what} failed and was skipped: {type(err).__name__}: {err}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _figures(self, check: CheckResult, history: Sequence[dict[str, float]], onset_step: int | None) -> None:
+        from memwatch import plots
+
+        density = torch.nanmean(check.primary.density(_SPECTRUM_GRID), 0)
+        if self._first_density is None:
+            self._first_density = density
+        spectra = {
+            "first check": (_SPECTRUM_GRID, self._first_density),
+            f"step {check.step}": (_SPECTRUM_GRID, density),
+        }
+        self.logger.log_figure("spectrum", plots.plot_spectrum(spectra, threshold=-self.threshold), check.step)
+        steps = [h["step"] for h in history]
+        curves = {
+            name: (steps, [h.get(name, math.nan) for h in history])
+            for name in ("sharp_fraction_mean", "memorized_fraction", "nn_memorized_fraction")
+            if name in check.values
+        }
+        figure = plots.plot_metric_curves(curves, onsets={"memorized_fraction": onset_step}, ylabel="value")
+        self.logger.log_figure("curves", figure, check.step)
+        if check.conditions:
+            names = list(check.conditions)
+            figure = plots.plot_condition_metrics(
+                {m: [check.conditions[c][m] for c in names] for m in CONDITION_METRICS},
+                names,
+                flagged=names.index(check.most_memorized_condition) if check.most_memorized_condition else None,
+                title=f"memwatch: per-condition metrics at step {check.step}",
+            )
+            self.logger.log_figure("conditions", figure, check.step)
+
+    def _tables(self, check: CheckResult) -> None:
+        columns = ["probe", "t", "sharp_fraction", "lid", "lambda_min", "trace", "score", "nn_ratio"]
+        rows = [
+            [
+                i,
+                t,
+                *(float(v) for v in (r.sharp_fraction[i], r.lid[i], r.eigenvalues[i, 0], r.trace[i], r.score[i])),
+                None if check.nn_ratio is None else float(check.nn_ratio[i]),
+            ]
+            for t, r in check.results.items()
+            for i in range(len(r.score))
+        ]
+        self.logger.log_table("probes", columns, rows, check.step)
+        if check.conditions:
+            rows = [
+                [c, *(check.conditions[c][m] for m in CONDITION_METRICS), c == check.most_memorized_condition]
+                for c in check.conditions
+            ]
+            self.logger.log_table("conditions", ["condition", *CONDITION_METRICS, "most_memorized"], rows, check.step)
+
+    def _gallery(self, check: CheckResult, reference: Tensor | None) -> None:
+        """The most memorized probes beside their nearest training samples (``log_media``)."""
+        from memwatch import plots
+
+        score = check.primary.score
+        order = torch.nan_to_num(score, nan=-1.0).argsort(descending=True)[:_GALLERY_SIZE]
+        probes = self._images(check.samples[order])
+        neighbours = None
+        if reference is not None and check.nearest is not None:
+            neighbours = self._images(reference[check.nearest[order]])
+        if probes is None or (reference is not None and neighbours is None):
+            return
+        captions = [
+            f"score {float(score[i]):.2f}"
+            + ("" if check.nn_ratio is None else f"\nd1/d2 {float(check.nn_ratio[i]):.2f}")
+            for i in order
+        ]
+        figure = plots.plot_gallery(probes, neighbours=neighbours, captions=captions)
+        self.logger.log_figure("most_memorized", figure, check.step, private=True)
+
+    def _images(self, x: Tensor) -> Tensor | None:
+        """``x`` as ``[n, 1 or 3, H, W]`` images (decoded with ``decode_fn``), or ``None`` with one
+        warning when they cannot be shown."""
+        if self.decode_fn is not None:
+            with torch.no_grad():
+                x = self.decode_fn(x).detach().cpu()
+        if x.ndim == 4 and x.shape[1] in (1, 3):
+            return x
+        if not self._gallery_warned:
+            self._gallery_warned = True
+            hint = "" if self.decode_fn is not None else " (a latent model: pass `decode_fn=`, e.g. the VAE's decode)"
+            rank_zero_warn(
+                f"memwatch: probes of shape {tuple(x.shape[1:])} cannot be shown as images (need [C, H, W] with "
+                f"C = 1 or 3){hint}; the gallery is skipped"
+            )
+        return None
+
+    def _announce(self, check: CheckResult, clean_checkpoint: str | None) -> None:
+        """The onset alert (W&B) and warning, else the result line; the conditional line."""
+        values, decision = check.values, check.decision
+        if decision.onset:
+            msg = (
+                f"memorization onset at step {check.step}: {decision.reason}. "
+                f"Last clean checkpoint: {clean_checkpoint} (step {_int_or_none(values.get('clean_step'))})"
+            )
+            rank_zero_warn(f"memwatch: {msg}")
+            self.logger.alert("memwatch: memorization onset", msg)
+        elif self.verbose:
+            bad = int(values.get("nonfinite_count", 0))
+            rank_zero_info(
+                f"memwatch step {check.step}: sharp fraction {values['sharp_fraction_mean']:.3f}, "
+                f"memorized {values['memorized_fraction']:.2f}"
+                + (f", {bad} probe(s) not finite" if bad else "")
+                + f" ({values['check_seconds']:.1f}s)"
+            )
+        if check.conditions and self.verbose:
+            scores = torch.tensor([c["hessian_score_diff"] for c in check.conditions.values()], dtype=torch.float64)
+            finite = scores[torch.isfinite(scores)]
+            top, median = (float(finite.max()), float(finite.median())) if finite.numel() else (math.nan, math.nan)
+            rank_zero_info(
+                f"memwatch step {check.step}: most memorized condition {check.most_memorized_condition} "
+                f"(Hessian-weighted score difference {top:.3g}, median over conditions {median:.3g})"
+            )
+
+
+def _int_or_none(value: float | None) -> int | None:
+    return None if value is None or not math.isfinite(value) else int(value)
