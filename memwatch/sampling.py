@@ -101,10 +101,12 @@ class ProbeSampler(Protocol):
         >>> check_trajectory(traj, noise, [50.0]).states[50.0].shape
         torch.Size([2, 3])
 
-    To draw probes with a diffusers pipeline instead, run it on ``latents=noise`` (pipelines that
-    take ``latents``) with ``output_type="pt"`` and record the latents at the requested timesteps
-    from ``callback_on_step_end``; the states must be x_t at exactly those ``t``, so pick
-    ``states_at`` on the pipeline's grid (``pipe.scheduler.timesteps`` after ``set_timesteps``).
+    To draw probes with a diffusers pipeline instead (one that takes ``latents``), run it with
+    ``latents=noise``, ``num_inference_steps=steps``, ``output_type="latent"`` and a
+    ``callback_on_step_end`` that keeps ``callback_kwargs["latents"]``: after the step at grid
+    timestep t, a DDIM-family scheduler's latents are the state at ``t - T // steps``
+    (``T = scheduler.config.num_train_timesteps``; with "leading" spacing, the next grid timestep),
+    so key them by that value and choose ``states_at`` among those values.
     """
 
     def __call__(
@@ -180,12 +182,15 @@ def sample_trajectory(
     requested = {float(t): schedule.check_t(float(t), "states_at").to(torch.float64) for t in states_at}
     x = noise.to(device=run_device, dtype=dtype)
     eps = _eps_fn(score, cond, x.shape[0], run_device, max_batch)
+    data_range = None
     with torch.no_grad():
         if schedule.scheduler_config is not None:
-            samples, states, grid = _diffusers_ddim(schedule, eps, x, steps, requested)
+            ddim = schedule.ddim_scheduler(steps, prediction_type="epsilon")
+            samples, states = _diffusers_ddim(ddim, eps, x, requested)
+            grid, data_range = ddim.timesteps.cpu(), _clip_range(ddim.config)
         else:
             samples, states, grid = _memwatch_ddim(schedule, eps, x, steps, requested)
-    return Trajectory(samples=samples, states=states, timesteps=grid, data_range=expected_range(schedule))
+    return Trajectory(samples=samples, states=states, timesteps=grid, data_range=data_range)
 
 
 def sample(
@@ -217,10 +222,9 @@ def check_trajectory(traj: Any, noise: Tensor, states_at: Sequence[float]) -> Tr
         MemwatchError: naming ``sampler``, with what was expected and what came back.
 
     Example:
-        >>> noise = torch.zeros(2, 3)
-        >>> check_trajectory(Trajectory(samples=torch.zeros(2, 3), states={5.0: torch.zeros(2, 3)}), noise, [5])
-        ... # doctest: +ELLIPSIS
-        Trajectory(...)
+        >>> traj = Trajectory(samples=torch.zeros(2, 3), states={5.0: torch.zeros(2, 3)})
+        >>> check_trajectory(traj, torch.zeros(2, 3), [5]) is traj
+        True
     """
     expected = tuple(noise.shape)
     if not isinstance(traj, Trajectory):
@@ -257,13 +261,7 @@ def expected_range(schedule: NoiseSchedule) -> tuple[float, float] | None:
     """
     if schedule.scheduler_config is None:
         return None
-    config = schedule.ddim_scheduler(2).config  # the values DDIM applies (defaults filled in)
-    if config.thresholding:
-        return (-1.0, 1.0)
-    if config.clip_sample:
-        r = float(config.clip_sample_range)
-        return (-r, r)
-    return None
+    return _clip_range(schedule.ddim_scheduler(2).config)  # the values DDIM applies, defaults filled in
 
 
 def out_of_range(samples: Tensor, low: float, high: float, tolerance: float = 0.5) -> Tensor:
@@ -290,7 +288,7 @@ def out_of_range(samples: Tensor, low: float, high: float, tolerance: float = 0.
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise MemwatchError(f"`tolerance` must be a finite number >= 0, got {tolerance}")
     margin = tolerance * (high - low)
-    flat = samples.reshape(samples.shape[0], -1)
+    flat = samples.flatten(1) if samples.ndim > 1 else samples[:, None]
     inside = (flat >= low - margin) & (flat <= high + margin)  # NaN compares False
     return ~inside.all(dim=1)
 
@@ -335,10 +333,10 @@ def _memwatch_ddim(
 
 
 def _diffusers_ddim(
-    schedule: NoiseSchedule, eps_fn: EpsFn, x: Tensor, steps: int, requested: dict[float, Tensor]
-) -> tuple[Tensor, dict[float, Tensor], Tensor]:
-    """The ``DDIMPipeline`` loop with diffusers' ``DDIMScheduler``, fed ε̂; states as in the module docstring."""
-    ddim = schedule.ddim_scheduler(steps, prediction_type="epsilon")
+    ddim: Any, eps_fn: EpsFn, x: Tensor, requested: dict[float, Tensor]
+) -> tuple[Tensor, dict[float, Tensor]]:
+    """The ``DDIMPipeline`` loop with diffusers' ``DDIMScheduler`` ``ddim`` (timesteps set, fed ε̂);
+    states as in the module docstring."""
     grid = ddim.timesteps
     first = int(grid[0])
     wanted = {key: int(t) for key, t in requested.items()}
@@ -346,7 +344,7 @@ def _diffusers_ddim(
     if too_noisy:
         raise MemwatchError(
             f"`states_at` must be at most {first}, the first timestep of this {ddim.config.timestep_spacing!r}-spaced "
-            f"{steps}-step DDIM grid (a noisier state is never reached), got {too_noisy}"
+            f"{ddim.num_inference_steps}-step DDIM grid (a noisier state is never reached), got {too_noisy}"
         )
     jump = ddim.config.num_train_timesteps // ddim.num_inference_steps  # diffusers' prev_timestep offset
     x = x * ddim.init_noise_sigma
@@ -360,7 +358,16 @@ def _diffusers_ddim(
                 on_path = tau == int(t) - jump
                 states[key] = out.prev_sample if on_path else _ddim_to(ddim, out.pred_original_sample, eps, tau)
         x = out.prev_sample
-    return x, states, grid.cpu()
+    return x, states
+
+
+def _clip_range(config: Any) -> tuple[float, float] | None:
+    """``(low, high)`` a DDIM config projects x̂_0 into (thresholding first, as diffusers applies it)."""
+    if config.thresholding:
+        return (-1.0, 1.0)
+    if config.clip_sample:
+        return (-float(config.clip_sample_range), float(config.clip_sample_range))
+    return None
 
 
 def _ddim_to(ddim: Any, x0_hat: Tensor, eps: Tensor, t: int) -> Tensor:
