@@ -1,8 +1,31 @@
-"""Deterministic DDIM (η = 0) probe sampler.
+"""Deterministic DDIM (η = 0) probe sampler, stepped the way the model's own pipeline steps.
 
-One step from ``t`` to the next, less noisy ``t'`` (Song et al. 2021):
+One DDIM step from ``t`` to a less noisy ``t'`` (Song et al. 2021):
 
     ε̂ = -σ_t s(x_t, t),   x̂_0 = (x_t - σ_t ε̂) / α_t,   x_{t'} = α_{t'} x̂_0 + σ_{t'} ε̂.
+
+Two implementations of that step, chosen by the score's schedule:
+
+* **diffusers** — the schedule came from ``NoiseSchedule.from_diffusers(scheduler)`` and carries
+  the scheduler's config. The probes are stepped by diffusers' own
+  ``DDIMScheduler.from_config(config)`` (as ``DDIMPipeline`` builds it), so ``clip_sample`` /
+  ``clip_sample_range``, ``thresholding`` (``dynamic_thresholding_ratio``, ``sample_max_value``),
+  ``timestep_spacing``, ``steps_offset`` and ``set_alpha_to_one`` act on x̂_0 and on the grid
+  exactly as in the pipeline. The scheduler is fed ε̂ with ``prediction_type="epsilon"``
+  (:class:`~memwatch.score.DiffusionScore` has already converted v / x₀ / score predictions); the
+  result is the pipeline's, up to float rounding, whatever the original prediction type.
+* **memwatch** — any other schedule (linear, cosine, ``from_alphas_cumprod``, VP, EDM/VE): the
+  update above on ``schedule.sampling_timesteps(steps)``, without clipping.
+
+States at the evaluation timesteps ``states_at`` are x_t at exactly the requested t:
+
+* diffusers: the main trajectory is the pipeline's grid, untouched. A requested t that is the
+  grid's first timestep gets the start noise (the pipeline's own x there); a t reached exactly
+  by a pipeline step (``prev_timestep == t``) gets that step's result; any other t gets a side
+  DDIM step from the nearest noisier grid state t_j: ``x_t = √ᾱ_t x̂_0(t_j) + √(1-ᾱ_t) ε̂(t_j)``,
+  with x̂_0 clipped / thresholded as the pipeline clips it, and ε̂ unclipped as the pipeline
+  uses it. A t noisier than the grid's first timestep cannot be reached and is refused.
+* memwatch: the requested timesteps are inserted into the grid.
 
 The start noise comes from an explicit ``generator`` (drawn on the CPU, so the same seed gives
 the same probes on every device) and the update has no randomness: the same seed and weights
@@ -11,32 +34,92 @@ give bit-identical probes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from memwatch.errors import MemwatchError
-from memwatch.score import DiffusionScore
+from memwatch.schedules import NoiseSchedule
+from memwatch.score import DiffusionScore, broadcast_condition
 
-__all__ = ["Trajectory", "sample", "sample_trajectory", "probe_noise"]
+__all__ = [
+    "ProbeSampler",
+    "Trajectory",
+    "check_trajectory",
+    "expected_range",
+    "out_of_range",
+    "probe_noise",
+    "sample",
+    "sample_trajectory",
+]
+
+EpsFn = Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
 class Trajectory:
-    """Result of :func:`sample_trajectory`.
+    """Result of :func:`sample_trajectory` (or of a user's :class:`ProbeSampler`).
 
     Attributes:
-        samples: ``[n, *shape]`` final x̂_0.
-        states: requested timestep → ``[n, *shape]`` state x_t the sampler passed through at that
-            exact timestep (it is inserted into the sampling grid).
-        timesteps: the grid that was followed, noisiest first.
+        samples: ``[n, *shape]`` the sampler's output (diffusers: the last step's ``prev_sample``,
+            what the pipeline returns; memwatch: x̂_0 at the last grid timestep).
+        states: ``{float(t): [n, *shape]}`` for each requested ``t`` of ``states_at``, keyed by
+            exactly the value passed, holding x_t at exactly that ``t``.
+        timesteps: the grid the sampler followed ``[steps]`` (or more, see the module docstring),
+            noisiest first.
+        data_range: ``(low, high)`` the sampler projects x̂_0 into (see :func:`expected_range`),
+            ``None`` when it does not clip.
     """
 
     samples: Tensor
     states: dict[float, Tensor] = field(default_factory=dict)
     timesteps: Tensor | None = None
+    data_range: tuple[float, float] | None = None
+
+
+class ProbeSampler(Protocol):
+    """A probe sampler: anything called like :func:`sample_trajectory` with these keywords.
+
+    ``sampler(score, noise=noise, steps=steps, cond=cond, states_at=states_at, device=device,
+    max_batch=max_batch) -> Trajectory`` must be deterministic given ``noise`` ``[n, *shape]``,
+    return ``samples`` shaped like ``noise`` and, for every ``t`` of ``states_at``, a state x_t at
+    exactly that ``t`` under the key ``float(t)``; :func:`check_trajectory` verifies the shapes and
+    keys. :func:`sample_trajectory` is the default implementation.
+
+    Example — 100 steps whatever the caller asks, with memwatch's DDIM:
+
+        >>> def sampler(score, *, noise, steps, cond, states_at, device, max_batch):
+        ...     return sample_trajectory(score, noise=noise, steps=100, cond=cond, states_at=states_at,
+        ...                              device=device, max_batch=max_batch)
+        >>> score = DiffusionScore(lambda x, t: torch.zeros_like(x), NoiseSchedule.linear(100))
+        >>> noise = probe_noise(2, (3,), generator=torch.Generator().manual_seed(0))
+        >>> traj = sampler(score, noise=noise, steps=10, cond=None, states_at=[50.0], device=None, max_batch=None)
+        >>> check_trajectory(traj, noise, [50.0]).states[50.0].shape
+        torch.Size([2, 3])
+
+    To draw probes with a diffusers pipeline instead (one that takes ``latents``), run it with
+    ``latents=noise``, ``num_inference_steps=steps``, ``output_type="latent"`` and a
+    ``callback_on_step_end`` that keeps ``callback_kwargs["latents"]``: after the step at grid
+    timestep t, a DDIM-family scheduler's latents are the state at ``t - T // steps``
+    (``T = scheduler.config.num_train_timesteps``; with "leading" spacing, the next grid timestep),
+    so key them by that value and choose ``states_at`` among those values.
+    """
+
+    def __call__(
+        self,
+        score: DiffusionScore,
+        *,
+        noise: Tensor,
+        steps: int,
+        cond: Tensor | None,
+        states_at: Sequence[float],
+        device: torch.device | str | None,
+        max_batch: int | None,
+    ) -> Trajectory: ...
 
 
 def probe_noise(
@@ -54,53 +137,60 @@ def sample_trajectory(
     *,
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,
-    cond: Tensor | None = None,
+    cond: Tensor | int | None = None,
     states_at: Sequence[float] = (),
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    max_batch: int | None = None,
 ) -> Trajectory:
-    """Run DDIM from Gaussian noise and keep the states at ``states_at``.
+    """Run deterministic DDIM from Gaussian noise and keep the states at ``states_at``.
+
+    Steps with diffusers' ``DDIMScheduler`` when the schedule carries a diffusers config, else
+    with memwatch's own DDIM (see the module docstring for both and for how states are taken).
 
     Args:
         score: the model's score.
         n, shape: number and shape of probes (ignored when ``noise`` is given).
-        steps: number of sampler steps (the grid of ``schedule.sampling_timesteps``).
+        steps: number of sampler steps, ``>= 2`` (``<= T`` with a diffusers config).
         generator: source of the start noise.
         noise: explicit standard-normal start noise ``[n, *shape]`` instead of ``generator``.
-        cond: condition for conditional / guided sampling (``[n, ...]`` or one condition).
-        states_at: timesteps (schedule units) at which to record ``x_t``.
-        device, dtype: where and in which precision to run (default: the model's first parameter).
+        cond: condition for conditional / guided sampling (``[n, ...]``, ``[1, ...]`` or one label).
+        states_at: timesteps (schedule units) at which to record x_t; keys of ``states`` are
+            ``float(t)`` of these values.
+        device, dtype: where and in which precision to run (default device: the model's).
+        max_batch: at most this many rows go through the model per call (probes and their
+            conditions are chunked alike); ``None`` = all at once.
 
     Returns:
         :class:`Trajectory` with samples ``[n, *shape]`` and the requested states.
+
+    Raises:
+        MemwatchError: neither ``noise`` nor ``n`` and ``shape``; a timestep of ``states_at``
+            outside the schedule (or noisier than the diffusers grid's first timestep); bad
+            ``steps`` or ``max_batch``.
     """
-    schedule = score.schedule
+    if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
+        raise MemwatchError(f"`max_batch` must be a positive integer or None, got {max_batch!r}")
     if noise is None:
         if n is None or shape is None:
             raise MemwatchError("pass `noise`, or both `n` and `shape`")
         if n < 1:
             raise MemwatchError(f"`n` must be positive, got {n}")
         noise = probe_noise(n, tuple(shape), generator=generator, dtype=dtype)
-    device = torch.device(device) if device is not None else score.device
-    checked = [float(schedule.check_t(t, "states_at")) for t in states_at]
-    grid = _grid_with(schedule.sampling_timesteps(steps), checked)
-
-    t0 = grid[:1]
-    start_scale = (schedule.alpha_bar(t0) + schedule.sigma(t0) ** 2).sqrt().item()
-    x = (noise * start_scale).to(device=device, dtype=dtype)
-    states: dict[float, Tensor] = {}
-    x0_hat = x
+    schedule = score.schedule
+    run_device = torch.device(device) if device is not None else score.device
+    requested = {float(t): schedule.check_t(float(t), "states_at").to(torch.float64) for t in states_at}
+    x = noise.to(device=run_device, dtype=dtype)
+    eps = _eps_fn(score, cond, x.shape[0], run_device, max_batch)
+    data_range = None
     with torch.no_grad():
-        for i, t in enumerate(grid):
-            if float(t) in checked:
-                states[float(t)] = x.clone()
-            alpha, sigma = float(schedule.alpha(t)), float(schedule.sigma(t))
-            eps = -sigma * score(x, t, cond)
-            x0_hat = (x - sigma * eps) / alpha
-            if i + 1 < len(grid):
-                t_next = grid[i + 1]
-                x = float(schedule.alpha(t_next)) * x0_hat + float(schedule.sigma(t_next)) * eps
-    return Trajectory(samples=x0_hat, states=states, timesteps=grid)
+        if schedule.scheduler_config is not None:
+            ddim = schedule.ddim_scheduler(steps, prediction_type="epsilon")
+            samples, states = _diffusers_ddim(ddim, eps, x, requested)
+            grid, data_range = ddim.timesteps.cpu(), _clip_range(ddim.config)
+        else:
+            samples, states, grid = _memwatch_ddim(schedule, eps, x, steps, requested)
+    return Trajectory(samples=samples, states=states, timesteps=grid, data_range=data_range)
 
 
 def sample(
@@ -113,7 +203,6 @@ def sample(
     """DDIM samples ``[n, *shape]``; the keywords of :func:`sample_trajectory` apply.
 
     Example:
-        >>> from memwatch.schedules import NoiseSchedule
         >>> score = DiffusionScore(lambda x, t: torch.zeros_like(x), NoiseSchedule.linear(100))
         >>> g = torch.Generator().manual_seed(0)
         >>> sample(score, n=3, shape=(2,), steps=10, generator=g).shape
@@ -122,9 +211,166 @@ def sample(
     return sample_trajectory(score, n, shape, steps, **kwargs).samples  # type: ignore[arg-type]
 
 
-def _grid_with(grid: Tensor, extra: list[float]) -> Tensor:
-    """Sampling grid with the ``extra`` timesteps inserted, sorted noisiest first, unique."""
-    if not extra:
-        return grid
-    merged = torch.cat([grid, torch.tensor(extra, dtype=grid.dtype)])
-    return torch.unique(merged).flip(0)
+def check_trajectory(traj: Any, noise: Tensor, states_at: Sequence[float]) -> Trajectory:
+    """Check what a probe sampler returned: a :class:`Trajectory` whose ``samples`` and every
+    requested state are tensors shaped like ``noise`` ``[n, *shape]``, states keyed by ``float(t)``.
+
+    Returns:
+        ``traj``, unchanged.
+
+    Raises:
+        MemwatchError: naming ``sampler``, with what was expected and what came back.
+
+    Example:
+        >>> traj = Trajectory(samples=torch.zeros(2, 3), states={5.0: torch.zeros(2, 3)})
+        >>> check_trajectory(traj, torch.zeros(2, 3), [5]) is traj
+        True
+    """
+    expected = tuple(noise.shape)
+    if not isinstance(traj, Trajectory):
+        raise MemwatchError(f"`sampler` must return a memwatch.Trajectory, got {type(traj).__name__}")
+    if not isinstance(traj.samples, Tensor) or tuple(traj.samples.shape) != expected:
+        got = tuple(traj.samples.shape) if isinstance(traj.samples, Tensor) else type(traj.samples).__name__
+        raise MemwatchError(f"`sampler` returned samples of shape {got}, expected {expected} (the shape of `noise`)")
+    missing = [float(t) for t in states_at if float(t) not in traj.states]
+    if missing:
+        raise MemwatchError(
+            f"`sampler` returned no state at timestep(s) {missing} of `states_at` (states must be keyed by "
+            f"float(t)); it returned states at {sorted(traj.states)}"
+        )
+    for t in states_at:
+        state = traj.states[float(t)]
+        if not isinstance(state, Tensor) or tuple(state.shape) != expected:
+            got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
+            raise MemwatchError(f"`sampler` returned a state of shape {got} at t={float(t):g}, expected {expected}")
+    return traj
+
+
+def expected_range(schedule: NoiseSchedule) -> tuple[float, float] | None:
+    """The range ``(low, high)`` the probe sampler projects x̂_0 into, from the diffusers config.
+
+    ``thresholding`` (which diffusers applies before ``clip_sample``) clamps x̂_0 to ``[-s, s]``
+    and divides by s, so x̂_0 lies in ``[-1, 1]`` (``sample_max_value`` caps the percentile s, not
+    the output); ``clip_sample`` clamps it to ``[-clip_sample_range, clip_sample_range]``. Without
+    either, or without a diffusers config, ``None``: the sampler promises no range.
+
+    Example:
+        >>> from diffusers import DDPMScheduler
+        >>> expected_range(NoiseSchedule.from_diffusers(DDPMScheduler(clip_sample_range=2.0)))
+        (-2.0, 2.0)
+    """
+    if schedule.scheduler_config is None:
+        return None
+    return _clip_range(schedule.ddim_scheduler(2).config)  # the values DDIM applies, defaults filled in
+
+
+def out_of_range(samples: Tensor, low: float, high: float, tolerance: float = 0.5) -> Tensor:
+    """Probes that left the data range ``[low, high]`` by far: ``[n]`` bool.
+
+    A probe ``[*shape]`` is flagged when any element lies below ``low - tolerance·(high - low)``
+    or above ``high + tolerance·(high - low)``, or is not finite.
+
+    Args:
+        samples: ``[n, *shape]``.
+        low, high: the data range, ``low < high`` (e.g. :attr:`Trajectory.data_range`).
+        tolerance: allowed excursion as a fraction of the range's width, ``>= 0`` (default 0.5:
+            for ``[-1, 1]``, flagged outside ``[-2, 2]``).
+
+    Raises:
+        MemwatchError: ``low >= high``, or a negative / non-finite ``tolerance``.
+
+    Example:
+        >>> out_of_range(torch.tensor([[0.5, -1.0], [0.0, 3.5], [float("nan"), 0.0]]), -1.0, 1.0)
+        tensor([False,  True,  True])
+    """
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise MemwatchError(f"need finite `low` < `high`, got low={low}, high={high}")
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise MemwatchError(f"`tolerance` must be a finite number >= 0, got {tolerance}")
+    margin = tolerance * (high - low)
+    flat = samples.flatten(1) if samples.ndim > 1 else samples[:, None]
+    inside = (flat >= low - margin) & (flat <= high + margin)  # NaN compares False
+    return ~inside.all(dim=1)
+
+
+# ------------------------------------------------------------------------------ private
+def _eps_fn(score: DiffusionScore, cond: Any, n: int, device: torch.device, max_batch: int | None) -> EpsFn:
+    """``(x [n, *shape], t) -> ε̂ = -σ_t s(x, t, cond)``, the model called on at most ``max_batch`` rows at a time."""
+    cond_b = None if cond is None else broadcast_condition(cond, n, "cond").to(device)
+    step = min(max_batch or n, n)
+
+    def eps(x: Tensor, t: Tensor) -> Tensor:
+        parts = [score(x[i : i + step], t, None if cond_b is None else cond_b[i : i + step]) for i in range(0, n, step)]
+        sigma = score.sigma(torch.as_tensor(t)).to(x.device, x.dtype)
+        return -sigma * torch.cat(parts)
+
+    return eps
+
+
+def _memwatch_ddim(
+    schedule: NoiseSchedule, eps_fn: EpsFn, x: Tensor, steps: int, requested: dict[float, Tensor]
+) -> tuple[Tensor, dict[float, Tensor], Tensor]:
+    """memwatch's DDIM on ``schedule.sampling_timesteps(steps)`` with the requested timesteps inserted."""
+    grid = schedule.sampling_timesteps(steps)
+    if requested:
+        extra = torch.stack(list(requested.values())).to(grid.dtype)
+        grid = torch.unique(torch.cat([grid, extra])).flip(0)
+    keep = {float(t.to(grid.dtype)) for t in requested.values()}
+    start_scale = float((schedule.alpha_bar(grid[:1]) + schedule.sigma(grid[:1]) ** 2).sqrt())
+    x = x * start_scale
+    at: dict[float, Tensor] = {}
+    x0_hat = x
+    for i, t in enumerate(grid):
+        if float(t) in keep:
+            at[float(t)] = x
+        eps = eps_fn(x, t)
+        x0_hat = (x - float(schedule.sigma(t)) * eps) / float(schedule.alpha(t))
+        if i + 1 < len(grid):
+            t_next = grid[i + 1]
+            x = float(schedule.alpha(t_next)) * x0_hat + float(schedule.sigma(t_next)) * eps
+    states = {key: at[float(t.to(grid.dtype))] for key, t in requested.items()}
+    return x0_hat, states, grid
+
+
+def _diffusers_ddim(
+    ddim: Any, eps_fn: EpsFn, x: Tensor, requested: dict[float, Tensor]
+) -> tuple[Tensor, dict[float, Tensor]]:
+    """The ``DDIMPipeline`` loop with diffusers' ``DDIMScheduler`` ``ddim`` (timesteps set, fed ε̂);
+    states as in the module docstring."""
+    grid = ddim.timesteps
+    first = int(grid[0])
+    wanted = {key: int(t) for key, t in requested.items()}
+    too_noisy = sorted(key for key, t in wanted.items() if t > first)
+    if too_noisy:
+        raise MemwatchError(
+            f"`states_at` must be at most {first}, the first timestep of this {ddim.config.timestep_spacing!r}-spaced "
+            f"{ddim.num_inference_steps}-step DDIM grid (a noisier state is never reached), got {too_noisy}"
+        )
+    jump = ddim.config.num_train_timesteps // ddim.num_inference_steps  # diffusers' prev_timestep offset
+    x = x * ddim.init_noise_sigma
+    states = {key: x.clone() for key, t in wanted.items() if t == first}
+    for i, t in enumerate(grid):
+        eps = eps_fn(x, t)
+        out = ddim.step(eps, t, x)
+        lower = int(grid[i + 1]) if i + 1 < len(grid) else -1
+        for key, tau in wanted.items():  # states whose nearest noisier grid timestep is t
+            if lower <= tau < int(t):
+                on_path = tau == int(t) - jump
+                states[key] = out.prev_sample if on_path else _ddim_to(ddim, out.pred_original_sample, eps, tau)
+        x = out.prev_sample
+    return x, states
+
+
+def _clip_range(config: Any) -> tuple[float, float] | None:
+    """``(low, high)`` a DDIM config projects x̂_0 into (thresholding first, as diffusers applies it)."""
+    if config.thresholding:
+        return (-1.0, 1.0)
+    if config.clip_sample:
+        return (-float(config.clip_sample_range), float(config.clip_sample_range))
+    return None
+
+
+def _ddim_to(ddim: Any, x0_hat: Tensor, eps: Tensor, t: int) -> Tensor:
+    """Side DDIM step to exactly ``t``: ``√ᾱ_t x̂_0 + √(1-ᾱ_t) ε̂`` with diffusers' ``ᾱ``."""
+    alpha_bar = ddim.alphas_cumprod[t]
+    return alpha_bar**0.5 * x0_hat + (1 - alpha_bar) ** 0.5 * eps

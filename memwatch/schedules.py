@@ -12,13 +12,17 @@ with signal scale ``α_t`` and noise standard deviation ``σ_t``. ``alpha_bar(t)
   ``ᾱ(t) = exp(-½ t² (β_max - β_min) - t β_min)``.
 * ``"ve"`` (EDM / variance exploding): ``t`` *is* the noise level σ, ``α_t = 1``, ``σ_t = t``.
 
-Timesteps are always in the schedule's own units.
+Timesteps are always in the schedule's own units. A schedule built by :meth:`NoiseSchedule.from_diffusers`
+from a diffusers scheduler with a ``config`` keeps that config: its DDIM sampling grid (timestep spacing,
+steps offset) and its sampler settings (clipping, thresholding) are then diffusers' own, through
+:meth:`NoiseSchedule.ddim_scheduler`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -39,6 +43,10 @@ class NoiseSchedule:
     :meth:`linear`, :meth:`scaled_linear`, :meth:`cosine`, :meth:`from_diffusers` (discrete),
     :meth:`vp` and :meth:`edm` (continuous).
 
+    ``scheduler_class`` and ``scheduler_config`` hold the diffusers scheduler a schedule was built
+    from (class name and its config as sorted ``(key, value)`` pairs, lists as tuples, so the
+    schedule stays hashable); ``None`` otherwise. Read the config with :meth:`diffusers_config`.
+
     Example:
         >>> sched = NoiseSchedule.linear(1000)
         >>> sched.sigma(torch.tensor([0, 999])).shape
@@ -53,6 +61,8 @@ class NoiseSchedule:
     t_max: float = 1.0
     beta_min: float = 0.1
     beta_max: float = 20.0
+    scheduler_class: str | None = None
+    scheduler_config: tuple[tuple[str, Any], ...] | None = field(default=None, repr=False)
 
     # ----------------------------------------------------------------- constructors
     @classmethod
@@ -94,14 +104,41 @@ class NoiseSchedule:
 
     @classmethod
     def from_diffusers(cls, scheduler: Any) -> NoiseSchedule:
-        """Discrete schedule of a diffusers scheduler (anything with ``alphas_cumprod``)."""
+        """Discrete schedule of a diffusers scheduler (anything with ``alphas_cumprod``).
+
+        When the scheduler has a diffusers ``config`` (every ``ConfigMixin`` scheduler does), the
+        schedule keeps it and its class name, and memwatch's probe sampler then steps with
+        ``diffusers.DDIMScheduler.from_config(config)``, as ``DDIMPipeline`` does: clipping,
+        thresholding, timestep spacing, steps offset and ``set_alpha_to_one`` all apply.
+
+        Raises:
+            MemwatchError: ``scheduler`` has no ``alphas_cumprod``.
+
+        Example:
+            >>> from diffusers import DDPMScheduler
+            >>> sched = NoiseSchedule.from_diffusers(DDPMScheduler(clip_sample=False))
+            >>> sched.scheduler_class, sched.diffusers_config()["clip_sample"]
+            ('DDPMScheduler', False)
+        """
         ac = getattr(scheduler, "alphas_cumprod", None)
         if ac is None:
             raise MemwatchError(
                 f"`scheduler` must have an `alphas_cumprod` attribute (a diffusers DDPM/DDIM-style "
                 f"scheduler), got {type(scheduler).__name__}"
             )
-        return cls.from_alphas_cumprod(ac)
+        base = cls.from_alphas_cumprod(ac)
+        config = getattr(scheduler, "config", None)
+        if not isinstance(config, Mapping):
+            return base
+        frozen = tuple(sorted((str(k), _freeze(v)) for k, v in config.items()))
+        return cls(
+            kind="discrete",
+            alphas_cumprod=base.alphas_cumprod,
+            t_min=base.t_min,
+            t_max=base.t_max,
+            scheduler_class=type(scheduler).__name__,
+            scheduler_config=frozen,
+        )
 
     @classmethod
     def vp(cls, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3) -> NoiseSchedule:
@@ -127,14 +164,23 @@ class NoiseSchedule:
         """``T`` for discrete schedules, ``None`` for continuous ones."""
         return None if self.alphas_cumprod is None else self.alphas_cumprod.numel()
 
+    def diffusers_config(self) -> dict[str, Any] | None:
+        """The diffusers scheduler config this schedule was built from (tuples back to lists), or ``None``."""
+        if self.scheduler_config is None:
+            return None
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.scheduler_config}
+
     def check_t(self, t: Tensor | float | int, name: str = "t") -> Tensor:
         """Return ``t`` as a tensor after checking it lies in the schedule's range.
+
+        Python floats become float64 tensors (never float32), so a continuous timestep keeps
+        its exact value; tensors keep their dtype.
 
         Raises:
             ValueError: ``t`` is non-finite, out of ``[t_min, t_max]``, or not an integer step
                 for a discrete schedule.
         """
-        tt = torch.as_tensor(t)
+        tt = torch.as_tensor(t, dtype=torch.float64) if isinstance(t, float) else torch.as_tensor(t)
         if tt.is_floating_point() and not bool(torch.isfinite(tt).all()):
             raise MemwatchError(f"`{name}` must be finite, got {tt}")
         if self.is_discrete and tt.is_floating_point() and not bool((tt == tt.round()).all()):
@@ -169,12 +215,16 @@ class NoiseSchedule:
         return (1.0 - self.alpha_bar(t)).clamp_min(0).sqrt()
 
     def sampling_timesteps(self, steps: int) -> Tensor:
-        """Decreasing timestep grid for a ``steps``-step sampler, first = noisiest.
+        """Decreasing timestep grid ``[steps]`` for a ``steps``-step sampler, first = noisiest.
 
-        Discrete: ``steps`` evenly spaced integers from ``T-1`` down to 0. VP: uniform in
-        ``[t_min, 1]``. VE: Karras et al.'s ρ=7 spacing of σ from ``t_max`` to ``t_min``.
+        With a diffusers config: the grid of ``DDIMScheduler.from_config(config).set_timesteps(steps)``
+        (its ``timestep_spacing`` and ``steps_offset``). Otherwise, discrete: ``steps`` evenly spaced
+        integers from ``T-1`` down to 0; VP: uniform in ``[t_min, 1]``; VE: Karras et al.'s ρ=7
+        spacing of σ from ``t_max`` to ``t_min``.
         """
         _check_steps(steps, "steps")
+        if self.scheduler_config is not None:
+            return self.ddim_scheduler(steps).timesteps.cpu()
         if self.kind == "discrete":
             return torch.linspace(self.t_max, 0, steps, dtype=torch.float64).round().long()
         if self.kind == "vp":
@@ -183,6 +233,45 @@ class NoiseSchedule:
         ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
         lo, hi = self.t_min ** (1 / rho), self.t_max ** (1 / rho)
         return (hi + ramp * (lo - hi)) ** rho
+
+    def ddim_scheduler(self, steps: int, **overrides: Any) -> Any:
+        """diffusers' ``DDIMScheduler.from_config(config, **overrides)`` with ``set_timesteps(steps)`` done.
+
+        This is the scheduler ``DDIMPipeline`` would build from the model's scheduler. Should its
+        ``alphas_cumprod`` differ from this schedule's (a ``beta_schedule`` DDIM lacks, such as
+        ``"sigmoid"``, or ``alphas_cumprod`` edited after construction), it is rebuilt with
+        ``trained_betas`` taken from this schedule, so sampler and score agree on ``ᾱ_t``.
+
+        Args:
+            steps: number of inference steps, in ``[2, T]``.
+            overrides: config values to replace (e.g. ``prediction_type="epsilon"``).
+
+        Raises:
+            MemwatchError: the schedule has no diffusers config, or ``steps`` is out of range.
+        """
+        config = self.diffusers_config()
+        if config is None:
+            raise MemwatchError(
+                "this schedule has no diffusers scheduler config; build it with "
+                "`NoiseSchedule.from_diffusers(scheduler)` to sample with diffusers' DDIMScheduler"
+            )
+        assert self.alphas_cumprod is not None
+        if not isinstance(steps, int) or not 2 <= steps <= self.alphas_cumprod.numel():
+            raise MemwatchError(f"`steps` must be an integer in [2, {self.alphas_cumprod.numel()}], got {steps!r}")
+        from diffusers import DDIMScheduler
+
+        try:
+            ddim = DDIMScheduler.from_config(config, **overrides)
+            same = torch.allclose(ddim.alphas_cumprod.double(), self.alphas_cumprod, rtol=1e-6, atol=0)
+        except NotImplementedError:
+            same = False
+        if not same:
+            ac = self.alphas_cumprod
+            betas = 1.0 - ac / torch.cat([ac.new_ones(1), ac[:-1]])
+            fixed = {**overrides, "trained_betas": betas.tolist(), "rescale_betas_zero_snr": False}
+            ddim = DDIMScheduler.from_config(config, **fixed)
+        ddim.set_timesteps(steps)
+        return ddim
 
     def timestep_for_sigma(self, sigma: float) -> Tensor:
         """The timestep whose ``σ_t`` is closest to ``sigma`` (integer step when discrete)."""
@@ -197,6 +286,15 @@ class NoiseSchedule:
         db = self.beta_max - self.beta_min
         t = (-self.beta_min + math.sqrt(self.beta_min**2 + 2 * db * c)) / db if db > 0 else c / self.beta_min
         return torch.tensor(min(max(t, self.t_min), self.t_max), dtype=torch.float64)
+
+
+def _freeze(value: Any) -> Any:
+    """A config value in hashable form: lists, tuples and arrays become tuples."""
+    if hasattr(value, "tolist") and not isinstance(value, (int, float)):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
 
 
 def _check_steps(n: int, name: str = "num_timesteps") -> None:

@@ -71,3 +71,63 @@ def test_bad_construction_names_argument():
         NoiseSchedule.linear(1)
     with pytest.raises(ValueError, match="sigma_min"):
         NoiseSchedule.edm(sigma_min=5.0, sigma_max=1.0)
+
+
+def test_check_t_keeps_python_floats_in_float64():
+    sched = NoiseSchedule.vp()
+    t = float(sched.timestep_for_sigma(0.3))
+    checked = sched.check_t(t)
+    assert checked.dtype == torch.float64 and float(checked) == t
+    assert sched.check_t(torch.tensor(0.5, dtype=torch.float32)).dtype == torch.float32
+
+
+def test_from_diffusers_keeps_the_scheduler_config():
+    diffusers = pytest.importorskip("diffusers")
+    np = pytest.importorskip("numpy")
+    ddpm = diffusers.DDPMScheduler(clip_sample=False, trained_betas=np.linspace(1e-4, 0.02, 1000))
+    sched = NoiseSchedule.from_diffusers(ddpm)
+    assert sched.scheduler_class == "DDPMScheduler"
+    config = sched.diffusers_config()
+    assert config["clip_sample"] is False and config["trained_betas"] == pytest.approx(ddpm.betas.double().tolist())
+    assert hash(sched) == hash(sched) and sched == sched  # frozen, hashable config
+    rebuilt = diffusers.DDIMScheduler.from_config(config)
+    torch.testing.assert_close(rebuilt.alphas_cumprod, ddpm.alphas_cumprod)
+    assert NoiseSchedule.linear(10).diffusers_config() is None
+
+
+def test_from_diffusers_without_a_config_keeps_only_the_alphas():
+    class Bare:
+        alphas_cumprod = NoiseSchedule.linear(50).alphas_cumprod.float()
+
+    sched = NoiseSchedule.from_diffusers(Bare())
+    assert sched.scheduler_config is None and sched.num_timesteps == 50
+    with pytest.raises(ValueError, match="from_diffusers"):
+        sched.ddim_scheduler(10)
+
+
+@pytest.mark.parametrize(
+    "spacing, offset", [("leading", 0), ("leading", 1), ("trailing", 1), ("linspace", 1), ("trailing", 0)]
+)
+def test_sampling_grid_of_a_diffusers_schedule_is_diffusers_ddim_grid(spacing, offset):
+    diffusers = pytest.importorskip("diffusers")
+    ddpm = diffusers.DDPMScheduler(timestep_spacing=spacing, steps_offset=offset)
+    sched = NoiseSchedule.from_diffusers(ddpm)
+    for steps in (7, 50):
+        ddim = diffusers.DDIMScheduler.from_config(ddpm.config)
+        ddim.set_timesteps(steps)
+        assert torch.equal(sched.sampling_timesteps(steps), ddim.timesteps)
+
+
+def test_ddim_scheduler_overrides_and_agrees_with_the_schedule():
+    diffusers = pytest.importorskip("diffusers")
+    sched = NoiseSchedule.from_diffusers(diffusers.DDPMScheduler(prediction_type="v_prediction"))
+    ddim = sched.ddim_scheduler(20, prediction_type="epsilon")
+    assert ddim.config.prediction_type == "epsilon" and ddim.config.clip_sample and ddim.num_inference_steps == 20
+    # a beta schedule DDIM lacks: rebuilt from this schedule's ᾱ
+    sigmoid = NoiseSchedule.from_diffusers(diffusers.DDPMScheduler(beta_schedule="sigmoid"))
+    torch.testing.assert_close(
+        sigmoid.ddim_scheduler(10).alphas_cumprod.double(), sigmoid.alphas_cumprod, rtol=1e-5, atol=0
+    )
+    for steps in (1, 1001):
+        with pytest.raises(ValueError, match=r"`steps` must be an integer in \[2, 1000\]"):
+            sched.ddim_scheduler(steps)
