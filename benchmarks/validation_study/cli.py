@@ -57,6 +57,14 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def output_dir(args: argparse.Namespace) -> Path:
+    """``--out`` if given, else ``docs/`` for the full study and the git-ignored
+    ``memwatch_out/validation-fast/`` for ``--fast`` (a smoke run never overwrites the published report)."""
+    if args.out is not None:
+        return args.out
+    return FAST_OUT if args.fast else PUBLISHED
+
+
 def _train(cfg: StudyConfig, args: argparse.Namespace, started: float) -> tuple[list[RunRecord], Timing]:
     """Train every run of ``cfg`` and save them to ``--cache`` if given."""
     n_runs = sum(len(d.ns) for d in cfg.data) * len(cfg.seeds)
@@ -86,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--seeds {' '.join(map(str, cfg.seeds))} lacks the selection seed(s) {cfg.select_seeds}: add --cache")
     if args.workers is None:  # --fast: 4 short runs, not worth a worker's start-up
         args.workers = 1 if args.fast else min(2, os.cpu_count() or 1)
-    out = args.out if args.out is not None else (FAST_OUT if args.fast else PUBLISHED)
+    out = output_dir(args)
     started = time.perf_counter()
     if args.from_cache is not None:
         runs, timing = load_cache(args.from_cache)
