@@ -1,0 +1,115 @@
+"""Command line of the study: ``python benchmarks/validation.py [--fast] [--out DIR] ...``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from . import __doc__ as STUDY_DOC
+from .analysis import analyse
+from .config import DEFAULT, FAST, StudyConfig
+from .report import write_report
+from .runs import RunRecord, Timing, load_cache, machine, quiet, run_all, save_cache
+
+ROOT = Path(__file__).resolve().parents[2]
+PUBLISHED = ROOT / "docs"  # the published report: only the full study writes here by default
+FAST_OUT = ROOT / "memwatch_out" / "validation-fast"  # git-ignored
+
+
+def parser() -> argparse.ArgumentParser:
+    """The study's arguments."""
+    ap = argparse.ArgumentParser(
+        description=STUDY_DOC.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--fast", action="store_true", help="CI smoke size (one data set, 2 sizes, 2 seeds; < 1 min)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where validation.md and img/ go (default: docs/; with --fast memwatch_out/validation-fast/, "
+        "so a smoke run never overwrites the published report)",
+    )
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="training processes in parallel, one thread each (default: 1 with --fast, else 2 "
+        "or the number of CPUs if smaller)",
+    )
+    ap.add_argument("--cache", type=Path, default=None, help="also save the recorded checks here (torch.save)")
+    ap.add_argument("--from-cache", type=Path, default=None, help="skip training; analyse saved checks")
+    ap.add_argument(
+        "--fresh-cache",
+        type=Path,
+        default=None,
+        help="saved checks of runs on further seeds (e.g. --seeds 3 4 --cache ...): evaluated, never used to choose",
+    )
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="train these seeds instead; without the selection seed only with --cache, for --fresh-cache",
+    )
+    return ap
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    """``--out`` if given, else ``docs/`` for the full study and the git-ignored
+    ``memwatch_out/validation-fast/`` for ``--fast`` (a smoke run never overwrites the published report)."""
+    if args.out is not None:
+        return args.out
+    return FAST_OUT if args.fast else PUBLISHED
+
+
+def _train(cfg: StudyConfig, args: argparse.Namespace, started: float) -> tuple[list[RunRecord], Timing]:
+    """Train every run of ``cfg`` and save them to ``--cache`` if given."""
+    n_runs = sum(len(d.ns) for d in cfg.data) * len(cfg.seeds)
+    print(f"memwatch validation ({'fast' if args.fast else 'default'}): {n_runs} runs", flush=True)
+    runs = run_all(cfg, args.workers)
+    timing = Timing(
+        size="--fast" if args.fast else "default",
+        seconds=time.perf_counter() - started,
+        workers=args.workers,
+        machine=machine(),
+    )
+    if args.cache is not None:
+        save_cache(args.cache, runs, timing, cfg)
+    return runs, timing
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the study (or analyse a cache) and write the report; return the exit status."""
+    ap = parser()
+    args = ap.parse_args(argv)
+    quiet()
+    cfg = FAST if args.fast else DEFAULT
+    if args.seeds is not None:
+        cfg = replace(cfg, seeds=tuple(args.seeds))
+    analysable = set(cfg.select_seeds) <= set(cfg.seeds)
+    if args.from_cache is None and not analysable and args.cache is None:
+        ap.error(f"--seeds {' '.join(map(str, cfg.seeds))} lacks the selection seed(s) {cfg.select_seeds}: add --cache")
+    if args.workers is None:  # --fast: 4 short runs, not worth a worker's start-up
+        args.workers = 1 if args.fast else min(2, os.cpu_count() or 1)
+    out = output_dir(args)
+    started = time.perf_counter()
+    if args.from_cache is not None:
+        runs, timing = load_cache(args.from_cache)
+    else:
+        runs, timing = _train(cfg, args, started)
+        if not analysable:
+            print(
+                f"saved {len(runs)} runs to {args.cache}; analyse them with --from-cache ... --fresh-cache {args.cache}"
+            )
+            return 0
+    fresh = [] if args.fresh_cache is None else load_cache(args.fresh_cache)[0]
+    text = write_report(analyse(runs, cfg), out, timing, fresh)
+    print(text)
+    print(
+        f"\nwrote {out / 'validation.md'} and {out / 'img'}/validation_*.png ({time.perf_counter() - started:.0f} s)",
+        flush=True,
+    )
+    return 0
