@@ -27,17 +27,28 @@ from torch import Tensor, nn
 
 from memwatch import defaults
 from memwatch.checkpoint import CLEAN_CHECKPOINT_NAME, check_save_mode, prepare_dirpath, save_clean_checkpoint
-from memwatch.discovery import ScoreFn, batch_sample_shape, find_score, materialize, sample_shape_of, with_ema
+from memwatch.discovery import (
+    ScoreFn,
+    batch_range,
+    batch_sample_shape,
+    find_score,
+    materialize,
+    sample_shape_of,
+    with_ema,
+)
 from memwatch.errors import MemwatchError
 from memwatch.loggers import MonitorLogger
 from memwatch.metrics import ConditionalMetrics, MemorizationMetrics
 from memwatch.onset import OnsetDecision, OnsetDetector
 from memwatch.probes import CONDITION_METRICS, ProbeMeasurement, ProbeSet, evaluation_timesteps, shard
 from memwatch.reporting import CheckReporter, CheckResult, format_timestep
+from memwatch.sampling import ProbeSampler
 from memwatch.score import DiffusionScore
 from memwatch.sharpness import SharpnessOptions, SharpnessResult
 
 __all__ = ["MemorizationMonitor", "CheckResult", "find_score"]
+
+_RANGE_BATCHES = 8  # training batches whose value range bounds the probes (without `data_range`)
 
 
 class MemorizationMonitor(Callback):
@@ -158,6 +169,8 @@ class MemorizationMonitor(Callback):
         condition_first_steps: int | None = None,
         min_valid_fraction: float = defaults.MIN_VALID_FRACTION,
         decode_fn: Callable[[Tensor], Tensor] | None = None,
+        sampler: ProbeSampler | None = None,
+        data_range: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
         _check_cadence("every_n_train_steps", every_n_train_steps)
@@ -207,6 +220,8 @@ class MemorizationMonitor(Callback):
         self.raise_errors = raise_errors
         self.verbose = verbose
         self.decode_fn = decode_fn
+        self.sampler = sampler
+        self.data_range = _check_range(data_range)
         self.condition_first_steps = condition_first_steps
         self._conditions = _check_conditions(conditions, condition_first_steps, sampler_steps)
 
@@ -220,6 +235,8 @@ class MemorizationMonitor(Callback):
         self._reporter: CheckReporter | None = None
         self._reference: Tensor | None = None
         self._clean_dir: Path | None = None
+        self._seen_range: tuple[float, float] | None = None  # of the first training batches
+        self._range_batches = 0
         self._last_checked_step = -1
         self._state_key: str | None = None
 
@@ -251,7 +268,9 @@ class MemorizationMonitor(Callback):
         """
         if self.sample_shape is None:
             raise MemwatchError("memwatch could not infer the probe shape; pass `sample_shape=`")
-        return ProbeSet(self.sample_shape, self.num_probes, self.sampler_steps, self._eval_timesteps, self.seed)
+        return ProbeSet(
+            self.sample_shape, self.num_probes, self.sampler_steps, self._eval_timesteps, self.seed, self.sampler
+        )
 
     def on_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, check: CheckResult) -> None:
         """Called on every rank after each check has been logged; override to use its per-probe
@@ -263,6 +282,7 @@ class MemorizationMonitor(Callback):
             return
         score = self._score(pl_module)
         self._eval_timesteps = evaluation_timesteps(score.schedule, self.sigmas, self.timesteps)
+        self._check_timesteps_in_grid(score)
         self._metrics = {t: MemorizationMetrics(score_threshold=self.score_threshold) for t in self._eval_timesteps}
         logger = MonitorLogger.from_trainer(trainer, log_media=self.log_media)
         self._reporter = CheckReporter(
@@ -289,6 +309,9 @@ class MemorizationMonitor(Callback):
         if self.sample_shape is None:
             self.sample_shape = batch_sample_shape(batch, self.batch_key)
             self._check_shape(self.sample_shape)
+        if self.data_range is None and self._range_batches < _RANGE_BATCHES:
+            self._seen_range = batch_range(batch, self.batch_key, self._seen_range)
+            self._range_batches += 1
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -392,6 +415,7 @@ class MemorizationMonitor(Callback):
             reference=self._reference,
             conditions=self._conditions,
             condition_first_steps=self.condition_first_steps,
+            data_range=self.data_range or self._seen_range,
         )
 
     def _all_ranks_measured(self, trainer: pl.Trainer, error: Exception | None) -> bool:
@@ -418,6 +442,8 @@ class MemorizationMonitor(Callback):
             values.update({f"t{format_timestep(t)}/{name}": v for name, v in computed.items()})
             if t == self._eval_timesteps[0]:
                 values.update(computed)
+        if measurement.out_of_range is not None:
+            values["out_of_range_count"] = self._out_of_range_count(measurement, device)
         conditions: dict[str, dict[str, float]] = {}
         top = None
         if measurement.conditional is not None:
@@ -455,6 +481,22 @@ class MemorizationMonitor(Callback):
             "are NaN and it counts neither as clean nor toward onset"
         )
         return {name: (v if name == "nonfinite_count" else math.nan) for name, v in values.items()}
+
+    def _out_of_range_count(self, measurement: ProbeMeasurement, device: torch.device) -> float:
+        """Probes (over every rank) that left the data range by far, with a warning when any did."""
+        from torchmetrics.aggregation import SumMetric
+
+        total = SumMetric().to(device)  # synced over ranks on compute
+        total.update(measurement.out_of_range.double().sum().to(device))
+        count = float(total.compute())
+        if count:
+            lo, hi = measurement.data_range or (math.nan, math.nan)
+            rank_zero_warn(
+                f"memwatch: {int(count)} of {self.num_probes} probes left the data range [{lo:g}, {hi:g}] by more than "
+                "half its width: the probe sampler may be diverging (a sampler that does not step like the model's "
+                "own pipeline, e.g. without its clipping?); pass `sampler=` or check the schedule"
+            )
+        return count
 
     def _condition_values(
         self, per_condition: dict[str, dict[str, Tensor]], device: torch.device
@@ -495,6 +537,18 @@ class MemorizationMonitor(Callback):
     # ------------------------------------------------------------------ helpers
     def _score(self, pl_module: pl.LightningModule) -> DiffusionScore:
         return with_ema(find_score(pl_module, self.score_fn), pl_module, self.ema_attr)
+
+    def _check_timesteps_in_grid(self, score: DiffusionScore) -> None:
+        """The sampler must pass through every evaluation timestep (a diffusers grid may start
+        below the schedule's last step, e.g. at 980 of 999)."""
+        first = float(score.schedule.sampling_timesteps(self.sampler_steps)[0])
+        noisiest = max(self._eval_timesteps)
+        if noisiest > first:
+            name = "timesteps" if self.timesteps is not None else "sigmas"
+            raise MemwatchError(
+                f"`{name}` must map to timesteps at or below the sampler's first step ({first:g} for "
+                f"sampler_steps={self.sampler_steps}), got timestep {noisiest:g}"
+            )
 
     def _check_shape(self, shape: Sequence[int]) -> None:
         dim = math.prod(shape)
@@ -558,6 +612,15 @@ def _check_fraction(name: str, value: object, *, low_open: bool = False, high_cl
     if not ok:
         interval = f"{'(' if low_open else '['}0, 1{']' if high_closed else ')'}"
         raise MemwatchError(f"`{name}` must be a number in {interval}, got {value!r}")
+
+
+def _check_range(value: object) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    ok = isinstance(value, Sequence) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
+    if not ok or not (math.isfinite(value[0]) and math.isfinite(value[1]) and value[0] < value[1]):
+        raise MemwatchError(f"`data_range` must be None or (low, high) with finite low < high, got {value!r}")
+    return float(value[0]), float(value[1])
 
 
 def _check_levels(name: str, values: object, positive: bool = True) -> tuple[float, ...]:

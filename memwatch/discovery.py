@@ -18,7 +18,7 @@ from memwatch.groundtruth import first_tensor
 from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore
 
-__all__ = ["ScoreFn", "batch_sample_shape", "find_score", "materialize", "sample_shape_of", "with_ema"]
+__all__ = ["ScoreFn", "batch_range", "batch_sample_shape", "find_score", "materialize", "sample_shape_of", "with_ema"]
 
 ScoreFn = Callable[[pl.LightningModule], DiffusionScore]
 
@@ -80,6 +80,20 @@ def batch_sample_shape(batch: Any, key: str | None) -> tuple[int, ...]:
         if isinstance(item, Tensor):
             return tuple(item.shape[1:])
     raise MemwatchError("memwatch cannot infer the probe shape from the batch; pass `sample_shape=` or `batch_key=`")
+
+
+def batch_range(batch: Any, key: str | None, seen: tuple[float, float] | None = None) -> tuple[float, float] | None:
+    """``(min, max)`` of a training batch's data (``batch[key]`` or its first tensor), widened by
+    ``seen``; ``seen`` unchanged when the batch holds no floating tensor."""
+    data = batch[key] if key is not None and isinstance(batch, Mapping) else batch
+    try:
+        x = first_tensor(data)
+    except MemwatchError:
+        return seen
+    if not x.is_floating_point() or x.numel() == 0:
+        return seen
+    lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+    return (lo, hi) if seen is None else (min(lo, seen[0]), max(hi, seen[1]))
 
 
 def materialize(data: Any) -> Tensor:

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from memwatch.errors import MemwatchError
 from memwatch.groundtruth import nearest_neighbours
-from memwatch.sampling import probe_noise, sample_trajectory
+from memwatch.sampling import ProbeSampler, check_trajectory, out_of_range, probe_noise, sample_trajectory
 from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore
 from memwatch.sharpness import SharpnessOptions, SharpnessResult, measure_sharpness
@@ -58,6 +58,9 @@ class ProbeMeasurement:
         nearest: ``[n]`` index of each probe's nearest reference item (``None`` without it).
         conditional: ``{condition name: {metric: [n]}}`` with the metrics of
             ``CONDITION_METRICS`` (``None`` without conditions).
+        out_of_range: ``[n]`` bool, probes that left the data range by far (all False when no
+            range is known: see :meth:`ProbeSet.measure`).
+        data_range: the ``(low, high)`` range the probes were held against, or ``None``.
     """
 
     samples: Tensor
@@ -65,6 +68,8 @@ class ProbeMeasurement:
     nn_ratio: Tensor | None = None
     nearest: Tensor | None = None
     conditional: dict[str, dict[str, Tensor]] | None = None
+    out_of_range: Tensor | None = None
+    data_range: tuple[float, float] | None = None
 
     @property
     def primary(self) -> SharpnessResult:
@@ -125,13 +130,22 @@ class ProbeSet:
         timesteps: evaluation timesteps in schedule units, primary first (see
             :func:`evaluation_timesteps`).
         seed: seed of the start noise; ``seed + 1`` seeds the Lanczos / trace vectors.
+        sampler: the probe sampler (:class:`memwatch.sampling.ProbeSampler`); default
+            :func:`memwatch.sample_trajectory`, which steps the way the model's own diffusers
+            scheduler does when the schedule came from one.
 
     Raises:
         MemwatchError: an empty or non-positive ``shape``, ``num_probes < 1`` or ``sampler_steps < 2``.
     """
 
     def __init__(
-        self, shape: Sequence[int], num_probes: int, sampler_steps: int, timesteps: Sequence[float], seed: int = 0
+        self,
+        shape: Sequence[int],
+        num_probes: int,
+        sampler_steps: int,
+        timesteps: Sequence[float],
+        seed: int = 0,
+        sampler: ProbeSampler | None = None,
     ) -> None:
         if len(shape) == 0 or any(int(s) < 1 for s in shape):
             raise MemwatchError(f"`sample_shape` must be a non-empty shape of positive sizes, got {tuple(shape)!r}")
@@ -146,6 +160,7 @@ class ProbeSet:
         self.sampler_steps = sampler_steps
         self.timesteps = [float(t) for t in timesteps]
         self.seed = seed
+        self.sampler = sampler
 
     def noise(self, rows: slice = slice(None)) -> Tensor:
         """``[len(rows), *shape]`` start noise of the probes ``rows`` (the same at every call)."""
@@ -162,6 +177,8 @@ class ProbeSet:
         reference: Tensor | None = None,
         conditions: Mapping[str, Tensor] | None = None,
         condition_first_steps: int | None = None,
+        data_range: tuple[float, float] | None = None,
+        range_tolerance: float = 0.5,
     ) -> ProbeMeasurement:
         """Draw the probes ``rows`` from ``score`` and measure them at every evaluation timestep.
 
@@ -174,6 +191,10 @@ class ProbeSet:
             conditions: name → one condition, for conditional models: each condition's probes
                 start from the same noise.
             condition_first_steps: noisiest sampler steps the conditional metrics average over.
+            data_range: ``(low, high)`` of the data, when the sampler's own config promises none
+                (a clipping diffusers scheduler does); probes beyond it by more than
+                ``range_tolerance`` × its width are flagged in ``out_of_range``.
+            range_tolerance: see ``data_range``.
 
         Returns:
             :class:`ProbeMeasurement` of the probes ``rows``.
@@ -181,7 +202,19 @@ class ProbeSet:
         options = options or SharpnessOptions()
         device = torch.device(device) if device is not None else score.device
         noise = self.noise(rows)
-        traj = sample_trajectory(score, noise=noise, steps=self.sampler_steps, states_at=self.timesteps, device=device)
+        sampler = self.sampler or sample_trajectory
+        traj = sampler(
+            score,
+            noise=noise,
+            steps=self.sampler_steps,
+            cond=None,
+            states_at=self.timesteps,
+            device=device,
+            max_batch=options.max_batch,
+        )
+        traj = check_trajectory(traj, noise, self.timesteps)
+        data_range = traj.data_range or data_range
+        bad = None if data_range is None else out_of_range(traj.samples.detach().cpu(), *data_range, range_tolerance)
         results = {t: self._sharpness(score, traj.states[t], t, options) for t in self.timesteps}
         samples = traj.samples.detach().cpu()
         nn_ratio = nearest = None
@@ -192,7 +225,7 @@ class ProbeSet:
         conditional = None
         if conditions:
             conditional = self._conditional(score, noise, conditions, condition_first_steps, options, device)
-        return ProbeMeasurement(samples, results, nn_ratio, nearest, conditional)
+        return ProbeMeasurement(samples, results, nn_ratio, nearest, conditional, bad, data_range)
 
     # ------------------------------------------------------------------ private
     def _generator(self) -> torch.Generator:
