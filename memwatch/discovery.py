@@ -13,9 +13,10 @@
 
 Compiled networks are measured through their eager module ``_orig_mod``: it holds the very
 parameters the compiled forward trains (shared storage), so the numbers are those of the
-training weights, while a measurement through the compiled wrapper would recompile for every
-new probe batch size, grad mode and train/eval flag (about a minute per compilation of a tiny
-UNet on a CPU) and, under ``torch.func`` transforms, runs eagerly anyway.
+training weights. Measuring through the compiled wrapper instead would recompile for new probe
+batch sizes, grad modes and train/eval flags (minutes per compilation of a tiny UNet on a busy
+CPU), and with torch 2.13 a first call under ``torch.func.vjp`` produced no graph and left the
+wrapper's later training calls uncompiled too.
 """
 
 from __future__ import annotations
@@ -119,11 +120,11 @@ def _diffusers_score(pl_module: nn.Module, ema_attr: str | None) -> DiffusionSco
     for name, value in _attributes(pl_module, "", skip):
         if isinstance(value, nn.Module) and _network_kind(value) is not None:
             networks.setdefault(id(value), (name, value))
-        elif not isinstance(value, nn.Module) and hasattr(value, "alphas_cumprod") and hasattr(value, "config"):
+        elif _has_attributes(value, "alphas_cumprod", "config"):
             schedulers.setdefault(id(value), (name, value))
     if not networks or not schedulers:
         raise MemwatchError(_not_found_message(pl_module, list(networks.values()), list(schedulers.values())))
-    name, network = _one_network(list(networks.values()))
+    _, network = _one_network(list(networks.values()))
     sched_name, scheduler = _one_scheduler(list(schedulers.values()))
     prediction = _config_value(scheduler, "prediction_type") or "epsilon"
     if prediction not in PREDICTION_TYPES:
@@ -153,7 +154,7 @@ def _attributes(module: nn.Module, prefix: str, skip: set[int]) -> Iterator[tupl
         if name in ("_modules", "_parameters", "_buffers") or id(value) in skip:
             continue
         yield prefix + name, value
-        if not isinstance(value, nn.Module) and hasattr(value, "unet") and hasattr(value, "scheduler"):
+        if _has_attributes(value, "unet", "scheduler"):  # a pipeline
             yield f"{prefix}{name}.unet", value.unet
             yield f"{prefix}{name}.scheduler", value.scheduler
     for name, child in module.named_children():
@@ -162,6 +163,16 @@ def _attributes(module: nn.Module, prefix: str, skip: set[int]) -> Iterator[tupl
         yield prefix + name, child
         if _network_kind(child) is None and not _is_averaged_model(child):
             yield from _attributes(child, f"{prefix}{name}.", skip)
+
+
+def _has_attributes(value: Any, *names: str) -> bool:
+    """Whether ``value`` (not a module) has all of ``names``; an attribute lookup that raises means no."""
+    if isinstance(value, nn.Module):
+        return False
+    try:
+        return all(hasattr(value, name) for name in names)
+    except Exception:  # noqa: BLE001 - arbitrary user objects: a proxy's __getattr__ may raise anything
+        return False
 
 
 def _network_kind(module: Any) -> str | None:
@@ -193,8 +204,8 @@ def _one_scheduler(found: list[tuple[str, Any]]) -> tuple[str, Any]:
             _config_value(other, "prediction_type") == _config_value(first, "prediction_type")
             and torch.as_tensor(other.alphas_cumprod).shape == torch.as_tensor(first.alphas_cumprod).shape
             and torch.allclose(
-                torch.as_tensor(other.alphas_cumprod, dtype=torch.float64),
-                torch.as_tensor(first.alphas_cumprod, dtype=torch.float64),
+                torch.as_tensor(other.alphas_cumprod, dtype=torch.float64).cpu(),
+                torch.as_tensor(first.alphas_cumprod, dtype=torch.float64).cpu(),
             )
         )
         if not same:
@@ -216,10 +227,13 @@ def _not_found_message(
     shadows = [name for name, value in vars(pl_module).items() if _is_ema_model(value)]
     if shadows:
         found.append(f"the diffusers EMAModel `{shadows[0]}` (shadow weights, not a network)")
-    missing = "a scheduler with `alphas_cumprod`" if networks else "a UNet2DModel / UNet2DConditionModel"
+    if not found:
+        summary = "found no diffusers network and no scheduler. "
+    else:
+        missing = "scheduler with `alphas_cumprod`" if networks else "UNet2DModel / UNet2DConditionModel"
+        summary = f"found {' and '.join(found)}, but no {missing}. "
     return (
-        f"memwatch cannot find the score of {type(pl_module).__name__}: found "
-        f"{' and '.join(found) if found else 'no diffusers network and no scheduler'}, but no {missing}. "
+        f"memwatch cannot find the score of {type(pl_module).__name__}: {summary}"
         "Provide one of: (1) `MemorizationMonitor(score_fn=lambda module: memwatch.DiffusionScore(module.net, "
         "schedule, prediction=...))`; (2) a `memwatch_score()` method on the module returning a "
         "memwatch.DiffusionScore; (3) a diffusers UNet2DModel or UNet2DConditionModel and its scheduler "
@@ -480,15 +494,18 @@ def check_score(
         calls[-1] = True
         return out
 
+    probe = copy.copy(score)  # the same score (subclass and settings), the network call recorded
+    probe.model = recorded
     with torch.no_grad(), _eval_mode(score.model):
         try:
-            value = score.with_model(recorded)(x, t, cond)
+            value = probe(x, t, cond)
         except Exception as err:  # noqa: BLE001 - the network's own error, re-raised with context
-            if is_out_of_memory(err) or not calls:
-                raise
+            if is_out_of_memory(err) or (not calls and isinstance(err, MemwatchError)):
+                raise  # out of memory, or memwatch's own check of `cond` / `t` (its message is the context)
             # a second call is the unconditional one of a guided score
             unconditional = cond is None or len(calls) > 1
-            raise MemwatchError(_call_failure(score, shape, unconditional, err, returned=calls[-1])) from err
+            returned = bool(calls) and calls[-1]
+            raise MemwatchError(_call_failure(score, shape, unconditional, err, returned=returned)) from err
     if not torch.isfinite(value).all():
         raise MemwatchError(
             f"the score of {_model_name(score)} is not finite at t={float(t):g} on probes of "
