@@ -1,91 +1,695 @@
-"""Finding a LightningModule's diffusion score and the probe shape (no Trainer hooks, no math).
+"""What to measure on a LightningModule, found and checked once before training starts.
 
-The monitor asks, in order: a ``score_fn(pl_module)``, the module's ``memwatch_score()``, or a
-diffusers ``UNet2DModel`` and scheduler kept as attributes of the module.
+* :func:`find_score` — the module's :class:`memwatch.DiffusionScore`: a user ``score_fn``, a
+  ``memwatch_score()`` method, or a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` and its
+  scheduler among the module's attributes (``torch.compile``'d networks included).
+* :func:`measured_score` — the same score on an EMA of the weights (an ``nn.Module`` copy such as
+  ``torch.optim.swa_utils.AveragedModel``, or diffusers' ``EMAModel``), the training weights untouched.
+* :func:`sample_shape_of`, :func:`batch_sample_shape` — the shape of one probe, from a diffusers
+  config or from a training batch.
+* :func:`check_score`, :func:`check_reference_data` — one model call on two probes and a check
+  of the reference data's space, so a wrong shape fails once, at setup, with a message that
+  names the argument to change, rather than at every check as a raw shape error.
+
+Compiled networks are measured through their eager module ``_orig_mod``: it holds the very
+parameters the compiled forward trains (shared storage), so the numbers are those of the
+training weights. Measuring through the compiled wrapper instead would recompile for new probe
+batch sizes, grad modes and train/eval flags (minutes per compilation of a tiny UNet on a busy
+CPU), and with torch 2.13 a first call under ``torch.func.vjp`` produced no graph and left the
+wrapper's later training calls uncompiled too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+import copy
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
 from memwatch.errors import MemwatchError
 from memwatch.groundtruth import first_tensor
+from memwatch.operators import is_out_of_memory
 from memwatch.schedules import NoiseSchedule
-from memwatch.score import DiffusionScore
+from memwatch.score import PREDICTION_TYPES, DiffusionScore
 
-__all__ = ["ScoreFn", "batch_range", "batch_sample_shape", "find_score", "materialize", "sample_shape_of", "with_ema"]
+__all__ = [
+    "batch_range",
+    "DIFFUSERS_NETWORKS",
+    "ScoreFn",
+    "batch_sample_shape",
+    "check_reference_data",
+    "check_score",
+    "find_score",
+    "measured_score",
+    "sample_shape_of",
+]
 
-ScoreFn = Callable[[pl.LightningModule], DiffusionScore]
+ScoreFn = Callable[[nn.Module], DiffusionScore]
+
+#: diffusers network classes recognised on a module (subclasses too), with the keyword that
+#: carries their condition (``UNet2DModel``: ``class_labels`` only when its config has class embeddings).
+DIFFUSERS_NETWORKS = {"UNet2DModel": "class_labels", "UNet2DConditionModel": "encoder_hidden_states"}
+
+_PROBES = 2  # probes of the dry call in check_score
 
 
-def find_score(pl_module: pl.LightningModule, score_fn: ScoreFn | None = None) -> DiffusionScore:
-    """The module's :class:`DiffusionScore`: ``score_fn(pl_module)``, else ``pl_module.memwatch_score()``,
-    else a diffusers ``UNet2DModel`` and a scheduler found among the module's attributes.
+# ---------------------------------------------------------------------- finding the score
+def find_score(pl_module: nn.Module, score_fn: ScoreFn | None = None, *, ema_attr: str | None = None) -> DiffusionScore:
+    """The module's :class:`DiffusionScore`, found in this order of precedence:
+
+    1. ``score_fn(pl_module)``;
+    2. ``pl_module.memwatch_score()``;
+    3. a diffusers ``UNet2DModel`` or ``UNet2DConditionModel`` among the module's attributes (child
+       modules at any depth, plain attributes, pipelines' ``.unet``) with its scheduler (any
+       attribute with ``alphas_cumprod`` and ``config``, e.g. ``DDPMScheduler``): the schedule is
+       :meth:`NoiseSchedule.from_diffusers`, the prediction ``scheduler.config.prediction_type``,
+       the condition keyword ``"encoder_hidden_states"`` for a ``UNet2DConditionModel`` and
+       ``"class_labels"`` for a ``UNet2DModel`` whose config has ``num_class_embeds`` or
+       ``class_embed_type`` (no ``null_cond``: unconditional probes of a conditional network need
+       a ``score_fn`` / ``memwatch_score()`` that sets one).
+
+    A ``torch.compile``'d network (found, or in the returned score) is replaced by its eager
+    ``_orig_mod`` — the same parameters (see the module docstring). EMA copies are never
+    auto-detected (measure them with :func:`measured_score`): the subtree of ``ema_attr`` and
+    every ``AveragedModel`` are skipped, and of several networks the one with trainable parameters
+    wins. Call it while the parameters' ``requires_grad`` flags are the training ones (not inside
+    a frozen, eval-mode check) and keep the result: the score holds the network, whose weights
+    change in place.
+
+    Args:
+        pl_module: the LightningModule (any ``nn.Module``).
+        score_fn: ``pl_module -> DiffusionScore``, overrides everything else.
+        ema_attr: attribute of an EMA copy of the network, excluded from auto-detection.
+
+    Returns:
+        The score; its ``model`` is an eager network when it was found or compiled.
 
     Raises:
-        MemwatchError: none of these applies (the message says what to add).
+        MemwatchError: ``score_fn`` / ``memwatch_score()`` returned something else than a
+            ``DiffusionScore``; nothing was found (the message lists what was found and the ways to
+            provide a score); several networks or disagreeing schedulers were found; the
+            scheduler's ``prediction_type`` is not one of ``memwatch.score.PREDICTION_TYPES``.
+
+    Example:
+        >>> class Module(nn.Module):
+        ...     def memwatch_score(self):
+        ...         return DiffusionScore(lambda x, t: 0 * x, NoiseSchedule.linear(10))
+        >>> find_score(Module()).prediction
+        'epsilon'
     """
     if score_fn is not None:
-        score = score_fn(pl_module)
+        score, source = score_fn(pl_module), "`score_fn`"
     elif callable(getattr(pl_module, "memwatch_score", None)):
-        score = pl_module.memwatch_score()
+        score, source = pl_module.memwatch_score(), "`memwatch_score()`"
     else:
-        score = _diffusers_score(pl_module)
+        return _diffusers_score(pl_module, ema_attr)
     if not isinstance(score, DiffusionScore):
-        raise MemwatchError(f"the score must be a memwatch.DiffusionScore, got {type(score).__name__}")
-    return score
+        raise MemwatchError(f"{source} must return a memwatch.DiffusionScore, got {type(score).__name__}")
+    eager = _eager(score.model)
+    return score if eager is score.model else score.with_model(eager)
 
 
-def with_ema(score: DiffusionScore, pl_module: pl.LightningModule, ema_attr: str | None) -> DiffusionScore:
-    """``score`` around the EMA copy ``getattr(pl_module, ema_attr)`` (its ``.module`` if wrapped)."""
-    if ema_attr is None:
-        return score
-    ema = getattr(pl_module, ema_attr, None)
-    if not isinstance(ema, nn.Module):
-        raise MemwatchError(f"`ema_attr`={ema_attr!r} does not name an nn.Module on {type(pl_module).__name__}")
-    return score.with_model(getattr(ema, "module", ema))
+def _diffusers_score(pl_module: nn.Module, ema_attr: str | None) -> DiffusionScore:
+    """A score around the one diffusers network and scheduler among the module's attributes."""
+    ema = None if ema_attr is None else getattr(pl_module, ema_attr, None)
+    skip = set() if ema is None else {id(ema)}
+    networks: dict[int, tuple[str, nn.Module]] = {}
+    schedulers: dict[int, tuple[str, Any]] = {}
+    for name, value in _attributes(pl_module, "", skip):
+        if isinstance(value, nn.Module) and _network_kind(value) is not None:
+            networks.setdefault(id(value), (name, value))
+        elif _has_attributes(value, "alphas_cumprod", "config"):
+            schedulers.setdefault(id(value), (name, value))
+    if not networks or not schedulers:
+        raise MemwatchError(_not_found_message(pl_module, list(networks.values()), list(schedulers.values())))
+    _, network = _one_network(list(networks.values()))
+    sched_name, scheduler = _one_scheduler(list(schedulers.values()))
+    prediction = _config_value(scheduler, "prediction_type") or "epsilon"
+    if prediction not in PREDICTION_TYPES:
+        raise MemwatchError(
+            f"the scheduler `{sched_name}` has config.prediction_type={prediction!r}; memwatch supports "
+            f"{PREDICTION_TYPES}: pass a `score_fn` that converts the network's output"
+        )
+    kind = _network_kind(network)
+    conditional = kind == "UNet2DConditionModel" or any(
+        _config_value(network, key) is not None for key in ("num_class_embeds", "class_embed_type")
+    )
+    return DiffusionScore(
+        network,
+        NoiseSchedule.from_diffusers(scheduler),
+        prediction=prediction,
+        cond_kwarg=DIFFUSERS_NETWORKS[kind] if conditional else None,
+    )
 
 
-def sample_shape_of(model: Any) -> tuple[int, ...] | None:
-    """``(C, H, W)`` from a diffusers model's config (``in_channels``, ``sample_size``), else ``None``."""
-    config = getattr(model, "config", None)
-    size = getattr(config, "sample_size", None)
-    channels = getattr(config, "in_channels", None)
-    if size is None or channels is None:
-        return None
-    h, w = (size, size) if isinstance(size, int) else size
-    return (int(channels), int(h), int(w))
+def _attributes(module: nn.Module, prefix: str, skip: set[int]) -> Iterator[tuple[str, Any]]:
+    """``(dotted name, value)`` of the plain attributes and child modules of ``module``'s tree.
+
+    Does not descend into diffusers networks, ``AveragedModel`` copies (EMAs) or ``skip``; a
+    plain attribute with ``.unet`` and ``.scheduler`` (a pipeline) yields those two.
+    """
+    for name, value in vars(module).items():
+        if name in ("_modules", "_parameters", "_buffers") or id(value) in skip:
+            continue
+        yield prefix + name, value
+        if _has_attributes(value, "unet", "scheduler"):  # a pipeline
+            yield f"{prefix}{name}.unet", value.unet
+            yield f"{prefix}{name}.scheduler", value.scheduler
+    for name, child in module.named_children():
+        if id(child) in skip:
+            continue
+        yield prefix + name, child
+        if _network_kind(child) is None and not _is_averaged_model(child):
+            yield from _attributes(child, f"{prefix}{name}.", skip)
 
 
-def batch_sample_shape(batch: Any, key: str | None) -> tuple[int, ...]:
-    """The shape of one sample of a training batch: ``batch[key]``, the batch itself, or its
-    first tensor.
+def _has_attributes(value: Any, *names: str) -> bool:
+    """Whether ``value`` (not a module) has all of ``names``; an attribute lookup that raises means no."""
+    if isinstance(value, nn.Module):
+        return False
+    try:
+        return all(hasattr(value, name) for name in names)
+    except Exception:  # noqa: BLE001 - arbitrary user objects: a proxy's __getattr__ may raise anything
+        return False
+
+
+def _network_kind(module: Any) -> str | None:
+    """``"UNet2DModel"`` / ``"UNet2DConditionModel"`` for those classes and their subclasses."""
+    return next((c.__name__ for c in type(module).__mro__ if c.__name__ in DIFFUSERS_NETWORKS), None)
+
+
+def _one_network(found: list[tuple[str, nn.Module]]) -> tuple[str, nn.Module]:
+    """The one network of ``found``, or the one trainable one; else an error naming them."""
+    if len(found) > 1:
+        trainable = [(n, m) for n, m in found if any(p.requires_grad for p in m.parameters())]
+        if len(trainable) != 1:
+            names = ", ".join(f"`{_display(n)}` ({type(m).__name__})" for n, m in found)
+            raise MemwatchError(
+                f"memwatch found several diffusion networks on the module: {names}, and "
+                f"{len(trainable)} of them have trainable parameters; pass `score_fn=` to say which one to "
+                "measure (or `ema_attr=` to exclude an EMA copy)"
+            )
+        found = trainable
+    name, network = found[0]
+    return _display(name), _eager(network)
+
+
+def _one_scheduler(found: list[tuple[str, Any]]) -> tuple[str, Any]:
+    """The first scheduler, when all of ``found`` agree on ``alphas_cumprod`` and prediction type."""
+    name, first = found[0]
+    for other_name, other in found[1:]:
+        same = (
+            _config_value(other, "prediction_type") == _config_value(first, "prediction_type")
+            and torch.as_tensor(other.alphas_cumprod).shape == torch.as_tensor(first.alphas_cumprod).shape
+            and torch.allclose(
+                torch.as_tensor(other.alphas_cumprod, dtype=torch.float64).cpu(),
+                torch.as_tensor(first.alphas_cumprod, dtype=torch.float64).cpu(),
+            )
+        )
+        if not same:
+            raise MemwatchError(
+                f"memwatch found schedulers `{_display(name)}` and `{_display(other_name)}` with different noise "
+                "schedules or prediction types; pass `score_fn=` to say which one the network was trained with"
+            )
+    return _display(name), first
+
+
+def _not_found_message(
+    pl_module: nn.Module, networks: list[tuple[str, nn.Module]], schedulers: list[tuple[str, Any]]
+) -> str:
+    found = []
+    if networks:
+        found.append("the network " + ", ".join(f"`{_display(n)}` ({type(m).__name__})" for n, m in networks))
+    if schedulers:
+        found.append("the scheduler " + ", ".join(f"`{n}` ({type(s).__name__})" for n, s in schedulers))
+    shadows = [name for name, value in vars(pl_module).items() if _is_ema_model(value)]
+    if shadows:
+        found.append(f"the diffusers EMAModel `{shadows[0]}` (shadow weights, not a network)")
+    if not found:
+        summary = "found no diffusers network and no scheduler. "
+    else:
+        missing = "scheduler with `alphas_cumprod`" if networks else "UNet2DModel / UNet2DConditionModel"
+        summary = f"found {' and '.join(found)}, but no {missing}. "
+    return (
+        f"memwatch cannot find the score of {type(pl_module).__name__}: {summary}"
+        "Provide one of: (1) `MemorizationMonitor(score_fn=lambda module: memwatch.DiffusionScore(module.net, "
+        "schedule, prediction=...))`; (2) a `memwatch_score()` method on the module returning a "
+        "memwatch.DiffusionScore; (3) a diffusers UNet2DModel or UNet2DConditionModel and its scheduler "
+        "(e.g. DDPMScheduler) as attributes of the module. A torch.compile'd network is found through its "
+        "`_orig_mod`. An EMA (torch.optim.swa_utils.AveragedModel, diffusers' EMAModel) is not the network: "
+        "keep the network itself on the module and name the EMA with `ema_attr=` to measure its weights."
+    )
+
+
+# ---------------------------------------------------------------------- EMA weights
+@contextlib.contextmanager
+def measured_score(
+    score: DiffusionScore, pl_module: nn.Module, ema_attr: str | None = None
+) -> Iterator[DiffusionScore]:
+    """The score on the weights a check measures: the training ones, or the EMA at ``ema_attr``.
+
+    EMA is never chosen automatically: whether to watch the EMA or the raw weights is the
+    user's call. ``getattr(pl_module, ema_attr)`` may be
+
+    * an ``nn.Module`` copy of the network: a deepcopy updated by hand, or a wrapper holding it as
+      ``.module`` (``torch.optim.swa_utils.AveragedModel``, timm's ``ModelEmaV2``) or
+      ``.ema_model`` (``ema_pytorch.EMA``), compiled or not; an EMA of the whole LightningModule
+      is measured at the network's attribute path in it. Measured in place.
+    * a diffusers ``EMAModel`` (``diffusers.training_utils.EMAModel``, shadow weights only):
+      measured on a deepcopy of the network into which ``ema.copy_to`` writes the shadow weights
+      at every entry (eval mode, frozen); the training network is untouched. The copy is not
+      kept between checks: it would cost a second resident copy of the network for the whole run
+      to save one weight copy per check.
+
+    Args:
+        score: the training score (from :func:`find_score`).
+        pl_module: the module that holds the EMA.
+        ema_attr: the attribute name, or ``None`` for the training weights.
+
+    Yields:
+        ``score`` itself (``ema_attr=None``) or ``score.with_model(ema network)``; valid inside the
+        ``with`` block (the copy is released with the yielded score).
 
     Raises:
-        MemwatchError: ``key`` is not a key of the batch, or no tensor is found.
+        MemwatchError: ``ema_attr`` names nothing usable (the message says what it names and which
+            EMA-like attributes the module has), a network of another type or parameter shapes, or
+            an ``EMAModel`` whose shadow weights do not match the network's parameters.
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> holder = nn.Module()
+        >>> holder.ema = torch.optim.swa_utils.AveragedModel(net)
+        >>> with measured_score(DiffusionScore(net, NoiseSchedule.linear(10)), holder, "ema") as s:
+        ...     s.model is holder.ema.module
+        True
     """
-    if key is not None:
-        if not isinstance(batch, Mapping) or key not in batch:
-            raise MemwatchError(f"`batch_key`={key!r} is not a key of the training batch")
-        return tuple(batch[key].shape[1:])
-    if isinstance(batch, Tensor):
-        return tuple(batch.shape[1:])
-    items = batch.values() if isinstance(batch, Mapping) else batch
-    for item in items:
-        if isinstance(item, Tensor):
-            return tuple(item.shape[1:])
-    raise MemwatchError("memwatch cannot infer the probe shape from the batch; pass `sample_shape=` or `batch_key=`")
+    if ema_attr is None:
+        yield score
+        return
+    ema = getattr(pl_module, ema_attr, None)
+    if _is_ema_model(ema):
+        network = _shadowed_network(score, ema, ema_attr)
+        shadow_copy = copy.deepcopy(network).eval().requires_grad_(False)
+        ema.copy_to(shadow_copy.parameters())
+        try:
+            yield score.with_model(shadow_copy)
+        finally:
+            del shadow_copy
+    elif isinstance(ema, nn.Module):
+        yield score.with_model(_ema_network(ema, score, pl_module, ema_attr))
+    else:
+        what = "no attribute" if ema is None else f"a {type(ema).__name__}"
+        raise MemwatchError(
+            f"`ema_attr`={ema_attr!r} names {what} on {type(pl_module).__name__}; it must name an EMA of the "
+            "network: an nn.Module copy (torch.optim.swa_utils.AveragedModel, a deepcopy updated by hand) or a "
+            f"diffusers EMAModel. EMA-like attributes of the module: {_ema_like(pl_module) or 'none'}"
+        )
 
 
-def batch_range(batch: Any, key: str | None, seen: tuple[float, float] | None = None) -> tuple[float, float] | None:
-    """``(min, max)`` of a training batch's data (``batch[key]`` or its first tensor), widened by
-    ``seen``; ``seen`` unchanged when the batch holds no floating tensor."""
-    data = batch[key] if key is not None and isinstance(batch, Mapping) else batch
+def _is_ema_model(value: Any) -> bool:
+    """A diffusers ``EMAModel`` (duck-typed: ``shadow_params`` and ``copy_to``, not a module)."""
+    return (
+        not isinstance(value, nn.Module)
+        and hasattr(value, "shadow_params")
+        and callable(getattr(value, "copy_to", None))
+    )
+
+
+def _is_averaged_model(module: Any) -> bool:
+    return any(c.__name__ == "AveragedModel" for c in type(module).__mro__)
+
+
+def _shadowed_network(score: DiffusionScore, ema: Any, ema_attr: str) -> nn.Module:
+    """The score's network, checked to match the ``EMAModel``'s shadow weights one for one."""
+    network = score.model
+    if not isinstance(network, nn.Module):
+        raise MemwatchError(
+            f"`ema_attr`={ema_attr!r} is a diffusers EMAModel (shadow weights of a network), but the score's model "
+            f"is a {type(network).__name__}, not the nn.Module whose parameters it shadows; let `score_fn` / "
+            "`memwatch_score()` return a DiffusionScore around the network itself"
+        )
+    shapes = [tuple(p.shape) for p in network.parameters()]
+    shadows = [tuple(p.shape) for p in ema.shadow_params]
+    if shapes != shadows:
+        raise MemwatchError(
+            f"`ema_attr`={ema_attr!r} is a diffusers EMAModel of {len(shadows)} parameters that do not match the "
+            f"{len(shapes)} parameters of the measured {type(network).__name__}; build it from that network "
+            "(`EMAModel(unet.parameters())`)"
+        )
+    return network
+
+
+def _ema_network(ema: nn.Module, score: DiffusionScore, pl_module: nn.Module, ema_attr: str) -> nn.Module:
+    """The network inside an ``nn.Module`` EMA, checked against the score's network."""
+    network, candidate = score.model, _eager(ema)
+    if type(candidate) is not type(network):
+        for attr in ("module", "ema_model"):  # AveragedModel / timm ModelEmaV2; ema_pytorch.EMA
+            inner = getattr(candidate, attr, None)
+            if isinstance(inner, nn.Module):
+                candidate = _eager(inner)
+                break
+    if not isinstance(network, nn.Module):
+        return candidate  # nothing to compare with: the dry call (check_score) is the check
+    if type(candidate) is not type(network):  # an EMA of the whole module: the network's path in it
+        path = next((n for n, m in pl_module.named_modules() if m is network), None)
+        inner = _submodule(candidate, path)
+        if type(inner) is not type(network):
+            raise MemwatchError(
+                f"`ema_attr`={ema_attr!r} is a {type(ema).__name__} holding a {type(candidate).__name__}, but the "
+                f"measured network is a {type(network).__name__}; name an EMA of that network"
+            )
+        candidate = inner
+    if [p.shape for p in candidate.parameters()] != [p.shape for p in network.parameters()]:
+        raise MemwatchError(
+            f"`ema_attr`={ema_attr!r}: the parameter shapes of its {type(candidate).__name__} differ from those of "
+            "the measured network; name an EMA of that network"
+        )
+    return candidate
+
+
+def _submodule(module: nn.Module, path: str | None) -> nn.Module | None:
+    """``module``'s submodule at ``path`` (compile wrappers skipped), or ``None``."""
+    if not path:
+        return None
+    try:
+        return _eager(module.get_submodule(_display(path)))
+    except AttributeError:
+        return None
+
+
+def _ema_like(pl_module: nn.Module) -> list[str]:
+    """Names of the module's attributes that look like an EMA, with their types."""
+    items = {**vars(pl_module), **dict(pl_module.named_children())}
+    return [
+        f"{name} ({type(value).__name__})"
+        for name, value in items.items()
+        if not name.startswith("_") and (_is_ema_model(value) or _is_averaged_model(value) or "ema" in name.lower())
+    ]
+
+
+# ---------------------------------------------------------------------- probe shape
+def sample_shape_of(score: DiffusionScore) -> tuple[int, ...] | None:
+    """``(in_channels, H, W)`` of one sample from the network's diffusers config, or ``None``.
+
+    ``config.sample_size`` is an int (square) or a pair ``(H, W)``.
+
+    Example:
+        >>> sample_shape_of(DiffusionScore(lambda x, t: x, NoiseSchedule.linear(10))) is None
+        True
+    """
+    model = _eager(score.model)
+    channels, size = _config_value(model, "in_channels"), _config_value(model, "sample_size")
+    if isinstance(size, int):
+        size = (size, size)
+    if not isinstance(channels, int) or not isinstance(size, Sequence) or len(size) != 2:
+        return None
+    shape = (channels, *size)
+    return shape if all(isinstance(s, int) and s > 0 for s in shape) else None
+
+
+def batch_sample_shape(batch: Any, batch_key: str | None = None) -> tuple[int, ...]:
+    """The shape of one sample of a training batch: ``batch[batch_key]`` for dict batches, else
+    the batch itself or its first tensor (tuple / list / dict), without the batch dimension.
+
+    Raises:
+        MemwatchError: ``batch_key`` is not a key of a dict batch (the message lists the keys) or
+            the batch is not a dict; no tensor in the batch; the tensor has no sample dimensions.
+
+    Example:
+        >>> batch_sample_shape({"label": torch.zeros(8), "image": torch.zeros(8, 3, 4, 4)}, "image")
+        (3, 4, 4)
+    """
+    data = _data_tensor(batch, batch_key, "the training batch")
+    if data.ndim < 2:
+        raise MemwatchError(
+            f"the data tensor of the training batch has shape {tuple(data.shape)}, not [batch, *sample_shape]; "
+            "pass `sample_shape=` (and `batch_key=` for dict batches)"
+        )
+    return tuple(data.shape[1:])
+
+
+def _data_tensor(batch: Any, batch_key: str | None, what: str) -> Tensor:
+    """``batch[batch_key]``, or the batch's first tensor; errors name ``batch_key`` / ``sample_shape``."""
+    if batch_key is not None:
+        if not isinstance(batch, Mapping):
+            raise MemwatchError(
+                f"`batch_key`={batch_key!r} needs dict batches, but {what} is a {type(batch).__name__}; "
+                "pass `batch_key=None` to use its first tensor, or `sample_shape=`"
+            )
+        if batch_key not in batch or not isinstance(batch[batch_key], Tensor):
+            raise MemwatchError(
+                f"`batch_key`={batch_key!r} is not a key of a tensor in {what}; its keys are {list(batch)}"
+            )
+        return batch[batch_key]
+    try:
+        return first_tensor(dict(batch) if isinstance(batch, Mapping) else batch)
+    except MemwatchError as err:
+        raise MemwatchError(
+            f"memwatch cannot find a tensor in {what} (a {type(batch).__name__}); pass `sample_shape=` "
+            "(and `batch_key=` for dict batches)"
+        ) from err
+
+
+# ---------------------------------------------------------------------- dry call at setup
+def check_score(
+    score: DiffusionScore,
+    sample_shape: Sequence[int],
+    *,
+    device: torch.device | str,
+    cond: Tensor | int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """One call of the score on 2 probes ``[2, *sample_shape]`` at the schedule's middle timestep.
+
+    Runs without gradients and with the network in eval mode (its modes restored afterwards), on
+    seeded standard normal probes (a private generator: the global RNG is untouched).
+
+    Args:
+        score: the score to check (e.g. the one :func:`measured_score` yields).
+        sample_shape: the shape of one probe.
+        device: where the probes go (the training device).
+        cond: a condition for the call (``None``: an unconditional call, with ``null_cond`` if set).
+        dtype: dtype of the probes.
+
+    Raises:
+        MemwatchError: ``sample_shape`` is not a shape of positive ints; the network fails on the
+            probes (the message names ``sample_shape``, its value, the network and its error, or the
+            missing ``null_cond`` of a conditional network); its output is not shaped like its input
+            (the message names the network); the score is not finite.
+
+    Example:
+        >>> score = DiffusionScore(lambda x, t: 0 * x, NoiseSchedule.linear(10))
+        >>> check_score(score, (2,), device="cpu")
+    """
+    shape = _check_shape(sample_shape)
+    x = torch.randn((_PROBES, *shape), generator=torch.Generator().manual_seed(0), dtype=dtype).to(device)
+    t = score.schedule.sampling_timesteps(3)[1]
+    calls: list[bool] = []  # True: the network returned; False: it raised
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        calls.append(False)
+        out = score.model(*args, **kwargs)
+        calls[-1] = True
+        return out
+
+    probe = copy.copy(score)  # the same score (subclass and settings), the network call recorded
+    probe.model = recorded
+    with torch.no_grad(), _eval_mode(score.model):
+        try:
+            value = probe(x, t, cond)
+        except Exception as err:  # noqa: BLE001 - the network's own error, re-raised with context
+            if is_out_of_memory(err) or (not calls and isinstance(err, MemwatchError)):
+                raise  # out of memory, or memwatch's own check of `cond` / `t` (its message is the context)
+            # a second call is the unconditional one of a guided score
+            unconditional = cond is None or len(calls) > 1
+            returned = bool(calls) and calls[-1]
+            raise MemwatchError(_call_failure(score, shape, unconditional, err, returned=returned)) from err
+    if not torch.isfinite(value).all():
+        raise MemwatchError(
+            f"the score of {_model_name(score)} is not finite at t={float(t):g} on probes of "
+            f"`sample_shape`={shape}; check the network's weights and the noise schedule"
+        )
+
+
+def _call_failure(
+    score: DiffusionScore, shape: tuple[int, ...], unconditional: bool, err: Exception, returned: bool
+) -> str:
+    """The message of a failed dry call: the network's output, a missing condition, or the shape."""
+    name, reason = _model_name(score), f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    if returned:
+        channels = (_config_value(score.model, "in_channels"), _config_value(score.model, "out_channels"))
+        hint = ""
+        if None not in channels and channels[0] != channels[1]:
+            hint = (
+                f" Its config has in_channels={channels[0]}, out_channels={channels[1]}: a network that also "
+                f"predicts a variance needs a `score_fn` whose model keeps the first {channels[0]} output channels."
+            )
+        return (
+            f"{name} does not return a tensor shaped like its input on probes of `sample_shape`={shape}: "
+            f"{reason}.{hint}"
+        )
+    if unconditional and score.null_cond is None and score.cond_kwarg is not None:
+        return (
+            f"{name} is conditional (`{score.cond_kwarg}`) and fails without a condition ({reason}); unconditional "
+            "probes need `null_cond=` (the null class label, or the empty-prompt embedding [1, L, E]) in the "
+            "DiffusionScore that `score_fn` / `memwatch_score()` returns"
+        )
+    params = next(iter(score.model.parameters()), None) if isinstance(score.model, nn.Module) else None
+    where = "" if params is None else f"; its parameters are {params.dtype} on {params.device}"
+    return (
+        f"{name} fails on probes of `sample_shape`={shape}{where}: {reason}. Pass the shape of one sample as the "
+        "network takes it (`sample_shape=`; the latent shape for a latent model)"
+    )
+
+
+def _model_name(score: DiffusionScore) -> str:
+    return f"the model ({type(score.model).__name__})"
+
+
+@contextlib.contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    """``model`` in eval mode (if it is a module), every submodule's mode restored afterwards."""
+    modes = {m: m.training for m in model.modules()} if isinstance(model, nn.Module) else {}
+    try:
+        for m in modes:
+            m.eval()
+        yield
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+
+
+def _check_shape(sample_shape: Any) -> tuple[int, ...]:
+    ok = isinstance(sample_shape, Sequence) and len(sample_shape) > 0
+    if ok:
+        ok = all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sample_shape)
+    if not ok:
+        raise MemwatchError(f"`sample_shape` must be a non-empty shape of positive ints, got {sample_shape!r}")
+    return tuple(sample_shape)
+
+
+# ---------------------------------------------------------------------- reference data
+def check_reference_data(
+    reference_data: Tensor | Iterable[Any],
+    sample_shape: Sequence[int],
+    encode_fn: Callable[[Tensor], Tensor] | None = None,
+    *,
+    batch_key: str | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int = 64,
+) -> Tensor:
+    """Training samples ``[N, *sample_shape]`` on the CPU, in the space of the probes.
+
+    Args:
+        reference_data: ``[N, ...]`` tensor, or an iterable of batches (tensors, or tuples / lists
+            / dicts whose first tensor — ``batch[batch_key]`` for dicts — is the data).
+        sample_shape: the probes' shape; the data must have it after ``encode_fn``.
+        encode_fn: maps a chunk of data ``[b, ...]`` to the probes' space ``[b, *sample_shape]``
+            (e.g. images → VAE latents,
+            ``lambda x: vae.encode(x).latent_dist.mean * vae.config.scaling_factor``); called
+            without gradients on chunks of ``batch_size`` samples moved to ``device``.
+        batch_key: key of the data in dict batches.
+        device: where ``encode_fn`` runs (default: where the data is).
+        batch_size: samples per ``encode_fn`` call.
+
+    Returns:
+        ``[N, *sample_shape]`` detached CPU tensor.
+
+    Raises:
+        MemwatchError: the data (after ``encode_fn``) is not shaped like the probes — the message
+            names ``reference_data`` / ``encode_fn`` and both shapes; fewer than 2 samples; no
+            tensor in a batch; ``encode_fn`` fails or does not return a tensor.
+
+    Example:
+        >>> check_reference_data(torch.zeros(4, 3, 2, 2), (3, 2, 2)).shape
+        torch.Size([4, 3, 2, 2])
+    """
+    shape = _check_shape(sample_shape)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise MemwatchError(f"`batch_size` must be a positive integer, got {batch_size!r}")
+    if not isinstance(reference_data, (Tensor, Iterable)):
+        raise MemwatchError(
+            f"`reference_data` must be a tensor [N, ...] or an iterable of batches, got {type(reference_data).__name__}"
+        )
+    batches = [reference_data] if isinstance(reference_data, Tensor) else reference_data
+    parts = []
+    for batch in batches:
+        data = _data_tensor(batch, batch_key, "a `reference_data` batch").detach()
+        encoded = data if encode_fn is None else _encode(encode_fn, data, device, batch_size)
+        if tuple(encoded.shape[1:]) != shape:
+            raise MemwatchError(_space_message(tuple(data.shape[1:]), tuple(encoded.shape[1:]), shape, encode_fn))
+        parts.append(encoded.cpu())
+    total = sum(p.shape[0] for p in parts)
+    if total < 2:
+        raise MemwatchError(f"`reference_data` must hold at least 2 samples, got {total}")
+    return torch.cat(parts)
+
+
+def _encode(encode_fn: Callable[[Tensor], Tensor], data: Tensor, device: Any, batch_size: int) -> Tensor:
+    """``encode_fn`` over ``batch_size`` chunks of ``data`` (no gradients), concatenated on the CPU."""
+    out = []
+    with torch.no_grad():
+        for chunk in data.split(batch_size):
+            try:
+                encoded = encode_fn(chunk if device is None else chunk.to(device))
+            except Exception as err:  # noqa: BLE001 - the user function's error, re-raised with context
+                if is_out_of_memory(err):
+                    raise
+                raise MemwatchError(
+                    f"`encode_fn` fails on a `reference_data` chunk of shape {tuple(chunk.shape)}: "
+                    f"{type(err).__name__}: {err}"
+                ) from err
+            if not isinstance(encoded, Tensor):
+                raise MemwatchError(f"`encode_fn` must return a tensor, got {type(encoded).__name__}")
+            out.append(encoded.detach().cpu())
+    return torch.cat(out)
+
+
+def _space_message(
+    given: tuple[int, ...], got: tuple[int, ...], shape: tuple[int, ...], encode_fn: Callable[..., Any] | None
+) -> str:
+    if encode_fn is None:
+        return (
+            f"`reference_data` samples have shape {given}, but the probes have shape {shape} (`sample_shape`); "
+            "pass training samples in the space the model generates, or an `encode_fn` that maps them there "
+            "(e.g. images → VAE latents for a latent model)"
+        )
+    return (
+        f"`encode_fn` maps `reference_data` samples of shape {given} to shape {got}, but the probes have shape "
+        f"{shape} (`sample_shape`)"
+    )
+
+
+# ---------------------------------------------------------------------- small helpers
+def _eager(model: Any) -> Any:
+    """The eager module inside ``torch.compile`` wrappers (``_orig_mod``), else ``model``."""
+    while isinstance(model, nn.Module) and isinstance(model._modules.get("_orig_mod"), nn.Module):
+        model = model._modules["_orig_mod"]
+    return model
+
+
+def _display(name: str) -> str:
+    """An attribute path without compile wrappers, e.g. ``unet._orig_mod`` → ``unet``."""
+    return name.replace("._orig_mod", "")
+
+
+def _config_value(obj: Any, key: str) -> Any:
+    """``obj.config[key]`` of a diffusers object (a mapping or attributes), or ``None``."""
+    config = getattr(obj, "config", None)
+    if isinstance(config, Mapping):
+        return config.get(key)
+    return getattr(config, key, None)
+
+
+def batch_range(
+    batch: Any, batch_key: str | None = None, seen: tuple[float, float] | None = None
+) -> tuple[float, float] | None:
+    """``(min, max)`` of a training batch's data (``batch[batch_key]`` or its first tensor),
+    widened by ``seen``; ``seen`` unchanged when the batch holds no floating tensor."""
+    data = batch[batch_key] if batch_key is not None and isinstance(batch, Mapping) else batch
     try:
         x = first_tensor(data)
     except MemwatchError:
@@ -94,26 +698,3 @@ def batch_range(batch: Any, key: str | None, seen: tuple[float, float] | None = 
         return seen
     lo, hi = (float(v) for v in torch.aminmax(x.detach()))
     return (lo, hi) if seen is None else (min(lo, seen[0]), max(hi, seen[1]))
-
-
-def materialize(data: Any) -> Tensor:
-    """Reference data (a tensor or an iterable of batches) as one CPU tensor ``[N, *shape]``."""
-    if isinstance(data, Tensor):
-        return data.detach().cpu()
-    return torch.cat([first_tensor(b).detach().cpu() for b in data])
-
-
-def _diffusers_score(pl_module: pl.LightningModule) -> DiffusionScore:
-    unet = next((m for m in vars(pl_module)["_modules"].values() if type(m).__name__ == "UNet2DModel"), None)
-    scheduler = next(
-        (v for v in vars(pl_module).values() if hasattr(v, "alphas_cumprod") and hasattr(v, "config")), None
-    )
-    if unet is None or scheduler is None:
-        raise MemwatchError(
-            f"memwatch cannot find the score of {type(pl_module).__name__}: pass "
-            "`MemorizationMonitor(score_fn=lambda module: memwatch.DiffusionScore(...))`, or add a "
-            "`memwatch_score()` method returning a memwatch.DiffusionScore, or keep a diffusers "
-            "UNet2DModel and its scheduler as attributes of the module"
-        )
-    prediction = getattr(scheduler.config, "prediction_type", "epsilon")
-    return DiffusionScore(unet, NoiseSchedule.from_diffusers(scheduler), prediction=prediction)

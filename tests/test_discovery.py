@@ -1,0 +1,476 @@
+"""Finding the score, the EMA weights and the probe shape on a LightningModule; setup-time checks."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import re
+import weakref
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from memwatch.discovery import (
+    batch_sample_shape,
+    check_reference_data,
+    check_score,
+    find_score,
+    measured_score,
+    sample_shape_of,
+)
+from memwatch.errors import MemwatchError
+from memwatch.schedules import NoiseSchedule
+from memwatch.score import DiffusionScore
+
+diffusers = pytest.importorskip("diffusers")
+
+T = 50  # the probes' timestep (of a 100-step DDPM schedule)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny UNets: one thread is many times faster than two on shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def unet(in_channels=3, out_channels=3, **kwargs):
+    torch.manual_seed(0)
+    kwargs = {"sample_size": 8, **kwargs}
+    return diffusers.UNet2DModel(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        **kwargs,
+    )
+
+
+def cond_unet():
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        cross_attention_dim=16,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+
+
+def scheduler(**kwargs):
+    return diffusers.DDPMScheduler(num_train_timesteps=100, **kwargs)
+
+
+class Holder(pl.LightningModule):
+    """A LightningModule that only holds the given attributes."""
+
+    def __init__(self, **attributes):
+        super().__init__()
+        for name, value in attributes.items():
+            setattr(self, name, value)
+
+
+def probes(shape, n=2):
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(1))
+
+
+def perturbed(module):
+    """``module``'s parameters moved away from their initial values (a stand-in for training)."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return module
+
+
+def params_of(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+# ------------------------------------------------------------------------ find_score
+def test_finds_a_unet2d_and_its_scheduler():
+    net, sched = unet(), scheduler(prediction_type="v_prediction")
+    score = find_score(Holder(unet=net, noise_scheduler=sched))
+    assert score.model is net and score.cond_kwarg is None and score.prediction == "v_prediction"
+    assert torch.equal(score.schedule.alphas_cumprod, NoiseSchedule.from_diffusers(sched).alphas_cumprod)
+    assert score(probes((3, 8, 8)), T).shape == (2, 3, 8, 8)
+    assert sample_shape_of(score) == (3, 8, 8)
+    check_score(score, (3, 8, 8), device="cpu")
+
+
+def test_class_conditional_unet2d_takes_class_labels():
+    net = unet(num_class_embeds=4)
+    score = find_score(Holder(unet=net, scheduler=scheduler()))
+    assert score.model is net and score.cond_kwarg == "class_labels"
+    x, labels = probes((3, 8, 8)), torch.tensor([1, 3])
+    s = score(x, T, labels)
+    assert s.shape == x.shape and not torch.allclose(s, score(x, T, torch.tensor([0, 0])))
+    check_score(score, (3, 8, 8), device="cpu", cond=labels)
+    with pytest.raises(MemwatchError, match=r"conditional \(`class_labels`\).*`null_cond=`"):
+        check_score(score, (3, 8, 8), device="cpu")
+
+
+def test_finds_a_unet2d_condition_model_with_encoder_hidden_states():
+    net = cond_unet()
+    score = find_score(Holder(unet=net, scheduler=scheduler()))
+    assert score.model is net and score.cond_kwarg == "encoder_hidden_states" and score.prediction == "epsilon"
+    assert sample_shape_of(score) == (4, 8, 8)
+    x = probes((4, 8, 8))
+    emb = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(3))
+    s = score(x, T, emb)
+    assert s.shape == (2, 4, 8, 8) and torch.isfinite(s).all()
+    assert torch.allclose(score(x, T, emb[:1]), score(x, T, emb[:1].expand(2, 5, 16)))  # one prompt for all
+    check_score(score, (4, 8, 8), device="cpu", cond=emb)
+    with pytest.raises(MemwatchError, match=r"encoder_hidden_states.*null_cond"):
+        check_score(score, (4, 8, 8), device="cpu")
+    # a guided score without null_cond: the unconditional half is the one that fails
+    guided = DiffusionScore(net, score.schedule, cond_kwarg="encoder_hidden_states", guidance_scale=3.0)
+    with pytest.raises(MemwatchError, match="null_cond"):
+        check_score(guided, (4, 8, 8), device="cpu", cond=emb)
+
+
+def test_compiled_unet_is_measured_through_its_eager_module():
+    net = unet()
+    try:
+        compiled = torch.compile(net)
+    except RuntimeError as err:  # torch.compile unsupported on this platform / Python
+        pytest.skip(f"torch.compile unavailable: {err}")
+    module = Holder(unet=compiled, scheduler=scheduler())
+    score = find_score(module)
+    assert score.model is net  # the same parameters the compiled forward trains, without recompiling
+    assert score(probes((3, 8, 8)), T).shape == (2, 3, 8, 8) and sample_shape_of(score) == (3, 8, 8)
+    # a user score around the compiled module is unwrapped too, other settings kept
+    module.memwatch_score = lambda: DiffusionScore(compiled, score.schedule, "sample", cond_kwarg="y")
+    user = find_score(module)
+    assert user.model is net and (user.prediction, user.cond_kwarg) == ("sample", "y")
+
+
+def test_attributes_whose_lookup_raises_are_skipped():
+    class Proxy:
+        def __getattr__(self, name):
+            raise RuntimeError("not connected")
+
+    net = unet()
+    assert find_score(Holder(unet=net, scheduler=scheduler(), remote=Proxy())).model is net
+
+
+def test_precedence_score_fn_then_memwatch_score_then_diffusers():
+    net, sched = unet(), scheduler()
+    module = Holder(unet=net, scheduler=sched)
+    other = DiffusionScore(lambda x, t: 0 * x, NoiseSchedule.linear(10))
+    module.memwatch_score = lambda: other
+    assert find_score(module) is other
+    explicit = DiffusionScore(lambda x, t: x, NoiseSchedule.linear(10))
+    assert find_score(module, lambda m: explicit) is explicit
+    with pytest.raises(MemwatchError, match=r"`score_fn` must return a memwatch.DiffusionScore, got UNet2DModel"):
+        find_score(module, lambda m: m.unet)
+
+
+def test_several_networks_the_trainable_one_or_an_error():
+    net = unet()
+    frozen_copy = copy.deepcopy(net).requires_grad_(False)
+    averaged = torch.optim.swa_utils.AveragedModel(net)  # trainable, but an EMA: never descended into
+    found = find_score(Holder(unet=net, ema_unet=frozen_copy, swa=averaged, scheduler=scheduler()))
+    assert found.model is net
+    # the EMA named by ema_attr is excluded even when trainable
+    assert find_score(Holder(unet=net, ema=copy.deepcopy(net), scheduler=scheduler()), ema_attr="ema").model is net
+    with pytest.raises(MemwatchError, match=r"several diffusion networks.*`unet`.*`second`.*score_fn"):
+        find_score(Holder(unet=net, second=cond_unet(), scheduler=scheduler()))
+
+
+def test_nested_network_and_pipeline_are_found():
+    net, sched = unet(), scheduler()
+    wrapper = nn.Module()
+    wrapper.backbone = net
+    assert find_score(Holder(model=wrapper, scheduler=sched)).model is net
+    pipe = diffusers.DDPMPipeline(unet=net, scheduler=sched)
+    assert find_score(Holder(pipeline=pipe)).model is net
+
+
+def test_schedulers_must_agree():
+    net, sched = unet(), scheduler()
+    ddim = diffusers.DDIMScheduler.from_config(sched.config)  # same betas: a sampling scheduler
+    assert find_score(Holder(unet=net, scheduler=sched, sampler=ddim)).model is net
+    with pytest.raises(MemwatchError, match=r"schedulers `scheduler` and `other`"):
+        find_score(Holder(unet=net, scheduler=sched, other=scheduler(beta_schedule="squaredcos_cap_v2")))
+    with pytest.raises(MemwatchError, match=r"prediction_type='flow'.*score_fn"):
+        bad = scheduler()
+        bad.register_to_config(prediction_type="flow")
+        find_score(Holder(unet=net, scheduler=bad))
+
+
+@pytest.mark.parametrize(
+    "attributes, found",
+    [
+        ({}, "no diffusers network and no scheduler"),
+        ({"unet": "net"}, r"the network `unet` \(UNet2DModel\).*but no scheduler with `alphas_cumprod`"),
+        ({"scheduler": "sched"}, r"the scheduler `scheduler` \(DDPMScheduler\).*but no UNet2DModel / UNet2DCond"),
+        ({"ema": "shadow", "scheduler": "sched"}, r"EMAModel `ema` \(shadow weights, not a network\)"),
+    ],
+)
+def test_nothing_found_says_what_was_found_and_every_option(attributes, found):
+    net = unet()
+    values = {
+        "net": net,
+        "sched": scheduler(),
+        "shadow": diffusers.training_utils.EMAModel(net.parameters()),
+    }
+    module = Holder(**{name: values[v] for name, v in attributes.items()})
+    with pytest.raises(MemwatchError) as info:
+        find_score(module)
+    message = str(info.value)
+    assert re.search(found, message), message
+    for option in ("score_fn=", "memwatch_score()", "UNet2DConditionModel", "torch.compile", "EMAModel", "ema_attr="):
+        assert option in message
+
+
+# ------------------------------------------------------------------------ EMA
+def test_diffusers_ema_model_measures_the_shadow_weights_on_a_fresh_copy():
+    net = unet()
+    ema = diffusers.training_utils.EMAModel(net.parameters())  # shadows = the initial weights
+    perturbed(net)  # training moved the network away from them
+    module = Holder(unet=net, scheduler=scheduler(), ema=ema)
+    score = find_score(module)
+    before = params_of(net)
+    x = probes((3, 8, 8))
+    manual = copy.deepcopy(net)
+    ema.copy_to(manual.parameters())
+    with torch.no_grad(), measured_score(score, module, "ema") as measured:
+        assert measured.model is not net and not measured.model.training
+        value, raw, expected = measured(x, T), score(x, T), score.with_model(manual.eval())(x, T)
+        copy_ref = weakref.ref(measured.model)
+    assert torch.equal(value, expected) and not torch.allclose(value, raw, atol=1e-3)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # training weights bit-identical
+    assert net.training and all(p.requires_grad for p in net.parameters())
+    del measured
+    gc.collect()
+    assert copy_ref() is None  # the copy is freed with the yielded score: memwatch keeps nothing
+    # the shadow weights are copied again at every entry
+    ema.step(net.parameters())
+    with torch.no_grad(), measured_score(score, module, "ema") as measured:
+        again = measured(x, T)
+    ema.copy_to(manual.parameters())
+    assert torch.equal(again, score.with_model(manual)(x, T)) and not torch.allclose(again, value, atol=1e-5)
+
+
+def test_averaged_model_measures_its_module():
+    net = unet()
+    averaged = torch.optim.swa_utils.AveragedModel(net)
+    perturbed(net)
+    module = Holder(unet=net, scheduler=scheduler(), ema=averaged)
+    score = find_score(module, ema_attr="ema")
+    x = probes((3, 8, 8))
+    with torch.no_grad(), measured_score(score, module, "ema") as measured:
+        assert measured.model is averaged.module
+        value, raw = measured(x, T), score(x, T)
+    assert torch.equal(value, score.with_model(averaged.module)(x, T)) and not torch.allclose(value, raw, atol=1e-3)
+    with measured_score(score, module, None) as same:
+        assert same is score
+
+
+def test_ema_of_the_whole_module_is_measured_at_the_network_path():
+    module = Holder(unet=torch.compile(unet()), scheduler=scheduler())
+    module.ema = torch.optim.swa_utils.AveragedModel(module)  # a deepcopy of the whole module
+    score = find_score(module, ema_attr="ema")
+    with measured_score(score, module, "ema") as measured:
+        assert measured.model is module.ema.module.unet._orig_mod and measured.model is not score.model
+
+
+def test_wrong_ema_attr_says_what_it_found():
+    net = unet()
+    module = Holder(unet=net, scheduler=scheduler(), ema_unet=diffusers.training_utils.EMAModel(net.parameters()))
+    score = find_score(module)
+    with pytest.raises(MemwatchError, match=r"`ema_attr`='nope' names no attribute.*ema_unet \(EMAModel\)"):
+        with measured_score(score, module, "nope"):
+            pass
+    module.step_size = 0.1
+    with pytest.raises(MemwatchError, match=r"`ema_attr`='step_size' names a float"):
+        with measured_score(score, module, "step_size"):
+            pass
+    module.whole = diffusers.training_utils.EMAModel([*net.parameters(), nn.Parameter(torch.zeros(3))])
+    with pytest.raises(MemwatchError, match=r"EMAModel of \d+ parameters that do not match"):
+        with measured_score(score, module, "whole"):
+            pass
+    module.other = torch.optim.swa_utils.AveragedModel(cond_unet())
+    with pytest.raises(MemwatchError, match=r"holding a UNet2DConditionModel, but the measured network is a UNet2DM"):
+        with measured_score(score, module, "other"):
+            pass
+    module.smaller = torch.optim.swa_utils.AveragedModel(unet(num_class_embeds=3))
+    with pytest.raises(MemwatchError, match=r"parameter shapes"):
+        with measured_score(score, module, "smaller"):
+            pass
+    lambda_score = DiffusionScore(lambda x, t: net(x, t).sample, score.schedule)
+    with pytest.raises(MemwatchError, match=r"not the nn.Module whose parameters it shadows"):
+        with measured_score(lambda_score, module, "ema_unet"):
+            pass
+
+
+# ------------------------------------------------------------------------ probe shape
+def test_sample_shape_of_a_config():
+    assert sample_shape_of(DiffusionScore(unet(sample_size=(8, 16)), NoiseSchedule.linear(10))) == (3, 8, 16)
+    assert sample_shape_of(DiffusionScore(lambda x, t: x, NoiseSchedule.linear(10))) is None
+
+
+def test_batch_sample_shape():
+    x, y = torch.zeros(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)
+    assert batch_sample_shape(x) == (3, 8, 8)
+    assert batch_sample_shape((x, y)) == (3, 8, 8)
+    assert batch_sample_shape([y.float()[:, None], x]) == (1,)  # the first tensor, whatever it holds
+    assert batch_sample_shape({"label": y, "image": x}, "image") == (3, 8, 8)
+    assert batch_sample_shape({"image": x, "label": y}) == (3, 8, 8)
+    with pytest.raises(MemwatchError, match=r"`batch_key`='images' is not a key.*\['label', 'image'\]"):
+        batch_sample_shape({"label": y, "image": x}, "images")
+    with pytest.raises(MemwatchError, match=r"`batch_key`='image' needs dict batches, but the training batch is a"):
+        batch_sample_shape((x, y), "image")
+    with pytest.raises(MemwatchError, match=r"cannot find a tensor.*`sample_shape=`"):
+        batch_sample_shape(["a", "b"])
+    with pytest.raises(MemwatchError, match=r"shape \(4,\), not \[batch, \*sample_shape\]"):
+        batch_sample_shape(y)
+
+
+# ------------------------------------------------------------------------ dry call
+def test_check_score_names_a_sample_shape_the_model_cannot_take():
+    net = unet()
+    score = find_score(Holder(unet=net, scheduler=scheduler()))
+    before = params_of(net)
+    with pytest.raises(MemwatchError) as info:
+        check_score(score, (4, 8, 8), device="cpu")
+    message = str(info.value)
+    assert "`sample_shape`=(4, 8, 8)" in message and "UNet2DModel" in message and "to have 3 channels" in message
+    assert net.training and all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    with pytest.raises(MemwatchError, match=r"`sample_shape` must be a non-empty shape of positive ints"):
+        check_score(score, (3, 0, 8), device="cpu")
+
+
+def test_check_score_names_a_model_whose_output_is_not_shaped_like_its_input():
+    score = find_score(Holder(unet=unet(out_channels=6), scheduler=scheduler()))  # learned variance: 2C channels
+    with pytest.raises(MemwatchError, match=r"UNet2DModel\) does not return a tensor shaped like its input.*"):
+        check_score(score, (3, 8, 8), device="cpu")
+    with pytest.raises(MemwatchError, match=r"in_channels=3, out_channels=6.*first 3 output channels"):
+        check_score(score, (3, 8, 8), device="cpu")
+    odd = DiffusionScore(lambda x, t: {"eps": x}, score.schedule)
+    with pytest.raises(MemwatchError, match=r"function\) does not return a tensor.*got dict"):
+        check_score(odd, (3, 8, 8), device="cpu")
+
+
+def test_check_score_runs_the_score_itself_and_keeps_memwatch_errors():
+    class Halved(DiffusionScore):
+        def __call__(self, x, t, cond=None):
+            return super().__call__(x, t, cond) * float("nan")  # a subclass: its own __call__ is what is checked
+
+    score = find_score(Holder(unet=cond_unet(), scheduler=scheduler()))
+    halved = Halved(score.model, score.schedule, cond_kwarg="encoder_hidden_states")
+    emb = torch.zeros(1, 5, 16)
+    with pytest.raises(MemwatchError, match="not finite"):
+        check_score(halved, (4, 8, 8), device="cpu", cond=emb)
+    with pytest.raises(MemwatchError, match=r"`cond` must be .* batch size 1 or 2"):
+        check_score(score, (4, 8, 8), device="cpu", cond=torch.zeros(3, 5, 16))
+
+
+def test_check_score_rejects_a_non_finite_score():
+    with pytest.raises(MemwatchError, match="not finite"):
+        check_score(DiffusionScore(lambda x, t: x * float("nan"), NoiseSchedule.linear(10)), (2,), device="cpu")
+
+
+# ------------------------------------------------------------------------ reference data
+def _encode(x):
+    """A fixed stand-in for a VAE encoder: [b, 3, 32, 32] images → [b, 4, 8, 8] latents."""
+    pooled = nn.functional.avg_pool2d(x, 4)
+    return torch.cat([pooled, pooled.mean(1, keepdim=True)], 1)
+
+
+def test_reference_data_in_another_space_fails_with_a_hint():
+    pixels = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with pytest.raises(MemwatchError, match=r"`reference_data` samples have shape \(3, 32, 32\).*\(4, 8, 8\).*encode"):
+        check_reference_data(pixels, (4, 8, 8))
+    with pytest.raises(MemwatchError, match=r"`encode_fn` maps .* \(3, 32, 32\) to shape \(3, 8, 8\)"):
+        check_reference_data(pixels, (4, 8, 8), lambda x: nn.functional.avg_pool2d(x, 4))
+    with pytest.raises(MemwatchError, match=r"`encode_fn` fails on a `reference_data` chunk"):
+        check_reference_data(pixels, (4, 8, 8), lambda x: x.view(-1, 7))
+    with pytest.raises(MemwatchError, match=r"`encode_fn` must return a tensor"):
+        check_reference_data(pixels, (4, 8, 8), lambda x: x.tolist())
+
+
+def test_reference_data_is_encoded_in_chunks_and_materialized():
+    pixels = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    sizes = []
+
+    def encode(x):
+        sizes.append(x.shape[0])
+        return _encode(x)
+
+    latents = check_reference_data(pixels, (4, 8, 8), encode, batch_size=4)
+    assert sizes == [4, 2] and torch.equal(latents, _encode(pixels)) and latents.device.type == "cpu"
+    batches = [{"label": torch.zeros(3), "image": pixels[:3]}, {"label": torch.zeros(3), "image": pixels[3:]}]
+    from_batches = check_reference_data(batches, (4, 8, 8), _encode, batch_key="image")
+    assert torch.allclose(from_batches, latents)
+    assert torch.equal(check_reference_data([(pixels, 0)], (3, 32, 32)), pixels)
+    with pytest.raises(MemwatchError, match=r"at least 2 samples, got 1"):
+        check_reference_data(pixels[:1], (3, 32, 32))
+    with pytest.raises(MemwatchError, match=r"at least 2 samples, got 0"):
+        check_reference_data([], (3, 32, 32))
+    with pytest.raises(MemwatchError, match=r"`batch_key`='images' is not a key.*`reference_data` batch"):
+        check_reference_data(batches, (4, 8, 8), _encode, batch_key="images")
+
+
+# ------------------------------------------------------------------------ in a real fit
+class LazyUNet(pl.LightningModule):
+    """A DDPM whose network is built in ``configure_model`` (after ``setup``), as large models do."""
+
+    def configure_model(self):
+        if not hasattr(self, "unet"):
+            self.unet, self.scheduler = torch.compile(unet()), scheduler()
+
+    def training_step(self, batch, batch_idx):
+        x = batch[0]
+        noise = torch.randn_like(x)
+        t = torch.randint(0, 100, (x.shape[0],), device=x.device)
+        pred = self.unet(self.scheduler.add_noise(x, noise, t), t).sample
+        return nn.functional.mse_loss(pred, noise)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+class Discover(pl.Callback):
+    """Discovery at the points a monitor would run it: ``setup`` and ``on_fit_start``."""
+
+    def setup(self, trainer, pl_module, stage):
+        with pytest.raises(MemwatchError, match="no diffusers network"):
+            find_score(pl_module)  # configure_model has not run yet
+
+    def on_fit_start(self, trainer, pl_module):
+        self.score = find_score(pl_module)
+        self.shape = sample_shape_of(self.score)
+        check_score(self.score, self.shape, device=pl_module.device)
+
+
+def test_discovery_at_fit_start_sees_a_network_built_in_configure_model(tmp_path):
+    data = torch.utils.data.TensorDataset(torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(5)))
+    callback, module = Discover(), LazyUNet()
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=1,
+        accelerator="cpu",
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    # the compiled forward is never called: measure-only discovery; train eagerly through the same weights
+    with torch._dynamo.config.patch(disable=True):
+        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2))
+    assert callback.score.model is module.unet._orig_mod and callback.shape == (3, 8, 8)
