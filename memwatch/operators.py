@@ -197,8 +197,10 @@ class ScoreJacobian:
         mode: how to compute ``J v``, one of ``JVP_MODES`` (see the module docstring). A named path
             is used as is, without a check (``"forward"`` runs one zero-tangent jvp at once, so an
             unsupported model raises here). ``"auto"`` runs :func:`select_jvp_mode` on ``fn`` at
-            ``x`` and keeps the first path that passes the adjoint test, with a ``RuntimeWarning``
-            when that is not forward mode; when none passes, it warns with the reasons and
+            ``x`` (one adjoint pair per sample, default ``rtol``; costs about four extra products
+            per construction, so callers that build many operators should select once and pass
+            the mode) and keeps the first path that passes, with a ``RuntimeWarning`` when that
+            is not forward mode; when none passes, it warns with the reasons and
             :meth:`jvp` (hence :meth:`matvec`) returns NaN — not measured — while :meth:`vjp` and
             :meth:`dense` still work if some backend could run ``fn``.
         generator: randomness of the ``"auto"`` adjoint test; ``None`` = a generator seeded with 0
@@ -241,7 +243,7 @@ class ScoreJacobian:
         self.path: JacobianPath | None = None
         if mode == "auto":
             gen = torch.Generator(device="cpu").manual_seed(0) if generator is None else generator
-            self.path, graphs = _select(self._flat_fn, self._x, _PATH_ORDER, gen, None, 2)
+            self.path, graphs = _select(self._flat_fn, self._x, _PATH_ORDER, gen, None, 1)
             self._adopt(self.path, graphs)
         else:
             backend, jvp, _ = _PATHS[mode]
