@@ -37,7 +37,7 @@ class _ReverseOnly(torch.nn.Module):
         return self.lin(_NoForwardAD.apply(x))
 
 
-@pytest.mark.parametrize("mode", ["forward", "reverse"])
+@pytest.mark.parametrize("mode", ["forward", "reverse", "autograd"])
 def test_products_match_dense_reference(mode):
     net = _mlp()
     x = torch.randn(5, 6, dtype=torch.float64)
