@@ -31,10 +31,11 @@ from memwatch.discovery import (
     ScoreFn,
     batch_range,
     batch_sample_shape,
+    check_reference_data,
+    check_score,
     find_score,
-    materialize,
+    measured_score,
     sample_shape_of,
-    with_ema,
 )
 from memwatch.errors import MemwatchError
 from memwatch.loggers import MonitorLogger
@@ -169,6 +170,7 @@ class MemorizationMonitor(Callback):
         condition_first_steps: int | None = None,
         min_valid_fraction: float = defaults.MIN_VALID_FRACTION,
         decode_fn: Callable[[Tensor], Tensor] | None = None,
+        encode_fn: Callable[[Tensor], Tensor] | None = None,
         sampler: ProbeSampler | None = None,
         data_range: tuple[float, float] | None = None,
     ) -> None:
@@ -220,6 +222,7 @@ class MemorizationMonitor(Callback):
         self.raise_errors = raise_errors
         self.verbose = verbose
         self.decode_fn = decode_fn
+        self.encode_fn = encode_fn
         self.sampler = sampler
         self.data_range = _check_range(data_range)
         self.condition_first_steps = condition_first_steps
@@ -234,6 +237,7 @@ class MemorizationMonitor(Callback):
         self._condition_metrics = ConditionalMetrics(ranking_metric=CONDITION_METRICS.index("hessian_score_diff"))
         self._reporter: CheckReporter | None = None
         self._reference: Tensor | None = None
+        self._found: DiffusionScore | None = None
         self._clean_dir: Path | None = None
         self._seen_range: tuple[float, float] | None = None  # of the first training batches
         self._range_batches = 0
@@ -280,10 +284,6 @@ class MemorizationMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        score = self._score(pl_module)
-        self._eval_timesteps = evaluation_timesteps(score.schedule, self.sigmas, self.timesteps)
-        self._check_timesteps_in_grid(score)
-        self._metrics = {t: MemorizationMetrics(score_threshold=self.score_threshold) for t in self._eval_timesteps}
         logger = MonitorLogger.from_trainer(trainer, log_media=self.log_media)
         self._reporter = CheckReporter(
             logger,
@@ -296,19 +296,24 @@ class MemorizationMonitor(Callback):
         )
         if self.save_clean_checkpoint:  # a bad dirpath fails here, on every rank alike
             self._clean_dir = prepare_dirpath(trainer, self.dirpath)
-        if self.reference_data is not None:
-            self._reference = materialize(self.reference_data)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after `configure_model` and the move to the device: the network exists and is in place
+        self._found = find_score(pl_module, self.score_fn, ema_attr=self.ema_attr)
+        self._eval_timesteps = evaluation_timesteps(self._found.schedule, self.sigmas, self.timesteps)
+        self._check_timesteps_in_grid(self._found)
+        self._metrics = {t: MemorizationMetrics(score_threshold=self.score_threshold) for t in self._eval_timesteps}
         if self.sample_shape is None:
-            self.sample_shape = sample_shape_of(score.model)
+            self.sample_shape = sample_shape_of(self._found)
         if self.sample_shape is not None:
-            self._check_shape(self.sample_shape)
+            self._validate(pl_module)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.sample_shape is None:
             self.sample_shape = batch_sample_shape(batch, self.batch_key)
-            self._check_shape(self.sample_shape)
+            self._validate(pl_module)
         if self.data_range is None and self._range_batches < _RANGE_BATCHES:
             self._seen_range = batch_range(batch, self.batch_key, self._seen_range)
             self._range_batches += 1
@@ -407,16 +412,18 @@ class MemorizationMonitor(Callback):
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ProbeMeasurement:
         """This rank's share of the probes, measured; no collective here."""
         rows = shard(self.num_probes, trainer.world_size, trainer.global_rank)
-        return self.probes.measure(
-            self._score(pl_module),
-            options=self.options,
-            rows=rows,
-            device=pl_module.device,
-            reference=self._reference,
-            conditions=self._conditions,
-            condition_first_steps=self.condition_first_steps,
-            data_range=self.data_range or self._seen_range,
-        )
+        assert self._found is not None
+        with measured_score(self._found, pl_module, self.ema_attr) as score:
+            return self.probes.measure(
+                score,
+                options=self.options,
+                rows=rows,
+                device=pl_module.device,
+                reference=self._reference,
+                conditions=self._conditions,
+                condition_first_steps=self.condition_first_steps,
+                data_range=self.data_range or self._seen_range,
+            )
 
     def _all_ranks_measured(self, trainer: pl.Trainer, error: Exception | None) -> bool:
         """Every rank learns whether every rank measured before any metric is synced: a rank that
@@ -528,15 +535,32 @@ class MemorizationMonitor(Callback):
             MemwatchError: the probe shape is unknown (before the first training batch, without
                 ``sample_shape``).
         """
-        score = self._score(pl_module)
+        found = self._found or find_score(pl_module, self.score_fn, ema_attr=self.ema_attr)
         if not self._eval_timesteps:
-            self._eval_timesteps = evaluation_timesteps(score.schedule, self.sigmas, self.timesteps)
-        m = self.probes.measure(score, options=self.options, rows=rows, device=pl_module.device)
+            self._eval_timesteps = evaluation_timesteps(found.schedule, self.sigmas, self.timesteps)
+        with measured_score(found, pl_module, self.ema_attr) as score:
+            m = self.probes.measure(score, options=self.options, rows=rows, device=pl_module.device)
         return m.samples, m.results
 
     # ------------------------------------------------------------------ helpers
-    def _score(self, pl_module: pl.LightningModule) -> DiffusionScore:
-        return with_ema(find_score(pl_module, self.score_fn), pl_module, self.ema_attr)
+    def _validate(self, pl_module: pl.LightningModule) -> None:
+        """Once the probe shape is known: the spectrum settings fit it, one dry call of the score
+        (the EMA's, if watched) on it, and the reference data in its space. Configuration errors
+        are raised whatever ``raise_errors`` says."""
+        assert self.sample_shape is not None and self._found is not None
+        self._check_shape(self.sample_shape)
+        with measured_score(self._found, pl_module, self.ema_attr) as score:
+            check_score(score, self.sample_shape, device=pl_module.device)
+            for cond in list(self._conditions.values())[:1]:
+                check_score(score, self.sample_shape, device=pl_module.device, cond=cond)
+        if self.reference_data is not None:
+            self._reference = check_reference_data(
+                self.reference_data,
+                self.sample_shape,
+                self.encode_fn,
+                batch_key=self.batch_key,
+                device=pl_module.device,
+            )
 
     def _check_timesteps_in_grid(self, score: DiffusionScore) -> None:
         """The sampler must pass through every evaluation timestep (a diffusers grid may start
