@@ -1,8 +1,8 @@
-"""``python -m memwatch ...``: the ``memwatch`` command line (:mod:`memwatch.cli`)."""
+"""``python -m memwatch ...``: the ``memwatch`` command line (:mod:`memwatch.apps.cli`)."""
 
 import sys
 
-from memwatch.cli import main
+from memwatch.apps.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

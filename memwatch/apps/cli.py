@@ -2,7 +2,7 @@
 
 * ``memwatch demo [--fast] [--n-small N] [--n-large N] [--steps S] [--out DIR] [--wandb-mode M]``:
   two small diffusion models on sklearn digits, one memorizing, one not, watched by
-  :class:`memwatch.MemorizationMonitor` (see :mod:`memwatch.demo`).
+  :class:`memwatch.MemorizationMonitor` (see :mod:`memwatch.apps.demo`).
 * ``memwatch fit --config configs/digits.yaml [--trainer.max_steps 100 ...]``: Lightning's
   ``LightningCLI`` ``fit`` for any LightningModule / LightningDataModule named by ``class_path``
   in the config; callbacks and loggers come from the config too. When a ``MemorizationMonitor``
@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     try:
         if command == "demo":
-            from memwatch import demo
+            from memwatch.apps import demo
 
             return demo.main(rest)
         if command == "fit":
