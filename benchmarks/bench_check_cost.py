@@ -167,14 +167,15 @@ def _row(model: Model, dim: int, label: str, t: Timing, sampling: Timing, produc
     )
 
 
-def _print_table(rows: list[tuple[str, ...]]) -> None:
-    header = ("model", "d", "step", "wall s", "cpu s", "products/probe", "÷ sampling wall", "÷ sampling cpu", "reading")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    left = (0, 2, 8)
-    for i, row in enumerate([header, *rows]):
-        print("  ".join(c.ljust(w) if j in left else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+HEADER = ("model", "d", "step", "wall s", "cpu s", "products/probe", "÷ sampling wall", "÷ sampling cpu", "reading")
+WIDTHS = (21, 5, 31, 7, 7, 14, 15, 14, 26)
+
+
+def _print_rows(rows: list[tuple[str, ...]]) -> None:
+    """Rows in fixed-width columns, printed as each model finishes."""
+    for row in rows:
+        cells = (c.ljust(w) if j in (0, 2, 8) else c.rjust(w) for j, (c, w) in enumerate(zip(row, WIDTHS)))
+        print("  ".join(cells).rstrip(), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,10 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}, median of {args.repeats} after a warm-up on 2 probes\n",
         flush=True,
     )
-    rows = []
+    _print_rows([HEADER, tuple("-" * w for w in WIDTHS)])
     for key in args.models:
-        rows += run_model(MODELS[key], args.probes, args.steps, args.repeats, args.lanczos_probes or args.probes)
-    _print_table(rows)
+        _print_rows(run_model(MODELS[key], args.probes, args.steps, args.repeats, args.lanczos_probes or args.probes))
     return 0
 
 

@@ -335,15 +335,17 @@ def measure_sharpness(
 
     s2 = sigma**2
     nan = torch.tensor(float("nan"), dtype=torch.float64)
-    row, keep = finite, finite[:, None]
-    sharp, trace, eig_k = (torch.where(m, v, nan) for m, v in ((row, got.sharp), (row, got.trace), (keep, got.eig_k)))
+    keep = finite[:, None]
+    sharp = torch.where(finite, got.sharp, nan)
+    trace = torch.where(finite, got.trace, nan)
+    eig_k = torch.where(keep, got.eig_k, nan)
     return SharpnessResult(
         eigenvalues=eig_k,
         normalized=eig_k * s2[:, None],
         sharp_fraction=sharp,
         lid=dim * (1 - sharp),
         trace=trace,
-        trace_stderr=torch.where(row, got.trace_stderr, nan),
+        trace_stderr=torch.where(finite, got.trace_stderr, nan),
         flipd=dim + s2 * trace,
         memorization_score=sharp,
         sigma=sigma,
@@ -407,7 +409,7 @@ def hessian_score_norm(
         return hs.to(torch.float64).norm(dim=1).cpu(), _rows_finite(op.output).cpu(), _rows_finite(hs).cpu()
 
     norms, output_ok, products_ok = map_chunks(chunk, n, options.max_batch)
-    finite = _finite_probes(output_ok, products_ok, torch.isfinite(norms), "norms")
+    finite = _finite_probes(output_ok, products_ok, torch.isfinite(norms), "norms", quantity="‖H s‖")
     return torch.where(finite, norms, float("nan"))
 
 
@@ -561,7 +563,9 @@ def _rows_finite(values: Tensor) -> Tensor:
     return torch.isfinite(values.reshape(values.shape[0], -1)).all(1)
 
 
-def _finite_probes(output_ok: Tensor, products_ok: Tensor, values_ok: Tensor, values: str) -> Tensor:
+def _finite_probes(
+    output_ok: Tensor, products_ok: Tensor, values_ok: Tensor, values: str, quantity: str = "sharpness"
+) -> Tensor:
     """``[n]`` bool: all three hold; otherwise one ``RuntimeWarning`` counts the samples per reason."""
     finite = output_ok & products_ok & values_ok
     if bool(finite.all()):
@@ -574,7 +578,7 @@ def _finite_probes(output_ok: Tensor, products_ok: Tensor, values_ok: Tensor, va
     reasons = [f"{text} at {int(mask.sum())}" for mask, text in causes if bool(mask.any())]
     bad = (~finite).nonzero().flatten().tolist()
     warnings.warn(
-        f"memwatch: sharpness not measured (NaN) for {len(bad)} of {len(finite)} probe(s) {bad[:8]}: "
+        f"memwatch: {quantity} not measured (NaN) for {len(bad)} of {len(finite)} probe(s) {bad[:8]}: "
         + "; ".join(reasons),
         RuntimeWarning,
         stacklevel=3,
