@@ -1,8 +1,10 @@
-"""Batched Lanczos, stochastic Lanczos quadrature and Hutchinson traces for symmetric operators.
+"""Batched Lanczos, stochastic Lanczos quadrature and Hutchinson / Hutch++ traces.
 
-Everything here acts on ``B`` independent symmetric operators ``A_1, …, A_B`` (each ``[D, D]``)
-through one batched product ``matvec: [B, D] -> [B, D]`` whose row ``b`` is ``A_b v_b``. All rows
-run the same iterations at once; there is no Python loop over ``B``.
+Everything here acts on ``B`` independent operators ``A_1, …, A_B`` (each ``[D, D]``) through one
+batched product: ``matvec: [B, D] -> [B, D]`` whose row ``b`` is ``A_b v_b`` (Lanczos; ``A_b``
+symmetric), or ``matmat: [B, K, D] -> [B, K, D]`` whose entry ``[b, j]`` is ``A_b v_bj`` (the trace
+estimators; ``A_b`` any square matrix). All rows run the same iterations at once; there is no
+Python loop over ``B``.
 
 ``m`` Lanczos steps from a start vector ``v_b`` build an orthonormal basis ``Q_b`` ``[D, m]`` of the
 Krylov space and the tridiagonal ``T_b = Q_bᵀ A_b Q_b`` ``[m, m]``. Its eigenvalues (Ritz values
@@ -30,13 +32,18 @@ __all__ = [
     "lanczos",
     "extreme_eigenvalues",
     "fraction_below",
-    "spectral_density",
     "quadrature_density",
+    "Matmat",
     "hutchinson_trace",
+    "hutchpp_trace",
+    "mean_and_stderr",
 ]
 
 Matvec = Callable[[Tensor], Tensor]
 """Batched symmetric product ``[B, D] -> [B, D]``; row ``b`` of the output is ``A_b @ v_b``."""
+
+Matmat = Callable[[Tensor], Tensor]
+"""Batched product ``[B, K, D] -> [B, K, D]``; entry ``[b, j]`` of the output is ``A_b @ v_bj``."""
 
 _WHICH = ("smallest", "largest")
 
@@ -50,12 +57,16 @@ def rademacher(
 ) -> Tensor:
     """Independent ±1 entries with equal probability, of the given ``shape`` and ``dtype``.
 
+    The bits are drawn on the generator's device (the CPU without one) and then moved to
+    ``device``, so one seed gives the same vectors on every device.
+
     Example:
         >>> rademacher((2, 3), generator=torch.Generator().manual_seed(0)).abs().unique()
         tensor([1.])
     """
-    bits = torch.randint(0, 2, shape, generator=generator, device=device)
-    return (2 * bits - 1).to(dtype)
+    source = generator.device if generator is not None else device
+    bits = torch.randint(0, 2, shape, generator=generator, device=source)
+    return (2 * bits - 1).to(dtype=dtype, device=device)
 
 
 @dataclass(frozen=True)
@@ -223,14 +234,6 @@ def fraction_below(result: LanczosResult, threshold: float | Tensor) -> Tensor:
     return (weights * (theta < thr)).sum(-1)
 
 
-def spectral_density(result: LanczosResult, grid: Tensor, bandwidth: float | Tensor) -> Tensor:
-    """Gaussian-smoothed SLQ spectral density ``[B, G]`` on ``grid`` ``[G]``; integrates to ~1.
-
-    ρ_b(x) = Σ_j w_bj N(x; θ_bj, h_b²),   h = ``bandwidth`` (scalar or ``[B]``)
-    """
-    return quadrature_density(*result.ritz(), grid, bandwidth)
-
-
 def quadrature_density(theta: Tensor, weights: Tensor, grid: Tensor, bandwidth: float | Tensor) -> Tensor:
     """``Σ_j w_bj N(x; θ_bj, h_b²)`` ``[B, G]`` for any nodes ``θ`` and weights ``w`` ``[B, M]`` (e.g.
     exact eigenvalues with weights ``1/D``, or pooled Ritz values of several SLQ runs)."""
@@ -241,7 +244,7 @@ def quadrature_density(theta: Tensor, weights: Tensor, grid: Tensor, bandwidth: 
 
 
 def hutchinson_trace(
-    matvec: Matvec,
+    matmat: Matmat,
     batch: int,
     dim: int,
     num_samples: int,
@@ -253,30 +256,123 @@ def hutchinson_trace(
 ) -> tuple[Tensor, Tensor]:
     """Hutchinson estimate of ``tr A_b`` and its standard error, both ``[B]`` in ``accum_dtype``.
 
-        tr A_b ≈ (1/n) Σ_j z_jᵀ A_b z_j,   z_j ∈ {±1}^D Rademacher,   s.e. = std_j / √n
+        tr A_b ≈ (1/K) Σ_j z_bjᵀ A_b z_bj,   z_bj ∈ {±1}^D Rademacher,   s.e. = std_j / √K
 
-    Cost: ``n = num_samples`` calls of ``matvec`` on ``[B, D]`` (the batch axis indexes operators,
-    so samples cannot share a call).
+    Unbiased for any square ``A_b`` (only its symmetric part enters ``zᵀ A z``); the variance of one
+    sample is ``2 (‖S‖_F² − Σ_i S_ii²)`` with ``S = (A + Aᵀ)/2``, so ``zᵀ (c I) z = c D`` is exact.
+
+    Cost: one call of ``matmat`` on ``[B, K, D]``, ``K = num_samples`` (``B · K`` products).
+
+    Args:
+        matmat: batched product ``[B, K, D] -> [B, K, D]`` (see ``Matmat``), called with vectors
+            in ``dtype`` on ``device``; its result is cast to ``accum_dtype``.
+        batch, dim: ``B`` and ``D``.
+        num_samples: ``K >= 2`` probe vectors per operator (the standard error needs two).
+        generator: source of the probe vectors.
+        dtype, device: of the vectors passed to ``matmat``.
+        accum_dtype: dtype of the inner products and the results.
 
     Raises:
-        ValueError: if ``num_samples < 2`` (the standard error needs two samples).
+        MemwatchError: ``num_samples < 2``, or ``matmat`` returns a wrong shape.
+
+    Example:
+        >>> A = torch.diag(torch.arange(4.0))[None]                        # tr A = 6
+        >>> mm = lambda v: einsum(A, v, "b i j, b k j -> b k i")
+        >>> hutchinson_trace(mm, 1, 4, 8, generator=torch.Generator().manual_seed(0))[0]
+        tensor([6.], dtype=torch.float64)
     """
     if num_samples < 2:
         raise MemwatchError(f"`num_samples` must be >= 2, got {num_samples}")
-    samples = []
-    for _ in range(num_samples):
-        z = rademacher((batch, dim), generator=generator, dtype=dtype, device=device)
-        z_acc = z.to(accum_dtype)
-        samples.append((z_acc * _apply(matvec, z_acc, z)).sum(-1))
-    stacked = torch.stack(samples)  # [n, B]
-    return stacked.mean(0), stacked.std(0) / math.sqrt(num_samples)
+    z = rademacher((batch, num_samples, dim), generator=generator, dtype=dtype, device=device)
+    z_acc = z.to(accum_dtype)
+    return mean_and_stderr((z_acc * _apply(matmat, z_acc, z)).sum(-1))
 
 
-def _apply(matvec: Matvec, v: Tensor, like: Tensor) -> Tensor:
+def hutchpp_trace(
+    matmat: Matmat,
+    batch: int,
+    dim: int,
+    num_samples: int,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    accum_dtype: torch.dtype = torch.float64,
+) -> tuple[Tensor, Tensor]:
+    """Hutch++ estimate (Meyer, Musco, Musco & Woodruff 2021) of ``tr A_b`` and a standard error ``[B]``.
+
+    With ``K = num_samples``, ``s = K // 3`` sketch vectors and ``g = K − 2s`` residual vectors:
+
+        S ∈ {±1}^{D×s},  Q = orth(A S)  [D, s],  G ∈ {±1}^{D×g},  G⊥ = (I − Q Qᵀ) G
+        tr A ≈ tr(Qᵀ A Q) + (1/g) Σ_j g⊥_jᵀ A g⊥_j,     s.e. = std_j(g⊥_jᵀ A g⊥_j) / √g
+
+    Unbiased for any square ``A_b`` and any orthonormal ``Q`` (``tr A = tr(Qᵀ A Q) + tr(P⊥ A P⊥)``
+    with ``P⊥ = I − Q Qᵀ``; the cross terms have zero trace). Exact when ``rank A_b <= s`` (then
+    ``range(A S) = range(A)``, ``P⊥ A = 0``): for rank ``r``, ``K >= 3r`` products suffice. Its
+    error shrinks like ``1/K`` against Hutchinson's ``1/√K`` once ``s`` exceeds the numerical rank;
+    with far fewer sketch vectors than large eigenvalues it spends two thirds of the products on
+    a sketch that captures little, and Hutchinson on all ``K`` is more accurate. The standard
+    error is that of the residual term given ``Q`` (the sketch part has no variance then); it is
+    NaN for ``g = 1`` (``K = 3``).
+
+    Cost: two sequential calls of ``matmat``, on ``[B, s, D]`` (``A S``) and ``[B, s + g, D]``
+    (``A Q`` and ``A G⊥`` together): ``K`` products per operator.
+
+    Args:
+        matmat, batch, dim, generator, dtype, device, accum_dtype: as in :func:`hutchinson_trace`.
+        num_samples: ``K >= 3`` products per operator.
+
+    Raises:
+        MemwatchError: ``num_samples < 3``, or ``matmat`` returns a wrong shape.
+
+    Example:
+        >>> u = torch.randn(1, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        >>> A = einsum(u, u, "b i, b j -> b i j")                           # rank 1: exact with K = 3
+        >>> mm = lambda v: einsum(A, v, "b i j, b k j -> b k i")
+        >>> est, _ = hutchpp_trace(mm, 1, 6, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        >>> torch.allclose(est, (u**2).sum(-1))
+        True
+    """
+    if num_samples < 3:
+        raise MemwatchError(
+            f"`num_samples` must be >= 3 (a third each for sketch, projection and residual), got {num_samples}"
+        )
+    s = num_samples // 3
+    g = num_samples - 2 * s
+    sketch = rademacher((batch, s, dim), generator=generator, dtype=dtype, device=device)
+    a_sketch = _apply(matmat, sketch.to(accum_dtype), sketch)
+    q = torch.linalg.qr(a_sketch.mT)[0].mT  # [B, s, D], orthonormal rows (Householder: even if A S is rank-deficient)
+    resid = rademacher((batch, g, dim), generator=generator, dtype=accum_dtype, device=device)
+    resid = resid - (resid @ q.mT) @ q
+    vectors = torch.cat([q, resid], dim=1)
+    products = _apply(matmat, vectors, sketch)
+    exact = (q * products[:, :s]).sum((1, 2))
+    samples = (resid * products[:, s:]).sum(-1)
+    mean, stderr = mean_and_stderr(samples)
+    return exact + mean, stderr
+
+
+def mean_and_stderr(samples: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and standard error ``std / √K`` (unbiased std) of ``samples`` ``[B, K]`` along ``K``; both ``[B]``.
+
+    The standard error is NaN for ``K = 1``.
+
+    Example:
+        >>> mean_and_stderr(torch.tensor([[1.0, 3.0]]))
+        (tensor([2.]), tensor([1.]))
+    """
+    num = samples.shape[-1]
+    if num < 2:
+        return samples.mean(-1), torch.full_like(samples[..., 0], float("nan"))
+    return samples.mean(-1), samples.std(-1) / math.sqrt(num)
+
+
+def _apply(matvec: Matvec | Matmat, v: Tensor, like: Tensor) -> Tensor:
     """``matvec(v)`` with ``v`` in ``like``'s dtype/device, the result in ``v``'s dtype; checks the shape."""
     out = matvec(v.to(like))
     if out.shape != v.shape:
-        raise MemwatchError(f"`matvec` must map [B, D] -> [B, D]; got {tuple(v.shape)} -> {tuple(out.shape)}")
+        name = "matvec" if v.ndim == 2 else "matmat"
+        raise MemwatchError(f"`{name}` must map {tuple(v.shape)} to the same shape, got {tuple(out.shape)}")
     return out.to(v)
 
 

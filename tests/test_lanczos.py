@@ -11,9 +11,11 @@ from memwatch.lanczos import (
     extreme_eigenvalues,
     fraction_below,
     hutchinson_trace,
+    hutchpp_trace,
     lanczos,
+    mean_and_stderr,
+    quadrature_density,
     rademacher,
-    spectral_density,
 )
 
 DT = torch.float64
@@ -34,6 +36,10 @@ def _gen(seed: int) -> torch.Generator:
 
 def _matvec(A: Tensor):
     return lambda v: einsum(A, v, "b i j, b j -> b i")
+
+
+def _matmat(A: Tensor):
+    return lambda v: einsum(A, v, "b i j, b k j -> b k i")
 
 
 def _random_symmetric(batch: int, d: int, seed: int) -> Tensor:
@@ -146,6 +152,17 @@ def test_spectral_gap_converges_in_few_steps():
     torch.testing.assert_close(extreme_eigenvalues(res, 8), outliers.expand(batch, 8), rtol=1e-3, atol=0)
 
 
+@pytest.mark.parametrize("num_iters", [6, 15, 30])
+def test_error_bounds_bound_the_distance_to_the_spectrum(num_iters):
+    # a partial run: every Ritz value lies within its residual bound of some eigenvalue of A
+    A = _random_symmetric(3, 96, seed=4)
+    res = lanczos(_matvec(A), torch.randn(3, 96, generator=_gen(5), dtype=DT), num_iters)
+    theta, bounds = res.ritz()[0], res.error_bounds()
+    distance = (theta[:, :, None] - torch.linalg.eigvalsh(A)[:, None, :]).abs().amin(-1)
+    assert (distance <= bounds * (1 + 1e-8) + 1e-12).all()
+    assert (bounds > 1e-3).any()  # partial: some values have not converged
+
+
 # ---------------------------------------------------------------------------------------- SLQ
 def test_slq_fraction_below_and_density():
     d, n_ops, n_vec = 256, 2, 16
@@ -162,21 +179,73 @@ def test_slq_fraction_below_and_density():
     assert ((est - (exact < torch.tensor([[0.0], [0.3]], dtype=DT)).double().mean(-1)).abs() < 0.05).all()
 
     grid = torch.linspace(-2, 2, 801, dtype=DT)
-    density = spectral_density(res, grid, 0.05)
+    density = quadrature_density(*res.ritz(), grid, 0.05)  # the SLQ density: Ritz values, weights
     assert density.shape == (n_vec * n_ops, 801) and (density >= 0).all()
     torch.testing.assert_close(torch.trapezoid(density, grid), torch.ones(n_vec * n_ops, dtype=DT), atol=1e-4, rtol=0)
 
 
-# ---------------------------------------------------------------------------------------- Hutchinson
-def test_hutchinson_is_unbiased_with_calibrated_error():
+# ---------------------------------------------------------------------------------------- traces
+@pytest.mark.parametrize("estimator, num_samples", [(hutchinson_trace, 8), (hutchpp_trace, 9)])
+def test_trace_estimators_are_unbiased_with_calibrated_error(estimator, num_samples):
+    # a full-rank, non-symmetric A (the trace tier feeds Jᵀ products), a fresh seed per run
     A = _random_symmetric(4, 32, seed=11) + 0.3 * torch.eye(32, dtype=DT)
+    A = A + 0.2 * torch.randn(4, 32, 32, generator=_gen(12), dtype=DT) / 32**0.5
     trace = torch.diagonal(A, dim1=1, dim2=2).sum(-1)
-    estimates, errors = zip(*(hutchinson_trace(_matvec(A), 4, 32, 8, generator=_gen(s), dtype=DT) for s in range(200)))
-    estimates, errors = torch.stack(estimates), torch.stack(errors)
+    runs = [estimator(_matmat(A), 4, 32, num_samples, generator=_gen(s), dtype=DT) for s in range(200)]
+    estimates, errors = (torch.stack(v) for v in zip(*runs))
     sem = estimates.std(0) / 200**0.5
     assert ((estimates.mean(0) - trace).abs() < 3 * sem).all()
     ratio = errors.pow(2).mean(0).sqrt() / estimates.std(0)  # reported s.e. vs spread over seeds
     assert ((ratio > 0.8) & (ratio < 1.25)).all()
+
+
+@pytest.mark.parametrize("rank, num_samples", [(1, 3), (2, 6), (3, 11), (5, 16)])
+def test_hutchpp_is_exact_for_low_rank(rank, num_samples):
+    # rows: symmetric rank r, non-symmetric rank r, rank r shifted to rank < r by a zero factor
+    d = 40
+    U, V = torch.randn(2, 3, d, rank, generator=_gen(rank), dtype=DT)
+    V[0] = U[0]
+    U[2, :, 0] = 0.0
+    A = einsum(U, V, "b i r, b j r -> b i j")
+    est, err = hutchpp_trace(_matmat(A), 3, d, num_samples, generator=_gen(0), dtype=DT)
+    torch.testing.assert_close(est, torch.diagonal(A, dim1=1, dim2=2).sum(-1), rtol=0, atol=1e-8)
+    if num_samples - 2 * (num_samples // 3) >= 2:
+        assert (err.abs() < 1e-8).all()
+    else:
+        assert err.isnan().all()  # one residual vector: no standard error
+
+
+def test_hutchpp_beats_hutchinson_on_a_decaying_spectrum():
+    # eigenvalues 0.5^i: a sketch of s = 10 vectors captures almost everything
+    d, batch = 64, 4
+    A = _with_spectrum(0.5 ** torch.arange(d, dtype=DT).expand(batch, d), seed=3)
+    trace = torch.diagonal(A, dim1=1, dim2=2).sum(-1)
+    errs = {}
+    for est in (hutchinson_trace, hutchpp_trace):
+        runs = torch.stack([est(_matmat(A), batch, d, 30, generator=_gen(s), dtype=DT)[0] for s in range(20)])
+        errs[est] = (runs - trace).pow(2).mean().sqrt()
+    assert errs[hutchpp_trace] < 1e-2 * errs[hutchinson_trace]
+
+
+def test_trace_estimators_repeat_with_the_generator_and_pass_the_dtype():
+    A = _random_symmetric(2, 16, seed=5)
+    seen = []
+
+    def mm(v):
+        seen.append((v.dtype, tuple(v.shape)))
+        return _matmat(A.float())(v)
+
+    for est, k in ((hutchinson_trace, 4), (hutchpp_trace, 7)):
+        first, second = (est(mm, 2, 16, k, generator=_gen(1))[0] for _ in range(2))
+        assert torch.equal(first, second) and first.dtype == DT
+    assert seen == [(torch.float32, (2, 4, 16))] * 2 + [(torch.float32, (2, 2, 16)), (torch.float32, (2, 5, 16))] * 2
+
+
+def test_mean_and_stderr():
+    mean, err = mean_and_stderr(torch.tensor([[1.0, 2.0, 6.0], [4.0, 4.0, 4.0]], dtype=DT))
+    torch.testing.assert_close(mean, torch.tensor([3.0, 4.0], dtype=DT))
+    torch.testing.assert_close(err, torch.tensor([(7.0 / 3) ** 0.5, 0.0], dtype=DT))
+    assert mean_and_stderr(torch.ones(2, 1))[1].isnan().all()
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -199,4 +268,8 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="matvec"):
         lanczos(lambda v: v[:, :4], torch.ones(2, 8, dtype=DT), 5)
     with pytest.raises(ValueError, match="num_samples"):
-        hutchinson_trace(_matvec(A), 2, 8, 1)
+        hutchinson_trace(_matmat(A), 2, 8, 1)
+    with pytest.raises(ValueError, match="num_samples"):
+        hutchpp_trace(_matmat(A), 2, 8, 2)
+    with pytest.raises(ValueError, match="matmat"):
+        hutchinson_trace(lambda v: v[:, :1], 2, 8, 4)

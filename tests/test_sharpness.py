@@ -1,10 +1,12 @@
+import warnings
+
 import pytest
 import torch
 
 from memwatch.data import GaussianMixture
 from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore
-from memwatch.sharpness import measure_sharpness
+from memwatch.sharpness import SharpnessOptions, hessian_score_norm, measure_sharpness
 
 SCHED = NoiseSchedule.linear(1000)
 
@@ -15,6 +17,15 @@ def _score(gmm, prediction="score"):
 
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Many small products: faster on one thread than on shared, busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +148,136 @@ def test_wrong_sample_shape_is_reported(mixture):
         measure_sharpness(_score(mixture), torch.randn(2, 7, dtype=torch.float64), 10)
     with pytest.raises(ValueError, match="`x`"):
         measure_sharpness(_score(mixture), torch.randn(7, dtype=torch.float64), 10)
+
+
+# ---------------------------------------------------------------------- finiteness
+def _nan_derivative_score():
+    # finite output everywhere; d/dx sqrt(x²) at x = 0 is inf · 0 = NaN in forward and reverse mode
+    return DiffusionScore(lambda x, t: torch.sqrt(x**2), SCHED)
+
+
+def _record(fn):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn()
+    return out, [w for w in caught if issubclass(w.category, RuntimeWarning) and "memwatch" in str(w.message)]
+
+
+@pytest.mark.parametrize("method", ["dense", "lanczos", "trace"])
+def test_nan_derivatives_with_finite_output_give_nan_probes_and_one_warning(method):
+    x = 0.5 + torch.rand(3, 6, generator=_gen(10), dtype=torch.float64)
+    x[1, 2] = 0.0
+    res, caught = _record(
+        lambda: measure_sharpness(
+            _nan_derivative_score(), x, 100, k=2, method=method, num_iters=6, num_vectors=4, generator=_gen()
+        )
+    )
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "1 of 3 probe(s) [1]" in message and "derivatives" in message  # probes, not probes × vectors
+    assert res.finite.tolist() == [True, False, True]
+    for name in ("sharp_fraction", "lid", "trace", "flipd", "memorization_score", "trace_stderr"):
+        values = getattr(res, name)
+        assert torch.isnan(values[1]) and torch.isfinite(values[[0, 2]]).all(), name
+    if method != "trace":
+        assert torch.isnan(res.eigenvalues[1]).all() and torch.isfinite(res.eigenvalues[[0, 2]]).all()
+        assert not res.converged[1].any() and res.converged[[0, 2]].all()
+        # away from 0, sqrt(x²) = x: the ε-net's score is -x/σ, so H = -I/σ and σ² λ = -σ
+        expected = -SCHED.sigma(torch.tensor(100)).expand(2, 2)
+        torch.testing.assert_close(res.normalized[[0, 2]], expected.to(torch.float64))
+
+
+def test_non_finite_output_and_derivatives_are_counted_separately():
+    def net(x, t):
+        return torch.where(x[:, :1] > 50, float("nan"), torch.sqrt(x**2))
+
+    x = 0.5 + torch.rand(4, 5, generator=_gen(11), dtype=torch.float64)
+    x[0, 0], x[2, 3] = 100.0, 0.0
+    res, caught = _record(lambda: measure_sharpness(DiffusionScore(net, SCHED), x, 10, k=2, method="dense"))
+    (message,) = (str(w.message) for w in caught)
+    assert "2 of 4 probe(s) [0, 2]" in message
+    assert "score is not finite (NaN/Inf) at 1" in message and "derivatives (Jacobian products) are not at 1" in message
+    assert res.finite.tolist() == [False, True, False, True]
+
+
+# ---------------------------------------------------------------------- convergence
+def _linear_score(normalized_spectrum, t, seed=12):
+    """``s(x) = A x`` with ``σ_t² A`` of the given spectrum ``[d]`` in a random basis: ``H = A`` exactly."""
+    d = normalized_spectrum.numel()
+    U = torch.linalg.qr(torch.randn(d, d, generator=_gen(seed), dtype=torch.float64))[0]
+    A = U @ torch.diag(normalized_spectrum / SCHED.sigma(torch.tensor(t)) ** 2) @ U.T
+    return DiffusionScore(lambda x, tt: x @ A, SCHED, prediction="score"), A
+
+
+def test_convergence_mask_on_a_well_separated_spectrum_with_full_lanczos():
+    d, t = 24, 300
+    score, A = _linear_score(-torch.linspace(0.05, 1.5, 24, dtype=torch.float64), t)
+    x = torch.randn(3, d, generator=_gen(13), dtype=torch.float64)
+    res, caught = _record(lambda: measure_sharpness(score, x, t, k=4, method="lanczos", num_iters=d, generator=_gen()))
+    assert caught == [] and res.converged.all()
+    assert (res.residual_bounds * res.sigma[:, None] ** 2 < 1e-8).all()
+    torch.testing.assert_close(res.eigenvalues, torch.linalg.eigvalsh(A)[:4].expand(3, 4))
+    dense = measure_sharpness(score, x, t, k=4, method="dense")
+    assert dense.converged.all() and (dense.residual_bounds == 0).all() and (dense.trace_stderr == 0).all()
+
+
+def test_unconverged_ritz_values_are_flagged_and_their_bounds_hold():
+    # hard: 20 normalized eigenvalues within 0.02 of -1 above a bulk in [-0.6, 0]; 4 steps only
+    d, t = 60, 300
+    spectrum = torch.cat([-1 + 0.001 * torch.arange(20.0), -0.6 * torch.rand(d - 20, generator=_gen(14))]).double()
+    score, A = _linear_score(spectrum, t)
+    x = torch.randn(3, d, generator=_gen(15), dtype=torch.float64)
+    res, caught = _record(lambda: measure_sharpness(score, x, t, k=4, method="lanczos", num_iters=4, generator=_gen()))
+    assert not res.converged.all(1).any()
+    (message,) = (str(w.message) for w in caught)
+    assert "not all converged for 3 of 3 probe(s)" in message and "tol=0.05" in message
+    # each Ritz value lies within its bound of an eigenvalue of H
+    distance = (res.eigenvalues[:, :, None] - torch.linalg.eigvalsh(A)[None, None, :]).abs().amin(-1)
+    assert (distance <= res.residual_bounds * (1 + 1e-9)).all()
+    loose, caught = _record(
+        lambda: measure_sharpness(score, x, t, k=4, method="lanczos", num_iters=4, tol=1e3, generator=_gen())
+    )
+    assert loose.converged.all() and caught == []
+    torch.testing.assert_close(loose.residual_bounds, res.residual_bounds)
+
+
+# ---------------------------------------------------------------------- names, Jeon et al.'s norm
+def test_score_is_a_deprecated_alias_of_memorization_score(mixture):
+    res = measure_sharpness(_score(mixture), torch.randn(2, 12, dtype=torch.float64), 100, method="dense")
+    with pytest.warns(DeprecationWarning, match="memorization_score"):
+        alias = res.score
+    assert alias is res.memorization_score
+    torch.testing.assert_close(res.memorization_score, res.sharp_fraction)
+
+
+def test_hessian_score_norm_equals_the_analytic_value(mixture):
+    t = torch.tensor([50, 200, 400, 800])
+    x = mixture.means * SCHED.alpha(t)[:, None] + 0.3 * torch.randn(4, 12, generator=_gen(16), dtype=torch.float64)
+    exact = torch.einsum("nij,nj->ni", mixture.hessian(x, t, SCHED), mixture.score(x, t, SCHED)).norm(dim=1)
+    for prediction, max_batch in (("score", None), ("epsilon", 3)):
+        norm = hessian_score_norm(_score(mixture, prediction), x, t, SharpnessOptions(max_batch=max_batch))
+        torch.testing.assert_close(norm, exact, rtol=1e-7, atol=0)
+
+
+def test_hessian_score_norm_is_nan_where_derivatives_are():
+    x = 0.5 + torch.rand(3, 4, generator=_gen(17), dtype=torch.float64)
+    x[2, 0] = 0.0
+    norm, caught = _record(lambda: hessian_score_norm(_nan_derivative_score(), x, 100))
+    assert len(caught) == 1 and "1 of 3 probe(s) [2]" in str(caught[0].message)
+    sigma = SCHED.sigma(torch.tensor(100))
+    torch.testing.assert_close(norm[:2], x[:2].norm(dim=1) / sigma**2)  # s = -x/σ, H = -I/σ
+    assert torch.isnan(norm[2])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(tol=0.0), "`tol`"),
+        (dict(trace_estimator="hutch+"), "`trace_estimator`"),
+        (dict(method="trace", num_vectors=1), "`num_vectors`"),
+        (dict(method="trace", num_vectors=3, trace_estimator="hutch++"), "`num_vectors`"),
+    ],
+)
+def test_bad_new_options_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SharpnessOptions(**kwargs)
