@@ -470,7 +470,7 @@ class MemorizationMonitor(Callback):
             res.lid.to(device),
             res.eigenvalues[:, 0].to(device),
             res.normalized.mean(1).to(device),
-            res.score.to(device),
+            res.memorization_score.to(device),
             None if nn_ratio is None else nn_ratio.to(device),
         )
         return {name: float(v) for name, v in metric.compute().items()}

@@ -132,7 +132,7 @@ class CheckReporter:
         if self.logger.is_global_zero and self.logger.loggers:
             with self._step("histograms"):
                 self.logger.log_histogram("normalized_eigenvalues", check.primary.normalized.flatten(), check.step)
-                self.logger.log_histogram("probe_score", check.primary.score, check.step)
+                self.logger.log_histogram("probe_score", check.primary.memorization_score, check.step)
             if self.log_figures:
                 with self._step("figures"):
                     self._figures(check, history, onset_step)
@@ -204,11 +204,14 @@ class CheckReporter:
             [
                 i,
                 t,
-                *(float(v) for v in (r.sharp_fraction[i], r.lid[i], r.eigenvalues[i, 0], r.trace[i], r.score[i])),
+                *(
+                    float(v)
+                    for v in (r.sharp_fraction[i], r.lid[i], r.eigenvalues[i, 0], r.trace[i], r.memorization_score[i])
+                ),
                 None if check.nn_ratio is None else float(check.nn_ratio[i]),
             ]
             for t, r in check.results.items()
-            for i in range(len(r.score))
+            for i in range(len(r.memorization_score))
         ]
         self.logger.log_table("probes", columns, rows, check.step)
         if check.conditions:
@@ -222,7 +225,7 @@ class CheckReporter:
         """The most memorized probes beside their nearest training samples (``log_media``)."""
         from memwatch import plots
 
-        score = check.primary.score
+        score = check.primary.memorization_score
         order = torch.nan_to_num(score, nan=-1.0).argsort(descending=True)[:_GALLERY_SIZE]
         probes = self._images(check.samples[order])
         neighbours = None

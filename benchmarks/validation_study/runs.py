@@ -291,7 +291,7 @@ def train_run(job: RunJob) -> RunRecord:
         nn_ratio=np.stack([c.nn_ratio.double().numpy() for c in checks]),
         signals={key: {name: _stack(checks, t, sig.value) for name, sig in SIGNALS.items()} for key, t in t_of.items()},
         shipped=shipped,
-        shipped_primary_score=_stack(checks, primary_t, lambda r: r.score),
+        shipped_primary_score=_stack(checks, primary_t, lambda r: r.memorization_score),
         shipped_onset=monitor.onset_step,
         seconds=time.perf_counter() - started,
         cpu_seconds=time.process_time() - cpu_started,  # ≈ wall time on an idle core (1 thread)

@@ -321,7 +321,7 @@ def probe_report(module: pl.LightningModule, monitor: MemorizationMonitor, train
     dist, idx = nearest_neighbours(samples, train_data)
     return ProbeReport(
         samples=samples,
-        score=res.score,
+        score=res.memorization_score,
         lid=res.lid,
         nn_ratio=dist[:, 0] / dist[:, 1].clamp_min(1e-12),
         nearest=idx[:, 0],
