@@ -238,6 +238,7 @@ class MemorizationMonitor(Callback):
         self._reporter: CheckReporter | None = None
         self._reference: Tensor | None = None
         self._found: DiffusionScore | None = None
+        self._probes: ProbeSet | None = None
         self._clean_dir: Path | None = None
         self._seen_range: tuple[float, float] | None = None  # of the first training batches
         self._range_batches = 0
@@ -265,16 +266,19 @@ class MemorizationMonitor(Callback):
 
     @property
     def probes(self) -> ProbeSet:
-        """The monitor's probes (known once the probe shape is: after ``setup`` or the first batch).
+        """The monitor's probes: the same start noise, sampler and measurement at every check
+        (known once the probe shape is: after fit start or the first training batch).
 
         Raises:
             MemwatchError: the probe shape is still unknown (pass ``sample_shape=``).
         """
         if self.sample_shape is None:
             raise MemwatchError("memwatch could not infer the probe shape; pass `sample_shape=`")
-        return ProbeSet(
-            self.sample_shape, self.num_probes, self.sampler_steps, self._eval_timesteps, self.seed, self.sampler
-        )
+        if self._probes is None or self._probes.timesteps != self._eval_timesteps:
+            self._probes = ProbeSet(
+                self.sample_shape, self.num_probes, self.sampler_steps, self._eval_timesteps, self.seed, self.sampler
+            )
+        return self._probes
 
     def on_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, check: CheckResult) -> None:
         """Called on every rank after each check has been logged; override to use its per-probe

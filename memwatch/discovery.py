@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -478,7 +479,8 @@ def check_score(
         MemwatchError: ``sample_shape`` is not a shape of positive ints; the network fails on the
             probes (the message names ``sample_shape``, its value, the network and its error, or the
             missing ``null_cond`` of a conditional network); its output is not shaped like its input
-            (the message names the network); the score is not finite.
+            (the message names the network). A score that is not finite is a ``RuntimeWarning``
+            (a state of the weights, not of the configuration: the checks then report NaN).
 
     Example:
         >>> score = DiffusionScore(lambda x, t: 0 * x, NoiseSchedule.linear(10))
@@ -507,10 +509,13 @@ def check_score(
             unconditional = cond is None or len(calls) > 1
             returned = bool(calls) and calls[-1]
             raise MemwatchError(_call_failure(score, shape, unconditional, err, returned=returned)) from err
-    if not torch.isfinite(value).all():
-        raise MemwatchError(
-            f"the score of {_model_name(score)} is not finite at t={float(t):g} on probes of "
-            f"`sample_shape`={shape}; check the network's weights and the noise schedule"
+    if not torch.isfinite(value).all():  # a state of the weights, not of the configuration: checks report NaN
+        warnings.warn(
+            f"memwatch: the score of {_model_name(score)} is not finite at t={float(t):g} on probes of "
+            f"`sample_shape`={shape}; checks will report NaN until it is (check the network's weights and the "
+            "noise schedule)",
+            RuntimeWarning,
+            stacklevel=2,
         )
 
 

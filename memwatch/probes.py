@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ from torch import Tensor
 
 from memwatch.errors import MemwatchError
 from memwatch.groundtruth import nearest_neighbours
+from memwatch.operators import JacobianPath, select_jvp_mode
 from memwatch.sampling import ProbeSampler, check_trajectory, out_of_range, probe_noise, sample_trajectory
 from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore
@@ -161,6 +163,7 @@ class ProbeSet:
         self.timesteps = [float(t) for t in timesteps]
         self.seed = seed
         self.sampler = sampler
+        self.path: JacobianPath | None = None  # the verified J·v path, chosen at the first measurement
 
     def noise(self, rows: slice = slice(None)) -> Tensor:
         """``[len(rows), *shape]`` start noise of the probes ``rows`` (the same at every call)."""
@@ -215,6 +218,7 @@ class ProbeSet:
         traj = check_trajectory(traj, noise, self.timesteps)
         data_range = traj.data_range or data_range
         bad = None if data_range is None else out_of_range(traj.samples.detach().cpu(), *data_range, range_tolerance)
+        options = self._verified(score, traj.states[self.timesteps[0]], self.timesteps[0], options)
         results = {t: self._sharpness(score, traj.states[t], t, options) for t in self.timesteps}
         samples = traj.samples.detach().cpu()
         nn_ratio = nearest = None
@@ -231,7 +235,28 @@ class ProbeSet:
     def _generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed + 1)
 
+    def _verified(self, score: DiffusionScore, x: Tensor, t: float, options: SharpnessOptions) -> SharpnessOptions:
+        """``options`` on the J·v path that passed the adjoint test ⟨u, J v⟩ = ⟨Jᵀu, v⟩ on two
+        probes (chosen at the first measurement, then kept); a model where no path passes gets one
+        warning that names the problem, and its sharpness is NaN."""
+        if self.path is None:
+            tt = score.timesteps(t, min(2, x.shape[0]), x.device)
+            self.path = select_jvp_mode(
+                lambda z: score(z, tt), x[:2], preferred=options.jvp_mode, generator=self._generator()
+            )
+            if not self.path.consistent:
+                warnings.warn(
+                    f"memwatch: no Jacobian product of this model passes the adjoint test ({self.path.message}); "
+                    "its sharpness is reported as NaN",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        return options.replace(jvp_mode=self.path.mode) if self.path.consistent else options
+
     def _sharpness(self, score: DiffusionScore, x: Tensor, t: float, options: SharpnessOptions) -> SharpnessResult:
+        if self.path is not None and not self.path.consistent:
+            sigma = score.sigma(score.timesteps(t, x.shape[0], x.device))
+            return SharpnessResult.unmeasured(sigma, x[0].numel(), options, options.resolved_method(x[0].numel()))
         return measure_sharpness(score, x, t, options, generator=self._generator())
 
     def _conditional(

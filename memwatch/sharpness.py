@@ -252,6 +252,40 @@ class SharpnessResult:
         )
         return self.memorization_score
 
+    @classmethod
+    def unmeasured(cls, sigma: Tensor, dim: int, options: SharpnessOptions, method: str) -> SharpnessResult:
+        """A result for ``n = len(sigma)`` samples that could not be measured: every value NaN,
+        ``finite`` and ``converged`` False (e.g. a model whose Jacobian products are inconsistent).
+
+        Example:
+            >>> res = SharpnessResult.unmeasured(torch.full((2,), 0.3), 16, SharpnessOptions(k=4), "dense")
+            >>> res.eigenvalues.shape, bool(res.finite.any())
+            (torch.Size([2, 4]), False)
+        """
+        n, k = sigma.shape[0], options.k
+        nan_n = torch.full((n,), float("nan"), dtype=torch.float64)
+        nan_k = torch.full((n, k), float("nan"), dtype=torch.float64)
+        return cls(
+            eigenvalues=nan_k,
+            normalized=nan_k,
+            sharp_fraction=nan_n,
+            lid=nan_n,
+            trace=nan_n,
+            trace_stderr=nan_n,
+            flipd=nan_n,
+            memorization_score=nan_n,
+            sigma=sigma.detach().cpu().to(torch.float64),
+            spectrum_nodes=nan_k,
+            spectrum_weights=torch.zeros(n, k, dtype=torch.float64),
+            residual_bounds=nan_k,
+            converged=torch.zeros(n, k, dtype=torch.bool),
+            finite=torch.zeros(n, dtype=torch.bool),
+            dim=dim,
+            threshold=float(options.threshold),
+            tol=float(options.tol),
+            method=method,
+        )
+
     def density(self, grid: Tensor, bandwidth: float = 0.05) -> Tensor:
         """Gaussian-smoothed density of normalized eigenvalues ``[n, G]`` on ``grid`` ``[G]``;
         NaN rows where nothing was measured (non-finite samples; every row for ``"trace"``)."""

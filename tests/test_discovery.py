@@ -373,14 +373,15 @@ def test_check_score_runs_the_score_itself_and_keeps_memwatch_errors():
     score = find_score(Holder(unet=cond_unet(), scheduler=scheduler()))
     halved = Halved(score.model, score.schedule, cond_kwarg="encoder_hidden_states")
     emb = torch.zeros(1, 5, 16)
-    with pytest.raises(MemwatchError, match="not finite"):
+    with pytest.warns(RuntimeWarning, match="not finite"):
         check_score(halved, (4, 8, 8), device="cpu", cond=emb)
     with pytest.raises(MemwatchError, match=r"`cond` must be .* batch size 1 or 2"):
         check_score(score, (4, 8, 8), device="cpu", cond=torch.zeros(3, 5, 16))
 
 
-def test_check_score_rejects_a_non_finite_score():
-    with pytest.raises(MemwatchError, match="not finite"):
+def test_check_score_warns_about_a_non_finite_score():
+    # NaN weights are a state of training, not a configuration error: the checks report NaN
+    with pytest.warns(RuntimeWarning, match="not finite"):
         check_score(DiffusionScore(lambda x, t: x * float("nan"), NoiseSchedule.linear(10)), (2,), device="cpu")
 
 
