@@ -15,8 +15,8 @@ schedule it was trained with, and what it predicts (``"epsilon"``, ``"v_predicti
     trainer.fit(model, datamodule)
     monitor.onset_step, monitor.clean_checkpoint_path, monitor.history
 
-:func:`memwatch.demo.fit_digits` is that recipe for one run (read it next);
-:func:`memwatch.demo.run_demo` runs it twice and draws the plots.
+:func:`memwatch.apps.demo.fit_digits` is that recipe for one run (read it next);
+:func:`memwatch.apps.demo.run_demo` runs it twice and draws the plots.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import argparse
 import sys
 
 import memwatch
-from memwatch import demo
+from memwatch.apps import demo
 from memwatch.toymodels import DDPMModule
 
 

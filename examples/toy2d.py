@@ -27,7 +27,7 @@ import torch
 
 import memwatch
 from memwatch import plots
-from memwatch.demo import probe_report
+from memwatch.apps.demo import probe_report
 from memwatch.loggers import finish_wandb, wandb_logger
 from memwatch.toymodels import DDPMModule, ManifoldDataModule
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     extent = (-2.6, 2.6, -2.2, 2.2)
     for n in (args.n_small, args.n_large):
         module, monitor, data = fit_toy(n, steps, check_every, args.seed, args.out, args.wandb_mode)
-        report = probe_report(module, monitor, data.train_data)  # the monitor's probes, re-drawn
+        report = probe_report(monitor.last_check)  # what the last check measured
         flagged = report.score > monitor.score_threshold
         copies = report.nn_ratio < memwatch.MEMORIZED_RATIO
         fig = plots.plot_density_2d(

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from wandb_offline import history_values, media_files, read_history
 
-from memwatch import cli, demo
+from memwatch.apps import cli, demo
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

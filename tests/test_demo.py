@@ -1,4 +1,4 @@
-"""memwatch.demo: settings from flags, one tiny run, what its report and figures hold."""
+"""memwatch.apps.demo: settings from flags, one tiny run, what its report and figures hold."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from memwatch import demo
+from memwatch.apps import demo
 
 TINY = dataclasses.replace(
     demo.FAST, n_small=8, n_large=64, steps=60, check_every=30, hidden=32, depth=1, num_probes=6, sampler_steps=8

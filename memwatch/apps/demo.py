@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import logging
 import math
@@ -52,10 +51,12 @@ import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
 from torch import Tensor
 
+from memwatch import defaults
+from memwatch.apps.demo_figures import gallery_figure, save_figures, sigma_label, spectrum_figure
 from memwatch.callback import MemorizationMonitor
 from memwatch.errors import MemwatchError
-from memwatch.groundtruth import MEMORIZED_RATIO, nearest_neighbours
-from memwatch.loggers import MonitorLogger, finish_wandb, wandb_logger
+from memwatch.loggers import WANDB_MODES, MonitorLogger, finish_wandb, wandb_logger
+from memwatch.reporting import CheckResult
 from memwatch.toymodels import DDPMModule, DigitsDataModule
 
 if TYPE_CHECKING:
@@ -80,7 +81,6 @@ __all__ = [
     "summary_table",
 ]
 
-WANDB_MODES = ("offline", "online", "disabled")
 _GRID = torch.linspace(-2.2, 0.5, 271)  # normalized eigenvalues σ_t²λ shown in spectra
 _DATA_NOTE = (
     "the probes_*.png galleries show generated digits beside images of sklearn's public 8x8 digits data set;"
@@ -96,8 +96,9 @@ class DemoSettings:
         n_small, n_large: training-set sizes of the memorizing and the generalizing run.
         steps: optimizer steps per run; check_every: the monitor's ``every_n_train_steps``.
         hidden, depth, lr, batch_size: the MLP denoiser and its Adam optimizer.
-        num_probes, sampler_steps, sigmas, k, score_threshold, onset_threshold: the monitor
-            (see the module docstring; the callback's defaults except for the cadence).
+        num_probes, sampler_steps, sigmas, k, threshold, score_threshold, onset_threshold: the monitor
+            (see the module docstring): the callback's defaults (:mod:`memwatch.defaults`) unless
+            a smaller demo asks for less.
     """
 
     n_small: int = 16
@@ -108,12 +109,13 @@ class DemoSettings:
     depth: int = 3
     lr: float = 2e-3
     batch_size: int = 64
-    num_probes: int = 32
-    sampler_steps: int = 50
-    sigmas: tuple[float, ...] = (0.3,)
-    k: int = 8
-    score_threshold: float = 0.9
-    onset_threshold: float = 0.2
+    num_probes: int = defaults.NUM_PROBES
+    sampler_steps: int = defaults.SAMPLER_STEPS
+    sigmas: tuple[float, ...] = defaults.SIGMAS
+    k: int = defaults.SHARPNESS.k
+    threshold: float = defaults.SHARPNESS.threshold
+    score_threshold: float = defaults.SCORE_THRESHOLD
+    onset_threshold: float = defaults.ONSET_THRESHOLD
 
 
 DEFAULT = DemoSettings()
@@ -133,7 +135,7 @@ FAST = DemoSettings(
 
 @dataclass
 class ProbeReport:
-    """Per-probe results of one measurement of a model (the monitor's probes, re-drawn).
+    """Per-probe results of one of the monitor's checks, at its primary noise level.
 
     Attributes:
         samples: ``[n, *shape]`` generated probes; score: ``[n]`` sharp fraction at the primary σ;
@@ -205,9 +207,10 @@ def digits_monitor(
         sampler_steps=settings.sampler_steps,
         sigmas=settings.sigmas,
         k=settings.k,
+        threshold=settings.threshold,
         score_threshold=settings.score_threshold,
         onset_threshold=settings.onset_threshold,  # onset: this share of the probes memorized ...
-        patience=2,  # ... at two checks in a row
+        patience=defaults.PATIENCE,  # ... at two checks in a row
         reference_data=reference_data,
         dirpath=dirpath,
         log_media=log_media,
@@ -257,9 +260,9 @@ def fit_digits(
     data = DigitsDataModule(n_train, batch_size=settings.batch_size, steps_per_epoch=settings.check_every, seed=seed)
     module = module_factory(shape=(1, 8, 8), hidden=settings.hidden, depth=settings.depth, lr=settings.lr)
     monitor = digits_monitor(settings, data.train_data, log_media=log_media, dirpath=out / "checkpoints" / name)
-    snapshot = _Snapshot(settings.check_every)
+    first_check = _FirstCheck(monitor)
     logger = wandb_logger(wandb_mode, out, project="memwatch-demo", name=name, group=f"demo-seed{seed}")
-    callbacks: list[Callback] = [monitor, snapshot]
+    callbacks: list[Callback] = [monitor, first_check]
     if progress:
         callbacks.append(_ProgressBar())
     trainer = pl.Trainer(
@@ -279,12 +282,10 @@ def fit_digits(
     trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - started
 
-    early = None
-    if snapshot.state is not None:
-        early_module = copy.deepcopy(module)
-        early_module.load_state_dict(snapshot.state)
-        early = probe_report(early_module, monitor, data.train_data)
-    late = probe_report(module, monitor, data.train_data)
+    if monitor.last_check is None:
+        raise MemwatchError(f"`steps`={settings.steps} is shorter than one check (every {settings.check_every} steps)")
+    early = None if first_check.check is None else probe_report(first_check.check)
+    late = probe_report(monitor.last_check)
     result = RunResult(
         name=name,
         label=label or f"N={n_train}",
@@ -304,42 +305,33 @@ def fit_digits(
     return result
 
 
-def probe_report(module: pl.LightningModule, monitor: MemorizationMonitor, train_data: Tensor) -> ProbeReport:
-    """Re-draw the monitor's probes (same seed, sampler and σ) from ``module`` and measure them.
-
-    Reported at the primary noise level (``monitor.timesteps[0]``, else ``monitor.sigmas[0]``);
-    :meth:`MemorizationMonitor.measure_probes` is what the monitor's check runs, so the probes and
-    scores are the ones its check of the same weights saw.
-    """
-    was_training = module.training
-    module.eval()
-    try:
-        samples, results = monitor.measure_probes(module)
-    finally:
-        module.train(was_training)
-    res = next(iter(results.values()))  # the primary timestep
-    dist, idx = nearest_neighbours(samples, train_data)
+def probe_report(check: CheckResult) -> ProbeReport:
+    """The per-probe results of one of the monitor's checks, at its primary noise level: what
+    the check measured (no re-measurement), in the form the demo's table and figures read."""
+    res = check.primary
+    if check.nn_ratio is None or check.nearest is None:
+        raise MemwatchError("the demo's monitor needs `reference_data` (its report shows the nearest training image)")
     return ProbeReport(
-        samples=samples,
+        samples=check.samples,
         score=res.memorization_score,
         lid=res.lid,
-        nn_ratio=dist[:, 0] / dist[:, 1].clamp_min(1e-12),
-        nearest=idx[:, 0],
+        nn_ratio=check.nn_ratio.double(),
+        nearest=check.nearest,
         grid=_GRID,
         density=torch.nanmean(res.density(_GRID), 0),
     )
 
 
-class _Snapshot(Callback):
-    """Keeps a copy of the weights at step ``step`` (the monitor's first check)."""
+class _FirstCheck(Callback):
+    """Keeps the monitor's first check (put it after the monitor in ``callbacks``)."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
-        self.state: dict[str, Tensor] | None = None
+    def __init__(self, monitor: MemorizationMonitor) -> None:
+        self.monitor = monitor
+        self.check: CheckResult | None = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if trainer.global_step == self.step and self.state is None:
-            self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        if self.check is None:
+            self.check = self.monitor.last_check
 
 
 class _ProgressBar(RichProgressBar):
@@ -367,8 +359,8 @@ def _finish_wandb(logger: Any, result: RunResult, settings: DemoSettings, log_me
     """Log the run's own demo figures and summary, close the run; return its folder."""
     run = logger.experiment
     media = MonitorLogger([logger], log_media=log_media, prefix="demo")
-    media.log_figure("spectrum", _spectrum_figure([result], settings), result.steps)
-    media.log_figure("probes", _gallery_figure(result, settings), result.steps, private=True)
+    media.log_figure("spectrum", spectrum_figure([result], settings), result.steps)
+    media.log_figure("probes", gallery_figure(result, settings), result.steps, private=True)
     run.summary.update(
         {
             "demo/n_train": result.n_train,
@@ -377,142 +369,6 @@ def _finish_wandb(logger: Any, result: RunResult, settings: DemoSettings, log_me
         }
     )
     return finish_wandb(logger)
-
-
-# --------------------------------------------------------------------------------------------
-# figures
-# --------------------------------------------------------------------------------------------
-def _sigma_label(settings: DemoSettings) -> str:
-    return f"σ={settings.sigmas[0]:g}"
-
-
-def _curves_figure(results: Sequence[RunResult], settings: DemoSettings) -> Any:
-    from memwatch import plots
-
-    curves = {r.label: ([h["step"] for h in r.history], [h["sharp_fraction_mean"] for h in r.history]) for r in results}
-    fig = plots.plot_metric_curves(
-        curves,
-        onsets={r.label: r.onset_step for r in results},
-        ylabel=f"mean sharp fraction of the probes ({_sigma_label(settings)})",
-        title="Sharpness of the learned density during training",
-    )
-    fig.axes[0].set_ylim(-0.02, 1.02)
-    return fig
-
-
-def _memorized_figure(results: Sequence[RunResult], settings: DemoSettings) -> Any:
-    from memwatch import plots
-
-    curves: dict[str, tuple[list[float], list[float]]] = {}
-    onsets: dict[str, int | None] = {}
-    for r in results:
-        steps = [h["step"] for h in r.history]
-        flagged = f"{r.label}: flagged by memwatch"
-        curves[flagged] = (steps, [h["memorized_fraction"] for h in r.history])
-        curves[f"{r.label}: copies of training images"] = (
-            steps,
-            [h.get("nn_memorized_fraction", math.nan) for h in r.history],
-        )
-        onsets[flagged] = r.onset_step
-    fig = plots.plot_metric_curves(
-        curves,
-        onsets=onsets,
-        ylabel="share of the probes",
-        title="Memorized probes: memwatch's flag vs ground truth",
-    )
-    ax = fig.axes[0]
-    ax.set_ylim(-0.02, 1.02)
-    # one colour per run: solid = memwatch's flag, dashed = nearest-neighbour ground truth
-    n_curves = len(curves)
-    for i, line in enumerate(ax.lines[:n_curves]):
-        line.set_color(f"C{i // 2}")
-        if i % 2:
-            line.set_linestyle("--")
-            line.set_marker("s")
-    for line in ax.lines[n_curves:]:  # onset lines, in the order of `results` with an onset
-        line.set_label(line.get_label().replace(": flagged by memwatch", ""))
-    ax.axhline(
-        settings.onset_threshold, color="0.4", ls=":", lw=1.2, label="onset threshold (2 checks in a row above it)"
-    )
-    fig.legends[0].remove()
-    handles, labels = ax.get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize="small", loc="outside lower center", ncols=2)
-    return fig
-
-
-def _spectrum_figure(results: Sequence[RunResult], settings: DemoSettings) -> Any:
-    from memwatch import plots
-
-    densities = {}
-    for r in results:
-        if r.early is not None:
-            densities[f"{r.label}, step {settings.check_every}"] = (r.early.grid, r.early.density)
-        densities[f"{r.label}, step {r.steps}"] = (r.late.grid, r.late.density)
-    fig = plots.plot_spectrum(
-        densities, threshold=-0.5, title=f"Hessian spectrum at the probes ({_sigma_label(settings)}), early vs late"
-    )
-    _pair_colours(fig.axes[0], has_early=[r.early is not None for r in results])
-    return fig
-
-
-def _pair_colours(ax: Any, has_early: Sequence[bool]) -> None:
-    """Recolour the spectrum's density lines and fills: run ``i`` gets colour ``Ci``, its early
-    curve dotted with a fainter fill (``plot_spectrum`` draws one line and one fill per entry,
-    in order, then the dashed threshold line); the legend moves below the plot."""
-    lines, fills = ax.lines[:-1], ax.collections
-    pos = 0
-    for run, early in enumerate(has_early):
-        for is_early in ([True] if early else []) + [False]:
-            lines[pos].set_color(f"C{run}")
-            lines[pos].set_linestyle(":" if is_early else "-")
-            fills[pos].set_color(f"C{run}")
-            fills[pos].set_alpha(0.05 if is_early else 0.15)
-            pos += 1
-    ax.get_legend().remove()
-    handles, labels = ax.get_legend_handles_labels()
-    ax.figure.legend(handles, labels, fontsize="small", loc="outside lower center", ncols=2)
-    ax.set_ylim(0, max(line.get_ydata().max() for line in lines) * 1.08)
-
-
-def _gallery_figure(result: RunResult, settings: DemoSettings, n: int = 8) -> Any:
-    from memwatch import plots
-
-    rep = result.late
-    order = torch.nan_to_num(rep.score, nan=-1.0).argsort(descending=True)[:n]
-    captions = [
-        f"sharp {float(rep.score[i]):.2f}\nd1/d2 {float(rep.nn_ratio[i]):.2f}"
-        + (" copy" if float(rep.nn_ratio[i]) < MEMORIZED_RATIO else "")
-        for i in order
-    ]
-    return plots.plot_gallery(
-        rep.samples[order],
-        neighbours=result.train_data[rep.nearest[order]],
-        captions=captions,
-        flagged=rep.score[order] > settings.score_threshold,
-        title=f"{result.label}: the {len(order)} sharpest probes (top) and their nearest training digits",
-    )
-
-
-def save_figures(results: Sequence[RunResult], settings: DemoSettings, folder: str | Path) -> dict[str, Path]:
-    """Write the demo's PNGs into ``folder``; return ``name -> path``.
-
-    ``curves.png`` (sharp fraction per check, onset marked), ``memorized.png`` (share flagged vs
-    share that are copies), ``spectrum.png`` (early vs late), ``probes_<run>.png`` (galleries).
-    """
-    from memwatch import plots
-
-    folder = Path(folder)
-    figures = {
-        "curves": _curves_figure(results, settings),
-        "memorized": _memorized_figure(results, settings),
-        "spectrum": _spectrum_figure(results, settings),
-    }
-    for r in results:
-        figures[f"probes_{r.name}"] = _gallery_figure(r, settings)
-    paths = {name: plots.save_figure(fig, folder / f"{name}.png") for name, fig in figures.items()}
-    for r in results:
-        r.figures = dict(paths)
-    return paths
 
 
 # --------------------------------------------------------------------------------------------
@@ -567,7 +423,7 @@ def summary_table(results: Sequence[RunResult], settings: DemoSettings) -> Table
 
     steps = ", ".join(sorted({str(r.steps) for r in results}))
     table = Table(
-        title=f"memwatch demo: digits, {steps} steps, measured at {_sigma_label(settings)}", title_style="bold"
+        title=f"memwatch demo: digits, {steps} steps, measured at {sigma_label(settings)}", title_style="bold"
     )
     table.add_column("N train", justify="right", style="bold")
     table.add_column("onset\nstep", justify="right")

@@ -1,0 +1,128 @@
+"""The demo's PNGs, drawn from what its runs' checks measured (:mod:`memwatch.apps.demo`).
+
+Every figure is one call of a :mod:`memwatch.plots` function with its colours and line styles
+passed in: run ``i`` is drawn in colour ``Ci`` throughout, early curves dotted, ground truth
+dashed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from memwatch import plots
+from memwatch.groundtruth import MEMORIZED_RATIO
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from memwatch.apps.demo import DemoSettings, RunResult
+
+__all__ = ["curves_figure", "gallery_figure", "memorized_figure", "save_figures", "sigma_label", "spectrum_figure"]
+
+
+def sigma_label(settings: DemoSettings) -> str:
+    """``"σ=0.3"``: the primary noise level of the demo's monitor."""
+    return f"σ={settings.sigmas[0]:g}"
+
+
+def curves_figure(results: Sequence[RunResult], settings: DemoSettings) -> Figure:
+    """Mean sharp fraction of the probes per check, one curve per run, onsets marked."""
+    curves = {r.label: ([h["step"] for h in r.history], [h["sharp_fraction_mean"] for h in r.history]) for r in results}
+    return plots.plot_metric_curves(
+        curves,
+        onsets={r.label: r.onset_step for r in results},
+        ylabel=f"mean sharp fraction of the probes ({sigma_label(settings)})",
+        title="Sharpness of the learned density during training",
+        styles={r.label: {"color": f"C{i}"} for i, r in enumerate(results)},
+        ylim=(-0.02, 1.02),
+    )
+
+
+def memorized_figure(results: Sequence[RunResult], settings: DemoSettings) -> Figure:
+    """Share of probes flagged by memwatch (solid) vs share that are copies (dashed), per run."""
+    curves: dict[str, tuple[list[float], list[float]]] = {}
+    styles: dict[str, dict[str, Any]] = {}
+    onsets: dict[str, int | None] = {}
+    names: dict[str, str] = {}
+    for i, r in enumerate(results):
+        steps = [h["step"] for h in r.history]
+        flagged, copies = f"{r.label}: flagged by memwatch", f"{r.label}: copies of training images"
+        curves[flagged] = (steps, [h["memorized_fraction"] for h in r.history])
+        curves[copies] = (steps, [h.get("nn_memorized_fraction", math.nan) for h in r.history])
+        styles[flagged] = {"color": f"C{i}"}
+        styles[copies] = {"color": f"C{i}", "linestyle": "--", "marker": "s"}
+        onsets[flagged], names[flagged] = r.onset_step, r.label
+    return plots.plot_metric_curves(
+        curves,
+        onsets=onsets,
+        ylabel="share of the probes",
+        title="Memorized probes: memwatch's flag vs ground truth",
+        styles=styles,
+        onset_labels=names,
+        hlines={"onset threshold (2 checks in a row above it)": settings.onset_threshold},
+        ylim=(-0.02, 1.02),
+    )
+
+
+def spectrum_figure(results: Sequence[RunResult], settings: DemoSettings) -> Figure:
+    """Hessian spectrum at the probes, early (dotted, first check) vs late (solid), per run."""
+    densities: dict[str, tuple[Any, Any]] = {}
+    styles: dict[str, dict[str, Any]] = {}
+    for i, r in enumerate(results):
+        if r.early is not None:
+            label = f"{r.label}, step {settings.check_every}"
+            densities[label] = (r.early.grid, r.early.density)
+            styles[label] = {"color": f"C{i}", "linestyle": ":", "fill_alpha": 0.05}
+        label = f"{r.label}, step {r.steps}"
+        densities[label] = (r.late.grid, r.late.density)
+        styles[label] = {"color": f"C{i}", "fill_alpha": 0.15}
+    return plots.plot_spectrum(
+        densities,
+        threshold=-settings.threshold,
+        title=f"Hessian spectrum at the probes ({sigma_label(settings)}), early vs late",
+        styles=styles,
+        legend_below=True,
+    )
+
+
+def gallery_figure(result: RunResult, settings: DemoSettings, n: int = 8) -> Figure:
+    """The ``n`` sharpest probes of a run beside their nearest training digits."""
+    rep = result.late
+    order = torch.nan_to_num(rep.score, nan=-1.0).argsort(descending=True)[:n]
+    captions = [
+        f"sharp {float(rep.score[i]):.2f}\nd1/d2 {float(rep.nn_ratio[i]):.2f}"
+        + (" copy" if float(rep.nn_ratio[i]) < MEMORIZED_RATIO else "")
+        for i in order
+    ]
+    return plots.plot_gallery(
+        rep.samples[order],
+        neighbours=result.train_data[rep.nearest[order]],
+        captions=captions,
+        flagged=rep.score[order] > settings.score_threshold,
+        title=f"{result.label}: the {len(order)} sharpest probes (top) and their nearest training digits",
+    )
+
+
+def save_figures(results: Sequence[RunResult], settings: DemoSettings, folder: str | Path) -> dict[str, Path]:
+    """Write the demo's PNGs into ``folder``; return ``name -> path``.
+
+    ``curves.png`` (sharp fraction per check, onset marked), ``memorized.png`` (share flagged vs
+    share that are copies), ``spectrum.png`` (early vs late), ``probes_<run>.png`` (galleries).
+    """
+    folder = Path(folder)
+    figures = {
+        "curves": curves_figure(results, settings),
+        "memorized": memorized_figure(results, settings),
+        "spectrum": spectrum_figure(results, settings),
+    }
+    for r in results:
+        figures[f"probes_{r.name}"] = gallery_figure(r, settings)
+    paths = {name: plots.save_figure(fig, folder / f"{name}.png") for name, fig in figures.items()}
+    for r in results:
+        r.figures = dict(paths)
+    return paths
