@@ -3,9 +3,10 @@
 * ``memwatch demo [--fast] [--n-small N] [--n-large N] [--steps S] [--out DIR] [--wandb-mode M]``:
   two small diffusion models on sklearn digits, one memorizing, one not, watched by
   :class:`memwatch.MemorizationMonitor` (see :mod:`memwatch.apps.demo`).
-* ``memwatch fit --config configs/digits.yaml [--trainer.max_steps 100 ...]``: Lightning's
-  ``LightningCLI`` ``fit`` for any LightningModule / LightningDataModule named by ``class_path``
-  in the config; callbacks and loggers come from the config too. When a ``MemorizationMonitor``
+* ``memwatch fit --config configs/digits.yaml [--trainer.max_steps 100 --monitor.every_n_train_steps 200 ...]``:
+  Lightning's ``LightningCLI`` ``fit`` for any LightningModule / LightningDataModule named by
+  ``class_path`` in the config; the monitor's arguments are the ``monitor:`` section and
+  ``--monitor.*`` flags, other callbacks and loggers come from the config too. When a ``MemorizationMonitor``
   has no ``reference_data`` and the data module has a ``train_data`` tensor (as
   :class:`memwatch.toymodels.DigitsDataModule` does), that tensor becomes its reference data,
   so the nearest-neighbour ground truth is logged as well.
@@ -20,7 +21,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 __all__ = ["MemwatchCLI", "main"]
 
@@ -35,8 +36,15 @@ commands:
 
 
 class MemwatchCLI(LightningCLI):
-    """``LightningCLI`` whose ``fit`` hands the data module's ``train_data`` to monitors without
+    """``LightningCLI`` with the monitor as its own argument group: ``--monitor.*`` on the command
+    line, a top-level ``monitor:`` section in a config (Lightning adds it to the Trainer's
+    callbacks). ``fit`` hands the data module's ``train_data`` to a monitor without
     ``reference_data`` and prints the monitor's verdict at the end."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        from memwatch.callback import MemorizationMonitor
+
+        parser.add_lightning_class_args(MemorizationMonitor, "monitor")
 
     def before_instantiate_classes(self) -> None:
         # a relative W&B save_dir is resolved now: wandb's service process, started by the first
