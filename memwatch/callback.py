@@ -26,6 +26,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 
 from memwatch import defaults
+from memwatch.calibration import DataScale, Reservoir, data_scale, relative_sigmas
 from memwatch.checkpoint import CLEAN_CHECKPOINT_NAME, check_save_mode, prepare_dirpath, save_clean_checkpoint
 from memwatch.discovery import (
     ScoreFn,
@@ -38,6 +39,7 @@ from memwatch.discovery import (
     sample_shape_of,
 )
 from memwatch.errors import MemwatchError
+from memwatch.groundtruth import first_tensor
 from memwatch.loggers import MonitorLogger
 from memwatch.metrics import ConditionalMetrics, MemorizationMetrics
 from memwatch.onset import OnsetDecision, OnsetDetector
@@ -70,7 +72,9 @@ class MemorizationMonitor(Callback):
 
     Args:
         score_fn: ``pl_module -> DiffusionScore``. Default: the module's ``memwatch_score()``
-            method, else a diffusers ``UNet2DModel`` + scheduler found on the module.
+            method, else a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` + scheduler found
+            on the module (a ``torch.compile``d network is measured through ``_orig_mod``, the
+            same weights); see :func:`memwatch.discovery.find_score`. Found at fit start.
         every_n_train_steps: check cadence in optimizer steps (``None``: only per epoch).
         every_n_epochs: also/instead check at the end of every n-th training epoch.
         num_probes: probes per check (sharded across DDP ranks).
@@ -79,7 +83,12 @@ class MemorizationMonitor(Callback):
             ignored when ``timesteps`` is given. The first one is the primary timestep. The
             default 0.3 (data scaled to about [-1, 1]) and the thresholds below are the
             validation study's choice on held-out seeds (``docs/validation.md``); for data much
-            more or less spread out, scale σ with its nearest-neighbour distances.
+            more or less spread out, scale σ with its nearest-neighbour distances, or pass
+            ``"auto"``: the levels are then ``sigma_factors`` × the median nearest-neighbour
+            distance of up to ``calibration_capacity`` training samples seen in the batches
+            before the first check (held in memory only, never logged or saved; see
+            :mod:`memwatch.calibration`), fixed at the first check and kept on resume. A σ
+            outside the schedule's range fails at fit start.
         timesteps: evaluation timesteps in schedule units.
         k: most negative eigenvalues reported per probe.
         threshold: ``τ``; a direction is sharp when ``σ_t² λ < -τ``.
@@ -103,7 +112,9 @@ class MemorizationMonitor(Callback):
             nearest-neighbour ground truth (``nn_memorized_fraction``, ``auroc``).
         sample_shape: probe shape; default: inferred from the first training batch.
         batch_key: key of the data in dict batches (else the batch's first tensor).
-        ema_attr: name of an EMA copy of the network on the module to measure instead.
+        ema_attr: name of an EMA of the network on the module to measure instead: an
+            ``nn.Module`` copy (``AveragedModel`` and wrappers with ``.module`` too) or a diffusers
+            ``EMAModel`` (its shadow weights are measured on a fresh copy; training untouched).
         seed: seed of the probes' start noise and of the Lanczos start vectors.
         log_figures: draw and log the per-check spectrum / curve / condition plots and the probe
             table (a few tens of ms per check); scalars and histograms are logged regardless.
@@ -123,6 +134,21 @@ class MemorizationMonitor(Callback):
             label for int conditions, else the condition's index.
         condition_first_steps: the metrics above are averaged over this many leading (noisiest)
             sampler steps; default :func:`memwatch.conditional.default_first_steps`.
+        min_valid_fraction: a check whose share of probes with finite values is below this
+            (in ``(0, 1]``) is a failed check: its metrics are NaN, it is not clean and it does not
+            move the onset streak.
+        decode_fn: latents ``[n, *shape]`` → images ``[n, C, H, W]`` for galleries (e.g. a VAE's
+            decode); without it galleries show probes that are images and skip others with a
+            warning.
+        encode_fn: images → latents (e.g. a VAE's encode), applied to pixel ``reference_data``
+            (and to the batches that calibrate ``sigmas="auto"``), so both live where the probes do.
+        sampler: a :class:`memwatch.sampling.ProbeSampler` drawing the probes; default
+            :func:`memwatch.sample_trajectory`, which steps the model's own diffusers scheduler
+            (clipping, thresholding, spacing) when the schedule came from one.
+        data_range: ``(low, high)`` of the data; probes beyond it by more than half its width
+            are counted (``out_of_range_count``) and warned about. Default: the scheduler's
+            clipping range, else the range of the first training batches.
+        sigma_factors, calibration_capacity: see ``sigmas="auto"``.
 
     Raises:
         ValueError: an argument is out of range (the message names it).
@@ -139,7 +165,7 @@ class MemorizationMonitor(Callback):
         every_n_epochs: int | None = None,
         num_probes: int = defaults.NUM_PROBES,
         sampler_steps: int = defaults.SAMPLER_STEPS,
-        sigmas: Sequence[float] = defaults.SIGMAS,
+        sigmas: Sequence[float] | str = defaults.SIGMAS,
         timesteps: Sequence[float] | None = None,
         k: int = defaults.SHARPNESS.k,
         threshold: float = defaults.SHARPNESS.threshold,
@@ -173,6 +199,8 @@ class MemorizationMonitor(Callback):
         encode_fn: Callable[[Tensor], Tensor] | None = None,
         sampler: ProbeSampler | None = None,
         data_range: tuple[float, float] | None = None,
+        sigma_factors: Sequence[float] = defaults.SIGMA_FACTORS,
+        calibration_capacity: int = defaults.CALIBRATION_CAPACITY,
     ) -> None:
         super().__init__()
         _check_cadence("every_n_train_steps", every_n_train_steps)
@@ -185,7 +213,15 @@ class MemorizationMonitor(Callback):
         _check_fraction("min_valid_fraction", min_valid_fraction, low_open=True, high_closed=True)
         if onset_threshold is not None:
             _check_fraction("onset_threshold", onset_threshold)
-        self.sigmas = _check_levels("sigmas", sigmas) if timesteps is None else tuple(float(s) for s in sigmas)
+        if sigmas == "auto":
+            self.sigmas: tuple[float, ...] | str = "auto"
+            _check_int("calibration_capacity", calibration_capacity, 2)
+        elif timesteps is None:
+            self.sigmas = _check_levels("sigmas", sigmas)
+        else:
+            self.sigmas = tuple(float(s) for s in sigmas)
+        self.sigma_factors = _check_levels("sigma_factors", sigma_factors)
+        self.calibration_capacity = calibration_capacity
         self.timesteps = None if timesteps is None else _check_levels("timesteps", timesteps, positive=False)
         # the settings objects validate their own arguments (k, method, patience, …)
         self.options = SharpnessOptions(
@@ -238,6 +274,9 @@ class MemorizationMonitor(Callback):
         self._reporter: CheckReporter | None = None
         self._reference: Tensor | None = None
         self._found: DiffusionScore | None = None
+        self._reservoir = Reservoir(calibration_capacity, seed=seed) if self.calibrating else None
+        self.calibrated_sigmas: tuple[float, ...] | None = None  # with sigmas="auto", fixed at the first check
+        self.data_scale: DataScale | None = None
         self._probes: ProbeSet | None = None
         self._clean_dir: Path | None = None
         self._seen_range: tuple[float, float] | None = None  # of the first training batches
@@ -304,9 +343,8 @@ class MemorizationMonitor(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after `configure_model` and the move to the device: the network exists and is in place
         self._found = find_score(pl_module, self.score_fn, ema_attr=self.ema_attr)
-        self._eval_timesteps = evaluation_timesteps(self._found.schedule, self.sigmas, self.timesteps)
-        self._check_timesteps_in_grid(self._found)
-        self._metrics = {t: MemorizationMetrics(score_threshold=self.score_threshold) for t in self._eval_timesteps}
+        if not self.calibrating or self.calibrated_sigmas is not None:
+            self._set_levels(self._found)
         if self.sample_shape is None:
             self.sample_shape = sample_shape_of(self._found)
         if self.sample_shape is not None:
@@ -321,6 +359,8 @@ class MemorizationMonitor(Callback):
         if self.data_range is None and self._range_batches < _RANGE_BATCHES:
             self._seen_range = batch_range(batch, self.batch_key, self._seen_range)
             self._range_batches += 1
+        if self._reservoir is not None:
+            self._reservoir.update(self._batch_data(batch))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -344,6 +384,7 @@ class MemorizationMonitor(Callback):
             "clean_checkpoint_path": None if self.clean_checkpoint_path is None else str(self.clean_checkpoint_path),
             "history": list(self.history),
             "last_checked_step": self._last_checked_step,
+            "calibrated_sigmas": self.calibrated_sigmas,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -353,6 +394,9 @@ class MemorizationMonitor(Callback):
         self.clean_checkpoint_path = None if path is None else Path(path)
         self.history = list(state_dict["history"])
         self._last_checked_step = state_dict["last_checked_step"]
+        sigmas = state_dict.get("calibrated_sigmas")
+        if sigmas is not None:  # a resumed run keeps its noise levels (and holds no training samples)
+            self.calibrated_sigmas, self._reservoir = tuple(sigmas), None
 
     # ------------------------------------------------------------------ the check
     def _run_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -360,6 +404,8 @@ class MemorizationMonitor(Callback):
         if self.detector.memorizing and self.stop_on_onset:
             return
         assert self._reporter is not None
+        if self.calibrating and self.calibrated_sigmas is None:
+            self._calibrate(trainer)
         self._reporter.start_line(step, self.num_probes, len(self._eval_timesteps))
         started = time.perf_counter()
         measurement, error = None, None
@@ -541,7 +587,9 @@ class MemorizationMonitor(Callback):
         """
         found = self._found or find_score(pl_module, self.score_fn, ema_attr=self.ema_attr)
         if not self._eval_timesteps:
-            self._eval_timesteps = evaluation_timesteps(found.schedule, self.sigmas, self.timesteps)
+            if self.calibrating and self.calibrated_sigmas is None:
+                raise MemwatchError("with sigmas='auto' the noise levels are fixed at the first check; none ran yet")
+            self._set_levels(found)
         with measured_score(found, pl_module, self.ema_attr) as score:
             m = self.probes.measure(score, options=self.options, rows=rows, device=pl_module.device)
         return m.samples, m.results
@@ -565,6 +613,38 @@ class MemorizationMonitor(Callback):
                 batch_key=self.batch_key,
                 device=pl_module.device,
             )
+
+    @property
+    def calibrating(self) -> bool:
+        """Whether the noise levels come from the training data (``sigmas="auto"``)."""
+        return self.sigmas == "auto"
+
+    def _set_levels(self, score: DiffusionScore) -> None:
+        """The evaluation timesteps (and their metrics) from ``sigmas`` / ``timesteps``, or from
+        the calibrated levels."""
+        sigmas = self.calibrated_sigmas if self.calibrating else self.sigmas
+        self._eval_timesteps = evaluation_timesteps(score.schedule, sigmas, self.timesteps)
+        self._check_timesteps_in_grid(score)
+        self._metrics = {t: MemorizationMetrics(score_threshold=self.score_threshold) for t in self._eval_timesteps}
+
+    def _calibrate(self, trainer: pl.Trainer) -> None:
+        """Fix the noise levels at ``sigma_factors`` × the median nearest-neighbour distance of the
+        training samples seen so far (rank zero's reservoir, broadcast to all ranks), then free the
+        reservoir: training samples are held in memory only, never written."""
+        assert self._reservoir is not None and self._found is not None
+        scale = data_scale(self._reservoir.samples, generator=torch.Generator().manual_seed(self.seed + 2))
+        levels = relative_sigmas(scale, self._found.schedule, self.sigma_factors)
+        self.data_scale, self.calibrated_sigmas = trainer.strategy.broadcast((scale, levels), src=0)
+        self._reservoir = None
+        self._set_levels(self._found)
+
+    def _batch_data(self, batch: Any) -> Tensor:
+        """The data tensor of a training batch, in the space of the probes (``encode_fn``)."""
+        x = batch[self.batch_key] if self.batch_key is not None else first_tensor(batch)
+        if self.encode_fn is None:
+            return x.detach()
+        with torch.no_grad(), isolate_rng():  # an encoder that samples must not move the training RNG
+            return self.encode_fn(x).detach()
 
     def _check_timesteps_in_grid(self, score: DiffusionScore) -> None:
         """The sampler must pass through every evaluation timestep (a diffusers grid may start

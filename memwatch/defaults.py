@@ -11,6 +11,8 @@ from __future__ import annotations
 from memwatch.sharpness import SharpnessOptions
 
 __all__ = [
+    "CALIBRATION_CAPACITY",
+    "SIGMA_FACTORS",
     "EVERY_N_TRAIN_STEPS",
     "MIN_VALID_FRACTION",
     "NUM_PROBES",
@@ -30,4 +32,6 @@ SCORE_THRESHOLD = 0.9  #: a probe is memorized when its sharp fraction exceeds t
 ONSET_THRESHOLD = 0.2  #: onset when more than this share of the probes is memorized ...
 PATIENCE = 2  #: ... at this many checks in a row
 MIN_VALID_FRACTION = 0.5  #: a check with fewer finite probes than this share is a failed check
+SIGMA_FACTORS = (0.2,)  #: with sigmas="auto": levels = these × the training set's median NN distance
+CALIBRATION_CAPACITY = 4096  #: with sigmas="auto": training samples kept in memory to measure that distance
 SHARPNESS = SharpnessOptions()  #: spectrum settings (k, threshold τ, method, Lanczos sizes)
