@@ -285,7 +285,8 @@ def _load_module(path: Path, module_class: type[pl.LightningModule] | str | None
         cls = hparams.get("_class_path")
         if cls is None:
             raise MemwatchError(
-                f"checkpoint {str(path)!r} does not name its LightningModule class (no hyper_parameters['_class_path'], "
+                f"checkpoint {str(path)!r} does not name its LightningModule class "
+                "(no hyper_parameters['_class_path'], "
                 "which LightningCLI / `memwatch fit` store): pass `module_class=` (--module package.module.Class)"
             )
     if isinstance(cls, str):
