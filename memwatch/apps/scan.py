@@ -1,0 +1,616 @@
+"""``memwatch scan``: run the monitor's check on saved Lightning checkpoints, after training.
+
+Each checkpoint is measured exactly as a live check of :class:`memwatch.MemorizationMonitor`
+would have measured it at that step — the same probes, timesteps, spectrum settings and metrics,
+through the monitor's own code path — and the onset detector is replayed over the checks in the
+order of their global steps, so the onset (and the last clean checkpoint) are the ones the
+monitor would have declared. Written to ``out``:
+
+* ``scan.csv`` — one row per checkpoint: its path, global step, and every metric under the live
+  monitor's names (``sharp_fraction_mean``, ``memorized_fraction``, ``nn_memorized_fraction``,
+  ``auroc``, ``onset``, ``clean_step``, ``t{t}/…``);
+* ``curves.png`` — those curves with the onset (:func:`memwatch.plots.plot_metric_curves`);
+* ``attribution.csv`` — with training data, per checkpoint the training items the probes copy
+  (:func:`memwatch.attribution.copied_items`), the most copied first;
+* ``scan_cache.json`` — results per checkpoint, keyed by its path, modification time, size and
+  the settings: a checkpoint already scanned with the same settings is not measured again;
+* optionally an offline W&B run with the same keys (``memwatch/…`` against the global step).
+
+Which LightningModule class: ``module_class`` (a class, or its import path
+``"package.module.Class"``), else the class path that ``LightningCLI`` (and ``memwatch fit``)
+stores in the checkpoint's ``hyper_parameters["_class_path"]``. Loading a checkpoint imports
+that class and unpickles the file: scan only checkpoints you trust.
+
+Example:
+    >>> result = scan(["ckpts/"], DDPMModule, data=train_images, out="scan_out")  # doctest: +SKIP
+    >>> result.onset_step, result.clean_checkpoint  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import hashlib
+import importlib
+import json
+import math
+import time
+import types
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.seed import isolate_rng
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from memwatch.attribution import CopiedItem, copied_items
+from memwatch.callback import MemorizationMonitor
+from memwatch.discovery import batch_range
+from memwatch.errors import MemwatchError
+from memwatch.groundtruth import first_tensor
+from memwatch.loggers import MonitorLogger, finish_wandb, wandb_logger
+from memwatch.probes import ProbeMeasurement
+
+__all__ = ["CACHE_NAME", "CheckpointScan", "ScanResult", "build_parser", "load_data", "main", "scan"]
+
+CACHE_NAME = "scan_cache.json"
+_CACHE_VERSION = 1
+_CURVES = ("sharp_fraction_mean", "memorized_fraction", "nn_memorized_fraction")
+_FIRST_COLUMNS = ("sharp_fraction_mean", "memorized_fraction", "nn_memorized_fraction", "auroc", "onset")
+_WANDB_SCAN_MODES = ("offline", "disabled")
+
+
+@dataclass(frozen=True)
+class CheckpointScan:
+    """One checkpoint's check.
+
+    Attributes:
+        path: the checkpoint file.
+        step: its global step.
+        values: the check's scalars under the live monitor's names (``onset`` and ``clean_step``
+            from the detector replayed over the scan; ``check_seconds`` of the measurement).
+        copied: training items the probes copy, most copied first (empty without data).
+        cached: the values came from the cache (not measured in this call).
+    """
+
+    path: Path
+    step: int
+    values: dict[str, float]
+    copied: list[CopiedItem] = field(default_factory=list)
+    cached: bool = False
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """What :func:`scan` found.
+
+    Attributes:
+        checks: one :class:`CheckpointScan` per checkpoint, by ascending global step.
+        onset_step: the global step at which the detector declares onset (``None``: none).
+        clean_checkpoint: the last clean checkpoint before onset (``None``: no clean check).
+        measured: checkpoints measured in this call (the others came from the cache).
+        files: ``"table"``, ``"curves"``, ``"attribution"``, ``"cache"`` → written paths.
+        wandb_dir: the offline W&B run's folder, or ``None``.
+    """
+
+    checks: list[CheckpointScan]
+    onset_step: int | None
+    clean_checkpoint: Path | None
+    measured: int
+    files: dict[str, Path] = field(default_factory=dict)
+    wandb_dir: Path | None = None
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        """Every check's values with its ``step``, as :attr:`MemorizationMonitor.history` holds them."""
+        return [dict(c.values, step=float(c.step)) for c in self.checks]
+
+    @property
+    def most_copied(self) -> list[CopiedItem]:
+        """The last checkpoint's copied items, most copied first (empty without data)."""
+        return self.checks[-1].copied if self.checks else []
+
+
+def scan(
+    checkpoints: Sequence[str | Path],
+    module_class: type[pl.LightningModule] | str | None = None,
+    *,
+    data: Tensor | Dataset | None = None,
+    ids: Sequence[Any] | None = None,
+    monitor_kwargs: dict[str, Any] | None = None,
+    out: str | Path | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    wandb_mode: str = "disabled",
+    device: str | torch.device = "cpu",
+) -> ScanResult:
+    """Measure saved checkpoints as the monitor's checks would have, in global-step order.
+
+    Args:
+        checkpoints: Lightning checkpoint files, or folders (their ``*.ckpt`` files), in any order.
+        module_class: the LightningModule class or its import path; default: the checkpoint's
+            ``hyper_parameters["_class_path"]`` (written by ``LightningCLI``).
+        data: training data ``[N, *shape]``, or a ``Dataset`` of ``(data, id)`` items / mappings
+            whose first tensor is the data and ``"id"`` the id: the nearest-neighbour ground truth
+            (``nn_memorized_fraction``, ``auroc``), the attribution table, the probe shape and the
+            data range of the monitor unless ``monitor_kwargs`` set them. Hold each item once (see
+            :mod:`memwatch.attribution`).
+        ids: ids of the items of a tensor ``data`` (default: the index; a Dataset's own ids win).
+        monitor_kwargs: arguments of :class:`MemorizationMonitor` (the live run's, for the same
+            numbers); ``save_clean_checkpoint`` is forced off (the checkpoints are on disk).
+        out: folder of the outputs and the cache; ``None`` writes nothing (and resumes nothing).
+        resume: reuse cached results of unchanged checkpoints measured with the same settings.
+        progress: a rich progress bar over the checkpoints.
+        wandb_mode: ``"offline"`` (a W&B run under ``out``, needs ``out``) or ``"disabled"``.
+        device: where the checkpoints are loaded and measured.
+
+    Returns:
+        :class:`ScanResult`.
+
+    Raises:
+        MemwatchError: no checkpoint, a missing file, a checkpoint without ``global_step``, an
+            unknown module class, or a bad ``wandb_mode``; the monitor's own argument errors.
+    """
+    if wandb_mode not in _WANDB_SCAN_MODES:
+        raise MemwatchError(f"`wandb_mode` must be one of {_WANDB_SCAN_MODES}, got {wandb_mode!r}")
+    if wandb_mode == "offline" and out is None:
+        raise MemwatchError("`wandb_mode`='offline' needs an `out` folder for the run")
+    paths = _checkpoint_files(checkpoints)
+    reference, ids = _reference(data, ids)
+    kwargs = _monitor_kwargs(monitor_kwargs, reference)
+    settings = _fingerprint({"monitor": kwargs, "module": _class_name(module_class), "device": str(device)})
+    out = None if out is None else Path(out)
+    cache = _Cache(out / CACHE_NAME if out is not None else None, settings, enabled=resume)
+    pending = {p: cache.get(p) for p in paths}
+    steps = {p: (entry["step"] if entry is not None else _global_step(p)) for p, entry in pending.items()}
+    order = sorted(paths, key=lambda p: (steps[p], str(p)))
+    checker = _OfflineCheck(
+        MemorizationMonitor(**kwargs), ids=ids, num_items=None if reference is None else len(reference)
+    )
+    measured = []
+    with _progress(progress, len(order)) as advance:
+        for path in order:
+            if pending[path] is None:
+                module = _load_module(path, module_class, device)
+                pending[path] = checker.measure(module, steps[path])
+                cache.put(path, pending[path])
+                measured.append(path)
+            advance(f"step {steps[path]}")
+    checks = [_from_entry(p, pending[p], cached=p not in measured) for p in order]
+    checks, onset, clean = _replay(checker.monitor, checks)
+    result = ScanResult(checks, onset, clean, len(measured))
+    if out is not None:
+        result = _write(result, out, cache.path, wandb_mode)
+    return result
+
+
+# ---------------------------------------------------------------------- the check
+_ONE_PROCESS = types.SimpleNamespace(world_size=1, global_rank=0)  # all probes on this process
+
+
+class _OfflineCheck:
+    """A monitor's check without a Trainer: one measurement of a loaded module, its values.
+
+    The only place scan reaches into the monitor. It uses the monitor's own code path: the
+    ``on_fit_start`` hook (which reads no trainer) finds the score, the evaluation timesteps, the
+    metrics and checks the reference data; ``_measure`` draws and measures the probes; ``_sync``
+    turns them into the logged scalars. These three calls are to be replaced by public methods
+    of :class:`MemorizationMonitor` (``prepare(pl_module)``, ``measure_check(pl_module, rows=)``,
+    ``check_values(measurement, device)``) once it has them.
+    """
+
+    def __init__(self, monitor: MemorizationMonitor, *, ids: Sequence[Any] | Dataset | None, num_items: int | None):
+        self.monitor, self.ids, self.num_items = monitor, ids, num_items
+
+    def measure(self, module: pl.LightningModule, step: int) -> dict[str, Any]:
+        """The cache entry of one checkpoint: its step, values and copied items (JSON-able)."""
+        monitor = self.monitor
+        started = time.perf_counter()
+        with _frozen(module):
+            monitor.on_fit_start(None, module)  # type: ignore[arg-type]  # reads no trainer
+            measurement: ProbeMeasurement = monitor._measure(_ONE_PROCESS, module)  # type: ignore[arg-type]
+            values, _, _ = monitor._sync(measurement, module.device)
+        values["check_seconds"] = time.perf_counter() - started
+        copied = []
+        if measurement.nearest is not None and measurement.nn_ratio is not None:
+            flagged = measurement.primary.score > monitor.score_threshold
+            copied = copied_items(
+                measurement.nearest, measurement.nn_ratio, flagged, num_items=self.num_items, ids=self.ids
+            )
+        return {"step": step, "values": values, "copied": [_item_dict(c) for c in copied]}
+
+
+@contextlib.contextmanager
+def _frozen(module: pl.LightningModule) -> Iterator[None]:
+    """Eval mode, no gradients on the parameters, isolated RNG: as a live check runs."""
+    module.eval().requires_grad_(False)
+    with isolate_rng():
+        yield
+
+
+def _replay(
+    monitor: MemorizationMonitor, checks: list[CheckpointScan]
+) -> tuple[list[CheckpointScan], int | None, Path | None]:
+    """Feed the monitor's detector every check in step order: ``onset`` / ``clean_step`` values,
+    the onset step and the last clean checkpoint, as the live monitor would have logged them."""
+    detector, clean, out = monitor.detector, None, []
+    for check in checks:
+        values = {k: v for k, v in check.values.items() if k not in ("onset", "clean_step")}
+        decision = detector.update(check.step, values["memorized_fraction"])
+        if decision.clean:
+            clean = check.path
+        values["onset"] = float(decision.memorizing)
+        if detector.last_clean_step is not None:
+            values["clean_step"] = float(detector.last_clean_step)
+        out.append(CheckpointScan(check.path, check.step, values, check.copied, check.cached))
+    return out, detector.onset_step, clean
+
+
+# ---------------------------------------------------------------------- inputs
+def _checkpoint_files(checkpoints: Sequence[str | Path]) -> list[Path]:
+    if isinstance(checkpoints, (str, Path)):
+        checkpoints = [checkpoints]
+    files: list[Path] = []
+    for item in checkpoints:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(sorted(path.glob("*.ckpt")))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise MemwatchError(f"`checkpoints`: {str(path)!r} is neither a checkpoint file nor a folder")
+    files = list(dict.fromkeys(p.resolve() for p in files))
+    if not files:
+        raise MemwatchError(f"`checkpoints` must name at least one checkpoint, got {list(map(str, checkpoints))}")
+    return files
+
+
+def _global_step(path: Path) -> int:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
+    if not isinstance(step, int):
+        raise MemwatchError(f"checkpoint {str(path)!r} holds no `global_step`; is it a Lightning checkpoint?")
+    return step
+
+
+def _load_module(path: Path, module_class: type[pl.LightningModule] | str | None, device: Any) -> pl.LightningModule:
+    cls = module_class
+    if cls is None:
+        hparams = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters") or {}
+        cls = hparams.get("_class_path")
+        if cls is None:
+            raise MemwatchError(
+                f"checkpoint {str(path)!r} does not name its LightningModule class "
+                "(no hyper_parameters['_class_path'], "
+                "which LightningCLI / `memwatch fit` store): pass `module_class=` (--module package.module.Class)"
+            )
+    if isinstance(cls, str):
+        cls = _import_class(cls)
+    if not (isinstance(cls, type) and issubclass(cls, pl.LightningModule)):
+        raise MemwatchError(f"`module_class` must be a LightningModule subclass or its import path, got {cls!r}")
+    return cls.load_from_checkpoint(path, map_location=device).to(device)
+
+
+def _import_class(class_path: str) -> type:
+    module_name, _, name = class_path.replace(":", ".").rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise MemwatchError(
+            f"`module_class`: cannot import {class_path!r} (expected 'package.module.Class'): {err}"
+        ) from err
+
+
+def _class_name(module_class: type | str | None) -> str | None:
+    return module_class if module_class is None or isinstance(module_class, str) else _qualified(module_class)
+
+
+def _qualified(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+
+
+def _reference(
+    data: Tensor | Dataset | None, ids: Sequence[Any] | None
+) -> tuple[Tensor | None, Sequence[Any] | Dataset | None]:
+    """The training data as a tensor ``[N, *shape]``, and where the items' ids come from."""
+    if data is None:
+        return None, ids
+    if isinstance(data, Tensor):
+        if ids is not None and len(ids) != len(data):
+            raise MemwatchError(f"`ids` must hold one id per item of `data` ({len(data)}), got {len(ids)}")
+        return data.detach().cpu(), ids
+    if isinstance(data, Dataset):
+        loader = DataLoader(data, batch_size=256, shuffle=False)
+        return torch.cat([first_tensor(b) for b in loader]).detach().cpu(), data
+    raise MemwatchError(f"`data` must be a tensor [N, *shape], a Dataset or None, got {type(data).__name__}")
+
+
+def _monitor_kwargs(monitor_kwargs: dict[str, Any] | None, reference: Tensor | None) -> dict[str, Any]:
+    kwargs = dict(monitor_kwargs or {})
+    kwargs["save_clean_checkpoint"] = False
+    if reference is not None:
+        kwargs.setdefault("reference_data", reference)
+        kwargs.setdefault("sample_shape", tuple(reference.shape[1:]))
+        kwargs.setdefault("data_range", batch_range(reference))
+    return kwargs
+
+
+# ---------------------------------------------------------------------- cache
+class _Cache:
+    """``{resolved path: {mtime_ns, size, settings, step, values, copied}}`` in one JSON file,
+    rewritten (atomically) after every measured checkpoint, so an interrupted scan resumes."""
+
+    def __init__(self, path: Path | None, settings: str, *, enabled: bool) -> None:
+        self.path, self.settings = path, settings
+        self.entries: dict[str, Any] = {}
+        if path is not None and path.is_file():
+            with contextlib.suppress(json.JSONDecodeError, OSError):
+                stored = json.loads(path.read_text())
+                if stored.get("version") == _CACHE_VERSION:
+                    self.entries = stored.get("checkpoints", {})
+        self.enabled = enabled
+
+    def _stamp(self, path: Path) -> dict[str, Any]:
+        stat = path.stat()
+        return {"mtime_ns": stat.st_mtime_ns, "size": stat.st_size, "settings": self.settings}
+
+    def get(self, path: Path) -> dict[str, Any] | None:
+        entry = self.entries.get(str(path))
+        if not self.enabled or entry is None:
+            return None
+        return entry if all(entry.get(k) == v for k, v in self._stamp(path).items()) else None
+
+    def put(self, path: Path, entry: dict[str, Any]) -> None:
+        self.entries[str(path)] = {**self._stamp(path), **entry}
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"version": _CACHE_VERSION, "checkpoints": self.entries}, default=str))
+            tmp.replace(self.path)
+
+
+def _fingerprint(obj: Any) -> str:
+    """A stable hash of the scan's settings (tensors by content, callables by name)."""
+    return hashlib.sha256(json.dumps(_plain(obj), sort_keys=True).encode()).hexdigest()
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        data = obj.detach().cpu().contiguous()
+        return {"tensor": hashlib.sha256(data.numpy().tobytes()).hexdigest(), "shape": list(data.shape)}
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if callable(obj):
+        return _qualified(obj)
+    return repr(obj)
+
+
+def _item_dict(item: CopiedItem) -> dict[str, Any]:
+    return {
+        "index": item.index,
+        "id": item.id,
+        "copies": item.copies,
+        "flagged_copies": item.flagged_copies,
+        "probes": list(item.probes),
+    }
+
+
+def _from_entry(path: Path, entry: dict[str, Any], *, cached: bool) -> CheckpointScan:
+    copied = [
+        CopiedItem(c["index"], c["id"], c["copies"], c["flagged_copies"], tuple(c["probes"])) for c in entry["copied"]
+    ]
+    return CheckpointScan(path, int(entry["step"]), dict(entry["values"]), copied, cached)
+
+
+# ---------------------------------------------------------------------- outputs
+def _write(result: ScanResult, out: Path, cache_path: Path | None, wandb_mode: str) -> ScanResult:
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"table": _write_table(result, out / "scan.csv"), "curves": _write_curves(result, out / "curves.png")}
+    if any(c.copied for c in result.checks):
+        files["attribution"] = _write_attribution(result, out / "attribution.csv")
+    if cache_path is not None and cache_path.exists():
+        files["cache"] = cache_path
+    wandb_dir = _log_wandb(result, out) if wandb_mode == "offline" else None
+    return ScanResult(result.checks, result.onset_step, result.clean_checkpoint, result.measured, files, wandb_dir)
+
+
+def _metric_columns(result: ScanResult) -> list[str]:
+    names = {k for c in result.checks for k in c.values}
+    return [n for n in _FIRST_COLUMNS if n in names] + sorted(names - set(_FIRST_COLUMNS))
+
+
+def _write_table(result: ScanResult, path: Path) -> Path:
+    columns = _metric_columns(result)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["checkpoint", "step", *columns])
+        for c in result.checks:
+            writer.writerow([str(c.path), c.step, *(c.values.get(n, math.nan) for n in columns)])
+    return path
+
+
+def _write_curves(result: ScanResult, path: Path) -> Path:
+    from memwatch import plots
+
+    steps = [c.step for c in result.checks]
+    curves = {
+        n: (steps, [c.values.get(n, math.nan) for c in result.checks])
+        for n in _CURVES
+        if any(n in c.values for c in result.checks)
+    }
+    figure = plots.plot_metric_curves(
+        curves, onsets={"memorized_fraction": result.onset_step}, ylabel="value", title="memwatch scan"
+    )
+    return plots.save_figure(figure, path)
+
+
+_ATTRIBUTION_COLUMNS = ["rank", "index", "id", "copies", "flagged_copies", "probes"]
+
+
+def _attribution_rows(check: CheckpointScan) -> list[list[Any]]:
+    return [
+        [r, c.index, c.id, c.copies, c.flagged_copies, " ".join(map(str, c.probes))]
+        for r, c in enumerate(check.copied, start=1)
+    ]
+
+
+def _write_attribution(result: ScanResult, path: Path) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["checkpoint", "step", *_ATTRIBUTION_COLUMNS])
+        for c in result.checks:
+            writer.writerows([str(c.path), c.step, *row] for row in _attribution_rows(c))
+    return path
+
+
+def _log_wandb(result: ScanResult, out: Path) -> Path | None:
+    logger = wandb_logger("offline", out, project="memwatch", name="scan")
+    assert logger is not None
+    monitor_logger = MonitorLogger([logger])
+    monitor_logger.define_metrics()
+    for check in result.checks:
+        monitor_logger.log_scalars(check.values, check.step)
+        if check.copied:
+            monitor_logger.log_table("copied_items", _ATTRIBUTION_COLUMNS, _attribution_rows(check), check.step)
+    return finish_wandb(logger)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[Any]:
+    """``advance(text)`` for a rich progress bar over the checkpoints (a no-op when disabled)."""
+    if not enabled:
+        yield lambda text: None
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=False) as bar:
+        task = bar.add_task("memwatch scan", total=total)
+        yield lambda text: bar.update(task, advance=1, description=f"memwatch scan: {text}")
+
+
+# ---------------------------------------------------------------------- command line
+_MONITOR_FLAGS: dict[str, dict[str, Any]] = {
+    "num_probes": {"type": int},
+    "sampler_steps": {"type": int},
+    "sigmas": {"type": float, "nargs": "+"},
+    "timesteps": {"type": float, "nargs": "+"},
+    "k": {"type": int},
+    "threshold": {"type": float},
+    "score_threshold": {"type": float},
+    "method": {},
+    "num_iters": {"type": int},
+    "num_vectors": {"type": int},
+    "max_batch": {"type": int},
+    "onset_threshold": {"type": float},
+    "patience": {"type": int},
+    "min_steps": {"type": int},
+    "seed": {"type": int},
+    "sample_shape": {"type": int, "nargs": "+"},
+    "ema_attr": {},
+}
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The ``memwatch scan`` flags; monitor flags left out keep the monitor's defaults."""
+    parser = parser or argparse.ArgumentParser(prog="memwatch scan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoints", nargs="+", type=Path, help="checkpoint files or folders of *.ckpt files")
+    parser.add_argument("--module", help="LightningModule class path (default: the checkpoint's `_class_path`)")
+    parser.add_argument(
+        "--data",
+        help="training data: N (the digits subset DigitsDataModule(n_train=N, seed=--data-seed) trains on) "
+        "or a file saved with torch.save holding a tensor [N, ...] or {'data': tensor, 'ids': list}",
+    )
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the digits subset (default 0)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("memwatch_scan"), help="output folder (default ./memwatch_scan)"
+    )
+    parser.add_argument(
+        "--wandb-mode", choices=_WANDB_SCAN_MODES, default="disabled", help="offline: a W&B run in --out"
+    )
+    parser.add_argument("--device", default="cpu", help="where to measure (default cpu)")
+    parser.add_argument("--no-resume", dest="resume", action="store_false", help="measure every checkpoint again")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    for name, spec in _MONITOR_FLAGS.items():
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=f"MemorizationMonitor({name}=…)", **spec)
+    return parser
+
+
+def load_data(spec: str | None, seed: int = 0) -> tuple[Tensor | None, list[Any] | None]:
+    """``--data``: ``N`` (the digits subset of :class:`memwatch.toymodels.DigitsDataModule`) or a
+    ``torch.save`` file with a tensor or ``{"data": tensor, "ids": [...]}``; returns ``(data, ids)``.
+
+    Raises:
+        MemwatchError: neither an integer nor a readable file of that form.
+    """
+    if spec is None:
+        return None, None
+    if spec.isdigit():
+        from memwatch.data import digits
+
+        return digits(int(spec), seed=seed), None
+    path = Path(spec)
+    if not path.is_file():
+        raise MemwatchError(f"`--data` must be a number of digits or a torch.save file, got {spec!r}")
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(stored, Tensor):
+        return stored, None
+    if isinstance(stored, dict) and isinstance(stored.get("data"), Tensor):
+        return stored["data"], stored.get("ids")
+    raise MemwatchError(f"`--data` file {spec!r} must hold a tensor or {{'data': tensor, 'ids': list}}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``memwatch scan CHECKPOINTS... [--module CLASS] [--data N|FILE] [--out DIR] ...``; exit code."""
+    args = build_parser().parse_args(argv)
+    monitor_kwargs = {name: getattr(args, name) for name in _MONITOR_FLAGS if hasattr(args, name)}
+    for name in ("sigmas", "timesteps", "sample_shape"):
+        if name in monitor_kwargs:
+            monitor_kwargs[name] = tuple(monitor_kwargs[name])
+    monitor_kwargs.setdefault("verbose", False)
+    data, ids = load_data(args.data, args.data_seed)
+    result = scan(
+        args.checkpoints,
+        args.module,
+        data=data,
+        ids=ids,
+        monitor_kwargs=monitor_kwargs,
+        out=args.out,
+        resume=args.resume,
+        progress=args.progress,
+        wandb_mode=args.wandb_mode,
+        device=args.device,
+    )
+    print(_summary(result), flush=True)
+    return 0
+
+
+def _summary(result: ScanResult) -> str:
+    lines = [f"memwatch scan: {len(result.checks)} checkpoint(s), {result.measured} measured now"]
+    for c in result.checks:
+        v = c.values
+        nn = f", copies {v['nn_memorized_fraction']:.0%}" if "nn_memorized_fraction" in v else ""
+        lines.append(
+            f"  step {c.step}: sharp fraction {v['sharp_fraction_mean']:.3f}, memorized {v['memorized_fraction']:.0%}"
+            f"{nn}{'  <- onset' if c.step == result.onset_step else ''}"
+        )
+    if result.onset_step is None:
+        lines.append("no memorization onset")
+    else:
+        lines.append(f"onset at step {result.onset_step}; last clean checkpoint: {result.clean_checkpoint}")
+    top = [f"{c.id} ({c.copies} copies)" for c in result.most_copied if c.copies][:5]
+    if top:
+        lines.append("most copied training items (last checkpoint): " + ", ".join(map(str, top)))
+    lines.extend(f"{name}: {path}" for name, path in result.files.items())
+    if result.wandb_dir is not None:
+        lines.append(f"W&B offline run: {result.wandb_dir}; upload with: wandb sync {result.wandb_dir}")
+    return "\n".join(lines)
