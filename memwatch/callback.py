@@ -10,11 +10,10 @@ orchestrates the hooks, the cadence, the agreement of DDP ranks, the decision an
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +22,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
-from torch import Tensor, nn
+from torch import Tensor
 
 from memwatch import defaults
+from memwatch.attribution import CopiedItem, copied_items
 from memwatch.calibration import DataScale, Reservoir, data_scale, relative_sigmas
 from memwatch.checkpoint import CLEAN_CHECKPOINT_NAME, check_save_mode, prepare_dirpath, save_clean_checkpoint
 from memwatch.discovery import (
@@ -43,7 +43,7 @@ from memwatch.groundtruth import first_tensor
 from memwatch.loggers import MonitorLogger
 from memwatch.metrics import ConditionalMetrics, MemorizationMetrics
 from memwatch.onset import OnsetDecision, OnsetDetector
-from memwatch.probes import CONDITION_METRICS, ProbeMeasurement, ProbeSet, evaluation_timesteps, shard
+from memwatch.probes import CONDITION_METRICS, ProbeMeasurement, ProbeSet, evaluation_timesteps, isolated, shard
 from memwatch.reporting import CheckReporter, CheckResult, format_timestep
 from memwatch.sampling import ProbeSampler
 from memwatch.score import DiffusionScore
@@ -110,6 +110,9 @@ class MemorizationMonitor(Callback):
             callbacks).
         reference_data: training samples ``[N, *shape]`` (or an iterable of batches) for the
             nearest-neighbour ground truth (``nn_memorized_fraction``, ``auroc``).
+        reference_ids: ids of the ``reference_data`` items (a list, or a Dataset returning
+            ``(data, id)`` / ``{"id": …}``), shown in the attribution table (``copied_items``:
+            which training items the probes copy; indices and counts only, never pixels).
         sample_shape: probe shape; default: inferred from the first training batch.
         batch_key: key of the data in dict batches (else the batch's first tensor).
         ema_attr: name of an EMA of the network on the module to measure instead: an
@@ -184,6 +187,7 @@ class MemorizationMonitor(Callback):
         dirpath: str | Path | None = None,
         clean_checkpoint_mode: str = "weights",
         reference_data: Tensor | Any | None = None,
+        reference_ids: Sequence[Any] | None = None,
         sample_shape: Sequence[int] | None = None,
         batch_key: str | None = None,
         ema_attr: str | None = None,
@@ -249,6 +253,7 @@ class MemorizationMonitor(Callback):
         self.dirpath = dirpath
         self.clean_checkpoint_mode = check_save_mode(clean_checkpoint_mode, name="clean_checkpoint_mode")
         self.reference_data = reference_data
+        self.reference_ids = reference_ids
         self.sample_shape = None if sample_shape is None else tuple(int(s) for s in sample_shape)
         self.batch_key = batch_key
         self.ema_attr = ema_attr
@@ -342,6 +347,15 @@ class MemorizationMonitor(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after `configure_model` and the move to the device: the network exists and is in place
+        self.prepare(pl_module)
+
+    def prepare(self, pl_module: pl.LightningModule) -> None:
+        """Find the module's score, the evaluation timesteps and (when known) the probe shape, and
+        validate them: what fit start does, callable without a Trainer (``memwatch scan``).
+
+        Raises:
+            MemwatchError: no score is found, or a setting does not fit the model.
+        """
         self._found = find_score(pl_module, self.score_fn, ema_attr=self.ema_attr)
         if not self.calibrating or self.calibrated_sigmas is not None:
             self._set_levels(self._found)
@@ -410,7 +424,10 @@ class MemorizationMonitor(Callback):
         started = time.perf_counter()
         measurement, error = None, None
         try:
-            with _isolated(pl_module):
+            # found again at every check (a `score_fn` may build it from the current module), and
+            # before the isolation, which freezes the parameters discovery tells networks apart by
+            self._found = find_score(pl_module, self.score_fn, ema_attr=self.ema_attr)
+            with isolated(pl_module):
                 measurement = self._measure(trainer, pl_module)
         except Exception as err:  # noqa: BLE001 - a monitor must not crash training
             if self.raise_errors and trainer.world_size == 1:
@@ -420,6 +437,7 @@ class MemorizationMonitor(Callback):
             return
         assert measurement is not None
         values, conditions, top = self._sync(measurement, pl_module.device)
+        copied = self._copied(measurement, pl_module.device)
         values["check_seconds"] = time.perf_counter() - started
         decision = self.detector.update(step, values["memorized_fraction"])
         if decision.clean and self.save_clean_checkpoint:
@@ -445,6 +463,7 @@ class MemorizationMonitor(Callback):
             nearest=measurement.nearest,
             conditions=conditions,
             most_memorized_condition=top,
+            copied=copied,
         )
         clean = None if self.clean_checkpoint_path is None else str(self.clean_checkpoint_path)
         self._reporter.publish(
@@ -461,8 +480,18 @@ class MemorizationMonitor(Callback):
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ProbeMeasurement:
         """This rank's share of the probes, measured; no collective here."""
-        rows = shard(self.num_probes, trainer.world_size, trainer.global_rank)
-        assert self._found is not None
+        return self.measure_check(pl_module, rows=shard(self.num_probes, trainer.world_size, trainer.global_rank))
+
+    def measure_check(self, pl_module: pl.LightningModule, rows: slice = slice(None)) -> ProbeMeasurement:
+        """Draw the probes ``rows`` from the module's current weights (the EMA's, if watched) and
+        measure them as a check does — without metrics, decisions or logging. Call
+        :meth:`prepare` first (fit start does) and run it under :func:`memwatch.probes.isolated`.
+
+        Raises:
+            MemwatchError: the monitor is not prepared, or the probe shape is unknown.
+        """
+        if self._found is None:
+            raise MemwatchError("call `prepare(pl_module)` (or fit) before measuring")
         with measured_score(self._found, pl_module, self.ema_attr) as score:
             return self.probes.measure(
                 score,
@@ -474,6 +503,11 @@ class MemorizationMonitor(Callback):
                 condition_first_steps=self.condition_first_steps,
                 data_range=self.data_range or self._seen_range,
             )
+
+    def check_values(self, measurement: ProbeMeasurement, device: torch.device | str) -> dict[str, float]:
+        """The scalars a check logs for ``measurement`` (synced over DDP ranks when they run), without
+        ``onset``, ``clean_step`` and ``check_seconds``."""
+        return self._sync(measurement, torch.device(device))[0]
 
     def _all_ranks_measured(self, trainer: pl.Trainer, error: Exception | None) -> bool:
         """Every rank learns whether every rank measured before any metric is synced: a rank that
@@ -539,6 +573,22 @@ class MemorizationMonitor(Callback):
         )
         return {name: (v if name == "nonfinite_count" else math.nan) for name, v in values.items()}
 
+    def _copied(self, measurement: ProbeMeasurement, device: torch.device) -> list[CopiedItem]:
+        """The training items that every rank's probes copy, most copied first (with reference data)."""
+        if measurement.nearest is None or measurement.nn_ratio is None or self._reference is None:
+            return []
+        flagged = measurement.primary.memorization_score > self.score_threshold
+        nearest, ratio, flagged = (
+            _gathered(v.to(device)) for v in (measurement.nearest, measurement.nn_ratio.double(), flagged)
+        )
+        return copied_items(nearest, ratio, flagged, num_items=len(self._reference), ids=self.reference_ids)
+
+    @property
+    def most_copied(self) -> list[CopiedItem]:
+        """The training items the last check's probes copied, most copied first (needs
+        ``reference_data``): index, id, copies (probes with d₁/d₂ < 1/3 to it), flagged copies."""
+        return [] if self.last_check is None else [c for c in self.last_check.copied if c.copies]
+
     def _out_of_range_count(self, measurement: ProbeMeasurement, device: torch.device) -> float:
         """Probes (over every rank) that left the data range by far, with a warning when any did."""
         from torchmetrics.aggregation import SumMetric
@@ -585,13 +635,9 @@ class MemorizationMonitor(Callback):
             MemwatchError: the probe shape is unknown (before the first training batch, without
                 ``sample_shape``).
         """
-        found = self._found or find_score(pl_module, self.score_fn, ema_attr=self.ema_attr)
-        if not self._eval_timesteps:
-            if self.calibrating and self.calibrated_sigmas is None:
-                raise MemwatchError("with sigmas='auto' the noise levels are fixed at the first check; none ran yet")
-            self._set_levels(found)
-        with measured_score(found, pl_module, self.ema_attr) as score:
-            m = self.probes.measure(score, options=self.options, rows=rows, device=pl_module.device)
+        if self._found is None:
+            self.prepare(pl_module)
+        m = self.measure_check(pl_module, rows)
         return m.samples, m.results
 
     # ------------------------------------------------------------------ helpers
@@ -682,23 +728,14 @@ class MemorizationMonitor(Callback):
 
 
 # ---------------------------------------------------------------------- module-level helpers
-@contextlib.contextmanager
-def _isolated(pl_module: nn.Module) -> Iterator[None]:
-    """Eval mode, frozen parameters, no autocast, isolated RNG; everything restored afterwards."""
-    modes = {m: m.training for m in pl_module.modules()}
-    grads = {p: p.requires_grad for p in pl_module.parameters()}
-    device_type = pl_module.device.type if isinstance(pl_module, pl.LightningModule) else "cpu"
-    try:
-        with isolate_rng(), torch.autocast(device_type=device_type, enabled=False):
-            pl_module.eval()
-            for p in grads:
-                p.requires_grad_(False)
-            yield
-    finally:
-        for m, training in modes.items():
-            m.train(training)
-        for p, flag in grads.items():
-            p.requires_grad_(flag)
+def _gathered(x: Tensor) -> Tensor:
+    """``x`` of every rank, concatenated in rank order (shards may differ in length); ``x`` alone
+    outside distributed runs."""
+    from torchmetrics.utilities.distributed import gather_all_tensors
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return x.cpu()
+    return torch.cat([t.cpu() for t in gather_all_tensors(x)])
 
 
 def _check_cadence(name: str, value: int | None) -> None:

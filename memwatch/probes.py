@@ -27,12 +27,15 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+import lightning.pytorch as pl
 import torch
-from torch import Tensor
+from lightning.pytorch.utilities.seed import isolate_rng
+from torch import Tensor, nn
 
 from memwatch.errors import MemwatchError
 from memwatch.groundtruth import nearest_neighbours
@@ -42,7 +45,7 @@ from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore
 from memwatch.sharpness import SharpnessOptions, SharpnessResult, measure_sharpness
 
-__all__ = ["ProbeMeasurement", "ProbeSet", "evaluation_timesteps", "shard"]
+__all__ = ["ProbeMeasurement", "ProbeSet", "evaluation_timesteps", "isolated", "shard"]
 
 #: per-probe conditional metrics kept for each condition (names logged under ``cond/{name}/``)
 CONDITION_METRICS = ("hessian_score_diff", "score_diff", "sharp_fraction_mean")
@@ -120,6 +123,27 @@ def shard(n: int, world_size: int, rank: int) -> slice:
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
     return slice(start, start + base + (rank < extra))
+
+
+@contextlib.contextmanager
+def isolated(pl_module: nn.Module) -> Iterator[None]:
+    """Run a measurement as a check does: eval mode, frozen parameters, no autocast, isolated RNG;
+    modes, ``requires_grad`` flags and the RNG state are restored afterwards (training is
+    bit-identical with and without the measurement)."""
+    modes = {m: m.training for m in pl_module.modules()}
+    grads = {p: p.requires_grad for p in pl_module.parameters()}
+    device_type = pl_module.device.type if isinstance(pl_module, pl.LightningModule) else "cpu"
+    try:
+        with isolate_rng(), torch.autocast(device_type=device_type, enabled=False):
+            pl_module.eval()
+            for p in grads:
+                p.requires_grad_(False)
+            yield
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
 
 
 class ProbeSet:

@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from memwatch.attribution import CopiedItem
 from memwatch.loggers import MonitorLogger
 from memwatch.onset import OnsetDecision
 from memwatch.probes import CONDITION_METRICS
@@ -49,6 +50,8 @@ class CheckResult:
         conditions: condition name → its synced metric means (empty without ``conditions``).
         most_memorized_condition: the condition with the largest Hessian-weighted score
             difference (``None`` without conditions).
+        copied: the training items the probes of every rank copy, most copied first (empty
+            without reference data); see :func:`memwatch.attribution.copied_items`.
     """
 
     step: int
@@ -60,6 +63,7 @@ class CheckResult:
     nearest: Tensor | None = None
     conditions: dict[str, dict[str, float]] = field(default_factory=dict)
     most_memorized_condition: str | None = None
+    copied: list[CopiedItem] = field(default_factory=list)
 
     @property
     def primary(self) -> SharpnessResult:
@@ -214,6 +218,13 @@ class CheckReporter:
             for i in range(len(r.memorization_score))
         ]
         self.logger.log_table("probes", columns, rows, check.step)
+        copied = [c for c in check.copied if c.copies]
+        if copied:  # indices, ids and counts: no pixels
+            columns = ["rank", "index", "id", "copies", "flagged_copies", "probes"]
+            rows = [
+                [r, c.index, _plain_id(c.id), c.copies, c.flagged_copies, len(c.probes)] for r, c in enumerate(copied)
+            ]
+            self.logger.log_table("copied_items", columns, rows, check.step)
         if check.conditions:
             rows = [
                 [c, *(check.conditions[c][m] for m in CONDITION_METRICS), c == check.most_memorized_condition]
@@ -284,6 +295,11 @@ class CheckReporter:
                 f"memwatch step {check.step}: most memorized condition {check.most_memorized_condition} "
                 f"(Hessian-weighted score difference {top:.3g}, median over conditions {median:.3g})"
             )
+
+
+def _plain_id(value: object) -> object:
+    """An item id as a table cell: numbers and strings as they are, anything else as text."""
+    return value if isinstance(value, (int, float, str)) or value is None else str(value)
 
 
 def _int_or_none(value: float | None) -> int | None:

@@ -31,7 +31,9 @@ commands:
   demo    train two small diffusion models on sklearn digits (one memorizes, one does not)
           with MemorizationMonitor attached; CPU, a few minutes. `memwatch demo --help`
   fit     train from a LightningCLI config: `memwatch fit --config configs/digits.yaml`
-          (any `--trainer.*`, `--model.*`, `--data.*` override; `memwatch fit --help`)
+          (any `--trainer.*`, `--model.*`, `--data.*`, `--monitor.*` override; `memwatch fit --help`)
+  scan    measure saved checkpoints as the monitor would have, after the fact:
+          `memwatch scan CKPTS... --module pkg.Class --data N [--out DIR]` (`memwatch scan --help`)
 """
 
 
@@ -99,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from memwatch.apps import demo
 
             return demo.main(rest)
+        if command == "scan":
+            from memwatch.apps import scan
+
+            return scan.main(rest)
         if command == "fit":
             with warnings.catch_warnings():
                 # main([...]) from Python: LightningCLI warns that sys.argv (pytest's, a notebook's)

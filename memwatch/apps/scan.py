@@ -36,7 +36,6 @@ import importlib
 import json
 import math
 import time
-import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -54,7 +52,7 @@ from memwatch.discovery import batch_range
 from memwatch.errors import MemwatchError
 from memwatch.groundtruth import first_tensor
 from memwatch.loggers import MonitorLogger, finish_wandb, wandb_logger
-from memwatch.probes import ProbeMeasurement
+from memwatch.probes import ProbeMeasurement, isolated
 
 __all__ = ["CACHE_NAME", "CheckpointScan", "ScanResult", "build_parser", "load_data", "main", "scan"]
 
@@ -190,18 +188,13 @@ def scan(
 
 
 # ---------------------------------------------------------------------- the check
-_ONE_PROCESS = types.SimpleNamespace(world_size=1, global_rank=0)  # all probes on this process
-
-
 class _OfflineCheck:
     """A monitor's check without a Trainer: one measurement of a loaded module, its values.
 
-    The only place scan reaches into the monitor. It uses the monitor's own code path: the
-    ``on_fit_start`` hook (which reads no trainer) finds the score, the evaluation timesteps, the
-    metrics and checks the reference data; ``_measure`` draws and measures the probes; ``_sync``
-    turns them into the logged scalars. These three calls are to be replaced by public methods
-    of :class:`MemorizationMonitor` (``prepare(pl_module)``, ``measure_check(pl_module, rows=)``,
-    ``check_values(measurement, device)``) once it has them.
+    It runs the monitor's own code path: :meth:`MemorizationMonitor.prepare` finds the score,
+    the evaluation timesteps and checks the reference data (as fit start does),
+    :meth:`~MemorizationMonitor.measure_check` draws and measures all probes, and
+    :meth:`~MemorizationMonitor.check_values` turns them into the logged scalars.
     """
 
     def __init__(self, monitor: MemorizationMonitor, *, ids: Sequence[Any] | Dataset | None, num_items: int | None):
@@ -211,26 +204,18 @@ class _OfflineCheck:
         """The cache entry of one checkpoint: its step, values and copied items (JSON-able)."""
         monitor = self.monitor
         started = time.perf_counter()
-        with _frozen(module):
-            monitor.on_fit_start(None, module)  # type: ignore[arg-type]  # reads no trainer
-            measurement: ProbeMeasurement = monitor._measure(_ONE_PROCESS, module)  # type: ignore[arg-type]
-            values, _, _ = monitor._sync(measurement, module.device)
+        with isolated(module):
+            monitor.prepare(module)
+            measurement: ProbeMeasurement = monitor.measure_check(module)
+            values = monitor.check_values(measurement, module.device)
         values["check_seconds"] = time.perf_counter() - started
         copied = []
         if measurement.nearest is not None and measurement.nn_ratio is not None:
-            flagged = measurement.primary.score > monitor.score_threshold
+            flagged = measurement.primary.memorization_score > monitor.score_threshold
             copied = copied_items(
                 measurement.nearest, measurement.nn_ratio, flagged, num_items=self.num_items, ids=self.ids
             )
         return {"step": step, "values": values, "copied": [_item_dict(c) for c in copied]}
-
-
-@contextlib.contextmanager
-def _frozen(module: pl.LightningModule) -> Iterator[None]:
-    """Eval mode, no gradients on the parameters, isolated RNG: as a live check runs."""
-    module.eval().requires_grad_(False)
-    with isolate_rng():
-        yield
 
 
 def _replay(
