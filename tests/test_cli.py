@@ -54,16 +54,15 @@ def test_demo_fast_end_to_end(tmp_path, monkeypatch, capsys):
 def test_every_config_parses(config, capsys):
     assert cli.main(["fit", "--config", str(config), "--print_config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    paths = [cb["class_path"] for cb in printed["trainer"]["callbacks"]]
-    assert "memwatch.MemorizationMonitor" in paths
+    # the monitor is its own group (`monitor:` / `--monitor.*`), added to the Trainer's callbacks
+    assert printed["monitor"]["every_n_train_steps"] > 0 and "sigmas" in printed["monitor"]
     assert printed["trainer"]["logger"]["class_path"].endswith("WandbLogger")
     assert printed["trainer"]["logger"]["init_args"]["offline"] is True
 
 
 def test_digits_config_matches_the_demo():
     config = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
-    monitor = next(c for c in config["trainer"]["callbacks"] if c["class_path"] == "memwatch.MemorizationMonitor")
-    args, model = monitor["init_args"], config["model"]["init_args"]
+    args, model = config["monitor"], config["model"]["init_args"]
     d = demo.DEFAULT
     assert tuple(args["sigmas"]) == d.sigmas and args["score_threshold"] == d.score_threshold
     assert (args["every_n_train_steps"], args["num_probes"], args["k"]) == (d.check_every, d.num_probes, d.k)
@@ -98,6 +97,18 @@ def test_toy2d_config_fits_a_few_steps_with_overrides(tmp_path, monkeypatch, cap
     # `memwatch fit` handed the data module's training points to the monitor
     assert len(history_values(rows, "memwatch/nn_memorized_fraction")) == 1
     assert (tmp_path / "memwatch_out" / "config.yaml").exists()
+
+
+def test_monitor_arguments_are_overridden_from_the_command_line(tmp_path, monkeypatch, capsys):
+    # `--monitor.*` is the documented path (`--trainer.callbacks.init_args.*` cannot address a list item)
+    monkeypatch.chdir(tmp_path)
+    argv = ["fit", "--config", str(ROOT / "configs" / "toy2d.yaml"), "--trainer.max_steps", "100"]
+    argv += ["--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
+    argv += ["--monitor.every_n_train_steps", "50", "--monitor.num_probes", "8", "--monitor.sampler_steps", "10"]
+    assert cli.main(argv) == 0
+    assert "memwatch: no memorization onset (last check, step 100" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="`num_probes` must be a positive integer, got 0"):
+        cli.main(["fit", "--config", str(ROOT / "configs" / "toy2d.yaml"), "--monitor.num_probes", "0"])
 
 
 # ------------------------------------------------------------------------------ entry points
