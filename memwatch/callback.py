@@ -47,7 +47,7 @@ from memwatch.probes import CONDITION_METRICS, ProbeMeasurement, ProbeSet, evalu
 from memwatch.reporting import CheckReporter, CheckResult, format_timestep
 from memwatch.sampling import ProbeSampler
 from memwatch.score import DiffusionScore
-from memwatch.sharpness import SharpnessOptions, SharpnessResult
+from memwatch.sharpness import DENSE_MAX_DIM, SharpnessOptions, SharpnessResult
 
 __all__ = ["MemorizationMonitor", "CheckResult", "find_score"]
 
@@ -94,6 +94,10 @@ class MemorizationMonitor(Callback):
         threshold: ``τ``; a direction is sharp when ``σ_t² λ < -τ``.
         score_threshold: a probe counts as memorized when its score exceeds this.
         method, num_iters, num_vectors, max_batch: passed to :func:`memwatch.measure_sharpness`.
+            ``"auto"`` takes the exact dense spectrum up to d = 384 and, above (image scale), the
+            cheap trace tier (LID / FLIPD from ``num_vectors`` reverse-mode products per probe) at
+            every check plus the Lanczos spectrum every ``spectrum_every_n_checks``-th check
+            (the spectrum panel and ``lambda_min`` update then; NaN in between).
         onset_threshold, onset_min_delta, patience, min_steps, baseline_checks: the
             :class:`memwatch.onset.OnsetDetector` rule on ``memorized_fraction``: onset when
             more than ``onset_threshold`` of the probes are memorized ``patience`` checks in a row.
@@ -151,6 +155,7 @@ class MemorizationMonitor(Callback):
         data_range: ``(low, high)`` of the data; probes beyond it by more than half its width
             are counted (``out_of_range_count``) and warned about. Default: the scheduler's
             clipping range, else the range of the first training batches.
+        spectrum_every_n_checks: see ``method``.
         sigma_factors, calibration_capacity: see ``sigmas="auto"``.
 
     Raises:
@@ -203,6 +208,7 @@ class MemorizationMonitor(Callback):
         encode_fn: Callable[[Tensor], Tensor] | None = None,
         sampler: ProbeSampler | None = None,
         data_range: tuple[float, float] | None = None,
+        spectrum_every_n_checks: int = defaults.SPECTRUM_EVERY_N_CHECKS,
         sigma_factors: Sequence[float] = defaults.SIGMA_FACTORS,
         calibration_capacity: int = defaults.CALIBRATION_CAPACITY,
     ) -> None:
@@ -225,6 +231,9 @@ class MemorizationMonitor(Callback):
         else:
             self.sigmas = tuple(float(s) for s in sigmas)
         self.sigma_factors = _check_levels("sigma_factors", sigma_factors)
+        _check_int("spectrum_every_n_checks", spectrum_every_n_checks, 1)
+        self.spectrum_every_n_checks = spectrum_every_n_checks
+        self._check_options = self.options  # resolved for the sample dimension once it is known
         self.calibration_capacity = calibration_capacity
         self.timesteps = None if timesteps is None else _check_levels("timesteps", timesteps, positive=False)
         # the settings objects validate their own arguments (k, method, patience, …)
@@ -464,6 +473,7 @@ class MemorizationMonitor(Callback):
             conditions=conditions,
             most_memorized_condition=top,
             copied=copied,
+            spectrum=measurement.spectrum,
         )
         clean = None if self.clean_checkpoint_path is None else str(self.clean_checkpoint_path)
         self._reporter.publish(
@@ -492,10 +502,13 @@ class MemorizationMonitor(Callback):
         """
         if self._found is None:
             raise MemwatchError("call `prepare(pl_module)` (or fit) before measuring")
+        tiered = self._check_options is not self.options
+        spectrum = tiered and len(self.history) % self.spectrum_every_n_checks == 0
         with measured_score(self._found, pl_module, self.ema_attr) as score:
             return self.probes.measure(
                 score,
-                options=self.options,
+                options=self._check_options,
+                spectrum_options=self.options.replace(method="lanczos") if spectrum else None,
                 rows=rows,
                 device=pl_module.device,
                 reference=self._reference,
@@ -529,7 +542,9 @@ class MemorizationMonitor(Callback):
         per-condition means and the most memorized condition."""
         values: dict[str, float] = {}
         for t, res in measurement.results.items():
-            computed = self._valid_or_nan(t, self._metric_values(self._metrics[t], res, measurement.nn_ratio, device))
+            spectrum = measurement.spectrum if t == self._eval_timesteps[0] else None
+            computed = self._metric_values(self._metrics[t], res, measurement.nn_ratio, spectrum, device)
+            computed = self._valid_or_nan(t, computed)
             values.update({f"t{format_timestep(t)}/{name}": v for name, v in computed.items()})
             if t == self._eval_timesteps[0]:
                 values.update(computed)
@@ -545,15 +560,23 @@ class MemorizationMonitor(Callback):
         return values, conditions, top
 
     def _metric_values(
-        self, metric: MemorizationMetrics, res: SharpnessResult, nn_ratio: Tensor | None, device: torch.device
+        self,
+        metric: MemorizationMetrics,
+        res: SharpnessResult,
+        nn_ratio: Tensor | None,
+        spectrum: SharpnessResult | None,
+        device: torch.device,
     ) -> dict[str, float]:
+        """The synced summary of one timestep's results; the eigenvalue summaries come from the
+        spectrum when the trace tier measured none (NaN at checks without a spectrum)."""
+        eig = res if res.method != "trace" else spectrum
         metric = metric.to(device)
         metric.reset()
         metric.update(
             res.sharp_fraction.to(device),
             res.lid.to(device),
-            res.eigenvalues[:, 0].to(device),
-            res.normalized.mean(1).to(device),
+            None if eig is None else eig.eigenvalues[:, 0].to(device),
+            None if eig is None else eig.normalized.mean(1).to(device),
             res.memorization_score.to(device),
             None if nn_ratio is None else nn_ratio.to(device),
         )
@@ -706,6 +729,9 @@ class MemorizationMonitor(Callback):
 
     def _check_shape(self, shape: Sequence[int]) -> None:
         dim = math.prod(shape)
+        # image scale: the cheap trace tier at every check, the Lanczos spectrum every n-th check
+        tiered = self.options.method == "auto" and dim > DENSE_MAX_DIM
+        self._check_options = self.options.replace(method="trace") if tiered else self.options
         if self.options.k > dim:
             raise MemwatchError(
                 f"`k`={self.options.k} is larger than the sample dimension d={dim} (shape {tuple(shape)})"

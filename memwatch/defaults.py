@@ -13,6 +13,7 @@ from memwatch.sharpness import SharpnessOptions
 __all__ = [
     "CALIBRATION_CAPACITY",
     "SIGMA_FACTORS",
+    "SPECTRUM_EVERY_N_CHECKS",
     "EVERY_N_TRAIN_STEPS",
     "MIN_VALID_FRACTION",
     "NUM_PROBES",
@@ -34,4 +35,5 @@ PATIENCE = 2  #: ... at this many checks in a row
 MIN_VALID_FRACTION = 0.5  #: a check with fewer finite probes than this share is a failed check
 SIGMA_FACTORS = (0.2,)  #: with sigmas="auto": levels = these × the training set's median NN distance
 CALIBRATION_CAPACITY = 4096  #: with sigmas="auto": training samples kept in memory to measure that distance
+SPECTRUM_EVERY_N_CHECKS = 10  #: image scale (d > 384, method "auto"): a Lanczos spectrum every n-th check
 SHARPNESS = SharpnessOptions()  #: spectrum settings (k, threshold τ, method, Lanczos sizes)

@@ -58,8 +58,8 @@ def _check_threshold(name: str, value: Any) -> float:
 def _memorization_update(
     sharp_fraction: Tensor,
     lid: Tensor,
-    lambda_min: Tensor,
-    normalized_mean: Tensor,
+    lambda_min: Tensor | None,
+    normalized_mean: Tensor | None,
     score: Tensor,
     nn_ratio: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], int]:
@@ -68,6 +68,8 @@ def _memorization_update(
     Args:
         sharp_fraction, lid, lambda_min, normalized_mean, score: per-probe values ``[n]`` (any
             shape with ``n`` elements is flattened); integer/bool inputs become floats.
+            ``lambda_min`` and ``normalized_mean`` may be ``None`` when no eigenvalue was measured
+            (the trace tier): their summaries are then NaN, and no probe is dropped for them.
         nn_ratio: optional ``[n]`` nearest-neighbour ratios d1/d2.
 
     Returns:
@@ -78,7 +80,9 @@ def _memorization_update(
         MemwatchError: an input is not a tensor / array-like of numbers.
         ValueError: the inputs do not all have the same number of elements.
     """
-    given = dict(zip(_PROBE_FIELDS, (sharp_fraction, lid, lambda_min, normalized_mean, score)))
+    given = {
+        k: v for k, v in zip(_PROBE_FIELDS, (sharp_fraction, lid, lambda_min, normalized_mean, score)) if v is not None
+    }
     if nn_ratio is not None:
         given["nn_ratio"] = nn_ratio
     values: dict[str, Tensor] = {}
@@ -146,8 +150,8 @@ def _memorization_compute(
     out = {
         "sharp_fraction_mean": mean(values["sharp_fraction"]),
         "lid_mean": mean(values["lid"]),
-        "lambda_min": values["lambda_min"].to(dtype).min() if score.numel() else nan,
-        "normalized_eig_mean": mean(values["normalized_mean"]),
+        "lambda_min": values["lambda_min"].to(dtype).min() if values.get("lambda_min", score[:0]).numel() else nan,
+        "normalized_eig_mean": mean(values.get("normalized_mean", score[:0])),
         "memorized_fraction": mean(score > score_threshold),
         "nonfinite_count": torch.as_tensor(nonfinite, device=device).to(dtype).reshape(()),
     }
@@ -161,8 +165,8 @@ def _memorization_compute(
 def memorization_metrics(
     sharp_fraction: Tensor,
     lid: Tensor,
-    lambda_min: Tensor,
-    normalized_mean: Tensor,
+    lambda_min: Tensor | None,
+    normalized_mean: Tensor | None,
     score: Tensor,
     nn_ratio: Tensor | None = None,
     *,
@@ -287,8 +291,8 @@ class MemorizationMetrics(Metric):
         self,
         sharp_fraction: Tensor,
         lid: Tensor,
-        lambda_min: Tensor,
-        normalized_mean: Tensor,
+        lambda_min: Tensor | None,
+        normalized_mean: Tensor | None,
         score: Tensor,
         nn_ratio: Tensor | None = None,
     ) -> None:

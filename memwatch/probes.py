@@ -66,6 +66,8 @@ class ProbeMeasurement:
         out_of_range: ``[n]`` bool, probes that left the data range by far (all False when no
             range is known: see :meth:`ProbeSet.measure`).
         data_range: the ``(low, high)`` range the probes were held against, or ``None``.
+        spectrum: the full spectrum (Lanczos) at the primary timestep when it was asked for on
+            top of a cheap trace-tier measurement (``spectrum_options``), else ``None``.
     """
 
     samples: Tensor
@@ -75,6 +77,7 @@ class ProbeMeasurement:
     conditional: dict[str, dict[str, Tensor]] | None = None
     out_of_range: Tensor | None = None
     data_range: tuple[float, float] | None = None
+    spectrum: SharpnessResult | None = None
 
     @property
     def primary(self) -> SharpnessResult:
@@ -206,6 +209,7 @@ class ProbeSet:
         condition_first_steps: int | None = None,
         data_range: tuple[float, float] | None = None,
         range_tolerance: float = 0.5,
+        spectrum_options: SharpnessOptions | None = None,
     ) -> ProbeMeasurement:
         """Draw the probes ``rows`` from ``score`` and measure them at every evaluation timestep.
 
@@ -222,6 +226,8 @@ class ProbeSet:
                 (a clipping diffusers scheduler does); probes beyond it by more than
                 ``range_tolerance`` × its width are flagged in ``out_of_range``.
             range_tolerance: see ``data_range``.
+            spectrum_options: also measure the spectrum at the primary timestep with these
+                options (e.g. Lanczos on top of the trace tier), into ``spectrum``.
 
         Returns:
             :class:`ProbeMeasurement` of the probes ``rows``.
@@ -244,6 +250,11 @@ class ProbeSet:
         bad = None if data_range is None else out_of_range(traj.samples.detach().cpu(), *data_range, range_tolerance)
         options = self._verified(score, traj.states[self.timesteps[0]], self.timesteps[0], options)
         results = {t: self._sharpness(score, traj.states[t], t, options) for t in self.timesteps}
+        spectrum = None
+        if spectrum_options is not None:
+            spectrum_options = spectrum_options.replace(jvp_mode=options.jvp_mode)  # the verified path
+            t0 = self.timesteps[0]
+            spectrum = self._sharpness(score, traj.states[t0], t0, spectrum_options)
         samples = traj.samples.detach().cpu()
         nn_ratio = nearest = None
         if reference is not None:
@@ -253,7 +264,7 @@ class ProbeSet:
         conditional = None
         if conditions:
             conditional = self._conditional(score, noise, conditions, condition_first_steps, options, device)
-        return ProbeMeasurement(samples, results, nn_ratio, nearest, conditional, bad, data_range)
+        return ProbeMeasurement(samples, results, nn_ratio, nearest, conditional, bad, data_range, spectrum)
 
     # ------------------------------------------------------------------ private
     def _generator(self) -> torch.Generator:

@@ -52,6 +52,8 @@ class CheckResult:
             difference (``None`` without conditions).
         copied: the training items the probes of every rank copy, most copied first (empty
             without reference data); see :func:`memwatch.attribution.copied_items`.
+        spectrum: the Lanczos spectrum at the primary timestep at checks that measured one on
+            top of the trace tier (image-scale ``method="auto"``), else ``None``.
     """
 
     step: int
@@ -64,11 +66,17 @@ class CheckResult:
     conditions: dict[str, dict[str, float]] = field(default_factory=dict)
     most_memorized_condition: str | None = None
     copied: list[CopiedItem] = field(default_factory=list)
+    spectrum: SharpnessResult | None = None
 
     @property
     def primary(self) -> SharpnessResult:
         """The result at the primary (first) evaluation timestep."""
         return next(iter(self.results.values()))
+
+    @property
+    def eigen(self) -> SharpnessResult | None:
+        """The primary result that holds eigenvalues (its spectrum on trace-tier checks), or ``None``."""
+        return self.primary if self.primary.method != "trace" else self.spectrum
 
 
 def format_timestep(t: float) -> str:
@@ -109,6 +117,7 @@ class CheckReporter:
         self.verbose = verbose
         self.raise_errors = raise_errors
         self._first_density: Tensor | None = None
+        self._first_step = 0
         self._gallery_warned = False
 
     # ------------------------------------------------------------------ public
@@ -135,7 +144,8 @@ class CheckReporter:
             self.logger.log_scalars(check.values, check.step)
         if self.logger.is_global_zero and self.logger.loggers:
             with self._step("histograms"):
-                self.logger.log_histogram("normalized_eigenvalues", check.primary.normalized.flatten(), check.step)
+                if check.eigen is not None:
+                    self.logger.log_histogram("normalized_eigenvalues", check.eigen.normalized.flatten(), check.step)
                 self.logger.log_histogram("probe_score", check.primary.memorization_score, check.step)
             if self.log_figures:
                 with self._step("figures"):
@@ -176,14 +186,15 @@ class CheckReporter:
     def _figures(self, check: CheckResult, history: Sequence[dict[str, float]], onset_step: int | None) -> None:
         from memwatch import plots
 
-        density = torch.nanmean(check.primary.density(_SPECTRUM_GRID), 0)
-        if self._first_density is None:
-            self._first_density = density
-        spectra = {
-            "first check": (_SPECTRUM_GRID, self._first_density),
-            f"step {check.step}": (_SPECTRUM_GRID, density),
-        }
-        self.logger.log_figure("spectrum", plots.plot_spectrum(spectra, threshold=-self.threshold), check.step)
+        if check.eigen is not None:  # the spectrum panel updates at checks that measured one
+            density = torch.nanmean(check.eigen.density(_SPECTRUM_GRID), 0)
+            if self._first_density is None:
+                self._first_density, self._first_step = density, check.step
+            spectra = {
+                f"first spectrum (step {self._first_step})": (_SPECTRUM_GRID, self._first_density),
+                f"step {check.step}": (_SPECTRUM_GRID, density),
+            }
+            self.logger.log_figure("spectrum", plots.plot_spectrum(spectra, threshold=-self.threshold), check.step)
         steps = [h["step"] for h in history]
         curves = {
             name: (steps, [h.get(name, math.nan) for h in history])

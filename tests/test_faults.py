@@ -1,0 +1,242 @@
+"""No silent wrong numbers, no crashed runs: one real ``Trainer.fit`` per fault.
+
+Broken derivatives, lost probes, failing saves and publishers, models that fail on large
+batches, settings that make detection impossible: each is loud (NaN with a warning, or an error
+naming the argument) and none takes training down.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+
+import pytest
+import torch
+from callback_setup import datamodule, memorizing_data, module_2d, trainer
+from lightning.pytorch.loggers import CSVLogger
+from torch.autograd.function import once_differentiable
+
+from memwatch import MemorizationMonitor
+from memwatch.sampling import sample_trajectory
+
+FAST = dict(num_probes=8, sampler_steps=10, sigmas=(0.2,), k=2, verbose=False)
+
+
+def _fit(tmp_path, monitor, module=None, max_steps=30, **kwargs):
+    torch.manual_seed(0)
+    module = module or module_2d(hidden=32, depth=1)
+    t = trainer(tmp_path, [monitor], max_steps=max_steps, **kwargs)
+    t.fit(module, datamodule(memorizing_data()))
+    return t, module
+
+
+# ------------------------------------------------------------------ broken derivatives
+class _NaNDerivative(torch.nn.Module):
+    """The network plus ``sqrt(relu(x - 100))``: 0 for every probe (finite output), but its
+    derivative is inf · 0 = NaN — the Jacobian is not finite."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, t, cond=None):
+        return self.net(x, t, cond) + torch.sqrt(torch.relu(x - 100.0))
+
+
+@pytest.mark.parametrize("method", ["dense", "lanczos", "trace"])
+def test_finite_output_with_nan_jacobian_is_nan_and_loud_and_never_clean(tmp_path, method):
+    module = module_2d(hidden=32, depth=1)
+    module.net = _NaNDerivative(module.net)
+    monitor = MemorizationMonitor(every_n_train_steps=10, method=method, num_iters=2, **FAST)
+    with pytest.warns(RuntimeWarning, match="adjoint test|not finite|derivatives"):
+        t, _ = _fit(tmp_path, monitor, module)
+    assert t.global_step == 30 and len(monitor.history) == 3
+    assert all(math.isnan(h["memorized_fraction"]) and math.isnan(h["sharp_fraction_mean"]) for h in monitor.history)
+    assert monitor.clean_step is None and monitor.clean_checkpoint_path is None  # nothing measured: not clean
+    assert monitor.detector.onset_step is None
+
+
+class _OnceTanh(torch.autograd.Function):
+    """tanh whose backward is not differentiable again (as in many compiled extensions)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y**2)
+
+
+class _OldStyleTanh(torch.autograd.Function):
+    """An old-style Function (``forward(ctx, x)``, no ``setup_context``): torch.func rejects it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y**2)
+
+
+class _Wrapped(torch.nn.Module):
+    def __init__(self, net, fn):
+        super().__init__()
+        self.net, self.fn = net, fn
+
+    def forward(self, x, t, cond=None):
+        return self.fn.apply(self.net(x, t, cond))
+
+
+@pytest.mark.parametrize("fn", [_OnceTanh, _OldStyleTanh], ids=["once_differentiable", "old_style_function"])
+def test_ops_without_a_second_derivative_give_the_right_numbers(tmp_path, fn):
+    results = {}
+    for name in ("plain", "wrapped"):
+        module = module_2d(hidden=32, depth=1)
+        module.net = _Wrapped(module.net, fn if name == "wrapped" else _TanhOp)
+        monitor = MemorizationMonitor(every_n_train_steps=15, method="lanczos", num_iters=2, **FAST)
+        _fit(tmp_path / name, monitor, module)
+        results[name] = [h["sharp_fraction_mean"] for h in monitor.history]
+        if name == "wrapped":
+            assert monitor.probes.path is not None and monitor.probes.path.consistent, monitor.probes.path
+            assert monitor.probes.path.mode in ("autograd", "fd")  # the path that passed the adjoint test
+    assert results["wrapped"] == pytest.approx(results["plain"], abs=0.02)  # same weights: same sharpness
+
+
+class _TanhOp:
+    """Plain tanh with the ``.apply`` interface of an autograd Function (the reference)."""
+
+    apply = staticmethod(torch.tanh)
+
+
+# ------------------------------------------------------------------ lost probes
+def test_a_check_that_lost_most_of_its_probes_is_failed_not_clean(tmp_path):
+    def sampler(score, *, noise, steps, cond, states_at, device, max_batch):
+        traj = sample_trajectory(score, noise=noise, steps=steps, states_at=states_at, device=device)
+        for state in traj.states.values():
+            state[2:] = float("nan")  # 14 of 16 probes lost
+        return traj
+
+    monitor = MemorizationMonitor(every_n_train_steps=10, sampler=sampler, **dict(FAST, num_probes=16))
+    with pytest.warns(UserWarning, match="only 2 of 16 probes gave finite values"):
+        _fit(tmp_path, monitor)
+    assert [h["nonfinite_count"] for h in monitor.history] == [14, 14, 14]
+    assert all(math.isnan(h["memorized_fraction"]) for h in monitor.history)
+    assert monitor.clean_step is None and monitor.detector.state_dict()["streak"] == 0
+
+
+def test_a_model_that_fails_above_eight_rows_works_with_max_batch_8(tmp_path):
+    class AtMostEight(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, t, cond=None):
+            if x.shape[0] > 8 and not self.training:
+                raise RuntimeError(f"batch of {x.shape[0]} rows does not fit")
+            return self.net(x, t, cond)
+
+    for method in ("dense", "lanczos", "trace"):
+        module = module_2d(hidden=32, depth=1)
+        module.net = AtMostEight(module.net)
+        monitor = MemorizationMonitor(
+            every_n_train_steps=10, method=method, max_batch=8, raise_errors=True, **dict(FAST, num_probes=16)
+        )
+        _fit(tmp_path / method, monitor, module, max_steps=10)
+        assert len(monitor.history) == 1 and math.isfinite(monitor.history[0]["sharp_fraction_mean"]), method
+
+
+# ------------------------------------------------------------------ checkpoints and publishing
+def test_a_dirpath_that_is_a_file_fails_at_setup_naming_it(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="dirpath"):
+        _fit(tmp_path, MemorizationMonitor(every_n_train_steps=10, dirpath=blocker, **FAST))
+
+
+def test_a_full_disk_during_the_clean_save_is_a_warning_and_training_finishes(tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    monitor = MemorizationMonitor(every_n_train_steps=10, dirpath=tmp_path / "clean", **FAST)
+    with pytest.warns(UserWarning, match=r"could not write the clean checkpoint to dirpath=.*No space left"):
+        t, _ = _fit(tmp_path, monitor)
+    assert t.global_step == 30 and len(monitor.history) == 3
+    assert monitor.clean_step is None and not list((tmp_path / "clean").glob("*"))
+
+
+def test_a_failing_publisher_is_a_warning_and_raise_errors_reraises(tmp_path, monkeypatch):
+    from memwatch.loggers import MonitorLogger
+
+    def broken(self, *args, **kwargs):
+        raise OSError("the table backend is down")
+
+    monkeypatch.setattr(MonitorLogger, "log_table", broken)
+    monitor = MemorizationMonitor(every_n_train_steps=10, **FAST)
+    with pytest.warns(RuntimeWarning, match="publishing the check's tables failed"):
+        t, _ = _fit(tmp_path / "a", monitor, logger=CSVLogger(tmp_path / "a"))
+    assert t.global_step == 30 and len(monitor.history) == 3
+    metrics = next((tmp_path / "a").rglob("metrics.csv")).read_text()
+    assert "memwatch/sharp_fraction_mean" in metrics  # the scalars were still logged
+    with pytest.raises(OSError, match="table backend"):
+        _fit(tmp_path / "b", MemorizationMonitor(every_n_train_steps=10, raise_errors=True, **FAST),
+             logger=CSVLogger(tmp_path / "b"))  # fmt: skip
+
+
+def test_verbose_conditional_check_prints_and_finishes(tmp_path, capsys):
+    from memwatch.toymodels import DDPMModule, TensorDataModule
+
+    torch.manual_seed(0)
+    module = DDPMModule(shape=(2,), hidden=32, depth=1, num_classes=3)
+    labels = torch.tensor([0, 1, 2, 0])
+    monitor = MemorizationMonitor(
+        every_n_train_steps=10, conditions=torch.arange(3), **dict(FAST, verbose=True, raise_errors=True)
+    )
+    t = trainer(tmp_path, [monitor], max_steps=10)
+    t.fit(module, TensorDataModule(memorizing_data(), labels, batch_size=4, steps_per_epoch=10, seed=0))
+    assert len(monitor.history) == 1 and monitor.last_check.most_memorized_condition in ("0", "1", "2")
+    assert math.isfinite(monitor.history[0]["cond/0/hessian_score_diff"])
+
+
+# ------------------------------------------------------------------ settings that make detection impossible
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(threshold=3.0), r"`threshold` must be in \(0, 1\]"),
+        (dict(threshold=math.inf), r"`threshold` must be in \(0, 1\]"),
+        (dict(onset_threshold=1.5), r"`onset_threshold` must be a number in \[0, 1\), got 1.5"),
+        (dict(onset_threshold=-0.5), r"`onset_threshold` must be a number in \[0, 1\), got -0.5"),
+        (dict(sigmas=0.3), r"`sigmas` must be a non-empty sequence"),
+        (dict(sigmas=(0.3, math.nan)), r"`sigmas` must hold finite positive numbers"),
+        (dict(min_valid_fraction=0.0), r"`min_valid_fraction` must be a number in \(0, 1\]"),
+        (dict(data_range=(1.0, -1.0)), r"`data_range` must be None or \(low, high\)"),
+        (dict(clean_checkpoint_mode="zip"), "clean_checkpoint_mode"),
+        (dict(method="arpack"), "`method`"),
+    ],
+)
+def test_impossible_settings_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MemorizationMonitor(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "sigma, match", [(50.0, r"`sigmas` must lie in .* range"), (1e-9, r"`sigmas` must lie in .* range")]
+)
+def test_noise_levels_outside_the_schedule_fail_at_fit_start(tmp_path, sigma, match):
+    with pytest.raises(ValueError, match=match):
+        _fit(tmp_path, MemorizationMonitor(every_n_train_steps=10, **dict(FAST, sigmas=(sigma,))))
+
+
+def test_num_iters_below_k_is_ignored_by_dense_and_rejected_for_lanczos():
+    MemorizationMonitor(k=8, num_iters=4, method="dense")  # documented as unused by dense
+    with pytest.raises(ValueError, match=r"`num_iters` must be >= k=8"):
+        MemorizationMonitor(k=8, num_iters=4, method="lanczos")

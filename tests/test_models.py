@@ -1,0 +1,174 @@
+"""The setups users train, end to end: one real ``Trainer.fit`` with the monitor per cell of
+schedule kind × prediction type (MLP), and per model family (diffusers UNet2DModel with a default
+DDPMScheduler, a compiled network, a latent model with a VAE, EDM preconditioning), with the
+defaults around them (``verbose=True``, figures and tables on). Each asserts that checks ran and
+gave finite numbers — not only that fit returned."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from callback_setup import datamodule, memorizing_data
+from lightning.pytorch.loggers import CSVLogger
+from model_setups import AnyDiffusion, UNetDiffusion, digits_images, tiny_unet
+
+import memwatch
+from memwatch import MemorizationMonitor
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(num_probes=4, sampler_steps=8, raise_errors=True)  # verbose, figures, tables: defaults
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _fit(tmp_path, module, data, monitor, max_steps, batch_size=64):
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=max_steps,
+        callbacks=[monitor],
+        logger=CSVLogger(tmp_path),
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(module, datamodule(data, batch_size=batch_size))
+    return trainer
+
+
+def _assert_checks_ran(monitor: MemorizationMonitor, n: int, keys=("sharp_fraction_mean", "lid_mean")) -> None:
+    assert len(monitor.history) == n, monitor.history
+    for h in monitor.history:
+        for key in keys:
+            assert math.isfinite(h[key]), (key, h)
+        assert h["nonfinite_count"] == 0
+    assert monitor.last_check is not None and bool(monitor.last_check.primary.finite.all())
+
+
+# ------------------------------------------------------------------ schedule × prediction
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample", "score"])
+@pytest.mark.parametrize("kind", ["linear", "scaled_linear", "cosine", "diffusers", "vp", "edm"])
+def test_every_schedule_and_prediction_type_through_the_callback(tmp_path, kind, prediction):
+    sigmas = (1.0,) if kind == "edm" else (0.3,)  # EDM data in [-1, 1]: σ_data 0.5 (Karras et al.)
+    monitor = MemorizationMonitor(every_n_train_steps=20, sigmas=sigmas, k=2, **SMALL)
+    _fit(tmp_path, AnyDiffusion(kind, prediction), memorizing_data(), monitor, max_steps=40)
+    _assert_checks_ran(monitor, 2)
+    t = next(iter(monitor.last_check.results))
+    assert f"t{memwatch.reporting.format_timestep(t)}/sharp_fraction_mean" in monitor.history[-1]
+    metrics = (Path(monitor._reporter.logger.loggers[0].log_dir) / "metrics.csv").read_text()
+    assert "memwatch/sharp_fraction_mean" in metrics
+
+
+# ------------------------------------------------------------------ model families
+def test_unet_with_a_default_ddpm_scheduler_is_found_and_its_probes_stay_in_range(tmp_path):
+    from diffusers import DDPMScheduler
+
+    monitor = MemorizationMonitor(every_n_train_steps=10, k=4, **SMALL)
+    module = UNetDiffusion(tiny_unet(), DDPMScheduler())  # clip_sample=True, 1000 steps
+    with pytest.warns(Warning) as seen:
+        _fit(tmp_path, module, digits_images(8), monitor, max_steps=20, batch_size=8)
+    assert not [w for w in seen if "left the data range" in str(w.message)]
+    _assert_checks_ran(monitor, 2)
+    assert monitor.last_check.samples.abs().max() <= 1.0 + 1e-5  # clipped as diffusers' own DDIM clips
+    assert monitor.last_check.primary.method == "dense" and monitor.history[-1]["out_of_range_count"] == 0
+
+
+def test_a_compiled_network_is_found_through_its_original_module(tmp_path):
+    from diffusers import DDPMScheduler
+
+    unet = tiny_unet()
+    try:
+        compiled = torch.compile(unet, backend="eager")  # dynamo wraps it; no code generation on CPU
+    except Exception as err:  # noqa: BLE001 - compile is optional in some torch builds
+        pytest.skip(f"torch.compile is unavailable here: {err}")
+    monitor = MemorizationMonitor(every_n_train_steps=10, k=4, method="trace", **SMALL)
+    _fit(tmp_path, UNetDiffusion(compiled, DDPMScheduler(num_train_timesteps=100)), digits_images(8), monitor, 10, 8)
+    _assert_checks_ran(monitor, 1, keys=("lid_mean",))
+    assert monitor._found.model is unet
+
+
+def test_latent_model_with_decoded_galleries(tmp_path):
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    vae = AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=16,
+    ).eval()
+    images = digits_images(8, size=16)
+
+    def encode(x):
+        return vae.encode(x).latent_dist.mode()
+
+    def decode(z):
+        return vae.decode(z).sample
+
+    with torch.no_grad():
+        latents = encode(images)  # [8, 4, 8, 8]: the model trains in latent space
+    monitor = MemorizationMonitor(
+        every_n_train_steps=10, k=4, method="trace", log_media=True, decode_fn=decode, encode_fn=encode,
+        reference_data=images, **SMALL,
+    )  # fmt: skip
+    unet = tiny_unet(channels=4)
+    _fit(tmp_path, UNetDiffusion(unet, DDPMScheduler(num_train_timesteps=100)), latents, monitor, 10, 8)
+    _assert_checks_ran(monitor, 1, keys=("lid_mean", "nn_memorized_fraction"))
+    gallery = list(Path(tmp_path).rglob("most_memorized_step10.png"))
+    assert gallery and gallery[0].stat().st_size > 1000  # decoded to 1-channel images, not skipped
+
+
+def test_pixel_reference_data_for_a_latent_model_fails_at_fit_start_with_the_argument_named(tmp_path):
+    from diffusers import DDPMScheduler
+
+    monitor = MemorizationMonitor(every_n_train_steps=10, reference_data=digits_images(8, 16), **SMALL)
+    with pytest.raises(ValueError, match="reference_data"):
+        _fit(tmp_path, UNetDiffusion(tiny_unet(4), DDPMScheduler(num_train_timesteps=100)), torch.randn(8, 4, 8, 8),
+             monitor, 10, 8)  # fmt: skip
+
+
+def test_edm_preconditioned_example_runs(tmp_path):
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "edm.py"), "--fast", "--threads", "1", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "memwatch checks:" in proc.stdout and "nan" not in proc.stdout.split("memwatch checks:")[1].lower()
+
+
+def test_a_model_whose_output_shape_differs_fails_at_fit_start(tmp_path):
+    class Halves(torch.nn.Module):
+        def forward(self, x, t):
+            return x[:, :1]
+
+    module = AnyDiffusion("linear", "epsilon")
+    module.memwatch_score = lambda: memwatch.DiffusionScore(Halves(), module.schedule)
+    with pytest.raises(ValueError, match="shape"):
+        _fit(tmp_path, module, memorizing_data(), MemorizationMonitor(every_n_train_steps=10, **SMALL), 10)
+
+
+def test_sample_shape_that_does_not_fit_the_model_fails_at_fit_start(tmp_path):
+    monitor = MemorizationMonitor(every_n_train_steps=10, sample_shape=(3,), **SMALL)
+    with pytest.raises(ValueError, match="sample_shape"):
+        _fit(tmp_path, AnyDiffusion("linear", "epsilon"), memorizing_data(), monitor, 10)
