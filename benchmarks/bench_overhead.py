@@ -1,15 +1,21 @@
-"""Wall-time overhead of MemorizationMonitor at its defaults on a short digits fit.
+"""Wall-time overhead of MemorizationMonitor at its defaults on a short fit.
 
-The same fit (DDPMModule, 1024 sklearn digits, batch 64, CPU) runs without and with
-``MemorizationMonitor()`` (default cadence: a check every 500 steps with 32 probes, 50 DDIM
-steps, one noise level, dense 64×64 Hessians), alternating plain / monitored so that drifts in
+The same fit runs without and with ``MemorizationMonitor()`` (default cadence: a check every
+500 steps with 32 probes, 50 sampler steps, one noise level), alternating plain / monitored so
+that drifts in
 machine load hit both alike; after one discarded warm-up pair, the median of ``--repeats`` pairs
 is reported as ``monitored / plain`` for wall time and for process CPU time (steadier on a
 shared machine), and the wall time of the checks themselves (probing, measuring, saving the
 clean checkpoint, logging) as a share of the plain fit — on a busy machine the fit-to-fit noise
 (several %) can exceed the monitor's cost, and that share is the steadier figure.
 
-    python benchmarks/bench_overhead.py                 # 2000 steps (4 checks), 5 pairs
+Two models: ``--model mlp`` (DDPMModule, 1024 sklearn digits 8×8, batch 64: dense 64×64
+Hessians) and ``--model unet`` (a diffusers UNet2DModel, widths 32/64, on the digits upsampled to
+3×16×16 = 768 dimensions, batch 32, a default DDPMScheduler: the trace tier at every check and
+the Lanczos spectrum every 10th).
+
+    python benchmarks/bench_overhead.py                 # MLP, 2000 steps (4 checks), 5 pairs
+    python benchmarks/bench_overhead.py --model unet --steps 1000 --repeats 3
     python benchmarks/bench_overhead.py --steps 500 --repeats 1   # a quick look
 """
 
@@ -27,7 +33,8 @@ import lightning.pytorch as pl
 import torch
 
 from memwatch import MemorizationMonitor
-from memwatch.toymodels import DDPMModule, DigitsDataModule
+from memwatch.data import digits
+from memwatch.toymodels import DDPMModule, DigitsDataModule, TensorDataModule, UNetDDPMModule, tiny_unet
 
 
 class TimedMonitor(MemorizationMonitor):
@@ -44,11 +51,21 @@ class TimedMonitor(MemorizationMonitor):
         self.check_times.append(time.perf_counter() - started)
 
 
-def fit_once(steps: int, monitored: bool, root: str, seed: int = 0) -> tuple[float, float, list[float]]:
+def setup(model: str, steps: int, seed: int) -> tuple[pl.LightningModule, pl.LightningDataModule]:
+    """The module and data of one fit (``"mlp"``: digits 8×8; ``"unet"``: digits at 3×16×16)."""
+    if model == "mlp":
+        return DDPMModule(shape=(1, 8, 8)), DigitsDataModule(1024, batch_size=64, steps_per_epoch=steps, seed=seed)
+    from diffusers import DDPMScheduler
+
+    images = torch.nn.functional.interpolate(digits(1024, seed=seed), size=(16, 16), mode="bilinear")
+    data = TensorDataModule(images.clamp(-1, 1).repeat(1, 3, 1, 1), batch_size=32, steps_per_epoch=steps, seed=seed)
+    return UNetDDPMModule(tiny_unet(3, 16, widths=(32, 64)), DDPMScheduler()), data
+
+
+def fit_once(model: str, steps: int, monitored: bool, root: str, seed: int = 0) -> tuple[float, float, list[float]]:
     """One fit; returns (wall seconds, CPU seconds, the wall seconds of each whole check)."""
     pl.seed_everything(seed, verbose=False)
-    data = DigitsDataModule(1024, batch_size=64, steps_per_epoch=steps, seed=seed)
-    module = DDPMModule(shape=(1, 8, 8))
+    module, data = setup(model, steps, seed)
     monitor = TimedMonitor(verbose=False) if monitored else None
     trainer = pl.Trainer(
         max_steps=steps,
@@ -70,6 +87,7 @@ def fit_once(steps: int, monitored: bool, root: str, seed: int = 0) -> tuple[flo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("mlp", "unet"), default="mlp", help="the fit (default mlp)")
     parser.add_argument("--steps", type=int, default=2000, help="optimizer steps per fit (default 2000: 4 checks)")
     parser.add_argument("--repeats", type=int, default=5, help="measured plain/monitored pairs (default 5)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -85,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.repeats + 1):  # rep 0: warm-up, discarded
             order = (False, True) if rep % 2 == 0 else (True, False)
             for monitored in order:
-                wall, cpu, chk = fit_once(args.steps, monitored, root)
+                wall, cpu, chk = fit_once(args.model, args.steps, monitored, root)
                 if rep:
                     walls[monitored].append(wall)
                     cpus[monitored].append(cpu)
@@ -101,13 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     pairs = "  ".join(f"{w:.3f}/{c:.3f}" for w, c in zip(wall_ratios, cpu_ratios))
     n_checks = args.steps // 500
     print(
-        f"\n{args.steps} steps, {n_checks} checks, {args.repeats} pairs, {args.threads} thread(s):\n"
+        f"\n{args.model}: {args.steps} steps, {n_checks} checks, {args.repeats} pairs, {args.threads} thread(s):\n"
         f"  plain fit      median {statistics.median(walls[False]):.2f} s wall "
         f"({statistics.median(cpus[False]):.2f} s CPU)\n"
         f"  monitored fit  median {statistics.median(walls[True]):.2f} s wall "
         f"({statistics.median(cpus[True]):.2f} s CPU)\n"
         f"  per pair (wall/CPU ratio): {pairs}\n"
-        f"  one check      median {statistics.median(checks):.3f} s wall ({per_fit_checks:.2f} s per fit, "
+        f"  one check      median {statistics.median(checks):.3f} s wall, max {max(checks):.3f} s "
+        f"({per_fit_checks:.2f} s per fit, "
         f"{per_fit_checks / statistics.median(walls[False]):.1%} of the plain fit)\n"
         f"  overhead ratio (monitored / plain): wall {statistics.median(wall_ratios):.3f}, "
         f"CPU {statistics.median(cpu_ratios):.3f}"

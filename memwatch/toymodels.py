@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -23,6 +24,8 @@ __all__ = [
     "DDPMModule",
     "DigitsDataModule",
     "MLPDenoiser",
+    "UNetDDPMModule",
+    "tiny_unet",
     "ManifoldDataModule",
     "TensorDataModule",
     "timestep_embedding",
@@ -238,3 +241,51 @@ class ManifoldDataModule(TensorDataModule):
         points = manifold(name, n_train, dim=dim, seed=seed, noise=noise)
         super().__init__(points, batch_size=batch_size, steps_per_epoch=steps_per_epoch, seed=seed)
         self.train_data = points
+
+
+def tiny_unet(channels: int = 1, size: int = 8, *, widths: Sequence[int] = (8, 16), conditional: bool = False):
+    """A config-built diffusers UNet with random weights (``UNet2DConditionModel`` with
+    cross-attention to 16-dimensional embeddings if ``conditional``), small enough for a CPU."""
+    import diffusers
+
+    common = dict(sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=1)
+    common.update(block_out_channels=tuple(widths), norm_num_groups=4)
+    if conditional:
+        return diffusers.UNet2DConditionModel(
+            **common,
+            cross_attention_dim=16,
+            attention_head_dim=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        )
+    return diffusers.UNet2DModel(
+        **common, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D")
+    )
+
+
+class UNetDDPMModule(pl.LightningModule):
+    """A diffusers ``UNet2DModel`` and its scheduler kept as attributes, trained with the
+    scheduler's own ``add_noise`` / ``get_velocity``: what memwatch finds without any glue.
+
+    Args:
+        unet: the network (e.g. :func:`tiny_unet`); scheduler: a diffusers DDPM-style scheduler
+        (its ``prediction_type`` picks the target); lr: Adam learning rate.
+    """
+
+    def __init__(self, unet: nn.Module, scheduler: Any, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.unet, self.scheduler, self.lr = unet, scheduler, lr
+
+    def training_step(self, batch: Sequence[Tensor] | Tensor, batch_idx: int) -> Tensor:
+        x0 = batch if isinstance(batch, Tensor) else batch[0]
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        eps = torch.randn_like(x0)
+        noisy = self.scheduler.add_noise(x0, eps, t)
+        v = self.scheduler.config.prediction_type == "v_prediction"
+        target = self.scheduler.get_velocity(x0, eps, t) if v else eps
+        loss = nn.functional.mse_loss(self.unet(noisy, t).sample, target)
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)

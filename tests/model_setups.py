@@ -84,44 +84,6 @@ class AnyDiffusion(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=2e-3)
 
 
-def tiny_unet(channels: int = 1, size: int = 8, conditional: bool = False) -> nn.Module:
-    """A config-built diffusers UNet (random weights), small enough for a CPU test."""
-    import diffusers
-
-    common = dict(sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=1)
-    common.update(block_out_channels=(8, 16), norm_num_groups=4)
-    if conditional:
-        return diffusers.UNet2DConditionModel(
-            **common,
-            cross_attention_dim=16,
-            attention_head_dim=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        )
-    return diffusers.UNet2DModel(
-        **common, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D")
-    )
-
-
-class UNetDiffusion(pl.LightningModule):
-    """A diffusers UNet2DModel + scheduler kept as attributes: what memwatch finds by itself."""
-
-    def __init__(self, unet: nn.Module, scheduler: object, lr: float = 1e-3) -> None:
-        super().__init__()
-        self.unet, self.scheduler, self.lr = unet, scheduler, lr
-
-    def training_step(self, batch: Tensor | list[Tensor], batch_idx: int) -> Tensor:
-        x0 = batch if isinstance(batch, Tensor) else batch[0]
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
-        eps = torch.randn_like(x0)
-        noisy = self.scheduler.add_noise(x0, eps, t)
-        target = eps if self.scheduler.config.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, eps, t)
-        return nn.functional.mse_loss(self.unet(noisy, t).sample, target)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
-
-
 def digits_images(n: int, size: int = 8) -> Tensor:
     """``n`` sklearn digits as ``[n, 1, size, size]`` images in [-1, 1]."""
     from memwatch.data import digits

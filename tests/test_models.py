@@ -15,10 +15,12 @@ import pytest
 import torch
 from callback_setup import datamodule, memorizing_data
 from lightning.pytorch.loggers import CSVLogger
-from model_setups import AnyDiffusion, UNetDiffusion, digits_images, tiny_unet
+from model_setups import AnyDiffusion, digits_images
 
 import memwatch
 from memwatch import MemorizationMonitor
+from memwatch.toymodels import UNetDDPMModule as UNetDiffusion
+from memwatch.toymodels import tiny_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(num_probes=4, sampler_steps=8, raise_errors=True)  # verbose, figures, tables: defaults
