@@ -133,12 +133,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duplicated", type=int, default=2, help="images duplicated (default 2)")
     parser.add_argument("--copies", type=int, default=40, help="copies of each (default 40)")
     parser.add_argument("--others", type=int, default=30, help="images held once (default 30)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 4000, --fast 2000)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 4000, --fast 3000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write the ranked table to OUT/attribution.csv")
     parser.add_argument("--fast", action="store_true", help="a shorter run")
     args = parser.parse_args(argv)
-    steps = args.steps or (2000 if args.fast else 4000)
+    steps = args.steps or (3000 if args.fast else 4000)
     result = run(args.duplicated, args.copies, args.others, steps=steps, seed=args.seed)
     print(
         f"training images copied by the {result.num_probes} probes at step {steps} (duplicated: {result.duplicated}):"
