@@ -137,7 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write the ranked table to OUT/attribution.csv")
     parser.add_argument("--fast", action="store_true", help="a shorter run")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a busy machine)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     steps = args.steps or (3000 if args.fast else 4000)
     result = run(args.duplicated, args.copies, args.others, steps=steps, seed=args.seed)
     print(

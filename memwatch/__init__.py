@@ -5,24 +5,35 @@ ICML 2025): every eigenvalue of the Hessian of log p_t there is ≈ -1/σ_t². m
 spectrum on probes drawn from the model under training and raises the alarm at onset.
 """
 
+from memwatch.attribution import CopiedItem, copied_items
 from memwatch.callback import CheckResult, MemorizationMonitor
 from memwatch.conditional import ConditionalResult, conditional_metrics
+from memwatch.errors import MemwatchError
 from memwatch.groundtruth import MEMORIZED_RATIO, median_nn_distance, nearest_neighbours, nn_ratio
-from memwatch.sampling import Trajectory, sample, sample_trajectory
+from memwatch.probes import ProbeMeasurement, ProbeSet
+from memwatch.sampling import ProbeSampler, Trajectory, sample, sample_trajectory
 from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore
-from memwatch.sharpness import SharpnessResult, measure_sharpness
+from memwatch.sharpness import SharpnessOptions, SharpnessResult, hessian_score_norm, measure_sharpness
 
 __all__ = [
     "MEMORIZED_RATIO",
     "CheckResult",
     "ConditionalResult",
+    "CopiedItem",
     "DiffusionScore",
     "MemorizationMonitor",
+    "MemwatchError",
     "NoiseSchedule",
+    "ProbeMeasurement",
+    "ProbeSampler",
+    "ProbeSet",
+    "SharpnessOptions",
     "SharpnessResult",
     "Trajectory",
     "conditional_metrics",
+    "copied_items",
+    "hessian_score_norm",
     "measure_sharpness",
     "median_nn_distance",
     "nearest_neighbours",

@@ -233,13 +233,13 @@ class MemorizationMonitor(Callback):
         self.sigma_factors = _check_levels("sigma_factors", sigma_factors)
         _check_int("spectrum_every_n_checks", spectrum_every_n_checks, 1)
         self.spectrum_every_n_checks = spectrum_every_n_checks
-        self._check_options = self.options  # resolved for the sample dimension once it is known
         self.calibration_capacity = calibration_capacity
         self.timesteps = None if timesteps is None else _check_levels("timesteps", timesteps, positive=False)
         # the settings objects validate their own arguments (k, method, patience, …)
         self.options = SharpnessOptions(
             k=k, threshold=threshold, method=method, num_iters=num_iters, num_vectors=num_vectors, max_batch=max_batch
         )
+        self._check_options = self.options  # resolved for the sample dimension once it is known
         self.detector = OnsetDetector(
             threshold=onset_threshold,
             min_delta=onset_min_delta,

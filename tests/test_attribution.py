@@ -131,25 +131,5 @@ def test_probe_neighbours_errors():
         probe_neighbours(torch.zeros(1, 3), ref, k=3)
 
 
-@pytest.mark.slow
-def test_duplicated_training_images_are_named_first():
-    """examples/attribution.py: 2 digits held 40× among 30 held once; the 2 are the most copied."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    torch.set_num_threads(1)
-    path = Path(__file__).resolve().parents[1] / "examples" / "attribution.py"
-    spec = importlib.util.spec_from_file_location("attribution_example", path)
-    example = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = example  # its dataclass resolves annotations through sys.modules
-    try:
-        spec.loader.exec_module(example)
-        result = example.run(duplicated=2, copies=40, others=30, steps=4000, seed=0)
-    finally:
-        del sys.modules[spec.name]
-    top = result.items[: len(result.duplicated)]
-    assert sorted(c.id for c in top) == sorted(result.duplicated)
-    rest = [c.copies for c in result.items[len(top) :]]
-    assert min(c.copies for c in top) > max(rest, default=0)  # ranked by copies, not by a tie-break
-    assert result.duplicated_first
+# The end-to-end claim — in a digits run where 2 images are held 40×, the attribution table names
+# exactly those first — is examples/attribution.py's exit status, run by tests/test_examples.py.

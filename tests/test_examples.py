@@ -23,9 +23,10 @@ EXPECTED_FILES = {
     "toy2d.py": ["toy2d_N*.png"],
     "diffusers_unet.py": ["wandb/offline-run-*"],
     "conditional.py": ["conditional_metrics.png", "csv/version_0/metrics.csv"],
+    "attribution.py": ["attribution.csv"],  # and exit 0 only when the duplicated images come first
 }
 # one torch thread: the example's own advice for a busy machine (the suite runs beside it)
-ARGS = {"conditional.py": ["--threads", "1"]}
+ARGS = {name: ["--threads", "1"] for name in ("conditional.py", "attribution.py", "edm.py", "text_conditional.py")}
 CASES = [(p, ARGS.get(p.name, [])) for p in EXAMPLES if p.name != "diffusers_unet.py"]
 if (ROOT / "examples" / "diffusers_unet.py").exists():
     CASES += [(ROOT / "examples" / "diffusers_unet.py", extra) for extra in EXTRA.values()]
