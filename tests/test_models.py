@@ -7,7 +7,6 @@ gave finite numbers — not only that fit returned."""
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
