@@ -21,7 +21,6 @@ from memwatch import MemorizationMonitor
 from memwatch.toymodels import UNetDDPMModule as UNetDiffusion
 from memwatch.toymodels import tiny_unet
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(num_probes=4, sampler_steps=8, raise_errors=True)  # verbose, figures, tables: defaults
 
 
