@@ -172,7 +172,9 @@ def test_the_duplicated_class_stands_out(digits_run):
         (True, r"`cond` must be .* got bool"),
         (torch.tensor([0, 1, 2]), r"`cond` must be .* batch size 1 or 4 .* got shape \(3,\)"),
         (torch.tensor(7), r"the model failed on `cond`.*IndexError"),
-        (torch.zeros(4, 5, dtype=torch.long), r"the model failed on `cond` \(per-probe shape \(5,\)"),
+        # the shape of one condition is that of null_cond (0-d): [4, 5] is caught before the model
+        (torch.zeros(4, 5, dtype=torch.long), r"`cond` must be one condition of shape \(\) .* got shape \(4, 5\)"),
+        (torch.zeros(()), r"`cond` must be integer \(a label\) like `null_cond`"),
     ],
 )
 def test_a_bad_condition_is_named_in_the_error(small_score, cond, match):
