@@ -86,7 +86,7 @@ FIRST_STEPS_FRACTION = 0.8
 MEMORY_FRACTION = 0.25
 #: bytes one row through the model costs, per element of a sample per byte of its dtype (see
 #: :func:`default_max_batch`; measured by ``benchmarks/bench_conditional_memory.py``)
-ROW_BYTES_PER_ELEMENT = 1024
+ROW_BYTES_PER_ELEMENT = 32768
 
 
 def default_first_steps(steps: int) -> int:
@@ -322,16 +322,17 @@ def default_max_batch(
 
         rows = clamp(floor(bytes_budget / bytes_per_row), 1, 4096)
         bytes_budget  = MEMORY_FRACTION · available_memory(device)       (default; MEMORY_FRACTION = 0.25)
-        bytes_per_row = ROW_BYTES_PER_ELEMENT · sample_dim · itemsize    (default; ROW_BYTES_PER_ELEMENT = 1024)
+        bytes_per_row = ROW_BYTES_PER_ELEMENT · sample_dim · itemsize    (default; ROW_BYTES_PER_ELEMENT = 2¹⁵)
 
-    ``bytes_per_row`` is what one row costs in the heaviest call, a vjp graph of the score
-    difference (two network passes) with a Jacobian product on it; the network's activations
-    dominate it. ``ROW_BYTES_PER_ELEMENT`` ≈ 3–4× what
-    ``benchmarks/bench_conditional_memory.py`` measures for a small ``UNet2DConditionModel``
-    (about 270–330 bytes per element per byte of itemsize at 3×16×16, float32). A wider network
-    costs more per row: measure yours (peak memory of one :func:`conditional_metrics` call over
-    its ``max_batch``) and pass ``bytes_per_row``; :func:`memwatch.operators.map_chunks` still
-    halves a chunk that runs out of memory.
+    ``bytes_per_row`` is what one row costs in the heaviest call: the graph of one vjp of the
+    score difference (two network passes) with a Jacobian product on it. The network's
+    activations dominate it, self-attention most (memwatch differentiates attention on its
+    "math" backend, whose attention maps grow like ``(H·W)²``). ``ROW_BYTES_PER_ELEMENT``
+    (``2¹⁵``) is about 1.5–2× what ``benchmarks/bench_conditional_memory.py`` measures for a
+    small ``UNet2DConditionModel`` at 3×16×16 (≈ 17–21 k bytes per element, about 50 MB per
+    row); a wider network or larger images cost more per element: measure yours (the peak memory
+    of one :func:`conditional_metrics` call over its ``max_batch``) and pass ``bytes_per_row``.
+    A chunk that still runs out of memory is halved (:func:`memwatch.operators.map_chunks`).
 
     Args:
         sample_dim: ``d``, elements of one sample (e.g. ``C · H · W``), ``>= 1``.
@@ -347,8 +348,8 @@ def default_max_batch(
         MemwatchError: ``sample_dim``, ``bytes_budget`` or ``bytes_per_row`` not a positive integer.
 
     Example:
-        >>> default_max_batch(768, bytes_budget=2**30)  # 1 GiB for 3×16×16 float32 samples
-        341
+        >>> default_max_batch(768, bytes_budget=2**32)  # 4 GiB for 3×16×16 float32 samples
+        42
     """
     for name, value in (("sample_dim", sample_dim), ("bytes_budget", bytes_budget), ("bytes_per_row", bytes_per_row)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

@@ -211,19 +211,19 @@ def test_options_and_keyword_settings_are_the_same(small_score):
         conditional_metrics(small_score, 1, k=4, **kwargs)
 
 
-def test_default_max_batch_follows_its_formula():
+def test_default_max_batch_follows_its_formula(monkeypatch):
+    import memwatch.conditional as conditional
+
     d = 3 * 16 * 16
     assert default_max_batch(d, bytes_budget=2**30) == 2**30 // (ROW_BYTES_PER_ELEMENT * d * 4)
-    assert default_max_batch(d, bytes_budget=2**30, dtype=torch.float64) == 2**30 // (ROW_BYTES_PER_ELEMENT * d * 8)
+    assert default_max_batch(d, bytes_budget=2**32, dtype=torch.float64) == 2**32 // (ROW_BYTES_PER_ELEMENT * d * 8)
     assert default_max_batch(d, bytes_budget=10_000, bytes_per_row=1_000) == 10
     assert default_max_batch(d, bytes_budget=1) == 1  # never 0
     assert default_max_batch(1, bytes_budget=2**50) == 4096  # capped
     free = available_memory("cpu")
-    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    assert 0 < free <= total
-    assert default_max_batch(d) == max(
-        1, min(4096, int(0.25 * available_memory("cpu") / (ROW_BYTES_PER_ELEMENT * d * 4)))
-    )
+    assert 0 < free <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    monkeypatch.setattr(conditional, "available_memory", lambda device: 2**34)  # 16 GiB free
+    assert default_max_batch(d) == int(0.25 * 2**34) // (ROW_BYTES_PER_ELEMENT * d * 4)
     for kwargs, match in (
         (dict(sample_dim=0), "`sample_dim`"),
         (dict(sample_dim=8, bytes_budget=-1), "`bytes_budget`"),
