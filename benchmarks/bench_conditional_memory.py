@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--probes", type=int, nargs="+", default=[8, 16], help="probes per condition")
     parser.add_argument("--max-batch", nargs="+", default=["none", "64", "16", "4"], help="'none' or row counts")
-    parser.add_argument("--sampler-steps", type=int, default=5, help="DDIM steps (products at the first 80 %%)")
+    parser.add_argument("--sampler-steps", type=int, default=3, help="DDIM steps (products at the first 80 %%)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per measurement")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -19,7 +19,11 @@ and, per probe (:func:`memwatch.conditional.conditional_metrics`),
 * the sharp fraction of ``p_t(x | c)`` at σ_t = ``--sigma``.
 
 The duplicated prompt should have the largest mean Hessian-weighted score difference; the script
-prints the per-prompt means and ``most_memorized_condition``.
+prints the per-prompt means and ``most_memorized_condition``. Measured (4 prompts, 30 copies,
+1500 steps, 16 probes per prompt): the duplicated prompt came first on 3 of 3 seeds, 1.4–2.6×
+the next prompt; after 300 steps on 1 of 4 seeds only. The copies must stay a small share of all
+the data (here 5 %): with 180 copies (25 %) the unconditional density peaks at that image too,
+``H_uc ≈ H_c`` there, and after 600 steps another prompt came first.
 
 The null embedding is one condition without a batch axis, ``[L, E]``: :class:`memwatch.DiffusionScore`
 takes its shape as that of every condition, so a prompt embedding ``[L, E]`` means "this prompt
@@ -27,8 +31,8 @@ for every probe" and ``[n, L, E]`` one prompt per probe, also when ``L`` equals 
 
 Run::
 
-    python examples/text_conditional.py --fast --threads 1    # a smoke run, ~1 min on 2 cores
-    python examples/text_conditional.py                       # 10 prompts, longer training
+    python examples/text_conditional.py --fast --threads 1    # a smoke run (200 steps), < 1 min
+    python examples/text_conditional.py --threads 1           # the measured setting, a few minutes
     python examples/text_conditional.py --no-monitor          # without the callback
 """
 
@@ -234,13 +238,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--fast", action="store_true", help="smoke run: 4 prompts, 300 steps, 8 probes per prompt")
+    parser.add_argument("--fast", action="store_true", help="smoke run: 4 prompts, 200 steps, 4 probes per prompt")
     parser.add_argument("--out", type=Path, default=Path("memwatch_out/text_conditional"), help="output folder")
-    parser.add_argument("--prompts", type=int, default=None, help="number of prompts (digits 0 … P−1; 4 fast, 10 full)")
+    parser.add_argument("--prompts", type=int, default=None, help="number of prompts (digits 0 … P−1)")
     parser.add_argument("--dup-digit", type=int, default=3, help="the digit whose prompt has one duplicated image")
-    parser.add_argument("--copies", type=int, default=180, help="copies of that image")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 300 fast, 3000 full)")
-    parser.add_argument("--probes", type=int, default=None, help="probes per prompt (default 8 fast, 32 full)")
+    parser.add_argument("--copies", type=int, default=30, help="copies of that image")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 200 fast, 1500 full)")
+    parser.add_argument("--probes", type=int, default=None, help="probes per prompt (default 4 fast, 16 full)")
     parser.add_argument("--sampler-steps", type=int, default=10, help="DDIM steps of the probes")
     parser.add_argument("--sigma", type=float, default=0.2, help="noise level of the sharpness measurement")
     parser.add_argument("--max-batch", type=int, default=64, help="rows per model call in the measurement")
@@ -250,9 +254,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    num_prompts = args.prompts or (4 if args.fast else 10)
-    steps = args.steps or (300 if args.fast else 3000)
-    n = args.probes or (8 if args.fast else 32)
+    num_prompts = args.prompts or 4
+    steps = args.steps or (200 if args.fast else 1500)
+    n = args.probes or (4 if args.fast else 16)
     args.out.mkdir(parents=True, exist_ok=True)
 
     prompts = prompt_embeddings(num_prompts, seed=args.seed)
