@@ -296,8 +296,9 @@ def _broadcast_like(cond: Tensor, n: int, name: str, null_cond: Tensor) -> Tenso
         return cond.expand(n, *shape)
     label = " (a 0-d label or an int)" if not shape else ""
     raise MemwatchError(
-        f"`{name}` must be one condition of shape {shape}{label} like `null_cond`, or a batch of them with batch size 1 or {n} "
-        f"(the number of samples), {tuple([1, *shape])} or {tuple([n, *shape])}; got shape {tuple(cond.shape)}"
+        f"`{name}` must be one condition of shape {shape}{label} like `null_cond`, or a batch of them with "
+        f"batch size 1 or {n} (the number of samples), {tuple([1, *shape])} or {tuple([n, *shape])}; "
+        f"got shape {tuple(cond.shape)}"
     )
 
 
