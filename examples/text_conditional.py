@@ -307,6 +307,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         mark += "  [duplicated]" if name == prompt_name(args.dup_digit) else ""
         print(f"{name:>20}  {cells[0]:>22}  {cells[1]:>14}  {cells[2]:>15}{mark}")
     print(f"most_memorized_condition: {flagged!r}")
+    if args.fast:
+        print("(--fast is a smoke run, too short for the duplicated prompt to stand out reliably; see the docstring)")
     return {"most_memorized_condition": flagged, "summary": summary}
 
 
