@@ -32,6 +32,16 @@ per-probe AUROCs for the duplicated class differed by at most 0.03 at every aver
 (e.g. 0.967 vs 0.975 over the first 33 of 50 steps), so the choice is about consistency with the
 sharpness spectrum, not about detection.
 
+Memory: every model call of :func:`conditional_metrics` (the sampler, the check that the model
+takes ``cond``, the products at the ``m`` steps of ``n`` probes and the sharpness) sees at most
+``max_batch`` rows (a field of :class:`memwatch.sharpness.SharpnessOptions`); the ``m · n``
+step-major rows of the products are split into chunks of that size, so peak memory grows with
+``max_batch``, not with ``n`` or ``m`` (``benchmarks/bench_conditional_memory.py``).
+:func:`default_max_batch` picks a size from the available memory.
+
+Conditions to watch (a tensor ``[C, ...]``, a sequence, or a mapping name → condition such as
+prompt → embedding ``[L, E]``) are read once by :func:`parse_conditions`.
+
 Units: with ``x`` in data units ``[x]``, ``s`` and ``s_Δ`` are in ``1/[x]`` and ``H s_Δ`` in
 ``1/[x]³``; the values are raw (not σ_t-normalized), so compare conditions at the same timesteps,
 which :func:`conditional_metrics` guarantees by giving every condition the same probe noise.
@@ -39,9 +49,12 @@ which :func:`conditional_metrics` guarantees by giving every condition the same 
 
 from __future__ import annotations
 
+import math
+import os
+import re
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -49,19 +62,31 @@ from torch import Tensor
 from memwatch.errors import MemwatchError
 from memwatch.operators import JVP_MODES, ScoreJacobian, map_chunks
 from memwatch.sampling import probe_noise, sample_trajectory
-from memwatch.score import DiffusionScore, broadcast_condition
-from memwatch.sharpness import SharpnessResult, measure_sharpness
+from memwatch.score import DiffusionScore
+from memwatch.sharpness import SharpnessOptions, SharpnessResult, measure_sharpness
 
 __all__ = [
     "FIRST_STEPS_FRACTION",
+    "MEMORY_FRACTION",
+    "ROW_BYTES_PER_ELEMENT",
     "ConditionalResult",
+    "available_memory",
+    "check_first_steps",
+    "condition_keys",
     "conditional_metrics",
     "default_first_steps",
+    "default_max_batch",
     "hessian_score_difference",
+    "parse_conditions",
 ]
 
 #: share of the sampler's steps (the noisiest ones) that the metrics are averaged over by default
 FIRST_STEPS_FRACTION = 0.8
+#: share of the available memory that :func:`default_max_batch` plans for
+MEMORY_FRACTION = 0.25
+#: bytes one row through the model costs, per element of a sample per byte of its dtype (see
+#: :func:`default_max_batch`; measured by ``benchmarks/bench_conditional_memory.py``)
+ROW_BYTES_PER_ELEMENT = 32768
 
 
 def default_first_steps(steps: int) -> int:
@@ -122,6 +147,218 @@ class ConditionalResult:
         return None if self.sharpness is None else self.sharpness.sharp_fraction
 
 
+def check_first_steps(
+    first_steps: int | None, steps: int, *, name: str = "first_steps", steps_name: str = "steps"
+) -> int:
+    """``first_steps`` checked against a ``steps``-step sampler; ``None`` → :func:`default_first_steps`.
+
+    Args:
+        first_steps: ``m``, leading (noisiest) sampler steps to average over, ``1 <= m <= steps``, or ``None``.
+        steps: the sampler's number of steps (``>= 1``).
+        name, steps_name: how the two arguments are called in error messages (e.g.
+            ``"condition_first_steps"``, ``"sampler_steps"`` for the monitor).
+
+    Returns:
+        ``m`` (an int in ``[1, steps]``).
+
+    Raises:
+        MemwatchError: ``first_steps`` is not ``None`` or an integer in ``[1, steps]``.
+
+    Example:
+        >>> check_first_steps(None, 50), check_first_steps(3, 10)
+        (40, 3)
+    """
+    if first_steps is None:
+        return default_first_steps(steps)
+    if not isinstance(first_steps, int) or isinstance(first_steps, bool) or not 1 <= first_steps <= steps:
+        raise MemwatchError(
+            f"`{name}` must be an integer in [1, {steps_name}={steps}] or None (the default, "
+            f"{FIRST_STEPS_FRACTION:.0%} of the steps), got {first_steps!r}"
+        )
+    return first_steps
+
+
+def parse_conditions(
+    conditions: Tensor | Sequence[int | Tensor] | Mapping[str, int | Tensor] | None,
+    *,
+    null_cond_shape: Sequence[int] | None = None,
+) -> dict[str, Tensor]:
+    """The conditions to watch as ``name → one condition`` (no batch axis, detached, on the CPU).
+
+    Accepted forms:
+
+    * a tensor ``[C, ...]``, one row per condition: labels ``[C]`` or embeddings ``[C, L, E]``;
+    * a non-empty sequence of int labels or tensors (one condition each);
+    * a non-empty mapping ``name → condition``, e.g. ``{"a photo of digit 0": emb}`` with
+      ``emb`` ``[L, E]``; keys are strings (or ints, named by ``str``).
+
+    Names: the mapping's keys; else the labels when every condition is a 0-d integer label;
+    else the indices ``"0"``, ``"1"``, … (in order).
+
+    With ``null_cond_shape`` (:attr:`memwatch.DiffusionScore.cond_shape`, the shape of one
+    condition) every condition must have that shape; a sequence item or mapping value of shape
+    ``[1, *null_cond_shape]`` is read as one condition with a batch axis, which is dropped.
+    Without it the conditions must share one shape, taken as is.
+
+    Args:
+        conditions: see above; ``None`` → ``{}``.
+        null_cond_shape: the per-condition shape when known (``()`` for labels).
+
+    Returns:
+        ``dict[str, Tensor]`` in the given order; stack the values for a batch ``[C, ...]``.
+
+    Raises:
+        MemwatchError: another type, an empty collection, a boolean or non-finite condition,
+            conditions of different shapes or kinds, a shape other than ``null_cond_shape``, or a
+            repeated name; the message names ``conditions`` (and the item), the shapes expected
+            and the value's shape.
+
+    Example:
+        >>> list(parse_conditions(torch.arange(3)))
+        ['0', '1', '2']
+        >>> conds = parse_conditions({"a cat": torch.zeros(4, 16), "a dog": torch.ones(1, 4, 16)},
+        ...                          null_cond_shape=(4, 16))
+        >>> {name: tuple(c.shape) for name, c in conds.items()}
+        {'a cat': (4, 16), 'a dog': (4, 16)}
+    """
+    if conditions is None:
+        return {}
+    shape = None if null_cond_shape is None else tuple(int(s) for s in null_cond_shape)
+    if isinstance(conditions, Tensor):
+        named = _rows_of(conditions, shape)
+    elif isinstance(conditions, Mapping) and len(conditions) > 0:
+        named = []
+        for key, value in conditions.items():
+            if isinstance(key, bool) or not isinstance(key, (str, int)):
+                raise MemwatchError(f"`conditions` keys must be names (str), got {type(key).__name__} {key!r}")
+            named.append((str(key), _one_condition(value, f"conditions[{key!r}]", shape)))
+    elif isinstance(conditions, Sequence) and not isinstance(conditions, (str, bytes)) and len(conditions) > 0:
+        named = [(None, _one_condition(c, f"conditions[{i}]", shape)) for i, c in enumerate(conditions)]
+    else:
+        raise MemwatchError(
+            "`conditions` must be None, a tensor [C, ...], a non-empty sequence of int labels / tensors, or a "
+            f"non-empty mapping name -> condition, got {type(conditions).__name__}"
+        )
+    items = [c for _, c in named]
+    kinds = {(tuple(c.shape), c.is_floating_point()) for c in items}
+    if len(kinds) > 1:
+        seen = sorted(f"{s} {'floating' if f else 'integer'}" for s, f in kinds)
+        raise MemwatchError(f"`conditions` must all have the same shape and kind, got {seen}")
+    if named[0][0] is not None:
+        names = [name for name, _ in named]
+    elif all(c.ndim == 0 and not c.is_floating_point() for c in items):
+        names = [str(int(c)) for c in items]
+    else:
+        names = [str(i) for i in range(len(items))]
+    if len(set(names)) != len(names):
+        what = "label" if named[0][0] is None else "name"
+        raise MemwatchError(f"`conditions` must not repeat a {what}, got {names}")
+    return dict(zip(names, items))
+
+
+def condition_keys(names: Iterable[str], max_length: int = 64) -> dict[str, str]:
+    """Metric-name-safe, unique keys for condition names (prompts may hold spaces or slashes).
+
+    Each run of characters other than letters, digits, ``_``, ``-`` and ``.`` becomes ``_``; keys are
+    cut to ``max_length`` characters; a key already taken gets ``_<index>`` appended (the
+    condition's position). Use them in logged names such as ``cond/{key}/score_diff`` and keep the
+    full names in tables.
+
+    Example:
+        >>> condition_keys(["a photo of digit 0", "a/b", "a b", "3"])
+        {'a photo of digit 0': 'a_photo_of_digit_0', 'a/b': 'a_b', 'a b': 'a_b_2', '3': '3'}
+    """
+    keys: dict[str, str] = {}
+    for i, name in enumerate(names):
+        key = re.sub(r"[^\w.\-]+", "_", str(name)).strip("_")[:max_length] or "condition"
+        if key in keys.values():
+            key = f"{key[: max_length - len(str(i)) - 1]}_{i}"
+        keys[name] = key
+    return keys
+
+
+def available_memory(device: torch.device | str = "cpu") -> int:
+    """Bytes of memory free for new tensors on ``device``.
+
+    CUDA: ``torch.cuda.mem_get_info`` (free on the device) plus what torch's caching allocator
+    holds but does not use (``memory_reserved − memory_allocated``). Any other device (the CPU,
+    and unified-memory accelerators such as MPS): the host's available memory from ``psutil``
+    if installed, else ``MemAvailable`` of ``/proc/meminfo``, else ``os.sysconf`` (available
+    physical pages × page size).
+
+    Example:
+        >>> available_memory("cpu") > 0
+        True
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        import psutil
+    except ImportError:
+        pass
+    else:
+        return int(psutil.virtual_memory().available)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def default_max_batch(
+    sample_dim: int,
+    *,
+    device: torch.device | str = "cpu",
+    bytes_budget: int | None = None,
+    bytes_per_row: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> int:
+    """Rows per model call that fit in memory: a ``max_batch`` for ``max_batch=None`` callers.
+
+        rows = clamp(floor(bytes_budget / bytes_per_row), 1, 4096)
+        bytes_budget  = MEMORY_FRACTION · available_memory(device)       (default; MEMORY_FRACTION = 0.25)
+        bytes_per_row = ROW_BYTES_PER_ELEMENT · sample_dim · itemsize    (default; ROW_BYTES_PER_ELEMENT = 2¹⁵)
+
+    ``bytes_per_row`` is what one row costs in the heaviest call: the graph of one vjp of the
+    score difference (two network passes) with a Jacobian product on it. The network's
+    activations dominate it, self-attention most (memwatch differentiates attention on its
+    "math" backend, whose attention maps grow like ``(H·W)²``). ``ROW_BYTES_PER_ELEMENT``
+    (``2¹⁵``) is about 1.5–2× what ``benchmarks/bench_conditional_memory.py`` measures for a
+    small ``UNet2DConditionModel`` at 3×16×16 (≈ 17–21 k bytes per element, about 50 MB per
+    row); a wider network or larger images cost more per element: measure yours (the peak memory
+    of one :func:`conditional_metrics` call over its ``max_batch``) and pass ``bytes_per_row``.
+    A chunk that still runs out of memory is halved (:func:`memwatch.operators.map_chunks`).
+
+    Args:
+        sample_dim: ``d``, elements of one sample (e.g. ``C · H · W``), ``>= 1``.
+        device: where the model runs (the memory that is measured).
+        bytes_budget: bytes to plan for instead of ``MEMORY_FRACTION`` of the available memory.
+        bytes_per_row: bytes one row costs instead of the formula above.
+        dtype: the sampling dtype (its itemsize enters the formula).
+
+    Returns:
+        ``max_batch``, an int in ``[1, 4096]``.
+
+    Raises:
+        MemwatchError: ``sample_dim``, ``bytes_budget`` or ``bytes_per_row`` not a positive integer.
+
+    Example:
+        >>> default_max_batch(768, bytes_budget=2**32)  # 4 GiB for 3×16×16 float32 samples
+        42
+    """
+    for name, value in (("sample_dim", sample_dim), ("bytes_budget", bytes_budget), ("bytes_per_row", bytes_per_row)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise MemwatchError(f"`{name}` must be a positive integer, got {value!r}")
+    budget = bytes_budget if bytes_budget is not None else MEMORY_FRACTION * available_memory(device)
+    per_row = bytes_per_row if bytes_per_row is not None else ROW_BYTES_PER_ELEMENT * sample_dim * dtype.itemsize
+    return int(min(4096, max(1, math.floor(budget / per_row))))
+
+
 def hessian_score_difference(
     score: DiffusionScore,
     x: Tensor,
@@ -130,6 +367,7 @@ def hessian_score_difference(
     *,
     symmetric: bool = True,
     jvp_mode: str = "auto",
+    max_batch: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``s_Δ`` and ``H_c s_Δ - H_uc s_Δ`` at ``x``, for all probes at once.
 
@@ -141,15 +379,16 @@ def hessian_score_difference(
             ``s_c`` is the plain conditional score (no guidance).
         x: ``[n, *shape]`` points.
         t: timestep (schedule units), scalar or ``[n]``.
-        cond: one condition or ``[n, ...]`` (see :func:`memwatch.score.broadcast_condition`).
+        cond: one condition or ``[n, ...]`` (see :meth:`memwatch.DiffusionScore.batch_condition`).
         symmetric: symmetrize the Jacobian (the Hessian of ``log p``) or use it as is.
         jvp_mode: ``"auto"``, ``"forward"`` or ``"reverse"`` (see :class:`ScoreJacobian`).
+        max_batch: at most this many rows go through the model at once; ``None`` = all.
 
     Returns:
         ``(s_delta, h_s_delta)``, both ``[n, *shape]`` in ``x``'s dtype, detached.
 
     Raises:
-        ValueError: bad ``x``, ``t`` or ``cond`` (named in the message).
+        MemwatchError: bad ``x``, ``t``, ``cond``, ``jvp_mode`` or ``max_batch`` (named in the message).
 
     Example:
         >>> from memwatch.schedules import NoiseSchedule
@@ -162,10 +401,11 @@ def hessian_score_difference(
     _check_x(x)
     if jvp_mode not in JVP_MODES:
         raise MemwatchError(f"`jvp_mode` must be one of {JVP_MODES}, got {jvp_mode!r}")
+    SharpnessOptions(max_batch=max_batch)  # validates max_batch
     n = x.shape[0]
     tt = score.timesteps(t, n, x.device)
-    cond_b = _on_device(broadcast_condition(cond, n), x.device)
-    return _hvp(score, x, tt, cond_b, symmetric, jvp_mode)
+    cond_b = score.batch_condition(cond, n, "cond")
+    return _chunked_hvp(score, x, tt, cond_b, torch.arange(n), symmetric, jvp_mode, max_batch, x.device)
 
 
 def conditional_metrics(
@@ -180,16 +420,11 @@ def conditional_metrics(
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,
     symmetric: bool = True,
-    k: int = 8,
-    threshold: float = 0.5,
-    method: str = "auto",
-    num_iters: int = 32,
-    num_vectors: int = 4,
-    max_batch: int | None = None,
+    options: SharpnessOptions | None = None,
     lanczos_generator: torch.Generator | None = None,
-    jvp_mode: str = "auto",
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    **settings: object,
 ) -> ConditionalResult:
     """Draw DDIM probes for condition(s) ``cond`` and measure Wen's and Jeon's metrics on them.
 
@@ -205,11 +440,19 @@ def conditional_metrics(
     density ``p_t(x | c)`` at the probe's state at ``eval_t`` (:func:`memwatch.measure_sharpness`
     with ``cond``, on the unguided conditional score).
 
+    Memory: every model call sees at most ``options.max_batch`` rows — the sampler and the
+    check that the model takes ``cond`` run on chunks of probes, the products on chunks of the
+    ``m · n`` (step, probe) rows, the sharpness chunks its own rows; the results do not depend
+    on ``max_batch``. ``None`` = all rows at once (``m · n`` in the products);
+    :func:`default_max_batch` gives a size that fits the available memory.
+
     Args:
         score: the model's score; its ``null_cond`` defines ``s_uc``.
-        cond: one condition for all probes (an int label, a 0-d tensor, a ``[1, ...]`` tensor) or
-            one per probe ``[n, ...]``. To compare conditions on the same probes, pass the same
-            ``generator`` seed (or ``noise``) for each, or one batch with per-probe conditions.
+        cond: one condition for all probes (an int label, a 0-d tensor, one embedding
+            ``[L, E]`` of the score's :attr:`~memwatch.DiffusionScore.cond_shape`, or a batch of
+            one) or one per probe ``[n, ...]``; see :meth:`memwatch.DiffusionScore.batch_condition`.
+            To compare conditions on the same probes, pass the same ``generator`` seed (or
+            ``noise``) for each, or one batch with per-probe conditions.
         n, shape: number and shape of probes (ignored when ``noise`` is given).
         steps: DDIM steps of the sampler (``>= 1``).
         first_steps: ``m``, the number of leading (noisiest) sampler steps averaged over
@@ -218,41 +461,36 @@ def conditional_metrics(
         eval_t: timestep (schedule units) for the sharpness of ``p_t(x | c)``; ``None`` skips it.
         generator: source of the start noise; noise: explicit start noise ``[n, *shape]``.
         symmetric: use ``½ (H_Δ + H_Δᵀ)`` (default) or the plain Jacobian ``H_Δ``.
-        k, threshold, method, num_iters, num_vectors: passed to :func:`memwatch.measure_sharpness`.
-        max_batch: at most this many probes go through the model at once (sampler, products and
-            sharpness); ``None`` = all.
+        options: the spectrum settings (:class:`memwatch.sharpness.SharpnessOptions`: ``k``,
+            ``threshold``, ``method``, ``num_iters``, ``num_vectors`` for the sharpness,
+            ``max_batch`` and ``jvp_mode`` for every call); default ``SharpnessOptions()``.
         lanczos_generator: start vectors of the Lanczos runs (``method="lanczos"``).
-        jvp_mode: ``"auto"``, ``"forward"`` or ``"reverse"`` (see :class:`ScoreJacobian`).
         device, dtype: where and in which precision to run (default: the model's device).
+        settings: fields of :class:`~memwatch.sharpness.SharpnessOptions` that override
+            ``options``, e.g. ``k=4, max_batch=64``.
 
     Returns:
         :class:`ConditionalResult` with ``[n]`` metrics; probes whose scores or products are not
         finite are NaN, flagged in ``finite`` and reported with a ``RuntimeWarning``.
 
     Raises:
-        ValueError: invalid arguments (named in the message); a ``cond`` the model rejects (the
+        MemwatchError: invalid arguments (named in the message); a ``cond`` the model rejects (the
             model's error is chained).
 
     Example:
         >>> from memwatch.toymodels import DDPMModule
         >>> score = DDPMModule(shape=(2,), hidden=16, depth=1, num_classes=3).memwatch_score()
-        >>> res = conditional_metrics(score, 1, n=4, shape=(2,), steps=10, first_steps=3,
-        ...                           eval_t=100, k=2, generator=torch.Generator().manual_seed(0))
+        >>> res = conditional_metrics(score, 1, n=4, shape=(2,), steps=10, first_steps=3, eval_t=100,
+        ...                           k=2, max_batch=8, generator=torch.Generator().manual_seed(0))
         >>> res.hessian_score_diff_norm.shape, res.step_score_diff_norm.shape, res.sharp_fraction.shape
         (torch.Size([4]), torch.Size([4, 3]), torch.Size([4]))
     """
     if not isinstance(score, DiffusionScore):
         raise MemwatchError(f"`score` must be a memwatch.DiffusionScore, got {type(score).__name__}")
+    options = _options(options, settings)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise MemwatchError(f"`steps` must be a positive integer, got {steps!r}")
-    if first_steps is None:
-        first_steps = default_first_steps(steps)
-    if not isinstance(first_steps, int) or isinstance(first_steps, bool) or not 1 <= first_steps <= steps:
-        raise MemwatchError(f"`first_steps` must be an integer in [1, steps={steps}], got {first_steps!r}")
-    if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
-        raise MemwatchError(f"`max_batch` must be a positive integer or None, got {max_batch!r}")
-    if jvp_mode not in JVP_MODES:
-        raise MemwatchError(f"`jvp_mode` must be one of {JVP_MODES}, got {jvp_mode!r}")
+    m = check_first_steps(first_steps, steps)
     if noise is None:
         if n is None or shape is None:
             raise MemwatchError("pass `noise`, or both `n` and `shape`")
@@ -261,39 +499,27 @@ def conditional_metrics(
         noise = probe_noise(n, tuple(shape), generator=generator, dtype=dtype)
     _check_x(noise, "noise")
     n = noise.shape[0]
-    cond_b = broadcast_condition(cond, n)
-    schedule = score.schedule
-    grid = schedule.sampling_timesteps(steps)
-    first = [float(t) for t in grid[:first_steps]]
-    t_eval = None if eval_t is None else float(schedule.check_t(eval_t, "eval_t"))
-    states_at = first + ([] if t_eval is None or t_eval in first else [t_eval])
+    cond_b = score.batch_condition(cond, n, "cond")
+    grid = score.schedule.sampling_timesteps(steps)
+    first = grid[:m]
+    t_eval = None if eval_t is None else float(score.schedule.check_t(eval_t, "eval_t"))
+    if t_eval is not None:
+        options.check_dim(noise[0].numel())
     run_device = torch.device(device) if device is not None else score.device
-    check_rows = slice(0, max_batch or n)
-    _check_model_accepts(score, cond_b[check_rows], noise[check_rows].to(run_device, dtype), grid[:1])
+    rows = slice(0, options.max_batch or n)
+    _check_model_accepts(score, cond_b[rows], noise[rows].to(run_device, dtype), grid[:1])
 
-    def chunk(rows: slice) -> tuple[Tensor, ...]:
-        c = _on_device(cond_b[rows], run_device)
-        traj = sample_trajectory(
-            score, noise=noise[rows], steps=steps, cond=c, states_at=states_at, device=run_device, dtype=dtype
-        )
-        m, r = len(first), traj.samples.shape[0]
-        x = torch.cat([traj.states[t] for t in first])  # [(m r), *shape], step-major
-        tt = score.timesteps(torch.tensor(first).repeat_interleave(r), m * r, run_device)
-        s_d, hs_d = _hvp(score, x, tt, c.repeat(m, *([1] * (c.ndim - 1))), symmetric, jvp_mode)
-        norms = [v.reshape(m, r, -1).to(torch.float64).norm(dim=-1).T.cpu() for v in (s_d, hs_d)]  # [r, m]
-        eval_state = traj.states[t_eval] if t_eval is not None else traj.samples[:, :0]
-        return (*norms, eval_state.detach().cpu(), traj.samples.detach().cpu())
-
-    step_sd, step_hsd, eval_states, samples = map_chunks(chunk, n, max_batch)
-    finite = torch.isfinite(step_sd).all(1) & torch.isfinite(step_hsd).all(1)
-    if not bool(finite.all()):
-        bad = (~finite).nonzero().flatten().tolist()
-        warnings.warn(
-            f"memwatch: the conditional/unconditional score difference is not finite for {len(bad)} "
-            f"probe(s) {bad[:8]}; their metrics are reported as NaN",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    states, eval_states, samples = _sample_states(
+        score, noise, cond_b, steps, [float(t) for t in first], t_eval, options.max_batch, run_device, dtype
+    )
+    # the m·n (step, probe) rows, step-major: row i·n + j is probe j at step i
+    x = states.reshape(m * n, *noise.shape[1:])
+    tt = score.timesteps(first.repeat_interleave(n), m * n)
+    s_d, hs_d = _chunked_hvp(
+        score, x, tt, cond_b, torch.arange(n).repeat(m), symmetric, options.jvp_mode, options.max_batch, run_device
+    )
+    step_sd, step_hsd = (v.reshape(m, n, -1).to(torch.float64).norm(dim=-1).T for v in (s_d, hs_d))  # [n, m]
+    finite = _flag_not_finite(step_sd, step_hsd)
     nan = torch.tensor(float("nan"), dtype=torch.float64)
     step_sd = torch.where(finite[:, None], step_sd, nan)
     step_hsd = torch.where(finite[:, None], step_hsd, nan)
@@ -304,22 +530,16 @@ def conditional_metrics(
             _unguided(score),
             eval_states.to(run_device),
             t_eval,
-            k=k,
-            threshold=threshold,
-            method=method,
-            num_iters=num_iters,
-            num_vectors=num_vectors,
-            max_batch=max_batch,
-            cond=_on_device(cond_b, run_device),
+            options,
+            cond=cond_b.to(run_device),
             generator=lanczos_generator,
-            jvp_mode=jvp_mode,
         )
     return ConditionalResult(
         score_diff_norm=step_sd.mean(1),
         hessian_score_diff_norm=step_hsd.mean(1),
         step_score_diff_norm=step_sd,
         step_hessian_score_diff_norm=step_hsd,
-        timesteps=grid[:first_steps].clone(),
+        timesteps=first.clone(),
         sharpness=sharp,
         samples=samples,
         finite=finite,
@@ -328,15 +548,142 @@ def conditional_metrics(
 
 
 # ---------------------------------------------------------------------- private
+def _options(options: SharpnessOptions | None, settings: Mapping[str, object]) -> SharpnessOptions:
+    """``options`` (default ``SharpnessOptions()``) with the keyword ``settings`` applied, checked."""
+    if options is not None and not isinstance(options, SharpnessOptions):
+        raise MemwatchError(f"`options` must be a SharpnessOptions or None, got {type(options).__name__}")
+    allowed = [f.name for f in fields(SharpnessOptions)]
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        raise MemwatchError(f"unknown setting(s) {unknown}; the settings are the fields of SharpnessOptions: {allowed}")
+    options = options or SharpnessOptions()
+    return options.replace(**settings) if settings else options
+
+
+def _sample_states(
+    score: DiffusionScore,
+    noise: Tensor,
+    cond: Tensor,
+    steps: int,
+    first: list[float],
+    t_eval: float | None,
+    max_batch: int | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DDIM in chunks of ``max_batch`` probes: states ``[m, n, *shape]`` at ``first``, states at
+    ``t_eval`` ``[n, *shape]`` (``[n, 0, …]`` without), samples ``[n, *shape]``; all on the CPU."""
+    states_at = first + ([] if t_eval is None or t_eval in first else [t_eval])
+
+    def chunk(rows: slice) -> tuple[Tensor, Tensor, Tensor]:
+        traj = sample_trajectory(
+            score,
+            noise=noise[rows],
+            steps=steps,
+            cond=cond[rows].to(device),
+            states_at=states_at,
+            device=device,
+            dtype=dtype,
+        )
+        at = torch.stack([traj.states[t] for t in first], dim=1)  # [r, m, *shape]
+        at_eval = traj.states[t_eval] if t_eval is not None else traj.samples[:, :0]
+        return at.detach().cpu(), at_eval.detach().cpu(), traj.samples.detach().cpu()
+
+    states, eval_states, samples = map_chunks(chunk, noise.shape[0], max_batch)
+    return states.transpose(0, 1), eval_states, samples
+
+
+def _chunked_hvp(
+    score: DiffusionScore,
+    x: Tensor,
+    tt: Tensor,
+    cond: Tensor,
+    probe: Tensor,
+    symmetric: bool,
+    jvp_mode: str,
+    max_batch: int | None,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    """:func:`_hvp` over chunks of at most ``max_batch`` rows of ``x`` ``[R, *shape]`` (row ``i`` at
+    ``tt[i]`` with condition ``cond[probe[i]]``), on ``device``; ``"auto"`` is resolved once, on the
+    first chunk. Returns ``(s_Δ, A s_Δ)`` ``[R, *shape]`` on ``x``'s device."""
+    mode = [jvp_mode]
+
+    def chunk(rows: slice) -> tuple[Tensor, Tensor]:
+        s_d, hs_d, mode[0] = _hvp(
+            score, x[rows].to(device), tt[rows].to(device), cond[probe[rows]].to(device), symmetric, mode[0]
+        )
+        return s_d.to(x.device), hs_d.to(x.device)
+
+    return map_chunks(chunk, x.shape[0], max_batch)
+
+
 def _hvp(score: DiffusionScore, x: Tensor, tt: Tensor, cond: Tensor, symmetric: bool, jvp_mode: str):
-    """``(s_Δ, A s_Δ)`` ``[n, *shape]``; trusts its inputs (``tt`` ``[n]``, ``cond`` ``[n, ...]``)."""
+    """``(s_Δ, A s_Δ, mode used)`` ``[n, *shape]``; trusts its inputs (``tt`` ``[n]``, ``cond`` ``[n, ...]``)."""
     op = ScoreJacobian(lambda z: score.score_difference(z, tt, cond), x, mode=jvp_mode)
     s_delta = op.output  # [n, D]
     safe = torch.nan_to_num(s_delta, nan=0.0, posinf=0.0, neginf=0.0)
     prod = op.matvec(safe) if symmetric else op.jvp(safe)
     bad = ~torch.isfinite(s_delta).all(1, keepdim=True)
     prod = torch.where(bad, torch.full_like(prod, float("nan")), prod)
-    return s_delta.reshape(x.shape), prod.reshape(x.shape)
+    return s_delta.reshape(x.shape), prod.reshape(x.shape), op.mode
+
+
+def _flag_not_finite(step_sd: Tensor, step_hsd: Tensor) -> Tensor:
+    """``[n]`` bool, rows finite at every step; warns with the count and the first rows otherwise."""
+    finite = torch.isfinite(step_sd).all(1) & torch.isfinite(step_hsd).all(1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        warnings.warn(
+            f"memwatch: the conditional/unconditional score difference is not finite for {len(bad)} "
+            f"probe(s) {bad[:8]}; their metrics are reported as NaN",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return finite
+
+
+def _rows_of(conditions: Tensor, shape: tuple[int, ...] | None) -> list[tuple[None, Tensor]]:
+    """The rows of a ``[C, ...]`` tensor of conditions, checked."""
+    expected = "[C, ...]" if shape is None else "[" + ", ".join(["C", *map(str, shape)]) + "]"
+    bad_shape = conditions.ndim == 0 or conditions.shape[0] == 0
+    if bad_shape or conditions.dtype == torch.bool or (shape is not None and tuple(conditions.shape[1:]) != shape):
+        hint = ""
+        if shape is not None and tuple(conditions.shape) == shape:
+            hint = "; this is one condition: pass conditions[None], or a mapping {name: condition}"
+        raise MemwatchError(
+            f"`conditions` must be a tensor {expected} with one row per condition (C >= 1), a sequence of int "
+            f"labels / tensors or a mapping name -> condition; got a {conditions.dtype} tensor of shape "
+            f"{tuple(conditions.shape)}{hint}"
+        )
+    _check_finite(conditions, "conditions")
+    return [(None, c) for c in conditions.detach().cpu()]
+
+
+def _one_condition(value: object, name: str, shape: tuple[int, ...] | None) -> Tensor:
+    """One condition (an int label or a tensor, without batch axis; ``[1, *shape]`` squeezed)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, Tensor))
+        or (isinstance(value, Tensor) and value.dtype == torch.bool)
+    ):
+        what = f"a {value.dtype} tensor" if isinstance(value, Tensor) else type(value).__name__
+        raise MemwatchError(f"`{name}` must be an int label or a torch.Tensor, got {what}")
+    cond = torch.tensor(value) if isinstance(value, int) else value.detach().cpu()
+    _check_finite(cond, name)
+    if shape is None or tuple(cond.shape) == shape:
+        return cond
+    if tuple(cond.shape) == (1, *shape):
+        return cond[0]
+    raise MemwatchError(
+        f"`{name}` must have the shape of one condition, {shape} (that of `null_cond`), or {(1, *shape)}, "
+        f"got shape {tuple(cond.shape)}"
+    )
+
+
+def _check_finite(cond: Tensor, name: str) -> None:
+    if cond.is_floating_point() and not bool(torch.isfinite(cond).all()):
+        raise MemwatchError(f"`{name}` must be finite, got NaN/Inf in a tensor of shape {tuple(cond.shape)}")
 
 
 def _unguided(score: DiffusionScore) -> DiffusionScore:
@@ -357,7 +704,7 @@ def _check_model_accepts(score: DiffusionScore, cond: Tensor, x: Tensor, t: Tens
     """One conditional call on the first probes; a model error about ``cond`` becomes a ValueError."""
     try:
         with torch.no_grad():
-            score.conditional(x, t.to(x.device).expand(x.shape[0]), _on_device(cond, x.device))
+            score.conditional(x, t.to(x.device).expand(x.shape[0]), cond)
     except (RuntimeError, IndexError, TypeError, ValueError) as err:
         if isinstance(err, torch.OutOfMemoryError):
             raise
@@ -372,7 +719,3 @@ def _check_x(x: object, name: str = "x") -> None:
         raise MemwatchError(
             f"`{name}` must be a floating tensor [n, *shape], got {type(x).__name__} {tuple(getattr(x, 'shape', ()))}"
         )
-
-
-def _on_device(cond: Tensor, device: torch.device) -> Tensor:
-    return cond.to(device) if cond.device != device else cond

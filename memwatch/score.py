@@ -15,10 +15,20 @@ the noise estimate ε̂ and then to the score ``s = -ε̂ / σ_t``:
 Conditional models take a condition as third argument (or as a keyword, ``cond_kwarg``); with a
 ``null_cond`` (the "empty prompt" / dropped label of classifier-free guidance) and a guidance
 scale ``w`` the guided score is ``s_uc + w (s_c - s_uc)``.
+
+Condition shapes. ``null_cond`` is *one* condition without a batch axis: a 0-d class label, or a
+prompt embedding ``[L, E]`` (``L`` tokens of width ``E``, e.g. ``encoder_hidden_states`` of a
+diffusers ``UNet2DConditionModel``). Its shape is the per-condition shape ``cond_shape``, and a
+``cond`` passed to :meth:`DiffusionScore.conditional` / ``__call__`` is then either one condition
+of that shape (used for every sample), or a batch ``[1, *cond_shape]`` / ``[n, *cond_shape]``;
+anything else is an error that names the shapes. Without ``null_cond`` nothing fixes the
+per-condition shape and :func:`broadcast_condition`'s rules apply (an int or 0-d label, a
+``[1, ...]`` or an ``[n, ...]`` tensor).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -42,8 +52,15 @@ class DiffusionScore:
             (diffusers).
         schedule: the noise schedule the model was trained with.
         prediction: what the network predicts, one of ``PREDICTION_TYPES``.
-        null_cond: condition that means "unconditional" for a classifier-free-guidance model
-            (e.g. the null class label). When set, ``cond=None`` calls pass it to the model.
+        null_cond: the one condition that means "unconditional" for a classifier-free-guidance
+            model, without a batch axis: a 0-d label (or an int), e.g. the null class, or an
+            embedding ``[L, E]``, e.g. the empty prompt's. ``cond=None`` calls pass it, broadcast
+            to the batch, to the model; its shape is :attr:`cond_shape`, and its kind (integer or
+            floating) is the kind every ``cond`` must have. Deprecated: the former batched form of
+            an embedding, ``[1, L, E]`` (three or more axes with a leading 1), is still read as
+            one condition with a batch axis, which is dropped, with a ``DeprecationWarning``; pass
+            ``null_cond[0]`` instead. (While this reading lasts, a condition whose own shape is
+            ``[1, A, B]`` cannot be a ``null_cond``.)
         guidance_scale: ``w`` of classifier-free guidance for conditional calls; ``None`` or 1
             gives the plain conditional score.
         cond_kwarg: pass the condition as this keyword (e.g. ``"class_labels"`` for a diffusers
@@ -52,13 +69,17 @@ class DiffusionScore:
             (default: integer steps for discrete schedules, the float ``t`` otherwise).
 
     Raises:
-        ValueError: unknown ``prediction``; non-positive ``guidance_scale``.
+        MemwatchError: unknown ``prediction``; non-positive ``guidance_scale``; a ``null_cond``
+            that is not an int / tensor, is boolean or complex, empty, or not finite.
 
     Example:
         >>> sched = NoiseSchedule.linear(1000)
         >>> score = DiffusionScore(lambda x, t: torch.zeros_like(x), sched, prediction="epsilon")
         >>> score(torch.randn(4, 2), 10).shape
         torch.Size([4, 2])
+        >>> text = DiffusionScore(lambda x, t, c: x, sched, null_cond=torch.zeros(4, 16))
+        >>> text.cond_shape, text.batch_condition(torch.randn(4, 16), 3).shape
+        ((4, 16), torch.Size([3, 4, 16]))
     """
 
     def __init__(
@@ -67,7 +88,7 @@ class DiffusionScore:
         schedule: NoiseSchedule,
         prediction: str = "epsilon",
         *,
-        null_cond: Tensor | None = None,
+        null_cond: Tensor | int | None = None,
         guidance_scale: float | None = None,
         cond_kwarg: str | None = None,
         time_fn: Callable[[Tensor], Tensor] | None = None,
@@ -81,7 +102,7 @@ class DiffusionScore:
         self.model = model
         self.schedule = schedule
         self.prediction = prediction
-        self.null_cond = null_cond
+        self.null_cond = None if null_cond is None else _check_null_cond(null_cond)
         self.guidance_scale = guidance_scale
         self.cond_kwarg = cond_kwarg
         self.time_fn = time_fn
@@ -98,14 +119,35 @@ class DiffusionScore:
         s_uc = self.unconditional(x, t)
         return s_uc + w * (s_c - s_uc)
 
-    def conditional(self, x: Tensor, t: Tensor | int | float, cond: Tensor) -> Tensor:
-        """Conditional score ``s_c = ∇ log p_t(x | c)`` ``[n, *shape]``."""
-        return self._score(x, t, broadcast_condition(cond, x.shape[0], "cond"))
+    def conditional(self, x: Tensor, t: Tensor | int | float, cond: Tensor | int) -> Tensor:
+        """Conditional score ``s_c = ∇ log p_t(x | c)`` ``[n, *shape]``; ``cond`` as in :meth:`batch_condition`."""
+        return self._score(x, t, self.batch_condition(cond, x.shape[0], "cond"))
 
     def unconditional(self, x: Tensor, t: Tensor | int | float) -> Tensor:
         """Unconditional score ``s_uc`` (the model with ``null_cond`` if one is set) ``[n, *shape]``."""
-        cond = None if self.null_cond is None else broadcast_condition(self.null_cond, x.shape[0], "null_cond")
-        return self._score(x, t, cond)
+        if self.null_cond is None:
+            return self._score(x, t, None)
+        null = self.null_cond if self.null_cond.device == x.device else self.null_cond.to(x.device)
+        return self._score(x, t, null.expand(x.shape[0], *null.shape))
+
+    @property
+    def cond_shape(self) -> tuple[int, ...] | None:
+        """Shape of one condition, that of ``null_cond`` (``()`` for labels, ``(L, E)`` for
+        embeddings); ``None`` without a ``null_cond``."""
+        return None if self.null_cond is None else tuple(self.null_cond.shape)
+
+    def batch_condition(self, cond: Tensor | int, n: int, name: str = "cond") -> Tensor:
+        """``cond`` as a batch ``[n, *cond_shape]`` (a view where possible), checked against ``null_cond``.
+
+        With a ``null_cond``: one condition of shape :attr:`cond_shape` (or an int for labels),
+        or ``[1, *cond_shape]``, both used for all ``n`` samples, or ``[n, *cond_shape]``, one per
+        sample; of ``null_cond``'s kind (integer / floating). Without: :func:`broadcast_condition`.
+
+        Raises:
+            MemwatchError: any other type, kind or shape; the message names ``name``, the shapes
+                allowed and the shape received.
+        """
+        return broadcast_condition(cond, n, name, null_cond=self.null_cond)
 
     def score_difference(self, x: Tensor, t: Tensor | int | float, cond: Tensor) -> Tensor:
         """``s_Δ = s_c - s_uc`` ``[n, *shape]``, Wen et al.'s memorization signal is its norm."""
@@ -149,6 +191,8 @@ class DiffusionScore:
     def _score(self, x: Tensor, t: Tensor | int | float, cond: Tensor | None) -> Tensor:
         n = x.shape[0]
         tt = self.timesteps(t, n, x.device)
+        if cond is not None and cond.device != x.device:
+            cond = cond.to(x.device)
         out = self._call_model(x, tt, cond)
         if out.shape != x.shape:
             raise MemwatchError(
@@ -190,30 +234,44 @@ class DiffusionScore:
         return out
 
 
-def broadcast_condition(cond: object, n: int, name: str = "cond") -> Tensor:
+def broadcast_condition(cond: object, n: int, name: str = "cond", *, null_cond: Tensor | None = None) -> Tensor:
     """``cond`` as a tensor with batch size ``n`` (``[n, ...]``, a view where possible).
 
-    Accepts an ``int`` (one class label for every sample), a 0-d tensor (the same), a ``[1, ...]``
-    tensor (one condition with a leading batch axis of 1, e.g. a prompt embedding ``[1, L, E]``)
-    or an ``[n, ...]`` tensor (one condition per sample).
+    Without ``null_cond``: an ``int`` (one class label for every sample), a 0-d tensor (the same),
+    a ``[1, ...]`` tensor (one condition with a leading batch axis of 1, e.g. a prompt embedding
+    ``[1, L, E]``) or an ``[n, ...]`` tensor (one condition per sample). These rules guess: an
+    ``[L, E]`` embedding with ``L == n`` reads as ``n`` conditions.
+
+    With ``null_cond`` (one condition, no batch axis; see :class:`DiffusionScore`) there is no
+    guess: ``cond`` is one condition of ``null_cond``'s shape (an ``int`` for 0-d labels), or a
+    batch ``[1, *shape]`` or ``[n, *shape]`` of them, of ``null_cond``'s kind (integer or floating).
 
     Raises:
-        MemwatchError: ``cond`` is neither an int nor a tensor (bools and floats are rejected), or
-            its first dimension is neither 1 nor ``n``; the message names ``name``.
+        MemwatchError: ``cond`` is neither an int nor a tensor (bools and floats are rejected), a
+            boolean tensor, of the wrong kind, or of another shape; the message names ``name``,
+            the shapes allowed and the shape received.
 
     Example:
         >>> broadcast_condition(3, 4).shape
         torch.Size([4])
         >>> broadcast_condition(torch.zeros(1, 7, 16), 4).shape
         torch.Size([4, 7, 16])
+        >>> broadcast_condition(torch.zeros(4, 16), 4, null_cond=torch.zeros(4, 16)).shape
+        torch.Size([4, 4, 16])
     """
-    if isinstance(cond, bool) or not isinstance(cond, (int, Tensor)):
+    if (
+        isinstance(cond, bool)
+        or not isinstance(cond, (int, Tensor))
+        or (isinstance(cond, Tensor) and cond.dtype == torch.bool)
+    ):
+        what = f"a {cond.dtype} tensor" if isinstance(cond, Tensor) else type(cond).__name__
         raise MemwatchError(
-            f"`{name}` must be a torch.Tensor (one condition, or one per sample) or an int class label, "
-            f"got {type(cond).__name__}"
+            f"`{name}` must be a torch.Tensor (one condition, or one per sample) or an int class label, got {what}"
         )
     if isinstance(cond, int):
         cond = torch.tensor(cond)
+    if null_cond is not None:
+        return _broadcast_like(cond, n, name, null_cond)
     if cond.ndim == 0:
         return cond.expand(n)
     if cond.shape[0] == n:
@@ -224,3 +282,47 @@ def broadcast_condition(cond: object, n: int, name: str = "cond") -> Tensor:
         f"`{name}` must be an int, a 0-d tensor, or a tensor with batch size 1 or {n} (the number of "
         f"samples), got shape {tuple(cond.shape)}"
     )
+
+
+def _broadcast_like(cond: Tensor, n: int, name: str, null_cond: Tensor) -> Tensor:
+    """``cond`` ``[n, *null_cond.shape]`` from one condition, ``[1, *shape]`` or ``[n, *shape]``."""
+    shape = tuple(null_cond.shape)
+    if cond.is_floating_point() != null_cond.is_floating_point():
+        kind = "floating (an embedding)" if null_cond.is_floating_point() else "integer (a label)"
+        raise MemwatchError(f"`{name}` must be {kind} like `null_cond` ({null_cond.dtype}), got {cond.dtype}")
+    if tuple(cond.shape) == shape:
+        return cond.expand(n, *shape)
+    if tuple(cond.shape[1:]) == shape and cond.shape[0] in (1, n):
+        return cond.expand(n, *shape)
+    label = " (a 0-d label or an int)" if not shape else ""
+    raise MemwatchError(
+        f"`{name}` must be one condition of shape {shape}{label} like `null_cond`, or a batch of them with "
+        f"batch size 1 or {n} (the number of samples), {tuple([1, *shape])} or {tuple([n, *shape])}; "
+        f"got shape {tuple(cond.shape)}"
+    )
+
+
+def _check_null_cond(null_cond: object) -> Tensor:
+    """``null_cond`` as one condition without a batch axis (detached); the legacy ``[1, L, E]`` squeezed."""
+    if isinstance(null_cond, bool) or not isinstance(null_cond, (int, Tensor)):
+        raise MemwatchError(
+            "`null_cond` must be one condition without a batch axis: a 0-d label tensor or an int, or an "
+            f"embedding tensor [L, E]; got {type(null_cond).__name__}"
+        )
+    cond = torch.tensor(null_cond) if isinstance(null_cond, int) else null_cond.detach()
+    if cond.dtype == torch.bool or cond.is_complex():
+        raise MemwatchError(f"`null_cond` must be an integer label or a real embedding, got dtype {cond.dtype}")
+    if cond.numel() == 0:
+        raise MemwatchError(f"`null_cond` must not be empty, got shape {tuple(cond.shape)}")
+    if cond.is_floating_point() and not bool(torch.isfinite(cond).all()):
+        raise MemwatchError(f"`null_cond` must be finite, got NaN/Inf in a tensor of shape {tuple(cond.shape)}")
+    if cond.ndim >= 3 and cond.shape[0] == 1:
+        warnings.warn(
+            f"memwatch: `null_cond` of shape {tuple(cond.shape)} is read as one condition with a batch axis "
+            f"(the former convention) and that axis is dropped; pass one condition without a batch axis, "
+            f"null_cond[0] of shape {tuple(cond.shape[1:])}. This reading will be removed.",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        cond = cond[0]
+    return cond

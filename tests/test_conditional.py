@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import math
+import os
 import time
 from pathlib import Path
 
@@ -18,15 +19,21 @@ from sklearn.metrics import roc_auc_score
 
 from memwatch.callback import MemorizationMonitor
 from memwatch.conditional import (
+    ROW_BYTES_PER_ELEMENT,
+    available_memory,
+    check_first_steps,
+    condition_keys,
     conditional_metrics,
     default_first_steps,
+    default_max_batch,
     hessian_score_difference,
+    parse_conditions,
 )
 from memwatch.operators import reference_jacobian
 from memwatch.sampling import sample_trajectory
 from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore, broadcast_condition
-from memwatch.sharpness import measure_sharpness
+from memwatch.sharpness import SharpnessOptions, measure_sharpness
 from memwatch.toymodels import MLPDenoiser, TensorDataModule
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "conditional.py"
@@ -121,6 +128,212 @@ def test_one_condition_for_all_probes_equals_per_probe_conditions_and_chunks(sma
     assert default.timesteps.numel() == 6
 
 
+# ------------------------------------------------------------------------ memory: max_batch
+class _RowLimited(torch.nn.Module):
+    """The wrapped network, raising when a call carries more than ``limit`` rows."""
+
+    def __init__(self, net: torch.nn.Module, limit: int) -> None:
+        super().__init__()
+        self.net, self.limit, self.calls = net, limit, 0
+
+    def forward(self, x, t, cond=None):
+        if x.shape[0] > self.limit:
+            raise RuntimeError(f"{x.shape[0]} rows in one call, more than {self.limit}")
+        self.calls += 1
+        return self.net(x, t, cond)
+
+
+def _fields(res):
+    out = {name: getattr(res, name) for name in ("score_diff_norm", "hessian_score_diff_norm", "samples", "finite")}
+    out |= {"step_hsd": res.step_hessian_score_diff_norm, "sharp": res.sharp_fraction}
+    if res.sharpness is not None:
+        out |= {"eig": res.sharpness.eigenvalues, "trace": res.sharpness.trace}
+    return out
+
+
+@pytest.mark.parametrize("method", ["dense", "lanczos"])
+def test_every_model_call_is_bounded_by_max_batch_and_results_do_not_change(small_score, method):
+    """16 probes × 3 conditions = 48 probes, 4 steps each (192 product rows): with max_batch=8 a
+    network that fails above 8 rows goes through sampling, products and sharpness; without, it fails."""
+    guided = DiffusionScore(small_score.model, SCHED, null_cond=small_score.null_cond, guidance_scale=2.0)
+    limited = guided.with_model(_RowLimited(small_score.model, 8))
+    noise = torch.randn(16, 3, generator=_gen(5), dtype=torch.float64).repeat(3, 1)
+    labels = torch.arange(3).repeat_interleave(16)
+    kwargs = dict(noise=noise, steps=6, first_steps=4, eval_t=30, dtype=torch.float64)
+    options = SharpnessOptions(k=2, method=method, num_iters=3, num_vectors=4)
+
+    def run(score, max_batch):
+        return conditional_metrics(
+            score, labels, options=options.replace(max_batch=max_batch), lanczos_generator=_gen(6), **kwargs
+        )
+
+    full = run(guided, None)
+    bounded = run(limited, 8)
+    assert limited.model.calls > 0
+    for name, value in _fields(full).items():
+        torch.testing.assert_close(_fields(bounded)[name], value, rtol=1e-10, atol=1e-12, msg=name)
+    if method == "dense":
+        odd = run(guided, 5)  # a chunk size that divides neither 48 nor 192
+        for name, value in _fields(full).items():
+            torch.testing.assert_close(_fields(odd)[name], value, rtol=1e-10, atol=1e-12, msg=name)
+    with pytest.raises(ValueError, match="more than 8"):
+        run(limited, None)
+
+
+def test_hessian_score_difference_in_chunks_equals_one_call(small_score):
+    x = torch.randn(7, 3, generator=_gen(7), dtype=torch.float64)
+    t, cond = torch.tensor([5, 20, 40, 70, 99, 3, 50]), torch.tensor([0, 1, 2, 1, 0, 2, 2])
+    whole = hessian_score_difference(small_score, x, t, cond)
+    limited = small_score.with_model(_RowLimited(small_score.model, 3))
+    chunks = hessian_score_difference(limited, x, t, cond, max_batch=3)
+    for a, b in zip(whole, chunks):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="`max_batch` must be an integer >= 1"):
+        hessian_score_difference(small_score, x, t, cond, max_batch=0)
+
+
+def test_options_and_keyword_settings_are_the_same(small_score):
+    kwargs = dict(n=4, shape=(3,), steps=5, first_steps=2, eval_t=30, dtype=torch.float64)
+    a = conditional_metrics(small_score, 1, generator=_gen(8), options=SharpnessOptions(k=2, method="dense"), **kwargs)
+    b = conditional_metrics(small_score, 1, generator=_gen(8), k=2, method="dense", **kwargs)
+    c = conditional_metrics(
+        small_score, 1, generator=_gen(8), options=SharpnessOptions(k=5), k=2, method="dense", **kwargs
+    )
+    for other in (b, c):
+        torch.testing.assert_close(other.sharpness.eigenvalues, a.sharpness.eigenvalues)
+        torch.testing.assert_close(other.hessian_score_diff_norm, a.hessian_score_diff_norm)
+    assert a.sharpness.eigenvalues.shape == (4, 2)
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['num_probes'\]; .* 'max_batch'"):
+        conditional_metrics(small_score, 1, num_probes=3, **kwargs)
+    with pytest.raises(ValueError, match="`options` must be a SharpnessOptions or None, got dict"):
+        conditional_metrics(small_score, 1, options={"k": 2}, **kwargs)
+    with pytest.raises(ValueError, match=r"`k` must be an integer in \[1, d=3\]"):
+        conditional_metrics(small_score, 1, k=4, **kwargs)
+
+
+def test_default_max_batch_follows_its_formula(monkeypatch):
+    import memwatch.conditional as conditional
+
+    d = 3 * 16 * 16
+    assert default_max_batch(d, bytes_budget=2**30) == 2**30 // (ROW_BYTES_PER_ELEMENT * d * 4)
+    assert default_max_batch(d, bytes_budget=2**32, dtype=torch.float64) == 2**32 // (ROW_BYTES_PER_ELEMENT * d * 8)
+    assert default_max_batch(d, bytes_budget=10_000, bytes_per_row=1_000) == 10
+    assert default_max_batch(d, bytes_budget=1) == 1  # never 0
+    assert default_max_batch(1, bytes_budget=2**50) == 4096  # capped
+    free = available_memory("cpu")
+    assert 0 < free <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    monkeypatch.setattr(conditional, "available_memory", lambda device: 2**34)  # 16 GiB free
+    assert default_max_batch(d) == int(0.25 * 2**34) // (ROW_BYTES_PER_ELEMENT * d * 4)
+    for kwargs, match in (
+        (dict(sample_dim=0), "`sample_dim`"),
+        (dict(sample_dim=8, bytes_budget=-1), "`bytes_budget`"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            default_max_batch(**kwargs)
+
+
+def test_available_memory_reads_proc_meminfo_without_psutil(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_psutil(name, *args, **kwargs):
+        if name == "psutil":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_psutil)
+    if not Path("/proc/meminfo").exists():
+        pytest.skip("no /proc/meminfo")
+    kib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))
+    assert abs(available_memory("cpu") - kib * 1024) < 2**30  # the figure moves while we read it
+
+
+# ------------------------------------------------------------------------ conditions to watch
+def test_parse_conditions_names_tensors_sequences_and_mappings():
+    assert list(parse_conditions(torch.tensor([3, 1, 7]))) == ["3", "1", "7"]
+    assert list(parse_conditions([2, torch.tensor(5)])) == ["2", "5"]
+    emb = torch.randn(3, 4, 16, generator=_gen(9))
+    by_index = parse_conditions(emb)
+    assert list(by_index) == ["0", "1", "2"] and all(v.shape == (4, 16) for v in by_index.values())
+    torch.testing.assert_close(torch.stack(list(by_index.values())), emb)
+    prompts = {"a photo of digit 0": emb[0], "a photo of digit 1": emb[1][None]}
+    named = parse_conditions(prompts, null_cond_shape=(4, 16))
+    assert list(named) == list(prompts) and named["a photo of digit 1"].shape == (4, 16)
+    assert parse_conditions(None) == {}
+    assert list(parse_conditions({1: 1, 2: 2})) == ["1", "2"]
+    assert parse_conditions(torch.arange(2), null_cond_shape=()).keys() == {"0", "1"}
+
+
+@pytest.mark.parametrize(
+    "conditions, shape, match",
+    [
+        (
+            torch.zeros(4, 16),
+            (4, 16),
+            r"`conditions` must be a tensor \[C, 4, 16\] .* shape \(4, 16\); this is one "
+            r"condition: pass conditions\[None\]",
+        ),
+        (torch.zeros(2, 4, 8), (4, 16), r"`conditions` must be a tensor \[C, 4, 16\] .* got .* shape \(2, 4, 8\)"),
+        (
+            {"a": torch.zeros(4, 8)},
+            (4, 16),
+            r"`conditions\['a'\]` must have the shape of one condition, \(4, 16\) .* "
+            r"got shape \(4, 8\)",
+        ),
+        ([torch.zeros(2, 4, 16)], (4, 16), r"`conditions\[0\]` must have the shape .* got shape \(2, 4, 16\)"),
+        ({}, None, "`conditions` must be None, a tensor .* or a non-empty mapping name -> condition, got dict"),
+        ({(1, 2): 1}, None, r"`conditions` keys must be names \(str\), got tuple"),
+        ({"a": 1, "b": torch.zeros(2)}, None, r"`conditions` must all have the same shape and kind"),
+        ([1, torch.tensor(1.0)], None, r"`conditions` must all have the same shape and kind"),
+        ({"1": 0, 1: 2}, None, r"`conditions` must not repeat a name, got \['1', '1'\]"),
+        (
+            {"a": torch.tensor(True)},
+            None,
+            r"`conditions\['a'\]` must be an int label or a torch.Tensor, got a torch.bool",
+        ),
+        ([torch.full((2,), float("nan"))], None, r"`conditions\[0\]` must be finite"),
+        (torch.zeros(3, 1), (), r"`conditions` must be a tensor \[C\]"),
+    ],
+)
+def test_parse_conditions_names_the_bad_condition(conditions, shape, match):
+    with pytest.raises(ValueError, match=match):
+        parse_conditions(conditions, null_cond_shape=shape)
+
+
+def test_check_first_steps_and_condition_keys():
+    assert check_first_steps(None, 20) == default_first_steps(20) == 16
+    assert check_first_steps(20, 20) == 20
+    with pytest.raises(ValueError, match=r"`condition_first_steps` must be an integer in \[1, sampler_steps=50\]"):
+        check_first_steps(51, 50, name="condition_first_steps", steps_name="sampler_steps")
+    with pytest.raises(ValueError, match="`first_steps`"):
+        check_first_steps(True, 5)
+    keys = condition_keys(["a photo of digit 0", "a photo/of digit 0", "!!", "x" * 100, "x" * 101])
+    assert list(keys.values()) == ["a_photo_of_digit_0", "a_photo_of_digit_0_1", "condition", "x" * 64, "x" * 62 + "_4"]
+
+
+def test_one_text_embedding_for_all_probes_when_tokens_equal_probes():
+    """``null_cond`` ``[L, E]`` with ``L == n``: a ``cond`` ``[L, E]`` is one prompt, not ``n`` conditions."""
+    torch.manual_seed(1)
+    net = MLPDenoiser((3,), hidden=16, depth=1, time_dim=8).double()
+    proj = torch.nn.Linear(5, 16, dtype=torch.float64)
+
+    class TextMLP(torch.nn.Module):
+        def forward(self, x, t, encoder_hidden_states):
+            assert encoder_hidden_states.shape == (x.shape[0], 4, 5)
+            return net(x, t) + 0.1 * proj(encoder_hidden_states.mean(1))[:, :3]
+
+    score = DiffusionScore(
+        TextMLP(), SCHED, null_cond=torch.zeros(4, 5, dtype=torch.float64), cond_kwarg="encoder_hidden_states"
+    )
+    prompt = torch.randn(4, 5, generator=_gen(10), dtype=torch.float64)
+    kwargs = dict(n=4, shape=(3,), steps=5, first_steps=3, dtype=torch.float64)
+    one = conditional_metrics(score, prompt, generator=_gen(11), **kwargs)
+    per_probe = conditional_metrics(score, prompt.expand(4, 4, 5), generator=_gen(11), max_batch=3, **kwargs)
+    torch.testing.assert_close(one.hessian_score_diff_norm, per_probe.hessian_score_diff_norm)
+    assert bool((one.score_diff_norm > 0).all())
+
+
 # ------------------------------------------------------------------------ (b) the digits example
 def _load_example():
     spec = importlib.util.spec_from_file_location("memwatch_example_conditional", EXAMPLE)
@@ -172,7 +385,9 @@ def test_the_duplicated_class_stands_out(digits_run):
         (True, r"`cond` must be .* got bool"),
         (torch.tensor([0, 1, 2]), r"`cond` must be .* batch size 1 or 4 .* got shape \(3,\)"),
         (torch.tensor(7), r"the model failed on `cond`.*IndexError"),
-        (torch.zeros(4, 5, dtype=torch.long), r"the model failed on `cond` \(per-probe shape \(5,\)"),
+        # the shape of one condition is that of null_cond (0-d): [4, 5] is caught before the model
+        (torch.zeros(4, 5, dtype=torch.long), r"`cond` must be one condition of shape \(\) .* got shape \(4, 5\)"),
+        (torch.zeros(()), r"`cond` must be integer \(a label\) like `null_cond`"),
     ],
 )
 def test_a_bad_condition_is_named_in_the_error(small_score, cond, match):

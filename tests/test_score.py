@@ -81,3 +81,103 @@ def test_diffusers_style_outputs_are_unwrapped():
     ref = DiffusionScore(lambda x, t: x, sched)(x, 5)
     torch.testing.assert_close(DiffusionScore(lambda x, t: Out(x), sched)(x, 5), ref)
     torch.testing.assert_close(DiffusionScore(lambda x, t: (x,), sched)(x, 5), ref)
+
+
+# ------------------------------------------------------------------ condition shapes
+class _TextNet(torch.nn.Module):
+    """ε-model taking an embedding batch ``[n, L, E]`` like ``encoder_hidden_states``; fails on anything else."""
+
+    def __init__(self, tokens: int = 4, width: int = 32) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(width, 2, dtype=torch.float64)
+        self.tokens, self.width = tokens, width
+
+    def forward(self, x, t, encoder_hidden_states):
+        n = x.shape[0]
+        if encoder_hidden_states.shape != (n, self.tokens, self.width):
+            raise RuntimeError(f"not enough values to unpack: got {tuple(encoder_hidden_states.shape)}")
+        return x * 0.1 + self.proj(encoder_hidden_states.mean(1))
+
+
+def _text_score(null_cond):
+    return DiffusionScore(
+        _TextNet(), NoiseSchedule.linear(100), null_cond=null_cond, cond_kwarg="encoder_hidden_states"
+    )
+
+
+def test_null_embedding_without_batch_axis_is_one_condition_even_when_L_equals_n():
+    g = torch.Generator().manual_seed(0)
+    null, emb = torch.zeros(4, 32, dtype=torch.float64), torch.randn(4, 32, generator=g, dtype=torch.float64)
+    score = _text_score(null)
+    assert score.cond_shape == (4, 32)
+    x = torch.randn(4, 2, generator=g, dtype=torch.float64)  # n = 4 = L: the ambiguous case
+    one = score.conditional(x, 30, emb)  # one embedding for all four samples
+    torch.testing.assert_close(one, score.conditional(x, 30, emb.expand(4, 4, 32)))
+    torch.testing.assert_close(one, score.conditional(x, 30, emb[None]))
+    torch.testing.assert_close(score.unconditional(x, 30), score.conditional(x, 30, null))
+    per_sample = torch.randn(4, 4, 32, generator=g, dtype=torch.float64)
+    rows = torch.cat([score.conditional(x[i : i + 1], 30, per_sample[i]) for i in range(4)])
+    torch.testing.assert_close(score.conditional(x, 30, per_sample), rows)
+    assert score.batch_condition(emb, 7).shape == (7, 4, 32)
+
+
+@pytest.mark.parametrize(
+    "cond, match",
+    [
+        (
+            torch.zeros(4, 16),
+            r"`cond` must be one condition of shape \(4, 32\) .* \(1, 4, 32\) or \(3, 4, 32\); "
+            r"got shape \(4, 16\)",
+        ),
+        (torch.zeros(2, 4, 32), r"batch size 1 or 3 .* got shape \(2, 4, 32\)"),
+        (torch.zeros(32), r"got shape \(32,\)"),
+        (torch.zeros(3, 1, 4, 32), r"got shape \(3, 1, 4, 32\)"),
+        (torch.zeros(4, 32, dtype=torch.long), r"`cond` must be floating \(an embedding\) like `null_cond`"),
+        (torch.zeros(4, 32, dtype=torch.bool), r"`cond` must be a torch.Tensor .* got a torch.bool tensor"),
+        (3, r"`cond` must be floating"),
+    ],
+)
+def test_a_cond_of_another_shape_or_kind_than_null_cond_is_named(cond, match):
+    score = _text_score(torch.zeros(4, 32, dtype=torch.float64))
+    with pytest.raises(ValueError, match=match):
+        score.conditional(torch.zeros(3, 2, dtype=torch.float64), 10, cond)
+
+
+def test_label_null_cond_accepts_int_and_broadcasts():
+    score = DiffusionScore(_CondNet(), NoiseSchedule.linear(100), null_cond=5)
+    assert score.cond_shape == () and score.null_cond.dtype == torch.long
+    x = torch.randn(3, 2)
+    torch.testing.assert_close(score.conditional(x, 10, 2), score.conditional(x, 10, torch.tensor([2, 2, 2])))
+    torch.testing.assert_close(score.unconditional(x, 10), score.conditional(x, 10, 5))
+    assert DiffusionScore(_CondNet(), NoiseSchedule.linear(100)).cond_shape is None
+
+
+def test_legacy_batched_null_embedding_is_deprecated_but_works():
+    with pytest.warns(DeprecationWarning, match=r"null_cond\[0\] of shape \(4, 32\)"):
+        score = _text_score(torch.zeros(1, 4, 32, dtype=torch.float64))
+    assert score.cond_shape == (4, 32)
+    x = torch.randn(3, 2, dtype=torch.float64)
+    emb = torch.ones(1, 4, 32, dtype=torch.float64)  # the old way of passing one prompt
+    torch.testing.assert_close(score.conditional(x, 10, emb), score.conditional(x, 10, emb[0]))
+    assert score.unconditional(x, 10).shape == x.shape
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert score.with_model(score.model).cond_shape == (4, 32)  # no second warning
+
+
+@pytest.mark.parametrize(
+    "null_cond, match",
+    [
+        (0.5, r"`null_cond` must be one condition without a batch axis.* got float"),
+        (True, r"`null_cond` must be .* got bool"),
+        ("", r"`null_cond` must be .* got str"),
+        (torch.tensor(True), r"`null_cond` must be an integer label or a real embedding, got dtype torch.bool"),
+        (torch.zeros(0, 32), r"`null_cond` must not be empty, got shape \(0, 32\)"),
+        (torch.full((4, 8), float("nan")), r"`null_cond` must be finite"),
+    ],
+)
+def test_a_bad_null_cond_fails_at_construction(null_cond, match):
+    with pytest.raises(ValueError, match=match):
+        DiffusionScore(_CondNet(), NoiseSchedule.linear(10), null_cond=null_cond)
