@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from memwatch import defaults
 from memwatch.attribution import CopiedItem, copied_items
 from memwatch.calibration import DataScale, Reservoir, data_scale, relative_sigmas
 from memwatch.checkpoint import CLEAN_CHECKPOINT_NAME, check_save_mode, prepare_dirpath, save_clean_checkpoint
+from memwatch.conditional import check_first_steps, condition_keys, default_max_batch, parse_conditions
 from memwatch.discovery import (
     ScoreFn,
     batch_range,
@@ -201,7 +202,7 @@ class MemorizationMonitor(Callback):
         log_media: bool = False,
         raise_errors: bool = False,
         verbose: bool = True,
-        conditions: Tensor | Sequence[Any] | None = None,
+        conditions: Tensor | Sequence[Any] | Mapping[str, Any] | None = None,
         condition_first_steps: int | None = None,
         min_valid_fraction: float = defaults.MIN_VALID_FRACTION,
         decode_fn: Callable[[Tensor], Tensor] | None = None,
@@ -240,6 +241,7 @@ class MemorizationMonitor(Callback):
             k=k, threshold=threshold, method=method, num_iters=num_iters, num_vectors=num_vectors, max_batch=max_batch
         )
         self._check_options = self.options  # resolved for the sample dimension once it is known
+        self._tiered = False  # image scale: the trace tier at every check, the spectrum every n-th
         self.detector = OnsetDetector(
             threshold=onset_threshold,
             min_delta=onset_min_delta,
@@ -276,7 +278,11 @@ class MemorizationMonitor(Callback):
         self.sampler = sampler
         self.data_range = _check_range(data_range)
         self.condition_first_steps = condition_first_steps
-        self._conditions = _check_conditions(conditions, condition_first_steps, sampler_steps)
+        check_first_steps(
+            condition_first_steps, sampler_steps, name="condition_first_steps", steps_name="sampler_steps"
+        )
+        self.conditions = conditions
+        self._conditions = parse_conditions(conditions)
 
         self.clean_checkpoint_path: Path | None = None
         self.clean_step: int | None = None
@@ -366,6 +372,8 @@ class MemorizationMonitor(Callback):
             MemwatchError: no score is found, or a setting does not fit the model.
         """
         self._found = find_score(pl_module, self.score_fn, ema_attr=self.ema_attr)
+        if self.conditions is not None:  # now that the null condition's shape is known
+            self._conditions = parse_conditions(self.conditions, null_cond_shape=self._found.cond_shape)
         if not self.calibrating or self.calibrated_sigmas is not None:
             self._set_levels(self._found)
         if self.sample_shape is None:
@@ -502,13 +510,12 @@ class MemorizationMonitor(Callback):
         """
         if self._found is None:
             raise MemwatchError("call `prepare(pl_module)` (or fit) before measuring")
-        tiered = self._check_options is not self.options
-        spectrum = tiered and len(self.history) % self.spectrum_every_n_checks == 0
+        spectrum = self._tiered and len(self.history) % self.spectrum_every_n_checks == 0
         with measured_score(self._found, pl_module, self.ema_attr) as score:
             return self.probes.measure(
                 score,
                 options=self._check_options,
-                spectrum_options=self.options.replace(method="lanczos") if spectrum else None,
+                spectrum_options=self._check_options.replace(method="lanczos") if spectrum else None,
                 rows=rows,
                 device=pl_module.device,
                 reference=self._reference,
@@ -554,9 +561,10 @@ class MemorizationMonitor(Callback):
         top = None
         if measurement.conditional is not None:
             conditions, top = self._condition_values(measurement.conditional, device)
+            keys = condition_keys(conditions)
             for name, metrics in conditions.items():
-                values.update({f"cond/{name}/{m}": v for m, v in metrics.items()})
-            values["most_memorized_condition"] = float(list(conditions).index(top)) if top is not None else math.nan
+                values.update({f"cond/{keys[name]}/{m}": v for m, v in metrics.items()})
+            values["most_memorized_condition"] = _condition_number(list(conditions), top)
         return values, conditions, top
 
     def _metric_values(
@@ -669,7 +677,7 @@ class MemorizationMonitor(Callback):
         (the EMA's, if watched) on it, and the reference data in its space. Configuration errors
         are raised whatever ``raise_errors`` says."""
         assert self.sample_shape is not None and self._found is not None
-        self._check_shape(self.sample_shape)
+        self._check_shape(self.sample_shape, pl_module.device)
         with measured_score(self._found, pl_module, self.ema_attr) as score:
             check_score(score, self.sample_shape, device=pl_module.device)
             for cond in list(self._conditions.values())[:1]:
@@ -727,11 +735,13 @@ class MemorizationMonitor(Callback):
                 f"sampler_steps={self.sampler_steps}), got timestep {noisiest:g}"
             )
 
-    def _check_shape(self, shape: Sequence[int]) -> None:
+    def _check_shape(self, shape: Sequence[int], device: torch.device) -> None:
         dim = math.prod(shape)
         # image scale: the cheap trace tier at every check, the Lanczos spectrum every n-th check
-        tiered = self.options.method == "auto" and dim > DENSE_MAX_DIM
-        self._check_options = self.options.replace(method="trace") if tiered else self.options
+        self._tiered = self.options.method == "auto" and dim > DENSE_MAX_DIM
+        self._check_options = self.options.replace(method="trace") if self._tiered else self.options
+        if self.options.max_batch is None:  # every model call of a check bounded by the memory there is
+            self._check_options = self._check_options.replace(max_batch=default_max_batch(dim, device=device))
         if self.options.k > dim:
             raise MemwatchError(
                 f"`k`={self.options.k} is larger than the sample dimension d={dim} (shape {tuple(shape)})"
@@ -809,43 +819,8 @@ def _check_levels(name: str, values: object, positive: bool = True) -> tuple[flo
     return tuple(out)
 
 
-def _check_conditions(
-    conditions: Tensor | Sequence[Any] | None, first_steps: int | None, sampler_steps: int
-) -> dict[str, Tensor]:
-    """``conditions`` as ``name -> condition`` (one condition each, without a batch dimension)."""
-    if first_steps is not None and (
-        not isinstance(first_steps, int) or isinstance(first_steps, bool) or not 1 <= first_steps <= sampler_steps
-    ):
-        raise MemwatchError(
-            "`condition_first_steps` must be None or an integer in "
-            f"[1, sampler_steps={sampler_steps}], got {first_steps!r}"
-        )
-    if conditions is None:
-        return {}
-    if isinstance(conditions, Tensor):
-        if conditions.ndim == 0 or conditions.shape[0] == 0 or conditions.dtype == torch.bool:
-            raise MemwatchError(
-                "`conditions` must be a tensor [C, ...] with one row per condition (C >= 1), or a sequence of "
-                f"int labels / tensors; got a {conditions.dtype} tensor of shape {tuple(conditions.shape)}"
-            )
-        items = list(conditions.detach().cpu())
-    elif isinstance(conditions, Sequence) and not isinstance(conditions, (str, bytes)) and len(conditions) > 0:
-        items = []
-        for i, c in enumerate(conditions):
-            if isinstance(c, bool) or not isinstance(c, (int, Tensor)):
-                raise MemwatchError(f"`conditions[{i}]` must be an int label or a torch.Tensor, got {type(c).__name__}")
-            items.append(torch.tensor(c) if isinstance(c, int) else c.detach().cpu())
-        if len({tuple(c.shape) for c in items}) > 1:
-            raise MemwatchError(
-                f"`conditions` must all have the same shape, got {sorted({tuple(c.shape) for c in items})}"
-            )
-    else:
-        raise MemwatchError(
-            "`conditions` must be None, a tensor [C, ...] or a non-empty sequence of int labels / tensors, "
-            f"got {type(conditions).__name__}"
-        )
-    labels = all(c.ndim == 0 and not c.is_floating_point() for c in items)
-    names = [str(int(c)) if labels else str(i) for i, c in enumerate(items)]
-    if len(set(names)) != len(names):
-        raise MemwatchError(f"`conditions` must not repeat a label, got {names}")
-    return dict(zip(names, items))
+def _condition_number(names: list[str], top: str | None) -> float:
+    """The most memorized condition as a scalar: its label for int labels, else its index."""
+    if top is None:
+        return math.nan
+    return float(top) if all(n.lstrip("-").isdigit() for n in names) else float(names.index(top))

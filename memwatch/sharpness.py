@@ -61,7 +61,7 @@ from memwatch.lanczos import (
     rademacher,
 )
 from memwatch.operators import JVP_MODES, ScoreJacobian, map_chunks
-from memwatch.score import DiffusionScore, broadcast_condition
+from memwatch.score import DiffusionScore
 
 __all__ = [
     "SharpnessOptions",
@@ -359,7 +359,7 @@ def measure_sharpness(
     method = options.resolved_method(dim)
     tt = score.timesteps(t, n, x.device)
     sigma = score.sigma(tt).cpu().to(torch.float64)
-    cond_b = None if cond is None else broadcast_condition(cond, n, "cond")
+    cond_b = None if cond is None else score.batch_condition(cond, n, "cond")
     measure = {"dense": _dense, "lanczos": _lanczos, "trace": _trace}[method]
     got = measure(score, x, tt, cond_b, sigma, options, generator)
     finite = _finite_probes(got.output_ok, got.products_ok, got.values_ok, got.values)
@@ -435,7 +435,7 @@ def hessian_score_norm(
     options = options or SharpnessOptions()
     n, _ = _check_inputs(x)
     tt = score.timesteps(t, n, x.device)
-    cond_b = None if cond is None else broadcast_condition(cond, n, "cond")
+    cond_b = None if cond is None else score.batch_condition(cond, n, "cond")
 
     def chunk(sl: slice) -> tuple[Tensor, ...]:
         op = _operator(score, x[sl], tt[sl], None if cond_b is None else cond_b[sl], "reverse")
