@@ -167,7 +167,7 @@ class MemorizationMonitor(Callback):
         >>> trainer = pl.Trainer(callbacks=[monitor], max_steps=2000)  # doctest: +SKIP
     """
 
-    def __init__(
+    def __init__(  # flat keyword arguments, as LightningCLI / YAML users write them (one line each)
         self,
         score_fn: ScoreFn | None = None,
         every_n_train_steps: int | None = defaults.EVERY_N_TRAIN_STEPS,
@@ -284,6 +284,10 @@ class MemorizationMonitor(Callback):
         self.conditions = conditions
         self._conditions = parse_conditions(conditions)
 
+        self._init_state()
+
+    def _init_state(self) -> None:
+        """What the monitor learns while it runs: results, decisions and the caches of a fit."""
         self.clean_checkpoint_path: Path | None = None
         self.clean_step: int | None = None
         self.history: list[dict[str, float]] = []
@@ -294,7 +298,7 @@ class MemorizationMonitor(Callback):
         self._reporter: CheckReporter | None = None
         self._reference: Tensor | None = None
         self._found: DiffusionScore | None = None
-        self._reservoir = Reservoir(calibration_capacity, seed=seed) if self.calibrating else None
+        self._reservoir = Reservoir(self.calibration_capacity, seed=self.seed) if self.calibrating else None
         self.calibrated_sigmas: tuple[float, ...] | None = None  # with sigmas="auto", fixed at the first check
         self.data_scale: DataScale | None = None
         self._probes: ProbeSet | None = None

@@ -1,9 +1,11 @@
 """Run by test_callback.py: a 2-process CPU DDP fit (gloo) with the monitor; each rank writes a JSON report.
 
 Lightning's "ddp" strategy re-launches this script for rank 1, so it must be a plain script.
-``ddp_script.py OUT fail`` makes the check at step 200 raise on rank 1 only.
+``ddp_script.py OUT fail`` makes the check at step 200 raise on rank 1 only;
+``ddp_script.py OUT diskfull`` makes every clean-checkpoint write fail on rank 0 (the rank that writes).
 """
 
+import errno
 import json
 import sys
 import warnings
@@ -19,6 +21,7 @@ from memwatch.probes import shard
 
 warnings.filterwarnings("ignore")
 warnings.filterwarnings("always", message="memwatch: the check", category=RuntimeWarning)
+warnings.filterwarnings("always", message="memwatch: could not write")
 
 
 def failing_on_rank1_at_step_200(module: pl.LightningModule):
@@ -28,8 +31,22 @@ def failing_on_rank1_at_step_200(module: pl.LightningModule):
     return find_score(module)
 
 
-def main(out: Path, fail: bool) -> None:
+def disk_full_on_rank0() -> None:
+    save = torch.save
+
+    def full(*args, **kwargs):
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() == 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(*args, **kwargs)
+
+    torch.save = full
+
+
+def main(out: Path, mode: str | None) -> None:
     pl.seed_everything(0, verbose=False)
+    fail = mode == "fail"
+    if mode == "diskfull":
+        disk_full_on_rank0()
     monitor = MemorizationMonitor(
         score_fn=failing_on_rank1_at_step_200 if fail else None,
         every_n_train_steps=100,
@@ -64,6 +81,7 @@ def main(out: Path, fail: bool) -> None:
         "global_step": trainer.global_step,
         "history": [{k: round(v, 9) for k, v in h.items() if k != "check_seconds"} for h in monitor.history],
         "local_probes": rows.stop - rows.start,
+        "clean_step": monitor.clean_step,
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
     # shut gloo down before interpreter exit: left to exit, its threads can abort the process
@@ -72,4 +90,4 @@ def main(out: Path, fail: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), fail=sys.argv[2:] == ["fail"])
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)

@@ -315,6 +315,14 @@ def test_a_check_failing_on_one_rank_is_skipped_on_both(tmp_path):
     assert ranks[0]["history"] == ranks[1]["history"] and ranks[0]["global_step"] == ranks[1]["global_step"]
 
 
+def test_a_clean_checkpoint_that_cannot_be_written_on_rank_zero_is_one_decision_for_both(tmp_path):
+    proc, ranks = _ddp(tmp_path, "diskfull")
+    assert "could not write the clean checkpoint" in proc.stderr and "No space left" in proc.stderr
+    assert ranks[0]["clean_step"] is None and ranks[1]["clean_step"] is None  # both ranks: the save failed
+    assert ranks[0]["history"] == ranks[1]["history"] and ranks[0]["global_step"] == ranks[1]["global_step"]
+    assert ranks[0]["onset_step"] == ranks[1]["onset_step"] is not None  # training and monitoring went on
+
+
 def test_a_failing_check_warns_and_training_continues(tmp_path):
     def failing_at_step_20(module):
         if module.trainer.global_step == 20:
