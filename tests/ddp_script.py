@@ -59,7 +59,7 @@ def main(out: Path, mode: str | None) -> None:
         save_clean_checkpoint=True,
         dirpath=out / "clean",
         verbose=False,
-        raise_errors=not fail,
+        raise_errors=mode is None,  # the fault modes must warn, not raise
     )
     trainer = pl.Trainer(
         accelerator="cpu",
