@@ -40,6 +40,7 @@ def parser() -> argparse.ArgumentParser:
         "or the number of CPUs if smaller)",
     )
     ap.add_argument("--cache", type=Path, default=None, help="also save the recorded checks here (torch.save)")
+    ap.add_argument("--train-only", action="store_true", help="train and save to --cache; write no report")
     ap.add_argument("--from-cache", type=Path, default=None, help="skip training; analyse saved checks")
     ap.add_argument(
         "--fresh-cache",
@@ -90,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds is not None:
         cfg = replace(cfg, seeds=tuple(args.seeds))
     analysable = set(cfg.select_seeds) <= set(cfg.seeds)
-    if args.from_cache is None and not analysable and args.cache is None:
-        ap.error(f"--seeds {' '.join(map(str, cfg.seeds))} lacks the selection seed(s) {cfg.select_seeds}: add --cache")
+    if args.from_cache is None and (args.train_only or not analysable) and args.cache is None:
+        ap.error("--train-only, or --seeds without the selection seed(s) {cfg.select_seeds}, needs --cache")
     if args.workers is None:  # --fast: 4 short runs, not worth a worker's start-up
         args.workers = 1 if args.fast else min(2, os.cpu_count() or 1)
     out = output_dir(args)
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         runs, timing = load_cache(args.from_cache)
     else:
         runs, timing = _train(cfg, args, started)
-        if not analysable:
+        if not analysable or args.train_only:
             print(
                 f"saved {len(runs)} runs to {args.cache}; analyse them with --from-cache ... --fresh-cache {args.cache}"
             )
