@@ -9,9 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import __doc__ as STUDY_DOC
-from .analysis import analyse
 from .config import DEFAULT, FAST, StudyConfig
-from .report import write_report
 from .runs import RunRecord, Timing, load_cache, machine, quiet, run_all, save_cache
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = replace(cfg, seeds=tuple(args.seeds))
     analysable = set(cfg.select_seeds) <= set(cfg.seeds)
     if args.from_cache is None and (args.train_only or not analysable) and args.cache is None:
-        ap.error("--train-only, or --seeds without the selection seed(s) {cfg.select_seeds}, needs --cache")
+        ap.error(f"--train-only, or --seeds without the selection seed(s) {cfg.select_seeds}, needs --cache")
     if args.workers is None:  # --fast: 4 short runs, not worth a worker's start-up
         args.workers = 1 if args.fast else min(2, os.cpu_count() or 1)
     out = output_dir(args)
@@ -106,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"saved {len(runs)} runs to {args.cache}; analyse them with --from-cache ... --fresh-cache {args.cache}"
             )
             return 0
+    from .analysis import analyse  # the training path needs neither
+    from .report import write_report
+
     fresh = [] if args.fresh_cache is None else load_cache(args.fresh_cache)[0]
     text = write_report(analyse(runs, cfg), out, timing, fresh)
     print(text)
