@@ -293,9 +293,7 @@ def choose(runs: Sequence[RunRecord], candidates: Sequence[Rule], defaults: Defa
 
 def sharp_grid(specs: Sequence[str], cfg: StudyConfig) -> list[Rule]:
     """Every sharp-fraction rule of ``specs`` × ``cfg.score_thresholds`` × ``cfg.onset_thresholds``."""
-    return [
-        Rule("sharp", spec, st, ot) for spec in specs for st in cfg.score_thresholds for ot in cfg.onset_thresholds
-    ]
+    return [Rule("sharp", spec, st, ot) for spec in specs for st in cfg.score_thresholds for ot in cfg.onset_thresholds]
 
 
 def gap_grid(cfg: StudyConfig) -> list[Rule]:
@@ -364,7 +362,13 @@ def rescale_rows(runs: Sequence[RunRecord], rule: Rule, defaults: Defaults) -> l
         if base is not None:
             rows.append(
                 RescaleRow(
-                    n, seed, name, rule.onset(base, defaults), rule.onset(scaled, defaults), gt_onset(base), gt_onset(scaled)
+                    n,
+                    seed,
+                    name,
+                    rule.onset(base, defaults),
+                    rule.onset(scaled, defaults),
+                    gt_onset(base),
+                    gt_onset(scaled),
                 )
             )
     return rows

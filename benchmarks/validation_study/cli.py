@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     from .analysis import analyse  # the training path needs neither
     from .report import write_report
 
-    fresh = [] if args.fresh_cache is None else load_cache(args.fresh_cache)[0]
-    text = write_report(analyse(runs, cfg), out, timing, fresh)
+    fresh, fresh_timing = ([], None) if args.fresh_cache is None else load_cache(args.fresh_cache)
+    text = write_report(analyse(runs, cfg, fresh), out, timing, fresh_timing)
     print(text)
     print(
         f"\nwrote {out / 'validation.md'} and {out / 'img'}/validation_*.png ({time.perf_counter() - started:.0f} s)",

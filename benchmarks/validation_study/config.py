@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -134,15 +134,15 @@ def _digits_specs(ns: tuple[int, ...], steps: int, every: int, hidden: int, lr: 
 
 DEFAULT = StudyConfig(
     data=(
-        DataSpec("gmm", (8, 16, 32, 1024), 5000, 250, 128, 2e-3),
-        DataSpec("swiss_roll", (8, 16, 256, 1024), 5000, 250, 128, 2e-3),
-        DataSpec("s_curve", (8, 16, 256, 1024), 5000, 250, 128, 2e-3),
-        *_digits_specs((8, 16, 32, 1024), 5000, 250, 256, 2e-3),
+        DataSpec("gmm", (8, 16, 1024), 4000, 250, 128, 2e-3),
+        DataSpec("swiss_roll", (8, 16, 256), 4000, 250, 128, 2e-3),
+        DataSpec("s_curve", (8, 16, 256), 4000, 250, 128, 2e-3),
+        *_digits_specs((8, 16, 1024), 4000, 250, 256, 2e-3),
     ),
     seeds=(0, 1),
     select_seeds=(0,),
-    sigma_factors=(0.03, 0.05, 0.1, 0.2),
-    num_probes=24,
+    sigma_factors=(0.05, 0.1, 0.2),
+    num_probes=20,
 )
 FRESH_SEEDS = (2,)  # trained after every choice is fixed, evaluated only (``--seeds 2 --cache ...``)
 

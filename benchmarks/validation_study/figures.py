@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -73,7 +72,9 @@ def plot_onsets(outcomes: Mapping[str, Outcome], seeds_label: str, markers: str 
         xs = [r.truth for r in memo]
         ys = [r.onset if r.onset is not None else top for r in memo]
         jitter = 1.0 + 0.03 * (i - len(outcomes) / 2)
-        label = f"{name}: {out.count('on_time')}/{out.count('memorizing')} on time, {out.count('false_alarm')} false alarms"
+        label = (
+            f"{name}: {out.count('on_time')}/{out.count('memorizing')} on time, {out.count('false_alarm')} false alarms"
+        )
         ax.scatter(np.array(xs) * jitter, ys, marker=markers[i % len(markers)], s=28, alpha=0.7, label=label)
     ax.plot([1, top], [1, top], color="0.3", lw=1.0)
     ax.axhline(top, color="0.6", lw=0.8, ls=":")
