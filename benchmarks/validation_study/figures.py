@@ -76,7 +76,8 @@ def plot_onsets(outcomes: Mapping[str, Outcome], seeds_label: str, markers: str 
             f"{name}: {out.count('on_time')}/{out.count('memorizing')} on time, {out.count('false_alarm')} false alarms"
         )
         ax.scatter(np.array(xs) * jitter, ys, marker=markers[i % len(markers)], s=28, alpha=0.7, label=label)
-    ax.plot([1, top], [1, top], color="0.3", lw=1.0)
+    lo = min([r.truth for r in rows_all if r.truth] + [r.onset for r in rows_all if r.onset] + [top]) / 1.3
+    ax.plot([lo, top], [lo, top], color="0.3", lw=1.0)
     ax.axhline(top, color="0.6", lw=0.8, ls=":")
     ax.annotate("missed", (min(r.truth or top for r in rows_all), top), fontsize=8, color="0.4", va="bottom")
     ax.set_xscale("log")

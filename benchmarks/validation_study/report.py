@@ -33,8 +33,6 @@ from .config import BORDERLINE, NEVER, NN_ONSET, PRIMARY_SIGNAL, SCALED, SIGNALS
 from .figures import plot_auroc_vs_factor, plot_curves, plot_loss_gap, plot_onsets, run_curves
 from .runs import RunRecord, Timing
 
-GROUP_TITLES = {"selection": "selection", "report": "report", "fresh": "fresh"}
-
 
 # ----------------------------------------------------------------------------- formatting
 def _f(x: float | None, digits_: int = 2) -> str:
@@ -79,14 +77,14 @@ def _curve_runs(an: StudyAnalysis) -> dict[str, RunRecord]:
     rep = an.groups["report"]
     seed = min(r.seed for r in rep)
     names = ["digits", *SCALED]
-    base = sorted((r for r in rep if r.dataset == "digits" and r.seed == seed and gt_or_none(r)), key=lambda r: r.n)
+    base = sorted((r for r in rep if r.dataset == "digits" and r.seed == seed and memorizes(r)), key=lambda r: r.n)
     if not base:
         return {}
     n = base[min(1, len(base) - 1)].n  # the second smallest memorizing N: its onset is not at the first checks
     return {name: r for name in names for r in rep if r.key == (name, n, seed)}
 
 
-def gt_or_none(run: RunRecord) -> bool:
+def memorizes(run: RunRecord) -> bool:
     """Whether ``run`` memorizes (a check above the truth's onset level)."""
     return run_kind(run) == "memorizing"
 
@@ -280,7 +278,7 @@ def comparison_section(an: StudyAnalysis) -> str:
             "rescale: within 1 check",
         ]
         parts += [
-            f"**{GROUP_TITLES[group].capitalize()} {an.seeds(group)}** ({len(an.groups[group])} runs)\n",
+            f"**{group.capitalize()} {an.seeds(group)}** ({len(an.groups[group])} runs)\n",
             md_table(header, rows),
             "",
         ]
@@ -411,7 +409,7 @@ def targets_section(an: StudyAnalysis) -> str:
             [
                 an.seeds(group),
                 "onset changes ≤ 1 check under rescaling",
-                f"{within}/{pairs} pairs; max Δ {worst:g}",
+                f"{within}/{pairs} pairs; max Δ {worst:g} checks" if pairs else "no rescaled runs",
                 _yes(pairs > 0 and within == pairs),
             ],
         ]
@@ -431,7 +429,7 @@ def diagnostics_section(an: StudyAnalysis) -> str:
             out = an.outcomes[group][name]
             late = [r for r in out.rows if r.lead is not None and r.lead < 0]
             missed = [r for r in out.rows if r.kind == "memorizing" and r.onset is None]
-            alarms = out.alarms() if hasattr(out, "alarms") else [r for r in out.rows if r.false_alarm]
+            alarms = [r for r in out.rows if r.false_alarm]
             desc = []
             if late:
                 desc.append(
