@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import __doc__ as STUDY_DOC
-from .config import DEFAULT, FAST, StudyConfig
+from .config import DEFAULT, FAST, FRESH, StudyConfig
 from .runs import RunRecord, Timing, load_cache, machine, quiet, run_all, save_cache
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,6 +38,11 @@ def parser() -> argparse.ArgumentParser:
         "or the number of CPUs if smaller)",
     )
     ap.add_argument("--cache", type=Path, default=None, help="also save the recorded checks here (torch.save)")
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="train the fresh-seed grid (config.FRESH) into --cache, for --fresh-cache; no report",
+    )
     ap.add_argument("--train-only", action="store_true", help="train and save to --cache; write no report")
     ap.add_argument("--from-cache", type=Path, default=None, help="skip training; analyse saved checks")
     ap.add_argument(
@@ -67,10 +72,11 @@ def output_dir(args: argparse.Namespace) -> Path:
 def _train(cfg: StudyConfig, args: argparse.Namespace, started: float) -> tuple[list[RunRecord], Timing]:
     """Train every run of ``cfg`` and save them to ``--cache`` if given."""
     n_runs = sum(len(d.ns) for d in cfg.data) * len(cfg.seeds)
-    print(f"memwatch validation ({'fast' if args.fast else 'default'}): {n_runs} runs", flush=True)
+    size = "fast" if args.fast else "fresh" if args.fresh else "default"
+    print(f"memwatch validation ({size}): {n_runs} runs", flush=True)
     runs = run_all(cfg, args.workers)
     timing = Timing(
-        size="--fast" if args.fast else "default",
+        size="--fast" if args.fast else "--fresh" if args.fresh else "default",
         seconds=time.perf_counter() - started,
         workers=args.workers,
         machine=machine(),
@@ -85,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = parser()
     args = ap.parse_args(argv)
     quiet()
-    cfg = FAST if args.fast else DEFAULT
+    cfg = FAST if args.fast else FRESH if args.fresh else DEFAULT
+    args.train_only = args.train_only or args.fresh
     if args.seeds is not None:
         cfg = replace(cfg, seeds=tuple(args.seeds))
     analysable = set(cfg.select_seeds) <= set(cfg.seeds)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -127,9 +127,11 @@ class StudyConfig:
         return [f"auto {c:g}" for c in self.sigma_factors]
 
 
-def _digits_specs(ns: tuple[int, ...], steps: int, every: int, hidden: int, lr: float) -> tuple[DataSpec, ...]:
-    """The digits at every scale of the study, same recipe."""
-    return tuple(DataSpec(name, ns, steps, every, hidden, lr) for name in ("digits", *SCALED))
+def _digits_specs(
+    ns: tuple[int, ...], steps: int, every: int, hidden: int, lr: float, names: tuple[str, ...] = ("digits", *SCALED)
+) -> tuple[DataSpec, ...]:
+    """The digits at the scales ``names`` (default: every scale of the study), same recipe."""
+    return tuple(DataSpec(name, ns, steps, every, hidden, lr) for name in names)
 
 
 DEFAULT = StudyConfig(
@@ -137,14 +139,25 @@ DEFAULT = StudyConfig(
         DataSpec("gmm", (8, 16, 1024), 4000, 250, 128, 2e-3),
         DataSpec("swiss_roll", (8, 16, 256), 4000, 250, 128, 2e-3),
         DataSpec("s_curve", (8, 16, 256), 4000, 250, 128, 2e-3),
-        *_digits_specs((8, 16, 1024), 4000, 250, 256, 2e-3),
+        DataSpec("digits", (8, 16, 1024), 4000, 250, 256, 2e-3),
+        *_digits_specs((16, 1024), 4000, 250, 256, 2e-3, names=tuple(SCALED)),
     ),
     seeds=(0, 1),
     select_seeds=(0,),
     sigma_factors=(0.05, 0.1, 0.2),
     num_probes=20,
 )
-FRESH_SEEDS = (2,)  # trained after every choice is fixed, evaluated only (``--seeds 2 --cache ...``)
+FRESH = replace(  # trained after every choice is fixed, evaluated only (``--fresh``); a subset, to fit the budget
+    DEFAULT,
+    data=(
+        DataSpec("gmm", (16, 1024), 4000, 250, 128, 2e-3),
+        DataSpec("swiss_roll", (256,), 4000, 250, 128, 2e-3),
+        DataSpec("s_curve", (256,), 4000, 250, 128, 2e-3),
+        *_digits_specs((16,), 4000, 250, 256, 2e-3),
+        DataSpec("digits", (1024,), 4000, 250, 256, 2e-3),
+    ),
+    seeds=(2,),
+)
 
 FAST = StudyConfig(
     data=(DataSpec("gmm", (4, 512), 600, 100, 128, 3e-3),),
