@@ -32,7 +32,7 @@ from validation_study.analysis import (  # noqa: E402
     run_kind,
     streak_values,
 )
-from validation_study.cli import PUBLISHED, output_dir, parser  # noqa: E402
+from validation_study.cli import PUBLISHED, main, output_dir, parser  # noqa: E402
 from validation_study.config import FAST, Defaults  # noqa: E402
 from validation_study.runs import LossProbe, RunRecord, Timing, load_cache, make_data, save_cache  # noqa: E402
 
@@ -84,9 +84,11 @@ def test_fast_validation_writes_tables_and_plots_and_fresh_seeds_change_no_choic
     assert rules == with_fresh.split("## 1. Rules compared")[1].split("## 2.")[0]
 
 
-def test_fresh_seeds_need_a_cache():
-    assert _run("--seeds", "2").returncode == 2  # no selection seed and nowhere to save the runs
-    assert _run("--train-only").returncode == 2
+@pytest.mark.parametrize("args", [["--seeds", "2"], ["--train-only"], ["--fresh"]])
+def test_runs_that_are_not_analysed_need_a_cache(args):
+    with pytest.raises(SystemExit) as exc:  # no selection seed, or no report: nowhere to save the runs
+        main(["--fast", *args])
+    assert exc.value.code == 2
 
 
 # ----------------------------------------------------------------------------- analysis on synthetic runs

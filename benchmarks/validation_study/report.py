@@ -198,6 +198,35 @@ def setup_section(an: StudyAnalysis) -> str:
     return _join("## Setup\n", md_table(header, rows), text, protocol)
 
 
+def _counts(out: Outcome) -> str:
+    return (
+        f"{out.count('right')}/{out.judged} right, {out.count('on_time')}/{out.count('memorizing')} on time, "
+        f"{out.count('false_alarm')}/{out.count('never')} false alarms"
+    )
+
+
+def summary_section(an: StudyAnalysis) -> str:
+    """The recommended rule (``AUTO``, chosen on the selection seed) against today's defaults and
+    the loss gap, on every evaluation group."""
+    auto = an.rules[AUTO]
+    factor = auto.spec.split()[1]
+    lines = [
+        "## Summary\n",
+        f'Rule chosen on {an.seeds("selection")} with no σ set by hand: `sigmas="auto"`, '
+        f"`sigma_factors=({factor},)`, `score_threshold={auto.score_threshold:g}`, "
+        f"`onset_threshold={auto.onset_threshold:g}` (patience {an.defaults.patience}).\n",
+    ]
+    for group in ("report", "fresh"):
+        if group in an.groups:
+            outs = an.outcomes[group]
+            auc = _f(an.aurocs[group][("all", auto.spec, PRIMARY_SIGNAL)].auroc, 3)
+            lines.append(
+                f"* {an.seeds(group)}: **{AUTO}** {_counts(outs[AUTO])}, per-probe AUROC {auc}; "
+                f"{TODAY}: {_counts(outs[TODAY])}; {GAP}: {_counts(outs[GAP])}."
+            )
+    return _join(*lines, "")
+
+
 def rules_section(an: StudyAnalysis) -> str:
     sel = an.outcomes["selection"]
     how = {
@@ -475,6 +504,7 @@ def write_report(an: StudyAnalysis, out: Path, timing: Timing, fresh_timing: Tim
     figs = write_figures(an, img)
     sections = [
         header_section(an, timing, fresh_timing),
+        summary_section(an),
         setup_section(an),
         rules_section(an),
         comparison_section(an),
