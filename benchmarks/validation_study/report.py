@@ -390,13 +390,11 @@ def rescale_section(an: StudyAnalysis) -> str:
         rows = []
         for i, br in enumerate(base_rows):
             d_truth = checks_apart(br.base_truth, br.truth, an.every)
-            cells = [f"{_step(br.base_truth)} → {_step(br.truth)} (Δ {_f(d_truth, 0)})"]
+            cells = [f"{_step(br.base_truth)} → {_step(br.truth)} (Δ {_checks(d_truth)})"]
             for name in an.rules:
                 pr = per_rule[name][i]
                 delta = checks_apart(pr.base_onset, pr.onset, an.every)
-                cells.append(
-                    f"{_step(pr.base_onset)} → {_step(pr.onset)} (Δ {'∞' if math.isinf(delta) else _f(delta, 0)})"
-                )
+                cells.append(f"{_step(pr.base_onset)} → {_step(pr.onset)} (Δ {_checks(delta)})")
             rows.append([br.variant, br.n, br.seed, *cells])
         parts += [f"**{an.seeds(group)}**\n", md_table(["copy", "N", "seed", "NN truth", *an.rules], rows), ""]
     return _join(*parts)
