@@ -1,4 +1,4 @@
-"""Validation study (issue #7): does memwatch detect memorization, and when?
+"""Validation study v2: does memwatch detect memorization, and when?
 
 The study lives in the package ``benchmarks/validation_study/`` (its docstring describes the
 runs, the analysis and the report); this file is its command line::
@@ -7,6 +7,8 @@ runs, the analysis and the report); this file is its command line::
     python benchmarks/validation.py --fast               # CI smoke size, writes memwatch_out/validation-fast/
     python benchmarks/validation.py --cache runs.pt      # also save the recorded checks
     python benchmarks/validation.py --from-cache runs.pt # analysis only, no training
+    python benchmarks/validation.py --seeds 2 --cache fresh.pt                  # fresh seeds, trained only
+    python benchmarks/validation.py --from-cache runs.pt --fresh-cache fresh.pt # report with them
 """
 
 import sys

@@ -1,5 +1,6 @@
 """``benchmarks/validation.py --fast`` runs end to end and writes its report and figures; the
-study's analysis on synthetic runs; its cache format; where a smoke run writes."""
+study's analysis on synthetic runs (onset rules, run kinds, the loss gap, rescaling); its cache
+format; where a smoke run writes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +20,24 @@ from memwatch.errors import MemwatchError
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the study's package, as `python benchmarks/validation.py` sees it
 
-from validation_study.analysis import evaluate_onsets, gt_onset, memorized_fraction, streak_values  # noqa: E402
-from validation_study.cli import PUBLISHED, output_dir, parser  # noqa: E402
+from validation_study.analysis import (  # noqa: E402
+    MEAN_T,
+    Rule,
+    evaluate,
+    gt_onset,
+    loss_gap,
+    memorized_fraction,
+    rescale_rows,
+    rescale_summary,
+    run_kind,
+    streak_values,
+)
+from validation_study.cli import PUBLISHED, main, output_dir, parser  # noqa: E402
 from validation_study.config import FAST, Defaults  # noqa: E402
-from validation_study.runs import RunRecord, Timing, load_cache, save_cache  # noqa: E402
+from validation_study.runs import LossProbe, RunRecord, Timing, load_cache, make_data, save_cache  # noqa: E402
 
 SCRIPT = ROOT / "benchmarks" / "validation.py"
-FIGURES = ("validation_auroc_vs_sigma.png", "validation_onset_vs_n.png", "validation_curves_gmm.png")
+FIGURES = ("validation_auroc_vs_factor.png", "validation_onsets.png", "validation_loss_gap.png")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -36,49 +49,46 @@ def _run(*args: str) -> subprocess.CompletedProcess:
         check=False,
         capture_output=True,
         text=True,
-        timeout=90,
+        timeout=150,
     )
 
 
-@pytest.mark.timeout(120)
-def test_fast_validation_writes_tables_and_plots(tmp_path):
-    proc = _run("--out", str(tmp_path), "--cache", str(tmp_path / "runs.pt"))
+@pytest.mark.timeout(240)
+def test_fast_validation_writes_tables_and_plots_and_fresh_seeds_change_no_choice(tmp_path):
+    proc = _run("--out", str(tmp_path / "a"), "--cache", str(tmp_path / "runs.pt"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-
-    report = (tmp_path / "validation.md").read_text()
-    for heading in ("## 1. Per-probe detection", "## 2. Recommended defaults", "## 3. Onset", "## 4. Targets"):
+    report = (tmp_path / "a" / "validation.md").read_text()
+    for heading in (
+        "## 1. Rules compared",
+        "## 2. The rules side by side",
+        "## 3. Per-probe detection",
+        "## 6. Targets",
+    ):
         assert heading in report
-    assert "| **sharp fraction** |" in report  # the per-signal AUROC table
-    assert "| data | N | seed | NN truth onset | memwatch onset | lead |" in report
-    # the offline replay of the onset rule agrees with the callback's own onset
-    assert "reproduces the callback's own onset on 4/4 runs" in report
+    assert "| **auto, tuned** |" in report and "| loss gap |" in report
+    # the offline replay of the absolute defaults agrees with the absolute monitor's own onset
+    assert "own onset on 4/4 runs" in report
     for name in FIGURES:
-        png = tmp_path / "img" / name
+        png = tmp_path / "a" / "img" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"img/{name}" in report
+    # the same runs relabelled as seed 7 stand in for fresh seeds: evaluated, never chosen on
+    runs, timing = load_cache(tmp_path / "runs.pt")
+    save_cache(tmp_path / "fresh.pt", [replace(r, seed=7) for r in runs], timing, FAST)
+    args = ("--from-cache", str(tmp_path / "runs.pt"), "--fresh-cache", str(tmp_path / "fresh.pt"))
+    proc = _run(*args, "--out", str(tmp_path / "b"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with_fresh = (tmp_path / "b" / "validation.md").read_text()
+    assert "**Fresh seed 7** (4 runs)" in with_fresh and "own onset on 8/8 runs" in with_fresh
+    rules = report.split("## 1. Rules compared")[1].split("## 2.")[0]
+    assert rules == with_fresh.split("## 1. Rules compared")[1].split("## 2.")[0]
 
 
-@pytest.mark.timeout(180)
-def test_fresh_seeds_are_only_evaluated(tmp_path):
-    assert _run("--seeds", "2").returncode == 2  # no selection seed and nowhere to save the runs
-    proc = _run("--seeds", "2", "--cache", str(tmp_path / "fresh.pt"))
-    assert proc.returncode == 0 and "saved 2 runs" in proc.stdout, proc.stderr[-3000:]
-    proc = _run("--cache", str(tmp_path / "runs.pt"), "--out", str(tmp_path / "a"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = _run(
-        "--from-cache",
-        str(tmp_path / "runs.pt"),
-        "--fresh-cache",
-        str(tmp_path / "fresh.pt"),
-        "--out",
-        str(tmp_path / "b"),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = (tmp_path / "b" / "validation.md").read_text()
-    assert "## 6. Fresh seeds (seeds 2)" in report and "equals the offline replay on 2/2 runs" in report
-    # the fresh runs change nothing that was chosen: sections 1-5 are those of the report without them
-    before = (tmp_path / "a" / "validation.md").read_text()
-    assert report.split("## 6.")[0] == before.split("## Runtime")[0]
+@pytest.mark.parametrize("args", [["--seeds", "2"], ["--train-only"], ["--fresh"]])
+def test_runs_that_are_not_analysed_need_a_cache(args):
+    with pytest.raises(SystemExit) as exc:  # no selection seed, or no report: nowhere to save the runs
+        main(["--fast", *args])
+    assert exc.value.code == 2
 
 
 # ----------------------------------------------------------------------------- analysis on synthetic runs
@@ -94,77 +104,146 @@ DEFAULTS = Defaults(
     min_steps=0,
     baseline_checks=3,
 )
+SHARP = Rule("sharp", "abs 0.3", 0.9, 0.5)
 
 
-def _record(n_copies: Sequence[int], n_sharp: Sequence[int], seed: int = 0, probes: int = 10) -> RunRecord:
-    """A run whose check ``i`` has ``n_copies[i]`` NN-memorized probes (d1/d2 = 0.1, others 0.9) and
-    ``n_sharp[i]`` probes with sharp fraction 1 (others 0.2) at noise level ``"abs 0.3"``."""
+def _record(
+    n_copies: Sequence[int],
+    n_sharp: Sequence[int],
+    seed: int = 0,
+    probes: int = 20,
+    dataset: str = "toy",
+    gap: Sequence[float] | None = None,
+) -> RunRecord:
+    """A run whose check ``i`` has ``n_copies[i]`` NN-memorized probes (d1/d2 = 0.1, others 0.9),
+    ``n_sharp[i]`` probes with sharp fraction 1 (others 0.2) at ``"abs 0.3"`` and ``"auto 0.1"``,
+    and a relative ε-loss gap ``gap[i]`` at t = 50 (train loss 1; default 0)."""
     ratio = np.full((len(STEPS), probes), 0.9)
     sharp = np.full((len(STEPS), probes), 0.2)
     for i, (c, s) in enumerate(zip(n_copies, n_sharp)):
         ratio[i, :c] = 0.1
         sharp[i, :s] = 1.0
+    gap = np.zeros(len(STEPS)) if gap is None else np.asarray(gap, dtype=float)
+    train = np.ones((len(STEPS), 2))
     return RunRecord(
-        dataset="toy",
+        dataset=dataset,
         n=len(n_copies),
         seed=seed,
         dim=16,
         median_nn=1.0,
-        sigma={"abs 0.3": 0.3},
+        sigma={"abs 0.3": 0.3, "auto 0.1": 0.1},
         steps=STEPS,
         nn_ratio=ratio,
-        signals={"abs 0.3": {"sharp_fraction": sharp}},
+        nn_ratio_abs=ratio,
+        signals={"abs 0.3": {"sharp_fraction": sharp}, "auto 0.1": {"sharp_fraction": sharp}},
+        loss_t=np.array([50, 200]),
+        loss_train=train,
+        loss_held=np.stack([1 + gap, np.ones(len(STEPS))], 1),
         shipped=DEFAULTS,
-        shipped_primary_score=sharp,
         shipped_onset=None,
         seconds=1.0,
     )
 
 
 def test_onset_lead_against_the_ground_truth():
-    # truth: 1/10 copies is not > 10 %, 3/10 from step 500 is; memwatch: 6/10 sharp from step 300
-    run = _record([0, 1, 1, 1, 3, 5, 8, 9], [0, 0, 6, 6, 6, 9, 9, 9])
-    assert gt_onset(run) == 500
+    # truth: 2/20 copies is not > 10 %, 6/20 from step 500 is; the rule: 12/20 sharp from step 300
+    run = _record([0, 2, 2, 2, 6, 10, 16, 18], [0, 0, 12, 12, 12, 18, 18, 18])
+    assert gt_onset(run) == 500 and run_kind(run) == "memorizing"
     np.testing.assert_allclose(memorized_fraction(run.signals["abs 0.3"]["sharp_fraction"], 0.9)[:4], [0, 0, 0.6, 0.6])
-    out = evaluate_onsets([run], "abs 0.3", 0.9, 0.5, DEFAULTS)
+    out = evaluate([run], SHARP, DEFAULTS)
     (row,) = out.rows
     # patience 2: the second check of the streak (step 400) is the onset, one check before the truth
-    assert (row.truth, row.onset, row.lead, row.false_alarm) == (500, 400, 100, False)
-    assert (out.memorizing, out.detected, out.on_time, out.never, out.false_alarms) == (1, 1, 1, 0, 0)
-    assert out.det_margin == pytest.approx(0.6 - 0.5)  # streak value at the truth onset minus onset_threshold
-    late = evaluate_onsets([run], "abs 0.3", 0.9, 0.7, DEFAULTS).rows[0]  # 0.6 no longer passes
-    assert (late.onset, late.lead) == (700, -200)
+    assert (row.truth, row.onset, row.lead, row.false_alarm, row.on_time, row.right) == (
+        500,
+        400,
+        100,
+        False,
+        True,
+        True,
+    )
+    assert (out.count("memorizing"), out.count("detected"), out.count("on_time"), out.count("never")) == (1, 1, 1, 0)
+    assert out.margin == pytest.approx(0.6 - 0.5)  # streak value at the truth onset minus onset_threshold
+    late = evaluate([run], Rule("sharp", "abs 0.3", 0.9, 0.7), DEFAULTS).rows[0]  # 0.6 no longer passes
+    assert (late.onset, late.lead, late.on_time, late.right) == (700, -200, False, False)
 
 
-def test_false_alarms_count_only_streaks_on_never_memorizing_runs():
-    spike = _record([0] * 8, [0, 0, 8, 0, 0, 0, 0, 0], seed=1)  # one check over the threshold: no onset
-    streak = _record([0] * 8, [0, 0, 8, 7, 0, 0, 0, 0], seed=2)  # two in a row: a false alarm at step 400
-    missed = _record([0, 0, 5, 5, 5, 5, 5, 5], [0] * 8, seed=3)  # memorizes, never flagged
-    out = evaluate_onsets([spike, streak, missed], "abs 0.3", 0.9, 0.5, DEFAULTS)
-    assert (out.never, out.false_alarms, out.memorizing, out.detected) == (2, 1, 1, 0)
-    assert [(r.seed, r.onset) for r in out.alarms()] == [(2, 400)]
-    assert out.missed() == 1 and out.leads() == [] and out.late() == []
-    # margin: onset_threshold minus the highest patience-long streak (0.7 on the false alarm)
+def test_run_kinds_false_alarms_and_borderline_runs():
+    spike = _record([0] * 8, [0, 0, 16, 0, 0, 0, 0, 0], seed=1)  # one check over the threshold: no onset
+    streak = _record([0] * 8, [0, 0, 16, 14, 0, 0, 0, 0], seed=2)  # two in a row: a false alarm at step 400
+    missed = _record([0, 0, 5, 5, 5, 5, 5, 5], [0] * 8, seed=3)  # memorizes (25 %), never flagged
+    border = _record([0, 0, 2, 2, 0, 0, 0, 0], [0, 0, 16, 14, 0, 0, 0, 0], seed=4)  # peaks at 10 %: borderline
+    just_never = _record([0, 1, 0, 0, 0, 0, 0, 0], [0] * 8, seed=5)  # peaks at 5 %: never
+    out = evaluate([spike, streak, missed, border, just_never], SHARP, DEFAULTS)
+    assert [r.kind for r in out.rows] == ["never", "never", "memorizing", "borderline", "never"]
+    assert (out.count("false_alarm"), out.count("borderline_flagged"), out.count("detected")) == (1, 1, 0)
+    assert out.count("right") == 2 and out.judged == 4  # the spike and the 5 % run; borderline is not judged
+    assert out.leads() == [] and out.late() == []
+    # margin: the smallest of onset_threshold − the highest streak of a never run (0.5 − 0.7 on the false alarm)
     np.testing.assert_allclose(streak_values(np.array([0, 0.8, 0.7, 0.0]), 2), [0, 0, 0.7, 0])
-    assert out.margin == pytest.approx(0.5 - 0.7)
+    assert out.margin == pytest.approx(0 - 0.5)  # the missed run: streak 0 at its truth onset, 0.5 short
 
 
-def test_cache_round_trip_and_the_unnumbered_format(tmp_path):
-    run = _record([0, 1, 1, 1, 3, 5, 8, 9], [0, 0, 6, 6, 6, 9, 9, 9])
+def test_loss_gap_rule_and_its_relative_margin():
+    gap = [0.0, 0.1, 0.3, 0.5, 0.6, 0.8, 1.0, 1.2]
+    run = _record([0, 0, 0, 0, 6, 6, 6, 6], [0] * 8, gap=gap)
+    np.testing.assert_allclose(loss_gap(run, "50"), gap)
+    np.testing.assert_allclose(loss_gap(run, MEAN_T), np.asarray(gap) / 2)  # (mean held − mean train) / mean train
+    rule = Rule("gap", "50", None, 0.4)
+    assert rule.onset(run, DEFAULTS) == 500  # 0.5 at step 400, 0.6 at 500: the second check of the streak
+    out = evaluate([run], rule, DEFAULTS)
+    assert out.rows[0].on_time and out.margin == pytest.approx((0.5 - 0.4) / 0.4)
+
+
+def test_rescaled_runs_are_compared_to_their_base_run():
+    base = _record([0, 0, 0, 0, 6, 6, 6, 6], [0, 0, 12, 12, 12, 12, 12, 12], dataset="digits")
+    later = _record([0, 0, 0, 0, 6, 6, 6, 6], [0, 0, 0, 0, 12, 12, 12, 12], dataset="digits_01")
+    never = _record([0, 0, 0, 0, 6, 6, 6, 6], [0] * 8, dataset="digits_x3")
+    other_seed = _record([0] * 8, [0] * 8, dataset="digits_01", seed=9)  # no base run: left out
+    rows = rescale_rows([base, later, never, other_seed], SHARP, DEFAULTS)
+    assert [(r.variant, r.base_onset, r.onset) for r in rows] == [("digits_01", 400, 600), ("digits_x3", 400, None)]
+    assert rescale_summary(rows, every=100) == (0, 2, float("inf"))
+    assert rescale_summary(rows[:1], every=200) == (1, 1, 1.0)
+
+
+def test_scaled_digits_are_the_same_images_and_held_out_is_disjoint():
+    x, held = make_data("digits", 16, seed=3, held_out=32)
+    x01, held01 = make_data("digits_01", 16, seed=3, held_out=32)
+    x3, _ = make_data("digits_x3", 16, seed=3, held_out=32)
+    torch.testing.assert_close(x01, 0.5 * x + 0.5)
+    torch.testing.assert_close(x3, 3 * x)
+    torch.testing.assert_close(held01, 0.5 * held + 0.5)
+    assert held.shape[0] == 32 and not (x[:, None] == held[None]).flatten(2).all(2).any()
+
+
+def test_loss_probe_is_the_ddpm_objective_at_fixed_noise():
+    from memwatch.toymodels import DDPMModule
+
+    torch.manual_seed(0)
+    module = DDPMModule(shape=(4,), hidden=16, depth=2)
+    x, held = torch.randn(6, 4, generator=torch.Generator().manual_seed(1)), torch.randn(5, 4)
+    probe = LossProbe(x, held, t=[10, 500], size=4, seed=0)
+    train_loss, held_loss = probe(module)
+    assert module.training and train_loss.shape == held_loss.shape == (2,)
+    np.testing.assert_array_equal(probe(module)[0], train_loss)  # fixed noises: the same numbers again
+    ab = module.alphas_cumprod[500]
+    eps = probe.noise_held[1]
+    with torch.no_grad():
+        pred = module.net(ab.sqrt() * probe.held + (1 - ab).sqrt() * eps, torch.full((4,), 500))
+    assert held_loss[1] == pytest.approx(float(((pred - eps) ** 2).mean()), rel=1e-6)
+
+
+def test_cache_round_trip_and_other_formats(tmp_path):
+    run = _record([0, 2, 2, 2, 6, 10, 16, 18], [0, 0, 12, 12, 12, 18, 18, 18])
     timing = Timing(size="--fast", seconds=3.0, workers=1, machine="x")
     save_cache(tmp_path / "runs.pt", [run], timing, FAST)
     (back,), back_timing = load_cache(tmp_path / "runs.pt")
     assert back.key == run.key and back.shipped == DEFAULTS and back_timing == timing
     np.testing.assert_array_equal(back.signals["abs 0.3"]["sharp_fraction"], run.signals["abs 0.3"]["sharp_fraction"])
-    # a cache from before the format was numbered: no "format", no cpu_seconds, sigmas as a list
-    legacy = run.to_dict()
-    del legacy["cpu_seconds"]
-    torch.save({"runs": [legacy], "timing": timing.to_dict(), "config": {}}, tmp_path / "old.pt")
-    (old,), _ = load_cache(tmp_path / "old.pt")
-    assert old.cpu_seconds is None and old.shipped.sigmas == (0.3,)
-    torch.save({"format": 99, "runs": [], "timing": {}}, tmp_path / "new.pt")
-    with pytest.raises(MemwatchError, match="cache format 99"):
-        load_cache(tmp_path / "new.pt")
+    np.testing.assert_array_equal(back.loss_held, run.loss_held)
+    for fmt in (1, 99):  # format 1: study v1, without the auto monitor and the losses
+        torch.save({"format": fmt, "runs": [], "timing": {}}, tmp_path / "other.pt")
+        with pytest.raises(MemwatchError, match=f"cache format {fmt}"):
+            load_cache(tmp_path / "other.pt")
 
 
 def test_fast_never_writes_the_published_report_by_default(tmp_path):

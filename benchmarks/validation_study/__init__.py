@@ -1,11 +1,11 @@
-"""Validation study (issue #7): does memwatch detect memorization, and when?
+"""Validation study v2: does memwatch detect memorization, and when — and which onset rule should
+be its default?
 
 Small DDPMs (:class:`memwatch.toymodels.DDPMModule`, an MLP ε-network, linear 1000-step schedule)
-are trained with Lightning on embedded data, with :class:`memwatch.MemorizationMonitor` running
-throughout (``reference_data`` = the training set, so every check also has the nearest-neighbour
-ground truth of DESIGN.md: a probe is memorized when ``d₁/d₂ < 1/3``):
+are trained with Lightning on:
 
-* ``digits``: sklearn 8×8 digits in [-1, 1] (``d = 64``), :func:`memwatch.data.digits`;
+* ``digits``: sklearn 8×8 digits in [-1, 1] (``d = 64``), :func:`memwatch.data.digits`, and the
+  same images rescaled, ``digits_01`` (to [0, 1]) and ``digits_x3`` (× 3) (:data:`.config.SCALED`);
 * ``swiss_roll``, ``s_curve``: standardized 3-D points embedded in ``R^16`` by a random
   orthogonal map, :func:`memwatch.data.manifold`;
 * ``gmm``: an isotropic Gaussian mixture in ``R^16`` (8 components, means ``N(0, I)`` fixed,
@@ -14,28 +14,27 @@ ground truth of DESIGN.md: a probe is memorized when ``d₁/d₂ < 1/3``):
 for several training-set sizes ``N`` (small ones memorize within the step budget, large ones do
 not) and several seeds (seed = data subset / embedding, model init, batch order and probe noise).
 
-Per-probe values come from the callback itself: :class:`~.runs.RecordingMonitor` subclasses
-``MemorizationMonitor`` and keeps, at every check, the :class:`memwatch.SharpnessResult` of each
-evaluation timestep and the probes' ``d₁/d₂`` through the public ``on_check_end`` hook (the
-runs have no logger, so no per-check figures are drawn; nothing is measured twice). The callback is
-given every evaluation noise level of the study at once: absolute ``σ_t`` and ``σ_t = c · m``
-with ``m`` the median nearest-neighbour distance of the training set; its *primary* level is the
-shipped default, so its own onset is the "as shipped" column.
+Two :class:`memwatch.MemorizationMonitor` s watch every run (``reference_data`` = the training set,
+so every check has the nearest-neighbour ground truth of DESIGN.md: a probe is memorized when
+``d₁/d₂ < 1/3``): one with the library's absolute defaults, one with ``sigmas="auto"`` and every
+``sigma_factors`` of the study (calibrated by the monitor itself, no σ set by hand). Per-probe
+values come from the callbacks themselves (:class:`~.runs.RecordingMonitor`, through the public
+``on_check_end`` hook). At every check the ``auto`` monitor also evaluates the ε-objective at fixed
+timesteps and noises on training samples and on a held-out split (:class:`~.runs.LossProbe`): the
+loss-gap baseline.
 
-Analysis (pure post-processing of the recorded checks):
+Analysis (pure post-processing of the recorded checks, :mod:`.analysis`):
 
-1. Per-probe AUROC and TPR at 1 % / 5 % FPR of each signal (higher = more memorized: sharp
-   fraction, -LID, -σ²λ_min, -mean σ²λ_1..k, -FLIPD and, added here, -σ²λ_max from the spectrum)
-   against the NN labels, pooled over all checks and runs of a data set.
-2. Selection on the selection seeds only (``StudyConfig.select_seeds``: seed 0): the noise level (per signal, by the
-   mean AUROC over data sets), then ``score_threshold`` and ``onset_threshold`` for the sharp
-   fraction (the callback's score) by replaying :class:`memwatch.onset.OnsetDetector` (the
-   shipped ``patience`` etc.) on the recorded checks: no false alarm on a run that never
-   memorizes, then as many runs as possible flagged no later than the ground truth, then the
-   widest margin on both sides of ``onset_threshold`` (see :func:`.analysis.choose_thresholds`).
-3. Report on the other seeds only: AUROC tables, onset step of memwatch vs the step at which the
-   NN ground truth first exceeds 10 % memorized probes (lead = truth - memwatch, positive =
-   memwatch earlier), false alarms on runs that never memorize.
+1. Rules, replayed offline through :class:`memwatch.onset.OnsetDetector`: the absolute defaults
+   as shipped; ``sigmas="auto"`` with today's thresholds; the absolute level with tuned
+   thresholds; ``sigmas="auto"`` with factor and thresholds tuned; the loss gap with timestep and
+   threshold tuned. Every tuned setting is chosen on the selection seed(s) only
+   (:func:`.analysis.select_rules`).
+2. Per run: ground-truth onset (first check with > 10 % copies), kind (memorizing, never > 5 %,
+   borderline in between), each rule's onset and lead, right / on time / false alarm; the onset's
+   change in checks when the same digits are rescaled.
+3. Per probe: AUROC and TPR at 1 % / 5 % FPR of every signal at every noise level, pooled.
+4. Report seeds and, from a second cache, fresh seeds trained after every choice was fixed.
 
 Writes ``<out>/validation.md`` and ``<out>/img/validation_*.png`` (default ``docs/``; with
 ``--fast`` ``memwatch_out/validation-fast/``, so a smoke run never overwrites the published report).
@@ -47,8 +46,9 @@ section of ``validation.md``), :mod:`.cli` (the command line).
 
 Usage::
 
-    python benchmarks/validation.py                      # default size
-    python benchmarks/validation.py --fast               # CI smoke size (< 1 min), memwatch_out/
-    python benchmarks/validation.py --cache runs.pt      # also save the recorded checks
-    python benchmarks/validation.py --from-cache runs.pt # analysis only, no training
+    python benchmarks/validation.py --train-only --cache runs.pt    # seeds 0, 1 (selection, report)
+    python benchmarks/validation.py --seeds 2 --cache fresh.pt      # fresh seed, after the choices are fixed
+    python benchmarks/validation.py --from-cache runs.pt --fresh-cache fresh.pt   # the report, docs/
+    python benchmarks/validation.py                                 # train seeds 0, 1 and report, docs/
+    python benchmarks/validation.py --fast                          # CI smoke size, memwatch_out/
 """

@@ -1,5 +1,6 @@
-"""Pure post-processing of recorded runs: labels, ROC statistics, the offline onset replay, the
-selection of noise level and thresholds, and the diagnostics the report quotes.
+"""Pure post-processing of recorded runs: labels, ROC statistics, onset rules and their offline
+replay, the selection of every free setting on the selection seeds, and the comparisons the
+report quotes (per-run outcomes, rescaling stability).
 
 Nothing here trains, draws or writes; every function takes :class:`RunRecord` s (or results of
 other functions here) and returns numbers.
@@ -8,7 +9,7 @@ other functions here) and returns numbers.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,23 +18,45 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from memwatch import MEMORIZED_RATIO
 from memwatch.onset import OnsetDetector
 
-from .config import ALTERNATIVE_SIGNAL, FPRS, NN_ONSET, PRIMARY_SIGNAL, SIGNALS, Defaults, StudyConfig
+from .config import BORDERLINE, FPRS, NEVER, NN_ONSET, PRIMARY_SIGNAL, SCALED, SIGNALS, Defaults, StudyConfig
 from .runs import RunRecord
 
-RECOMMENDED, ABSOLUTE, ALTERNATIVE = "recommended", "absolute σ only", "alternative"  # the rules of section 2
+TODAY, AUTO_TODAY, ABS_TUNED, AUTO, GAP = (
+    "absolute defaults",
+    "auto, today's thresholds",
+    "absolute, tuned",
+    "auto, tuned",
+    "loss gap",
+)  # the rules compared, in the report's order
+MEAN_T = "mean"  # the loss gap averaged over the fixed timesteps
 
 
 # ----------------------------------------------------------------------------- labels and signals
-def labels(run: RunRecord) -> np.ndarray:
-    """``[C, P]`` bool: the NN ground truth, probe memorized when ``d₁/d₂ < 1/3``."""
-    return run.nn_ratio < MEMORIZED_RATIO
+def labels(run: RunRecord, spec: str = "auto") -> np.ndarray:
+    """``[C, P]`` bool: the NN ground truth of the probes measured at ``spec`` (the absolute
+    monitor's probes for ``"abs …"``, else the ``auto`` monitor's), memorized when ``d₁/d₂ < 1/3``."""
+    return (run.nn_ratio_abs if spec.startswith("abs") else run.nn_ratio) < MEMORIZED_RATIO
+
+
+def nn_fraction(run: RunRecord) -> np.ndarray:
+    """``[C]`` share of the ``auto`` monitor's probes that are NN-memorized: the run's ground truth."""
+    return labels(run).mean(1)
 
 
 def gt_onset(run: RunRecord) -> int | None:
     """Ground-truth onset: step of the first check with more than ``NN_ONSET`` of its probes
-    NN-memorized (``None``: the run never memorizes)."""
-    hit = np.nonzero(labels(run).mean(1) > NN_ONSET)[0]
+    NN-memorized (``None``: the run never gets there)."""
+    hit = np.nonzero(nn_fraction(run) > NN_ONSET)[0]
     return int(run.steps[hit[0]]) if hit.size else None
+
+
+def run_kind(run: RunRecord) -> str:
+    """``"memorizing"`` (a check above ``NN_ONSET``), ``"never"`` (no check above ``NEVER``) or
+    ``"borderline"`` (peak between the two)."""
+    peak = float(nn_fraction(run).max())
+    if peak > BORDERLINE:
+        return "memorizing"
+    return "never" if peak <= NEVER else "borderline"
 
 
 def oriented(run: RunRecord, spec: str, signal: str) -> np.ndarray:
@@ -43,15 +66,27 @@ def oriented(run: RunRecord, spec: str, signal: str) -> np.ndarray:
 
 def memorized_fraction(scores: np.ndarray, score_threshold: float) -> np.ndarray:
     """``[C]`` share of the finite probes of each check with ``score > score_threshold``
-    (``scores`` ``[C, P]``; 0 for a check without finite probes)."""
+    (``scores`` ``[C, P]``; NaN for a check without finite probes)."""
     ok = np.isfinite(scores)
-    return np.where(ok, scores > score_threshold, False).sum(1) / np.maximum(ok.sum(1), 1)
+    frac = np.where(ok, scores > score_threshold, False).sum(1) / np.maximum(ok.sum(1), 1)
+    return np.where(ok.any(1), frac, np.nan)
 
 
-def streak_values(frac: np.ndarray, patience: int) -> np.ndarray:
+def loss_gap(run: RunRecord, t: str) -> np.ndarray:
+    """``[C]`` relative held-out/train gap of the ε-loss, ``(L_held − L_train) / L_train``, at the
+    fixed timestep ``t`` (``"50"``) or of the losses averaged over all of them (``MEAN_T``)."""
+    if t == MEAN_T:
+        held, train = run.loss_held.mean(1), run.loss_train.mean(1)
+    else:
+        k = int(np.nonzero(run.loss_t == int(t))[0][0])
+        held, train = run.loss_held[:, k], run.loss_train[:, k]
+    return (held - train) / train
+
+
+def streak_values(values: np.ndarray, patience: int) -> np.ndarray:
     """``[C]`` the value of the ``patience``-long streak ending at each check (its minimum): what
-    the onset detector compares with ``onset_threshold``."""
-    return np.array([frac[max(0, i - patience + 1) : i + 1].min() for i in range(len(frac))])
+    the onset detector compares with its threshold."""
+    return np.array([np.min(values[max(0, i - patience + 1) : i + 1]) for i in range(len(values))])
 
 
 # ----------------------------------------------------------------------------- per-probe ROC
@@ -83,7 +118,7 @@ def roc_stats(y: np.ndarray, s: np.ndarray) -> RocStats:
 
 def pooled(runs: Sequence[RunRecord], spec: str, signal: str) -> tuple[np.ndarray, np.ndarray]:
     """Labels and oriented scores of every probe of every check of ``runs``, flattened."""
-    ys = [labels(r).ravel() for r in runs]
+    ys = [labels(r, spec).ravel() for r in runs]
     ss = [oriented(r, spec, signal).ravel() for r in runs]
     return np.concatenate(ys), np.concatenate(ss)
 
@@ -100,418 +135,315 @@ def auroc_table(runs: Sequence[RunRecord], specs: Sequence[str]) -> AurocTable:
     return table
 
 
-def macro(table: AurocTable, datasets: Sequence[str], spec: str, signal: str) -> float:
-    """Mean AUROC over ``datasets`` (the finite ones; NaN if none is)."""
-    vals = [table[(ds, spec, signal)].auroc for ds in datasets]
-    vals = [v for v in vals if math.isfinite(v)]
-    return float(np.mean(vals)) if vals else math.nan
+# ----------------------------------------------------------------------------- onset rules
+@dataclass(frozen=True)
+class Rule:
+    """An onset rule, replayed offline through :class:`memwatch.onset.OnsetDetector` (the
+    callback's ``patience`` etc.).
 
+    Attributes:
+        kind: ``"sharp"`` (share of probes whose sharp fraction at ``spec`` exceeds
+            ``score_threshold``) or ``"gap"`` (the relative ε-loss gap at timestep ``spec``).
+        spec: noise level (``"abs 0.3"``, ``"auto 0.1"``) or loss timestep (``"50"``, ``MEAN_T``).
+        score_threshold: per-probe threshold (``"sharp"`` only).
+        onset_threshold: onset when the monitored value exceeds it at ``patience`` checks in a row.
+    """
 
-def nan_low(x: float) -> float:
-    """``x``, or ``-inf`` when it is not finite (so NaN never wins a ``max``)."""
-    return x if math.isfinite(x) else -math.inf
+    kind: str
+    spec: str
+    score_threshold: float | None
+    onset_threshold: float
 
+    def series(self, run: RunRecord) -> np.ndarray:
+        """``[C]`` the value the rule monitors on ``run``."""
+        if self.kind == "gap":
+            return loss_gap(run, self.spec)
+        assert self.score_threshold is not None
+        return memorized_fraction(run.signals[self.spec][PRIMARY_SIGNAL], self.score_threshold)
 
-# ----------------------------------------------------------------------------- onset replay
-def replay_onset(
-    steps: np.ndarray, scores: np.ndarray, score_threshold: float, onset_threshold: float, defaults: Defaults
-) -> int | None:
-    """The onset the callback would declare: ``memorized_fraction`` = share of finite probes with
-    ``score > score_threshold`` per check (``scores`` ``[C, P]``), through an
-    :class:`memwatch.onset.OnsetDetector` with ``onset_threshold`` and the rest of ``defaults``."""
-    det = OnsetDetector(
-        threshold=onset_threshold,
-        min_delta=defaults.onset_min_delta,
-        baseline_checks=defaults.baseline_checks,
-        patience=defaults.patience,
-        min_steps=defaults.min_steps,
-        monitor="memorized_fraction",
-    )
-    for step, row in zip(steps, scores):
-        ok = np.isfinite(row)
-        frac = float((row[ok] > score_threshold).mean()) if ok.any() else math.nan
-        det.update(int(step), frac)
-    return det.onset_step
+    def onset(self, run: RunRecord, defaults: Defaults) -> int | None:
+        """The onset step the rule declares on ``run`` (``None``: none)."""
+        det = OnsetDetector(
+            threshold=self.onset_threshold,
+            min_delta=None if self.kind == "gap" else defaults.onset_min_delta,
+            baseline_checks=defaults.baseline_checks,
+            patience=defaults.patience,
+            min_steps=defaults.min_steps,
+        )
+        for step, value in zip(run.steps, self.series(run)):
+            det.update(int(step), float(value))
+        return det.onset_step
 
-
-def replay_agreement(runs: Sequence[RunRecord]) -> int:
-    """How many runs the offline replay of the callback's own rule (its settings in each run, its
-    primary score) puts the onset exactly where the callback itself declared it."""
-    return sum(
-        replay_onset(r.steps, r.shipped_primary_score, r.shipped.score_threshold, r.shipped.onset_threshold, r.shipped)
-        == r.shipped_onset
-        for r in runs
-    )
+    def describe(self) -> str:
+        """``"sharp fraction > 0.9 at abs 0.3, onset > 0.2"``-style summary."""
+        if self.kind == "gap":
+            where = "all loss timesteps" if self.spec == MEAN_T else f"t = {self.spec}"
+            return f"ε-loss gap at {where} > {self.onset_threshold:g}"
+        return f"sharp fraction > {self.score_threshold:g} at {self.spec}, onset > {self.onset_threshold:g}"
 
 
 @dataclass(frozen=True)
 class OnsetRow:
-    """One run under one onset rule: ``truth`` (NN ground-truth onset), ``onset`` (the rule's),
-    ``shipped_onset`` (the callback's own during training), ``max_nn`` (highest NN-memorized
-    fraction of any check); steps, ``None`` = none."""
+    """One run under one rule: ``truth`` (NN ground-truth onset), ``onset`` (the rule's), ``peak``
+    (highest NN-memorized fraction of any check), ``kind`` (:func:`run_kind`); steps, ``None`` = none."""
 
     dataset: str
     n: int
     seed: int
     truth: int | None
     onset: int | None
-    shipped_onset: int | None
-    max_nn: float
+    peak: float
+    kind: str
 
     @property
     def lead(self) -> int | None:
-        """``truth - onset`` in steps (positive: memwatch earlier); ``None`` unless both exist."""
+        """``truth - onset`` in steps (positive: the rule earlier); ``None`` unless both exist."""
         return None if (self.truth is None or self.onset is None) else self.truth - self.onset
 
     @property
     def false_alarm(self) -> bool:
-        """An onset on a run that never memorizes."""
-        return self.truth is None and self.onset is not None
+        """An onset on a run that never exceeds ``NEVER`` copies."""
+        return self.kind == "never" and self.onset is not None
+
+    @property
+    def on_time(self) -> bool:
+        """A memorizing run flagged no later than the truth."""
+        return self.truth is not None and self.onset is not None and self.onset <= self.truth
+
+    @property
+    def right(self) -> bool:
+        """On time, or a never-memorizing run never flagged (borderline runs are neither)."""
+        return self.on_time or (self.kind == "never" and self.onset is None)
 
 
 @dataclass
-class OnsetOutcome:
-    """An onset rule replayed on a set of runs, against the NN truth.
+class Outcome:
+    """A rule replayed on a set of runs, against the NN truth.
 
     Attributes:
         rows: one :class:`OnsetRow` per run, in the order of the runs.
-        false_alarms, never: runs with an onset among those that never memorize, and their number.
-        on_time, detected, memorizing: memorizing runs flagged no later than the truth, flagged at
-            all, and their number.
-        margin: min over never-memorizing runs of ``onset_threshold`` − the highest streak value.
-        det_margin: min over memorizing runs of the streak value at the truth onset − ``onset_threshold``.
+        margin: min over never-memorizing runs of ``onset_threshold`` − the highest streak value,
+            and over memorizing runs of the streak value at the truth onset − ``onset_threshold``
+            (relative to ``onset_threshold`` for the loss gap): the selection's tie-break.
     """
 
     rows: list[OnsetRow] = field(default_factory=list)
-    false_alarms: int = 0
-    never: int = 0
-    memorizing: int = 0
-    on_time: int = 0
-    detected: int = 0
     margin: float = math.inf
-    det_margin: float = math.inf
 
-    def alarms(self) -> list[OnsetRow]:
-        """The false alarms."""
-        return [r for r in self.rows if r.false_alarm]
+    def count(self, what: str) -> int:
+        """Rows that are ``what``: ``"memorizing"``, ``"never"``, ``"borderline"`` (kinds), or
+        ``"on_time"``, ``"right"``, ``"false_alarm"``, ``"detected"``, ``"borderline_flagged"``."""
+        if what in ("memorizing", "never", "borderline"):
+            return sum(r.kind == what for r in self.rows)
+        if what == "detected":
+            return sum(r.kind == "memorizing" and r.onset is not None for r in self.rows)
+        if what == "borderline_flagged":
+            return sum(r.kind == "borderline" and r.onset is not None for r in self.rows)
+        return sum(bool(getattr(r, what)) for r in self.rows)
+
+    @property
+    def judged(self) -> int:
+        """Runs that can be right: memorizing and never-memorizing ones."""
+        return self.count("memorizing") + self.count("never")
 
     def late(self) -> list[int]:
         """By how many steps each late onset is late, ascending."""
         return sorted(-r.lead for r in self.rows if r.lead is not None and r.lead < 0)
 
-    def missed(self) -> int:
-        """Memorizing runs the rule never flags."""
-        return sum(r.truth is not None and r.onset is None for r in self.rows)
-
     def leads(self) -> list[int]:
-        """Leads of the runs that have both onsets."""
+        """Leads of the memorizing runs that have both onsets."""
         return [r.lead for r in self.rows if r.lead is not None]
 
 
-def evaluate_onsets(
-    runs: Sequence[RunRecord],
-    spec: str,
-    score_threshold: float,
-    onset_threshold: float,
-    defaults: Defaults,
-    signal: str = PRIMARY_SIGNAL,
-) -> OnsetOutcome:
-    """Replay the onset rule on every run: a probe counts as memorized when its oriented ``signal``
-    at ``spec`` exceeds ``score_threshold``; compare with the NN truth."""
-    out = OnsetOutcome()
+def evaluate(runs: Sequence[RunRecord], rule: Rule, defaults: Defaults) -> Outcome:
+    """Replay ``rule`` on every run and compare with the NN truth."""
+    out = Outcome()
+    scale = rule.onset_threshold if rule.kind == "gap" else 1.0
     for r in runs:
-        scores = oriented(r, spec, signal)
         row = OnsetRow(
-            r.dataset,
-            r.n,
-            r.seed,
-            truth=gt_onset(r),
-            onset=replay_onset(r.steps, scores, score_threshold, onset_threshold, defaults),
-            shipped_onset=r.shipped_onset,
-            max_nn=float(labels(r).mean(1).max()),
+            r.dataset, r.n, r.seed, gt_onset(r), rule.onset(r, defaults), float(nn_fraction(r).max()), run_kind(r)
         )
         out.rows.append(row)
-        streak = streak_values(memorized_fraction(scores, score_threshold), defaults.patience)
-        if row.truth is None:
-            out.never += 1
-            out.false_alarms += row.onset is not None
-            out.margin = min(out.margin, onset_threshold - float(streak.max()))
-        else:
+        streak = streak_values(np.nan_to_num(rule.series(r), nan=-np.inf), defaults.patience)
+        if row.kind == "never":
+            out.margin = min(out.margin, (rule.onset_threshold - float(streak.max())) / scale)
+        elif row.truth is not None:
             at_truth = int(np.nonzero(r.steps == row.truth)[0][0])
-            out.det_margin = min(out.det_margin, float(streak[at_truth]) - onset_threshold)
-            out.memorizing += 1
-            out.detected += row.onset is not None
-            out.on_time += row.onset is not None and row.onset <= row.truth
+            out.margin = min(out.margin, (float(streak[at_truth]) - rule.onset_threshold) / scale)
     return out
 
 
-# ----------------------------------------------------------------------------- selection
-@dataclass(frozen=True)
-class Rule:
-    """An onset rule: ``signal`` > ``score_threshold`` at noise level ``spec`` per probe, onset when
-    more than ``onset_threshold`` of the probes are; ``selection``: its outcome on the runs it was
-    chosen on (``None`` for a rule that was not chosen here)."""
-
-    signal: str
-    spec: str
-    score_threshold: float
-    onset_threshold: float | None
-    selection: OnsetOutcome | None = None
-
-
-def rule_key(res: OnsetOutcome) -> tuple[int, int, int, float]:
-    """Lexicographic preference: fewest false alarms, most on time, most detected, widest margin
-    on both sides (the smaller of the false-alarm and the detection margin)."""
-    return (-res.false_alarms, res.on_time, res.detected, min(res.margin, res.det_margin))
-
-
-def _selection_key(rule: Rule) -> tuple[int, int, int, float]:
-    assert rule.selection is not None
-    return rule_key(rule.selection)
-
-
-def choose_thresholds(
-    runs: Sequence[RunRecord], spec: str, defaults: Defaults, cfg: StudyConfig, signal: str = PRIMARY_SIGNAL
-) -> Rule:
-    """Grid search over ``cfg.score_thresholds[signal]`` × ``cfg.onset_thresholds`` at ``spec``
-    by :func:`rule_key` (the first of equals wins)."""
-    rules = (
-        Rule(signal, spec, st, ot, evaluate_onsets(runs, spec, st, ot, defaults, signal))
-        for st in cfg.score_thresholds[signal]
-        for ot in cfg.onset_thresholds
+def rule_key(res: Outcome) -> tuple[int, int, int, int, float]:
+    """Lexicographic preference: fewest false alarms, then fewest borderline runs flagged, most
+    runs right, most memorizing runs flagged, widest margin."""
+    return (
+        -res.count("false_alarm"),
+        -res.count("borderline_flagged"),
+        res.count("right"),
+        res.count("detected"),
+        res.margin,
     )
-    return max(rules, key=_selection_key)
 
 
-def choose_rule(
-    runs: Sequence[RunRecord], specs: Sequence[str], defaults: Defaults, cfg: StudyConfig, signal: str = PRIMARY_SIGNAL
-) -> Rule:
-    """The noise level and both thresholds, jointly, by the key of :func:`rule_key` (the first of equals wins)."""
-    return max((choose_thresholds(runs, spec, defaults, cfg, signal) for spec in specs), key=_selection_key)
+def choose(runs: Sequence[RunRecord], candidates: Sequence[Rule], defaults: Defaults) -> tuple[Rule, Outcome]:
+    """The candidate with the best :func:`rule_key` on ``runs`` (the first of equals wins) and its outcome."""
+    scored = [(rule, evaluate(runs, rule, defaults)) for rule in candidates]
+    return max(scored, key=lambda ro: rule_key(ro[1]))
 
 
-@dataclass(frozen=True)
-class Selection:
-    """What is chosen on the selection seeds.
+def sharp_grid(specs: Sequence[str], cfg: StudyConfig) -> list[Rule]:
+    """Every sharp-fraction rule of ``specs`` × ``cfg.score_thresholds`` × ``cfg.onset_thresholds``."""
+    return [Rule("sharp", spec, st, ot) for spec in specs for st in cfg.score_thresholds for ot in cfg.onset_thresholds]
 
-    Attributes:
-        best_spec: signal -> the noise level of its highest mean AUROC.
-        best_abs: the absolute noise level of the primary signal's highest mean AUROC.
-        best_signal: the signal with the highest mean AUROC at its ``best_spec``.
-        rules: ``RECOMMENDED`` (primary signal, any level), ``ABSOLUTE`` (primary signal,
-            absolute levels only), ``ALTERNATIVE`` (``ALTERNATIVE_SIGNAL``, any level).
+
+def gap_grid(cfg: StudyConfig) -> list[Rule]:
+    """Every loss-gap rule: each fixed timestep and their mean × ``cfg.gap_thresholds``."""
+    ts = [str(t) for t in cfg.loss_timesteps] + [MEAN_T]
+    return [Rule("gap", t, None, th) for t in ts for th in cfg.gap_thresholds]
+
+
+def select_rules(sel: Sequence[RunRecord], cfg: StudyConfig, defaults: Defaults) -> dict[str, Rule]:
+    """Every rule of the study; the tuned ones chosen on the selection runs ``sel`` only.
+
+    * ``TODAY``: the library's absolute defaults, as shipped (fixed);
+    * ``AUTO_TODAY``: ``sigmas="auto"`` at the library's first factor, today's thresholds (fixed;
+      only when that factor is measured);
+    * ``ABS_TUNED``: the shipped absolute level, both thresholds tuned;
+    * ``AUTO``: factor and both thresholds tuned;
+    * ``GAP``: the loss-gap baseline, timestep and threshold tuned.
     """
+    abs_spec = defaults.primary_spec if defaults.sigmas != ("auto",) else "abs 0.3"
+    rules = {TODAY: Rule("sharp", abs_spec, defaults.score_threshold, float(defaults.onset_threshold or 0.0))}
+    auto_spec = f"auto {float(defaults.sigma_factors[0]):g}"
+    if auto_spec in cfg.auto_specs():
+        rules[AUTO_TODAY] = Rule("sharp", auto_spec, defaults.score_threshold, rules[TODAY].onset_threshold)
+    rules[ABS_TUNED] = choose(sel, sharp_grid([abs_spec], cfg), defaults)[0]
+    rules[AUTO] = choose(sel, sharp_grid(cfg.auto_specs(), cfg), defaults)[0]
+    rules[GAP] = choose(sel, gap_grid(cfg), defaults)[0]
+    return rules
 
-    best_spec: dict[str, str]
-    best_abs: str
-    best_signal: str
-    rules: dict[str, Rule]
+
+def replay_agreement(runs: Sequence[RunRecord], rule: Rule) -> int:
+    """Runs on which ``rule`` (the absolute defaults) replayed offline puts the onset exactly where
+    the absolute-default monitor itself declared it during training."""
+    return sum(rule.onset(r, r.shipped) == r.shipped_onset for r in runs)
 
 
-def select(
-    sel: Sequence[RunRecord], table: AurocTable, datasets: Sequence[str], cfg: StudyConfig, defaults: Defaults
-) -> Selection:
-    """Every choice of the study, made on the selection runs ``sel`` (``table``: their AUROC table)."""
-    specs, abs_specs = cfg.specs(), cfg.abs_specs()
+# ----------------------------------------------------------------------------- rescaling
+@dataclass(frozen=True)
+class RescaleRow:
+    """One digits run (``n``, ``seed``) against its rescaled copy ``variant``: the rule's onsets
+    and the truth's, base first."""
 
-    def best(candidates: Sequence[str], signal: str) -> str:
-        return max(candidates, key=lambda sp: nan_low(macro(table, datasets, sp, signal)))
+    n: int
+    seed: int
+    variant: str
+    base_onset: int | None
+    onset: int | None
+    base_truth: int | None
+    truth: int | None
 
-    best_spec = {s: best(specs, s) for s in SIGNALS}
-    return Selection(
-        best_spec=best_spec,
-        best_abs=best(abs_specs, PRIMARY_SIGNAL),
-        best_signal=max(SIGNALS, key=lambda s: nan_low(macro(table, datasets, best_spec[s], s))),
-        rules={
-            RECOMMENDED: choose_rule(sel, specs, defaults, cfg),
-            ABSOLUTE: choose_rule(sel, abs_specs, defaults, cfg),
-            ALTERNATIVE: choose_rule(sel, specs, defaults, cfg, ALTERNATIVE_SIGNAL),
-        },
-    )
+
+def checks_apart(a: int | None, b: int | None, every: int) -> float:
+    """``|a − b|`` in checks; 0 when neither exists, ``inf`` when only one does."""
+    if a is None and b is None:
+        return 0.0
+    if a is None or b is None:
+        return math.inf
+    return abs(a - b) / every
+
+
+def rescale_rows(runs: Sequence[RunRecord], rule: Rule, defaults: Defaults) -> list[RescaleRow]:
+    """Every digits run that has a rescaled copy in ``runs`` (same N and seed): one row per copy."""
+    by_key = {r.key: r for r in runs}
+    rows = []
+    for (name, n, seed), scaled in sorted(by_key.items()):
+        base = by_key.get((SCALED[name][0], n, seed)) if name in SCALED else None
+        if base is not None:
+            rows.append(
+                RescaleRow(
+                    n,
+                    seed,
+                    name,
+                    rule.onset(base, defaults),
+                    rule.onset(scaled, defaults),
+                    gt_onset(base),
+                    gt_onset(scaled),
+                )
+            )
+    return rows
+
+
+def rescale_summary(rows: Sequence[RescaleRow], every: int) -> tuple[int, int, float]:
+    """``(within one check, pairs, largest change in checks)`` of the rule's onsets under rescaling."""
+    changes = [checks_apart(r.base_onset, r.onset, every) for r in rows]
+    return sum(c <= 1 for c in changes), len(changes), max(changes, default=math.nan)
 
 
 # ----------------------------------------------------------------------------- the whole study
 @dataclass(frozen=True)
 class StudyAnalysis:
-    """The study analysed: selection on ``sel`` (the selection seeds), evaluation on ``rep``.
+    """The study analysed: every choice on ``groups["selection"]``, evaluation on the others.
 
     Attributes:
-        cfg, runs, defaults: the study, all its runs, the callback defaults they were made with.
+        cfg, defaults: the study and the callback defaults its runs were made with.
         datasets: sorted data-set names.
-        sel, rep: the runs of the selection seeds and of the report seeds.
-        t_sel, t_rep: their AUROC tables.
-        selection: the choices (on ``sel``).
-        outcomes: rule name -> the rule replayed on ``rep``.
-        shipped_outcome: the shipped rule replayed on ``rep`` (``None`` if its level was not measured).
-        replayed: runs whose callback onset the offline replay reproduces exactly.
+        groups: ``"selection"``, ``"report"`` and (when given) ``"fresh"`` -> their runs.
+        rules: rule name -> :class:`Rule` (see :func:`select_rules`).
+        outcomes: group -> rule name -> :class:`Outcome`.
+        aurocs: group -> :class:`AurocTable` over every noise level measured.
+        replayed: runs (all groups) whose own absolute-default onset the replay reproduces.
     """
 
     cfg: StudyConfig
-    runs: list[RunRecord]
     defaults: Defaults
     datasets: list[str]
-    sel: list[RunRecord]
-    rep: list[RunRecord]
-    t_sel: AurocTable
-    t_rep: AurocTable
-    selection: Selection
-    outcomes: dict[str, OnsetOutcome]
-    shipped_outcome: OnsetOutcome | None
+    groups: dict[str, list[RunRecord]]
+    rules: dict[str, Rule]
+    outcomes: dict[str, dict[str, Outcome]]
+    aurocs: dict[str, AurocTable]
     replayed: int
 
-    @property
-    def sel_label(self) -> str:
-        return "seed " + ", ".join(map(str, self.cfg.select_seeds))
+    def seeds(self, group: str) -> str:
+        """``"seed 0"`` / ``"seeds 1, 2"``: the seeds of a group."""
+        seeds = sorted({r.seed for r in self.groups[group]})
+        return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
 
     @property
-    def rep_label(self) -> str:
-        return "seeds " + ", ".join(map(str, self.cfg.report_seeds))
+    def specs(self) -> list[str]:
+        """Every noise level measured, absolute first."""
+        return list(self.groups["selection"][0].signals)
+
+    @property
+    def every(self) -> int:
+        """The check cadence (all data sets share it)."""
+        return self.cfg.data[0].every
+
+    def auroc(self, group: str, rule: Rule) -> RocStats | None:
+        """Pooled per-probe statistics of the rule's per-probe score (``None`` for the loss gap)."""
+        return None if rule.kind == "gap" else self.aurocs[group][("all", rule.spec, PRIMARY_SIGNAL)]
 
 
-def replay_rule(runs: Sequence[RunRecord], rule: Rule, defaults: Defaults) -> OnsetOutcome:
-    """``rule`` replayed on ``runs``."""
-    return evaluate_onsets(runs, rule.spec, rule.score_threshold, rule.onset_threshold, defaults, rule.signal)
-
-
-def analyse(runs: list[RunRecord], cfg: StudyConfig) -> StudyAnalysis:
-    """Choose on the selection seeds of ``cfg``, replay everything on the report seeds."""
+def analyse(runs: list[RunRecord], cfg: StudyConfig, fresh: Sequence[RunRecord] = ()) -> StudyAnalysis:
+    """Choose on the selection seeds of ``cfg``, replay everything on the report seeds and on ``fresh``."""
     defaults = runs[0].shipped
-    datasets = sorted({r.dataset for r in runs})
-    sel = [r for r in runs if r.seed in cfg.select_seeds]
-    rep = [r for r in runs if r.seed not in cfg.select_seeds]
-    t_sel = auroc_table(sel, cfg.specs())
-    selection = select(sel, t_sel, datasets, cfg, defaults)
-    shipped_spec = defaults.primary_spec
-    shipped_outcome = None
-    if shipped_spec in cfg.specs():
-        st, ot = defaults.score_threshold, defaults.onset_threshold
-        shipped_outcome = evaluate_onsets(rep, shipped_spec, st, ot, defaults)
+    groups = {
+        "selection": [r for r in runs if r.seed in cfg.select_seeds],
+        "report": [r for r in runs if r.seed not in cfg.select_seeds],
+    }
+    if fresh:
+        groups["fresh"] = list(fresh)
+    groups = {g: rs for g, rs in groups.items() if rs}
+    rules = select_rules(groups["selection"], cfg, defaults)
+    specs = list(runs[0].signals)
+    every_run = [*runs, *fresh]
     return StudyAnalysis(
         cfg=cfg,
-        runs=runs,
         defaults=defaults,
-        datasets=datasets,
-        sel=sel,
-        rep=rep,
-        t_sel=t_sel,
-        t_rep=auroc_table(rep, cfg.specs()),
-        selection=selection,
-        outcomes={name: replay_rule(rep, rule, defaults) for name, rule in selection.rules.items()},
-        shipped_outcome=shipped_outcome,
-        replayed=replay_agreement(runs),
+        datasets=sorted({r.dataset for r in every_run}),
+        groups=groups,
+        rules=rules,
+        outcomes={g: {name: evaluate(rs, rule, defaults) for name, rule in rules.items()} for g, rs in groups.items()},
+        aurocs={g: auroc_table(rs, specs) for g, rs in groups.items()},
+        replayed=replay_agreement(every_run, rules[TODAY]),
     )
-
-
-# ----------------------------------------------------------------------------- diagnostics
-def median_sigma(runs: Sequence[RunRecord], dataset: str, n: int, spec: str) -> float:
-    """Median σ_t of noise level ``spec`` over the runs of ``dataset`` at size ``n``."""
-    return float(np.median([r.sigma[spec] for r in runs if r.dataset == dataset and r.n == n]))
-
-
-@dataclass(frozen=True)
-class SizeSummary:
-    """The rows of one data set and size: memorizing runs of all, median truth onset, median
-    onset, median lead (``None``: no value), false alarms among the never-memorizing runs."""
-
-    memorizing: int
-    runs: int
-    truth: int | None
-    onset: int | None
-    lead: int | None
-    false_alarms: int
-    never: int
-
-
-def _median(xs: Sequence[int]) -> int | None:
-    return int(np.median(xs)) if xs else None
-
-
-def size_summary(rows: Sequence[OnsetRow], dataset: str, n: int) -> SizeSummary:
-    """Summary of the ``rows`` of ``dataset`` at size ``n``."""
-    sub = [r for r in rows if r.dataset == dataset and r.n == n]
-    truths = [r.truth for r in sub if r.truth is not None]
-    return SizeSummary(
-        memorizing=len(truths),
-        runs=len(sub),
-        truth=_median(truths),
-        onset=_median([r.onset for r in sub if r.onset is not None]),
-        lead=_median([r.lead for r in sub if r.lead is not None]),
-        false_alarms=sum(r.false_alarm for r in sub),
-        never=sum(r.truth is None for r in sub),
-    )
-
-
-def onset_slope(rows: Sequence[OnsetRow]) -> dict[str, dict[str, float]]:
-    """data set -> ``{"truth": slope, "onset": slope}``: least-squares slope of log(median onset
-    step) against log N over the sizes with an onset (NaN with fewer than two sizes)."""
-    out: dict[str, dict[str, float]] = {}
-    for ds in sorted({r.dataset for r in rows}):
-        out[ds] = {}
-        for key in ("truth", "onset"):
-            pts = []
-            for n in sorted({r.n for r in rows if r.dataset == ds}):
-                vals = [getattr(r, key) for r in rows if r.dataset == ds and r.n == n and getattr(r, key) is not None]
-                if vals:
-                    pts.append((math.log(n), math.log(max(float(np.median(vals)), 1.0))))
-            out[ds][key] = float(np.polyfit(*zip(*pts), 1)[0]) if len({p[0] for p in pts}) >= 2 else math.nan
-    return out
-
-
-@dataclass(frozen=True)
-class FalsePositives:
-    """Probe-checks flagged (score above the threshold) but not NN-memorized: ``total``; ``late``:
-    those in checks whose run already has more than ``NN_ONSET`` NN-memorized probes;
-    ``late_ratios`` ``[late]``: their ``d₁/d₂``."""
-
-    total: int
-    late: int
-    late_ratios: np.ndarray
-
-
-def false_positives(runs: Sequence[RunRecord], spec: str, score_threshold: float) -> FalsePositives:
-    """:class:`FalsePositives` of the primary signal at ``spec`` over ``runs``."""
-    total = late = 0
-    ratios: list[np.ndarray] = [np.zeros(0)]
-    for r in runs:
-        y = labels(r)
-        wrong = (r.signals[spec][PRIMARY_SIGNAL] > score_threshold) & ~y
-        in_late = wrong & (y.mean(1) > NN_ONSET)[:, None]
-        total += int(wrong.sum())
-        late += int(in_late.sum())
-        ratios.append(r.nn_ratio[in_late])
-    return FalsePositives(total, late, np.concatenate(ratios))
-
-
-def run_of(runs: Sequence[RunRecord], row: OnsetRow) -> RunRecord:
-    """The run of ``row``."""
-    return next(r for r in runs if r.key == (row.dataset, row.n, row.seed))
-
-
-def curve_runs(
-    runs: Sequence[RunRecord], dataset: str, seed: int, spec: str, score_threshold: float
-) -> list[RunRecord]:
-    """The runs whose curves the report draws for ``dataset`` and ``seed``: the smallest N that
-    memorizes, and the never-memorizing run with the highest memorized fraction (else the largest N)."""
-    sub = sorted((r for r in runs if r.dataset == dataset and r.seed == seed), key=lambda r: r.n)
-    memo = [r for r in sub if gt_onset(r) is not None]
-    never = [r for r in sub if gt_onset(r) is None]
-    hardest = max(
-        never,
-        key=lambda r: np.max(memorized_fraction(r.signals[spec][PRIMARY_SIGNAL], score_threshold)),
-        default=sub[-1],
-    )
-    first = memo[:1]
-    return first + ([hardest] if all(hardest.key != r.key for r in first) else [])
-
-
-def fresh_outcomes(
-    fresh: Sequence[RunRecord], rules: Mapping[str, Rule], defaults: Defaults
-) -> list[tuple[str, Rule, OnsetOutcome]]:
-    """The rules of section 2 (with the ``defaults`` of the study's runs), then the callback's
-    own rule with its defaults at the time of the ``fresh`` runs, each replayed on ``fresh``:
-    ``(name, rule, outcome)``."""
-    now = fresh[0].shipped
-    candidates = [(f"{name}: {SIGNALS[rule.signal].label}", rule, defaults) for name, rule in rules.items()]
-    own = Rule(PRIMARY_SIGNAL, now.primary_spec, now.score_threshold, now.onset_threshold)
-    candidates.append(("callback defaults of these runs: sharp fraction", own, now))
-    return [(name, rule, replay_rule(fresh, rule, d)) for name, rule, d in candidates]

@@ -9,9 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import __doc__ as STUDY_DOC
-from .analysis import analyse
-from .config import DEFAULT, FAST, StudyConfig
-from .report import write_report
+from .config import DEFAULT, FAST, FRESH, StudyConfig
 from .runs import RunRecord, Timing, load_cache, machine, quiet, run_all, save_cache
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +38,12 @@ def parser() -> argparse.ArgumentParser:
         "or the number of CPUs if smaller)",
     )
     ap.add_argument("--cache", type=Path, default=None, help="also save the recorded checks here (torch.save)")
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="train the fresh-seed grid (config.FRESH) into --cache, for --fresh-cache; no report",
+    )
+    ap.add_argument("--train-only", action="store_true", help="train and save to --cache; write no report")
     ap.add_argument("--from-cache", type=Path, default=None, help="skip training; analyse saved checks")
     ap.add_argument(
         "--fresh-cache",
@@ -68,10 +72,11 @@ def output_dir(args: argparse.Namespace) -> Path:
 def _train(cfg: StudyConfig, args: argparse.Namespace, started: float) -> tuple[list[RunRecord], Timing]:
     """Train every run of ``cfg`` and save them to ``--cache`` if given."""
     n_runs = sum(len(d.ns) for d in cfg.data) * len(cfg.seeds)
-    print(f"memwatch validation ({'fast' if args.fast else 'default'}): {n_runs} runs", flush=True)
+    size = "fast" if args.fast else "fresh" if args.fresh else "default"
+    print(f"memwatch validation ({size}): {n_runs} runs", flush=True)
     runs = run_all(cfg, args.workers)
     timing = Timing(
-        size="--fast" if args.fast else "default",
+        size="--fast" if args.fast else "--fresh" if args.fresh else "default",
         seconds=time.perf_counter() - started,
         workers=args.workers,
         machine=machine(),
@@ -86,12 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = parser()
     args = ap.parse_args(argv)
     quiet()
-    cfg = FAST if args.fast else DEFAULT
+    cfg = FAST if args.fast else FRESH if args.fresh else DEFAULT
+    args.train_only = args.train_only or args.fresh
     if args.seeds is not None:
         cfg = replace(cfg, seeds=tuple(args.seeds))
     analysable = set(cfg.select_seeds) <= set(cfg.seeds)
-    if args.from_cache is None and not analysable and args.cache is None:
-        ap.error(f"--seeds {' '.join(map(str, cfg.seeds))} lacks the selection seed(s) {cfg.select_seeds}: add --cache")
+    if args.from_cache is None and (args.train_only or not analysable) and args.cache is None:
+        ap.error(f"--train-only, or --seeds without the selection seed(s) {cfg.select_seeds}, needs --cache")
     if args.workers is None:  # --fast: 4 short runs, not worth a worker's start-up
         args.workers = 1 if args.fast else min(2, os.cpu_count() or 1)
     out = output_dir(args)
@@ -100,13 +106,16 @@ def main(argv: list[str] | None = None) -> int:
         runs, timing = load_cache(args.from_cache)
     else:
         runs, timing = _train(cfg, args, started)
-        if not analysable:
+        if not analysable or args.train_only:
             print(
                 f"saved {len(runs)} runs to {args.cache}; analyse them with --from-cache ... --fresh-cache {args.cache}"
             )
             return 0
-    fresh = [] if args.fresh_cache is None else load_cache(args.fresh_cache)[0]
-    text = write_report(analyse(runs, cfg), out, timing, fresh)
+    from .analysis import analyse  # the training path needs neither
+    from .report import write_report
+
+    fresh, fresh_timing = ([], None) if args.fresh_cache is None else load_cache(args.fresh_cache)
+    text = write_report(analyse(runs, cfg, fresh), out, timing, fresh_timing)
     print(text)
     print(
         f"\nwrote {out / 'validation.md'} and {out / 'img'}/validation_*.png ({time.perf_counter() - started:.0f} s)",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -20,6 +20,11 @@ NN_ONSET = 0.10  # ground-truth onset: first check with more than 10 % NN-memori
 FPRS = (0.01, 0.05)  # false-positive rates at which the TPR is reported
 GMM_COMPONENTS, GMM_STD, GMM_SEED = 8, 0.3, 1234
 MANIFOLD_DIM = 16
+NEVER, BORDERLINE = 0.05, 0.10  # a run never memorizes: no check above 5 % copies; 5-10 %: borderline
+SCALED: dict[str, tuple[str, tuple[float, float]]] = {  # name -> (base data set, (a, b)): x -> a x + b
+    "digits_01": ("digits", (0.5, 0.5)),  # the [-1, 1] digits mapped to [0, 1]
+    "digits_x3": ("digits", (3.0, 0.0)),  # the [-1, 1] digits × 3
+}
 
 
 # ----------------------------------------------------------------------------- signals
@@ -53,14 +58,10 @@ SIGNALS: dict[str, Signal] = {
     "lambda_max": Signal("σ²λ_max", _lambda_max, -1.0),
 }
 PRIMARY_SIGNAL = "sharp_fraction"  # the callback's score
-ALTERNATIVE_SIGNAL = "lambda_max"  # the strongest signal at low FPR; not the callback's score today
 
-SCORE_THRESHOLDS: dict[str, tuple[float, ...]] = {  # per-probe thresholds tried on the oriented signal
-    "sharp_fraction": (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95),
-    # -σ²λ_max > c  <=>  every direction is sharp at τ = c  <=>  sharp fraction (at τ = c) = 1
-    "lambda_max": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
-}
-ONSET_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+SCORE_THRESHOLDS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)  # per-probe thresholds tried (sharp fraction)
+ONSET_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+GAP_THRESHOLDS = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # loss gap
 
 
 # ----------------------------------------------------------------------------- the study grid
@@ -69,7 +70,8 @@ class DataSpec:
     """One data set of the study: its sizes and its training recipe.
 
     Attributes:
-        name: ``"gmm"``, ``"swiss_roll"``, ``"s_curve"`` or ``"digits"`` (see :func:`runs.make_data`).
+        name: ``"gmm"``, ``"swiss_roll"``, ``"s_curve"``, ``"digits"`` or a rescaled set of
+            :data:`SCALED` (see :func:`runs.make_data`).
         ns: training-set sizes N.
         max_steps: optimizer steps per run.
         every: check cadence (optimizer steps).
@@ -93,59 +95,67 @@ class StudyConfig:
         data: the data sets.
         seeds: training seeds (data subset / embedding, init, batch order, probe noise).
         select_seeds: the seeds every choice is made on; the others only report.
-        abs_sigmas: absolute noise levels σ_t.
-        rel_sigmas: relative levels c, measured at σ_t = c · (median NN distance of the training set).
+        sigma_factors: the ``sigma_factors`` of the ``sigmas="auto"`` monitor (one level each).
+        loss_timesteps: the fixed timesteps of the loss-gap baseline.
+        held_out: size of the held-out split (and of the training subset) of the loss gap.
         num_probes, sampler_steps: probes per check and their DDIM steps.
         depth, batch_size: MLP depth and training batch size.
-        score_thresholds: signal -> per-probe thresholds tried (on the oriented signal).
-        onset_thresholds: ``onset_threshold`` values tried.
+        score_thresholds, onset_thresholds, gap_thresholds: the grids tried on the selection seeds.
     """
 
     data: tuple[DataSpec, ...]
     seeds: tuple[int, ...]
     select_seeds: tuple[int, ...]
-    abs_sigmas: tuple[float, ...]
-    rel_sigmas: tuple[float, ...]
+    sigma_factors: tuple[float, ...]
+    loss_timesteps: tuple[int, ...] = (20, 50, 100, 200, 400)
+    held_out: int = 256
     num_probes: int = 32
     sampler_steps: int = 50
     depth: int = 3
     batch_size: int = 64
-    score_thresholds: Mapping[str, tuple[float, ...]] = field(default_factory=lambda: dict(SCORE_THRESHOLDS))
+    score_thresholds: tuple[float, ...] = SCORE_THRESHOLDS
     onset_thresholds: tuple[float, ...] = ONSET_THRESHOLDS
+    gap_thresholds: tuple[float, ...] = GAP_THRESHOLDS
 
     @property
     def report_seeds(self) -> tuple[int, ...]:
         """The seeds that play no part in any choice."""
         return tuple(s for s in self.seeds if s not in self.select_seeds)
 
-    def specs(self) -> list[str]:
-        """Names of every noise level measured: ``"abs 0.3"``, ``"rel 0.1"``, …"""
-        return [f"abs {s:g}" for s in self.abs_sigmas] + [f"rel {c:g}" for c in self.rel_sigmas]
+    def auto_specs(self) -> list[str]:
+        """Names of the calibrated noise levels measured: ``"auto 0.2"``, …"""
+        return [f"auto {c:g}" for c in self.sigma_factors]
 
-    def abs_specs(self) -> list[str]:
-        """The absolute noise levels of :meth:`specs`."""
-        return [f"abs {s:g}" for s in self.abs_sigmas]
+
+def _digits_specs(
+    ns: tuple[int, ...], steps: int, every: int, hidden: int, lr: float, names: tuple[str, ...] = ("digits", *SCALED)
+) -> tuple[DataSpec, ...]:
+    """The digits at the scales ``names`` (default: every scale of the study), same recipe."""
+    return tuple(DataSpec(name, ns, steps, every, hidden, lr) for name in names)
 
 
 DEFAULT = StudyConfig(
     data=(
-        DataSpec("gmm", (8, 16, 32, 64, 1024), 8000, 250, 128, 2e-3),
-        DataSpec("swiss_roll", (8, 16, 32, 256, 1024), 8000, 250, 128, 2e-3),
-        DataSpec("s_curve", (8, 16, 32, 256, 1024), 8000, 250, 128, 2e-3),
-        DataSpec("digits", (8, 16, 32, 1024), 6000, 250, 256, 2e-3),
+        DataSpec("gmm", (8, 16, 1024), 4000, 250, 128, 2e-3),
+        DataSpec("swiss_roll", (8, 16, 256), 4000, 250, 128, 2e-3),
+        DataSpec("s_curve", (8, 16, 256), 4000, 250, 128, 2e-3),
+        DataSpec("digits", (8, 16, 1024), 4000, 250, 256, 2e-3),
+        *_digits_specs((16, 1024), 4000, 250, 256, 2e-3, names=tuple(SCALED)),
     ),
-    seeds=(0, 1, 2),
+    seeds=(0, 1),
     select_seeds=(0,),
-    abs_sigmas=(0.05, 0.1, 0.2, 0.3, 0.5, 0.8),
-    rel_sigmas=(0.05, 0.1, 0.2, 0.3, 0.5),
+    sigma_factors=(0.05, 0.1, 0.2),
+    num_probes=20,
 )
+FRESH = replace(DEFAULT, seeds=(2,))  # trained after every choice is fixed, evaluated only (``--fresh``)
 
 FAST = StudyConfig(
     data=(DataSpec("gmm", (4, 512), 600, 100, 128, 3e-3),),
     seeds=(0, 1),
     select_seeds=(0,),
-    abs_sigmas=(0.1, 0.3),
-    rel_sigmas=(0.1,),
+    sigma_factors=(0.2,),
+    loss_timesteps=(50, 200),
+    held_out=64,
     num_probes=16,
     sampler_steps=20,
     depth=2,
@@ -158,7 +168,8 @@ class Defaults:
     """The callback settings the study replays and reports against ("shipped").
 
     Attributes:
-        sigmas: evaluation noise levels; the first is the primary one onset is decided on.
+        sigmas: evaluation noise levels; the first is the primary one onset is decided on
+            (``("auto",)``: calibrated, ``sigma_factors`` × the median NN distance).
         threshold: τ, a direction is sharp when σ_t²λ < -τ.
         score_threshold: a probe is memorized when its sharp fraction exceeds this.
         onset_threshold, onset_min_delta, patience, min_steps, baseline_checks: the
@@ -173,10 +184,14 @@ class Defaults:
     patience: int
     min_steps: int
     baseline_checks: int
+    sigma_factors: tuple[float, ...] = (0.2,)
 
     @property
     def primary_spec(self) -> str:
-        """The study's name of the primary noise level, e.g. ``"abs 0.3"``."""
+        """The study's name of the primary noise level, e.g. ``"abs 0.3"`` (``"auto F"`` with
+        ``sigmas="auto"``: ``F`` the first factor)."""
+        if self.sigmas == ("auto",):
+            return f"auto {float(self.sigma_factors[0]):g}"
         return f"abs {float(self.sigmas[0]):g}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -190,12 +205,13 @@ class Defaults:
             "patience": self.patience,
             "min_steps": self.min_steps,
             "baseline_checks": self.baseline_checks,
+            "sigma_factors": list(self.sigma_factors),
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Defaults:
         """Inverse of :meth:`to_dict`."""
-        return cls(**{**d, "sigmas": tuple(d["sigmas"])})
+        return cls(**{**d, "sigmas": tuple(d["sigmas"]), "sigma_factors": tuple(d["sigma_factors"])})
 
 
 def library_defaults() -> Defaults:
@@ -206,7 +222,8 @@ def library_defaults() -> Defaults:
     monitor = MemorizationMonitor()
     detector = monitor.detector
     return Defaults(
-        sigmas=tuple(monitor.sigmas),
+        sigmas=("auto",) if monitor.calibrating else tuple(monitor.sigmas),
+        sigma_factors=tuple(monitor.sigma_factors),
         threshold=SharpnessOptions().threshold,
         score_threshold=monitor.score_threshold,
         onset_threshold=detector.threshold,

@@ -8,15 +8,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .analysis import AurocTable, OnsetRow, gt_onset, labels, macro, memorized_fraction, replay_onset
-from .config import NN_ONSET, PRIMARY_SIGNAL, SIGNALS, Defaults, StudyConfig
+from .analysis import AurocTable, Outcome, Rule, gt_onset, loss_gap, nn_fraction
+from .config import NN_ONSET, PRIMARY_SIGNAL, SIGNALS, Defaults
 from .runs import RunRecord
 
-DATASET_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
 RUN_COLOURS = ("tab:red", "tab:blue", "tab:green")
 
 
@@ -26,105 +24,94 @@ def _figure(size: tuple[float, float]) -> Figure:
     return fig
 
 
-# ----------------------------------------------------------------------------- AUROC vs noise level
-def plot_auroc_vs_sigma(
+# ----------------------------------------------------------------------------- AUROC vs factor
+def plot_auroc_vs_factor(
     table: AurocTable,
     datasets: Sequence[str],
-    cfg: StudyConfig,
-    chosen: Mapping[str, str],
+    factors: Sequence[float],
+    abs_spec: str,
+    chosen: str,
     seeds_label: str,
-    primary: str = PRIMARY_SIGNAL,
+    signal: str = PRIMARY_SIGNAL,
 ) -> Figure:
-    """Mean per-probe AUROC over ``datasets`` of every signal against the noise level, absolute
-    (left) and relative (right); ``chosen``: annotation -> noise level, a dotted line each;
-    ``primary``: the signal drawn bold. Lines take matplotlib's colour cycle in ``SIGNALS`` order."""
-    fig = _figure((10.0, 4.2))
-    axes = fig.subplots(1, 2, sharey=True)
-    for ax, kind, xs, xlabel in (
-        (axes[0], "abs", cfg.abs_sigmas, r"absolute noise level $\sigma_t$"),
-        (axes[1], "rel", cfg.rel_sigmas, r"$\sigma_t$ / median NN distance of the training set"),
-    ):
-        for signal, sig in SIGNALS.items():
-            ys = [macro(table, datasets, f"{kind} {x:g}", signal) for x in xs]
-            lw, ms = (2.4, 6) if signal == primary else (1.3, 4)
-            ax.plot(xs, ys, marker="o", lw=lw, ms=ms, label=sig.label)
-        _mark_chosen(ax, kind, chosen)
-        ax.axhline(0.95, color="tab:red", ls="--", lw=1.0, label="target 0.95")
-        ax.axhline(0.5, color="0.5", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_xticks(xs, [f"{x:g}" for x in xs])
-        ax.minorticks_off()
-        ax.set_xlabel(xlabel)
-        ax.set_ylim(0.35, 1.0)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("per-probe AUROC (mean over data sets)")
-    fig.suptitle(f"Which signal and noise level separate NN-memorized probes? ({seeds_label})")
-    handles, labels_ = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels_, loc="outside lower center", ncols=4, fontsize="small")
+    """Per-probe AUROC of ``signal`` against the ``sigmas="auto"`` factor, one line per data set
+    (matplotlib's colour cycle, sorted order) and pooled over all (black, bold); dashed: the same
+    at the absolute level ``abs_spec`` (pooled); dotted vertical: the ``chosen`` level."""
+    fig = _figure((7.5, 4.8))
+    ax = fig.add_subplot()
+    for ds in datasets:
+        ax.plot(factors, [table[(ds, f"auto {f:g}", signal)].auroc for f in factors], marker="o", lw=1.3, label=ds)
+    pooled_auc = [table[("all", f"auto {f:g}", signal)].auroc for f in factors]
+    ax.plot(factors, pooled_auc, marker="o", lw=2.6, color="k", label="all (pooled)")
+    ax.axhline(table[("all", abs_spec, signal)].auroc, color="k", ls="--", lw=1.2, label=f"all at {abs_spec}")
+    ax.axhline(0.95, color="tab:red", ls="--", lw=1.0, label="target 0.95")
+    ax.axvline(float(chosen.split()[1]), color="0.3", ls=":", lw=1.4, label=f"chosen: {chosen}")
+    ax.set_xscale("log")
+    ax.set_xticks(list(factors), [f"{f:g}" for f in factors])
+    ax.minorticks_off()
+    ax.set_xlabel(r"sigma_factors: $\sigma_t$ / median NN distance (calibrated by the monitor)")
+    ax.set_ylabel(f"per-probe AUROC of the {SIGNALS[signal].label}")
+    ax.set_ylim(0.4, 1.0)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"Per-probe detection vs calibrated noise level ({seeds_label})")
+    fig.legend(loc="outside lower center", ncols=4, fontsize="small")
     return fig
 
 
-def _mark_chosen(ax: Axes, kind: str, chosen: Mapping[str, str]) -> None:
-    """A dotted vertical line at each chosen level of ``kind`` (``"abs"`` / ``"rel"``), with the names."""
-    by_x: dict[float, list[str]] = {}
-    for label, spec in chosen.items():
-        if spec.startswith(kind):
-            by_x.setdefault(float(spec.split()[1]), []).append(label)
-    for x, names in by_x.items():
-        ax.axvline(x, color="0.3", ls=":", lw=1.2)
-        ax.annotate(" + ".join(names), (x, 0.36), rotation=90, fontsize=8, color="0.3", ha="right", va="bottom")
-
-
-# ----------------------------------------------------------------------------- onset vs N
-def plot_onset_vs_n(rows: Sequence[OnsetRow], seeds_label: str, colours: Sequence[str] = DATASET_COLOURS) -> Figure:
-    """Onset step against N (log-log) of the NN truth (open squares, dashed median) and of memwatch
-    (filled circles, solid median), one colour per data set (``colours``, in sorted data-set order),
-    with a slope-1 line through the truth medians."""
-    fig = _figure((7.5, 5.5))
+# ----------------------------------------------------------------------------- onsets of the rules
+def plot_onsets(outcomes: Mapping[str, Outcome], seeds_label: str, markers: str = "osD^v") -> Figure:
+    """Each rule's onset against the NN truth's, one marker per memorizing run (matplotlib's colour
+    cycle, one colour and marker per rule); a run the rule misses sits on the top edge; the
+    diagonal: on time below it. The legend counts on-time runs and false alarms."""
+    fig = _figure((7.0, 6.2))
     ax = fig.add_subplot()
-    datasets = sorted({r.dataset for r in rows})
-    colour = dict(zip(datasets, colours))
-    allx: list[int] = []
-    truth_pts: list[tuple[int, float]] = []
-    for ds in datasets:
-        sub = [r for r in rows if r.dataset == ds]
-        for key, marker, fill, ls in (("truth", "s", "none", "--"), ("onset", "o", colour[ds], "-")):
-            med_n, med_s = _scatter_onsets(ax, sub, key, marker, fill, colour[ds])
-            ax.plot(med_n, med_s, ls=ls, color=colour[ds], lw=1.4)
-            allx += med_n
-            if key == "truth":
-                truth_pts += list(zip(med_n, med_s))
-    # legend entries: data sets by colour, kind by marker
-    for ds in datasets:
-        ax.plot([], [], color=colour[ds], lw=2, label=ds)
-    ax.plot([], [], "s--", color="0.3", mfc="none", label="NN truth > 10 % (median: dashed)")
-    ax.plot([], [], "o-", color="0.3", label="memwatch onset (median: solid)")
-    if truth_pts:  # slope 1 through the truth medians (least squares in log space)
-        lx, ly = np.log(np.array(truth_pts, dtype=float)).T
-        xs = np.array([min(allx), max(allx)], dtype=float)
-        ax.plot(xs, np.exp(np.mean(ly - lx)) * xs, color="0.3", ls=":", lw=1.6, label="slope 1 (onset ∝ N)")
+    rows_all = [r for out in outcomes.values() for r in out.rows]
+    top = max([r.truth or 0 for r in rows_all] + [r.onset or 0 for r in rows_all]) * 1.15 + 1
+    for i, (name, out) in enumerate(outcomes.items()):
+        memo = [r for r in out.rows if r.truth is not None]
+        xs = [r.truth for r in memo]
+        ys = [r.onset if r.onset is not None else top for r in memo]
+        jitter = 1.0 + 0.03 * (i - len(outcomes) / 2)
+        label = (
+            f"{name}: {out.count('on_time')}/{out.count('memorizing')} on time, {out.count('false_alarm')} false alarms"
+        )
+        ax.scatter(np.array(xs) * jitter, ys, marker=markers[i % len(markers)], s=28, alpha=0.7, label=label)
+    lo = min([r.truth for r in rows_all if r.truth] + [r.onset for r in rows_all if r.onset] + [top]) / 1.3
+    ax.plot([lo, top], [lo, top], color="0.3", lw=1.0)
+    ax.axhline(top, color="0.6", lw=0.8, ls=":")
+    ax.annotate("missed", (min(r.truth or top for r in rows_all), top), fontsize=8, color="0.4", va="bottom")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("training-set size N")
-    ax.set_ylabel("onset step (only runs that memorize)")
-    ax.set_title(f"When does memorization start? ({seeds_label})")
+    ax.set_xlabel("NN ground-truth onset step (first check with > 10 % copies)")
+    ax.set_ylabel("rule's onset step (below the diagonal: on time)")
+    ax.set_title(f"Onset vs ground truth, memorizing runs ({seeds_label})")
     ax.grid(alpha=0.3, which="both")
-    fig.legend(loc="outside lower center", ncols=2, fontsize="small")
+    fig.legend(loc="outside lower center", ncols=1, fontsize="small")
     return fig
 
 
-def _scatter_onsets(
-    ax: Axes, rows: Sequence[OnsetRow], key: str, marker: str, fill: str, colour: str
-) -> tuple[list[int], list[float]]:
-    """Scatter ``row.<key>`` of every run per N; return the sizes that have one and the medians."""
-    med_n, med_s = [], []
-    for n in sorted({r.n for r in rows}):
-        vals = [getattr(r, key) for r in rows if r.n == n and getattr(r, key) is not None]
-        ax.scatter([n] * len(vals), vals, marker=marker, s=22, facecolors=fill, edgecolors=colour, alpha=0.55, lw=1.0)
-        if vals:
-            med_n.append(n)
-            med_s.append(float(np.median(vals)))
-    return med_n, med_s
+# ----------------------------------------------------------------------------- loss gap
+def plot_loss_gap(
+    runs: Sequence[RunRecord], kinds: Sequence[str], t: str, threshold: float, seeds_label: str
+) -> Figure:
+    """The relative ε-loss gap at ``t`` against the training step, one line per run coloured by
+    its kind (``kinds`` ``[len(runs)]``: memorizing red, borderline orange, never blue) and the
+    chosen ``threshold`` (dashed)."""
+    colour = {"memorizing": "tab:red", "borderline": "tab:orange", "never": "tab:blue"}
+    fig = _figure((7.5, 4.8))
+    ax = fig.add_subplot()
+    for r, kind in zip(runs, kinds):
+        ax.plot(r.steps, loss_gap(r, t), color=colour[kind], lw=1.0, alpha=0.6)
+    for kind, c in colour.items():
+        ax.plot([], [], color=c, label=f"{kind} runs")
+    ax.axhline(threshold, color="k", ls="--", lw=1.2, label=f"chosen threshold {threshold:g}")
+    ax.set_yscale("symlog", linthresh=0.05)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("(held-out − train) / train ε-loss")
+    ax.set_title(f"Loss-gap baseline at t = {t} ({seeds_label})")
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside lower center", ncols=4, fontsize="small")
+    return fig
 
 
 # ----------------------------------------------------------------------------- curves of a few runs
@@ -141,29 +128,24 @@ class Curve:
 
 
 def run_curves(
-    picked: Sequence[RunRecord],
-    spec: str,
-    score_threshold: float,
-    onset_threshold: float,
-    defaults: Defaults,
-    colours: Sequence[str] = RUN_COLOURS,
+    picked: Mapping[str, RunRecord], rule: Rule, defaults: Defaults, colours: Sequence[str] = RUN_COLOURS
 ) -> dict[str, Curve]:
-    """Label -> :class:`Curve`: per run of ``picked``, memwatch's memorized fraction (solid, filled
-    circles, onset dashed) and the NN truth's (dashed, open squares, onset dotted), one colour per run."""
+    """Label -> :class:`Curve`: per run of ``picked`` (label -> run), the ``rule``'s memorized
+    fraction (solid, filled circles, onset dashed) and the NN truth's (dashed, open squares,
+    onset dotted), one colour per run."""
     curves: dict[str, Curve] = {}
-    for i, r in enumerate(picked):
+    for i, (name, r) in enumerate(picked.items()):
         c = colours[i % len(colours)]
-        scores = r.signals[spec][PRIMARY_SIGNAL]
-        curves[f"N={r.n}: memwatch"] = Curve(
+        curves[f"{name}: memwatch"] = Curve(
             r.steps,
-            memorized_fraction(scores, score_threshold),
-            replay_onset(r.steps, scores, score_threshold, onset_threshold, defaults),
+            rule.series(r),
+            rule.onset(r, defaults),
             {"color": c, "ls": "-", "marker": "o", "mfc": c},
             {"color": c, "ls": "--", "lw": 1.6},
         )
-        curves[f"N={r.n}: NN truth"] = Curve(
+        curves[f"{name}: NN truth"] = Curve(
             r.steps,
-            labels(r).mean(1),
+            nn_fraction(r),
             gt_onset(r),
             {"color": c, "ls": "--", "marker": "s", "mfc": "white"},
             {"color": c, "ls": ":", "lw": 1.6},

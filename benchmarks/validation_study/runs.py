@@ -2,9 +2,9 @@
 check, as the callback reported it), :class:`RunRecord` (one run, as plain arrays), and the cache.
 
 Cache format (``torch.save``; plain dicts, lists and numpy arrays only, so a cache loads without
-this package): ``{"format": 1, "runs": [RunRecord.to_dict(), ...], "timing": Timing.to_dict(),
-"config": dataclasses.asdict(StudyConfig)}``. Caches written before the format was numbered have
-no ``"format"`` key and the same layout; both load.
+this package): ``{"format": 2, "runs": [RunRecord.to_dict(), ...], "timing": Timing.to_dict(),
+"config": dataclasses.asdict(StudyConfig)}``. Format 2 (study v2: two monitors per run, the
+``sigmas="auto"`` levels, the loss-gap losses) does not read format-1 caches.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from .config import (
     GMM_SEED,
     GMM_STD,
     MANIFOLD_DIM,
+    SCALED,
     SIGNALS,
     DataSpec,
     Defaults,
@@ -39,7 +40,7 @@ from .config import (
     library_defaults,
 )
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 # ----------------------------------------------------------------------------- records
@@ -51,30 +52,40 @@ class CheckRecord:
         step: global step of the check.
         results: evaluation timestep -> :class:`memwatch.SharpnessResult` of the probes.
         nn_ratio: ``[P]`` float, the probes' ``d₁/d₂`` to the training set.
+        loss_train, loss_held: ``[K]`` ε-losses at the study's fixed timesteps and noises on the
+            training set and the held-out split (``None`` when the monitor does not record them).
     """
 
     step: int
     results: dict[float, SharpnessResult]
     nn_ratio: torch.Tensor
+    loss_train: np.ndarray | None = None
+    loss_held: np.ndarray | None = None
 
 
 @dataclass(frozen=True, eq=False)
 class RunRecord:
     """Everything the analysis needs from one training run (``C`` checks of ``P`` probes).
 
+    Two monitors watch every run: one with the library's absolute defaults (``sigmas``,
+    thresholds as shipped), one with ``sigmas="auto"`` and every factor of the study; both draw
+    the same probes (same seed, same model at the same step).
+
     Attributes:
         dataset, n, seed: which run (data set, training-set size N, seed).
         dim: data dimension d.
-        median_nn: median nearest-neighbour distance of the training set.
-        sigma: noise-level name (``"abs 0.3"``, ``"rel 0.1"``) -> σ_t measured (nearest timestep).
+        median_nn: median nearest-neighbour distance of the training set (all N points).
+        sigma: noise-level name (``"abs 0.3"``, ``"auto 0.2"``) -> σ_t measured (nearest timestep);
+            the ``auto`` levels are the monitor's own calibration (clamped inside the schedule).
         steps: ``[C]`` int, the check steps.
-        nn_ratio: ``[C, P]`` float64, the probes' ``d₁/d₂``.
+        nn_ratio: ``[C, P]`` float64, the probes' ``d₁/d₂`` (the ``auto`` monitor's probes).
+        nn_ratio_abs: ``[C, P]`` the same for the absolute-default monitor's probes.
         signals: noise-level name -> signal name -> ``[C, P]`` float64 raw values.
+        loss_t: ``[K]`` the fixed timesteps of the loss-gap baseline.
+        loss_train, loss_held: ``[C, K]`` ε-losses on the training set and the held-out split.
         shipped: the callback defaults the run was made with.
-        shipped_primary_score: ``[C, P]`` the callback's score at its primary noise level.
-        shipped_onset: the callback's own onset step (``None``: none declared).
-        seconds: wall time of the run.
-        cpu_seconds: CPU time of the run (one thread; ``None`` in caches that predate it).
+        shipped_onset: the absolute-default monitor's own onset step (``None``: none declared).
+        seconds: wall time of the run; cpu_seconds: its CPU time (one thread).
     """
 
     dataset: str
@@ -85,9 +96,12 @@ class RunRecord:
     sigma: dict[str, float]
     steps: np.ndarray
     nn_ratio: np.ndarray
+    nn_ratio_abs: np.ndarray
     signals: dict[str, dict[str, np.ndarray]]
+    loss_t: np.ndarray
+    loss_train: np.ndarray
+    loss_held: np.ndarray
     shipped: Defaults
-    shipped_primary_score: np.ndarray
     shipped_onset: int | None
     seconds: float
     cpu_seconds: float | None = None
@@ -141,7 +155,7 @@ def save_cache(path: Path, runs: Sequence[RunRecord], timing: Timing, cfg: Study
 
 
 def load_cache(path: Path) -> tuple[list[RunRecord], Timing]:
-    """Read a cache written by :func:`save_cache` (or by the study before the format was numbered)."""
+    """Read a cache written by :func:`save_cache`."""
     blob = torch.load(path, weights_only=False)
     version = blob.get("format", 1)
     if version != CACHE_FORMAT:
@@ -150,34 +164,76 @@ def load_cache(path: Path) -> tuple[list[RunRecord], Timing]:
 
 
 # ----------------------------------------------------------------------------- data
-def make_data(name: str, n: int, seed: int) -> torch.Tensor:
-    """``n`` training samples of data set ``name`` (float32), seeded."""
-    if name == "digits":
+def _raw_data(base: str, n: int, seed: int) -> torch.Tensor:
+    """``n`` samples of base data set ``base`` (float32), seeded; the first ``k`` of ``n`` and of
+    ``n' > n`` samples need not agree."""
+    if base == "digits":
         return digits(n, seed=seed)
-    if name == "gmm":
+    if base == "gmm":
         means = torch.randn(GMM_COMPONENTS, MANIFOLD_DIM, generator=torch.Generator().manual_seed(GMM_SEED))
         gmm = GaussianMixture.isotropic(means, std=GMM_STD)
         return gmm.sample(n, generator=torch.Generator().manual_seed(seed)).float()
-    return manifold(name, n, MANIFOLD_DIM, seed=seed)
+    return manifold(base, n, MANIFOLD_DIM, seed=seed)
 
 
-def noise_levels(cfg: StudyConfig, median_nn: float) -> dict[str, float]:
-    """Noise-level name -> σ_t asked for: absolute levels, then ``c · median_nn``."""
-    sigma_of = {f"abs {s:g}": float(s) for s in cfg.abs_sigmas}
-    sigma_of.update({f"rel {c:g}": float(c) * median_nn for c in cfg.rel_sigmas})
-    return sigma_of
+def make_data(name: str, n: int, seed: int, held_out: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` training samples of data set ``name`` and ``held_out`` further samples of the same
+    distribution (disjoint draws; float32, seeded). ``name`` is a base set (``"digits"``,
+    ``"gmm"``, ``"swiss_roll"``, ``"s_curve"``) or a rescaled one of :data:`config.SCALED`
+    (the same samples, mapped by ``a · x + b``)."""
+    base, (a, b) = SCALED.get(name, (name, (1.0, 0.0)))
+    x = _raw_data(base, n + held_out, seed) * a + b
+    return x[:n], x[n:]
 
 
 # ----------------------------------------------------------------------------- training
 class RecordingMonitor(MemorizationMonitor):
-    """``MemorizationMonitor`` that keeps every check's per-probe results in :attr:`checks`."""
+    """``MemorizationMonitor`` that keeps every check's per-probe results in :attr:`checks` and,
+    given ``loss_probe``, the ε-losses of the loss-gap baseline at each check."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, loss_probe: LossProbe | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.checks: list[CheckRecord] = []
+        self.loss_probe = loss_probe
 
     def on_check_end(self, trainer: Any, pl_module: Any, check: CheckResult) -> None:
-        self.checks.append(CheckRecord(check.step, dict(check.results), check.nn_ratio.detach().cpu().clone()))
+        losses = (None, None) if self.loss_probe is None else self.loss_probe(pl_module)
+        ratio = check.nn_ratio.detach().cpu().clone()
+        self.checks.append(CheckRecord(check.step, dict(check.results), ratio, *losses))
+
+
+class LossProbe:
+    """The loss-gap baseline's measurement: the ε-objective of ``DDPMModule`` at fixed timesteps
+    ``t`` ``[K]`` and fixed noises, on (at most ``size``) training samples and on a held-out split.
+
+    Calling it with the module returns ``(loss_train [K], loss_held [K])``, float64 means over the
+    samples, computed without gradients in eval mode (the module's mode is restored).
+    """
+
+    def __init__(self, train: torch.Tensor, held: torch.Tensor, t: Sequence[int], size: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed + 7)
+        self.t = torch.as_tensor(list(t), dtype=torch.long)
+        self.train = train[torch.randperm(len(train), generator=g)[:size]]
+        self.held = held[:size]
+        self.noise_train = torch.randn((len(self.t), *self.train.shape), generator=g)
+        self.noise_held = torch.randn((len(self.t), *self.held.shape), generator=g)
+
+    def _loss(self, module: Any, x: torch.Tensor, noise: torch.Tensor) -> np.ndarray:
+        out = []
+        for t, eps in zip(self.t, noise):
+            ab = module.alphas_cumprod[t].to(x)
+            xt = ab.sqrt() * x + (1 - ab).sqrt() * eps
+            pred = module.net(xt, t.expand(len(x)))
+            out.append(float(((pred - eps) ** 2).mean()))
+        return np.array(out)
+
+    def __call__(self, module: Any) -> tuple[np.ndarray, np.ndarray]:
+        was_training = module.training
+        module.eval()
+        with torch.no_grad():
+            res = self._loss(module, self.train, self.noise_train), self._loss(module, self.held, self.noise_held)
+        module.train(was_training)
+        return res
 
 
 def _training_parts() -> tuple[type, type]:
@@ -226,25 +282,36 @@ class RunJob:
     seed: int
 
 
-def _fit(job: RunJob, x: torch.Tensor, sigmas: Sequence[float]) -> tuple[Any, RecordingMonitor]:
-    """Train one ``DDPMModule`` on ``x`` with a :class:`RecordingMonitor` at ``sigmas``; return both."""
+def _monitor(job: RunJob, x: torch.Tensor, **kwargs: Any) -> RecordingMonitor:
+    """A :class:`RecordingMonitor` with the study's cadence and probes, the training set as
+    reference data, and ``kwargs`` (noise levels, thresholds) on top of the library defaults."""
+    return RecordingMonitor(
+        every_n_train_steps=job.spec.every,
+        num_probes=job.cfg.num_probes,
+        sampler_steps=job.cfg.sampler_steps,
+        reference_data=x,
+        seed=job.seed,
+        save_clean_checkpoint=False,
+        log_figures=False,
+        verbose=False,
+        raise_errors=True,
+        **kwargs,
+    )
+
+
+def _fit(job: RunJob, x: torch.Tensor, held: torch.Tensor) -> tuple[Any, RecordingMonitor, RecordingMonitor]:
+    """Train one ``DDPMModule`` on ``x`` with two :class:`RecordingMonitor` s: the library's
+    absolute defaults, and ``sigmas="auto"`` at every factor of the study (with the loss probe on
+    ``held``); return the module and both monitors."""
     import lightning.pytorch as pl
 
     module_cls, data_cls = _training_parts()
     cfg, spec = job.cfg, job.spec
     pl.seed_everything(job.seed, verbose=False)
     module = module_cls(shape=tuple(x.shape[1:]), hidden=spec.hidden, depth=cfg.depth, lr=spec.lr)
-    monitor = RecordingMonitor(
-        every_n_train_steps=spec.every,
-        num_probes=cfg.num_probes,
-        sampler_steps=cfg.sampler_steps,
-        sigmas=list(sigmas),
-        reference_data=x,
-        seed=job.seed,
-        save_clean_checkpoint=False,
-        verbose=False,
-        raise_errors=True,
-    )
+    absolute = _monitor(job, x)
+    probe = LossProbe(x, held, cfg.loss_timesteps, cfg.held_out, job.seed)
+    auto = _monitor(job, x, sigmas="auto", sigma_factors=cfg.sigma_factors, loss_probe=probe)
     trainer = pl.Trainer(
         max_steps=spec.max_steps,
         accelerator="cpu",
@@ -254,10 +321,10 @@ def _fit(job: RunJob, x: torch.Tensor, sigmas: Sequence[float]) -> tuple[Any, Re
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[monitor],
+        callbacks=[auto, absolute],
     )
     trainer.fit(module, data_cls(x, cfg.batch_size, spec.max_steps, job.seed))
-    return module, monitor
+    return module, absolute, auto
 
 
 def _stack(checks: Sequence[CheckRecord], t: float, value: Any) -> np.ndarray:
@@ -265,34 +332,44 @@ def _stack(checks: Sequence[CheckRecord], t: float, value: Any) -> np.ndarray:
     return np.stack([value(c.results[t]).double().numpy() for c in checks])
 
 
+def _signals(checks: Sequence[CheckRecord], t: float) -> dict[str, np.ndarray]:
+    """Signal name -> ``[C, P]`` at timestep ``t``."""
+    return {name: _stack(checks, t, sig.value) for name, sig in SIGNALS.items()}
+
+
+def _ratios(checks: Sequence[CheckRecord]) -> np.ndarray:
+    return np.stack([c.nn_ratio.double().numpy() for c in checks])
+
+
 def train_run(job: RunJob) -> RunRecord:
-    """Train one model with the monitor (one thread) and return its recorded checks as a :class:`RunRecord`."""
+    """Train one model with both monitors (one thread) and return its recorded checks as a :class:`RunRecord`."""
     quiet()
     torch.set_num_threads(1)
     started, cpu_started = time.perf_counter(), time.process_time()
-    x = make_data(job.spec.name, job.n, job.seed)
-    mnn = median_nn_distance(x)
-    shipped = library_defaults()
-    sigma_of = noise_levels(job.cfg, mnn)
-    # the callback measures the shipped levels (primary first) and every level of the study at once
-    sigmas = list(dict.fromkeys([float(shipped.sigmas[0]), *shipped.sigmas[1:], *sigma_of.values()]))
-    module, monitor = _fit(job, x, sigmas)
-    schedule, checks = module.schedule, monitor.checks
-    t_of = {key: float(schedule.timestep_for_sigma(s)) for key, s in sigma_of.items()}
-    primary_t = float(schedule.timestep_for_sigma(float(shipped.sigmas[0])))
+    x, held = make_data(job.spec.name, job.n, job.seed, job.cfg.held_out)
+    module, absolute, auto = _fit(job, x, held)
+    schedule = module.schedule
+    t_of = {f"abs {s:g}": float(schedule.timestep_for_sigma(float(s))) for s in absolute.sigmas}
+    assert auto.calibrated_sigmas is not None
+    for c, s in zip(job.cfg.sigma_factors, auto.calibrated_sigmas):
+        t_of[f"auto {c:g}"] = float(schedule.timestep_for_sigma(float(s)))
+    checks_of = {key: (absolute if key.startswith("abs") else auto).checks for key in t_of}
     return RunRecord(
         dataset=job.spec.name,
         n=job.n,
         seed=job.seed,
         dim=int(x[0].numel()),
-        median_nn=mnn,
+        median_nn=median_nn_distance(x),
         sigma={key: float(schedule.sigma(t)) for key, t in t_of.items()},
-        steps=np.array([c.step for c in checks]),
-        nn_ratio=np.stack([c.nn_ratio.double().numpy() for c in checks]),
-        signals={key: {name: _stack(checks, t, sig.value) for name, sig in SIGNALS.items()} for key, t in t_of.items()},
-        shipped=shipped,
-        shipped_primary_score=_stack(checks, primary_t, lambda r: r.memorization_score),
-        shipped_onset=monitor.onset_step,
+        steps=np.array([c.step for c in auto.checks]),
+        nn_ratio=_ratios(auto.checks),
+        nn_ratio_abs=_ratios(absolute.checks),
+        signals={key: _signals(checks_of[key], t) for key, t in t_of.items()},
+        loss_t=np.array(job.cfg.loss_timesteps),
+        loss_train=np.stack([c.loss_train for c in auto.checks]),
+        loss_held=np.stack([c.loss_held for c in auto.checks]),
+        shipped=library_defaults(),
+        shipped_onset=absolute.onset_step,
         seconds=time.perf_counter() - started,
         cpu_seconds=time.process_time() - cpu_started,  # ≈ wall time on an idle core (1 thread)
     )
@@ -311,7 +388,7 @@ def quiet() -> None:
 def jobs_of(cfg: StudyConfig) -> list[RunJob]:
     """Every run of the study, longest first (so two workers finish together)."""
     jobs = [RunJob(cfg, spec, n, seed) for seed in cfg.seeds for spec in cfg.data for n in spec.ns]
-    jobs.sort(key=lambda j: -j.spec.max_steps * (4 if j.spec.name == "digits" else 1))
+    jobs.sort(key=lambda j: -j.spec.max_steps * (4 if j.spec.hidden > 128 else 1))
     return jobs
 
 
