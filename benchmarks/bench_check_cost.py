@@ -18,7 +18,7 @@ in the number of probes, and it is the one tier that would otherwise dominate th
 
 Models (random init, float32, CPU):
 
-* ``mlp``: :class:`memwatch.toymodels.MLPDenoiser` ε-net on ``d = 64`` (forward-mode jvps);
+* ``mlp``: :class:`memwatch.apps.toymodels.MLPDenoiser` ε-net on ``d = 64`` (forward-mode jvps);
 * ``unet16`` / ``unet32``: a tiny diffusers ``UNet2DModel`` (block_out_channels=(16, 32), one
   attention block) on ``3×16×16`` / ``3×32×32`` (attention has no forward-mode formula: the
   Lanczos tier falls back to double vjps);
@@ -43,10 +43,10 @@ from dataclasses import dataclass
 import torch
 
 import memwatch
+from memwatch.apps.toymodels import MLPDenoiser
 from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore
 from memwatch.sharpness import DENSE_MAX_DIM, SharpnessOptions, hessian_score_norm, measure_sharpness
-from memwatch.toymodels import MLPDenoiser
 
 EVAL_T = 200  # σ_t ≈ 0.44 on the linear 1000-step schedule
 

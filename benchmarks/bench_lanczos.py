@@ -70,12 +70,12 @@ import scipy
 import torch
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
+from memwatch.apps.toymodels import MLPDenoiser
 from memwatch.lanczos import LanczosResult, extreme_eigenvalues, lanczos
 from memwatch.operators import ScoreJacobian
 from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore
 from memwatch.sharpness import DENSE_MAX_DIM, measure_sharpness
-from memwatch.toymodels import MLPDenoiser
 
 K = 8  # most negative eigenvalues wanted
 T_EVAL = 100  # timestep

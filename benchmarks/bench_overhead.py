@@ -33,8 +33,8 @@ import lightning.pytorch as pl
 import torch
 
 from memwatch import MemorizationMonitor
+from memwatch.apps.toymodels import DDPMModule, DigitsDataModule, TensorDataModule, UNetDDPMModule, tiny_unet
 from memwatch.data import digits
-from memwatch.toymodels import DDPMModule, DigitsDataModule, TensorDataModule, UNetDDPMModule, tiny_unet
 
 
 class TimedMonitor(MemorizationMonitor):

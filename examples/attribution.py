@@ -27,9 +27,9 @@ import lightning.pytorch as pl
 import torch
 
 from memwatch import MemorizationMonitor
+from memwatch.apps.toymodels import DDPMModule, TensorDataModule
 from memwatch.attribution import CopiedItem, copied_items
 from memwatch.data import digits
-from memwatch.toymodels import DDPMModule, TensorDataModule
 
 
 @dataclass(frozen=True)

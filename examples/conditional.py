@@ -37,10 +37,10 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor
 
 from memwatch import MemorizationMonitor
+from memwatch.apps.toymodels import DDPMModule, TensorDataModule
 from memwatch.conditional import ConditionalResult, conditional_metrics
 from memwatch.data import digits
 from memwatch.plots import plot_condition_metrics, save_figure
-from memwatch.toymodels import DDPMModule, TensorDataModule
 
 NUM_CLASSES = 10
 METRICS = ("hessian_score_diff", "score_diff", "sharp_fraction_mean")
@@ -66,7 +66,7 @@ def duplicated_class_digits(dup_class: int = 3, copies: int = 100) -> tuple[Tens
 
 
 class CosineDDPM(DDPMModule):
-    """:class:`memwatch.toymodels.DDPMModule` with the learning rate decayed to 0 by a cosine over
+    """:class:`memwatch.apps.toymodels.DDPMModule` with the learning rate decayed to 0 by a cosine over
     ``trainer.max_steps``: short runs end on settled weights, so the metrics do not depend on the
     last few noisy Adam steps."""
 

@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 import memwatch
+from memwatch.apps.toymodels import DigitsDataModule
 from memwatch.loggers import finish_wandb, wandb_logger
-from memwatch.toymodels import DigitsDataModule
 
 
 class UNetDiffusion(pl.LightningModule):

@@ -8,7 +8,7 @@ As a template for your own model: memwatch needs one thing from your LightningMo
 ``memwatch_score()`` method returning a :class:`memwatch.DiffusionScore` — your network, the noise
 schedule it was trained with, and what it predicts (``"epsilon"``, ``"v_prediction"``,
 ``"sample"`` or ``"score"``). ``DigitsDDPM`` below is such a module (its training step is
-:class:`memwatch.toymodels.DDPMModule`'s plain ε-objective). Then:
+:class:`memwatch.apps.toymodels.DDPMModule`'s plain ε-objective). Then:
 
     monitor = memwatch.MemorizationMonitor(every_n_train_steps=500)  # defaults: σ_t = 0.3, …
     trainer = pl.Trainer(callbacks=[monitor], logger=WandbLogger(offline=True), ...)
@@ -26,7 +26,7 @@ import sys
 
 import memwatch
 from memwatch.apps import demo
-from memwatch.toymodels import DDPMModule
+from memwatch.apps.toymodels import DDPMModule
 
 
 class DigitsDDPM(DDPMModule):

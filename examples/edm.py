@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 import memwatch
+from memwatch.apps.toymodels import MLPDenoiser, TensorDataModule
 from memwatch.data import digits
-from memwatch.toymodels import MLPDenoiser, TensorDataModule
 
 SIGMA_DATA = 0.5  # the data's standard deviation the preconditioning assumes (digits in [-1, 1])
 P_MEAN, P_STD = -1.2, 1.2  # training noise levels: ln σ ~ N(P_MEAN, P_STD²)

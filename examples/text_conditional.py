@@ -49,11 +49,11 @@ import torch
 from torch import Tensor, nn
 
 from memwatch import MemorizationMonitor
+from memwatch.apps.toymodels import TensorDataModule
 from memwatch.conditional import ConditionalResult, conditional_metrics
 from memwatch.data import digits
 from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore
-from memwatch.toymodels import TensorDataModule
 
 TOKENS, WIDTH = 4, 16  # L, E of a prompt embedding (cross_attention_dim = E)
 METRICS = ("hessian_score_diff", "score_diff", "sharp_fraction_mean")

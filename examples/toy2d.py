@@ -28,8 +28,8 @@ import torch
 import memwatch
 from memwatch import plots
 from memwatch.apps.demo import probe_report
+from memwatch.apps.toymodels import DDPMModule, ManifoldDataModule
 from memwatch.loggers import finish_wandb, wandb_logger
-from memwatch.toymodels import DDPMModule, ManifoldDataModule
 
 
 def fit_toy(n_train: int, steps: int, check_every: int, seed: int, out: Path, wandb_mode: str):

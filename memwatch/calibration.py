@@ -320,10 +320,10 @@ def relative_sigmas(
 ) -> tuple[float, ...]:
     """Noise levels relative to the data's scale, ``σ_i = clamp(factor_i × median NN distance, floor, ceiling)``.
 
-    The validation study's relative rule was ``σ = 0.2 × median NN distance`` with
-    ``score_threshold`` 0.85 and ``onset_threshold`` 0.1: an opt-in early-warning recipe
-    (earlier onsets, an occasional false alarm), not the monitor's default. Default factors
-    (and floor) are to be chosen by a study on selection seeds and confirmed on fresh ones.
+    The monitor's ``sigmas="auto"`` uses factor 0.1 (``memwatch.defaults.SIGMA_FACTORS``), chosen
+    on the selection seed of the validation study (``docs/validation.md``, v2), where it beat 0.05
+    and 0.2 on the report and fresh seeds; it is opt-in, not the default, because on those runs it
+    was not better than the absolute σ_t = 0.3 (see the study for where it fails and why).
 
     Args:
         scale: the training set's scale, from :func:`data_scale` (in the units the score

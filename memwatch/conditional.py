@@ -478,7 +478,7 @@ def conditional_metrics(
             model's error is chained).
 
     Example:
-        >>> from memwatch.toymodels import DDPMModule
+        >>> from memwatch.apps.toymodels import DDPMModule
         >>> score = DDPMModule(shape=(2,), hidden=16, depth=1, num_classes=3).memwatch_score()
         >>> res = conditional_metrics(score, 1, n=4, shape=(2,), steps=10, first_steps=3, eval_t=100,
         ...                           k=2, max_batch=8, generator=torch.Generator().manual_seed(0))

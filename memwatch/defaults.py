@@ -33,7 +33,7 @@ SCORE_THRESHOLD = 0.9  #: a probe is memorized when its sharp fraction exceeds t
 ONSET_THRESHOLD = 0.2  #: onset when more than this share of the probes is memorized ...
 PATIENCE = 2  #: ... at this many checks in a row
 MIN_VALID_FRACTION = 0.5  #: a check with fewer finite probes than this share is a failed check
-SIGMA_FACTORS = (0.2,)  #: with sigmas="auto": levels = these × the training set's median NN distance
+SIGMA_FACTORS = (0.1,)  #: with sigmas="auto": levels = these × the training set's median NN distance (study v2, seed 0)
 CALIBRATION_CAPACITY = 4096  #: with sigmas="auto": training samples kept in memory to measure that distance
 SPECTRUM_EVERY_N_CHECKS = 10  #: image scale (d > 384, method "auto"): a Lanczos spectrum every n-th check
 SHARPNESS = SharpnessOptions()  #: spectrum settings (k, threshold τ, method, Lanczos sizes)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 
+from memwatch.apps.toymodels import DDPMModule, TensorDataModule
 from memwatch.data import manifold
-from memwatch.toymodels import DDPMModule, TensorDataModule
 
 CORNERS = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
 

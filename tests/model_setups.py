@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from memwatch import DiffusionScore, NoiseSchedule
-from memwatch.toymodels import MLPDenoiser
+from memwatch.apps.toymodels import MLPDenoiser
 
 
 def schedule_of(kind: str) -> NoiseSchedule:

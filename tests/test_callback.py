@@ -18,8 +18,8 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from wandb_offline import find_offline_run, history_values, media_files, read_history
 
 import memwatch
+from memwatch.apps.toymodels import DDPMModule, TensorDataModule
 from memwatch.callback import MemorizationMonitor
-from memwatch.toymodels import DDPMModule, TensorDataModule
 
 FAST = dict(num_probes=8, sampler_steps=10, sigmas=(0.2,), k=2, verbose=False, raise_errors=True)
 

@@ -17,6 +17,7 @@ from callback_setup import memorizing_data, module_2d, trainer
 from lightning.pytorch.loggers import CSVLogger
 from sklearn.metrics import roc_auc_score
 
+from memwatch.apps.toymodels import MLPDenoiser, TensorDataModule
 from memwatch.callback import MemorizationMonitor
 from memwatch.conditional import (
     ROW_BYTES_PER_ELEMENT,
@@ -34,7 +35,6 @@ from memwatch.sampling import sample_trajectory
 from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore, broadcast_condition
 from memwatch.sharpness import SharpnessOptions, measure_sharpness
-from memwatch.toymodels import MLPDenoiser, TensorDataModule
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "conditional.py"
 SCHED = NoiseSchedule.linear(100)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import memwatch
+from memwatch.apps.toymodels import DDPMModule, TensorDataModule
 from memwatch.data import digits
-from memwatch.toymodels import DDPMModule, TensorDataModule
 
 STEPS = 1500
 

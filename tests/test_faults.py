@@ -193,7 +193,7 @@ def test_a_failing_publisher_is_a_warning_and_raise_errors_reraises(tmp_path, mo
 
 
 def test_verbose_conditional_check_prints_and_finishes(tmp_path, capsys):
-    from memwatch.toymodels import DDPMModule, TensorDataModule
+    from memwatch.apps.toymodels import DDPMModule, TensorDataModule
 
     torch.manual_seed(0)
     module = DDPMModule(shape=(2,), hidden=32, depth=1, num_classes=3)

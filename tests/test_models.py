@@ -18,8 +18,8 @@ from model_setups import AnyDiffusion, digits_images
 
 import memwatch
 from memwatch import MemorizationMonitor
-from memwatch.toymodels import UNetDDPMModule as UNetDiffusion
-from memwatch.toymodels import tiny_unet
+from memwatch.apps.toymodels import UNetDDPMModule as UNetDiffusion
+from memwatch.apps.toymodels import tiny_unet
 
 SMALL = dict(num_probes=4, sampler_steps=8, raise_errors=True)  # verbose, figures, tables: defaults
 

@@ -12,9 +12,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from memwatch.apps import scan as scan_app
+from memwatch.apps.toymodels import DDPMModule, DigitsDataModule
 from memwatch.callback import MemorizationMonitor
 from memwatch.errors import MemwatchError
-from memwatch.toymodels import DDPMModule, DigitsDataModule
 
 MONITOR = {"every_n_train_steps": 50, "num_probes": 8, "sampler_steps": 10, "k": 2, "verbose": False}
 STEPS = 200
@@ -123,7 +123,7 @@ def test_command_line(trained, tmp_path, capsys):
     files, _, _ = trained
     out = tmp_path / "cli"
     code = scan_app.main(
-        [str(files[0].parent), "--module", "memwatch.toymodels.DDPMModule", "--data", "8", "--out", str(out)]
+        [str(files[0].parent), "--module", "memwatch.apps.toymodels.DDPMModule", "--data", "8", "--out", str(out)]
         + ["--num-probes", "2", "--sampler-steps", "10", "--k", "2", "--sigmas", "0.3", "--no-progress"]
     )
     assert code == 0
@@ -138,8 +138,8 @@ def test_errors_name_what_is_wrong(trained, tmp_path):
         scan_app.scan([tmp_path / "missing.ckpt"], DDPMModule)
     with pytest.raises(MemwatchError, match="does not name its LightningModule class"):
         scan_app.scan(files[:1], monitor_kwargs=MONITOR, progress=False)
-    with pytest.raises(MemwatchError, match="cannot import 'memwatch.toymodels.Nope'"):
-        scan_app.scan(files[:1], "memwatch.toymodels.Nope", monitor_kwargs=MONITOR, progress=False)
+    with pytest.raises(MemwatchError, match="cannot import 'memwatch.apps.toymodels.Nope'"):
+        scan_app.scan(files[:1], "memwatch.apps.toymodels.Nope", monitor_kwargs=MONITOR, progress=False)
     with pytest.raises(MemwatchError, match="`wandb_mode` must be one of"):
         scan_app.scan(files[:1], DDPMModule, wandb_mode="online")
     with pytest.raises(MemwatchError, match="pass `sample_shape=`"):

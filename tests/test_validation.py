@@ -216,7 +216,7 @@ def test_scaled_digits_are_the_same_images_and_held_out_is_disjoint():
 
 
 def test_loss_probe_is_the_ddpm_objective_at_fixed_noise():
-    from memwatch.toymodels import DDPMModule
+    from memwatch.apps.toymodels import DDPMModule
 
     torch.manual_seed(0)
     module = DDPMModule(shape=(4,), hidden=16, depth=2)

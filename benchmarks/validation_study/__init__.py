@@ -1,7 +1,7 @@
 """Validation study v2: does memwatch detect memorization, and when — and which onset rule should
 be its default?
 
-Small DDPMs (:class:`memwatch.toymodels.DDPMModule`, an MLP ε-network, linear 1000-step schedule)
+Small DDPMs (:class:`memwatch.apps.toymodels.DDPMModule`, an MLP ε-network, linear 1000-step schedule)
 are trained with Lightning on:
 
 * ``digits``: sklearn 8×8 digits in [-1, 1] (``d = 64``), :func:`memwatch.data.digits`, and the

@@ -159,7 +159,7 @@ def setup_section(an: StudyAnalysis) -> str:
     header = ["data", "d", "N", "steps", "check every", "model", "median NN dist.", f"σ_t at {auto}"]
     scaled = ", ".join(f"`{k}` = {a:g}·x + {b:g}" for k, (_, (a, b)) in SCALED.items())
     text = (
-        f"\n\nDDPM ε-objective (`memwatch.toymodels.DDPMModule`), linear schedule (T = 1000), Adam, batch "
+        f"\n\nDDPM ε-objective (`memwatch.apps.toymodels.DDPMModule`), linear schedule (T = 1000), Adam, batch "
         f"{cfg.batch_size}. Data: sklearn digits in [-1, 1] (d = 64) and the *same* images rescaled ({scaled}; "
         "same seed, same subset, same init and batches), swiss roll / S-curve embedded in R^16, an 8-component "
         "GMM in R^16. Two monitors watch every run, each with its own probes "

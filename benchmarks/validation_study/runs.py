@@ -244,7 +244,7 @@ def _training_parts() -> tuple[type, type]:
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader, IterableDataset
 
-    from memwatch.toymodels import DDPMModule
+    from memwatch.apps.toymodels import DDPMModule
 
     class QuietDDPM(DDPMModule):
         def log(self, *args: Any, **kwargs: Any) -> None:

@@ -8,7 +8,7 @@
   ``class_path`` in the config; the monitor's arguments are the ``monitor:`` section and
   ``--monitor.*`` flags, other callbacks and loggers come from the config too. When a ``MemorizationMonitor``
   has no ``reference_data`` and the data module has a ``train_data`` tensor (as
-  :class:`memwatch.toymodels.DigitsDataModule` does), that tensor becomes its reference data,
+  :class:`memwatch.apps.toymodels.DigitsDataModule` does), that tensor becomes its reference data,
   so the nearest-neighbour ground truth is logged as well.
 
 ``python -m memwatch ...`` is the same as ``memwatch ...``.

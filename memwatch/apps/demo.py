@@ -1,6 +1,6 @@
 """``memwatch demo``: watch a diffusion model memorize handwritten digits, on a CPU, in minutes.
 
-Two DDPMs (:class:`memwatch.toymodels.DDPMModule`, an MLP ε-network) train on sklearn's 8×8
+Two DDPMs (:class:`memwatch.apps.toymodels.DDPMModule`, an MLP ε-network) train on sklearn's 8×8
 digits with a :class:`MemorizationMonitor` attached — one on a handful of images, which it
 memorizes (its samples become copies of training digits), one on a thousand, which it does not.
 Each run logs to an offline W&B run (no account needed; ``wandb sync`` uploads it later); the
@@ -53,11 +53,11 @@ from torch import Tensor
 
 from memwatch import defaults
 from memwatch.apps.demo_figures import gallery_figure, save_figures, sigma_label, spectrum_figure
+from memwatch.apps.toymodels import DDPMModule, DigitsDataModule
 from memwatch.callback import MemorizationMonitor
 from memwatch.errors import MemwatchError
 from memwatch.loggers import WANDB_MODES, MonitorLogger, finish_wandb, wandb_logger
 from memwatch.reporting import CheckResult
-from memwatch.toymodels import DDPMModule, DigitsDataModule
 
 if TYPE_CHECKING:
     from rich.console import Console

@@ -531,7 +531,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def load_data(spec: str | None, seed: int = 0) -> tuple[Tensor | None, list[Any] | None]:
-    """``--data``: ``N`` (the digits subset of :class:`memwatch.toymodels.DigitsDataModule`) or a
+    """``--data``: ``N`` (the digits subset of :class:`memwatch.apps.toymodels.DigitsDataModule`) or a
     ``torch.save`` file with a tensor or ``{"data": tensor, "ids": [...]}``; returns ``(data, ids)``.
 
     Raises:
