@@ -52,6 +52,7 @@ from memwatch.sharpness import DENSE_MAX_DIM, SharpnessOptions, SharpnessResult
 
 __all__ = ["MemorizationMonitor", "CheckResult", "find_score"]
 
+_PROGRESS_AFTER_S = 5.0  # a check longer than this prints a line per stage (with verbose)
 _RANGE_BATCHES = 8  # training batches whose value range bounds the probes (without `data_range`)
 
 
@@ -449,7 +450,7 @@ class MemorizationMonitor(Callback):
             # before the isolation, which freezes the parameters discovery tells networks apart by
             self._found = find_score(pl_module, self.score_fn, ema_attr=self.ema_attr)
             with isolated(pl_module):
-                measurement = self._measure(trainer, pl_module)
+                measurement = self._measure(trainer, pl_module, self._progress(step, started))
         except Exception as err:  # noqa: BLE001 - a monitor must not crash training
             if self.raise_errors and trainer.world_size == 1:
                 raise
@@ -500,11 +501,29 @@ class MemorizationMonitor(Callback):
             return True, f"memwatch stops training: {decision.reason}"
         return False, decision.reason
 
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ProbeMeasurement:
+    def _measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, progress: Callable[[str], None] | None = None
+    ) -> ProbeMeasurement:
         """This rank's share of the probes, measured; no collective here."""
-        return self.measure_check(pl_module, rows=shard(self.num_probes, trainer.world_size, trainer.global_rank))
+        rows = shard(self.num_probes, trainer.world_size, trainer.global_rank)
+        return self.measure_check(pl_module, rows=rows, progress=progress)
 
-    def measure_check(self, pl_module: pl.LightningModule, rows: slice = slice(None)) -> ProbeMeasurement:
+    def _progress(self, step: int, started: float) -> Callable[[str], None]:
+        """Progress lines for checks that run longer than a few seconds (with ``verbose``)."""
+
+        def report(text: str) -> None:
+            elapsed = time.perf_counter() - started
+            if self._reporter is not None and elapsed > _PROGRESS_AFTER_S:
+                self._reporter.progress_line(step, f"{text}, {elapsed:.0f}s")
+
+        return report
+
+    def measure_check(
+        self,
+        pl_module: pl.LightningModule,
+        rows: slice = slice(None),
+        progress: Callable[[str], None] | None = None,
+    ) -> ProbeMeasurement:
         """Draw the probes ``rows`` from the module's current weights (the EMA's, if watched) and
         measure them as a check does — without metrics, decisions or logging. Call
         :meth:`prepare` first (fit start does) and run it under :func:`memwatch.probes.isolated`.
@@ -526,6 +545,7 @@ class MemorizationMonitor(Callback):
                 conditions=self._conditions,
                 condition_first_steps=self.condition_first_steps,
                 data_range=self.data_range or self._seen_range,
+                progress=progress,
             )
 
     def check_values(self, measurement: ProbeMeasurement, device: torch.device | str) -> dict[str, float]:
@@ -561,6 +581,8 @@ class MemorizationMonitor(Callback):
                 values.update(computed)
         if measurement.out_of_range is not None:
             values["out_of_range_count"] = self._out_of_range_count(measurement, device)
+        if measurement.hessian_score_norm is not None:
+            values["hessian_score_norm_mean"] = _synced_mean(measurement.hessian_score_norm, device)
         conditions: dict[str, dict[str, float]] = {}
         top = None
         if measurement.conditional is not None:
@@ -768,6 +790,15 @@ class MemorizationMonitor(Callback):
 
 
 # ---------------------------------------------------------------------- module-level helpers
+def _synced_mean(x: Tensor, device: torch.device) -> float:
+    """Mean of the finite values of every rank's ``x`` (NaN when none is finite)."""
+    from torchmetrics.aggregation import MeanMetric
+
+    mean = MeanMetric(nan_strategy="ignore").to(device)  # synced over ranks on compute
+    mean.update(x.to(device, torch.float64))
+    return float(mean.compute())
+
+
 def _gathered(x: Tensor) -> Tensor:
     """``x`` of every rank, concatenated in rank order (shards may differ in length); ``x`` alone
     outside distributed runs."""

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from memwatch.errors import MemwatchError
 
-__all__ = ["nn_ratio", "nearest_neighbours", "median_nn_distance", "first_tensor", "MEMORIZED_RATIO"]
+__all__ = ["nn_ratio", "ratio_of", "nearest_neighbours", "median_nn_distance", "first_tensor", "MEMORIZED_RATIO"]
 
 MEMORIZED_RATIO = 1.0 / 3.0
 
@@ -70,7 +70,13 @@ def nn_ratio(samples: Tensor, train_data: Tensor | Iterable[Tensor], *, chunk_si
         tensor([0.0101, 1.0000], dtype=torch.float64)
     """
     dist, _ = nearest_neighbours(samples, train_data, chunk_size=chunk_size)
-    return dist[:, 0] / dist[:, 1].clamp_min(torch.finfo(torch.float64).tiny)
+    return ratio_of(dist)
+
+
+def ratio_of(dist: Tensor) -> Tensor:
+    """``d₁ / d₂`` ``[n]`` from the two nearest distances ``[n, 2]`` of :func:`nearest_neighbours`
+    (a zero ``d₂`` — two identical training points — is clamped to the smallest positive float)."""
+    return dist[:, 0] / dist[:, 1].clamp_min(torch.finfo(dist.dtype).tiny)
 
 
 def median_nn_distance(

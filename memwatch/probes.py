@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import lightning.pytorch as pl
@@ -38,12 +38,12 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 
 from memwatch.errors import MemwatchError
-from memwatch.groundtruth import nearest_neighbours
+from memwatch.groundtruth import nearest_neighbours, ratio_of
 from memwatch.operators import JacobianPath, select_jvp_mode
 from memwatch.sampling import ProbeSampler, check_trajectory, out_of_range, probe_noise, sample_trajectory
 from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore
-from memwatch.sharpness import SharpnessOptions, SharpnessResult, measure_sharpness
+from memwatch.sharpness import SharpnessOptions, SharpnessResult, hessian_score_norm, measure_sharpness
 
 __all__ = ["ProbeMeasurement", "ProbeSet", "evaluation_timesteps", "isolated", "shard"]
 
@@ -68,6 +68,9 @@ class ProbeMeasurement:
         data_range: the ``(low, high)`` range the probes were held against, or ``None``.
         spectrum: the full spectrum (Lanczos) at the primary timestep when it was asked for on
             top of a cheap trace-tier measurement (``spectrum_options``), else ``None``.
+        hessian_score_norm: ``[n]`` Jeon et al.'s unconditional detector ``‖H s‖`` at the
+            sampler's first (noisiest) state, one reverse-mode product per probe
+            (:func:`memwatch.sharpness.hessian_score_norm`).
     """
 
     samples: Tensor
@@ -78,6 +81,7 @@ class ProbeMeasurement:
     out_of_range: Tensor | None = None
     data_range: tuple[float, float] | None = None
     spectrum: SharpnessResult | None = None
+    hessian_score_norm: Tensor | None = None
 
     @property
     def primary(self) -> SharpnessResult:
@@ -210,6 +214,7 @@ class ProbeSet:
         data_range: tuple[float, float] | None = None,
         range_tolerance: float = 0.5,
         spectrum_options: SharpnessOptions | None = None,
+        progress: Callable[[str], None] | None = None,
     ) -> ProbeMeasurement:
         """Draw the probes ``rows`` from ``score`` and measure them at every evaluation timestep.
 
@@ -228,6 +233,8 @@ class ProbeSet:
             range_tolerance: see ``data_range``.
             spectrum_options: also measure the spectrum at the primary timestep with these
                 options (e.g. Lanczos on top of the trace tier), into ``spectrum``.
+            progress: called with a short text after each stage (probes sampled, each timestep
+                measured, the spectrum), e.g. to show progress on long checks.
 
         Returns:
             :class:`ProbeMeasurement` of the probes ``rows``.
@@ -236,35 +243,44 @@ class ProbeSet:
         device = torch.device(device) if device is not None else score.device
         noise = self.noise(rows)
         sampler = self.sampler or sample_trajectory
+        noisiest = float(score.schedule.sampling_timesteps(self.sampler_steps)[0])
+        states_at = list(dict.fromkeys([*self.timesteps, noisiest]))
         traj = sampler(
             score,
             noise=noise,
             steps=self.sampler_steps,
             cond=None,
-            states_at=self.timesteps,
+            states_at=states_at,
             device=device,
             max_batch=options.max_batch,
         )
-        traj = check_trajectory(traj, noise, self.timesteps)
+        traj = check_trajectory(traj, noise, states_at)
+        report = progress or (lambda text: None)
+        report(f"{noise.shape[0]} probes sampled ({self.sampler_steps} steps)")
         data_range = traj.data_range or data_range
         bad = None if data_range is None else out_of_range(traj.samples.detach().cpu(), *data_range, range_tolerance)
         options = self._verified(score, traj.states[self.timesteps[0]], self.timesteps[0], options)
-        results = {t: self._sharpness(score, traj.states[t], t, options) for t in self.timesteps}
+        results = {}
+        for t in self.timesteps:
+            results[t] = self._sharpness(score, traj.states[t], t, options)
+            report(f"t={t:g} measured ({results[t].method}, {options.num_vectors} vectors per probe)")
         spectrum = None
         if spectrum_options is not None:
             spectrum_options = spectrum_options.replace(jvp_mode=options.jvp_mode)  # the verified path
             t0 = self.timesteps[0]
             spectrum = self._sharpness(score, traj.states[t0], t0, spectrum_options)
+            report(f"spectrum at t={t0:g} measured (Lanczos, {spectrum_options.num_iters} steps)")
+        jeon = hessian_score_norm(score, traj.states[noisiest], noisiest, options)
         samples = traj.samples.detach().cpu()
         nn_ratio = nearest = None
         if reference is not None:
             dist, idx = nearest_neighbours(samples, reference)
-            nn_ratio = (dist[:, 0] / dist[:, 1].clamp_min(torch.finfo(torch.float64).tiny)).float()
+            nn_ratio = ratio_of(dist).float()
             nearest = idx[:, 0]
         conditional = None
         if conditions:
             conditional = self._conditional(score, noise, conditions, condition_first_steps, options, device)
-        return ProbeMeasurement(samples, results, nn_ratio, nearest, conditional, bad, data_range, spectrum)
+        return ProbeMeasurement(samples, results, nn_ratio, nearest, conditional, bad, data_range, spectrum, jeon)
 
     # ------------------------------------------------------------------ private
     def _generator(self) -> torch.Generator:

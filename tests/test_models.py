@@ -159,3 +159,41 @@ def test_sample_shape_that_does_not_fit_the_model_fails_at_fit_start(tmp_path):
     monitor = MemorizationMonitor(every_n_train_steps=10, sample_shape=(3,), k=2, **SMALL)
     with pytest.raises(ValueError, match="sample_shape"):
         _fit(tmp_path, AnyDiffusion("linear", "epsilon"), memorizing_data(), monitor, 10)
+
+
+def test_text_conditional_unet_with_named_prompt_embeddings_and_verbose_checks(tmp_path, capsys):
+    from diffusers import DDPMScheduler
+
+    embeddings = {"a photo of a cat": torch.randn(4, 16), "a photo of a dog": torch.randn(4, 16)}
+    null = torch.zeros(4, 16)  # one embedding [L, E]: the empty prompt
+
+    class TextUNet(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.unet, self.scheduler = tiny_unet(4, 8, conditional=True), DDPMScheduler(num_train_timesteps=100)
+
+        def memwatch_score(self):
+            schedule = memwatch.NoiseSchedule.from_diffusers(self.scheduler)
+            return memwatch.DiffusionScore(self.unet, schedule, cond_kwarg="encoder_hidden_states", null_cond=null)
+
+        def training_step(self, batch, batch_idx):
+            x0 = batch[0]
+            t = torch.randint(0, 100, (x0.shape[0],))
+            eps = torch.randn_like(x0)
+            cond = torch.stack(list(embeddings.values()))[torch.arange(x0.shape[0]) % 2]
+            out = self.unet(self.scheduler.add_noise(x0, eps, t), t, encoder_hidden_states=cond).sample
+            return torch.nn.functional.mse_loss(out, eps)
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    monitor = MemorizationMonitor(every_n_train_steps=5, k=2, method="trace", conditions=embeddings, **SMALL)
+    _fit(tmp_path, TextUNet(), torch.randn(8, 4, 8, 8).clamp(-1, 1), monitor, max_steps=5, batch_size=4)
+    _assert_checks_ran(monitor, 1, keys=("lid_mean", "hessian_score_norm_mean"))
+    values = monitor.history[-1]
+    for key in ("a_photo_of_a_cat", "a_photo_of_a_dog"):
+        assert math.isfinite(values[f"cond/{key}/hessian_score_diff"]) and math.isfinite(
+            values[f"cond/{key}/score_diff"]
+        )
+    assert monitor.last_check.most_memorized_condition in embeddings
+    assert values["most_memorized_condition"] in (0.0, 1.0)  # the index of the named condition
