@@ -379,41 +379,29 @@ def run_demo(
     n_large: int = DEFAULT.n_large,
     settings: DemoSettings = DEFAULT,
     *,
-    seed: int = 0,
-    out: str | Path = "memwatch_out",
-    wandb_mode: str = "offline",
-    log_media: bool = False,
-    progress: bool = True,
-    accelerator: str = "cpu",
     console: Console | None = None,
-    module_factory: Callable[..., pl.LightningModule] = DDPMModule,
+    **run: Any,
 ) -> list[RunResult]:
     """Train on ``n_small`` digits (memorizes) and on ``n_large`` (generalizes); save the PNGs
-    under ``out/plots`` and print the summary. Returns both runs' results."""
+    under ``out/plots`` and print the summary. Returns both runs' results.
+
+    Args:
+        n_small, n_large, settings: the two training-set sizes and the runs' sizes.
+        console: where the table goes (default: a new rich ``Console``).
+        run: keywords of :func:`fit_digits` for both runs (``seed``, ``out``, ``wandb_mode``,
+            ``log_media``, ``progress``, ``accelerator``, ``module_factory``).
+    """
     from rich.console import Console
 
     console = console or Console()
-    out = Path(out)
+    run["out"] = Path(run.get("out", "memwatch_out"))
     results = []
-    with _quiet(), _threads(1 if accelerator == "cpu" else None):
+    with _quiet(), _threads(1 if run.get("accelerator", "cpu") == "cpu" else None):
         for n, role in ((n_small, "memorizes"), (n_large, "generalizes")):
             console.print(f"[bold]Training a DDPM on {n} digits[/] (expected: {role}) ...")
-            results.append(
-                fit_digits(
-                    n,
-                    settings,
-                    seed=seed,
-                    out=out,
-                    wandb_mode=wandb_mode,
-                    log_media=log_media,
-                    progress=progress,
-                    accelerator=accelerator,
-                    label=f"N={n}",
-                    module_factory=module_factory,
-                )
-            )
-        paths = save_figures(results, settings, out / "plots")
-    print_summary(results, settings, paths, console=console, wandb_mode=wandb_mode)
+            results.append(fit_digits(n, settings, label=f"N={n}", **run))
+        paths = save_figures(results, settings, run["out"] / "plots")
+    print_summary(results, settings, paths, console=console, wandb_mode=run.get("wandb_mode", "offline"))
     return results
 
 
