@@ -440,12 +440,12 @@ class MemorizationMonitor(Callback):
         if self.detector.memorizing and self.stop_on_onset:
             return
         assert self._reporter is not None
-        if self.calibrating and self.calibrated_sigmas is None:
-            self._calibrate(trainer)
-        self._reporter.start_line(step, self.num_probes, len(self._eval_timesteps))
+        self._reporter.start_line(step, self.num_probes, len(self._eval_timesteps) or len(self.sigma_factors))
         started = time.perf_counter()
         measurement, error = None, None
         try:
+            if self.calibrating and self.calibrated_sigmas is None:
+                self._calibrate(trainer)  # the same outcome on every rank (rank zero's)
             # found again at every check (a `score_fn` may build it from the current module), and
             # before the isolation, which freezes the parameters discovery tells networks apart by
             self._found = find_score(pl_module, self.score_fn, ema_attr=self.ema_attr)
@@ -466,9 +466,8 @@ class MemorizationMonitor(Callback):
             self._save_clean_checkpoint(trainer)
         should_stop, _ = self._should_stop(decision)
         if self.stop_on_onset:  # a collective on every rank at every check: one decision for all
-            trainer.should_stop = trainer.should_stop or trainer.strategy.reduce_boolean_decision(
-                should_stop, all=False
-            )
+            if trainer.strategy.reduce_boolean_decision(should_stop, all=False):
+                trainer.should_stop = True
         values["onset"] = float(decision.memorizing)
         if self.clean_step is not None:
             values["clean_step"] = float(self.clean_step)
@@ -733,11 +732,24 @@ class MemorizationMonitor(Callback):
     def _calibrate(self, trainer: pl.Trainer) -> None:
         """Fix the noise levels at ``sigma_factors`` × the median nearest-neighbour distance of the
         training samples seen so far (rank zero's reservoir, broadcast to all ranks), then free the
-        reservoir: training samples are held in memory only, never written."""
+        reservoir: training samples are held in memory only, never written.
+
+        Raises:
+            MemwatchError: on every rank alike, when rank zero could not calibrate (e.g. fewer
+                than two distinct training samples seen); the check is then skipped.
+        """
         assert self._reservoir is not None and self._found is not None
-        scale = data_scale(self._reservoir.samples, generator=torch.Generator().manual_seed(self.seed + 2))
-        levels = relative_sigmas(scale, self._found.schedule, self.sigma_factors)
-        self.data_scale, self.calibrated_sigmas = trainer.strategy.broadcast((scale, levels), src=0)
+        found, error = None, None
+        if trainer.is_global_zero:
+            try:
+                scale = data_scale(self._reservoir.samples, generator=torch.Generator().manual_seed(self.seed + 2))
+                found = (scale, relative_sigmas(scale, self._found.schedule, self.sigma_factors))
+            except Exception as err:  # noqa: BLE001 - reported on every rank below
+                error = f"{type(err).__name__}: {err}"
+        found, error = trainer.strategy.broadcast((found, error), src=0)
+        if error is not None:
+            raise MemwatchError(f"sigmas='auto' could not calibrate the noise levels: {error}")
+        self.data_scale, self.calibrated_sigmas = found
         self._reservoir = None
         self._set_levels(self._found)
 

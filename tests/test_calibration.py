@@ -336,3 +336,30 @@ def test_same_relative_levels_across_data_ranges() -> None:
     # the absolute default σ = 0.3 sits at a different place relative to each: the reason for this module
     ratios = [0.3 / data_scale(d).median for d, _ in variants.values()]
     assert max(ratios) / min(ratios) > 4
+
+
+# ---------------------------------------------------------------------- through the monitor
+def test_the_monitor_calibrates_its_noise_levels_from_the_training_batches(tmp_path):
+    import lightning.pytorch as pl
+    from callback_setup import datamodule, module_2d, trainer
+
+    from memwatch import MemorizationMonitor
+    from memwatch.groundtruth import median_nn_distance
+
+    data = torch.tensor([[-2.0, -2.0], [2.0, -2.0], [-2.0, 2.0], [2.0, 2.0]])  # NN distance 4
+    levels = {}
+    for scale in (1.0, 0.5):
+        pl.seed_everything(0, verbose=False)
+        monitor = MemorizationMonitor(
+            every_n_train_steps=10, sigmas="auto", num_probes=4, sampler_steps=5, k=2, verbose=False,
+            raise_errors=True, save_clean_checkpoint=False,
+        )  # fmt: skip
+        trainer(tmp_path / str(scale), [monitor], max_steps=20).fit(
+            module_2d(hidden=32, depth=1), datamodule(data * scale)
+        )
+        assert len(monitor.history) == 2 and all(math.isfinite(h["sharp_fraction_mean"]) for h in monitor.history)
+        assert monitor.data_scale.median == pytest.approx(median_nn_distance(data * scale))
+        levels[scale] = monitor.calibrated_sigmas
+        state = monitor.state_dict()
+        assert state["calibrated_sigmas"] == levels[scale] and "samples" not in str(state)  # no training data
+    assert levels[1.0] == pytest.approx((0.1 * 4,)) and levels[0.5] == pytest.approx((0.1 * 2,))  # scale-equivariant
