@@ -20,7 +20,7 @@ from memwatch.groundtruth import MEMORIZED_RATIO
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from memwatch.apps.demo import DemoSettings, RunResult
+    from memwatch.apps.demo_settings import DemoSettings, RunResult
 
 __all__ = ["curves_figure", "gallery_figure", "memorized_figure", "save_figures", "sigma_label", "spectrum_figure"]
 
