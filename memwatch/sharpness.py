@@ -438,7 +438,7 @@ def hessian_score_norm(
     cond_b = None if cond is None else score.batch_condition(cond, n, "cond")
 
     def chunk(sl: slice) -> tuple[Tensor, ...]:
-        op = _operator(score, x[sl], tt[sl], None if cond_b is None else cond_b[sl], "reverse")
+        op = _operator(score, x[sl], tt[sl], None if cond_b is None else cond_b[sl], _vjp_mode(options))
         hs = op.vjp(op.output)
         return hs.to(torch.float64).norm(dim=1).cpu(), _rows_finite(op.output).cpu(), _rows_finite(hs).cpu()
 
@@ -551,7 +551,7 @@ def _trace(score, x, tt, cond, sigma, options, generator) -> _Measured:
         cr = None if cond is None else repeat(cond, "n ... -> (n k) ...", k=kk)
 
         def chunk(sl: slice) -> tuple[Tensor, ...]:
-            op = _operator(score, xr[sl], tr[sl], None if cr is None else cr[sl], "reverse")
+            op = _operator(score, xr[sl], tr[sl], None if cr is None else cr[sl], _vjp_mode(options))
             w = op.vjp(rows[sl])
             return w, _rows_finite(op.output), _rows_finite(w)
 
@@ -588,6 +588,12 @@ def _trace(score, x, tt, cond, sigma, options, generator) -> _Measured:
 
 
 # ---------------------------------------------------------------------- helpers
+def _vjp_mode(options: SharpnessOptions) -> str:
+    """The product path for vjp-only measurements (trace tier, ‖H s‖): the verified path when it
+    needs no ``torch.func`` (``"autograd"``, ``"fd"``: old-style autograd Functions), else reverse."""
+    return options.jvp_mode if options.jvp_mode in ("autograd", "fd") else "reverse"
+
+
 def _operator(score, x, t, cond, jvp_mode) -> ScoreJacobian:
     return ScoreJacobian(lambda z: score(z, t, cond), x, mode=jvp_mode)
 
