@@ -374,11 +374,11 @@ class ConditionalMetrics(Metric):
 
     Example:
         >>> metric = ConditionalMetrics()
-        >>> metric.update(torch.tensor([[[0.1], [0.9]]]))
-        >>> metric.update(torch.tensor([[[0.3], [0.7]]]))
+        >>> metric.update(torch.tensor([[[0.25], [1.0]]]))
+        >>> metric.update(torch.tensor([[[0.75], [0.5]]]))
         >>> means, top = metric.compute()
         >>> means.flatten().tolist(), int(top)
-        ([0.2, 0.8], 1)
+        ([0.5, 0.75], 1)
     """
 
     is_differentiable = False

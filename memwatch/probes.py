@@ -103,7 +103,7 @@ def evaluation_timesteps(
 
     Example:
         >>> evaluation_timesteps(NoiseSchedule.linear(1000), (0.3, 0.5))
-        [46.0, 132.0]
+        [92.0, 164.0]
     """
     if timesteps is not None:
         times = [float(schedule.check_t(t, "timesteps")) for t in timesteps]
