@@ -12,9 +12,9 @@ import math
 
 import pytest
 import torch
+from autograd_ops import OldStyleTanh, OnceTanh
 from callback_setup import datamodule, memorizing_data, module_2d, trainer
 from lightning.pytorch.loggers import CSVLogger
-from torch.autograd.function import once_differentiable
 
 from memwatch import MemorizationMonitor
 from memwatch.sampling import sample_trajectory
@@ -56,37 +56,6 @@ def test_finite_output_with_nan_jacobian_is_nan_and_loud_and_never_clean(tmp_pat
     assert monitor.detector.onset_step is None
 
 
-class _OnceTanh(torch.autograd.Function):
-    """tanh whose backward is not differentiable again (as in many compiled extensions)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.tanh(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return grad * (1 - y**2)
-
-
-class _OldStyleTanh(torch.autograd.Function):
-    """An old-style Function (``forward(ctx, x)``, no ``setup_context``): torch.func rejects it."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.tanh(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return grad * (1 - y**2)
-
-
 class _Wrapped(torch.nn.Module):
     def __init__(self, net, fn):
         super().__init__()
@@ -96,7 +65,7 @@ class _Wrapped(torch.nn.Module):
         return self.fn.apply(self.net(x, t, cond))
 
 
-@pytest.mark.parametrize("fn", [_OnceTanh, _OldStyleTanh], ids=["once_differentiable", "old_style_function"])
+@pytest.mark.parametrize("fn", [OnceTanh, OldStyleTanh], ids=["once_differentiable", "old_style_function"])
 def test_ops_without_a_second_derivative_give_the_right_numbers(tmp_path, fn):
     results = {}
     for name in ("plain", "wrapped"):

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from autograd_ops import OldStyleTanh, OnceTanh
 from torch.autograd.function import once_differentiable
 
 from memwatch.operators import (
@@ -36,40 +37,7 @@ def _layers(seed=0):
     return torch.nn.Linear(D, 16).double(), torch.nn.Linear(16, D).double()
 
 
-class _OnceTanh(torch.autograd.Function):
-    """tanh whose backward is @once_differentiable (like many C++/CUDA extension ops)."""
-
-    @staticmethod
-    def forward(x):
-        return torch.tanh(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return grad * (1 - y**2)
-
-
-class _OldStyleTanh(torch.autograd.Function):
-    """tanh as an old-style Function: forward(ctx, x), no setup_context (torch.func rejects it)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.tanh(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return grad * (1 - y**2)
-
-
-class _WrongOnceTanh(_OnceTanh):
+class _WrongOnceTanh(OnceTanh):
     """A @once_differentiable tanh whose backward formula is wrong (1 - y instead of 1 - y²)."""
 
     @staticmethod
@@ -120,13 +88,13 @@ def test_adjoint_test_passes_for_a_smooth_mlp_in_every_mode(mode):
 
 @pytest.mark.parametrize("residual", [False, True])
 def test_adjoint_error_is_order_one_for_a_broken_jvp(residual):
-    op = ScoreJacobian(_Net(_OnceTanh.apply, residual=residual), _x(), mode="reverse")  # J·v silently misses tanh
+    op = ScoreJacobian(_Net(OnceTanh.apply, residual=residual), _x(), mode="reverse")  # J·v silently misses tanh
     err = adjoint_error(op, _gen())
     assert bool((err > (1e-2 if residual else 0.3)).all()), err
 
 
 def test_once_differentiable_op_rejects_the_double_vjp_and_falls_back_to_finite_differences():
-    net, twin, x = _Net(_OnceTanh.apply), _Net(), _x()
+    net, twin, x = _Net(OnceTanh.apply), _Net(), _x()
     path = select_jvp_mode(net, x, generator=_gen())
     assert path.consistent and path.mode == "fd" and path.adjoint_error < default_rtol(torch.float64)
     assert list(path.tried) == list(PATHS)
@@ -139,7 +107,7 @@ def test_once_differentiable_op_rejects_the_double_vjp_and_falls_back_to_finite_
 
 
 def test_once_differentiable_op_in_a_residual_branch_is_caught_although_jvp_is_not_zero():
-    net, twin, x = _Net(_OnceTanh.apply, residual=True), _Net(residual=True), _x()
+    net, twin, x = _Net(OnceTanh.apply, residual=True), _Net(residual=True), _x()
     v = torch.randn(4, D, dtype=torch.float64, generator=_gen(2))
     assert bool((ScoreJacobian(net, x, mode="reverse").jvp(v) != 0).any())  # silently partial: only x ↦ x
     path = select_jvp_mode(net, x, generator=_gen())
@@ -153,7 +121,7 @@ def test_once_differentiable_op_in_a_residual_branch_is_caught_although_jvp_is_n
 
 
 def test_old_style_function_works_through_the_autograd_backend():
-    net, twin, x = _Net(_OldStyleTanh.apply), _Net(), _x()
+    net, twin, x = _Net(OldStyleTanh.apply), _Net(), _x()
     path = select_jvp_mode(net, x, generator=_gen())
     assert path.consistent and path.mode == "autograd" and path.adjoint_error < 1e-14
     for mode in ("forward", "reverse"):
@@ -222,7 +190,7 @@ def test_selection_ignores_non_finite_rows_and_says_so():
 
 
 def test_selection_is_deterministic_given_a_generator():
-    net, x = _Net(_OnceTanh.apply, residual=True), _x()
+    net, x = _Net(OnceTanh.apply, residual=True), _x()
     a = select_jvp_mode(net, x, generator=_gen(5))
     b = select_jvp_mode(net, x, generator=_gen(5))
     assert a == b and isinstance(a, JacobianPath)
@@ -235,7 +203,7 @@ def test_selection_is_deterministic_given_a_generator():
 def test_preferred_path_is_tried_first():
     path = select_jvp_mode(_Net(), _x(), preferred="fd", generator=_gen())
     assert path.mode == "fd" and list(path.tried) == ["fd"]
-    path = select_jvp_mode(_Net(_OldStyleTanh.apply), _x(), preferred="reverse", generator=_gen())
+    path = select_jvp_mode(_Net(OldStyleTanh.apply), _x(), preferred="reverse", generator=_gen())
     assert path.mode == "autograd" and list(path.tried) == ["reverse", "forward", "autograd"]
 
 
