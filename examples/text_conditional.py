@@ -21,7 +21,8 @@ and, per probe (:func:`memwatch.conditional.conditional_metrics`),
 The duplicated prompt should have the largest mean Hessian-weighted score difference; the script
 prints the per-prompt means and ``most_memorized_condition``. Measured (4 prompts, 30 copies,
 1500 steps, 16 probes per prompt): the duplicated prompt came first on 3 of 3 seeds, 1.4–3.6×
-the next prompt; after 300 steps on 1 of 4 seeds only. The copies must stay a small share of all
+the next prompt; after 700 steps on 3 of 3 seeds, 1.21–1.63× (the setting of the test); after 300
+steps on 1 of 4 seeds only. The copies must stay a small share of all
 the data (here 5 %): with 180 copies (25 %) the unconditional density peaks at that image too,
 ``H_uc ≈ H_c`` there, and after 600 steps another prompt came first.
 
