@@ -10,6 +10,7 @@ orchestrates the hooks, the cadence, the agreement of DDP ranks, the decision an
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -19,6 +20,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from einops import rearrange
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
@@ -29,6 +31,7 @@ from memwatch.attribution import CopiedItem, copied_items
 from memwatch.calibration import DataScale, Reservoir, data_scale, relative_sigmas
 from memwatch.checkpoint import CLEAN_CHECKPOINT_NAME, check_save_mode, prepare_dirpath, save_clean_checkpoint
 from memwatch.conditional import check_first_steps, condition_keys, default_max_batch, parse_conditions
+from memwatch.copies import distinct, nearest_candidates, ratio_from_candidates
 from memwatch.discovery import (
     ScoreFn,
     batch_range,
@@ -52,6 +55,7 @@ from memwatch.sharpness import DENSE_MAX_DIM, SharpnessOptions, SharpnessResult
 
 __all__ = ["MemorizationMonitor", "CheckResult", "find_score"]
 
+_ONSET_VALUES = {"sharpness": "memorized_fraction", "copies": "nn_memorized_fraction", "either": "flagged_fraction"}
 _PROGRESS_AFTER_S = 5.0  # a check longer than this prints a line per stage (with verbose)
 _RANGE_BATCHES = 8  # training batches whose value range bounds the probes (without `data_range`)
 
@@ -64,6 +68,8 @@ class MemorizationMonitor(Callback):
     ``score_threshold``; ``memwatch/memorized_fraction`` is the share of such probes at the first
     (primary) timestep, and onset is declared when it exceeds ``onset_threshold`` (and/or the
     baseline of the first checks by ``onset_min_delta``) for ``patience`` checks in a row.
+    With training samples to compare against (``reference_data``, or ``"batches"``: those the
+    monitor sees), onset may also be decided on copies (``onset_on``).
 
     Logged under ``memwatch/`` (scalars always; histograms, spectrum and curve plots, per-probe
     table always — they hold no training data): ``sharp_fraction_mean``, ``lid_mean``,
@@ -101,8 +107,12 @@ class MemorizationMonitor(Callback):
             every check plus the Lanczos spectrum every ``spectrum_every_n_checks``-th check
             (the spectrum panel and ``lambda_min`` update then; NaN in between).
         onset_threshold, onset_min_delta, patience, min_steps, baseline_checks: the
-            :class:`memwatch.onset.OnsetDetector` rule on ``memorized_fraction``: onset when
+            :class:`memwatch.onset.OnsetDetector` rule on the ``onset_on`` share: onset when
             more than ``onset_threshold`` of the probes are memorized ``patience`` checks in a row.
+        onset_on: which share of the probes the onset rule watches: ``"sharpness"`` (default,
+            ``memorized_fraction``), ``"copies"`` (``nn_memorized_fraction``: probes whose
+            ``d₁/d₂ < 1/3`` to the training samples) or ``"either"`` (``flagged_fraction``: sharp
+            or a copy). ``"copies"`` and ``"either"`` need ``reference_data``.
         stop_on_onset: set ``trainer.should_stop`` at onset (one decision for all ranks).
         save_clean_checkpoint: save ``memwatch-clean.ckpt`` at every clean check (overwritten
             atomically: a crash or kill mid-save keeps the previous one), so the last one before
@@ -115,7 +125,13 @@ class MemorizationMonitor(Callback):
             ``YourModule.load_from_checkpoint``) or ``"full"`` (resumable: optimizer, loops,
             callbacks).
         reference_data: training samples ``[N, *shape]`` (or an iterable of batches) for the
-            nearest-neighbour ground truth (``nn_memorized_fraction``, ``auroc``).
+            nearest-neighbour ground truth (``nn_memorized_fraction``, ``auroc``,
+            ``flagged_fraction``), or ``"batches"``: the training samples the monitor sees in the
+            batches, up to ``calibration_capacity`` distinct ones per rank (a sample of them
+            beyond), held in memory only and never logged or saved; exact over DDP ranks and
+            across repeats, also for images the data set itself holds twice (see
+            :mod:`memwatch.copies`); refilled from the batches after a resume. Costs a copy of
+            each batch to the CPU per step.
         reference_ids: ids of the ``reference_data`` items (a list, or a Dataset returning
             ``(data, id)`` / ``{"id": …}``), shown in the attribution table (``copied_items``:
             which training items the probes copy; indices and counts only, never pixels).
@@ -158,7 +174,10 @@ class MemorizationMonitor(Callback):
             are counted (``out_of_range_count``) and warned about. Default: the scheduler's
             clipping range, else the range of the first training batches.
         spectrum_every_n_checks: see ``method``.
-        sigma_factors, calibration_capacity: see ``sigmas="auto"``.
+        sigma_factors: see ``sigmas="auto"``.
+        calibration_capacity: most training samples held in memory per rank, for
+            ``sigmas="auto"`` (until the first check) and ``reference_data="batches"`` (the whole
+            run): ``capacity × d × 4`` bytes on the CPU.
 
     Raises:
         ValueError: an argument is out of range (the message names it).
@@ -185,6 +204,7 @@ class MemorizationMonitor(Callback):
         num_vectors: int = defaults.SHARPNESS.num_vectors,
         max_batch: int | None = defaults.SHARPNESS.max_batch,
         onset_threshold: float | None = defaults.ONSET_THRESHOLD,
+        onset_on: str = defaults.ONSET_ON,
         onset_min_delta: float | None = None,
         patience: int = defaults.PATIENCE,
         min_steps: int = 0,
@@ -193,7 +213,7 @@ class MemorizationMonitor(Callback):
         save_clean_checkpoint: bool = True,
         dirpath: str | Path | None = None,
         clean_checkpoint_mode: str = "weights",
-        reference_data: Tensor | Any | None = None,
+        reference_data: Tensor | Any | str | None = None,
         reference_ids: Sequence[Any] | None = None,
         sample_shape: Sequence[int] | None = None,
         batch_key: str | None = None,
@@ -225,9 +245,27 @@ class MemorizationMonitor(Callback):
         _check_fraction("min_valid_fraction", min_valid_fraction, low_open=True, high_closed=True)
         if onset_threshold is not None:
             _check_fraction("onset_threshold", onset_threshold)
+        if isinstance(reference_data, str) and reference_data != "batches":
+            raise MemwatchError(
+                f'`reference_data` must be training samples, an iterable of batches, "batches" or None, '
+                f"got {reference_data!r}"
+            )
+        if onset_on not in _ONSET_VALUES:
+            raise MemwatchError(f"`onset_on` must be one of {sorted(_ONSET_VALUES)}, got {onset_on!r}")
+        if onset_on != "sharpness" and reference_data is None:
+            raise MemwatchError(
+                f"`onset_on`={onset_on!r} needs training samples to compare the probes with: pass "
+                '`reference_data` (a tensor, or "batches" for those the monitor sees)'
+            )
+        if reference_data == "batches" and reference_ids is not None:
+            raise MemwatchError(
+                '`reference_ids` name the items of a `reference_data` tensor; with reference_data="batches" the '
+                "monitor holds a changing sample of the batches and has no ids: pass `reference_data` as a tensor"
+            )
+        if sigmas == "auto" or reference_data == "batches":
+            _check_int("calibration_capacity", calibration_capacity, 2)
         if sigmas == "auto":
             self.sigmas: tuple[float, ...] | str = "auto"
-            _check_int("calibration_capacity", calibration_capacity, 2)
         elif timesteps is None:
             self.sigmas = _check_levels("sigmas", sigmas)
         else:
@@ -249,8 +287,9 @@ class MemorizationMonitor(Callback):
             baseline_checks=baseline_checks,
             patience=patience,
             min_steps=min_steps,
-            monitor="memorized_fraction",
+            monitor=_ONSET_VALUES[onset_on],
         )
+        self.onset_on = onset_on
         if sample_shape is not None and (len(sample_shape) == 0 or any(int(s) < 1 for s in sample_shape)):
             raise MemwatchError(f"`sample_shape` must be a non-empty shape of positive sizes, got {sample_shape!r}")
         self.score_fn = score_fn
@@ -299,7 +338,9 @@ class MemorizationMonitor(Callback):
         self._reporter: CheckReporter | None = None
         self._reference: Tensor | None = None
         self._found: DiffusionScore | None = None
-        self._reservoir = Reservoir(self.calibration_capacity, seed=self.seed) if self.calibrating else None
+        self._reservoir = (
+            Reservoir(self.calibration_capacity, seed=self.seed, distinct=True) if self._holds_samples else None
+        )
         self.calibrated_sigmas: tuple[float, ...] | None = None  # with sigmas="auto", fixed at the first check
         self.data_scale: DataScale | None = None
         self._probes: ProbeSet | None = None
@@ -431,8 +472,10 @@ class MemorizationMonitor(Callback):
         self.history = list(state_dict["history"])
         self._last_checked_step = state_dict["last_checked_step"]
         sigmas = state_dict.get("calibrated_sigmas")
-        if sigmas is not None:  # a resumed run keeps its noise levels (and holds no training samples)
-            self.calibrated_sigmas, self._reservoir = tuple(sigmas), None
+        if sigmas is not None:  # a resumed run keeps its noise levels (training samples were never saved)
+            self.calibrated_sigmas = tuple(sigmas)
+            if not self.copies_from_batches:
+                self._reservoir = None
 
     # ------------------------------------------------------------------ the check
     def _run_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -458,10 +501,12 @@ class MemorizationMonitor(Callback):
         if not self._all_ranks_measured(trainer, error):
             return
         assert measurement is not None
+        if self.copies_from_batches:
+            measurement = self._with_batch_copies(trainer, measurement, pl_module.device)
         values, conditions, top = self._sync(measurement, pl_module.device)
         copied = self._copied(measurement, pl_module.device)
         values["check_seconds"] = time.perf_counter() - started
-        decision = self.detector.update(step, values["memorized_fraction"])
+        decision = self.detector.update(step, values[self.detector.monitor])
         if decision.clean and self.save_clean_checkpoint:
             self._save_clean_checkpoint(trainer)
         should_stop, _ = self._should_stop(decision)
@@ -707,7 +752,7 @@ class MemorizationMonitor(Callback):
             check_score(score, self.sample_shape, device=pl_module.device)
             for cond in list(self._conditions.values())[:1]:
                 check_score(score, self.sample_shape, device=pl_module.device, cond=cond)
-        if self.reference_data is not None:
+        if self.reference_data is not None and not self.copies_from_batches:
             self._reference = check_reference_data(
                 self.reference_data,
                 self.sample_shape,
@@ -720,6 +765,15 @@ class MemorizationMonitor(Callback):
     def calibrating(self) -> bool:
         """Whether the noise levels come from the training data (``sigmas="auto"``)."""
         return self.sigmas == "auto"
+
+    @property
+    def copies_from_batches(self) -> bool:
+        """Whether the probes are compared with the training samples seen (``reference_data="batches"``)."""
+        return isinstance(self.reference_data, str) and self.reference_data == "batches"
+
+    @property
+    def _holds_samples(self) -> bool:
+        return self.calibrating or self.copies_from_batches
 
     def _set_levels(self, score: DiffusionScore) -> None:
         """The evaluation timesteps (and their metrics) from ``sigmas`` / ``timesteps``, or from
@@ -750,8 +804,30 @@ class MemorizationMonitor(Callback):
         if error is not None:
             raise MemwatchError(f"sigmas='auto' could not calibrate the noise levels: {error}")
         self.data_scale, self.calibrated_sigmas = found
-        self._reservoir = None
+        if not self.copies_from_batches:
+            self._reservoir = None  # no training sample is held longer than needed
         self._set_levels(self._found)
+
+    def _with_batch_copies(
+        self, trainer: pl.Trainer, measurement: ProbeMeasurement, device: torch.device
+    ) -> ProbeMeasurement:
+        """``measurement`` with the ``d₁/d₂`` of its probes to the training samples every rank has
+        seen (collectives on every rank: call it after every rank measured). A rank that cannot
+        offer its candidates makes every ratio NaN, with a warning, never a partial answer."""
+        probes = _gathered(measurement.samples.to(device))  # every rank's, in rank order
+        try:
+            assert self._reservoir is not None
+            held = distinct(self._reservoir.samples) if len(self._reservoir) else probes[:0].double()
+            candidates = nearest_candidates(probes, held)
+        except Exception as err:  # noqa: BLE001 - a monitor must not crash training
+            if self.raise_errors and trainer.world_size == 1:
+                raise
+            rank_zero_warn(f"memwatch: the copies of training samples could not be measured: {err!r}")
+            candidates = torch.full((probes.shape[0], 2, *probes.shape[1:]), torch.nan, dtype=torch.float64)
+        every = _gathered(candidates.to(device).unsqueeze(0))  # [world, n, 2, *shape]
+        ratio = ratio_from_candidates(probes, rearrange(every, "w n c ... -> n (w c) ..."))
+        mine = shard(self.num_probes, trainer.world_size, trainer.global_rank)
+        return dataclasses.replace(measurement, nn_ratio=ratio[mine].float())
 
     def _batch_data(self, batch: Any) -> Tensor:
         """The data tensor of a training batch, in the space of the probes (``encode_fn``)."""

@@ -17,6 +17,7 @@ __all__ = [
     "EVERY_N_TRAIN_STEPS",
     "MIN_VALID_FRACTION",
     "NUM_PROBES",
+    "ONSET_ON",
     "ONSET_THRESHOLD",
     "PATIENCE",
     "SAMPLER_STEPS",
@@ -31,6 +32,7 @@ SAMPLER_STEPS = 50  #: sampler steps per probe
 SIGMAS = (0.3,)  #: evaluation noise levels σ_t (data units); the first is the primary one
 SCORE_THRESHOLD = 0.9  #: a probe is memorized when its sharp fraction exceeds this
 ONSET_THRESHOLD = 0.2  #: onset when more than this share of the probes is memorized ...
+ONSET_ON = "sharpness"  #: the share the onset rule watches: sharp probes (see MemorizationMonitor's onset_on)
 PATIENCE = 2  #: ... at this many checks in a row
 MIN_VALID_FRACTION = 0.5  #: a check with fewer finite probes than this share is a failed check
 SIGMA_FACTORS = (0.1,)  #: with sigmas="auto": levels = these × the training set's median NN distance (study v2, seed 0)

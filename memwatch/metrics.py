@@ -18,6 +18,8 @@ Summary keys (logged under ``memwatch/``, names from DESIGN.md):
 ``nn_memorized_fraction``  share with ``nn_ratio < nn_threshold`` (strict); only with ``nn_ratio``
 ``auroc``                  binary AUROC of ``score`` against ``nn_ratio < nn_threshold``; only
                            with ``nn_ratio``; NaN when one class is missing
+``flagged_fraction``       share that is memorized *or* a copy (either of the two above); only
+                           with ``nn_ratio``
 =========================  ====================================================================
 
 Non-finite probes: a probe whose value is NaN or ±inf in *any* of its inputs is dropped from
@@ -159,6 +161,7 @@ def _memorization_compute(
         labels = values["nn_ratio"] < nn_threshold
         out["nn_memorized_fraction"] = mean(labels)
         out["auroc"] = _auroc(score, labels.to(score.device)) if score.numel() else nan
+        out["flagged_fraction"] = mean((score > score_threshold) | labels.to(score.device))
     return out
 
 

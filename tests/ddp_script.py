@@ -3,6 +3,8 @@
 Lightning's "ddp" strategy re-launches this script for rank 1, so it must be a plain script.
 ``ddp_script.py OUT fail`` makes the check at step 200 raise on rank 1 only;
 ``ddp_script.py OUT diskfull`` makes every clean-checkpoint write fail on rank 0 (the rank that writes).
+The plain run also compares the probes with the training samples each rank sees
+(``reference_data="batches"``) and reports how far that is from the ratio to the training set.
 """
 
 import errno
@@ -17,6 +19,7 @@ from callback_setup import datamodule, memorizing_data, module_2d
 
 from memwatch.callback import MemorizationMonitor
 from memwatch.discovery import find_score
+from memwatch.groundtruth import nn_ratio
 from memwatch.probes import shard
 
 warnings.filterwarnings("ignore")
@@ -60,6 +63,7 @@ def main(out: Path, mode: str | None) -> None:
         dirpath=out / "clean",
         verbose=False,
         raise_errors=mode is None,  # the fault modes must warn, not raise
+        reference_data="batches" if mode is None else None,
     )
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -83,6 +87,10 @@ def main(out: Path, mode: str | None) -> None:
         "local_probes": rows.stop - rows.start,
         "clean_step": monitor.clean_step,
     }
+    if mode is None:  # this rank's probes: d1/d2 to the samples every rank saw vs to the training set
+        check = monitor.last_check
+        truth = nn_ratio(check.samples, memorizing_data()).float()
+        report["batches_vs_truth"] = float((check.nn_ratio - truth).abs().max())
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
     # shut gloo down before interpreter exit: left to exit, its threads can abort the process
     # ("terminate called without an active exception") and fail the run after it succeeded

@@ -363,3 +363,29 @@ def test_the_monitor_calibrates_its_noise_levels_from_the_training_batches(tmp_p
         state = monitor.state_dict()
         assert state["calibrated_sigmas"] == levels[scale] and "samples" not in str(state)  # no training data
     assert levels[1.0] == pytest.approx((0.1 * 4,)) and levels[0.5] == pytest.approx((0.1 * 2,))  # scale-equivariant
+
+
+def test_a_distinct_reservoir_holds_a_training_set_up_to_capacity_whole_over_many_epochs() -> None:
+    x = torch.randn(300, 4, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    stream, distinct = Reservoir(400, seed=0), Reservoir(400, seed=0, distinct=True)
+    for _ in range(200):  # 200 batches of 64 drawn with replacement: every sample seen ~43 times
+        batch = x[torch.randint(0, 300, (64,), generator=g)]
+        stream.update(batch)
+        distinct.update(batch)
+    held = {tuple(r.tolist()) for r in distinct.samples}
+    assert len(distinct) == 300 and held == {tuple(r.tolist()) for r in x}  # all of them, once each
+    assert distinct.seen == 300
+    assert len({tuple(r.tolist()) for r in stream.samples}) < 300  # the stream reservoir lost some
+
+
+def test_a_distinct_reservoir_beyond_capacity_stays_bounded_and_forgets_evicted_samples() -> None:
+    x = torch.arange(100.0).reshape(50, 2)
+    r = Reservoir(8, seed=0, distinct=True)
+    for _ in range(5):
+        r.update(x)
+        r.update(x[:10])  # repeats within and across batches
+    assert len(r) == 8 and len({tuple(v.tolist()) for v in r.samples}) == 8
+    assert set(r._key_at) == set(range(8)) and len(r._slot_of) == 8  # one key per held sample, no leak
+    r.load_state_dict(r.state_dict())
+    assert len(r) == 0 and not r._slot_of

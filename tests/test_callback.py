@@ -305,6 +305,9 @@ def test_two_process_ddp_reaches_one_decision(tmp_path):
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == ranks[0]["onset_step"]
     assert ranks[0]["history"] == ranks[1]["history"]  # synced metrics, identical on both ranks
     assert ranks[0]["local_probes"] + ranks[1]["local_probes"] == 16
+    # reference_data="batches": the ratio to the samples both ranks saw is the one to the training set
+    assert "nn_memorized_fraction" in ranks[0]["history"][-1]
+    assert ranks[0]["batches_vs_truth"] < 1e-6 and ranks[1]["batches_vs_truth"] < 1e-6
 
 
 def test_a_check_failing_on_one_rank_is_skipped_on_both(tmp_path):

@@ -11,7 +11,7 @@ from torchmetrics.utilities.data import dim_zero_cat
 from memwatch.metrics import MemorizationMetrics, memorization_metrics
 
 KEYS = {"sharp_fraction_mean", "lid_mean", "lambda_min", "normalized_eig_mean", "memorized_fraction", "nonfinite_count"}
-NN_KEYS = KEYS | {"nn_memorized_fraction", "auroc"}
+NN_KEYS = KEYS | {"nn_memorized_fraction", "auroc", "flagged_fraction"}
 
 
 def _probes(n, seed=0, nn=True, dtype=torch.float64):
@@ -55,6 +55,15 @@ def test_values_by_hand():
     assert out["auroc"].item() == pytest.approx(1.0)
     assert out["nonfinite_count"].item() == 0
     assert all(v.ndim == 0 and v.is_floating_point() for v in out.values())
+
+
+def test_flagged_fraction_counts_a_probe_that_is_sharp_or_a_copy_once():
+    d = _probes(4, nn=False)
+    score, nn = torch.tensor([0.9, 0.9, 0.1, 0.1]), torch.tensor([0.1, 0.9, 0.1, 0.9])  # both, sharp, copy, neither
+    out = memorization_metrics(**{**d, "score": score}, nn_ratio=nn, score_threshold=0.5)
+    assert out["memorized_fraction"].item() == pytest.approx(2 / 4)
+    assert out["nn_memorized_fraction"].item() == pytest.approx(2 / 4)
+    assert out["flagged_fraction"].item() == pytest.approx(3 / 4)
 
 
 def test_thresholds_and_no_nn_ratio():

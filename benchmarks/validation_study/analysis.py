@@ -21,21 +21,31 @@ from memwatch.onset import OnsetDetector
 from .config import BORDERLINE, FPRS, NEVER, NN_ONSET, PRIMARY_SIGNAL, SCALED, SIGNALS, Defaults, StudyConfig
 from .runs import RunRecord
 
-TODAY, AUTO_TODAY, ABS_TUNED, AUTO, GAP = (
+TODAY, AUTO_TODAY, ABS_TUNED, AUTO, COPIES, COPIES_TUNED, EITHER, GAP = (
     "absolute defaults",
     "auto, today's thresholds",
     "absolute, tuned",
     "auto, tuned",
+    "copies of the batches",
+    "copies, tuned",
+    "sharp or copy",
     "loss gap",
 )  # the rules compared, in the report's order
 MEAN_T = "mean"  # the loss gap averaged over the fixed timesteps
 
 
 # ----------------------------------------------------------------------------- labels and signals
+def copy_ratios(run: RunRecord, spec: str) -> np.ndarray:
+    """``[C, P]`` the ``d₁/d₂`` of the probes of the monitor that measured ``spec``: the ``auto``
+    monitor's to the training set (the truth's probes), the absolute monitor's to the training
+    samples it saw itself (``reference_data="batches"``)."""
+    return run.nn_ratio_abs if spec.startswith("abs") else run.nn_ratio
+
+
 def labels(run: RunRecord, spec: str = "auto") -> np.ndarray:
-    """``[C, P]`` bool: the NN ground truth of the probes measured at ``spec`` (the absolute
-    monitor's probes for ``"abs …"``, else the ``auto`` monitor's), memorized when ``d₁/d₂ < 1/3``."""
-    return (run.nn_ratio_abs if spec.startswith("abs") else run.nn_ratio) < MEMORIZED_RATIO
+    """``[C, P]`` bool: the NN labels of the probes measured at ``spec`` (:func:`copy_ratios`),
+    memorized when ``d₁/d₂ < 1/3``."""
+    return copy_ratios(run, spec) < MEMORIZED_RATIO
 
 
 def nn_fraction(run: RunRecord) -> np.ndarray:
@@ -70,6 +80,14 @@ def memorized_fraction(scores: np.ndarray, score_threshold: float) -> np.ndarray
     ok = np.isfinite(scores)
     frac = np.where(ok, scores > score_threshold, False).sum(1) / np.maximum(ok.sum(1), 1)
     return np.where(ok.any(1), frac, np.nan)
+
+
+def flagged_fraction(sharp: np.ndarray, ratio: np.ndarray, score_threshold: float) -> np.ndarray:
+    """``[C]`` share of the probes that are sharp (``sharp > score_threshold``) or copies
+    (``ratio < 1/3``), among probes with both values finite; NaN for a check without any."""
+    ok = np.isfinite(sharp) & np.isfinite(ratio)
+    hit = ok & ((sharp > score_threshold) | (ratio < MEMORIZED_RATIO))
+    return np.where(ok.any(1), hit.sum(1) / np.maximum(ok.sum(1), 1), np.nan)
 
 
 def loss_gap(run: RunRecord, t: str) -> np.ndarray:
@@ -143,7 +161,9 @@ class Rule:
 
     Attributes:
         kind: ``"sharp"`` (share of probes whose sharp fraction at ``spec`` exceeds
-            ``score_threshold``) or ``"gap"`` (the relative ε-loss gap at timestep ``spec``).
+            ``score_threshold``), ``"copies"`` (share of the ``spec`` monitor's probes with
+            ``d₁/d₂ < 1/3``: the callback's ``onset_on="copies"``), ``"either"`` (sharp or a copy:
+            ``onset_on="either"``) or ``"gap"`` (the relative ε-loss gap at timestep ``spec``).
         spec: noise level (``"abs 0.3"``, ``"auto 0.1"``) or loss timestep (``"50"``, ``MEAN_T``).
         score_threshold: per-probe threshold (``"sharp"`` only).
         onset_threshold: onset when the monitored value exceeds it at ``patience`` checks in a row.
@@ -158,8 +178,13 @@ class Rule:
         """``[C]`` the value the rule monitors on ``run``."""
         if self.kind == "gap":
             return loss_gap(run, self.spec)
+        if self.kind == "copies":
+            return memorized_fraction(-copy_ratios(run, self.spec), -MEMORIZED_RATIO)
         assert self.score_threshold is not None
-        return memorized_fraction(run.signals[self.spec][PRIMARY_SIGNAL], self.score_threshold)
+        sharp = run.signals[self.spec][PRIMARY_SIGNAL]
+        if self.kind == "either":
+            return flagged_fraction(sharp, copy_ratios(run, self.spec), self.score_threshold)
+        return memorized_fraction(sharp, self.score_threshold)
 
     def onset(self, run: RunRecord, defaults: Defaults) -> int | None:
         """The onset step the rule declares on ``run`` (``None``: none)."""
@@ -179,7 +204,12 @@ class Rule:
         if self.kind == "gap":
             where = "all loss timesteps" if self.spec == MEAN_T else f"t = {self.spec}"
             return f"ε-loss gap at {where} > {self.onset_threshold:g}"
-        return f"sharp fraction > {self.score_threshold:g} at {self.spec}, onset > {self.onset_threshold:g}"
+        if self.kind == "copies":
+            return f"copies (d₁/d₂ < 1/3 to the batches seen), onset > {self.onset_threshold:g}"
+        sharp = f"sharp fraction > {self.score_threshold:g} at {self.spec}"
+        if self.kind == "either":
+            return f"{sharp} or a copy of the batches seen, onset > {self.onset_threshold:g}"
+        return f"{sharp}, onset > {self.onset_threshold:g}"
 
 
 @dataclass(frozen=True)
@@ -310,6 +340,9 @@ def select_rules(sel: Sequence[RunRecord], cfg: StudyConfig, defaults: Defaults)
       only when that factor is measured);
     * ``ABS_TUNED``: the shipped absolute level, both thresholds tuned;
     * ``AUTO``: factor and both thresholds tuned;
+    * ``COPIES``: ``reference_data="batches"``, ``onset_on="copies"``, today's onset threshold (fixed);
+    * ``COPIES_TUNED``: the same, onset threshold tuned;
+    * ``EITHER``: ``onset_on="either"`` with today's absolute defaults (fixed);
     * ``GAP``: the loss-gap baseline, timestep and threshold tuned.
     """
     abs_spec = defaults.primary_spec if defaults.sigmas != ("auto",) else "abs 0.3"
@@ -319,6 +352,9 @@ def select_rules(sel: Sequence[RunRecord], cfg: StudyConfig, defaults: Defaults)
         rules[AUTO_TODAY] = Rule("sharp", auto_spec, defaults.score_threshold, rules[TODAY].onset_threshold)
     rules[ABS_TUNED] = choose(sel, sharp_grid([abs_spec], cfg), defaults)[0]
     rules[AUTO] = choose(sel, sharp_grid(cfg.auto_specs(), cfg), defaults)[0]
+    rules[COPIES] = Rule("copies", abs_spec, None, rules[TODAY].onset_threshold)
+    rules[COPIES_TUNED] = choose(sel, [Rule("copies", abs_spec, None, t) for t in cfg.onset_thresholds], defaults)[0]
+    rules[EITHER] = Rule("either", abs_spec, defaults.score_threshold, rules[TODAY].onset_threshold)
     rules[GAP] = choose(sel, gap_grid(cfg), defaults)[0]
     return rules
 
@@ -420,8 +456,9 @@ class StudyAnalysis:
         return self.cfg.data[0].every
 
     def auroc(self, group: str, rule: Rule) -> RocStats | None:
-        """Pooled per-probe statistics of the rule's per-probe score (``None`` for the loss gap)."""
-        return None if rule.kind == "gap" else self.aurocs[group][("all", rule.spec, PRIMARY_SIGNAL)]
+        """Pooled per-probe statistics of the rule's per-probe score (``None`` for the loss gap and
+        the copy rules: their probes are not the truth's)."""
+        return None if rule.kind != "sharp" else self.aurocs[group][("all", rule.spec, PRIMARY_SIGNAL)]
 
 
 def analyse(runs: list[RunRecord], cfg: StudyConfig, fresh: Sequence[RunRecord] = ()) -> StudyAnalysis:

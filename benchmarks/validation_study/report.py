@@ -19,6 +19,9 @@ from memwatch import plots
 
 from .analysis import (
     AUTO,
+    COPIES,
+    COPIES_TUNED,
+    EITHER,
     GAP,
     TODAY,
     OnsetRow,
@@ -32,6 +35,8 @@ from .analysis import (
 from .config import BORDERLINE, NEVER, NN_ONSET, PRIMARY_SIGNAL, SCALED, SIGNALS
 from .figures import plot_auroc_vs_factor, plot_curves, plot_loss_gap, plot_onsets, run_curves
 from .runs import RunRecord, Timing
+
+_CHOSEN = (AUTO, COPIES_TUNED)  # the rules the targets are read on: without and with the training samples
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -165,11 +170,13 @@ def setup_section(an: StudyAnalysis) -> str:
         "GMM in R^16. Two monitors watch every run, each with its own probes "
         f"({cfg.num_probes} per check, {cfg.sampler_steps}-step DDIM, dense Hessian spectrum, τ = {d.threshold}): "
         f"one with the library's absolute defaults (sigmas {tuple(d.sigmas)}, score_threshold {d.score_threshold}, "
-        f'onset_threshold {d.onset_threshold}, patience {d.patience}), one with `sigmas="auto"` and '
+        f"onset_threshold {d.onset_threshold}, patience {d.patience}; its own probes, and "
+        '`reference_data="batches"`: it counts copies of the training samples it saw itself), '
+        'one with `sigmas="auto"` and '
         f"`sigma_factors={tuple(cfg.sigma_factors)}` (the monitor calibrates σ_t = factor × median NN distance of "
         "its reservoir of training samples at the first check, clamped inside the schedule: floor ≈ 0.08, "
-        "ceiling ≈ 1.0). No σ is set by hand for the `auto` rules. Per-probe values are the callback's own "
-        "(`RecordingMonitor`, through `on_check_end`).\n\n"
+        "ceiling ≈ 1.0), whose probes against the training set are the ground truth. No σ is set by hand for the "
+        "`auto` rules. Per-probe values are the callback's own (`RecordingMonitor`, through `on_check_end`).\n\n"
         f"**Loss-gap baseline.** At every check the ε-objective is evaluated without gradients on "
         f"{cfg.held_out} training samples and on a held-out split of {cfg.held_out} further samples of the same "
         f"distribution, at fixed timesteps t ∈ {{{', '.join(map(str, cfg.loss_timesteps))}}} with fixed noises; "
@@ -227,8 +234,16 @@ def summary_section(an: StudyAnalysis) -> str:
             auc = _f(an.aurocs[group][("all", auto.spec, PRIMARY_SIGNAL)].auroc, 3)
             lines.append(
                 f"* {an.seeds(group)}: **{AUTO}** {_counts(outs[AUTO])}, per-probe AUROC {auc}; "
-                f"{TODAY}: {_counts(outs[TODAY])}; {GAP}: {_counts(outs[GAP])}."
+                f"{TODAY}: {_counts(outs[TODAY])}; **{COPIES_TUNED}** ({an.rules[COPIES_TUNED].describe()}): "
+                f"{_counts(outs[COPIES_TUNED])}; {EITHER}: {_counts(outs[EITHER])}; {GAP}: {_counts(outs[GAP])}."
             )
+    lines.append(
+        '\nWith the training samples in memory (`reference_data="batches"`, a training set of at most '
+        "`calibration_capacity` distinct samples per rank, as every run here), the monitor can count copies "
+        "directly; the copy rules measure the same quantity as the ground truth, on their own probes, so they "
+        "test the monitor's sampling and timing, not the sharpness signal. Without the training samples "
+        "(larger data sets), the sharpness rules are what is left.\n"
+    )
     return _join(*lines, "")
 
 
@@ -239,11 +254,14 @@ def rules_section(an: StudyAnalysis) -> str:
         "auto, today's thresholds": "fixed: `sigmas=\"auto\"`, the library's factor, today's thresholds",
         "absolute, tuned": "thresholds tuned on the selection seed",
         AUTO: "factor and thresholds tuned on the selection seed",
+        COPIES: 'fixed: `reference_data="batches"`, `onset_on="copies"`, today\'s onset threshold',
+        COPIES_TUNED: "the same, onset threshold tuned on the selection seed",
+        EITHER: 'fixed: `reference_data="batches"`, `onset_on="either"`, today\'s defaults',
         GAP: "timestep and threshold tuned on the selection seed",
     }
     rows = [
         [
-            f"**{name}**" if name == AUTO else name,
+            f"**{name}**" if name in _CHOSEN else name,
             rule.describe(),
             how[name],
             _frac(sel[name].count("right"), sel[name].judged),
@@ -287,7 +305,7 @@ def comparison_section(an: StudyAnalysis) -> str:
             roc = an.auroc(group, rule)
             rows.append(
                 [
-                    f"**{name}**" if name == AUTO else name,
+                    f"**{name}**" if name in _CHOSEN else name,
                     _frac(out.count("right"), out.judged),
                     _frac(out.count("on_time"), out.count("memorizing")),
                     _frac(out.count("detected"), out.count("memorizing")),
@@ -318,8 +336,9 @@ def comparison_section(an: StudyAnalysis) -> str:
         ]
     parts.append(
         "AUROC: the rule's per-probe score (sharp fraction at its noise level) against the NN labels, pooled over "
-        "every check and run of the group; the loss gap is a run-level signal and has none. Lead = truth − onset "
-        "(positive: earlier), median over memorizing runs flagged.\n"
+        "every check and run of the group; the loss gap is a run-level signal and has none, the copy rules' "
+        "per-probe value is the label itself. Lead = truth − onset (positive: earlier), median over memorizing "
+        "runs flagged.\n"
     )
     return _join(*parts)
 
@@ -405,15 +424,26 @@ def _yes(ok: bool) -> str:
 
 
 def targets_section(an: StudyAnalysis) -> str:
+    parts = ["## 6. Targets\n"]
+    for name in _CHOSEN:
+        parts += [
+            f"**Rule '{name}'** ({an.rules[name].describe()})\n",
+            md_table(["seeds", "target", "measured", "met"], _target_rows(an, name)),
+            "",
+        ]
+    return _join(*parts)
+
+
+def _target_rows(an: StudyAnalysis, name: str) -> list[list[str]]:
     rows = []
     for group in ("report", "fresh"):
         if group not in an.groups:
             continue
-        out, gap = an.outcomes[group][AUTO], an.outcomes[group][GAP]
-        roc = an.auroc(group, an.rules[AUTO])
+        out, gap = an.outcomes[group][name], an.outcomes[group][GAP]
+        roc = an.auroc(group, an.rules[name])
         memo = out.count("memorizing")
         on_time = out.count("on_time")
-        rescaled = rescale_rows(an.groups[group], an.rules[AUTO], an.defaults)
+        rescaled = rescale_rows(an.groups[group], an.rules[name], an.defaults)
         within, pairs, worst = rescale_summary(rescaled, an.every)
         truth_moves = max((checks_apart(r.base_truth, r.truth, an.every) for r in rescaled), default=math.nan)
         late = out.late()
@@ -440,8 +470,8 @@ def targets_section(an: StudyAnalysis) -> str:
             [
                 an.seeds(group),
                 "per-probe AUROC ≥ 0.95 (pooled)",
-                _f(roc.auroc, 3) if roc else "–",
-                _yes(roc is not None and roc.auroc >= 0.95),
+                _f(roc.auroc, 3) if roc else "– (no per-probe score: the value is the label)",
+                _yes(roc.auroc >= 0.95) if roc else "–",
             ],
             [
                 an.seeds(group),
@@ -452,11 +482,7 @@ def targets_section(an: StudyAnalysis) -> str:
                 _yes(pairs > 0 and within == pairs),
             ],
         ]
-    return _join(
-        f"## 6. Targets (rule '{AUTO}': {an.rules[AUTO].describe()})\n",
-        md_table(["seeds", "target", "measured", "met"], rows),
-        "",
-    )
+    return rows
 
 
 def diagnostics_section(an: StudyAnalysis) -> str:
@@ -464,7 +490,7 @@ def diagnostics_section(an: StudyAnalysis) -> str:
     for group in ("report", "fresh"):
         if group not in an.groups:
             continue
-        for name in (AUTO, TODAY, GAP):
+        for name in (*_CHOSEN, TODAY, EITHER, GAP):
             out = an.outcomes[group][name]
             late = [r for r in out.rows if r.lead is not None and r.lead < 0]
             missed = [r for r in out.rows if r.kind == "memorizing" and r.onset is None]

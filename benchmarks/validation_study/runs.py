@@ -2,9 +2,9 @@
 check, as the callback reported it), :class:`RunRecord` (one run, as plain arrays), and the cache.
 
 Cache format (``torch.save``; plain dicts, lists and numpy arrays only, so a cache loads without
-this package): ``{"format": 2, "runs": [RunRecord.to_dict(), ...], "timing": Timing.to_dict(),
-"config": dataclasses.asdict(StudyConfig)}``. Format 2 (study v2: two monitors per run, the
-``sigmas="auto"`` levels, the loss-gap losses) does not read format-1 caches.
+this package): ``{"format": 3, "runs": [RunRecord.to_dict(), ...], "timing": Timing.to_dict(),
+"config": dataclasses.asdict(StudyConfig)}``. Format 3 (study v2.1: the absolute monitor draws
+its own probes and compares them with the batches it saw) does not read older caches.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from .config import (
     library_defaults,
 )
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
+ABS_PROBE_SEED = 1000  # the absolute monitor draws its probes with seed + this (the truth's: seed)
 
 
 # ----------------------------------------------------------------------------- records
@@ -68,8 +69,9 @@ class RunRecord:
     """Everything the analysis needs from one training run (``C`` checks of ``P`` probes).
 
     Two monitors watch every run: one with the library's absolute defaults (``sigmas``,
-    thresholds as shipped), one with ``sigmas="auto"`` and every factor of the study; both draw
-    the same probes (same seed, same model at the same step).
+    thresholds as shipped, its own probes — seed + ``ABS_PROBE_SEED`` — and
+    ``reference_data="batches"``: the detector), one with ``sigmas="auto"`` and every factor of
+    the study, whose probes (seed) against the training set are the ground truth.
 
     Attributes:
         dataset, n, seed: which run (data set, training-set size N, seed).
@@ -79,7 +81,9 @@ class RunRecord:
             the ``auto`` levels are the monitor's own calibration (clamped inside the schedule).
         steps: ``[C]`` int, the check steps.
         nn_ratio: ``[C, P]`` float64, the probes' ``d₁/d₂`` (the ``auto`` monitor's probes).
-        nn_ratio_abs: ``[C, P]`` the same for the absolute-default monitor's probes.
+        nn_ratio_abs: ``[C, P]`` the absolute-default monitor's probes' ``d₁/d₂`` to the training
+            samples that monitor saw in the batches (its reservoir; the whole training set here,
+            N ≤ its capacity).
         signals: noise-level name -> signal name -> ``[C, P]`` float64 raw values.
         loss_t: ``[K]`` the fixed timesteps of the loss-gap baseline.
         loss_train, loss_held: ``[C, K]`` ε-losses on the training set and the held-out split.
@@ -282,15 +286,15 @@ class RunJob:
     seed: int
 
 
-def _monitor(job: RunJob, x: torch.Tensor, **kwargs: Any) -> RecordingMonitor:
-    """A :class:`RecordingMonitor` with the study's cadence and probes, the training set as
-    reference data, and ``kwargs`` (noise levels, thresholds) on top of the library defaults."""
+def _monitor(job: RunJob, reference: torch.Tensor | str, seed: int, **kwargs: Any) -> RecordingMonitor:
+    """A :class:`RecordingMonitor` with the study's cadence and probes (drawn with ``seed``), the
+    ``reference`` data, and ``kwargs`` (noise levels, thresholds) on top of the library defaults."""
     return RecordingMonitor(
         every_n_train_steps=job.spec.every,
         num_probes=job.cfg.num_probes,
         sampler_steps=job.cfg.sampler_steps,
-        reference_data=x,
-        seed=job.seed,
+        reference_data=reference,
+        seed=seed,
         save_clean_checkpoint=False,
         log_figures=False,
         verbose=False,
@@ -309,9 +313,10 @@ def _fit(job: RunJob, x: torch.Tensor, held: torch.Tensor) -> tuple[Any, Recordi
     cfg, spec = job.cfg, job.spec
     pl.seed_everything(job.seed, verbose=False)
     module = module_cls(shape=tuple(x.shape[1:]), hidden=spec.hidden, depth=cfg.depth, lr=spec.lr)
-    absolute = _monitor(job, x)
+    # the detector's probes are not the truth's: its own seed, and copies of the batches it saw
+    absolute = _monitor(job, "batches", job.seed + ABS_PROBE_SEED)
     probe = LossProbe(x, held, cfg.loss_timesteps, cfg.held_out, job.seed)
-    auto = _monitor(job, x, sigmas="auto", sigma_factors=cfg.sigma_factors, loss_probe=probe)
+    auto = _monitor(job, x, job.seed, sigmas="auto", sigma_factors=cfg.sigma_factors, loss_probe=probe)
     trainer = pl.Trainer(
         max_steps=spec.max_steps,
         accelerator="cpu",
