@@ -245,7 +245,8 @@ class MemorizationMonitor(Callback):
         _check_fraction("min_valid_fraction", min_valid_fraction, low_open=True, high_closed=True)
         if onset_threshold is not None:
             _check_fraction("onset_threshold", onset_threshold)
-        if isinstance(reference_data, str) and reference_data != "batches":
+        batches = isinstance(reference_data, str)
+        if batches and reference_data != "batches":
             raise MemwatchError(
                 f'`reference_data` must be training samples, an iterable of batches, "batches" or None, '
                 f"got {reference_data!r}"
@@ -257,12 +258,12 @@ class MemorizationMonitor(Callback):
                 f"`onset_on`={onset_on!r} needs training samples to compare the probes with: pass "
                 '`reference_data` (a tensor, or "batches" for those the monitor sees)'
             )
-        if reference_data == "batches" and reference_ids is not None:
+        if batches and reference_ids is not None:
             raise MemwatchError(
                 '`reference_ids` name the items of a `reference_data` tensor; with reference_data="batches" the '
                 "monitor holds a changing sample of the batches and has no ids: pass `reference_data` as a tensor"
             )
-        if sigmas == "auto" or reference_data == "batches":
+        if sigmas == "auto" or batches:
             _check_int("calibration_capacity", calibration_capacity, 2)
         if sigmas == "auto":
             self.sigmas: tuple[float, ...] | str = "auto"
@@ -822,7 +823,12 @@ class MemorizationMonitor(Callback):
         except Exception as err:  # noqa: BLE001 - a monitor must not crash training
             if self.raise_errors and trainer.world_size == 1:
                 raise
-            rank_zero_warn(f"memwatch: the copies of training samples could not be measured: {err!r}")
+            warnings.warn(  # from the rank that failed, which need not be rank zero
+                f"memwatch: the probes could not be compared with the training samples seen: {err!r}; their "
+                "ratios are NaN, so the check counts as failed",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             candidates = torch.full((probes.shape[0], 2, *probes.shape[1:]), torch.nan, dtype=torch.float64)
         every = _gathered(candidates.to(device).unsqueeze(0))  # [world, n, 2, *shape]
         ratio = ratio_from_candidates(probes, rearrange(every, "w n c ... -> n (w c) ..."))

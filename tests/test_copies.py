@@ -130,3 +130,19 @@ def test_no_training_sample_is_in_the_state_and_a_resumed_monitor_refills_from_t
     resumed.load_state_dict(state)
     assert resumed.calibrated_sigmas == monitor.calibrated_sigmas
     assert resumed._reservoir is not None and len(resumed._reservoir) == 0  # refills from the batches seen next
+
+
+def test_a_failed_comparison_is_a_warning_and_a_failed_check_never_a_clean_one(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr("memwatch.callback.nearest_candidates", broken)
+    monitor = MemorizationMonitor(
+        every_n_train_steps=50, num_probes=4, sampler_steps=10, sigmas=(0.2,), k=2, verbose=False,
+        save_clean_checkpoint=False, reference_data="batches", onset_on="copies",
+    )  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="could not be compared with the training samples seen: .*injected"):
+        trainer(tmp_path, [monitor], max_steps=100).fit(module_2d(), datamodule(memorizing_data(), batch_size=64))
+    assert len(monitor.history) == 2
+    assert all(math.isnan(h["nn_memorized_fraction"]) and math.isnan(h["memorized_fraction"]) for h in monitor.history)
+    assert monitor.clean_step is None and monitor.onset_step is None
