@@ -149,3 +149,19 @@ def test_errors_name_what_is_wrong(trained, tmp_path):
             files[:1], DDPMModule, monitor_kwargs=dict(MONITOR, sample_shape=(1, 8, 8)), progress=False
         ).history[0]["sharp_fraction_mean"]
     )
+
+
+def test_the_replay_decides_on_the_share_onset_on_names_and_batches_need_data(trained, tmp_path):
+    steps = (50, 100, 150, 200)
+    copies_only = [  # copies but no sharp probe: only a replay on nn_memorized_fraction declares onset
+        scan_app.CheckpointScan(tmp_path / f"{s}.ckpt", s, {"memorized_fraction": 0.0, "nn_memorized_fraction": v}, [])
+        for s, v in zip(steps, (0.0, 0.5, 0.5, 0.5))
+    ]
+    reference = torch.zeros(2, 2)
+    for onset_on, onset in (("copies", 150), ("sharpness", None)):
+        monitor = MemorizationMonitor(**MONITOR, reference_data=reference, onset_on=onset_on)
+        _, onset_step, _ = scan_app._replay(monitor, copies_only)
+        assert onset_step == onset
+    files, _, _ = trained
+    with pytest.raises(MemwatchError, match="reference_data='batches' compares the probes with training batches"):
+        scan_app.scan(files, DDPMModule, monitor_kwargs=dict(MONITOR, reference_data="batches"), progress=False)

@@ -226,7 +226,7 @@ def _replay(
     detector, clean, out = monitor.detector, None, []
     for check in checks:
         values = {k: v for k, v in check.values.items() if k not in ("onset", "clean_step")}
-        decision = detector.update(check.step, values["memorized_fraction"])
+        decision = detector.update(check.step, values[detector.monitor])  # the share `onset_on` names
         if decision.clean:
             clean = check.path
         values["onset"] = float(decision.memorizing)
@@ -317,6 +317,11 @@ def _reference(
 
 def _monitor_kwargs(monitor_kwargs: dict[str, Any] | None, reference: Tensor | None) -> dict[str, Any]:
     kwargs = dict(monitor_kwargs or {})
+    if isinstance(kwargs.get("reference_data"), str):
+        raise MemwatchError(
+            f"`monitor_kwargs`: reference_data={kwargs['reference_data']!r} compares the probes with training batches, "
+            "and a scan sees none: pass the training data as `data` (--data)"
+        )
     kwargs["save_clean_checkpoint"] = False
     if reference is not None:
         kwargs.setdefault("reference_data", reference)
