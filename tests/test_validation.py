@@ -194,6 +194,23 @@ def test_loss_gap_rule_and_its_relative_margin():
     assert out.rows[0].on_time and out.margin == pytest.approx((0.5 - 0.4) / 0.4)
 
 
+def test_copy_rules_count_the_detector_probes_copies_and_their_patience_overrides_the_default():
+    run = _record([0, 0, 0, 0, 6, 6, 6, 6], [0] * 8)
+    run.nn_ratio_abs[:] = 0.9
+    run.nn_ratio_abs[3:, :3] = 0.1  # the detector's own probes: 3/20 copies from step 400, one check early
+    copies = Rule("copies", "abs 0.3", None, 0.1)
+    np.testing.assert_allclose(copies.series(run), [0, 0, 0, 0.15, 0.15, 0.15, 0.15, 0.15])
+    assert copies.onset(run, DEFAULTS) == 500 and Rule("copies", "abs 0.3", None, 0.1, 1).onset(run, DEFAULTS) == 400
+    # either: a probe that is sharp or a copy counts once; NaN where no probe has both values finite
+    sharp = run.signals["abs 0.3"]["sharp_fraction"]
+    sharp[1, :4] = 1.0  # sharp, not copies
+    sharp[3, :3] = 1.0  # sharp and copies: counted once
+    sharp[2] = np.nan
+    either = Rule("either", "abs 0.3", 0.9, 0.1).series(run)
+    np.testing.assert_allclose(either[[0, 1, 3]], [0, 0.2, 0.15])
+    assert np.isnan(either[2])
+
+
 def test_rescaled_runs_are_compared_to_their_base_run():
     base = _record([0, 0, 0, 0, 6, 6, 6, 6], [0, 0, 12, 12, 12, 12, 12, 12], dataset="digits")
     later = _record([0, 0, 0, 0, 6, 6, 6, 6], [0, 0, 0, 0, 12, 12, 12, 12], dataset="digits_01")

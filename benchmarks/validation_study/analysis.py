@@ -32,6 +32,7 @@ TODAY, AUTO_TODAY, ABS_TUNED, AUTO, COPIES, COPIES_TUNED, EITHER, GAP = (
     "loss gap",
 )  # the rules compared, in the report's order
 MEAN_T = "mean"  # the loss gap averaged over the fixed timesteps
+COPY_PATIENCES = (1, 2)  # a copy is observed, not inferred: the copy rule may also act on one check
 
 
 # ----------------------------------------------------------------------------- labels and signals
@@ -167,12 +168,18 @@ class Rule:
         spec: noise level (``"abs 0.3"``, ``"auto 0.1"``) or loss timestep (``"50"``, ``MEAN_T``).
         score_threshold: per-probe threshold (``"sharp"`` only).
         onset_threshold: onset when the monitored value exceeds it at ``patience`` checks in a row.
+        patience: checks in a row; ``None``: the callback default's.
     """
 
     kind: str
     spec: str
     score_threshold: float | None
     onset_threshold: float
+    patience: int | None = None
+
+    def patience_of(self, defaults: Defaults) -> int:
+        """The rule's patience, else the callback default's."""
+        return defaults.patience if self.patience is None else self.patience
 
     def series(self, run: RunRecord) -> np.ndarray:
         """``[C]`` the value the rule monitors on ``run``."""
@@ -192,7 +199,7 @@ class Rule:
             threshold=self.onset_threshold,
             min_delta=None if self.kind == "gap" else defaults.onset_min_delta,
             baseline_checks=defaults.baseline_checks,
-            patience=defaults.patience,
+            patience=self.patience_of(defaults),
             min_steps=defaults.min_steps,
         )
         for step, value in zip(run.steps, self.series(run)):
@@ -205,7 +212,9 @@ class Rule:
             where = "all loss timesteps" if self.spec == MEAN_T else f"t = {self.spec}"
             return f"ε-loss gap at {where} > {self.onset_threshold:g}"
         if self.kind == "copies":
-            return f"copies (d₁/d₂ < 1/3 to the batches seen), onset > {self.onset_threshold:g}"
+            return f"copies (d₁/d₂ < 1/3 to the batches seen), onset > {self.onset_threshold:g}" + (
+                "" if self.patience is None else f", patience {self.patience}"
+            )
         sharp = f"sharp fraction > {self.score_threshold:g} at {self.spec}"
         if self.kind == "either":
             return f"{sharp} or a copy of the batches seen, onset > {self.onset_threshold:g}"
@@ -294,7 +303,7 @@ def evaluate(runs: Sequence[RunRecord], rule: Rule, defaults: Defaults) -> Outco
             r.dataset, r.n, r.seed, gt_onset(r), rule.onset(r, defaults), float(nn_fraction(r).max()), run_kind(r)
         )
         out.rows.append(row)
-        streak = streak_values(np.nan_to_num(rule.series(r), nan=-np.inf), defaults.patience)
+        streak = streak_values(np.nan_to_num(rule.series(r), nan=-np.inf), rule.patience_of(defaults))
         if row.kind == "never":
             out.margin = min(out.margin, (rule.onset_threshold - float(streak.max())) / scale)
         elif row.truth is not None:
@@ -341,7 +350,7 @@ def select_rules(sel: Sequence[RunRecord], cfg: StudyConfig, defaults: Defaults)
     * ``ABS_TUNED``: the shipped absolute level, both thresholds tuned;
     * ``AUTO``: factor and both thresholds tuned;
     * ``COPIES``: ``reference_data="batches"``, ``onset_on="copies"``, today's onset threshold (fixed);
-    * ``COPIES_TUNED``: the same, onset threshold tuned;
+    * ``COPIES_TUNED``: the same, onset threshold and patience (``COPY_PATIENCES``) tuned;
     * ``EITHER``: ``onset_on="either"`` with today's absolute defaults (fixed);
     * ``GAP``: the loss-gap baseline, timestep and threshold tuned.
     """
@@ -353,7 +362,8 @@ def select_rules(sel: Sequence[RunRecord], cfg: StudyConfig, defaults: Defaults)
     rules[ABS_TUNED] = choose(sel, sharp_grid([abs_spec], cfg), defaults)[0]
     rules[AUTO] = choose(sel, sharp_grid(cfg.auto_specs(), cfg), defaults)[0]
     rules[COPIES] = Rule("copies", abs_spec, None, rules[TODAY].onset_threshold)
-    rules[COPIES_TUNED] = choose(sel, [Rule("copies", abs_spec, None, t) for t in cfg.onset_thresholds], defaults)[0]
+    copy_grid = [Rule("copies", abs_spec, None, t, p) for p in COPY_PATIENCES for t in cfg.onset_thresholds]
+    rules[COPIES_TUNED] = choose(sel, copy_grid, defaults)[0]
     rules[EITHER] = Rule("either", abs_spec, defaults.score_threshold, rules[TODAY].onset_threshold)
     rules[GAP] = choose(sel, gap_grid(cfg), defaults)[0]
     return rules

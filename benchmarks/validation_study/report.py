@@ -21,6 +21,7 @@ from .analysis import (
     AUTO,
     COPIES,
     COPIES_TUNED,
+    COPY_PATIENCES,
     EITHER,
     GAP,
     TODAY,
@@ -255,7 +256,7 @@ def rules_section(an: StudyAnalysis) -> str:
         "absolute, tuned": "thresholds tuned on the selection seed",
         AUTO: "factor and thresholds tuned on the selection seed",
         COPIES: 'fixed: `reference_data="batches"`, `onset_on="copies"`, today\'s onset threshold',
-        COPIES_TUNED: "the same, onset threshold tuned on the selection seed",
+        COPIES_TUNED: "the same, onset threshold and patience (1 or 2) tuned on the selection seed",
         EITHER: 'fixed: `reference_data="batches"`, `onset_on="either"`, today\'s defaults',
         GAP: "timestep and threshold tuned on the selection seed",
     }
@@ -276,7 +277,8 @@ def rules_section(an: StudyAnalysis) -> str:
         "flagged, then most runs right, then most memorizing runs flagged, then the widest margin of the monitored "
         f"value around the threshold. Grids: factor ∈ {tuple(an.cfg.sigma_factors)}, score_threshold ∈ "
         f"{an.cfg.score_thresholds}, onset_threshold ∈ {an.cfg.onset_thresholds}, loss-gap threshold ∈ "
-        f"{an.cfg.gap_thresholds} at each loss timestep and their mean. Patience {an.defaults.patience} for all.\n"
+        f"{an.cfg.gap_thresholds} at each loss timestep and their mean. Patience {an.defaults.patience} for all "
+        f"but the tuned copy rule (patience ∈ {COPY_PATIENCES}).\n"
     )
     return _join("## 1. Rules compared\n", md_table(header, rows), "", text)
 
