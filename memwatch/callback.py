@@ -45,6 +45,7 @@ from memwatch.discovery import (
 from memwatch.errors import MemwatchError
 from memwatch.groundtruth import first_tensor
 from memwatch.loggers import MonitorLogger
+from memwatch.lossgap import LossGap, relative_gap
 from memwatch.metrics import ConditionalMetrics, MemorizationMetrics
 from memwatch.onset import OnsetDecision, OnsetDetector
 from memwatch.probes import CONDITION_METRICS, ProbeMeasurement, ProbeSet, evaluation_timesteps, isolated, shard
@@ -132,6 +133,15 @@ class MemorizationMonitor(Callback):
             across repeats, also for images the data set itself holds twice (see
             :mod:`memwatch.copies`); refilled from the batches after a resume. Costs a copy of
             each batch to the CPU per step.
+        heldout_data: samples of the training distribution the model never trains on
+            ``[M, *shape]`` (or an iterable of batches; through ``encode_fn`` like
+            ``reference_data``): each check then also logs the baseline a careful user watches,
+            the denoising loss at ``loss_gap_sigmas`` with fixed noises on ``LOSS_GAP_SIZE`` (256)
+            of them (``loss_heldout``) and of the training samples (``loss_train``: from
+            ``reference_data``, which it needs — a tensor, or ``"batches"``: those held at the
+            first check) and their relative gap ``loss_gap`` (see :mod:`memwatch.lossgap`). Side
+            by side only: the onset never reads it.
+        loss_gap_sigmas: noise levels σ_t of the loss gap (the validation study's timesteps).
         reference_ids: ids of the ``reference_data`` items (a list, or a Dataset returning
             ``(data, id)`` / ``{"id": …}``), shown in the attribution table (``copied_items``:
             which training items the probes copy; indices and counts only, never pixels).
@@ -215,6 +225,8 @@ class MemorizationMonitor(Callback):
         clean_checkpoint_mode: str = "weights",
         reference_data: Tensor | Any | str | None = None,
         reference_ids: Sequence[Any] | None = None,
+        heldout_data: Tensor | Any | None = None,
+        loss_gap_sigmas: Sequence[float] = defaults.LOSS_GAP_SIGMAS,
         sample_shape: Sequence[int] | None = None,
         batch_key: str | None = None,
         ema_attr: str | None = None,
@@ -263,6 +275,12 @@ class MemorizationMonitor(Callback):
                 '`reference_ids` name the items of a `reference_data` tensor; with reference_data="batches" the '
                 "monitor holds a changing sample of the batches and has no ids: pass `reference_data` as a tensor"
             )
+        if heldout_data is not None and reference_data is None:
+            raise MemwatchError(
+                "`heldout_data` is one side of the loss gap; the other is training samples: pass `reference_data` "
+                '(a tensor, or "batches" for those the monitor sees)'
+            )
+        self.loss_gap_sigmas = _check_levels("loss_gap_sigmas", loss_gap_sigmas)
         if sigmas == "auto" or batches:
             _check_int("calibration_capacity", calibration_capacity, 2)
         if sigmas == "auto":
@@ -306,6 +324,7 @@ class MemorizationMonitor(Callback):
         self.clean_checkpoint_mode = check_save_mode(clean_checkpoint_mode, name="clean_checkpoint_mode")
         self.reference_data = reference_data
         self.reference_ids = reference_ids
+        self.heldout_data = heldout_data
         self.sample_shape = None if sample_shape is None else tuple(int(s) for s in sample_shape)
         self.batch_key = batch_key
         self.ema_attr = ema_attr
@@ -338,6 +357,9 @@ class MemorizationMonitor(Callback):
         self._condition_metrics = ConditionalMetrics(ranking_metric=CONDITION_METRICS.index("hessian_score_diff"))
         self._reporter: CheckReporter | None = None
         self._reference: Tensor | None = None
+        self._heldout: Tensor | None = None  # heldout_data in the probes' space, once the probe shape is known
+        self._loss_gap: LossGap | None = None  # built at the first check (training samples known then)
+        self._loss_gap_times: list[float] = []
         self._found: DiffusionScore | None = None
         self._reservoir = (
             Reservoir(self.calibration_capacity, seed=self.seed, distinct=True) if self._holds_samples else None
@@ -423,6 +445,10 @@ class MemorizationMonitor(Callback):
             self._conditions = parse_conditions(self.conditions, null_cond_shape=self._found.cond_shape)
         if not self.calibrating or self.calibrated_sigmas is not None:
             self._set_levels(self._found)
+        if self.heldout_data is not None:  # a σ outside the schedule fails here, not at every check
+            self._loss_gap_times = evaluation_timesteps(
+                self._found.schedule, self.loss_gap_sigmas, name="loss_gap_sigmas"
+            )
         if self.sample_shape is None:
             self.sample_shape = sample_shape_of(self._found)
         if self.sample_shape is not None:
@@ -486,7 +512,7 @@ class MemorizationMonitor(Callback):
         assert self._reporter is not None
         self._reporter.start_line(step, self.num_probes, len(self._eval_timesteps) or len(self.sigma_factors))
         started = time.perf_counter()
-        measurement, error = None, None
+        measurement, error, losses = None, None, None
         try:
             if self.calibrating and self.calibrated_sigmas is None:
                 self._calibrate(trainer)  # the same outcome on every rank (rank zero's)
@@ -495,6 +521,7 @@ class MemorizationMonitor(Callback):
             self._found = find_score(pl_module, self.score_fn, ema_attr=self.ema_attr)
             with isolated(pl_module):
                 measurement = self._measure(trainer, pl_module, self._progress(step, started))
+                losses = self._losses(pl_module) if self.heldout_data is not None else None
         except Exception as err:  # noqa: BLE001 - a monitor must not crash training
             if self.raise_errors and trainer.world_size == 1:
                 raise
@@ -505,6 +532,8 @@ class MemorizationMonitor(Callback):
         if self.copies_from_batches:
             measurement = self._with_batch_copies(trainer, measurement, pl_module.device)
         values, conditions, top = self._sync(measurement, pl_module.device)
+        if losses is not None:
+            values.update(_loss_values(*losses, pl_module.device))
         copied = self._copied(measurement, pl_module.device)
         values["check_seconds"] = time.perf_counter() - started
         decision = self.detector.update(step, values[self.detector.monitor])
@@ -753,6 +782,15 @@ class MemorizationMonitor(Callback):
             check_score(score, self.sample_shape, device=pl_module.device)
             for cond in list(self._conditions.values())[:1]:
                 check_score(score, self.sample_shape, device=pl_module.device, cond=cond)
+        if self.heldout_data is not None:
+            self._heldout = check_reference_data(
+                self.heldout_data,
+                self.sample_shape,
+                self.encode_fn,
+                batch_key=self.batch_key,
+                device=pl_module.device,
+                name="heldout_data",
+            )
         if self.reference_data is not None and not self.copies_from_batches:
             self._reference = check_reference_data(
                 self.reference_data,
@@ -835,6 +873,20 @@ class MemorizationMonitor(Callback):
         mine = shard(self.num_probes, trainer.world_size, trainer.global_rank)
         return dataclasses.replace(measurement, nn_ratio=ratio[mine].float())
 
+    def _losses(self, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor]:
+        """``(L_train [K], L_held [K])`` of this rank's loss-gap samples (no collective here)."""
+        assert self._found is not None and self._heldout is not None
+        if self._loss_gap is None:  # the training side is known by the first check
+            train = self._reference
+            if train is None:
+                assert self._reservoir is not None
+                train = self._reservoir.samples
+            self._loss_gap = LossGap(
+                train, self._heldout, timesteps=self._loss_gap_times, size=defaults.LOSS_GAP_SIZE, seed=self.seed
+            )
+        with measured_score(self._found, pl_module, self.ema_attr) as score:
+            return self._loss_gap.losses(score, device=pl_module.device, max_batch=self._check_options.max_batch)
+
     def _batch_data(self, batch: Any) -> Tensor:
         """The data tensor of a training batch, in the space of the probes (``encode_fn``)."""
         x = batch[self.batch_key] if self.batch_key is not None else first_tensor(batch)
@@ -891,6 +943,17 @@ def _synced_mean(x: Tensor, device: torch.device) -> float:
     mean = MeanMetric(nan_strategy="ignore").to(device)  # synced over ranks on compute
     mean.update(x.to(device, torch.float64))
     return float(mean.compute())
+
+
+def _loss_values(loss_train: Tensor, loss_held: Tensor, device: torch.device) -> dict[str, float]:
+    """``loss_train``, ``loss_heldout`` (means over the timesteps and every rank; NaN when any is)
+    and their relative ``loss_gap``."""
+    train, held = (float(_gathered(v.double().mean().reshape(1).to(device)).mean()) for v in (loss_train, loss_held))
+    return {
+        "loss_train": train,
+        "loss_heldout": held,
+        "loss_gap": relative_gap(torch.tensor(train), torch.tensor(held)),
+    }
 
 
 def _gathered(x: Tensor) -> Tensor:

@@ -15,6 +15,8 @@ __all__ = [
     "SIGMA_FACTORS",
     "SPECTRUM_EVERY_N_CHECKS",
     "EVERY_N_TRAIN_STEPS",
+    "LOSS_GAP_SIGMAS",
+    "LOSS_GAP_SIZE",
     "MIN_VALID_FRACTION",
     "NUM_PROBES",
     "ONSET_ON",
@@ -37,5 +39,13 @@ PATIENCE = 2  #: ... at this many checks in a row
 MIN_VALID_FRACTION = 0.5  #: a check with fewer finite probes than this share is a failed check
 SIGMA_FACTORS = (0.1,)  #: with sigmas="auto": levels = these × the training set's median NN distance (study v2, seed 0)
 CALIBRATION_CAPACITY = 4096  #: with sigmas="auto": training samples kept in memory to measure that distance
+LOSS_GAP_SIGMAS = (
+    0.079,
+    0.173,
+    0.324,
+    0.586,
+    0.898,
+)  #: with heldout_data: σ_t of the study's t = 20…400 (linear, T = 1000)
+LOSS_GAP_SIZE = 256  #: with heldout_data: samples per side of the loss gap
 SPECTRUM_EVERY_N_CHECKS = 10  #: image scale (d > 384, method "auto"): a Lanczos spectrum every n-th check
 SHARPNESS = SharpnessOptions()  #: spectrum settings (k, threshold τ, method, Lanczos sizes)

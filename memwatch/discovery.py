@@ -585,6 +585,7 @@ def check_reference_data(
     batch_key: str | None = None,
     device: torch.device | str | None = None,
     batch_size: int = 64,
+    name: str = "reference_data",
 ) -> Tensor:
     """Training samples ``[N, *sample_shape]`` on the CPU, in the space of the probes.
 
@@ -599,13 +600,14 @@ def check_reference_data(
         batch_key: key of the data in dict batches.
         device: where ``encode_fn`` runs (default: where the data is).
         batch_size: samples per ``encode_fn`` call.
+        name: the argument the errors name (``"heldout_data"`` for held-out samples).
 
     Returns:
         ``[N, *sample_shape]`` detached CPU tensor.
 
     Raises:
         MemwatchError: the data (after ``encode_fn``) is not shaped like the probes — the message
-            names ``reference_data`` / ``encode_fn`` and both shapes; fewer than 2 samples; no
+            names ``name`` / ``encode_fn`` and both shapes; fewer than 2 samples; no
             tensor in a batch; ``encode_fn`` fails or does not return a tensor.
 
     Example:
@@ -617,23 +619,23 @@ def check_reference_data(
         raise MemwatchError(f"`batch_size` must be a positive integer, got {batch_size!r}")
     if not isinstance(reference_data, (Tensor, Iterable)):
         raise MemwatchError(
-            f"`reference_data` must be a tensor [N, ...] or an iterable of batches, got {type(reference_data).__name__}"
+            f"`{name}` must be a tensor [N, ...] or an iterable of batches, got {type(reference_data).__name__}"
         )
     batches = [reference_data] if isinstance(reference_data, Tensor) else reference_data
     parts = []
     for batch in batches:
-        data = _data_tensor(batch, batch_key, "a `reference_data` batch").detach()
-        encoded = data if encode_fn is None else _encode(encode_fn, data, device, batch_size)
+        data = _data_tensor(batch, batch_key, f"a `{name}` batch").detach()
+        encoded = data if encode_fn is None else _encode(encode_fn, data, device, batch_size, name)
         if tuple(encoded.shape[1:]) != shape:
-            raise MemwatchError(_space_message(tuple(data.shape[1:]), tuple(encoded.shape[1:]), shape, encode_fn))
+            raise MemwatchError(_space_message(tuple(data.shape[1:]), tuple(encoded.shape[1:]), shape, encode_fn, name))
         parts.append(encoded.cpu())
     total = sum(p.shape[0] for p in parts)
     if total < 2:
-        raise MemwatchError(f"`reference_data` must hold at least 2 samples, got {total}")
+        raise MemwatchError(f"`{name}` must hold at least 2 samples, got {total}")
     return torch.cat(parts)
 
 
-def _encode(encode_fn: Callable[[Tensor], Tensor], data: Tensor, device: Any, batch_size: int) -> Tensor:
+def _encode(encode_fn: Callable[[Tensor], Tensor], data: Tensor, device: Any, batch_size: int, name: str) -> Tensor:
     """``encode_fn`` over ``batch_size`` chunks of ``data`` (no gradients), concatenated on the CPU."""
     out = []
     with torch.no_grad():
@@ -644,8 +646,7 @@ def _encode(encode_fn: Callable[[Tensor], Tensor], data: Tensor, device: Any, ba
                 if is_out_of_memory(err):
                     raise
                 raise MemwatchError(
-                    f"`encode_fn` fails on a `reference_data` chunk of shape {tuple(chunk.shape)}: "
-                    f"{type(err).__name__}: {err}"
+                    f"`encode_fn` fails on a `{name}` chunk of shape {tuple(chunk.shape)}: {type(err).__name__}: {err}"
                 ) from err
             if not isinstance(encoded, Tensor):
                 raise MemwatchError(f"`encode_fn` must return a tensor, got {type(encoded).__name__}")
@@ -654,16 +655,20 @@ def _encode(encode_fn: Callable[[Tensor], Tensor], data: Tensor, device: Any, ba
 
 
 def _space_message(
-    given: tuple[int, ...], got: tuple[int, ...], shape: tuple[int, ...], encode_fn: Callable[..., Any] | None
+    given: tuple[int, ...],
+    got: tuple[int, ...],
+    shape: tuple[int, ...],
+    encode_fn: Callable[..., Any] | None,
+    name: str,
 ) -> str:
     if encode_fn is None:
         return (
-            f"`reference_data` samples have shape {given}, but the probes have shape {shape} (`sample_shape`); "
+            f"`{name}` samples have shape {given}, but the probes have shape {shape} (`sample_shape`); "
             "pass training samples in the space the model generates, or an `encode_fn` that maps them there "
             "(e.g. images → VAE latents for a latent model)"
         )
     return (
-        f"`encode_fn` maps `reference_data` samples of shape {given} to shape {got}, but the probes have shape "
+        f"`encode_fn` maps `{name}` samples of shape {given} to shape {got}, but the probes have shape "
         f"{shape} (`sample_shape`)"
     )
 

@@ -90,12 +90,16 @@ class ProbeMeasurement:
 
 
 def evaluation_timesteps(
-    schedule: NoiseSchedule, sigmas: Sequence[float] | None = None, timesteps: Sequence[float] | None = None
+    schedule: NoiseSchedule,
+    sigmas: Sequence[float] | None = None,
+    timesteps: Sequence[float] | None = None,
+    *,
+    name: str = "sigmas",
 ) -> list[float]:
     """The evaluation timesteps in the schedule's units, primary first, without repeats.
 
     ``timesteps`` (schedule units) win over ``sigmas`` (noise levels σ_t, each mapped to the
-    timestep whose σ_t is nearest).
+    timestep whose σ_t is nearest). ``name`` is the argument the errors name.
 
     Raises:
         MemwatchError: a σ outside the schedule's range ``[σ(t_min), σ(t_max)]`` (it would be
@@ -109,12 +113,12 @@ def evaluation_timesteps(
         times = [float(schedule.check_t(t, "timesteps")) for t in timesteps]
     else:
         if not sigmas:
-            raise MemwatchError(f"`sigmas` must be a non-empty sequence of noise levels, got {sigmas!r}")
+            raise MemwatchError(f"`{name}` must be a non-empty sequence of noise levels, got {sigmas!r}")
         lo, hi = float(schedule.sigma(schedule.t_min)), float(schedule.sigma(schedule.t_max))
         for s in sigmas:
             if not lo <= s <= hi:
                 raise MemwatchError(
-                    f"`sigmas` must lie in this {schedule.kind} schedule's range [{lo:.4g}, {hi:.4g}] of σ_t, got {s!r}"
+                    f"`{name}` must lie in this {schedule.kind} schedule's range [{lo:.4g}, {hi:.4g}] of σ_t, got {s!r}"
                 )
         times = [float(schedule.timestep_for_sigma(s)) for s in sigmas]
     return list(dict.fromkeys(times))

@@ -86,6 +86,23 @@ def test_unet_with_a_default_ddpm_scheduler_is_found_and_its_probes_stay_in_rang
     assert monitor.last_check.primary.method == "dense" and monitor.history[-1]["out_of_range_count"] == 0
 
 
+def test_a_unet_counts_copies_of_the_images_in_its_batches(tmp_path):
+    from diffusers import DDPMScheduler
+
+    from memwatch.groundtruth import nn_ratio
+
+    images = digits_images(8, 16)  # [8, 1, 16, 16]: d = 256, the trace tier is not used below d = 384
+    monitor = MemorizationMonitor(
+        every_n_train_steps=10, k=4, reference_data="batches", onset_on="either", log_media=True, **SMALL
+    )
+    _fit(tmp_path, UNetDiffusion(tiny_unet(), DDPMScheduler()), images, monitor, max_steps=20, batch_size=8)
+    _assert_checks_ran(monitor, 2, keys=("sharp_fraction_mean", "nn_memorized_fraction", "flagged_fraction"))
+    check = monitor.last_check
+    torch.testing.assert_close(check.nn_ratio.double(), nn_ratio(check.samples, images), rtol=1e-5, atol=1e-6)
+    metrics = (Path(monitor._reporter.logger.loggers[0].log_dir) / "metrics.csv").read_text()
+    assert "memwatch/flagged_fraction" in metrics
+
+
 def test_a_compiled_network_is_found_through_its_original_module(tmp_path):
     from diffusers import DDPMScheduler
 

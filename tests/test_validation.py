@@ -34,7 +34,7 @@ from validation_study.analysis import (  # noqa: E402
 )
 from validation_study.cli import PUBLISHED, main, output_dir, parser  # noqa: E402
 from validation_study.config import FAST, Defaults  # noqa: E402
-from validation_study.runs import LossProbe, RunRecord, Timing, load_cache, make_data, save_cache  # noqa: E402
+from validation_study.runs import RunRecord, Timing, load_cache, make_data, save_cache  # noqa: E402
 
 SCRIPT = ROOT / "benchmarks" / "validation.py"
 FIGURES = ("validation_auroc_vs_factor.png", "validation_onsets.png", "validation_loss_gap.png")
@@ -230,23 +230,6 @@ def test_scaled_digits_are_the_same_images_and_held_out_is_disjoint():
     torch.testing.assert_close(x3, 3 * x)
     torch.testing.assert_close(held01, 0.5 * held + 0.5)
     assert held.shape[0] == 32 and not (x[:, None] == held[None]).flatten(2).all(2).any()
-
-
-def test_loss_probe_is_the_ddpm_objective_at_fixed_noise():
-    from memwatch.apps.toymodels import DDPMModule
-
-    torch.manual_seed(0)
-    module = DDPMModule(shape=(4,), hidden=16, depth=2)
-    x, held = torch.randn(6, 4, generator=torch.Generator().manual_seed(1)), torch.randn(5, 4)
-    probe = LossProbe(x, held, t=[10, 500], size=4, seed=0)
-    train_loss, held_loss = probe(module)
-    assert module.training and train_loss.shape == held_loss.shape == (2,)
-    np.testing.assert_array_equal(probe(module)[0], train_loss)  # fixed noises: the same numbers again
-    ab = module.alphas_cumprod[500]
-    eps = probe.noise_held[1]
-    with torch.no_grad():
-        pred = module.net(ab.sqrt() * probe.held + (1 - ab).sqrt() * eps, torch.full((4,), 500))
-    assert held_loss[1] == pytest.approx(float(((pred - eps) ** 2).mean()), rel=1e-6)
 
 
 def test_cache_round_trip_and_other_formats(tmp_path):

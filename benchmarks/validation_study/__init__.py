@@ -20,8 +20,8 @@ so every check has the nearest-neighbour ground truth of DESIGN.md: a probe is m
 ``sigma_factors`` of the study (calibrated by the monitor itself, no σ set by hand). Per-probe
 values come from the callbacks themselves (:class:`~.runs.RecordingMonitor`, through the public
 ``on_check_end`` hook). At every check the ``auto`` monitor also evaluates the ε-objective at fixed
-timesteps and noises on training samples and on a held-out split (:class:`~.runs.LossProbe`): the
-loss-gap baseline.
+timesteps and noises on training samples and on a held-out split (:class:`memwatch.lossgap.LossGap`,
+the class behind the monitor's ``heldout_data``): the loss-gap baseline.
 
 Analysis (pure post-processing of the recorded checks, :mod:`.analysis`):
 

@@ -26,6 +26,8 @@ import torch
 from memwatch import CheckResult, MemorizationMonitor, SharpnessResult, median_nn_distance
 from memwatch.data import GaussianMixture, digits, manifold
 from memwatch.errors import MemwatchError
+from memwatch.lossgap import LossGap
+from memwatch.probes import isolated
 
 from .config import (
     GMM_COMPONENTS,
@@ -42,6 +44,7 @@ from .config import (
 
 CACHE_FORMAT = 3
 ABS_PROBE_SEED = 1000  # the absolute monitor draws its probes with seed + this (the truth's: seed)
+LOSS_GAP_SEED = 7  # the loss gap's subset and noises: seed + this
 
 
 # ----------------------------------------------------------------------------- records
@@ -193,51 +196,21 @@ def make_data(name: str, n: int, seed: int, held_out: int = 0) -> tuple[torch.Te
 # ----------------------------------------------------------------------------- training
 class RecordingMonitor(MemorizationMonitor):
     """``MemorizationMonitor`` that keeps every check's per-probe results in :attr:`checks` and,
-    given ``loss_probe``, the ε-losses of the loss-gap baseline at each check."""
+    given ``loss_gap``, the ε-losses of the loss-gap baseline at each check (per timestep, as
+    the analysis needs them; the monitor's own ``heldout_data`` logs their means)."""
 
-    def __init__(self, *args: Any, loss_probe: LossProbe | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, loss_gap: LossGap | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.checks: list[CheckRecord] = []
-        self.loss_probe = loss_probe
+        self.loss_gap = loss_gap
 
     def on_check_end(self, trainer: Any, pl_module: Any, check: CheckResult) -> None:
-        losses = (None, None) if self.loss_probe is None else self.loss_probe(pl_module)
+        losses: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
+        if self.loss_gap is not None:
+            with isolated(pl_module):
+                losses = tuple(v.numpy() for v in self.loss_gap.losses(pl_module.memwatch_score()))
         ratio = check.nn_ratio.detach().cpu().clone()
         self.checks.append(CheckRecord(check.step, dict(check.results), ratio, *losses))
-
-
-class LossProbe:
-    """The loss-gap baseline's measurement: the ε-objective of ``DDPMModule`` at fixed timesteps
-    ``t`` ``[K]`` and fixed noises, on (at most ``size``) training samples and on a held-out split.
-
-    Calling it with the module returns ``(loss_train [K], loss_held [K])``, float64 means over the
-    samples, computed without gradients in eval mode (the module's mode is restored).
-    """
-
-    def __init__(self, train: torch.Tensor, held: torch.Tensor, t: Sequence[int], size: int, seed: int) -> None:
-        g = torch.Generator().manual_seed(seed + 7)
-        self.t = torch.as_tensor(list(t), dtype=torch.long)
-        self.train = train[torch.randperm(len(train), generator=g)[:size]]
-        self.held = held[:size]
-        self.noise_train = torch.randn((len(self.t), *self.train.shape), generator=g)
-        self.noise_held = torch.randn((len(self.t), *self.held.shape), generator=g)
-
-    def _loss(self, module: Any, x: torch.Tensor, noise: torch.Tensor) -> np.ndarray:
-        out = []
-        for t, eps in zip(self.t, noise):
-            ab = module.alphas_cumprod[t].to(x)
-            xt = ab.sqrt() * x + (1 - ab).sqrt() * eps
-            pred = module.net(xt, t.expand(len(x)))
-            out.append(float(((pred - eps) ** 2).mean()))
-        return np.array(out)
-
-    def __call__(self, module: Any) -> tuple[np.ndarray, np.ndarray]:
-        was_training = module.training
-        module.eval()
-        with torch.no_grad():
-            res = self._loss(module, self.train, self.noise_train), self._loss(module, self.held, self.noise_held)
-        module.train(was_training)
-        return res
 
 
 def _training_parts() -> tuple[type, type]:
@@ -315,8 +288,8 @@ def _fit(job: RunJob, x: torch.Tensor, held: torch.Tensor) -> tuple[Any, Recordi
     module = module_cls(shape=tuple(x.shape[1:]), hidden=spec.hidden, depth=cfg.depth, lr=spec.lr)
     # the detector's probes are not the truth's: its own seed, and copies of the batches it saw
     absolute = _monitor(job, "batches", job.seed + ABS_PROBE_SEED)
-    probe = LossProbe(x, held, cfg.loss_timesteps, cfg.held_out, job.seed)
-    auto = _monitor(job, x, job.seed, sigmas="auto", sigma_factors=cfg.sigma_factors, loss_probe=probe)
+    gap = LossGap(x, held, timesteps=cfg.loss_timesteps, size=cfg.held_out, seed=job.seed + LOSS_GAP_SEED)
+    auto = _monitor(job, x, job.seed, sigmas="auto", sigma_factors=cfg.sigma_factors, loss_gap=gap)
     trainer = pl.Trainer(
         max_steps=spec.max_steps,
         accelerator="cpu",
