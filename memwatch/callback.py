@@ -464,7 +464,10 @@ class MemorizationMonitor(Callback):
             self._seen_range = batch_range(batch, self.batch_key, self._seen_range)
             self._range_batches += 1
         if self._reservoir is not None:
-            self._reservoir.update(self._batch_data(batch))
+            data = self._batch_data(batch)
+            if self._reservoir.shape is None:  # the first batch: the samples must live where the probes do
+                self._check_batch_shape(tuple(data.shape[1:]))
+            self._reservoir.update(data)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -886,6 +889,28 @@ class MemorizationMonitor(Callback):
             )
         with measured_score(self._found, pl_module, self.ema_attr) as score:
             return self._loss_gap.losses(score, device=pl_module.device, max_batch=self._check_options.max_batch)
+
+    def _check_batch_shape(self, shape: tuple[int, ...]) -> None:
+        """Training samples compared with the probes (``sigmas="auto"``, ``reference_data="batches"``)
+        must have the probes' shape; else the scale or the copies would be measured in another space.
+
+        Raises:
+            MemwatchError: at the first training batch, naming both shapes and the arguments.
+        """
+        if self.sample_shape is not None and shape != tuple(self.sample_shape):
+            uses = [
+                n
+                for n, on in (
+                    ('sigmas="auto"', self.calibrating),
+                    ('reference_data="batches"', self.copies_from_batches),
+                )
+                if on
+            ]
+            raise MemwatchError(
+                f"{' and '.join(uses)} compare training samples with the probes, but the training batches hold samples "
+                f"of shape {shape} and the probes have shape {tuple(self.sample_shape)} (`sample_shape`, or the "
+                "model's config): pass `sample_shape` to match the data, or an `encode_fn` that maps the batches there"
+            )
 
     def _batch_data(self, batch: Any) -> Tensor:
         """The data tensor of a training batch, in the space of the probes (``encode_fn``)."""

@@ -95,12 +95,23 @@ def test_a_unet_counts_copies_of_the_images_in_its_batches(tmp_path):
     monitor = MemorizationMonitor(
         every_n_train_steps=10, k=4, reference_data="batches", onset_on="either", log_media=True, **SMALL
     )
-    _fit(tmp_path, UNetDiffusion(tiny_unet(), DDPMScheduler()), images, monitor, max_steps=20, batch_size=8)
+    _fit(tmp_path, UNetDiffusion(tiny_unet(size=16), DDPMScheduler()), images, monitor, max_steps=20, batch_size=8)
     _assert_checks_ran(monitor, 2, keys=("sharp_fraction_mean", "nn_memorized_fraction", "flagged_fraction"))
     check = monitor.last_check
     torch.testing.assert_close(check.nn_ratio.double(), nn_ratio(check.samples, images), rtol=1e-5, atol=1e-6)
     metrics = (Path(monitor._reporter.logger.loggers[0].log_dir) / "metrics.csv").read_text()
     assert "memwatch/flagged_fraction" in metrics
+
+
+def test_batches_in_another_shape_than_the_probes_fail_at_the_first_batch(tmp_path):
+    """A UNet's config says 8×8 while it trains on 16×16 images (UNets take any size): the scale or
+    the copies would be measured between different spaces, so the first batch fails loudly."""
+    from diffusers import DDPMScheduler
+
+    for kwargs in (dict(reference_data="batches"), dict(sigmas="auto")):
+        monitor = MemorizationMonitor(every_n_train_steps=10, k=4, **kwargs, **SMALL)
+        with pytest.raises(ValueError, match=r"samples of shape \(1, 16, 16\) and the probes have shape \(1, 8, 8\)"):
+            _fit(tmp_path, UNetDiffusion(tiny_unet(), DDPMScheduler()), digits_images(8, 16), monitor, 10, 8)
 
 
 def test_a_compiled_network_is_found_through_its_original_module(tmp_path):
