@@ -4,7 +4,8 @@ Lightning's "ddp" strategy re-launches this script for rank 1, so it must be a p
 ``ddp_script.py OUT fail`` makes the check at step 200 raise on rank 1 only;
 ``ddp_script.py OUT diskfull`` makes every clean-checkpoint write fail on rank 0 (the rank that writes).
 The plain run also compares the probes with the training samples each rank sees
-(``reference_data="batches"``) and reports how far that is from the ratio to the training set.
+(``reference_data="batches"``), reports how far that is from the ratio to the training set, and
+logs the loss gap on held-out points (``heldout_data``).
 """
 
 import errno
@@ -64,6 +65,7 @@ def main(out: Path, mode: str | None) -> None:
         verbose=False,
         raise_errors=mode is None,  # the fault modes must warn, not raise
         reference_data="batches" if mode is None else None,
+        heldout_data=memorizing_data() * 0.5 if mode is None else None,  # the loss gap, synced over ranks
     )
     trainer = pl.Trainer(
         accelerator="cpu",
