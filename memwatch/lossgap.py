@@ -16,8 +16,8 @@ averaged over the timesteps: 0 when the model treats both alike, growing as it m
 Example:
     >>> from memwatch.schedules import NoiseSchedule
     >>> score = DiffusionScore(lambda x, t: torch.zeros_like(x), NoiseSchedule.linear(1000))  # ε̂ = 0
-    >>> probe = LossGap(torch.randn(64, 2), torch.randn(64, 2), timesteps=(100, 500), seed=0)
-    >>> train, held = probe.losses(score)  # E ‖ε‖² / d = 1 for an ε̂ of 0
+    >>> probe = LossGap(torch.randn(4096, 2), torch.randn(4096, 2), timesteps=(100, 500), size=4096, seed=0)
+    >>> train, held = probe.losses(score)  # E ‖ε‖² / d = 1 for an ε̂ of 0, within 2 % over 8192 terms
     >>> [round(float(v), 1) for v in (*train, *held)]
     [1.0, 1.0, 1.0, 1.0]
 """

@@ -203,7 +203,7 @@ def memorization_metrics(
         >>> {k: round(v.item(), 3) for k, v in out.items()}  # doctest: +NORMALIZE_WHITESPACE
         {'sharp_fraction_mean': 0.55, 'lid_mean': 4.5, 'lambda_min': -50.0,
          'normalized_eig_mean': -0.75, 'memorized_fraction': 0.5, 'nonfinite_count': 0.0,
-         'nn_memorized_fraction': 0.5, 'auroc': 1.0}
+         'nn_memorized_fraction': 0.5, 'auroc': 1.0, 'flagged_fraction': 0.5}
     """
     score_threshold = _check_threshold("score_threshold", score_threshold)
     nn_threshold = _check_threshold("nn_threshold", nn_threshold)
