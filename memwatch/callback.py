@@ -75,8 +75,9 @@ class MemorizationMonitor(Callback):
     Logged under ``memwatch/`` (scalars always; histograms, spectrum and curve plots, per-probe
     table always — they hold no training data): ``sharp_fraction_mean``, ``lid_mean``,
     ``lambda_min``, ``normalized_eig_mean``, ``memorized_fraction``, ``onset``, and with
-    ``reference_data`` ``nn_memorized_fraction`` and ``auroc``; the same per timestep as
-    ``memwatch/t{t}/…``. Images of probes and their nearest training samples are logged only
+    ``reference_data`` ``nn_memorized_fraction``, ``auroc`` and ``flagged_fraction``; the same
+    per timestep as ``memwatch/t{t}/…``; with ``heldout_data`` ``loss_train``, ``loss_heldout``
+    and ``loss_gap``. Images of probes and their nearest training samples are logged only
     with ``log_media=True`` (a memorized probe *is* a copy of training data).
 
     Args:
