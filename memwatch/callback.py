@@ -787,22 +787,16 @@ class MemorizationMonitor(Callback):
             for cond in list(self._conditions.values())[:1]:
                 check_score(score, self.sample_shape, device=pl_module.device, cond=cond)
         if self.heldout_data is not None:
-            self._heldout = check_reference_data(
-                self.heldout_data,
-                self.sample_shape,
-                self.encode_fn,
-                batch_key=self.batch_key,
-                device=pl_module.device,
-                name="heldout_data",
-            )
+            self._heldout = self._in_probe_space(self.heldout_data, "heldout_data", pl_module.device)
         if self.reference_data is not None and not self.copies_from_batches:
-            self._reference = check_reference_data(
-                self.reference_data,
-                self.sample_shape,
-                self.encode_fn,
-                batch_key=self.batch_key,
-                device=pl_module.device,
-            )
+            self._reference = self._in_probe_space(self.reference_data, "reference_data", pl_module.device)
+
+    def _in_probe_space(self, data: Any, name: str, device: torch.device) -> Tensor:
+        """User data (``reference_data``, ``heldout_data``) checked and encoded into the probes' space."""
+        assert self.sample_shape is not None
+        return check_reference_data(
+            data, self.sample_shape, self.encode_fn, batch_key=self.batch_key, device=device, name=name
+        )
 
     @property
     def calibrating(self) -> bool:
