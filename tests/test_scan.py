@@ -165,3 +165,55 @@ def test_the_replay_decides_on_the_share_onset_on_names_and_batches_need_data(tr
     files, _, _ = trained
     with pytest.raises(MemwatchError, match="reference_data='batches' compares the probes with training batches"):
         scan_app.scan(files, DDPMModule, monitor_kwargs=dict(MONITOR, reference_data="batches"), progress=False)
+
+
+def test_diffusers_folders_scan_like_the_live_monitor(tmp_path):
+    """``save_pretrained`` folders as diffusers' training scripts keep them (``checkpoint-N/unet``):
+    the network's class from its config, the scheduler beside it or given, the step from the name."""
+    pytest.importorskip("diffusers")
+    from diffusers import DDPMScheduler
+
+    from memwatch.apps.toymodels import UNetDDPMModule, tiny_unet
+    from memwatch.data import digits
+
+    class SavePretrained(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if trainer.global_step % 10 == 0:
+                folder = tmp_path / "run" / f"checkpoint-{trainer.global_step}"
+                module.unet.save_pretrained(folder / "unet")
+                if trainer.global_step == 10:  # the later one has no scheduler of its own
+                    module.scheduler.save_pretrained(folder / "scheduler")
+
+    torch.set_num_threads(1)
+    pl.seed_everything(0, verbose=False)
+    images = digits(8)
+    kwargs = dict(every_n_train_steps=10, num_probes=4, sampler_steps=5, k=2, verbose=False)
+    monitor = MemorizationMonitor(**kwargs, reference_data=images, save_clean_checkpoint=False)
+    module = UNetDDPMModule(tiny_unet(), DDPMScheduler(num_train_timesteps=100))
+    trainer = pl.Trainer(
+        max_steps=20, callbacks=[monitor, SavePretrained()], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+    )  # fmt: skip
+    trainer.fit(module, DigitsDataModule(n_train=8, batch_size=8, steps_per_epoch=20))
+    with pytest.raises(MemwatchError, match="checkpoint-20' has no scheduler/ folder: pass `scheduler`"):
+        scan_app.scan([tmp_path / "run"], data=images, monitor_kwargs=kwargs, progress=False)
+    result = scan_app.scan(
+        [tmp_path / "run"], data=images, monitor_kwargs=kwargs, progress=False,
+        scheduler=tmp_path / "run" / "checkpoint-10" / "scheduler",
+    )  # fmt: skip
+    assert [c.step for c in result.checks] == [10, 20]
+    for live, scanned in zip(monitor.history, result.history):
+        for name, value in _compared(live).items():
+            assert scanned[name] == pytest.approx(value, abs=1e-6, nan_ok=True), name
+
+
+def test_a_diffusers_folder_without_a_step_or_of_a_conditional_network_is_refused(tmp_path):
+    pytest.importorskip("diffusers")
+    from memwatch.apps.toymodels import tiny_unet
+
+    tiny_unet().save_pretrained(tmp_path / "final")
+    with pytest.raises(MemwatchError, match="'.*final' names no step: name it after its global step"):
+        scan_app.scan([tmp_path / "final"], progress=False)
+    tiny_unet(conditional=True).save_pretrained(tmp_path / "checkpoint-5")
+    with pytest.raises(MemwatchError, match="holds a 'UNet2DConditionModel'; scan loads UNet2DModel folders"):
+        scan_app.scan([tmp_path / "checkpoint-5"], progress=False)

@@ -1,4 +1,4 @@
-"""``memwatch scan``: run the monitor's check on saved Lightning checkpoints, after training.
+"""``memwatch scan``: run the monitor's check on saved checkpoints, after training.
 
 Each checkpoint is measured exactly as a live check of :class:`memwatch.MemorizationMonitor`
 would have measured it at that step — the same probes, timesteps, spectrum settings and metrics,
@@ -16,10 +16,20 @@ monitor would have declared. Written to ``out``:
   the settings: a checkpoint already scanned with the same settings is not measured again;
 * optionally an offline W&B run with the same keys (``memwatch/…`` against the global step).
 
-Which LightningModule class: ``module_class`` (a class, or its import path
-``"package.module.Class"``), else the class path that ``LightningCLI`` (and ``memwatch fit``)
-stores in the checkpoint's ``hyper_parameters["_class_path"]``. Loading a checkpoint imports
-that class and unpickles the file: scan only checkpoints you trust.
+Two kinds of checkpoint, mixed at will:
+
+* **Lightning checkpoints** (``*.ckpt``). Which LightningModule class: ``module_class`` (a class,
+  or its import path ``"package.module.Class"``), else the class path that ``LightningCLI`` (and
+  ``memwatch fit``) stores in the checkpoint's ``hyper_parameters["_class_path"]``. The global
+  step is the checkpoint's own. Loading a checkpoint imports that class and unpickles the file:
+  scan only checkpoints you trust.
+* **diffusers folders**, as ``save_pretrained`` writes them and diffusers' training scripts keep
+  them (``checkpoint-500/unet/``): a model folder (``config.json`` and weights) or a folder with a
+  ``unet/`` model folder. The network's class comes from its ``config.json`` (``_class_name``, a
+  ``UNet2DModel``); the scheduler from ``scheduler`` (``--scheduler DIR``: e.g. the base
+  model's), else from a ``scheduler/`` folder beside the model folder. The global step is the
+  last number in the folder's name (``checkpoint-500`` → 500). The network and its scheduler
+  are measured as a module holding both, which the monitor finds without glue.
 
 Example:
     >>> result = scan(["ckpts/"], DDPMModule, data=train_images, out="scan_out")  # doctest: +SKIP
@@ -35,6 +45,7 @@ import hashlib
 import importlib
 import json
 import math
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -126,11 +137,13 @@ def scan(
     progress: bool = True,
     wandb_mode: str = "disabled",
     device: str | torch.device = "cpu",
+    scheduler: str | Path | None = None,
 ) -> ScanResult:
     """Measure saved checkpoints as the monitor's checks would have, in global-step order.
 
     Args:
-        checkpoints: Lightning checkpoint files, or folders (their ``*.ckpt`` files), in any order.
+        checkpoints: Lightning checkpoint files, diffusers folders, or folders holding either
+            (their ``*.ckpt`` files and diffusers sub-folders), in any order.
         module_class: the LightningModule class or its import path; default: the checkpoint's
             ``hyper_parameters["_class_path"]`` (written by ``LightningCLI``).
         data: training data ``[N, *shape]``, or a ``Dataset`` of ``(data, id)`` items / mappings
@@ -146,13 +159,16 @@ def scan(
         progress: a rich progress bar over the checkpoints.
         wandb_mode: ``"offline"`` (a W&B run under ``out``, needs ``out``) or ``"disabled"``.
         device: where the checkpoints are loaded and measured.
+        scheduler: a diffusers scheduler folder for diffusers checkpoints (default: their own
+            ``scheduler/`` beside the model folder).
 
     Returns:
         :class:`ScanResult`.
 
     Raises:
-        MemwatchError: no checkpoint, a missing file, a checkpoint without ``global_step``, an
-            unknown module class, or a bad ``wandb_mode``; the monitor's own argument errors.
+        MemwatchError: no checkpoint, a missing file, a checkpoint without ``global_step`` (a
+            diffusers folder without a number in its name), an unknown module class, a diffusers
+            folder without a scheduler, or a bad ``wandb_mode``; the monitor's own argument errors.
     """
     if wandb_mode not in _WANDB_SCAN_MODES:
         raise MemwatchError(f"`wandb_mode` must be one of {_WANDB_SCAN_MODES}, got {wandb_mode!r}")
@@ -161,7 +177,9 @@ def scan(
     paths = _checkpoint_files(checkpoints)
     reference, ids = _reference(data, ids)
     kwargs = _monitor_kwargs(monitor_kwargs, reference)
-    settings = _fingerprint({"monitor": kwargs, "module": _class_name(module_class), "device": str(device)})
+    settings = _fingerprint(
+        {"monitor": kwargs, "module": _class_name(module_class), "device": str(device), "scheduler": str(scheduler)}
+    )
     out = None if out is None else Path(out)
     cache = _Cache(out / CACHE_NAME if out is not None else None, settings, enabled=resume)
     pending = {p: cache.get(p) for p in paths}
@@ -174,7 +192,11 @@ def scan(
     with _progress(progress, len(order)) as advance:
         for path in order:
             if pending[path] is None:
-                module = _load_module(path, module_class, device)
+                module = (
+                    _load_diffusers(path, scheduler, device)
+                    if path.is_dir()
+                    else _load_module(path, module_class, device)
+                )
                 pending[path] = checker.measure(module, steps[path])
                 cache.put(path, pending[path])
                 measured.append(path)
@@ -243,8 +265,11 @@ def _checkpoint_files(checkpoints: Sequence[str | Path]) -> list[Path]:
     files: list[Path] = []
     for item in checkpoints:
         path = Path(item)
-        if path.is_dir():
+        if _is_diffusers_folder(path):
+            files.append(path)
+        elif path.is_dir():
             files.extend(sorted(path.glob("*.ckpt")))
+            files.extend(sorted(p for p in path.iterdir() if _is_diffusers_folder(p)))
         elif path.is_file():
             files.append(path)
         else:
@@ -256,6 +281,13 @@ def _checkpoint_files(checkpoints: Sequence[str | Path]) -> list[Path]:
 
 
 def _global_step(path: Path) -> int:
+    if path.is_dir():  # a diffusers folder: checkpoint-500, step_500, ...
+        numbers = re.findall(r"\d+", path.name)
+        if not numbers:
+            raise MemwatchError(
+                f"diffusers folder {str(path)!r} names no step: name it after its global step (e.g. checkpoint-500)"
+            )
+        return int(numbers[-1])
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
     if not isinstance(step, int):
@@ -279,6 +311,45 @@ def _load_module(path: Path, module_class: type[pl.LightningModule] | str | None
     if not (isinstance(cls, type) and issubclass(cls, pl.LightningModule)):
         raise MemwatchError(f"`module_class` must be a LightningModule subclass or its import path, got {cls!r}")
     return cls.load_from_checkpoint(path, map_location=device).to(device)
+
+
+def _is_diffusers_folder(path: Path) -> bool:
+    """A ``save_pretrained`` model folder, or a folder holding one as ``unet/``."""
+    return path.is_dir() and ((path / "config.json").is_file() or (path / "unet" / "config.json").is_file())
+
+
+class _DiffusersModel(pl.LightningModule):
+    """A loaded diffusers network and its scheduler as attributes: what the monitor's discovery finds."""
+
+    def __init__(self, unet: torch.nn.Module, scheduler: Any) -> None:
+        super().__init__()
+        self.unet, self.scheduler = unet, scheduler
+
+
+def _load_diffusers(path: Path, scheduler: str | Path | None, device: Any) -> pl.LightningModule:
+    """The network of a diffusers folder (``path`` or ``path/unet``) and its scheduler, as a module."""
+    import diffusers
+
+    model_dir = path / "unet" if (path / "unet" / "config.json").is_file() else path
+    name = json.loads((model_dir / "config.json").read_text()).get("_class_name")
+    cls = getattr(diffusers, str(name), None)
+    if name != "UNet2DModel" or cls is None:
+        raise MemwatchError(
+            f"diffusers folder {str(model_dir)!r} holds a {name!r}; scan loads UNet2DModel folders (a conditional "
+            "network needs its null condition: scan a Lightning checkpoint of a module with `memwatch_score()`)"
+        )
+    candidates = ([Path(scheduler)] if scheduler else []) + [model_dir.parent / "scheduler", path / "scheduler"]
+    found = next((d for d in candidates if (d / "scheduler_config.json").is_file()), None)
+    if found is None:
+        raise MemwatchError(
+            f"diffusers folder {str(path)!r} has no scheduler/ folder: pass `scheduler` (--scheduler DIR), a folder "
+            "with the scheduler_config.json the model was trained with"
+        )
+    scheduler_name = json.loads((found / "scheduler_config.json").read_text()).get("_class_name")
+    scheduler_cls = getattr(diffusers, str(scheduler_name), None)
+    if scheduler_cls is None:
+        raise MemwatchError(f"{str(found)!r}: unknown diffusers scheduler class {scheduler_name!r}")
+    return _DiffusersModel(cls.from_pretrained(model_dir), scheduler_cls.from_pretrained(found)).to(device)
 
 
 def _import_class(class_path: str) -> type:
@@ -346,8 +417,9 @@ class _Cache:
         self.enabled = enabled
 
     def _stamp(self, path: Path) -> dict[str, Any]:
-        stat = path.stat()
-        return {"mtime_ns": stat.st_mtime_ns, "size": stat.st_size, "settings": self.settings}
+        stats = [p.stat() for p in sorted(path.rglob("*")) if p.is_file()] if path.is_dir() else [path.stat()]
+        mtime, size = max((s.st_mtime_ns for s in stats), default=0), sum(s.st_size for s in stats)
+        return {"mtime_ns": mtime, "size": size, "settings": self.settings}
 
     def get(self, path: Path) -> dict[str, Any] | None:
         entry = self.entries.get(str(path))
@@ -512,7 +584,10 @@ _MONITOR_FLAGS: dict[str, dict[str, Any]] = {
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """The ``memwatch scan`` flags; monitor flags left out keep the monitor's defaults."""
     parser = parser or argparse.ArgumentParser(prog="memwatch scan", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoints", nargs="+", type=Path, help="checkpoint files or folders of *.ckpt files")
+    parser.add_argument(
+        "checkpoints", nargs="+", type=Path, help="checkpoint files, diffusers folders, or folders holding them"
+    )
+    parser.add_argument("--scheduler", type=Path, help="scheduler folder for diffusers checkpoints without one")
     parser.add_argument("--module", help="LightningModule class path (default: the checkpoint's `_class_path`)")
     parser.add_argument(
         "--data",
@@ -579,6 +654,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=args.progress,
         wandb_mode=args.wandb_mode,
         device=args.device,
+        scheduler=args.scheduler,
     )
     print(_summary(result), flush=True)
     return 0
