@@ -379,12 +379,16 @@ class MemorizationMonitor(Callback):
     def state_key(self) -> str:
         # Lightning reads this at every hook call (profiler names): built once, not per step
         if self._state_key is None:
+            # two monitors that differ in what they measure can watch one run; the default method
+            # adds nothing, so the checkpoints of earlier versions keep their key
+            method = {} if self.options.method == "auto" else {"method": self.options.method}
             self._state_key = self._generate_state_key(
                 num_probes=self.num_probes,
                 sigmas=self.sigmas,
                 timesteps=self.timesteps,
                 seed=self.seed,
                 conditions=tuple(self._conditions),
+                **method,
             )
         return self._state_key
 

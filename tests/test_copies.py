@@ -146,3 +146,18 @@ def test_a_failed_comparison_is_a_warning_and_a_failed_check_never_a_clean_one(t
     assert len(monitor.history) == 2
     assert all(math.isnan(h["nn_memorized_fraction"]) and math.isnan(h["memorized_fraction"]) for h in monitor.history)
     assert monitor.clean_step is None and monitor.onset_step is None
+
+
+def test_two_monitors_that_differ_only_in_method_can_watch_one_run(tmp_path):
+    """Their states are saved apart (Lightning needs one state key per stateful callback)."""
+    dense = MemorizationMonitor(every_n_train_steps=50, num_probes=4, sampler_steps=10, k=2, verbose=False)
+    cheap = MemorizationMonitor(
+        every_n_train_steps=50, num_probes=4, sampler_steps=10, k=2, verbose=False, method="trace"
+    )
+    assert dense.state_key != cheap.state_key
+    assert dense.state_key == MemorizationMonitor(every_n_train_steps=50, num_probes=4).state_key  # "auto": as before
+    trainer(tmp_path, [dense, cheap], max_steps=50, enable_checkpointing=True).fit(
+        module_2d(), datamodule(memorizing_data(), batch_size=64)
+    )
+    torch.testing.assert_close(dense.last_check.samples, cheap.last_check.samples)  # the same probes, measured twice
+    assert len(dense.history) == len(cheap.history) == 1

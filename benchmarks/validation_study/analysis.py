@@ -21,8 +21,9 @@ from memwatch.onset import OnsetDetector
 from .config import BORDERLINE, FPRS, NEVER, NN_ONSET, PRIMARY_SIGNAL, SCALED, SIGNALS, Defaults, StudyConfig
 from .runs import RunRecord
 
-TODAY, AUTO_TODAY, ABS_TUNED, AUTO, COPIES, COPIES_TUNED, EITHER, GAP = (
+TODAY, TRACE, AUTO_TODAY, ABS_TUNED, AUTO, COPIES, COPIES_TUNED, EITHER, GAP = (
     "absolute defaults",
+    "absolute defaults, trace tier",
     "auto, today's thresholds",
     "absolute, tuned",
     "auto, tuned",
@@ -39,8 +40,8 @@ COPY_PATIENCES = (1, 2)  # a copy is observed, not inferred: the copy rule may a
 def copy_ratios(run: RunRecord, spec: str) -> np.ndarray:
     """``[C, P]`` the ``d₁/d₂`` of the probes of the monitor that measured ``spec``: the ``auto``
     monitor's to the training set (the truth's probes), the absolute monitor's to the training
-    samples it saw itself (``reference_data="batches"``)."""
-    return run.nn_ratio_abs if spec.startswith("abs") else run.nn_ratio
+    samples it saw itself (``reference_data="batches"``; the trace monitor shares its probes)."""
+    return run.nn_ratio_abs if spec.startswith(("abs", "trace")) else run.nn_ratio
 
 
 def labels(run: RunRecord, spec: str = "auto") -> np.ndarray:
@@ -345,6 +346,7 @@ def select_rules(sel: Sequence[RunRecord], cfg: StudyConfig, defaults: Defaults)
     """Every rule of the study; the tuned ones chosen on the selection runs ``sel`` only.
 
     * ``TODAY``: the library's absolute defaults, as shipped (fixed);
+    * ``TRACE``: the same, measured by the cheap trace tier on the same probes (fixed; when measured);
     * ``AUTO_TODAY``: ``sigmas="auto"`` at the library's first factor, today's thresholds (fixed;
       only when that factor is measured);
     * ``ABS_TUNED``: the shipped absolute level, both thresholds tuned;
@@ -356,6 +358,9 @@ def select_rules(sel: Sequence[RunRecord], cfg: StudyConfig, defaults: Defaults)
     """
     abs_spec = defaults.primary_spec if defaults.sigmas != ("auto",) else "abs 0.3"
     rules = {TODAY: Rule("sharp", abs_spec, defaults.score_threshold, float(defaults.onset_threshold or 0.0))}
+    trace_spec = abs_spec.replace("abs", "trace")
+    if trace_spec in sel[0].signals:
+        rules[TRACE] = Rule("sharp", trace_spec, defaults.score_threshold, rules[TODAY].onset_threshold)
     auto_spec = f"auto {float(defaults.sigma_factors[0]):g}"
     if auto_spec in cfg.auto_specs():
         rules[AUTO_TODAY] = Rule("sharp", auto_spec, defaults.score_threshold, rules[TODAY].onset_threshold)

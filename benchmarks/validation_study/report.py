@@ -25,6 +25,7 @@ from .analysis import (
     EITHER,
     GAP,
     TODAY,
+    TRACE,
     OnsetRow,
     Outcome,
     StudyAnalysis,
@@ -252,6 +253,7 @@ def rules_section(an: StudyAnalysis) -> str:
     sel = an.outcomes["selection"]
     how = {
         TODAY: "fixed: the library's defaults today",
+        TRACE: 'fixed: the same, `method="trace"` (the cheap tier) on the same probes',
         "auto, today's thresholds": "fixed: `sigmas=\"auto\"`, the library's factor, today's thresholds",
         "absolute, tuned": "thresholds tuned on the selection seed",
         AUTO: "factor and thresholds tuned on the selection seed",
@@ -370,6 +372,41 @@ def detection_section(an: StudyAnalysis, figs: Mapping[str, str]) -> str:
         "",
         f"Positives / probes at {auto}: {pos}.\n",
         f"![AUROC vs factor](img/{figs['auroc']})\n",
+    )
+
+
+def trace_tier_section(an: StudyAnalysis) -> str:
+    """The cheap trace tier against the dense spectrum on the same probes and runs: per-probe
+    AUROC of the sharp fraction, and how often the default rule declares the same onset."""
+    if TRACE not in an.rules:
+        return ""
+    dense, trace = an.rules[TODAY], an.rules[TRACE]
+    rows = []
+    for group in ("selection", "report", "fresh"):
+        if group not in an.groups:
+            continue
+        a, b = an.auroc(group, dense), an.auroc(group, trace)
+        same = sum(x.onset == y.onset for x, y in zip(an.outcomes[group][TODAY].rows, an.outcomes[group][TRACE].rows))
+        total = len(an.groups[group])
+        rows.append(
+            [
+                an.seeds(group),
+                _f(a.auroc, 3) if a else "–",
+                _f(b.auroc, 3) if b else "–",
+                _f(b.auroc - a.auroc, 3) if a and b else "–",
+                f"{same}/{total} = {same / max(total, 1):.0%}",
+            ]
+        )
+    header = ["seeds", f"AUROC, dense ({dense.spec})", f"AUROC, trace tier ({trace.spec})", "Δ", "same onset"]
+    return _join(
+        "## 3b. The cheap trace tier against the dense spectrum\n",
+        f"The absolute defaults ({dense.describe()}) measured twice on the same probes of every run: by the "
+        'exact dense spectrum and by `method="trace"` (LID from a Hutchinson estimate of the denoiser '
+        'Jacobian\'s trace, the tier `method="auto"` uses above d = 384). Per-probe AUROC of the sharp '
+        "fraction against the NN labels, pooled; onset: the default rule replayed on each. Targets: AUROC within "
+        "0.02, the same onset on ≥ 90 % of runs.\n",
+        md_table(header, rows),
+        "",
     )
 
 
@@ -547,6 +584,7 @@ def write_report(an: StudyAnalysis, out: Path, timing: Timing, fresh_timing: Tim
         rules_section(an),
         comparison_section(an),
         detection_section(an, figs),
+        trace_tier_section(an),
         onset_section(an, figs),
         rescale_section(an),
         targets_section(an),

@@ -3,8 +3,9 @@ check, as the callback reported it), :class:`RunRecord` (one run, as plain array
 
 Cache format (``torch.save``; plain dicts, lists and numpy arrays only, so a cache loads without
 this package): ``{"format": 3, "runs": [RunRecord.to_dict(), ...], "timing": Timing.to_dict(),
-"config": dataclasses.asdict(StudyConfig)}``. Format 3 (study v2.1: the absolute monitor draws
-its own probes and compares them with the batches it saw) does not read older caches.
+"config": dataclasses.asdict(StudyConfig)}``. Format 4 (study v2.1: the absolute monitor draws
+its own probes and compares them with the batches it saw; a third monitor measures the same
+probes with the trace tier, ``"trace 0.3"``) does not read older caches.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from .config import (
     library_defaults,
 )
 
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 ABS_PROBE_SEED = 1000  # the absolute monitor draws its probes with seed + this (the truth's: seed)
 LOSS_GAP_SEED = 7  # the loss gap's subset and noises: seed + this
 
@@ -62,7 +63,7 @@ class CheckRecord:
 
     step: int
     results: dict[float, SharpnessResult]
-    nn_ratio: torch.Tensor
+    nn_ratio: torch.Tensor | None
     loss_train: np.ndarray | None = None
     loss_held: np.ndarray | None = None
 
@@ -73,8 +74,9 @@ class RunRecord:
 
     Two monitors watch every run: one with the library's absolute defaults (``sigmas``,
     thresholds as shipped, its own probes — seed + ``ABS_PROBE_SEED`` — and
-    ``reference_data="batches"``: the detector), one with ``sigmas="auto"`` and every factor of
-    the study, whose probes (seed) against the training set are the ground truth.
+    ``reference_data="batches"``: the detector), one with the same settings and probes measured
+    by the cheap trace tier (``method="trace"``), and one with ``sigmas="auto"`` and every factor
+    of the study, whose probes (seed) against the training set are the ground truth.
 
     Attributes:
         dataset, n, seed: which run (data set, training-set size N, seed).
@@ -209,8 +211,9 @@ class RecordingMonitor(MemorizationMonitor):
         if self.loss_gap is not None:
             with isolated(pl_module):
                 losses = tuple(v.numpy() for v in self.loss_gap.losses(pl_module.memwatch_score()))
-        ratio = check.nn_ratio.detach().cpu().clone()
+        ratio = None if check.nn_ratio is None else check.nn_ratio.detach().cpu().clone()
         self.checks.append(CheckRecord(check.step, dict(check.results), ratio, *losses))
+        self.samples = check.samples  # the last check's probes (the trace monitor must share them)
 
 
 def _training_parts() -> tuple[type, type]:
@@ -276,10 +279,13 @@ def _monitor(job: RunJob, reference: torch.Tensor | str, seed: int, **kwargs: An
     )
 
 
-def _fit(job: RunJob, x: torch.Tensor, held: torch.Tensor) -> tuple[Any, RecordingMonitor, RecordingMonitor]:
-    """Train one ``DDPMModule`` on ``x`` with two :class:`RecordingMonitor` s: the library's
-    absolute defaults, and ``sigmas="auto"`` at every factor of the study (with the loss probe on
-    ``held``); return the module and both monitors."""
+def _fit(
+    job: RunJob, x: torch.Tensor, held: torch.Tensor
+) -> tuple[Any, RecordingMonitor, RecordingMonitor, RecordingMonitor]:
+    """Train one ``DDPMModule`` on ``x`` with three :class:`RecordingMonitor` s: the library's
+    absolute defaults, the same with the cheap trace tier (``method="trace"``, the same probes),
+    and ``sigmas="auto"`` at every factor of the study (with the loss gap on ``held``); return
+    the module and the monitors."""
     import lightning.pytorch as pl
 
     module_cls, data_cls = _training_parts()
@@ -288,6 +294,7 @@ def _fit(job: RunJob, x: torch.Tensor, held: torch.Tensor) -> tuple[Any, Recordi
     module = module_cls(shape=tuple(x.shape[1:]), hidden=spec.hidden, depth=cfg.depth, lr=spec.lr)
     # the detector's probes are not the truth's: its own seed, and copies of the batches it saw
     absolute = _monitor(job, "batches", job.seed + ABS_PROBE_SEED)
+    trace = _monitor(job, None, job.seed + ABS_PROBE_SEED, method="trace")  # the absolute monitor's probes
     gap = LossGap(x, held, timesteps=cfg.loss_timesteps, size=cfg.held_out, seed=job.seed + LOSS_GAP_SEED)
     auto = _monitor(job, x, job.seed, sigmas="auto", sigma_factors=cfg.sigma_factors, loss_gap=gap)
     trainer = pl.Trainer(
@@ -299,10 +306,10 @@ def _fit(job: RunJob, x: torch.Tensor, held: torch.Tensor) -> tuple[Any, Recordi
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[auto, absolute],
+        callbacks=[auto, absolute, trace],
     )
     trainer.fit(module, data_cls(x, cfg.batch_size, spec.max_steps, job.seed))
-    return module, absolute, auto
+    return module, absolute, trace, auto
 
 
 def _stack(checks: Sequence[CheckRecord], t: float, value: Any) -> np.ndarray:
@@ -325,13 +332,17 @@ def train_run(job: RunJob) -> RunRecord:
     torch.set_num_threads(1)
     started, cpu_started = time.perf_counter(), time.process_time()
     x, held = make_data(job.spec.name, job.n, job.seed, job.cfg.held_out)
-    module, absolute, auto = _fit(job, x, held)
+    module, absolute, trace, auto = _fit(job, x, held)
+    if not torch.equal(absolute.samples, trace.samples):  # the trace tier's labels are the absolute monitor's
+        raise MemwatchError(f"{job.spec.name} N={job.n}: the trace monitor drew other probes than the absolute one")
     schedule = module.schedule
     t_of = {f"abs {s:g}": float(schedule.timestep_for_sigma(float(s))) for s in absolute.sigmas}
+    t_of.update({f"trace {s:g}": float(schedule.timestep_for_sigma(float(s))) for s in trace.sigmas})
     assert auto.calibrated_sigmas is not None
     for c, s in zip(job.cfg.sigma_factors, auto.calibrated_sigmas):
         t_of[f"auto {c:g}"] = float(schedule.timestep_for_sigma(float(s)))
-    checks_of = {key: (absolute if key.startswith("abs") else auto).checks for key in t_of}
+    monitors = {"abs": absolute, "trace": trace, "auto": auto}
+    checks_of = {key: monitors[key.split()[0]].checks for key in t_of}
     return RunRecord(
         dataset=job.spec.name,
         n=job.n,
