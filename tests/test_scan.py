@@ -197,6 +197,8 @@ def test_diffusers_folders_scan_like_the_live_monitor(tmp_path):
     trainer.fit(module, DigitsDataModule(n_train=8, batch_size=8, steps_per_epoch=20))
     with pytest.raises(MemwatchError, match="checkpoint-20' has no scheduler/ folder: pass `scheduler`"):
         scan_app.scan([tmp_path / "run"], data=images, monitor_kwargs=kwargs, progress=False)
+    with pytest.raises(MemwatchError, match="`scheduler` must be a folder with a scheduler_config.json"):
+        scan_app.scan([tmp_path / "run"], monitor_kwargs=kwargs, progress=False, scheduler=tmp_path / "nowhere")
     result = scan_app.scan(
         [tmp_path / "run"], data=images, monitor_kwargs=kwargs, progress=False,
         scheduler=tmp_path / "run" / "checkpoint-10" / "scheduler",

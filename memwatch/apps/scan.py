@@ -338,6 +338,8 @@ def _load_diffusers(path: Path, scheduler: str | Path | None, device: Any) -> pl
             f"diffusers folder {str(model_dir)!r} holds a {name!r}; scan loads UNet2DModel folders (a conditional "
             "network needs its null condition: scan a Lightning checkpoint of a module with `memwatch_score()`)"
         )
+    if scheduler is not None and not (Path(scheduler) / "scheduler_config.json").is_file():
+        raise MemwatchError(f"`scheduler` must be a folder with a scheduler_config.json, got {str(scheduler)!r}")
     candidates = ([Path(scheduler)] if scheduler else []) + [model_dir.parent / "scheduler", path / "scheduler"]
     found = next((d for d in candidates if (d / "scheduler_config.json").is_file()), None)
     if found is None:
