@@ -1,11 +1,11 @@
-"""Autograd Functions without a second derivative, shared by the operator and fault tests."""
+"""Autograd Functions without forward-mode AD or without a second derivative, shared by the operator and fault tests."""
 
 import torch
 from torch.autograd.function import once_differentiable
 
 
-class OnceTanh(torch.autograd.Function):
-    """tanh whose backward is @once_differentiable (like many C++/CUDA extension ops)."""
+class NoForwardTanh(torch.autograd.Function):
+    """tanh with a backward formula but no forward-mode (jvp) formula."""
 
     @staticmethod
     def forward(x):
@@ -16,10 +16,18 @@ class OnceTanh(torch.autograd.Function):
         ctx.save_for_backward(output)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
         return grad * (1 - y**2)
+
+
+class OnceTanh(NoForwardTanh):
+    """tanh whose backward is @once_differentiable (like many C++/CUDA extension ops)."""
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        return NoForwardTanh.backward(ctx, grad)
 
 
 class OldStyleTanh(torch.autograd.Function):

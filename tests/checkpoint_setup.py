@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from callback_setup import trainer
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, TensorDataset
@@ -85,23 +86,8 @@ def sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def make_trainer(root: str | Path, callbacks: Sequence[pl.Callback], max_steps: int = 6, **kwargs) -> pl.Trainer:
-    kwargs.setdefault("logger", False)
-    return pl.Trainer(
-        default_root_dir=root,
-        max_steps=max_steps,
-        callbacks=list(callbacks),
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        **kwargs,
-    )
-
-
 def fit(root: str | Path, callbacks: Sequence[pl.Callback], max_steps: int = 6, **kwargs) -> pl.Trainer:
     pl.seed_everything(0, verbose=False)
-    trainer = make_trainer(root, callbacks, max_steps=max_steps, **kwargs)
-    trainer.fit(TinyModule())
-    return trainer
+    fitted = trainer(root, callbacks, max_steps=max_steps, **kwargs)
+    fitted.fit(TinyModule())
+    return fitted

@@ -15,7 +15,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from checkpoint_setup import SaveAt, TinyModule, fit, make_trainer, sha256
+from callback_setup import trainer as cpu_trainer
+from checkpoint_setup import SaveAt, TinyModule, fit, sha256
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from memwatch.checkpoint import (
@@ -201,11 +202,11 @@ def test_weights_and_full_contents_and_what_they_restore(tmp_path):
         torch.testing.assert_close(state[name], value, rtol=0, atol=0)
 
     first = _FirstStep()  # full resumes training where it was saved; weights cannot
-    trainer = make_trainer(tmp_path, [first], max_steps=6)
+    trainer = cpu_trainer(tmp_path, [first], max_steps=6)
     trainer.fit(TinyModule(), ckpt_path=f.path)
     assert first.step == 3 and _finished(trainer)
     with pytest.raises(KeyError, match="optimizer"):
-        make_trainer(tmp_path, [], max_steps=6).fit(TinyModule(), ckpt_path=w.path)
+        cpu_trainer(tmp_path, [], max_steps=6).fit(TinyModule(), ckpt_path=w.path)
 
 
 def test_bad_mode_raises_whatever_raise_errors(tmp_path):
@@ -297,5 +298,5 @@ def test_default_dirpath_of_an_unversioned_logger(tmp_path):
         def version(self):
             return None
 
-    trainer = make_trainer(tmp_path, [], logger=_NoVersion(tmp_path / "logs"))
+    trainer = cpu_trainer(tmp_path, [], max_steps=6, logger=_NoVersion(tmp_path / "logs"))
     assert default_dirpath(trainer).parent == tmp_path / "memwatch"

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from memwatch.apps.toymodels import tiny_unet
 from memwatch.discovery import (
     batch_sample_shape,
     check_reference_data,
@@ -38,35 +39,14 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def unet(in_channels=3, out_channels=3, **kwargs):
+def unet(in_channels=3, out_channels=3, sample_size=8, **kwargs):
     torch.manual_seed(0)
-    kwargs = {"sample_size": 8, **kwargs}
-    return diffusers.UNet2DModel(
-        in_channels=in_channels,
-        out_channels=out_channels,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        **kwargs,
-    )
+    return tiny_unet(in_channels, sample_size, out_channels=out_channels, **kwargs)
 
 
 def cond_unet():
     torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        cross_attention_dim=16,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=4,
-        norm_num_groups=4,
-    )
+    return tiny_unet(4, conditional=True)
 
 
 def scheduler(**kwargs):

@@ -2,6 +2,7 @@ import warnings
 
 import pytest
 import torch
+from autograd_ops import NoForwardTanh
 
 from memwatch.operators import ScoreJacobian, map_chunks, reference_jacobian
 
@@ -11,30 +12,13 @@ def _mlp(d=6, seed=0):
     return torch.nn.Sequential(torch.nn.Linear(d, 32), torch.nn.Tanh(), torch.nn.Linear(32, d)).double()
 
 
-class _NoForwardAD(torch.autograd.Function):
-    """tanh with a backward formula but no forward-mode (jvp) formula."""
-
-    @staticmethod
-    def forward(x):
-        return torch.tanh(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return grad * (1 - y**2)
-
-
 class _ReverseOnly(torch.nn.Module):
     def __init__(self, d=6):
         super().__init__()
         self.lin = _mlp(d)
 
     def forward(self, x):
-        return self.lin(_NoForwardAD.apply(x))
+        return self.lin(NoForwardTanh.apply(x))
 
 
 @pytest.mark.parametrize("mode", ["forward", "reverse", "autograd"])

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from memwatch.apps.toymodels import tiny_unet
 from memwatch.data import GaussianMixture
 from memwatch.errors import MemwatchError
 from memwatch.sampling import out_of_range, probe_noise, sample_trajectory
@@ -33,16 +34,7 @@ def _one_thread():
 
 def _unet(scale: float = 1.0, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    unet = diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    ).eval()
+    unet = tiny_unet(3).eval()
     with torch.no_grad():  # output std ≈ 0.3 · scale
         unet.conv_out.weight.mul_(scale)
         unet.conv_out.bias.mul_(scale)

@@ -243,13 +243,21 @@ class ManifoldDataModule(TensorDataModule):
         self.train_data = points
 
 
-def tiny_unet(channels: int = 1, size: int = 8, *, widths: Sequence[int] = (8, 16), conditional: bool = False):
+def tiny_unet(
+    channels: int = 1,
+    size: int | tuple[int, int] = 8,
+    *,
+    widths: Sequence[int] = (8, 16),
+    conditional: bool = False,
+    **config: Any,
+):
     """A config-built diffusers UNet with random weights (``UNet2DConditionModel`` with
-    cross-attention to 16-dimensional embeddings if ``conditional``), small enough for a CPU."""
+    cross-attention to 16-dimensional embeddings if ``conditional``), small enough for a CPU;
+    ``config`` overrides or adds config entries (e.g. ``out_channels``, ``num_class_embeds``)."""
     import diffusers
 
     common = dict(sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=1)
-    common.update(block_out_channels=tuple(widths), norm_num_groups=4)
+    common.update(block_out_channels=tuple(widths), norm_num_groups=4, **config)
     if conditional:
         return diffusers.UNet2DConditionModel(
             **common,
