@@ -57,8 +57,8 @@ def setup(model: str, steps: int, seed: int) -> tuple[pl.LightningModule, pl.Lig
         return DDPMModule(shape=(1, 8, 8)), DigitsDataModule(1024, batch_size=64, steps_per_epoch=steps, seed=seed)
     from diffusers import DDPMScheduler
 
-    images = torch.nn.functional.interpolate(digits(1024, seed=seed), size=(16, 16), mode="bilinear")
-    data = TensorDataModule(images.clamp(-1, 1).repeat(1, 3, 1, 1), batch_size=32, steps_per_epoch=steps, seed=seed)
+    images = digits(1024, seed=seed, image_size=16).repeat(1, 3, 1, 1)
+    data = TensorDataModule(images, batch_size=32, steps_per_epoch=steps, seed=seed)
     return UNetDDPMModule(tiny_unet(3, 16, widths=(32, 64)), DDPMScheduler()), data
 
 

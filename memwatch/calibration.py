@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +58,8 @@ class Reservoir:
     ``i < capacity``; afterwards it draws ``j`` uniform in ``[0, i]`` and replaces slot ``j`` when
     ``j < capacity``. A batch draws all its ``j`` at once and, where several of its samples pick
     the same slot, the last one in stream order wins, exactly as the one-at-a-time algorithm.
-    Cost per batch: ``b`` uniform draws and one copy of the kept rows to the CPU.
+    Cost per batch: ``b`` uniform draws, and the kept rows alone go through ``update``'s
+    ``transform`` (an encoder) and are copied to the CPU.
 
     The stream counts every sample it is shown: over several epochs the same training sample
     is seen (and may be kept) more than once; :func:`data_scale` removes exact duplicates.
@@ -67,7 +68,8 @@ class Reservoir:
     whatever the number of epochs (the stream reservoir of 4096 over 4000 batches of 64 from
     1024 samples misses ≈ e⁻⁴ ≈ 2 % of them). Beyond ``capacity``, a sample evicted earlier
     may enter again when it comes back, so the held sample is uniform over the stream of
-    first sightings. Cost: each batch is copied to the CPU and every row hashed (its bytes).
+    first sightings. Cost: each batch is copied to the CPU and every row hashed (its bytes; the raw
+    rows, before any ``transform``).
 
     Memory: ``capacity × prod(shape) × 4`` bytes (float32), allocated at the first batch.
 
@@ -109,7 +111,8 @@ class Reservoir:
         self._key_at: dict[int, int] = {}  # slot -> that hash
         self._generator = torch.Generator().manual_seed(seed)
         self._seen = 0
-        self._shape: tuple[int, ...] | None = None
+        self._shape: tuple[int, ...] | None = None  # of a held sample (after any transform)
+        self._raw_shape: tuple[int, ...] | None = None  # of a batch row as offered
         self._buffer: Tensor | None = None  # [capacity, *shape] float32, CPU
         self._filled: Tensor | None = None  # [capacity] bool
 
@@ -121,7 +124,8 @@ class Reservoir:
 
     @property
     def shape(self) -> tuple[int, ...] | None:
-        """Shape of one sample, fixed by the first batch; ``None`` before it."""
+        """Shape of one held sample (after ``update``'s ``transform``), fixed by the first batch;
+        ``None`` before it."""
         return self._shape
 
     def __len__(self) -> int:
@@ -140,28 +144,46 @@ class Reservoir:
         return self._buffer[self._filled].clone()
 
     @torch.no_grad()
-    def update(self, batch: Tensor) -> None:
-        """Offer a batch ``[b, *shape]`` of training samples; kept rows are copied (detached, float32, CPU).
+    def update(self, batch: Tensor, *, transform: Callable[[Tensor], Tensor] | None = None) -> None:
+        """Offer a batch ``[b, *raw_shape]`` of training samples; the kept rows are copied
+        (detached, float32, CPU).
+
+        ``transform`` (e.g. an encoder into the probes' latent space) maps rows ``[r, *raw_shape]``
+        to ``[r, *shape]``; it runs on the kept rows only (a full reservoir keeps few rows per
+        batch), and equality for ``distinct`` is decided on the raw rows, so an encoder that
+        samples still recognizes an image seen before. The held samples have the transform's
+        shape, fixed by the first batch.
 
         Raises:
-            MemwatchError: ``batch`` is not a real tensor with a batch dimension, or its sample
-                shape differs from the first batch's.
+            MemwatchError: ``batch`` is not a real tensor with a batch dimension, its raw sample
+                shape differs from the first batch's, or ``transform`` returns anything but one
+                real tensor row per input row of the first batch's output shape.
         """
         if not isinstance(batch, Tensor) or batch.ndim < 1 or batch.is_complex():
             raise MemwatchError(
                 f"`batch` must be a real tensor [b, *shape], got {type(batch).__name__} "
                 f"with shape {tuple(getattr(batch, 'shape', ()))}"
             )
-        shape = tuple(batch.shape[1:])
-        if self._shape is None:
-            self._allocate(shape)
-        elif shape != self._shape:
-            raise MemwatchError(f"`batch` samples must keep the shape of the first batch, {self._shape}, got {shape}")
-        batch, keys = self._new_samples(batch.detach()) if self.distinct else (batch.detach(), None)
-        slots, rows = self._draw(batch.shape[0])
-        assert self._buffer is not None and self._filled is not None
+        raw_shape = tuple(batch.shape[1:])
+        if self._raw_shape is None:
+            self._raw_shape = raw_shape
+        elif raw_shape != self._raw_shape:
+            raise MemwatchError(
+                f"`batch` samples must keep the shape of the first batch, {self._raw_shape}, got {raw_shape}"
+            )
+        batch = batch.detach()
+        fresh, keys = self._new_rows(batch) if self.distinct else (None, None)
+        offered = batch.shape[0] if fresh is None else len(fresh)
+        drawn_from = self._generator.get_state()
+        slots, rows = self._draw(offered)
         if rows.numel():
-            kept = batch[rows.to(batch.device)]
+            index = rows if fresh is None else torch.as_tensor(fresh, dtype=torch.int64)[rows]
+            try:
+                kept = self._transformed(batch[index.to(batch.device)], transform)
+            except BaseException:
+                self._generator.set_state(drawn_from)  # a rejected batch changes nothing
+                raise
+            assert self._buffer is not None and self._filled is not None
             self._buffer[slots] = kept.to("cpu", torch.float32)
             self._filled[slots] = True
             if keys is not None:
@@ -169,10 +191,27 @@ class Reservoir:
                     if slot in self._key_at:  # forget the evicted sample
                         del self._slot_of[self._key_at[slot]]
                     self._slot_of[keys[row]], self._key_at[slot] = slot, keys[row]
-        self._seen += batch.shape[0]
+        self._seen += offered
 
-    def _new_samples(self, batch: Tensor) -> tuple[Tensor, list[int]]:
-        """The rows of ``batch`` (float32, CPU) not equal to a held sample or an earlier row, and their keys."""
+    def _transformed(self, rows: Tensor, transform: Callable[[Tensor], Tensor] | None) -> Tensor:
+        """``transform(rows)`` checked (one real tensor row per row, the held samples' shape);
+        the first call fixes that shape and allocates the buffer."""
+        out = rows if transform is None else transform(rows)
+        if not isinstance(out, Tensor) or out.ndim < 1 or out.shape[0] != rows.shape[0] or out.is_complex():
+            raise MemwatchError(
+                f"`transform` must map {rows.shape[0]} rows to a real tensor [{rows.shape[0]}, *shape], got "
+                f"{type(out).__name__} with shape {tuple(getattr(out, 'shape', ()))}"
+            )
+        shape = tuple(out.shape[1:])
+        if self._shape is None:
+            self._allocate(shape)
+        elif shape != self._shape:
+            raise MemwatchError(f"`transform` must keep the shape of its first output, {self._shape}, got {shape}")
+        return out.detach()
+
+    def _new_rows(self, batch: Tensor) -> tuple[list[int], list[int]]:
+        """Indices of the rows of ``batch`` not equal to a held sample or an earlier row (their
+        float32 bytes on the CPU), and their keys."""
         rows = batch.to("cpu", torch.float32).contiguous()
         keys = [hash(row.numpy().tobytes()) for row in rows.reshape(rows.shape[0], -1)]
         fresh, in_batch = [], set()
@@ -180,7 +219,7 @@ class Reservoir:
             if key not in self._slot_of and key not in in_batch:
                 in_batch.add(key)
                 fresh.append(i)
-        return rows[fresh], [keys[i] for i in fresh]
+        return fresh, [keys[i] for i in fresh]
 
     def _allocate(self, shape: tuple[int, ...]) -> None:
         self._shape = shape
@@ -229,7 +268,7 @@ class Reservoir:
         self.seed = int(state["seed"])
         self._seen = int(state["seen"])
         self._generator.set_state(state["rng_state"])
-        self._shape = self._buffer = self._filled = None
+        self._shape = self._raw_shape = self._buffer = self._filled = None
         self._slot_of, self._key_at = {}, {}
 
 

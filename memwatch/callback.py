@@ -89,16 +89,19 @@ class MemorizationMonitor(Callback):
         every_n_epochs: also/instead check at the end of every n-th training epoch.
         num_probes: probes per check (sharded across DDP ranks).
         sampler_steps: DDIM steps per probe.
-        sigmas: evaluation noise levels σ_t (converted to the schedule's nearest timesteps);
-            ignored when ``timesteps`` is given. The first one is the primary timestep. The
-            default 0.3 (data scaled to about [-1, 1]) and the thresholds below are the
-            validation study's choice on held-out seeds (``docs/validation.md``); for data much
-            more or less spread out, scale σ with its nearest-neighbour distances, or pass
-            ``"auto"``: the levels are then ``sigma_factors`` × the median nearest-neighbour
-            distance of up to ``calibration_capacity`` training samples seen in the batches
-            before the first check (held in memory only, never logged or saved; see
-            :mod:`memwatch.calibration`), fixed at the first check and kept on resume. A σ
-            outside the schedule's range fails at fit start.
+        sigmas: evaluation noise levels. Default ``"auto"``: the levels are ``sigma_factors`` ×
+            the median nearest-neighbour distance of the training samples seen in the batches
+            before the first check (up to ``calibration_capacity``, through ``encode_fn`` when
+            given; held in memory only, never logged or saved; see :mod:`memwatch.calibration`),
+            clamped inside the schedule, fixed at the first check and kept on resume. So the
+            same data in [-1, 1], [0, 1], × 3 or as standardized latents are measured at the
+            same scale relative to their spacing; with the thresholds below this is the
+            validation study's choice on its selection seed (``docs/validation.md``). The
+            batches must then hold samples in the probes' space (else the first batch fails,
+            naming both shapes). Or σ_t values (data units, each converted to the schedule's
+            nearest timestep; outside the schedule's range fails at fit start), e.g.
+            ``(0.3,)``, the former default for data in about [-1, 1]. The first level is the
+            primary one. Ignored when ``timesteps`` is given.
         timesteps: evaluation timesteps in schedule units.
         k: most negative eigenvalues reported per probe.
         threshold: ``τ``; a direction is sharp when ``σ_t² λ < -τ``.
@@ -288,7 +291,7 @@ class MemorizationMonitor(Callback):
             self.sigmas: tuple[float, ...] | str = "auto"
         elif timesteps is None:
             self.sigmas = _check_levels("sigmas", sigmas)
-        else:
+        else:  # ignored: the timesteps win
             self.sigmas = tuple(float(s) for s in sigmas)
         self.sigma_factors = _check_levels("sigma_factors", sigma_factors)
         _check_int("spectrum_every_n_checks", spectrum_every_n_checks, 1)
@@ -398,6 +401,13 @@ class MemorizationMonitor(Callback):
         return self.detector.onset_step
 
     @property
+    def reference(self) -> Tensor | None:
+        """``reference_data`` as checked at fit start (or :meth:`prepare`): ``[N, *shape]`` in the
+        probes' space (through ``encode_fn``), on the module's device; ``None`` without a tensor
+        ``reference_data`` (``"batches"`` included)."""
+        return self._reference
+
+    @property
     def probes(self) -> ProbeSet:
         """The monitor's probes: the same start noise, sampler and measurement at every check
         (known once the probe shape is: after fit start or the first training batch).
@@ -469,10 +479,10 @@ class MemorizationMonitor(Callback):
             self._seen_range = batch_range(batch, self.batch_key, self._seen_range)
             self._range_batches += 1
         if self._reservoir is not None:
-            data = self._batch_data(batch)
-            if self._reservoir.shape is None:  # the first batch: the samples must live where the probes do
-                self._check_batch_shape(tuple(data.shape[1:]))
-            self._reservoir.update(data)
+            first = self._reservoir.shape is None
+            self._reservoir.update(self._batch_data(batch), transform=self._encode)  # only the kept rows are encoded
+            if first and self._reservoir.shape is not None:  # the samples must live where the probes do
+                self._check_batch_shape(self._reservoir.shape)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -804,8 +814,8 @@ class MemorizationMonitor(Callback):
 
     @property
     def calibrating(self) -> bool:
-        """Whether the noise levels come from the training data (``sigmas="auto"``)."""
-        return self.sigmas == "auto"
+        """Whether the noise levels come from the training data (``sigmas="auto"``, no ``timesteps``)."""
+        return self.sigmas == "auto" and self.timesteps is None
 
     @property
     def copies_from_batches(self) -> bool:
@@ -824,10 +834,36 @@ class MemorizationMonitor(Callback):
         self._check_timesteps_in_grid(score)
         self._metrics = {t: MemorizationMetrics(score_threshold=self.score_threshold) for t in self._eval_timesteps}
 
+    def calibrate(self, samples: Tensor) -> tuple[float, ...]:
+        """Fix the noise levels of ``sigmas="auto"`` from training samples ``[m, *shape]`` in the
+        probes' space: ``sigma_factors`` × their median nearest-neighbour distance, clamped inside
+        the schedule. A live run does this itself at its first check with the samples it saw;
+        ``memwatch scan`` does it with the training data it is given. Call after :meth:`prepare`
+        (or fit start).
+
+        Returns:
+            The calibrated σ_t, one per factor (also in :attr:`calibrated_sigmas`, and
+            :attr:`data_scale` holds the distances).
+
+        Raises:
+            MemwatchError: the monitor does not calibrate (explicit ``sigmas`` or ``timesteps``),
+                has not found its model yet, or the samples have fewer than two distinct rows.
+        """
+        if not self.calibrating:
+            raise MemwatchError(
+                f'calibrate() needs sigmas="auto" and no `timesteps`; this monitor has sigmas={self.sigmas!r}'
+            )
+        if self._found is None:
+            raise MemwatchError("calibrate() needs the model: call prepare(pl_module) first (fit start does)")
+        self.data_scale = data_scale(samples, generator=torch.Generator().manual_seed(self.seed + 2))
+        self.calibrated_sigmas = relative_sigmas(self.data_scale, self._found.schedule, self.sigma_factors)
+        self._set_levels(self._found)
+        return self.calibrated_sigmas
+
     def _calibrate(self, trainer: pl.Trainer) -> None:
-        """Fix the noise levels at ``sigma_factors`` × the median nearest-neighbour distance of the
-        training samples seen so far (rank zero's reservoir, broadcast to all ranks), then free the
-        reservoir: training samples are held in memory only, never written.
+        """:meth:`calibrate` on the training samples seen so far (rank zero's reservoir, its result
+        broadcast to all ranks), then free the reservoir: training samples are held in memory
+        only, never written.
 
         Raises:
             MemwatchError: on every rank alike, when rank zero could not calibrate (e.g. fewer
@@ -837,8 +873,8 @@ class MemorizationMonitor(Callback):
         found, error = None, None
         if trainer.is_global_zero:
             try:
-                scale = data_scale(self._reservoir.samples, generator=torch.Generator().manual_seed(self.seed + 2))
-                found = (scale, relative_sigmas(scale, self._found.schedule, self.sigma_factors))
+                self.calibrate(self._reservoir.samples)
+                found = (self.data_scale, self.calibrated_sigmas)
             except Exception as err:  # noqa: BLE001 - reported on every rank below
                 error = f"{type(err).__name__}: {err}"
         found, error = trainer.strategy.broadcast((found, error), src=0)
@@ -912,10 +948,14 @@ class MemorizationMonitor(Callback):
             )
 
     def _batch_data(self, batch: Any) -> Tensor:
-        """The data tensor of a training batch, in the space of the probes (``encode_fn``)."""
+        """The data tensor of a training batch, as the batch holds it (before ``encode_fn``)."""
         x = batch[self.batch_key] if self.batch_key is not None else first_tensor(batch)
+        return x.detach()
+
+    def _encode(self, x: Tensor) -> Tensor:
+        """Training samples ``[b, *data shape]`` in the space of the probes (``encode_fn``, if any)."""
         if self.encode_fn is None:
-            return x.detach()
+            return x
         with torch.no_grad(), isolate_rng():  # an encoder that samples must not move the training RNG
             return self.encode_fn(x).detach()
 

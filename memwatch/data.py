@@ -1,6 +1,7 @@
 """Embedded data sets (no downloads) and an analytic Gaussian mixture for ground truth.
 
-* :func:`digits` — sklearn's 8×8 handwritten digits (1797 images) as ``[N, 1, 8, 8]`` in [-1, 1].
+* :func:`digits` — sklearn's 8×8 handwritten digits (1797 images) as ``[N, 1, 8, 8]`` in [-1, 1]
+  (or upsampled).
 * :func:`manifold` — swiss roll / S-curve / moons embedded in ``R^dim`` by a random orthogonal map.
 * :class:`GaussianMixture` — isotropic mixture whose diffused score and Hessian are exact.
 """
@@ -20,12 +21,19 @@ __all__ = ["digits", "manifold", "GaussianMixture", "MANIFOLDS"]
 MANIFOLDS = ("swiss_roll", "s_curve", "moons")
 
 
-def digits(n: int | None = None, *, seed: int = 0, labels: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """``n`` sklearn digits ``[n, 1, 8, 8]`` float32 in [-1, 1] (a seeded random subset; all if ``None``).
+def digits(
+    n: int | None = None, *, seed: int = 0, labels: bool = False, image_size: int = 8
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``n`` sklearn digits ``[n, 1, s, s]`` float32 in [-1, 1] (a seeded random subset; all if ``None``).
 
-    With ``labels=True`` returns ``(images, labels [n] long)``.
+    ``image_size`` ``s``: 8 is the original; a larger side is a bilinear upsampling clamped to
+    [-1, 1] (e.g. 16 for a UNet that halves the resolution twice). The subset depends on ``n``
+    and ``seed`` only, not on the size. With ``labels=True`` returns ``(images, labels [n] long)``.
     """
     from sklearn.datasets import load_digits
+
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+        raise MemwatchError(f"`image_size` must be an integer >= 8, got {image_size!r}")
 
     bunch = load_digits()
     images = torch.as_tensor(bunch.images, dtype=torch.float32) / 8.0 - 1.0
@@ -36,6 +44,10 @@ def digits(n: int | None = None, *, seed: int = 0, labels: bool = False) -> Tens
         idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
         images, targets = images[idx], targets[idx]
     images = images[:, None]
+    if image_size != 8:
+        size = (image_size, image_size)
+        images = torch.nn.functional.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        images = images.clamp(-1.0, 1.0)
     return (images, targets) if labels else images
 
 

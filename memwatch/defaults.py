@@ -1,9 +1,9 @@
 """The monitor's default settings, named once.
 
 :class:`memwatch.MemorizationMonitor`, the demo, ``memwatch scan`` and the validation study read
-these names instead of repeating the numbers. The detection defaults (noise level, thresholds)
-are the validation study's choice on held-out seeds (``docs/validation.md``), for data scaled to
-about ``[-1, 1]``.
+these names instead of repeating the numbers. The detection defaults (noise levels relative to
+the training data's own scale, thresholds) are the validation study's choice on its selection
+seed (``docs/validation.md``); they hold for data at any scale.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from memwatch.sharpness import SharpnessOptions
 
 __all__ = [
+    "ABSOLUTE_SIGMAS",
     "CALIBRATION_CAPACITY",
     "SIGMA_FACTORS",
     "SPECTRUM_EVERY_N_CHECKS",
@@ -31,13 +32,14 @@ __all__ = [
 EVERY_N_TRAIN_STEPS = 500  #: check cadence, optimizer steps
 NUM_PROBES = 32  #: probes per check
 SAMPLER_STEPS = 50  #: sampler steps per probe
-SIGMAS = (0.3,)  #: evaluation noise levels σ_t (data units); the first is the primary one
+SIGMAS = "auto"  #: evaluation noise levels: "auto" = SIGMA_FACTORS × the training data's median NN distance
+ABSOLUTE_SIGMAS = (0.3,)  #: the former default σ_t (data units, for data in about [-1, 1]); the demo's levels
 SCORE_THRESHOLD = 0.9  #: a probe is memorized when its sharp fraction exceeds this
 ONSET_THRESHOLD = 0.2  #: onset when more than this share of the probes is memorized ...
 ONSET_ON = "sharpness"  #: the share the onset rule watches: sharp probes (see MemorizationMonitor's onset_on)
 PATIENCE = 2  #: ... at this many checks in a row
 MIN_VALID_FRACTION = 0.5  #: a check with fewer finite probes than this share is a failed check
-SIGMA_FACTORS = (0.1,)  #: with sigmas="auto": levels = these × the training set's median NN distance (study v2, seed 0)
+SIGMA_FACTORS = (0.1,)  #: with sigmas="auto": levels = these × the training set's median NN distance (study v2)
 CALIBRATION_CAPACITY = 4096  #: with sigmas="auto": training samples kept in memory to measure that distance
 LOSS_GAP_SIGMAS = (
     0.079,

@@ -389,3 +389,40 @@ def test_a_distinct_reservoir_beyond_capacity_stays_bounded_and_forgets_evicted_
     assert set(r._key_at) == set(range(8)) and len(r._slot_of) == 8  # one key per held sample, no leak
     r.load_state_dict(r.state_dict())
     assert len(r) == 0 and not r._slot_of
+
+
+def test_a_transform_sees_only_the_kept_rows_and_equality_is_decided_before_it() -> None:
+    """An encoder runs on the rows the reservoir keeps (few, once it is full), and a sampling
+    encoder does not make an image seen twice look like two samples."""
+    seen_rows: list[int] = []
+    noise = torch.Generator().manual_seed(5)
+
+    def sampling_encoder(x: torch.Tensor) -> torch.Tensor:
+        seen_rows.append(x.shape[0])
+        return torch.cat([x, torch.randn(x.shape[0], 1, generator=noise)], dim=1)  # [r, 3]: another shape
+
+    images = torch.arange(40.0).reshape(20, 2)
+    r = Reservoir(8, seed=0, distinct=True)
+    for _ in range(5):  # five epochs of the same 20 images
+        for batch in images.split(5):
+            r.update(batch, transform=sampling_encoder)
+    assert r.shape == (3,) and len(r) == 8
+    assert sum(seen_rows) < 5 * 20 and max(seen_rows) <= 5
+    held = r.samples[:, :2]
+    assert len({tuple(row.tolist()) for row in held}) == 8  # no image held twice, despite the encoder's noise
+    assert all(any(torch.equal(h, img) for img in images) for h in held)
+
+    plain = Reservoir(8, seed=0)
+    plain.update(images, transform=sampling_encoder)
+    assert seen_rows[-1] == 8  # the first batch fills all 8 slots; the other 12 rows are never encoded
+
+
+def test_a_bad_transform_is_named_and_changes_nothing() -> None:
+    r = Reservoir(4, seed=0)
+    r.update(torch.zeros(2, 3), transform=lambda x: x * 2)
+    state = r.state_dict()
+    with pytest.raises(MemwatchError, match=r"`transform` must map 2 rows"):
+        r.update(torch.ones(2, 3), transform=lambda x: x[:1])
+    with pytest.raises(MemwatchError, match=r"`transform` must keep the shape of its first output, \(3,\)"):
+        r.update(torch.ones(2, 3), transform=lambda x: x[:, :2])
+    assert r.seen == 2 and torch.equal(r.state_dict()["rng_state"], state["rng_state"])

@@ -18,13 +18,24 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from memwatch import MEMORIZED_RATIO
 from memwatch.onset import OnsetDetector
 
-from .config import BORDERLINE, FPRS, NEVER, NN_ONSET, PRIMARY_SIGNAL, SCALED, SIGNALS, Defaults, StudyConfig
+from .config import (
+    ABSOLUTE_SPEC,
+    BORDERLINE,
+    FPRS,
+    NEVER,
+    NN_ONSET,
+    PRIMARY_SIGNAL,
+    SCALED,
+    SIGNALS,
+    Defaults,
+    StudyConfig,
+)
 from .runs import RunRecord
 
 TODAY, TRACE, AUTO_TODAY, ABS_TUNED, AUTO, COPIES, COPIES_TUNED, EITHER, GAP = (
-    "absolute defaults",
-    "absolute defaults, trace tier",
-    "auto, today's thresholds",
+    "absolute σ",
+    "absolute σ, trace tier",
+    "library defaults",
     "absolute, tuned",
     "auto, tuned",
     "copies of the batches",
@@ -345,18 +356,19 @@ def gap_grid(cfg: StudyConfig) -> list[Rule]:
 def select_rules(sel: Sequence[RunRecord], cfg: StudyConfig, defaults: Defaults) -> dict[str, Rule]:
     """Every rule of the study; the tuned ones chosen on the selection runs ``sel`` only.
 
-    * ``TODAY``: the library's absolute defaults, as shipped (fixed);
+    * ``TODAY``: the absolute noise level :data:`config.ABSOLUTE_SPEC` (the library's former
+      default) with the library's thresholds (fixed);
     * ``TRACE``: the same, measured by the cheap trace tier on the same probes (fixed; when measured);
-    * ``AUTO_TODAY``: ``sigmas="auto"`` at the library's first factor, today's thresholds (fixed;
-      only when that factor is measured);
+    * ``AUTO_TODAY``: the library's defaults, ``sigmas="auto"`` at its first factor and its
+      thresholds (fixed; only when that factor is measured);
     * ``ABS_TUNED``: the shipped absolute level, both thresholds tuned;
     * ``AUTO``: factor and both thresholds tuned;
     * ``COPIES``: ``reference_data="batches"``, ``onset_on="copies"``, today's onset threshold (fixed);
     * ``COPIES_TUNED``: the same, onset threshold and patience (``COPY_PATIENCES``) tuned;
-    * ``EITHER``: ``onset_on="either"`` with today's absolute defaults (fixed);
+    * ``EITHER``: ``onset_on="either"`` with the absolute noise level and the library's thresholds (fixed);
     * ``GAP``: the loss-gap baseline, timestep and threshold tuned.
     """
-    abs_spec = defaults.primary_spec if defaults.sigmas != ("auto",) else "abs 0.3"
+    abs_spec = defaults.primary_spec if defaults.sigmas != ("auto",) else ABSOLUTE_SPEC
     rules = {TODAY: Rule("sharp", abs_spec, defaults.score_threshold, float(defaults.onset_threshold or 0.0))}
     trace_spec = abs_spec.replace("abs", "trace")
     if trace_spec in sel[0].signals:
@@ -375,8 +387,8 @@ def select_rules(sel: Sequence[RunRecord], cfg: StudyConfig, defaults: Defaults)
 
 
 def replay_agreement(runs: Sequence[RunRecord], rule: Rule) -> int:
-    """Runs on which ``rule`` (the absolute defaults) replayed offline puts the onset exactly where
-    the absolute-default monitor itself declared it during training."""
+    """Runs on which ``rule`` (the absolute noise level) replayed offline puts the onset exactly
+    where the absolute monitor itself declared it during training."""
     return sum(rule.onset(r, r.shipped) == r.shipped_onset for r in runs)
 
 

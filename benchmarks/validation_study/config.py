@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from memwatch import MemorizationMonitor, SharpnessResult
+from memwatch import MemorizationMonitor, SharpnessResult, defaults
 from memwatch.sharpness import SharpnessOptions
 
 NN_ONSET = 0.10  # ground-truth onset: first check with more than 10 % NN-memorized probes
@@ -25,6 +25,10 @@ SCALED: dict[str, tuple[str, tuple[float, float]]] = {  # name -> (base data set
     "digits_01": ("digits", (0.5, 0.5)),  # the [-1, 1] digits mapped to [0, 1]
     "digits_x3": ("digits", (3.0, 0.0)),  # the [-1, 1] digits × 3
 }
+ABSOLUTE_SIGMAS = defaults.ABSOLUTE_SIGMAS  # the absolute monitor's level: the library's former default
+ABSOLUTE_SPEC = f"abs {ABSOLUTE_SIGMAS[0]:g}"
+IMAGE_SIZES = {"digits16": 16}  # image data sets: the digits upsampled to this side (d = 256)
+UNET_METHOD = "trace"  # the UNet runs' absolute and auto monitors: the tier `method="auto"` uses at image scale
 
 
 # ----------------------------------------------------------------------------- signals
@@ -75,8 +79,13 @@ class DataSpec:
         ns: training-set sizes N.
         max_steps: optimizer steps per run.
         every: check cadence (optimizer steps).
-        hidden: width of the MLP ε-network.
+        hidden: width of the MLP ε-network; with ``model="unet"`` the UNet's first block width
+            (the second is twice it).
         lr: Adam learning rate.
+        model: ``"mlp"`` (``memwatch.apps.toymodels.DDPMModule``, the study's linear schedule) or
+            ``"unet"`` (a diffusers ``UNet2DModel`` with a default ``DDPMScheduler``, found by the
+            monitors without glue; its absolute and auto monitors measure with :data:`UNET_METHOD`).
+        batch_size: training batch size (``None``: the study's).
     """
 
     name: str
@@ -85,6 +94,15 @@ class DataSpec:
     every: int
     hidden: int
     lr: float
+    model: str = "mlp"
+    batch_size: int | None = None
+
+    @property
+    def cost(self) -> float:
+        """Rough CPU cost of one run, to start the longest first (measured: a UNet step of batch
+        32 ≈ 25× an MLP-256 step of batch 64, which is ≈ 4× an MLP-128 step)."""
+        per_step = 100.0 if self.model == "unet" else 4.0 if self.hidden > 128 else 1.0
+        return self.max_steps * per_step
 
 
 @dataclass(frozen=True)
@@ -141,6 +159,7 @@ DEFAULT = StudyConfig(
         DataSpec("s_curve", (8, 16, 256), 4000, 250, 128, 2e-3),
         DataSpec("digits", (8, 16, 1024), 4000, 250, 256, 2e-3),
         *_digits_specs((16, 1024), 4000, 250, 256, 2e-3, names=tuple(SCALED)),
+        DataSpec("digits16", (16, 1024), 3000, 250, 16, 1e-3, model="unet", batch_size=32),
     ),
     seeds=(0, 1),
     select_seeds=(0,),

@@ -19,6 +19,7 @@ from memwatch import plots
 
 from .analysis import (
     AUTO,
+    AUTO_TODAY,
     COPIES,
     COPIES_TUNED,
     COPY_PATIENCES,
@@ -34,7 +35,7 @@ from .analysis import (
     rescale_summary,
     run_kind,
 )
-from .config import BORDERLINE, NEVER, NN_ONSET, PRIMARY_SIGNAL, SCALED, SIGNALS
+from .config import ABSOLUTE_SIGMAS, BORDERLINE, NEVER, NN_ONSET, PRIMARY_SIGNAL, SCALED, SIGNALS
 from .figures import plot_auroc_vs_factor, plot_curves, plot_loss_gap, plot_onsets, run_curves
 from .runs import RunRecord, Timing
 
@@ -147,6 +148,7 @@ def setup_section(an: StudyAnalysis) -> str:
     cfg, d = an.cfg, an.defaults
     runs = [r for rs in an.groups.values() for r in rs]
     auto = an.rules[AUTO].spec
+    unet = any(spec.model == "unet" for spec in cfg.data)
     rows = []
     for spec in cfg.data:
         mnn = [r.median_nn for r in runs if r.dataset == spec.name]
@@ -158,7 +160,9 @@ def setup_section(an: StudyAnalysis) -> str:
                 ", ".join(map(str, spec.ns)),
                 spec.max_steps,
                 spec.every,
-                f"MLP {spec.hidden}×{cfg.depth}",
+                f"UNet2DModel ({spec.hidden}, {2 * spec.hidden}), batch {spec.batch_size or cfg.batch_size}"
+                if spec.model == "unet"
+                else f"MLP {spec.hidden}×{cfg.depth}",
                 f"{min(mnn):.2f}–{max(mnn):.2f}",
                 _sigma_range(runs, spec.name, auto),
             ]
@@ -169,16 +173,31 @@ def setup_section(an: StudyAnalysis) -> str:
         f"\n\nDDPM ε-objective (`memwatch.apps.toymodels.DDPMModule`), linear schedule (T = 1000), Adam, batch "
         f"{cfg.batch_size}. Data: sklearn digits in [-1, 1] (d = 64) and the *same* images rescaled ({scaled}; "
         "same seed, same subset, same init and batches), swiss roll / S-curve embedded in R^16, an 8-component "
-        "GMM in R^16. Two monitors watch every run, each with its own probes "
+        "GMM in R^16. "
+        + (
+            "**Image model:** `digits16`, the digits upsampled to 16×16 (d = 256), trained as a diffusers user "
+            "would: a `UNet2DModel` and a default `DDPMScheduler` (clip_sample, linear betas) as attributes of "
+            "`memwatch.apps.toymodels.UNetDDPMModule`, found by the monitors without glue, probes stepped by the "
+            'scheduler\'s own DDIM. Its monitors measure with `method="trace"` (the dense spectrum of 20 probes '
+            "costs 18 s per noise level per check on one core, 56× the trace tier), so its absolute and trace "
+            "rules are one measurement and section 3b leaves it out. "
+            if unet
+            else ""
+        )
+        + "Three monitors watch every run, two with their own probes "
         f"({cfg.num_probes} per check, {cfg.sampler_steps}-step DDIM, dense Hessian spectrum, τ = {d.threshold}): "
-        f"one with the library's absolute defaults (sigmas {tuple(d.sigmas)}, score_threshold {d.score_threshold}, "
-        f"onset_threshold {d.onset_threshold}, patience {d.patience}; its own probes, and "
-        '`reference_data="batches"`: it counts copies of the training samples it saw itself), '
+        f"one at the absolute noise level sigmas {ABSOLUTE_SIGMAS} (the library's former default) with the "
+        f"library's thresholds (score_threshold {d.score_threshold}, onset_threshold {d.onset_threshold}, patience "
+        f"{d.patience}; its own probes, and "
+        '`reference_data="batches"`: it counts copies of the training samples it saw itself; a third monitor '
+        'measures its probes again with `method="trace"`), '
         'one with `sigmas="auto"` and '
         f"`sigma_factors={tuple(cfg.sigma_factors)}` (the monitor calibrates σ_t = factor × median NN distance of "
         "its reservoir of training samples at the first check, clamped inside the schedule: floor ≈ 0.08, "
-        "ceiling ≈ 1.0), whose probes against the training set are the ground truth. No σ is set by hand for the "
-        "`auto` rules. Per-probe values are the callback's own (`RecordingMonitor`, through `on_check_end`).\n\n"
+        "ceiling ≈ 1.0), whose probes against the training set are the ground truth; the library's default "
+        f"levels (sigmas {d.sigmas[0]!r}, sigma_factors {tuple(d.sigma_factors)}) are among them. "
+        "No σ is set by hand for the `auto` rules. Per-probe values are the callback's own (`RecordingMonitor`, "
+        "through `on_check_end`).\n\n"
         f"**Loss-gap baseline.** At every check the ε-objective is evaluated without gradients on "
         f"{cfg.held_out} training samples and on a held-out split of {cfg.held_out} further samples of the same "
         f"distribution, at fixed timesteps t ∈ {{{', '.join(map(str, cfg.loss_timesteps))}}} with fixed noises; "
@@ -192,12 +211,8 @@ def setup_section(an: StudyAnalysis) -> str:
         "**Rescale stability**: |onset(rescaled digits) − onset(digits)| in checks, same N and seed (a flag on "
         "one and none on the other counts as ∞).\n\n"
         "Onsets of every rule are replayed offline through `memwatch.onset.OnsetDetector` on the recorded checks; "
-        "the replay of the absolute defaults reproduces the absolute monitor's own onset on "
-        f"{an.replayed}/{len(runs)} runs.\n\n"
-        "Not done: a diffusers `UNet2DModel` on 16×16 digits (d = 256). A UNet run with a dense (or even a "
-        f"16-vector Lanczos) spectrum of {cfg.num_probes} probes at {len(an.specs)} noise levels every "
-        f"{an.every} steps costs more CPU time than the whole MLP grid on the 2 shared cores of this study; it "
-        "does not fit the ≤ 60 min budget.\n"
+        "the replay of the absolute rule reproduces the absolute monitor's own onset on "
+        f"{an.replayed}/{len(runs)} runs.\n"
     )
     protocol = (
         f"**Protocol.** Every free setting is chosen on {an.seeds('selection')} ({len(an.groups['selection'])} runs) "
@@ -252,14 +267,14 @@ def summary_section(an: StudyAnalysis) -> str:
 def rules_section(an: StudyAnalysis) -> str:
     sel = an.outcomes["selection"]
     how = {
-        TODAY: "fixed: the library's defaults today",
+        TODAY: f"fixed: sigmas {ABSOLUTE_SIGMAS} (the former default), the library's thresholds",
         TRACE: 'fixed: the same, `method="trace"` (the cheap tier) on the same probes',
-        "auto, today's thresholds": "fixed: `sigmas=\"auto\"`, the library's factor, today's thresholds",
+        AUTO_TODAY: 'fixed: the library\'s defaults (`sigmas="auto"`, its factor and thresholds)',
         "absolute, tuned": "thresholds tuned on the selection seed",
         AUTO: "factor and thresholds tuned on the selection seed",
-        COPIES: 'fixed: `reference_data="batches"`, `onset_on="copies"`, today\'s onset threshold',
+        COPIES: 'fixed: `reference_data="batches"`, `onset_on="copies"`, the library\'s onset threshold',
         COPIES_TUNED: "the same, onset threshold and patience (1 or 2) tuned on the selection seed",
-        EITHER: 'fixed: `reference_data="batches"`, `onset_on="either"`, today\'s defaults',
+        EITHER: 'fixed: `reference_data="batches"`, `onset_on="either"`, the absolute σ and thresholds',
         GAP: "timestep and threshold tuned on the selection seed",
     }
     rows = [

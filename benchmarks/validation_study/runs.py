@@ -25,18 +25,22 @@ import numpy as np
 import torch
 
 from memwatch import CheckResult, MemorizationMonitor, SharpnessResult, median_nn_distance
+from memwatch.callback import find_score
 from memwatch.data import GaussianMixture, digits, manifold
 from memwatch.errors import MemwatchError
 from memwatch.lossgap import LossGap
 from memwatch.probes import isolated
 
 from .config import (
+    ABSOLUTE_SIGMAS,
     GMM_COMPONENTS,
     GMM_SEED,
     GMM_STD,
+    IMAGE_SIZES,
     MANIFOLD_DIM,
     SCALED,
     SIGNALS,
+    UNET_METHOD,
     DataSpec,
     Defaults,
     StudyConfig,
@@ -72,11 +76,12 @@ class CheckRecord:
 class RunRecord:
     """Everything the analysis needs from one training run (``C`` checks of ``P`` probes).
 
-    Two monitors watch every run: one with the library's absolute defaults (``sigmas``,
-    thresholds as shipped, its own probes — seed + ``ABS_PROBE_SEED`` — and
-    ``reference_data="batches"``: the detector), one with the same settings and probes measured
-    by the cheap trace tier (``method="trace"``), and one with ``sigmas="auto"`` and every factor
-    of the study, whose probes (seed) against the training set are the ground truth.
+    Three monitors watch every run: one at the absolute noise level ``config.ABSOLUTE_SIGMAS``
+    (the library's former default) with the library's thresholds, its own probes — seed +
+    ``ABS_PROBE_SEED`` — and ``reference_data="batches"``: the detector; one with the same settings
+    and probes measured by the cheap trace tier (``method="trace"``; on a UNet the absolute monitor
+    itself); and one with ``sigmas="auto"`` and every factor of the study (the library's default
+    factor among them), whose probes (seed) against the training set are the ground truth.
 
     Attributes:
         dataset, n, seed: which run (data set, training-set size N, seed).
@@ -86,14 +91,14 @@ class RunRecord:
             the ``auto`` levels are the monitor's own calibration (clamped inside the schedule).
         steps: ``[C]`` int, the check steps.
         nn_ratio: ``[C, P]`` float64, the probes' ``d₁/d₂`` (the ``auto`` monitor's probes).
-        nn_ratio_abs: ``[C, P]`` the absolute-default monitor's probes' ``d₁/d₂`` to the training
+        nn_ratio_abs: ``[C, P]`` the absolute monitor's probes' ``d₁/d₂`` to the training
             samples that monitor saw in the batches (its reservoir; the whole training set here,
             N ≤ its capacity).
         signals: noise-level name -> signal name -> ``[C, P]`` float64 raw values.
         loss_t: ``[K]`` the fixed timesteps of the loss-gap baseline.
         loss_train, loss_held: ``[C, K]`` ε-losses on the training set and the held-out split.
         shipped: the callback defaults the run was made with.
-        shipped_onset: the absolute-default monitor's own onset step (``None``: none declared).
+        shipped_onset: the absolute monitor's own onset step (``None``: none declared).
         seconds: wall time of the run; cpu_seconds: its CPU time (one thread).
     """
 
@@ -176,8 +181,8 @@ def load_cache(path: Path) -> tuple[list[RunRecord], Timing]:
 def _raw_data(base: str, n: int, seed: int) -> torch.Tensor:
     """``n`` samples of base data set ``base`` (float32), seeded; the first ``k`` of ``n`` and of
     ``n' > n`` samples need not agree."""
-    if base == "digits":
-        return digits(n, seed=seed)
+    if base == "digits" or base in IMAGE_SIZES:
+        return digits(n, seed=seed, image_size=IMAGE_SIZES.get(base, 8))
     if base == "gmm":
         means = torch.randn(GMM_COMPONENTS, MANIFOLD_DIM, generator=torch.Generator().manual_seed(GMM_SEED))
         gmm = GaussianMixture.isotropic(means, std=GMM_STD)
@@ -188,7 +193,8 @@ def _raw_data(base: str, n: int, seed: int) -> torch.Tensor:
 def make_data(name: str, n: int, seed: int, held_out: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` training samples of data set ``name`` and ``held_out`` further samples of the same
     distribution (disjoint draws; float32, seeded). ``name`` is a base set (``"digits"``,
-    ``"gmm"``, ``"swiss_roll"``, ``"s_curve"``) or a rescaled one of :data:`config.SCALED`
+    ``"gmm"``, ``"swiss_roll"``, ``"s_curve"``), an upsampled one of :data:`config.IMAGE_SIZES`,
+    or a rescaled one of :data:`config.SCALED`
     (the same samples, mapped by ``a · x + b``)."""
     base, (a, b) = SCALED.get(name, (name, (1.0, 0.0)))
     x = _raw_data(base, n + held_out, seed) * a + b
@@ -210,23 +216,24 @@ class RecordingMonitor(MemorizationMonitor):
         losses: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
         if self.loss_gap is not None:
             with isolated(pl_module):
-                losses = tuple(v.numpy() for v in self.loss_gap.losses(pl_module.memwatch_score()))
+                losses = tuple(v.numpy() for v in self.loss_gap.losses(find_score(pl_module)))
         ratio = None if check.nn_ratio is None else check.nn_ratio.detach().cpu().clone()
         self.checks.append(CheckRecord(check.step, dict(check.results), ratio, *losses))
         self.samples = check.samples  # the last check's probes (the trace monitor must share them)
 
 
-def _training_parts() -> tuple[type, type]:
-    """A ``DDPMModule`` that does not ``self.log`` the loss, and a data module yielding whole
-    batches; both only to save time (measured on the shared 2-core CPU: 7.3 → 3.8 ms per step;
-    Lightning's per-step ``self.log`` with ``logger=False`` and per-item collation). The training
-    itself is ``DDPMModule``'s, and the monitor reads neither."""
+def _training_parts(model: str) -> tuple[type, type]:
+    """The training module of ``model`` (``"mlp"``: ``DDPMModule``; ``"unet"``: ``UNetDDPMModule``)
+    made not to ``self.log`` the loss, and a data module yielding whole batches; both only to
+    save time (measured on the shared 2-core CPU, MLP: 7.3 → 3.8 ms per step; Lightning's
+    per-step ``self.log`` with ``logger=False`` and per-item collation). The training itself is
+    the module's, and the monitor reads neither."""
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader, IterableDataset
 
-    from memwatch.apps.toymodels import DDPMModule
+    from memwatch.apps.toymodels import DDPMModule, UNetDDPMModule
 
-    class QuietDDPM(DDPMModule):
+    class Quiet(UNetDDPMModule if model == "unet" else DDPMModule):  # type: ignore[misc]
         def log(self, *args: Any, **kwargs: Any) -> None:
             return None
 
@@ -249,7 +256,7 @@ def _training_parts() -> tuple[type, type]:
         def train_dataloader(self) -> DataLoader:
             return DataLoader(_Batches(self.x, self.batch_size, self.steps, self.seed), batch_size=None)
 
-    return QuietDDPM, BatchDataModule
+    return Quiet, BatchDataModule
 
 
 @dataclass(frozen=True)
@@ -282,21 +289,33 @@ def _monitor(job: RunJob, reference: torch.Tensor | str, seed: int, **kwargs: An
 def _fit(
     job: RunJob, x: torch.Tensor, held: torch.Tensor
 ) -> tuple[Any, RecordingMonitor, RecordingMonitor, RecordingMonitor]:
-    """Train one ``DDPMModule`` on ``x`` with three :class:`RecordingMonitor` s: the library's
-    absolute defaults, the same with the cheap trace tier (``method="trace"``, the same probes),
-    and ``sigmas="auto"`` at every factor of the study (with the loss gap on ``held``); return
-    the module and the monitors."""
+    """Train one model on ``x`` with three :class:`RecordingMonitor` s: the absolute noise level
+    with the library's thresholds, the same with the cheap trace tier (``method="trace"``, the same probes), and
+    ``sigmas="auto"`` at every factor of the study (with the loss gap on ``held``); return the
+    module and the monitors. A UNet's monitors all measure on :data:`config.UNET_METHOD`, so its
+    absolute monitor is returned as the trace monitor too (one measurement, not two)."""
     import lightning.pytorch as pl
 
-    module_cls, data_cls = _training_parts()
+    module_cls, data_cls = _training_parts(job.spec.model)
     cfg, spec = job.cfg, job.spec
     pl.seed_everything(job.seed, verbose=False)
-    module = module_cls(shape=tuple(x.shape[1:]), hidden=spec.hidden, depth=cfg.depth, lr=spec.lr)
+    if spec.model == "unet":
+        from diffusers import DDPMScheduler
+
+        from memwatch.apps.toymodels import tiny_unet
+
+        unet = tiny_unet(x.shape[1], x.shape[-1], widths=(spec.hidden, 2 * spec.hidden))
+        module = module_cls(unet, DDPMScheduler(), lr=spec.lr)  # the default scheduler: clip_sample, linear betas
+        tier = {"method": UNET_METHOD}
+    else:
+        module = module_cls(shape=tuple(x.shape[1:]), hidden=spec.hidden, depth=cfg.depth, lr=spec.lr)
+        tier = {}
     # the detector's probes are not the truth's: its own seed, and copies of the batches it saw
-    absolute = _monitor(job, "batches", job.seed + ABS_PROBE_SEED)
-    trace = _monitor(job, None, job.seed + ABS_PROBE_SEED, method="trace")  # the absolute monitor's probes
+    absolute = _monitor(job, "batches", job.seed + ABS_PROBE_SEED, sigmas=ABSOLUTE_SIGMAS, **tier)
+    # the absolute monitor's probes on the cheap tier (a UNet's absolute monitor is already on it)
+    trace = None if tier else _monitor(job, None, job.seed + ABS_PROBE_SEED, sigmas=ABSOLUTE_SIGMAS, method="trace")
     gap = LossGap(x, held, timesteps=cfg.loss_timesteps, size=cfg.held_out, seed=job.seed + LOSS_GAP_SEED)
-    auto = _monitor(job, x, job.seed, sigmas="auto", sigma_factors=cfg.sigma_factors, loss_gap=gap)
+    auto = _monitor(job, x, job.seed, sigmas="auto", sigma_factors=cfg.sigma_factors, loss_gap=gap, **tier)
     trainer = pl.Trainer(
         max_steps=spec.max_steps,
         accelerator="cpu",
@@ -306,10 +325,10 @@ def _fit(
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[auto, absolute, trace],
+        callbacks=[m for m in (auto, absolute, trace) if m is not None],
     )
-    trainer.fit(module, data_cls(x, cfg.batch_size, spec.max_steps, job.seed))
-    return module, absolute, trace, auto
+    trainer.fit(module, data_cls(x, spec.batch_size or cfg.batch_size, spec.max_steps, job.seed))
+    return module, absolute, trace or absolute, auto
 
 
 def _stack(checks: Sequence[CheckRecord], t: float, value: Any) -> np.ndarray:
@@ -333,9 +352,11 @@ def train_run(job: RunJob) -> RunRecord:
     started, cpu_started = time.perf_counter(), time.process_time()
     x, held = make_data(job.spec.name, job.n, job.seed, job.cfg.held_out)
     module, absolute, trace, auto = _fit(job, x, held)
-    if not torch.equal(absolute.samples, trace.samples):  # the trace tier's labels are the absolute monitor's
+    if trace is not absolute and not torch.equal(
+        absolute.samples, trace.samples
+    ):  # the trace tier's labels are the absolute monitor's
         raise MemwatchError(f"{job.spec.name} N={job.n}: the trace monitor drew other probes than the absolute one")
-    schedule = module.schedule
+    schedule = find_score(module).schedule  # what the monitors found: the module's, or its diffusers scheduler's
     t_of = {f"abs {s:g}": float(schedule.timestep_for_sigma(float(s))) for s in absolute.sigmas}
     t_of.update({f"trace {s:g}": float(schedule.timestep_for_sigma(float(s))) for s in trace.sigmas})
     assert auto.calibrated_sigmas is not None
@@ -377,7 +398,7 @@ def quiet() -> None:
 def jobs_of(cfg: StudyConfig) -> list[RunJob]:
     """Every run of the study, longest first (so two workers finish together)."""
     jobs = [RunJob(cfg, spec, n, seed) for seed in cfg.seeds for spec in cfg.data for n in spec.ns]
-    jobs.sort(key=lambda j: -j.spec.max_steps * (4 if j.spec.hidden > 128 else 1))
+    jobs.sort(key=lambda j: -j.spec.cost)
     return jobs
 
 

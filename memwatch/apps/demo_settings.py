@@ -22,7 +22,8 @@ class DemoSettings:
         hidden, depth, lr, batch_size: the MLP denoiser and its Adam optimizer.
         num_probes, sampler_steps, sigmas, k, threshold, score_threshold, onset_threshold: the monitor
             (see :mod:`memwatch.apps.demo`): the callback's defaults (:mod:`memwatch.defaults`) unless
-            a smaller demo asks for less.
+            a smaller demo asks for less; the noise level is the absolute σ_t = 0.3 of
+            ``defaults.ABSOLUTE_SIGMAS``, which the demo's story explains.
     """
 
     n_small: int = 16
@@ -35,7 +36,7 @@ class DemoSettings:
     batch_size: int = 64
     num_probes: int = defaults.NUM_PROBES
     sampler_steps: int = defaults.SAMPLER_STEPS
-    sigmas: tuple[float, ...] = defaults.SIGMAS
+    sigmas: tuple[float, ...] = defaults.ABSOLUTE_SIGMAS
     k: int = defaults.SHARPNESS.k
     threshold: float = defaults.SHARPNESS.threshold
     score_threshold: float = defaults.SCORE_THRESHOLD

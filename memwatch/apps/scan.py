@@ -228,6 +228,13 @@ class _OfflineCheck:
         started = time.perf_counter()
         with isolated(module):
             monitor.prepare(module)
+            if monitor.calibrating and monitor.calibrated_sigmas is None:  # once, as a live run at its first check
+                if monitor.reference is None:
+                    raise MemwatchError(
+                        'sigmas="auto" (the default) sets the noise levels from the training data, and a scan sees '
+                        "no batches: pass the training data as `data` (--data), or noise levels as `sigmas` (--sigmas)"
+                    )
+                monitor.calibrate(monitor.reference)
             measurement: ProbeMeasurement = monitor.measure_check(module)
             values = monitor.check_values(measurement, module.device)
         values["check_seconds"] = time.perf_counter() - started

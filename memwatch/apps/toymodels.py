@@ -193,14 +193,7 @@ class DigitsDataModule(TensorDataModule):
     ) -> None:
         from memwatch.data import digits
 
-        if not isinstance(image_size, int) or image_size < 8:
-            raise MemwatchError(f"`image_size` must be an integer >= 8, got {image_size!r}")
-        images = digits(n_train, seed=seed)
-        if image_size != 8:
-            images = nn.functional.interpolate(
-                images, size=(image_size, image_size), mode="bilinear", align_corners=False
-            )
-            images = images.clamp(-1.0, 1.0)
+        images = digits(n_train, seed=seed, image_size=image_size)
         super().__init__(images, batch_size=batch_size, steps_per_epoch=steps_per_epoch, seed=seed)
         self.train_data = images
 
