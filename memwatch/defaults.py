@@ -11,6 +11,7 @@ from __future__ import annotations
 from memwatch.sharpness import SharpnessOptions
 
 __all__ = [
+    "ABSOLUTE_ONSET_THRESHOLD",
     "ABSOLUTE_SIGMAS",
     "CALIBRATION_CAPACITY",
     "SIGMA_FACTORS",
@@ -34,8 +35,9 @@ NUM_PROBES = 32  #: probes per check
 SAMPLER_STEPS = 50  #: sampler steps per probe
 SIGMAS = "auto"  #: evaluation noise levels: "auto" = SIGMA_FACTORS × the training data's median NN distance
 ABSOLUTE_SIGMAS = (0.3,)  #: the former default σ_t (data units, for data in about [-1, 1]); the demo's levels
+ABSOLUTE_ONSET_THRESHOLD = 0.2  #: the former default onset threshold, chosen with ABSOLUTE_SIGMAS; the demo's
 SCORE_THRESHOLD = 0.9  #: a probe is memorized when its sharp fraction exceeds this
-ONSET_THRESHOLD = 0.2  #: onset when more than this share of the probes is memorized ...
+ONSET_THRESHOLD = 0.3  #: onset when more than this share of the probes is memorized ...
 ONSET_ON = "sharpness"  #: the share the onset rule watches: sharp probes (see MemorizationMonitor's onset_on)
 PATIENCE = 2  #: ... at this many checks in a row
 MIN_VALID_FRACTION = 0.5  #: a check with fewer finite probes than this share is a failed check

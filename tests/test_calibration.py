@@ -339,7 +339,8 @@ def test_same_relative_levels_across_data_ranges() -> None:
 
 
 # ---------------------------------------------------------------------- through the monitor
-def test_the_monitor_calibrates_its_noise_levels_from_the_training_batches(tmp_path):
+def test_the_default_monitor_calibrates_its_noise_levels_from_the_training_batches(tmp_path):
+    """No σ set: the levels follow the data's scale (×1, ×0.5), and the encoder's space when there is one."""
     import lightning.pytorch as pl
     from callback_setup import datamodule, module_2d, trainer
 
@@ -348,21 +349,49 @@ def test_the_monitor_calibrates_its_noise_levels_from_the_training_batches(tmp_p
 
     data = torch.tensor([[-2.0, -2.0], [2.0, -2.0], [-2.0, 2.0], [2.0, 2.0]])  # NN distance 4
     levels = {}
-    for scale in (1.0, 0.5):
+    encoded_rows = []
+
+    def encoder(x: torch.Tensor) -> torch.Tensor:  # a "latent space" at a third of the scale
+        encoded_rows.append(x.shape[0])
+        return x / 3
+
+    for name, scale, encode_fn in (("x1", 1.0, None), ("x0.5", 0.5, None), ("latent", 1.0, encoder)):
         pl.seed_everything(0, verbose=False)
         monitor = MemorizationMonitor(
-            every_n_train_steps=10, sigmas="auto", num_probes=4, sampler_steps=5, k=2, verbose=False,
-            raise_errors=True, save_clean_checkpoint=False,
+            every_n_train_steps=10, num_probes=4, sampler_steps=5, k=2, verbose=False, raise_errors=True,
+            save_clean_checkpoint=False, encode_fn=encode_fn,
         )  # fmt: skip
-        trainer(tmp_path / str(scale), [monitor], max_steps=20).fit(
-            module_2d(hidden=32, depth=1), datamodule(data * scale)
-        )
+        assert monitor.calibrating  # the default: sigmas="auto"
+        trainer(tmp_path / name, [monitor], max_steps=20).fit(module_2d(hidden=32, depth=1), datamodule(data * scale))
         assert len(monitor.history) == 2 and all(math.isfinite(h["sharp_fraction_mean"]) for h in monitor.history)
-        assert monitor.data_scale.median == pytest.approx(median_nn_distance(data * scale))
-        levels[scale] = monitor.calibrated_sigmas
+        expected = median_nn_distance(data * scale / (3 if encode_fn else 1))
+        assert monitor.data_scale.median == pytest.approx(expected)
+        levels[name] = monitor.calibrated_sigmas
         state = monitor.state_dict()
-        assert state["calibrated_sigmas"] == levels[scale] and "samples" not in str(state)  # no training data
-    assert levels[1.0] == pytest.approx((0.1 * 4,)) and levels[0.5] == pytest.approx((0.1 * 2,))  # scale-equivariant
+        assert state["calibrated_sigmas"] == levels[name] and "samples" not in str(state)  # no training data
+    assert levels["x1"] == pytest.approx((0.1 * 4,)) and levels["x0.5"] == pytest.approx(
+        (0.1 * 2,)
+    )  # scale-equivariant
+    assert levels["latent"] == pytest.approx((0.1 * 4 / 3,))
+    assert sum(encoded_rows) == 4  # the encoder saw each distinct training sample once, not every batch row
+
+
+def test_explicit_levels_or_timesteps_do_not_calibrate_and_calibrate_says_why() -> None:
+    from callback_setup import module_2d
+
+    from memwatch import MemorizationMonitor
+
+    assert not MemorizationMonitor(sigmas=(0.3,)).calibrating
+    assert not MemorizationMonitor(timesteps=(100,)).calibrating  # the timesteps win over the default levels
+    with pytest.raises(MemwatchError, match=r'calibrate\(\) needs sigmas="auto".*\(0.3,\)'):
+        MemorizationMonitor(sigmas=(0.3,)).calibrate(torch.randn(8, 2))
+    monitor = MemorizationMonitor()
+    with pytest.raises(MemwatchError, match=r"call prepare\(pl_module\) first"):
+        monitor.calibrate(torch.randn(8, 2))
+    monitor.prepare(module_2d(hidden=8, depth=1))
+    with pytest.raises(MemwatchError, match="distinct"):
+        monitor.calibrate(torch.ones(8, 2))
+    assert monitor.calibrate(torch.tensor([[0.0, 0.0], [0.0, 4.0], [4.0, 0.0]])) == pytest.approx((0.4,))
 
 
 def test_a_distinct_reservoir_holds_a_training_set_up_to_capacity_whole_over_many_epochs() -> None:

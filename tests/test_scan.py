@@ -143,12 +143,12 @@ def test_errors_name_what_is_wrong(trained, tmp_path):
     with pytest.raises(MemwatchError, match="`wandb_mode` must be one of"):
         scan_app.scan(files[:1], DDPMModule, wandb_mode="online")
     with pytest.raises(MemwatchError, match="pass `sample_shape=`"):
-        scan_app.scan(files[:1], DDPMModule, monitor_kwargs=MONITOR, progress=False)
-    assert math.isfinite(
-        scan_app.scan(
-            files[:1], DDPMModule, monitor_kwargs=dict(MONITOR, sample_shape=(1, 8, 8)), progress=False
-        ).history[0]["sharp_fraction_mean"]
-    )
+        scan_app.scan(files[:1], DDPMModule, monitor_kwargs=dict(MONITOR, sigmas=(0.3,)), progress=False)
+    shaped = dict(MONITOR, sample_shape=(1, 8, 8))
+    with pytest.raises(MemwatchError, match=r'sigmas="auto" \(the default\).*a scan sees no batches.*--data'):
+        scan_app.scan(files[:1], DDPMModule, monitor_kwargs=shaped, progress=False)
+    explicit = scan_app.scan(files[:1], DDPMModule, monitor_kwargs=dict(shaped, sigmas=(0.3,)), progress=False)
+    assert math.isfinite(explicit.history[0]["sharp_fraction_mean"])
 
 
 def test_the_replay_decides_on_the_share_onset_on_names_and_batches_need_data(trained, tmp_path):

@@ -19,6 +19,7 @@ from memwatch import MEMORIZED_RATIO
 from memwatch.onset import OnsetDetector
 
 from .config import (
+    ABSOLUTE_RULE,
     ABSOLUTE_SPEC,
     BORDERLINE,
     FPRS,
@@ -29,6 +30,7 @@ from .config import (
     SIGNALS,
     Defaults,
     StudyConfig,
+    library_defaults,
 )
 from .runs import RunRecord
 
@@ -356,32 +358,32 @@ def gap_grid(cfg: StudyConfig) -> list[Rule]:
 def select_rules(sel: Sequence[RunRecord], cfg: StudyConfig, defaults: Defaults) -> dict[str, Rule]:
     """Every rule of the study; the tuned ones chosen on the selection runs ``sel`` only.
 
-    * ``TODAY``: the absolute noise level :data:`config.ABSOLUTE_SPEC` (the library's former
-      default) with the library's thresholds (fixed);
+    * ``TODAY``: the fixed absolute rule :data:`config.ABSOLUTE_RULE` (the library's former
+      defaults);
     * ``TRACE``: the same, measured by the cheap trace tier on the same probes (fixed; when measured);
-    * ``AUTO_TODAY``: the library's defaults, ``sigmas="auto"`` at its first factor and its
-      thresholds (fixed; only when that factor is measured);
+    * ``AUTO_TODAY``: the library's defaults (``defaults``: ``sigmas="auto"`` at its first
+      factor and its thresholds; fixed; only when that factor is measured);
     * ``ABS_TUNED``: the shipped absolute level, both thresholds tuned;
     * ``AUTO``: factor and both thresholds tuned;
-    * ``COPIES``: ``reference_data="batches"``, ``onset_on="copies"``, today's onset threshold (fixed);
+    * ``COPIES``: ``reference_data="batches"``, ``onset_on="copies"``, the absolute rule's onset threshold (fixed);
     * ``COPIES_TUNED``: the same, onset threshold and patience (``COPY_PATIENCES``) tuned;
-    * ``EITHER``: ``onset_on="either"`` with the absolute noise level and the library's thresholds (fixed);
+    * ``EITHER``: ``onset_on="either"`` with the absolute rule (fixed);
     * ``GAP``: the loss-gap baseline, timestep and threshold tuned.
     """
-    abs_spec = defaults.primary_spec if defaults.sigmas != ("auto",) else ABSOLUTE_SPEC
-    rules = {TODAY: Rule("sharp", abs_spec, defaults.score_threshold, float(defaults.onset_threshold or 0.0))}
+    abs_spec, score, onset = ABSOLUTE_SPEC, ABSOLUTE_RULE["score_threshold"], ABSOLUTE_RULE["onset_threshold"]
+    rules = {TODAY: Rule("sharp", abs_spec, score, onset)}
     trace_spec = abs_spec.replace("abs", "trace")
     if trace_spec in sel[0].signals:
-        rules[TRACE] = Rule("sharp", trace_spec, defaults.score_threshold, rules[TODAY].onset_threshold)
+        rules[TRACE] = Rule("sharp", trace_spec, score, onset)
     auto_spec = f"auto {float(defaults.sigma_factors[0]):g}"
-    if auto_spec in cfg.auto_specs():
-        rules[AUTO_TODAY] = Rule("sharp", auto_spec, defaults.score_threshold, rules[TODAY].onset_threshold)
+    if defaults.sigmas == ("auto",) and auto_spec in cfg.auto_specs():
+        rules[AUTO_TODAY] = Rule("sharp", auto_spec, defaults.score_threshold, float(defaults.onset_threshold or 0.0))
     rules[ABS_TUNED] = choose(sel, sharp_grid([abs_spec], cfg), defaults)[0]
     rules[AUTO] = choose(sel, sharp_grid(cfg.auto_specs(), cfg), defaults)[0]
-    rules[COPIES] = Rule("copies", abs_spec, None, rules[TODAY].onset_threshold)
+    rules[COPIES] = Rule("copies", abs_spec, None, onset)
     copy_grid = [Rule("copies", abs_spec, None, t, p) for p in COPY_PATIENCES for t in cfg.onset_thresholds]
     rules[COPIES_TUNED] = choose(sel, copy_grid, defaults)[0]
-    rules[EITHER] = Rule("either", abs_spec, defaults.score_threshold, rules[TODAY].onset_threshold)
+    rules[EITHER] = Rule("either", abs_spec, score, onset)
     rules[GAP] = choose(sel, gap_grid(cfg), defaults)[0]
     return rules
 
@@ -449,7 +451,8 @@ class StudyAnalysis:
     """The study analysed: every choice on ``groups["selection"]``, evaluation on the others.
 
     Attributes:
-        cfg, defaults: the study and the callback defaults its runs were made with.
+        cfg, defaults: the study and the library's defaults when it is analysed (the runs keep
+            theirs as ``RunRecord.shipped``; the fixed absolute rule does not depend on either).
         datasets: sorted data-set names.
         groups: ``"selection"``, ``"report"`` and (when given) ``"fresh"`` -> their runs.
         rules: rule name -> :class:`Rule` (see :func:`select_rules`).
@@ -482,6 +485,12 @@ class StudyAnalysis:
         """The check cadence (all data sets share it)."""
         return self.cfg.data[0].every
 
+    def two_tier_runs(self, group: str) -> list[RunRecord]:
+        """The runs of ``group`` whose absolute and trace rules are two measurements (dense and
+        trace tier): every run but the UNet's, which measure on the trace tier only."""
+        unet = {d.name for d in self.cfg.data if d.model == "unet"}
+        return [r for r in self.groups[group] if r.dataset not in unet]
+
     def auroc(self, group: str, rule: Rule) -> RocStats | None:
         """Pooled per-probe statistics of the rule's per-probe score (``None`` for the loss gap and
         the copy rules: their probes are not the truth's)."""
@@ -490,7 +499,7 @@ class StudyAnalysis:
 
 def analyse(runs: list[RunRecord], cfg: StudyConfig, fresh: Sequence[RunRecord] = ()) -> StudyAnalysis:
     """Choose on the selection seeds of ``cfg``, replay everything on the report seeds and on ``fresh``."""
-    defaults = runs[0].shipped
+    defaults = library_defaults()  # today's, which the report calls the library's defaults
     groups = {
         "selection": [r for r in runs if r.seed in cfg.select_seeds],
         "report": [r for r in runs if r.seed not in cfg.select_seeds],

@@ -27,6 +27,12 @@ SCALED: dict[str, tuple[str, tuple[float, float]]] = {  # name -> (base data set
 }
 ABSOLUTE_SIGMAS = defaults.ABSOLUTE_SIGMAS  # the absolute monitor's level: the library's former default
 ABSOLUTE_SPEC = f"abs {ABSOLUTE_SIGMAS[0]:g}"
+# the absolute monitor's whole rule, fixed: the library's defaults before study v2.2 (σ_t 0.3, 0.9, 0.2)
+ABSOLUTE_RULE: dict[str, Any] = {
+    "sigmas": ABSOLUTE_SIGMAS,
+    "score_threshold": defaults.SCORE_THRESHOLD,
+    "onset_threshold": defaults.ABSOLUTE_ONSET_THRESHOLD,
+}
 IMAGE_SIZES = {"digits16": 16}  # image data sets: the digits upsampled to this side (d = 256)
 UNET_METHOD = "trace"  # the UNet runs' absolute and auto monitors: the tier `method="auto"` uses at image scale
 

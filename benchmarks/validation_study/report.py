@@ -31,11 +31,13 @@ from .analysis import (
     Outcome,
     StudyAnalysis,
     checks_apart,
+    pooled,
     rescale_rows,
     rescale_summary,
+    roc_stats,
     run_kind,
 )
-from .config import ABSOLUTE_SIGMAS, BORDERLINE, NEVER, NN_ONSET, PRIMARY_SIGNAL, SCALED, SIGNALS
+from .config import ABSOLUTE_RULE, BORDERLINE, NEVER, NN_ONSET, PRIMARY_SIGNAL, SCALED, SIGNALS
 from .figures import plot_auroc_vs_factor, plot_curves, plot_loss_gap, plot_onsets, run_curves
 from .runs import RunRecord, Timing
 
@@ -186,9 +188,9 @@ def setup_section(an: StudyAnalysis) -> str:
         )
         + "Three monitors watch every run, two with their own probes "
         f"({cfg.num_probes} per check, {cfg.sampler_steps}-step DDIM, dense Hessian spectrum, τ = {d.threshold}): "
-        f"one at the absolute noise level sigmas {ABSOLUTE_SIGMAS} (the library's former default) with the "
-        f"library's thresholds (score_threshold {d.score_threshold}, onset_threshold {d.onset_threshold}, patience "
-        f"{d.patience}; its own probes, and "
+        f"one with a fixed absolute rule, the library's former defaults (sigmas {ABSOLUTE_RULE['sigmas']}, "
+        f"score_threshold {ABSOLUTE_RULE['score_threshold']}, onset_threshold {ABSOLUTE_RULE['onset_threshold']}, "
+        f"patience {d.patience}; its own probes, and "
         '`reference_data="batches"`: it counts copies of the training samples it saw itself; a third monitor '
         'measures its probes again with `method="trace"`), '
         'one with `sigmas="auto"` and '
@@ -249,8 +251,9 @@ def summary_section(an: StudyAnalysis) -> str:
         if group in an.groups:
             outs = an.outcomes[group]
             auc = _f(an.aurocs[group][("all", auto.spec, PRIMARY_SIGNAL)].auroc, 3)
+            shipped = f"{AUTO_TODAY}: {_counts(outs[AUTO_TODAY])}; " if AUTO_TODAY in outs else ""
             lines.append(
-                f"* {an.seeds(group)}: **{AUTO}** {_counts(outs[AUTO])}, per-probe AUROC {auc}; "
+                f"* {an.seeds(group)}: **{AUTO}** {_counts(outs[AUTO])}, per-probe AUROC {auc}; {shipped}"
                 f"{TODAY}: {_counts(outs[TODAY])}; **{COPIES_TUNED}** ({an.rules[COPIES_TUNED].describe()}): "
                 f"{_counts(outs[COPIES_TUNED])}; {EITHER}: {_counts(outs[EITHER])}; {GAP}: {_counts(outs[GAP])}."
             )
@@ -267,12 +270,12 @@ def summary_section(an: StudyAnalysis) -> str:
 def rules_section(an: StudyAnalysis) -> str:
     sel = an.outcomes["selection"]
     how = {
-        TODAY: f"fixed: sigmas {ABSOLUTE_SIGMAS} (the former default), the library's thresholds",
+        TODAY: "fixed: the library's former defaults",
         TRACE: 'fixed: the same, `method="trace"` (the cheap tier) on the same probes',
         AUTO_TODAY: 'fixed: the library\'s defaults (`sigmas="auto"`, its factor and thresholds)',
         "absolute, tuned": "thresholds tuned on the selection seed",
         AUTO: "factor and thresholds tuned on the selection seed",
-        COPIES: 'fixed: `reference_data="batches"`, `onset_on="copies"`, the library\'s onset threshold',
+        COPIES: 'fixed: `reference_data="batches"`, `onset_on="copies"`, the absolute rule\'s onset threshold',
         COPIES_TUNED: "the same, onset threshold and patience (1 or 2) tuned on the selection seed",
         EITHER: 'fixed: `reference_data="batches"`, `onset_on="either"`, the absolute σ and thresholds',
         GAP: "timestep and threshold tuned on the selection seed",
@@ -400,22 +403,22 @@ def trace_tier_section(an: StudyAnalysis) -> str:
     for group in ("selection", "report", "fresh"):
         if group not in an.groups:
             continue
-        a, b = an.auroc(group, dense), an.auroc(group, trace)
-        same = sum(x.onset == y.onset for x, y in zip(an.outcomes[group][TODAY].rows, an.outcomes[group][TRACE].rows))
-        total = len(an.groups[group])
+        runs = an.two_tier_runs(group)
+        a, b = (roc_stats(*pooled(runs, rule.spec, PRIMARY_SIGNAL)) for rule in (dense, trace))
+        same = sum(dense.onset(r, an.defaults) == trace.onset(r, an.defaults) for r in runs)
         rows.append(
             [
                 an.seeds(group),
-                _f(a.auroc, 3) if a else "–",
-                _f(b.auroc, 3) if b else "–",
-                _f(b.auroc - a.auroc, 3) if a and b else "–",
-                f"{same}/{total} = {same / max(total, 1):.0%}",
+                _f(a.auroc, 3),
+                _f(b.auroc, 3),
+                _f(b.auroc - a.auroc, 3),
+                f"{same}/{len(runs)} = {same / max(len(runs), 1):.0%}",
             ]
         )
     header = ["seeds", f"AUROC, dense ({dense.spec})", f"AUROC, trace tier ({trace.spec})", "Δ", "same onset"]
     return _join(
         "## 3b. The cheap trace tier against the dense spectrum\n",
-        f"The absolute defaults ({dense.describe()}) measured twice on the same probes of every run: by the "
+        f"The absolute rule ({dense.describe()}) measured twice on the same probes of every MLP run: by the "
         'exact dense spectrum and by `method="trace"` (LID from a Hutchinson estimate of the denoiser '
         'Jacobian\'s trace, the tier `method="auto"` uses above d = 384). Per-probe AUROC of the sharp '
         "fraction against the NN labels, pooled; onset: the default rule replayed on each. Targets: AUROC within "

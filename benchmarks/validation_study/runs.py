@@ -32,7 +32,7 @@ from memwatch.lossgap import LossGap
 from memwatch.probes import isolated
 
 from .config import (
-    ABSOLUTE_SIGMAS,
+    ABSOLUTE_RULE,
     GMM_COMPONENTS,
     GMM_SEED,
     GMM_STD,
@@ -76,8 +76,8 @@ class CheckRecord:
 class RunRecord:
     """Everything the analysis needs from one training run (``C`` checks of ``P`` probes).
 
-    Three monitors watch every run: one at the absolute noise level ``config.ABSOLUTE_SIGMAS``
-    (the library's former default) with the library's thresholds, its own probes — seed +
+    Three monitors watch every run: one with the fixed absolute rule ``config.ABSOLUTE_RULE``
+    (the library's former defaults), its own probes — seed +
     ``ABS_PROBE_SEED`` — and ``reference_data="batches"``: the detector; one with the same settings
     and probes measured by the cheap trace tier (``method="trace"``; on a UNet the absolute monitor
     itself); and one with ``sigmas="auto"`` and every factor of the study (the library's default
@@ -289,8 +289,8 @@ def _monitor(job: RunJob, reference: torch.Tensor | str, seed: int, **kwargs: An
 def _fit(
     job: RunJob, x: torch.Tensor, held: torch.Tensor
 ) -> tuple[Any, RecordingMonitor, RecordingMonitor, RecordingMonitor]:
-    """Train one model on ``x`` with three :class:`RecordingMonitor` s: the absolute noise level
-    with the library's thresholds, the same with the cheap trace tier (``method="trace"``, the same probes), and
+    """Train one model on ``x`` with three :class:`RecordingMonitor` s: the fixed absolute rule
+    (:data:`config.ABSOLUTE_RULE`), the same with the cheap trace tier (``method="trace"``, the same probes), and
     ``sigmas="auto"`` at every factor of the study (with the loss gap on ``held``); return the
     module and the monitors. A UNet's monitors all measure on :data:`config.UNET_METHOD`, so its
     absolute monitor is returned as the trace monitor too (one measurement, not two)."""
@@ -311,9 +311,9 @@ def _fit(
         module = module_cls(shape=tuple(x.shape[1:]), hidden=spec.hidden, depth=cfg.depth, lr=spec.lr)
         tier = {}
     # the detector's probes are not the truth's: its own seed, and copies of the batches it saw
-    absolute = _monitor(job, "batches", job.seed + ABS_PROBE_SEED, sigmas=ABSOLUTE_SIGMAS, **tier)
+    absolute = _monitor(job, "batches", job.seed + ABS_PROBE_SEED, **ABSOLUTE_RULE, **tier)
     # the absolute monitor's probes on the cheap tier (a UNet's absolute monitor is already on it)
-    trace = None if tier else _monitor(job, None, job.seed + ABS_PROBE_SEED, sigmas=ABSOLUTE_SIGMAS, method="trace")
+    trace = None if tier else _monitor(job, None, job.seed + ABS_PROBE_SEED, **ABSOLUTE_RULE, method="trace")
     gap = LossGap(x, held, timesteps=cfg.loss_timesteps, size=cfg.held_out, seed=job.seed + LOSS_GAP_SEED)
     auto = _monitor(job, x, job.seed, sigmas="auto", sigma_factors=cfg.sigma_factors, loss_gap=gap, **tier)
     trainer = pl.Trainer(

@@ -8,8 +8,8 @@ demo then writes a few PNGs and prints a summary table.
 
 Why these monitor settings (digits in [-1, 1], d = 64 pixels, per-pixel std ≈ 0.45, median
 distance to the nearest other training image 4.1 for N = 16 and 2.2 for N = 1024). They are the
-callback's default thresholds at a fixed noise level, the callback's former default (the default
-``sigmas="auto"`` takes 0.1 × that median distance instead, 0.41 and 0.22 here; see
+absolute rule the callback shipped before study v2.2 (its defaults now, ``sigmas="auto"`` and
+``onset_threshold=0.3``, take σ_t = 0.1 × that median distance instead, 0.41 and 0.22 here; see
 ``docs/validation.md``):
 
 * ``sigmas=(0.3,)``. A direction counts as sharp when ``σ_t² λ < -½``; for data spread with

@@ -22,8 +22,9 @@ class DemoSettings:
         hidden, depth, lr, batch_size: the MLP denoiser and its Adam optimizer.
         num_probes, sampler_steps, sigmas, k, threshold, score_threshold, onset_threshold: the monitor
             (see :mod:`memwatch.apps.demo`): the callback's defaults (:mod:`memwatch.defaults`) unless
-            a smaller demo asks for less; the noise level is the absolute σ_t = 0.3 of
-            ``defaults.ABSOLUTE_SIGMAS``, which the demo's story explains.
+            a smaller demo asks for less; the noise level and the onset threshold are the absolute
+            rule the library shipped before ``sigmas="auto"`` (``defaults.ABSOLUTE_SIGMAS``,
+            ``defaults.ABSOLUTE_ONSET_THRESHOLD``), whose story the demo tells.
     """
 
     n_small: int = 16
@@ -40,7 +41,7 @@ class DemoSettings:
     k: int = defaults.SHARPNESS.k
     threshold: float = defaults.SHARPNESS.threshold
     score_threshold: float = defaults.SCORE_THRESHOLD
-    onset_threshold: float = defaults.ONSET_THRESHOLD
+    onset_threshold: float = defaults.ABSOLUTE_ONSET_THRESHOLD
 
 
 DEFAULT = DemoSettings()
