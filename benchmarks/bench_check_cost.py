@@ -23,6 +23,8 @@ Models (random init, float32, CPU):
   attention block) on ``3×16×16`` / ``3×32×32`` (attention has no forward-mode formula: the
   Lanczos tier falls back to double vjps);
 * ``latent32``: the same UNet on a ``4×32×32`` "latent".
+* ``digits16``: the validation study's UNet (:func:`memwatch.apps.toymodels.tiny_unet`, widths 16/32)
+  on ``1×16×16``, ``d = 256``: small enough for the dense spectrum beside the trace tier.
 
     python benchmarks/bench_check_cost.py                  # all models, 32 probes, 50 steps
     python benchmarks/bench_check_cost.py --fast           # smoke run: mlp and unet16, 4 probes, 5 steps
@@ -43,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 import memwatch
-from memwatch.apps.toymodels import MLPDenoiser
+from memwatch.apps.toymodels import MLPDenoiser, tiny_unet
 from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore
 from memwatch.sharpness import DENSE_MAX_DIM, SharpnessOptions, hessian_score_norm, measure_sharpness
@@ -76,6 +78,7 @@ def _tiny_unet(channels: int, size: int) -> torch.nn.Module:
 
 MODELS = {
     "mlp": Model("MLP ε-net", (64,), lambda: MLPDenoiser((64,))),
+    "digits16": Model("UNet 1×16×16 (the study's)", (1, 16, 16), lambda: tiny_unet(1, 16, widths=(16, 32))),
     "unet16": Model("UNet 3×16×16", (3, 16, 16), lambda: _tiny_unet(3, 16)),
     "unet32": Model("UNet 3×32×32", (3, 32, 32), lambda: _tiny_unet(3, 32)),
     "latent32": Model("UNet 4×32×32 (latent)", (4, 32, 32), lambda: _tiny_unet(4, 32)),

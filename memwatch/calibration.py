@@ -40,7 +40,7 @@ from memwatch.errors import MemwatchError
 from memwatch.groundtruth import nearest_neighbours
 from memwatch.schedules import NoiseSchedule
 
-__all__ = ["DataScale", "Reservoir", "data_scale", "relative_sigmas", "RESOLVED_FRACTION"]
+__all__ = ["DataScale", "Reservoir", "data_scale", "level_range", "relative_sigmas", "RESOLVED_FRACTION"]
 
 RESOLVED_FRACTION = 0.02
 """Default floor and ceiling of :func:`relative_sigmas`: σ at this fraction of the schedule's
@@ -388,10 +388,9 @@ def relative_sigmas(
 ) -> tuple[float, ...]:
     """Noise levels relative to the data's scale, ``σ_i = clamp(factor_i × median NN distance, floor, ceiling)``.
 
-    The monitor's ``sigmas="auto"`` uses factor 0.1 (``memwatch.defaults.SIGMA_FACTORS``), chosen
-    on the selection seed of the validation study (``docs/validation.md``, v2), where it beat 0.05
-    and 0.2 on the report and fresh seeds; it is opt-in, not the default, because on those runs it
-    was not better than the absolute σ_t = 0.3 (see the study for where it fails and why).
+    The monitor's default ``sigmas="auto"`` uses factor 0.1 (``memwatch.defaults.SIGMA_FACTORS``),
+    chosen on the selection seed of the validation study (``docs/validation.md``, v2.2), with its
+    ceiling lowered to the sampler's first timestep when that is below the default one.
 
     Args:
         scale: the training set's scale, from :func:`data_scale` (in the units the score
@@ -438,6 +437,16 @@ def relative_sigmas(
             stacklevel=2,
         )
     return tuple(min(max(s, lo), hi) for s in levels)
+
+
+def level_range(schedule: NoiseSchedule) -> tuple[float, float]:
+    """The default ``(floor, ceiling)`` of :func:`relative_sigmas` for ``schedule`` (σ_t, data units).
+
+    Example:
+        >>> [round(v, 3) for v in level_range(NoiseSchedule.linear(1000))]
+        [0.079, 1.0]
+    """
+    return _clamp_range(schedule, None, None)
 
 
 def _clamp_range(schedule: NoiseSchedule, floor: float | None, ceiling: float | None) -> tuple[float, float]:

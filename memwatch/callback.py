@@ -28,7 +28,7 @@ from torch import Tensor
 
 from memwatch import defaults
 from memwatch.attribution import CopiedItem, copied_items
-from memwatch.calibration import DataScale, Reservoir, data_scale, relative_sigmas
+from memwatch.calibration import DataScale, Reservoir, data_scale, level_range, relative_sigmas
 from memwatch.checkpoint import CLEAN_CHECKPOINT_NAME, check_save_mode, prepare_dirpath, save_clean_checkpoint
 from memwatch.conditional import check_first_steps, condition_keys, default_max_batch, parse_conditions
 from memwatch.copies import distinct, nearest_candidates, ratio_from_candidates
@@ -180,7 +180,9 @@ class MemorizationMonitor(Callback):
             decode); without it galleries show probes that are images and skip others with a
             warning.
         encode_fn: images → latents (e.g. a VAE's encode), applied to pixel ``reference_data``
-            (and to the batches that calibrate ``sigmas="auto"``), so both live where the probes do.
+            and to training batches whose samples do not already have the probes' shape (those
+            that calibrate ``sigmas="auto"`` or feed ``reference_data="batches"``; only the rows
+            kept are encoded), so all live where the probes do.
         sampler: a :class:`memwatch.sampling.ProbeSampler` drawing the probes; default
             :func:`memwatch.sample_trajectory`, which steps the model's own diffusers scheduler
             (clipping, thresholding, spacing) when the schedule came from one.
@@ -480,7 +482,17 @@ class MemorizationMonitor(Callback):
             self._range_batches += 1
         if self._reservoir is not None:
             first = self._reservoir.shape is None
-            self._reservoir.update(self._batch_data(batch), transform=self._encode)  # only the kept rows are encoded
+            data = self._batch_data(batch)
+            # batches of latents are taken as they are; others (pixels) go through encode_fn, kept rows only
+            in_space = self.sample_shape is not None and tuple(data.shape[1:]) == tuple(self.sample_shape)
+            if first and in_space and self.encode_fn is not None:
+                rank_zero_warn(
+                    f"memwatch: the training batches already hold samples of the probes' shape "
+                    f"{tuple(self.sample_shape)}, so they are taken as latents and `encode_fn` is not applied to them "
+                    "(it still encodes `reference_data` and `heldout_data`)",
+                    category=UserWarning,
+                )
+            self._reservoir.update(data, transform=None if in_space else self._encode)
             if first and self._reservoir.shape is not None:  # the samples must live where the probes do
                 self._check_batch_shape(self._reservoir.shape)
 
@@ -837,9 +849,10 @@ class MemorizationMonitor(Callback):
     def calibrate(self, samples: Tensor) -> tuple[float, ...]:
         """Fix the noise levels of ``sigmas="auto"`` from training samples ``[m, *shape]`` in the
         probes' space: ``sigma_factors`` × their median nearest-neighbour distance, clamped inside
-        the schedule. A live run does this itself at its first check with the samples it saw;
-        ``memwatch scan`` does it with the training data it is given. Call after :meth:`prepare`
-        (or fit start).
+        the schedule (:func:`memwatch.calibration.level_range`) and below the sampler's first
+        step. A live run does this itself at its first check with the samples it saw; ``memwatch
+        scan`` does it with the training data it is given. Call after :meth:`prepare` (or fit
+        start).
 
         Returns:
             The calibrated σ_t, one per factor (also in :attr:`calibrated_sigmas`, and
@@ -855,8 +868,13 @@ class MemorizationMonitor(Callback):
             )
         if self._found is None:
             raise MemwatchError("calibrate() needs the model: call prepare(pl_module) first (fit start does)")
+        schedule = self._found.schedule
+        floor, ceiling = level_range(schedule)
+        first = float(schedule.sigma(schedule.sampling_timesteps(self.sampler_steps)[0]))  # the probes start there
         self.data_scale = data_scale(samples, generator=torch.Generator().manual_seed(self.seed + 2))
-        self.calibrated_sigmas = relative_sigmas(self.data_scale, self._found.schedule, self.sigma_factors)
+        self.calibrated_sigmas = relative_sigmas(
+            self.data_scale, schedule, self.sigma_factors, floor=floor, ceiling=min(ceiling, first)
+        )
         self._set_levels(self._found)
         return self.calibrated_sigmas
 

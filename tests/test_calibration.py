@@ -340,7 +340,10 @@ def test_same_relative_levels_across_data_ranges() -> None:
 
 # ---------------------------------------------------------------------- through the monitor
 def test_the_default_monitor_calibrates_its_noise_levels_from_the_training_batches(tmp_path):
-    """No σ set: the levels follow the data's scale (×1, ×0.5), and the encoder's space when there is one."""
+    """No σ set: the levels follow the data's scale (×1, ×0.5). Batches that already have the
+    probes' shape are taken as they are even with an `encode_fn` (latent batches, pixel
+    reference data), and the monitor says so; pixel batches through `encode_fn`:
+    tests/test_models.py::test_a_latent_model_trained_on_pixel_batches_calibrates_in_latent_space."""
     import lightning.pytorch as pl
     from callback_setup import datamodule, module_2d, trainer
 
@@ -349,31 +352,28 @@ def test_the_default_monitor_calibrates_its_noise_levels_from_the_training_batch
 
     data = torch.tensor([[-2.0, -2.0], [2.0, -2.0], [-2.0, 2.0], [2.0, 2.0]])  # NN distance 4
     levels = {}
-    encoded_rows = []
-
-    def encoder(x: torch.Tensor) -> torch.Tensor:  # a "latent space" at a third of the scale
-        encoded_rows.append(x.shape[0])
-        return x / 3
-
-    for name, scale, encode_fn in (("x1", 1.0, None), ("x0.5", 0.5, None), ("latent", 1.0, encoder)):
+    for name, scale, encode_fn in (("x1", 1.0, None), ("x0.5", 0.5, None), ("in space", 1.0, lambda x: x / 3)):
         pl.seed_everything(0, verbose=False)
         monitor = MemorizationMonitor(
             every_n_train_steps=10, num_probes=4, sampler_steps=5, k=2, verbose=False, raise_errors=True,
             save_clean_checkpoint=False, encode_fn=encode_fn,
         )  # fmt: skip
         assert monitor.calibrating  # the default: sigmas="auto"
-        trainer(tmp_path / name, [monitor], max_steps=20).fit(module_2d(hidden=32, depth=1), datamodule(data * scale))
+        fit = trainer(tmp_path / name, [monitor], max_steps=20)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit.fit(module_2d(hidden=32, depth=1), datamodule(data * scale))
+        said = [str(w.message) for w in caught if "taken as latents" in str(w.message)]
+        assert len(said) == (1 if encode_fn else 0)
         assert len(monitor.history) == 2 and all(math.isfinite(h["sharp_fraction_mean"]) for h in monitor.history)
-        expected = median_nn_distance(data * scale / (3 if encode_fn else 1))
-        assert monitor.data_scale.median == pytest.approx(expected)
+        assert monitor.data_scale.median == pytest.approx(median_nn_distance(data * scale))
         levels[name] = monitor.calibrated_sigmas
         state = monitor.state_dict()
         assert state["calibrated_sigmas"] == levels[name] and "samples" not in str(state)  # no training data
     assert levels["x1"] == pytest.approx((0.1 * 4,)) and levels["x0.5"] == pytest.approx(
         (0.1 * 2,)
     )  # scale-equivariant
-    assert levels["latent"] == pytest.approx((0.1 * 4 / 3,))
-    assert sum(encoded_rows) == 4  # the encoder saw each distinct training sample once, not every batch row
+    assert levels["in space"] == levels["x1"]
 
 
 def test_explicit_levels_or_timesteps_do_not_calibrate_and_calibrate_says_why() -> None:

@@ -129,19 +129,9 @@ def test_a_compiled_network_is_found_through_its_original_module(tmp_path):
 
 
 def test_latent_model_with_decoded_galleries(tmp_path):
-    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers import DDPMScheduler
 
-    vae = AutoencoderKL(
-        in_channels=1,
-        out_channels=1,
-        latent_channels=4,
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=16,
-    ).eval()
+    vae = _tiny_vae()
     images = digits_images(8, size=16)
 
     def encode(x):
@@ -161,6 +151,55 @@ def test_latent_model_with_decoded_galleries(tmp_path):
     _assert_checks_ran(monitor, 1, keys=("lid_mean", "nn_memorized_fraction"))
     gallery = list(Path(tmp_path).rglob("most_memorized_step10.png"))
     assert gallery and gallery[0].stat().st_size > 1000  # decoded to 1-channel images, not skipped
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=16,
+    ).eval()
+
+
+def test_a_latent_model_trained_on_pixel_batches_calibrates_in_latent_space(tmp_path):
+    """The common latent-diffusion recipe: the data module yields pixels, `training_step` encodes.
+    The default `sigmas="auto"` must measure the latents' scale, through `encode_fn`, which sees
+    only the rows the monitor keeps (each of the 8 images once), never the other batch rows."""
+    from diffusers import DDPMScheduler
+
+    from memwatch.groundtruth import median_nn_distance
+
+    torch.manual_seed(0)
+    vae = _tiny_vae()
+    images = digits_images(8, size=16)
+    seen_by_monitor = []
+
+    def encode(x):
+        seen_by_monitor.append(x.shape[0])
+        return vae.encode(x).latent_dist.mode()
+
+    class PixelBatches(UNetDiffusion):
+        def training_step(self, batch, batch_idx):
+            with torch.no_grad():
+                latents = vae.encode(batch[0]).latent_dist.mode()
+            return super().training_step(latents, batch_idx)
+
+    monitor = MemorizationMonitor(every_n_train_steps=10, k=4, method="trace", encode_fn=encode, **SMALL)
+    _fit(tmp_path, PixelBatches(tiny_unet(channels=4), DDPMScheduler(num_train_timesteps=100)), images, monitor, 20, 8)
+    _assert_checks_ran(monitor, 2, keys=("lid_mean",))
+    with torch.no_grad():
+        latents = vae.encode(images).latent_dist.mode()
+    assert monitor.data_scale.median == pytest.approx(median_nn_distance(latents), rel=1e-5)
+    assert monitor.calibrated_sigmas == pytest.approx((0.1 * median_nn_distance(latents),), rel=1e-5)
+    assert sum(seen_by_monitor) == len(images)  # kept rows only: 20 batches of 8 rows, 8 distinct images
 
 
 def test_pixel_reference_data_for_a_latent_model_fails_at_fit_start_with_the_argument_named(tmp_path):

@@ -34,12 +34,13 @@ from .config import (
 )
 from .runs import RunRecord
 
-TODAY, TRACE, AUTO_TODAY, ABS_TUNED, AUTO, COPIES, COPIES_TUNED, EITHER, GAP = (
+TODAY, TRACE, AUTO_TODAY, ABS_TUNED, AUTO, LID, COPIES, COPIES_TUNED, EITHER, GAP = (
     "absolute σ",
     "absolute σ, trace tier",
     "library defaults",
     "absolute, tuned",
     "auto, tuned",
+    "LID, tuned",
     "copies of the batches",
     "copies, tuned",
     "sharp or copy",
@@ -176,11 +177,14 @@ class Rule:
 
     Attributes:
         kind: ``"sharp"`` (share of probes whose sharp fraction at ``spec`` exceeds
-            ``score_threshold``), ``"copies"`` (share of the ``spec`` monitor's probes with
-            ``d₁/d₂ < 1/3``: the callback's ``onset_on="copies"``), ``"either"`` (sharp or a copy:
-            ``onset_on="either"``) or ``"gap"`` (the relative ε-loss gap at timestep ``spec``).
+            ``score_threshold``), ``"lid"`` (share of probes whose LID at ``spec`` is below
+            ``score_threshold``, in dimensions: a threshold that does not scale with ``d``),
+            ``"copies"`` (share of the ``spec`` monitor's probes with ``d₁/d₂ < 1/3``: the
+            callback's ``onset_on="copies"``), ``"either"`` (sharp or a copy: ``onset_on="either"``)
+            or ``"gap"`` (the relative ε-loss gap at timestep ``spec``).
         spec: noise level (``"abs 0.3"``, ``"auto 0.1"``) or loss timestep (``"50"``, ``MEAN_T``).
-        score_threshold: per-probe threshold (``"sharp"`` only).
+        score_threshold: per-probe threshold (``"sharp"``, ``"either"``: a sharp fraction;
+            ``"lid"``: an LID).
         onset_threshold: onset when the monitored value exceeds it at ``patience`` checks in a row.
         patience: checks in a row; ``None``: the callback default's.
     """
@@ -202,6 +206,8 @@ class Rule:
         if self.kind == "copies":
             return memorized_fraction(-copy_ratios(run, self.spec), -MEMORIZED_RATIO)
         assert self.score_threshold is not None
+        if self.kind == "lid":
+            return memorized_fraction(-run.signals[self.spec]["lid"], -self.score_threshold)
         sharp = run.signals[self.spec][PRIMARY_SIGNAL]
         if self.kind == "either":
             return flagged_fraction(sharp, copy_ratios(run, self.spec), self.score_threshold)
@@ -229,6 +235,8 @@ class Rule:
             return f"copies (d₁/d₂ < 1/3 to the batches seen), onset > {self.onset_threshold:g}" + (
                 "" if self.patience is None else f", patience {self.patience}"
             )
+        if self.kind == "lid":
+            return f"LID < {self.score_threshold:g} at {self.spec}, onset > {self.onset_threshold:g}"
         sharp = f"sharp fraction > {self.score_threshold:g} at {self.spec}"
         if self.kind == "either":
             return f"{sharp} or a copy of the batches seen, onset > {self.onset_threshold:g}"
@@ -349,6 +357,11 @@ def sharp_grid(specs: Sequence[str], cfg: StudyConfig) -> list[Rule]:
     return [Rule("sharp", spec, st, ot) for spec in specs for st in cfg.score_thresholds for ot in cfg.onset_thresholds]
 
 
+def lid_grid(specs: Sequence[str], cfg: StudyConfig) -> list[Rule]:
+    """Every LID rule of ``specs`` × ``cfg.lid_thresholds`` × ``cfg.onset_thresholds``."""
+    return [Rule("lid", spec, lt, ot) for spec in specs for lt in cfg.lid_thresholds for ot in cfg.onset_thresholds]
+
+
 def gap_grid(cfg: StudyConfig) -> list[Rule]:
     """Every loss-gap rule: each fixed timestep and their mean × ``cfg.gap_thresholds``."""
     ts = [str(t) for t in cfg.loss_timesteps] + [MEAN_T]
@@ -365,6 +378,8 @@ def select_rules(sel: Sequence[RunRecord], cfg: StudyConfig, defaults: Defaults)
       factor and its thresholds; fixed; only when that factor is measured);
     * ``ABS_TUNED``: the shipped absolute level, both thresholds tuned;
     * ``AUTO``: factor and both thresholds tuned;
+    * ``LID``: an LID threshold instead of a sharp-fraction one (not a callback option), noise
+      level (absolute or any factor) and both thresholds tuned;
     * ``COPIES``: ``reference_data="batches"``, ``onset_on="copies"``, the absolute rule's onset threshold (fixed);
     * ``COPIES_TUNED``: the same, onset threshold and patience (``COPY_PATIENCES``) tuned;
     * ``EITHER``: ``onset_on="either"`` with the absolute rule (fixed);
@@ -380,6 +395,7 @@ def select_rules(sel: Sequence[RunRecord], cfg: StudyConfig, defaults: Defaults)
         rules[AUTO_TODAY] = Rule("sharp", auto_spec, defaults.score_threshold, float(defaults.onset_threshold or 0.0))
     rules[ABS_TUNED] = choose(sel, sharp_grid([abs_spec], cfg), defaults)[0]
     rules[AUTO] = choose(sel, sharp_grid(cfg.auto_specs(), cfg), defaults)[0]
+    rules[LID] = choose(sel, lid_grid([abs_spec, *cfg.auto_specs()], cfg), defaults)[0]
     rules[COPIES] = Rule("copies", abs_spec, None, onset)
     copy_grid = [Rule("copies", abs_spec, None, t, p) for p in COPY_PATIENCES for t in cfg.onset_thresholds]
     rules[COPIES_TUNED] = choose(sel, copy_grid, defaults)[0]
@@ -494,7 +510,8 @@ class StudyAnalysis:
     def auroc(self, group: str, rule: Rule) -> RocStats | None:
         """Pooled per-probe statistics of the rule's per-probe score (``None`` for the loss gap and
         the copy rules: their probes are not the truth's)."""
-        return None if rule.kind != "sharp" else self.aurocs[group][("all", rule.spec, PRIMARY_SIGNAL)]
+        signal = {"sharp": PRIMARY_SIGNAL, "lid": "lid"}.get(rule.kind)
+        return None if signal is None else self.aurocs[group][("all", rule.spec, signal)]
 
 
 def analyse(runs: list[RunRecord], cfg: StudyConfig, fresh: Sequence[RunRecord] = ()) -> StudyAnalysis:

@@ -70,6 +70,7 @@ SIGNALS: dict[str, Signal] = {
 PRIMARY_SIGNAL = "sharp_fraction"  # the callback's score
 
 SCORE_THRESHOLDS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)  # per-probe thresholds tried (sharp fraction)
+LID_THRESHOLDS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)  # per-probe LID thresholds tried (dimensions)
 ONSET_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 GAP_THRESHOLDS = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # loss gap
 
@@ -124,7 +125,8 @@ class StudyConfig:
         held_out: size of the held-out split (and of the training subset) of the loss gap.
         num_probes, sampler_steps: probes per check and their DDIM steps.
         depth, batch_size: MLP depth and training batch size.
-        score_thresholds, onset_thresholds, gap_thresholds: the grids tried on the selection seeds.
+        score_thresholds, lid_thresholds, onset_thresholds, gap_thresholds: the grids tried on
+            the selection seeds.
     """
 
     data: tuple[DataSpec, ...]
@@ -138,6 +140,7 @@ class StudyConfig:
     depth: int = 3
     batch_size: int = 64
     score_thresholds: tuple[float, ...] = SCORE_THRESHOLDS
+    lid_thresholds: tuple[float, ...] = LID_THRESHOLDS
     onset_thresholds: tuple[float, ...] = ONSET_THRESHOLDS
     gap_thresholds: tuple[float, ...] = GAP_THRESHOLDS
 
