@@ -182,7 +182,8 @@ def setup_section(an: StudyAnalysis) -> str:
             "would: a `UNet2DModel` and a default `DDPMScheduler` (clip_sample, linear betas) as attributes of "
             "`memwatch.apps.toymodels.UNetDDPMModule`, found by the monitors without glue, probes stepped by the "
             'scheduler\'s own DDIM. Its monitors measure with `method="trace"` (the dense spectrum of 20 probes '
-            "costs 18 s per noise level per check on one core, 56× the trace tier), so its absolute and trace "
+            "costs 21 s per noise level per check on one core, 82× the trace tier: `benchmarks/bench_check_cost.py "
+            "--models digits16`), so its absolute and trace "
             "rules are one measurement and section 3b leaves it out. "
             if unet
             else ""
