@@ -591,6 +591,7 @@ class MemorizationMonitor(Callback):
             most_memorized_condition=top,
             copied=copied,
             spectrum=measurement.spectrum,
+            hessian_score_norm=measurement.hessian_score_norm,
         )
         clean = None if self.clean_checkpoint_path is None else str(self.clean_checkpoint_path)
         self._reporter.publish(

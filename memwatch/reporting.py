@@ -54,6 +54,8 @@ class CheckResult:
             without reference data); see :func:`memwatch.attribution.copied_items`.
         spectrum: the Lanczos spectrum at the primary timestep at checks that measured one on
             top of the trace tier (image-scale ``method="auto"``), else ``None``.
+        hessian_score_norm: ``[n]`` Jeon et al.'s ``‖H s‖`` of this rank's probes at the
+            noisiest sampler state (larger = more memorized; ``None`` when not measured).
     """
 
     step: int
@@ -67,6 +69,7 @@ class CheckResult:
     most_memorized_condition: str | None = None
     copied: list[CopiedItem] = field(default_factory=list)
     spectrum: SharpnessResult | None = None
+    hessian_score_norm: Tensor | None = None
 
     @property
     def primary(self) -> SharpnessResult:

@@ -34,19 +34,22 @@ from .config import (
 )
 from .runs import RunRecord
 
-TODAY, TRACE, AUTO_TODAY, ABS_TUNED, AUTO, LID, COPIES, COPIES_TUNED, EITHER, GAP = (
+TODAY, TRACE, AUTO_TODAY, ABS_TUNED, AUTO, LID, JEON, COPIES, COPIES_TUNED, EITHER, GAP = (
     "absolute σ",
     "absolute σ, trace tier",
     "library defaults",
     "absolute, tuned",
     "auto, tuned",
     "LID, tuned",
+    "Jeon ‖H s‖, tuned",
     "copies of the batches",
     "copies, tuned",
     "sharp or copy",
     "loss gap",
 )  # the rules compared, in the report's order
 MEAN_T = "mean"  # the loss gap averaged over the fixed timesteps
+NOISIEST, HS_SIGNAL = "noisiest", "hessian_score_norm"  # Jeon et al.'s ‖H s‖: its one state, its signal name
+HS_RATIOS = (1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)  # ‖H s‖ thresholds tried, × its median at the run's first check
 COPY_PATIENCES = (1, 2)  # a copy is observed, not inferred: the copy rule may also act on one check
 
 
@@ -86,7 +89,11 @@ def run_kind(run: RunRecord) -> str:
 
 
 def oriented(run: RunRecord, spec: str, signal: str) -> np.ndarray:
-    """``[C, P]`` the signal at noise level ``spec``, oriented so that higher = more memorized."""
+    """``[C, P]`` the signal at noise level ``spec``, oriented so that higher = more memorized
+    (``HS_SIGNAL``: Jeon et al.'s ‖H s‖ at the noisiest state, ``spec`` ``NOISIEST``)."""
+    if signal == HS_SIGNAL:
+        assert run.hessian_score_norm is not None
+        return run.hessian_score_norm
     return SIGNALS[signal].sign * run.signals[spec][signal]
 
 
@@ -166,6 +173,12 @@ def auroc_table(runs: Sequence[RunRecord], specs: Sequence[str]) -> AurocTable:
             for ds in datasets:
                 table[(ds, spec, signal)] = roc_stats(*pooled([r for r in runs if r.dataset == ds], spec, signal))
             table[("all", spec, signal)] = roc_stats(*pooled(runs, spec, signal))
+    if all(r.hessian_score_norm is not None for r in runs):
+        for ds in datasets:
+            table[(ds, NOISIEST, HS_SIGNAL)] = roc_stats(
+                *pooled([r for r in runs if r.dataset == ds], NOISIEST, HS_SIGNAL)
+            )
+        table[("all", NOISIEST, HS_SIGNAL)] = roc_stats(*pooled(runs, NOISIEST, HS_SIGNAL))
     return table
 
 
@@ -179,6 +192,8 @@ class Rule:
         kind: ``"sharp"`` (share of probes whose sharp fraction at ``spec`` exceeds
             ``score_threshold``), ``"lid"`` (share of probes whose LID at ``spec`` is below
             ``score_threshold``, in dimensions: a threshold that does not scale with ``d``),
+            ``"hs"`` (share of probes whose Jeon et al. ‖H s‖ exceeds ``score_threshold`` × its
+            median at the run's first check: the run's own early baseline; ``spec`` ``NOISIEST``),
             ``"copies"`` (share of the ``spec`` monitor's probes with ``d₁/d₂ < 1/3``: the
             callback's ``onset_on="copies"``), ``"either"`` (sharp or a copy: ``onset_on="either"``)
             or ``"gap"`` (the relative ε-loss gap at timestep ``spec``).
@@ -208,6 +223,9 @@ class Rule:
         assert self.score_threshold is not None
         if self.kind == "lid":
             return memorized_fraction(-run.signals[self.spec]["lid"], -self.score_threshold)
+        if self.kind == "hs":
+            hs = oriented(run, NOISIEST, HS_SIGNAL)
+            return memorized_fraction(hs / np.nanmedian(hs[0]), self.score_threshold)
         sharp = run.signals[self.spec][PRIMARY_SIGNAL]
         if self.kind == "either":
             return flagged_fraction(sharp, copy_ratios(run, self.spec), self.score_threshold)
@@ -237,6 +255,8 @@ class Rule:
             )
         if self.kind == "lid":
             return f"LID < {self.score_threshold:g} at {self.spec}, onset > {self.onset_threshold:g}"
+        if self.kind == "hs":
+            return f"‖H s‖ > {self.score_threshold:g} × its first-check median, onset > {self.onset_threshold:g}"
         sharp = f"sharp fraction > {self.score_threshold:g} at {self.spec}"
         if self.kind == "either":
             return f"{sharp} or a copy of the batches seen, onset > {self.onset_threshold:g}"
@@ -362,6 +382,11 @@ def lid_grid(specs: Sequence[str], cfg: StudyConfig) -> list[Rule]:
     return [Rule("lid", spec, lt, ot) for spec in specs for lt in cfg.lid_thresholds for ot in cfg.onset_thresholds]
 
 
+def hs_grid(cfg: StudyConfig) -> list[Rule]:
+    """Every Jeon et al. ‖H s‖ rule: ``HS_RATIOS`` × ``cfg.onset_thresholds``."""
+    return [Rule("hs", NOISIEST, r, ot) for r in HS_RATIOS for ot in cfg.onset_thresholds]
+
+
 def gap_grid(cfg: StudyConfig) -> list[Rule]:
     """Every loss-gap rule: each fixed timestep and their mean × ``cfg.gap_thresholds``."""
     ts = [str(t) for t in cfg.loss_timesteps] + [MEAN_T]
@@ -380,6 +405,8 @@ def select_rules(sel: Sequence[RunRecord], cfg: StudyConfig, defaults: Defaults)
     * ``AUTO``: factor and both thresholds tuned;
     * ``LID``: an LID threshold instead of a sharp-fraction one (not a callback option), noise
       level (absolute or any factor) and both thresholds tuned;
+    * ``JEON``: Jeon et al.'s ‖H s‖ (the monitor's ``hessian_score_norm``) against its own
+      first check, both thresholds tuned (when recorded: cache format 5);
     * ``COPIES``: ``reference_data="batches"``, ``onset_on="copies"``, the absolute rule's onset threshold (fixed);
     * ``COPIES_TUNED``: the same, onset threshold and patience (``COPY_PATIENCES``) tuned;
     * ``EITHER``: ``onset_on="either"`` with the absolute rule (fixed);
@@ -396,6 +423,8 @@ def select_rules(sel: Sequence[RunRecord], cfg: StudyConfig, defaults: Defaults)
     rules[ABS_TUNED] = choose(sel, sharp_grid([abs_spec], cfg), defaults)[0]
     rules[AUTO] = choose(sel, sharp_grid(cfg.auto_specs(), cfg), defaults)[0]
     rules[LID] = choose(sel, lid_grid([abs_spec, *cfg.auto_specs()], cfg), defaults)[0]
+    if all(r.hessian_score_norm is not None for r in sel):
+        rules[JEON] = choose(sel, hs_grid(cfg), defaults)[0]
     rules[COPIES] = Rule("copies", abs_spec, None, onset)
     copy_grid = [Rule("copies", abs_spec, None, t, p) for p in COPY_PATIENCES for t in cfg.onset_thresholds]
     rules[COPIES_TUNED] = choose(sel, copy_grid, defaults)[0]
@@ -510,7 +539,7 @@ class StudyAnalysis:
     def auroc(self, group: str, rule: Rule) -> RocStats | None:
         """Pooled per-probe statistics of the rule's per-probe score (``None`` for the loss gap and
         the copy rules: their probes are not the truth's)."""
-        signal = {"sharp": PRIMARY_SIGNAL, "lid": "lid"}.get(rule.kind)
+        signal = {"sharp": PRIMARY_SIGNAL, "lid": "lid", "hs": HS_SIGNAL}.get(rule.kind)
         return None if signal is None else self.aurocs[group][("all", rule.spec, signal)]
 
 

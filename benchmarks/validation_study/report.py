@@ -25,7 +25,10 @@ from .analysis import (
     COPY_PATIENCES,
     EITHER,
     GAP,
+    HS_SIGNAL,
+    JEON,
     LID,
+    NOISIEST,
     TODAY,
     TRACE,
     OnsetRow,
@@ -278,6 +281,8 @@ def rules_section(an: StudyAnalysis) -> str:
         "absolute, tuned": "thresholds tuned on the selection seed",
         AUTO: "factor and thresholds tuned on the selection seed",
         LID: "noise level, LID and onset thresholds tuned on the selection seed (not a callback option)",
+        JEON: "Jeon et al.'s detector, the monitor's `hessian_score_norm`, against the run's first check; "
+        "both thresholds tuned on the selection seed",
         COPIES: 'fixed: `reference_data="batches"`, `onset_on="copies"`, the absolute rule\'s onset threshold',
         COPIES_TUNED: "the same, onset threshold and patience (1 or 2) tuned on the selection seed",
         EITHER: 'fixed: `reference_data="batches"`, `onset_on="either"`, the absolute σ and thresholds',
@@ -379,6 +384,10 @@ def detection_section(an: StudyAnalysis, figs: Mapping[str, str]) -> str:
             allr = table[("all", spec, signal)]
             name = f"**{sig.label}**" if bold else sig.label
             rows.append([spec, name, *cells, _f(allr.auroc, 3), _f(allr.tpr[0.01]), _f(allr.tpr[0.05])])
+    if ("all", NOISIEST, HS_SIGNAL) in table:
+        cells = [_f(table[(ds, NOISIEST, HS_SIGNAL)].auroc) for ds in an.datasets]
+        allr = table[("all", NOISIEST, HS_SIGNAL)]
+        rows.append([NOISIEST, "‖H s‖ (Jeon)", *cells, _f(allr.auroc, 3), _f(allr.tpr[0.01]), _f(allr.tpr[0.05])])
     header = ["σ", "signal", *an.datasets, "all", "TPR@1%", "TPR@5%"]
     pos = ", ".join(
         f"{ds} {table[(ds, auto, PRIMARY_SIGNAL)].n_pos}/{table[(ds, auto, PRIMARY_SIGNAL)].n}" for ds in an.datasets
@@ -389,8 +398,8 @@ def detection_section(an: StudyAnalysis, figs: Mapping[str, str]) -> str:
         "FLIPD negated) against the NN labels, pooled over all checks and runs of a data set. FLIPD is the "
         "trace-tier quantity (here read from the dense spectrum, d + σ² tr H; on the UNet, whose monitors "
         "measure on the trace tier, every value is the trace tier's and the eigenvalues are not measured: –); "
-        "Jeon et al.'s ‖H s‖ was not measured (no time left in the budget for a second Hessian-vector pass per "
-        "probe).\n",
+        "Jeon et al.'s ‖H s‖ (one vector-Jacobian product per probe at the noisiest sampler state, the "
+        "monitor's `hessian_score_norm`) is the last row, on the `auto` monitor's probes.\n",
         md_table(header, rows),
         "",
         f"Positives / probes at {auto}: {pos}.\n",

@@ -5,7 +5,8 @@ Cache format (``torch.save``; plain dicts, lists and numpy arrays only, so a cac
 this package): ``{"format": 3, "runs": [RunRecord.to_dict(), ...], "timing": Timing.to_dict(),
 "config": dataclasses.asdict(StudyConfig)}``. Format 4 (study v2.1: the absolute monitor draws
 its own probes and compares them with the batches it saw; a third monitor measures the same
-probes with the trace tier, ``"trace 0.3"``) does not read older caches.
+probes with the trace tier, ``"trace 0.3"``) does not read older caches. Format 5 (study v2.2)
+adds ``hessian_score_norm``, Jeon et al.'s ‖H s‖ of the truth's probes; format 4 still loads.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ from .config import (
     library_defaults,
 )
 
-CACHE_FORMAT = 4
+CACHE_FORMAT = 5
+READS_FORMATS = (4, 5)  # format 4 has no ``hessian_score_norm`` (None after loading)
 ABS_PROBE_SEED = 1000  # the absolute monitor draws its probes with seed + this (the truth's: seed)
 LOSS_GAP_SEED = 7  # the loss gap's subset and noises: seed + this
 
@@ -63,6 +65,7 @@ class CheckRecord:
         nn_ratio: ``[P]`` float, the probes' ``d₁/d₂`` to the training set.
         loss_train, loss_held: ``[K]`` ε-losses at the study's fixed timesteps and noises on the
             training set and the held-out split (``None`` when the monitor does not record them).
+        hessian_score_norm: ``[P]`` Jeon et al.'s ‖H s‖ of the probes at the noisiest sampler state.
     """
 
     step: int
@@ -70,6 +73,7 @@ class CheckRecord:
     nn_ratio: torch.Tensor | None
     loss_train: np.ndarray | None = None
     loss_held: np.ndarray | None = None
+    hessian_score_norm: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,6 +104,8 @@ class RunRecord:
         shipped: the callback defaults the run was made with.
         shipped_onset: the absolute monitor's own onset step (``None``: none declared).
         seconds: wall time of the run; cpu_seconds: its CPU time (one thread).
+        hessian_score_norm: ``[C, P]`` Jeon et al.'s ‖H s‖ of the ``auto`` monitor's probes (the
+            truth's) at the noisiest sampler state; ``None`` in caches of format 4.
     """
 
     dataset: str
@@ -119,6 +125,7 @@ class RunRecord:
     shipped_onset: int | None
     seconds: float
     cpu_seconds: float | None = None
+    hessian_score_norm: np.ndarray | None = None
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -172,8 +179,8 @@ def load_cache(path: Path) -> tuple[list[RunRecord], Timing]:
     """Read a cache written by :func:`save_cache`."""
     blob = torch.load(path, weights_only=False)
     version = blob.get("format", 1)
-    if version != CACHE_FORMAT:
-        raise MemwatchError(f"{path}: cache format {version!r} is not supported (this study reads {CACHE_FORMAT})")
+    if version not in READS_FORMATS:
+        raise MemwatchError(f"{path}: cache format {version!r} is not supported (this study reads {READS_FORMATS})")
     return [RunRecord.from_dict(r) for r in blob["runs"]], Timing.from_dict(blob["timing"])
 
 
@@ -218,7 +225,8 @@ class RecordingMonitor(MemorizationMonitor):
             with isolated(pl_module):
                 losses = tuple(v.numpy() for v in self.loss_gap.losses(find_score(pl_module)))
         ratio = None if check.nn_ratio is None else check.nn_ratio.detach().cpu().clone()
-        self.checks.append(CheckRecord(check.step, dict(check.results), ratio, *losses))
+        hs = None if check.hessian_score_norm is None else check.hessian_score_norm.detach().cpu().clone()
+        self.checks.append(CheckRecord(check.step, dict(check.results), ratio, *losses, hessian_score_norm=hs))
         self.samples = check.samples  # the last check's probes (the trace monitor must share them)
 
 
@@ -382,6 +390,7 @@ def train_run(job: RunJob) -> RunRecord:
         shipped_onset=absolute.onset_step,
         seconds=time.perf_counter() - started,
         cpu_seconds=time.process_time() - cpu_started,  # ≈ wall time on an idle core (1 thread)
+        hessian_score_norm=np.stack([c.hessian_score_norm.double().numpy() for c in auto.checks]),
     )
 
 
