@@ -123,6 +123,9 @@ def test_on_check_end_sees_every_check_and_measure_probes_repeats_it(tmp_path):
     assert [c.step for c in seen] == [10, 20, 30] and monitor.last_check is seen[-1]
     last = seen[-1]
     assert last.values["sharp_fraction_mean"] == monitor.history[-1]["sharp_fraction_mean"]
+    hs = last.hessian_score_norm  # Jeon et al.'s ‖H s‖ per probe, whose mean is logged
+    assert hs is not None and hs.shape == (monitor.num_probes,) and bool(torch.isfinite(hs).all())
+    assert hs.mean().item() == pytest.approx(monitor.history[-1]["hessian_score_norm_mean"], rel=1e-5)
     assert last.nn_ratio is None and last.samples.shape == (8, 2) and not last.decision.onset
     ((t, result),) = last.results.items()
     assert result.sharp_fraction.shape == (8,)
