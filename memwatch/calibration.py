@@ -174,14 +174,15 @@ class Reservoir:
         batch = batch.detach()
         fresh, keys = self._new_rows(batch) if self.distinct else (None, None)
         offered = batch.shape[0] if fresh is None else len(fresh)
-        drawn_from = self._generator.get_state()
+        drawn_from = None if transform is None else self._generator.get_state()  # only a transform can fail below
         slots, rows = self._draw(offered)
         if rows.numel():
             index = rows if fresh is None else torch.as_tensor(fresh, dtype=torch.int64)[rows]
             try:
                 kept = self._transformed(batch[index.to(batch.device)], transform)
             except BaseException:
-                self._generator.set_state(drawn_from)  # a rejected batch changes nothing
+                if drawn_from is not None:
+                    self._generator.set_state(drawn_from)  # a rejected batch changes nothing
                 raise
             assert self._buffer is not None and self._filled is not None
             self._buffer[slots] = kept.to("cpu", torch.float32)

@@ -51,6 +51,7 @@ from memwatch.onset import OnsetDecision, OnsetDetector
 from memwatch.probes import CONDITION_METRICS, ProbeMeasurement, ProbeSet, evaluation_timesteps, isolated, shard
 from memwatch.reporting import CheckReporter, CheckResult, format_timestep
 from memwatch.sampling import ProbeSampler
+from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore
 from memwatch.sharpness import DENSE_MAX_DIM, SharpnessOptions, SharpnessResult
 
@@ -869,15 +870,24 @@ class MemorizationMonitor(Callback):
             )
         if self._found is None:
             raise MemwatchError("calibrate() needs the model: call prepare(pl_module) first (fit start does)")
+        self._use_levels(*self._levels_for(samples))
+        assert self.calibrated_sigmas is not None
+        return self.calibrated_sigmas
+
+    def _levels_for(self, samples: Tensor) -> tuple[DataScale, tuple[float, ...]]:
+        """The training samples' scale and the noise levels :meth:`calibrate` fixes from them (no state changes)."""
+        assert self._found is not None
         schedule = self._found.schedule
         floor, ceiling = level_range(schedule)
-        first = float(schedule.sigma(schedule.sampling_timesteps(self.sampler_steps)[0]))  # the probes start there
-        self.data_scale = data_scale(samples, generator=torch.Generator().manual_seed(self.seed + 2))
-        self.calibrated_sigmas = relative_sigmas(
-            self.data_scale, schedule, self.sigma_factors, floor=floor, ceiling=min(ceiling, first)
-        )
+        first = float(schedule.sigma(self._first_sampler_timestep(schedule)))  # the probes start there
+        scale = data_scale(samples, generator=torch.Generator().manual_seed(self.seed + 2))
+        return scale, relative_sigmas(scale, schedule, self.sigma_factors, floor=floor, ceiling=min(ceiling, first))
+
+    def _use_levels(self, scale: DataScale, sigmas: tuple[float, ...]) -> None:
+        """Keep the calibrated scale and levels, and measure at them from now on."""
+        assert self._found is not None
+        self.data_scale, self.calibrated_sigmas = scale, sigmas
         self._set_levels(self._found)
-        return self.calibrated_sigmas
 
     def _calibrate(self, trainer: pl.Trainer) -> None:
         """:meth:`calibrate` on the training samples seen so far (rank zero's reservoir, its result
@@ -892,17 +902,15 @@ class MemorizationMonitor(Callback):
         found, error = None, None
         if trainer.is_global_zero:
             try:
-                self.calibrate(self._reservoir.samples)
-                found = (self.data_scale, self.calibrated_sigmas)
+                found = self._levels_for(self._reservoir.samples)
             except Exception as err:  # noqa: BLE001 - reported on every rank below
                 error = f"{type(err).__name__}: {err}"
         found, error = trainer.strategy.broadcast((found, error), src=0)
         if error is not None:
             raise MemwatchError(f"sigmas='auto' could not calibrate the noise levels: {error}")
-        self.data_scale, self.calibrated_sigmas = found
+        self._use_levels(*found)
         if not self.copies_from_batches:
             self._reservoir = None  # no training sample is held longer than needed
-        self._set_levels(self._found)
 
     def _with_batch_copies(
         self, trainer: pl.Trainer, measurement: ProbeMeasurement, device: torch.device
@@ -981,7 +989,7 @@ class MemorizationMonitor(Callback):
     def _check_timesteps_in_grid(self, score: DiffusionScore) -> None:
         """The sampler must pass through every evaluation timestep (a diffusers grid may start
         below the schedule's last step, e.g. at 980 of 999)."""
-        first = float(score.schedule.sampling_timesteps(self.sampler_steps)[0])
+        first = self._first_sampler_timestep(score.schedule)
         noisiest = max(self._eval_timesteps)
         if noisiest > first:
             name = "timesteps" if self.timesteps is not None else "sigmas"
@@ -989,6 +997,10 @@ class MemorizationMonitor(Callback):
                 f"`{name}` must map to timesteps at or below the sampler's first step ({first:g} for "
                 f"sampler_steps={self.sampler_steps}), got timestep {noisiest:g}"
             )
+
+    def _first_sampler_timestep(self, schedule: NoiseSchedule) -> float:
+        """The timestep the probes' ``sampler_steps``-step grid starts at (schedule units)."""
+        return float(schedule.sampling_timesteps(self.sampler_steps)[0])
 
     def _check_shape(self, shape: Sequence[int], device: torch.device) -> None:
         dim = math.prod(shape)

@@ -376,18 +376,19 @@ def comparison_section(an: StudyAnalysis) -> str:
 def detection_section(an: StudyAnalysis, figs: Mapping[str, str]) -> str:
     auto, absolute = an.rules[AUTO].spec, an.rules[TODAY].spec
     table = an.aurocs["report"]
-    rows = []
-    for spec in [absolute, *an.cfg.auto_specs()]:
-        for signal, sig in SIGNALS.items():
-            bold = spec == auto and signal == PRIMARY_SIGNAL
-            cells = [_f(table[(ds, spec, signal)].auroc) for ds in an.datasets]
-            allr = table[("all", spec, signal)]
-            name = f"**{sig.label}**" if bold else sig.label
-            rows.append([spec, name, *cells, _f(allr.auroc, 3), _f(allr.tpr[0.01]), _f(allr.tpr[0.05])])
+
+    def row(spec: str, signal: str, name: str) -> list[str]:
+        allr = table[("all", spec, signal)]
+        cells = [_f(table[(ds, spec, signal)].auroc) for ds in an.datasets]
+        return [spec, name, *cells, _f(allr.auroc, 3), _f(allr.tpr[0.01]), _f(allr.tpr[0.05])]
+
+    rows = [
+        row(spec, signal, f"**{sig.label}**" if spec == auto and signal == PRIMARY_SIGNAL else sig.label)
+        for spec in [absolute, *an.cfg.auto_specs()]
+        for signal, sig in SIGNALS.items()
+    ]
     if ("all", NOISIEST, HS_SIGNAL) in table:
-        cells = [_f(table[(ds, NOISIEST, HS_SIGNAL)].auroc) for ds in an.datasets]
-        allr = table[("all", NOISIEST, HS_SIGNAL)]
-        rows.append([NOISIEST, "‖H s‖ (Jeon)", *cells, _f(allr.auroc, 3), _f(allr.tpr[0.01]), _f(allr.tpr[0.05])])
+        rows.append(row(NOISIEST, HS_SIGNAL, "‖H s‖ (Jeon)"))
     header = ["σ", "signal", *an.datasets, "all", "TPR@1%", "TPR@5%"]
     pos = ", ".join(
         f"{ds} {table[(ds, auto, PRIMARY_SIGNAL)].n_pos}/{table[(ds, auto, PRIMARY_SIGNAL)].n}" for ds in an.datasets
