@@ -26,7 +26,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from memwatch import MemorizationMonitor
+from memwatch import CheckpointOptions, MemorizationMonitor, ProbeOptions, ReportOptions, SharpnessCheckOptions
 from memwatch.apps.toymodels import DDPMModule, TensorDataModule
 from memwatch.attribution import CopiedItem, copied_items
 from memwatch.data import digits
@@ -94,11 +94,11 @@ def run(
     monitor = MemorizationMonitor(
         every_n_train_steps=steps,  # one check, at the end
         num_probes=num_probes,
-        sampler_steps=sampler_steps,
-        k=2,
         reference_data=distinct,
-        save_clean_checkpoint=False,
-        verbose=False,
+        probes=ProbeOptions(sampler_steps=sampler_steps),
+        sharpness=SharpnessCheckOptions(k=2),
+        checkpoint=CheckpointOptions(save=False),
+        report=ReportOptions(verbose=False),
     )
     trainer = pl.Trainer(
         max_steps=steps,

@@ -36,7 +36,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor
 
-from memwatch import MemorizationMonitor
+from memwatch import CheckpointOptions, MemorizationMonitor, ProbeOptions, ReportOptions, SharpnessCheckOptions
 from memwatch.apps.toymodels import DDPMModule, TensorDataModule
 from memwatch.conditional import ConditionalResult, conditional_metrics
 from memwatch.data import digits
@@ -185,13 +185,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     monitor = MemorizationMonitor(
         every_n_train_steps=steps // 2,
         num_probes=8,
-        sampler_steps=args.sampler_steps,
         sigmas=(args.sigma,),
-        k=4,
-        conditions=torch.arange(NUM_CLASSES),
-        save_clean_checkpoint=False,
-        seed=args.seed,
-        verbose=False,
+        probes=ProbeOptions(sampler_steps=args.sampler_steps, seed=args.seed, conditions=torch.arange(NUM_CLASSES)),
+        sharpness=SharpnessCheckOptions(k=4),
+        checkpoint=CheckpointOptions(save=False),
+        report=ReportOptions(verbose=False),
     )
     logger = CSVLogger(args.out, name="csv", version=0)
     started = time.perf_counter()

@@ -107,17 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     monitor = memwatch.MemorizationMonitor(  # no score_fn, no sample_shape: found on the module
         every_n_train_steps=every,
         num_probes=8 if args.fast else 16,
-        sampler_steps=10 if args.fast else 25,
         sigmas=(0.2,),
-        score_threshold=0.97,  # LID < 8 of 256 (see the module docstring)
-        onset_threshold=0.5,  # over half of the probes memorized (measured with this; default 0.2)
-        k=4,
-        method="lanczos",
-        num_iters=8 if args.fast else 24,
-        num_vectors=1 if args.fast else 2,
         reference_data=data.train_data,
-        log_media=args.log_media,
-        dirpath=args.out / "checkpoints",
+        probes=memwatch.ProbeOptions(sampler_steps=10 if args.fast else 25),
+        sharpness=memwatch.SharpnessCheckOptions(
+            k=4,
+            method="lanczos",
+            num_iters=8 if args.fast else 24,
+            num_vectors=1 if args.fast else 2,
+            score_threshold=0.97,  # LID < 8 of 256 (see the module docstring)
+        ),
+        onset=memwatch.OnsetOptions(threshold=0.5),  # over half of the probes memorized (measured with this)
+        checkpoint=memwatch.CheckpointOptions(dirpath=args.out / "checkpoints"),
+        report=memwatch.ReportOptions(media=args.log_media),
     )
     logger = wandb_logger(
         args.wandb_mode, args.out, project="memwatch-diffusers", name=f"unet-{args.prediction}-N{args.n_train}"

@@ -86,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     monitor = memwatch.MemorizationMonitor(
         every_n_train_steps=every,
         num_probes=8 if args.fast else 32,
-        sampler_steps=10 if args.fast else 50,
-        k=4,
-        verbose=False,
-        dirpath=args.out / "checkpoints",
+        probes=memwatch.ProbeOptions(sampler_steps=10 if args.fast else 50),
+        sharpness=memwatch.SharpnessCheckOptions(k=4),
+        checkpoint=memwatch.CheckpointOptions(dirpath=args.out / "checkpoints"),
+        report=memwatch.ReportOptions(verbose=False),
     )
     trainer = pl.Trainer(
         max_steps=steps,

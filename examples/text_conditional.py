@@ -49,7 +49,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from memwatch import MemorizationMonitor
+from memwatch import CheckpointOptions, MemorizationMonitor, ProbeOptions, ReportOptions, SharpnessCheckOptions
 from memwatch.apps.toymodels import TensorDataModule
 from memwatch.conditional import ConditionalResult, conditional_metrics
 from memwatch.data import digits
@@ -273,14 +273,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             score_fn=lambda module: module.memwatch_score(),
             every_n_train_steps=max(1, steps // 2),
             num_probes=4,
-            sampler_steps=args.sampler_steps,
             sigmas=(args.sigma,),
-            k=4,
-            max_batch=args.max_batch,
-            conditions=prompts,  # {prompt: embedding [L, E]}: logged under the prompts' names
-            save_clean_checkpoint=False,
-            seed=args.seed,
-            verbose=False,
+            # {prompt: embedding [L, E]}: logged under the prompts' names
+            probes=ProbeOptions(sampler_steps=args.sampler_steps, seed=args.seed, conditions=prompts),
+            sharpness=SharpnessCheckOptions(k=4, max_batch=args.max_batch),
+            checkpoint=CheckpointOptions(save=False),
+            report=ReportOptions(verbose=False),
         )
         logger = CSVLogger(args.out, name="csv", version=0)
     started = time.perf_counter()

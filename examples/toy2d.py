@@ -41,11 +41,10 @@ def fit_toy(n_train: int, steps: int, check_every: int, seed: int, out: Path, wa
         every_n_train_steps=check_every,
         num_probes=64,
         sigmas=(0.2,),
-        k=2,
-        score_threshold=0.9,
         reference_data=data.train_data,  # ground truth for the log: nearest-neighbour ratio
-        dirpath=out / "checkpoints" / f"toy2d-N{n_train}",
-        verbose=False,
+        sharpness=memwatch.SharpnessCheckOptions(k=2, score_threshold=0.9),
+        checkpoint=memwatch.CheckpointOptions(dirpath=out / "checkpoints" / f"toy2d-N{n_train}"),
+        report=memwatch.ReportOptions(verbose=False),
     )
     logger = wandb_logger(wandb_mode, out, project="memwatch-toy2d", name=f"toy2d-N{n_train}")
     trainer = pl.Trainer(

@@ -10,24 +10,34 @@ from memwatch.callback import CheckResult, MemorizationMonitor
 from memwatch.conditional import ConditionalResult, conditional_metrics
 from memwatch.errors import MemwatchError
 from memwatch.groundtruth import MEMORIZED_RATIO, median_nn_distance, nearest_neighbours, nn_ratio
+from memwatch.options import CheckpointOptions, DataOptions, OnsetOptions, ProbeOptions, ReportOptions
 from memwatch.probes import ProbeMeasurement, ProbeSet
 from memwatch.sampling import ProbeSampler, Trajectory, sample, sample_trajectory
 from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore
 from memwatch.sharpness import SharpnessOptions, SharpnessResult, hessian_score_norm, measure_sharpness
+from memwatch.signals import CopyOptions, LossGapOptions, SharpnessCheckOptions
 
 __all__ = [
     "MEMORIZED_RATIO",
     "CheckResult",
+    "CheckpointOptions",
     "ConditionalResult",
     "CopiedItem",
+    "CopyOptions",
+    "DataOptions",
     "DiffusionScore",
+    "LossGapOptions",
     "MemorizationMonitor",
     "MemwatchError",
     "NoiseSchedule",
+    "OnsetOptions",
     "ProbeMeasurement",
     "ProbeSampler",
+    "ProbeOptions",
     "ProbeSet",
+    "ReportOptions",
+    "SharpnessCheckOptions",
     "SharpnessOptions",
     "SharpnessResult",
     "Trajectory",
@@ -41,4 +51,4 @@ __all__ = [
     "sample",
     "sample_trajectory",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -411,7 +411,7 @@ def sample_shape_of(score: DiffusionScore) -> tuple[int, ...] | None:
     return shape if all(isinstance(s, int) and s > 0 for s in shape) else None
 
 
-def batch_sample_shape(batch: Any, batch_key: str | None = None) -> tuple[int, ...]:
+def batch_sample_shape(batch: Any, batch_key: Any = None) -> tuple[int, ...]:
     """The shape of one sample of a training batch: ``batch[batch_key]`` for dict batches, else
     the batch itself or its first tensor (tuple / list / dict), without the batch dimension.
 
@@ -423,34 +423,48 @@ def batch_sample_shape(batch: Any, batch_key: str | None = None) -> tuple[int, .
         >>> batch_sample_shape({"label": torch.zeros(8), "image": torch.zeros(8, 3, 4, 4)}, "image")
         (3, 4, 4)
     """
-    data = _data_tensor(batch, batch_key, "the training batch")
+    data = select_data(batch, batch_key)
     if data.ndim < 2:
         raise MemwatchError(
             f"the data tensor of the training batch has shape {tuple(data.shape)}, not [batch, *sample_shape]; "
-            "pass `sample_shape=` (and `batch_key=` for dict batches)"
+            "pass `data.sample_shape` (and `data.select` to point at the samples)"
         )
     return tuple(data.shape[1:])
 
 
-def _data_tensor(batch: Any, batch_key: str | None, what: str) -> Tensor:
-    """``batch[batch_key]``, or the batch's first tensor; errors name ``batch_key`` / ``sample_shape``."""
-    if batch_key is not None:
-        if not isinstance(batch, Mapping):
+def select_data(batch: Any, select: Any, what: str = "the training batch") -> Tensor:
+    """The data tensor of ``batch`` chosen by ``select`` (see :class:`memwatch.options.DataOptions`).
+
+    Raises:
+        MemwatchError: the selector finds no tensor (the message names ``data.select`` and what the batch holds).
+
+    Example:
+        >>> select_data((torch.zeros(4), torch.ones(4, 2)), 1).shape
+        torch.Size([4, 2])
+    """
+    if callable(select):
+        out = select(batch)
+        if not isinstance(out, Tensor):
+            raise MemwatchError(f"`data.select` returned a {type(out).__name__} for {what}, not a tensor")
+        return out
+    if isinstance(select, str):
+        if not isinstance(batch, Mapping) or not isinstance(batch.get(select), Tensor):
+            keys = list(batch) if isinstance(batch, Mapping) else f"none (a {type(batch).__name__})"
+            raise MemwatchError(f"`data.select`={select!r} is not a key of a tensor in {what}; its keys: {keys}")
+        return batch[select]
+    if isinstance(select, int):
+        ok = isinstance(batch, Sequence) and select < len(batch) and isinstance(batch[select], Tensor)
+        if not ok:
             raise MemwatchError(
-                f"`batch_key`={batch_key!r} needs dict batches, but {what} is a {type(batch).__name__}; "
-                "pass `batch_key=None` to use its first tensor, or `sample_shape=`"
+                f"`data.select`={select} is not the index of a tensor in {what} (a {type(batch).__name__})"
             )
-        if batch_key not in batch or not isinstance(batch[batch_key], Tensor):
-            raise MemwatchError(
-                f"`batch_key`={batch_key!r} is not a key of a tensor in {what}; its keys are {list(batch)}"
-            )
-        return batch[batch_key]
+        return batch[select]
     try:
         return first_tensor(dict(batch) if isinstance(batch, Mapping) else batch)
     except MemwatchError as err:
         raise MemwatchError(
-            f"memwatch cannot find a tensor in {what} (a {type(batch).__name__}); pass `sample_shape=` "
-            "(and `batch_key=` for dict batches)"
+            f"memwatch cannot find a tensor in {what} (a {type(batch).__name__}); set `data.select` "
+            "(a dict key, a tuple index or a function) or `data.sample_shape`"
         ) from err
 
 
@@ -624,7 +638,7 @@ def check_reference_data(
     batches = [reference_data] if isinstance(reference_data, Tensor) else reference_data
     parts = []
     for batch in batches:
-        data = _data_tensor(batch, batch_key, f"a `{name}` batch").detach()
+        data = select_data(batch, batch_key, f"a `{name}` batch").detach()
         encoded = data if encode_fn is None else _encode(encode_fn, data, device, batch_size, name)
         if tuple(encoded.shape[1:]) != shape:
             raise MemwatchError(_space_message(tuple(data.shape[1:]), tuple(encoded.shape[1:]), shape, encode_fn, name))
@@ -695,16 +709,17 @@ def _config_value(obj: Any, key: str) -> Any:
 
 
 def batch_range(
-    batch: Any, batch_key: str | None = None, seen: tuple[float, float] | None = None
+    batch: Any, batch_key: Any = None, seen: tuple[float, float] | None = None
 ) -> tuple[float, float] | None:
-    """``(min, max)`` of a training batch's data (``batch[batch_key]`` or its first tensor),
-    widened by ``seen``; ``seen`` unchanged when the batch holds no floating tensor."""
-    data = batch[batch_key] if batch_key is not None and isinstance(batch, Mapping) else batch
+    """``(min, max)`` of the finite values of a training batch's float data (chosen by
+    ``batch_key``, see :func:`select_data`), widened by ``seen``; ``seen`` unchanged when the batch
+    holds no finite float value."""
     try:
-        x = first_tensor(data)
+        x = select_data(batch, batch_key).detach()
     except MemwatchError:
         return seen
-    if not x.is_floating_point() or x.numel() == 0:
+    x = x[torch.isfinite(x)] if x.is_floating_point() else x[:0]
+    if x.numel() == 0:
         return seen
-    lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+    lo, hi = (float(v) for v in torch.aminmax(x))
     return (lo, hi) if seen is None else (min(lo, seen[0]), max(hi, seen[1]))

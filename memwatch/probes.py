@@ -39,8 +39,15 @@ from torch import Tensor, nn
 
 from memwatch.errors import MemwatchError
 from memwatch.groundtruth import nearest_neighbours, ratio_of
-from memwatch.operators import JacobianPath, select_jvp_mode
-from memwatch.sampling import ProbeSampler, check_trajectory, out_of_range, probe_noise, sample_trajectory
+from memwatch.operators import JacobianPath, is_out_of_memory, select_jvp_mode
+from memwatch.sampling import (
+    ProbeSampler,
+    Trajectory,
+    check_trajectory,
+    out_of_range,
+    probe_noise,
+    sample_trajectory,
+)
 from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore
 from memwatch.sharpness import SharpnessOptions, SharpnessResult, hessian_score_norm, measure_sharpness
@@ -246,19 +253,9 @@ class ProbeSet:
         options = options or SharpnessOptions()
         device = torch.device(device) if device is not None else score.device
         noise = self.noise(rows)
-        sampler = self.sampler or sample_trajectory
         noisiest = float(score.schedule.sampling_timesteps(self.sampler_steps)[0])
         states_at = list(dict.fromkeys([*self.timesteps, noisiest]))
-        traj = sampler(
-            score,
-            noise=noise,
-            steps=self.sampler_steps,
-            cond=None,
-            states_at=states_at,
-            device=device,
-            max_batch=options.max_batch,
-        )
-        traj = check_trajectory(traj, noise, states_at)
+        traj = check_trajectory(self._sample(score, noise, states_at, device, options.max_batch), noise, states_at)
         report = progress or (lambda text: None)
         report(f"{noise.shape[0]} probes sampled ({self.sampler_steps} steps)")
         data_range = traj.data_range or data_range
@@ -287,6 +284,29 @@ class ProbeSet:
         return ProbeMeasurement(samples, results, nn_ratio, nearest, conditional, bad, data_range, spectrum, jeon)
 
     # ------------------------------------------------------------------ private
+    def _sample(
+        self, score: DiffusionScore, noise: Tensor, states_at: list[float], device: torch.device, max_batch: int | None
+    ) -> Trajectory:
+        """The sampler's trajectory from ``noise`` ``[r, *shape]``; on out-of-memory retried with
+        half the rows per model call (with a warning), down to one row."""
+        sampler = self.sampler or sample_trajectory
+        rows = min(max_batch or noise.shape[0], noise.shape[0])
+        while True:
+            try:
+                return sampler(
+                    score, noise=noise, steps=self.sampler_steps, cond=None, states_at=states_at, device=device,
+                    max_batch=rows,
+                )  # fmt: skip
+            except RuntimeError as err:
+                if rows == 1 or not is_out_of_memory(err):
+                    raise
+                rows = max(1, rows // 2)
+                warnings.warn(
+                    f"memwatch: out of memory while sampling the probes, retrying with max_batch={rows}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+
     def _generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed + 1)
 

@@ -55,7 +55,7 @@ def test_bad_configuration_fails_at_construction(kwargs, name):
 
 
 def test_k_larger_than_the_dimension_fails_at_setup(tmp_path):
-    with pytest.raises(ValueError, match="`k`=3 is larger than the sample dimension d=2"):
+    with pytest.raises(ValueError, match="`sharpness.k`=3 is larger than the sample dimension d=2"):
         _fit(tmp_path, memorizing_data(), MemorizationMonitor(every_n_train_steps=10, **dict(FAST, k=3)), max_steps=5)
 
 

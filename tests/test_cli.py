@@ -104,8 +104,8 @@ def test_monitor_arguments_are_overridden_from_the_command_line(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     argv = ["fit", "--config", str(ROOT / "configs" / "toy2d.yaml"), "--trainer.max_steps", "100"]
     argv += ["--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
-    argv += ["--monitor.every_n_train_steps", "50", "--monitor.num_probes", "8", "--monitor.sampler_steps", "10"]
-    argv += ["--monitor.reference_data", "batches", "--monitor.onset_on", "either"]  # a string among tensor types
+    argv += ["--monitor.every_n_train_steps", "50", "--monitor.num_probes", "8", "--monitor.probes.sampler_steps", "10"]
+    argv += ["--monitor.reference_data", "batches", "--monitor.onset.on", "either"]  # a string among tensor types
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "memwatch: no memorization onset (last check, step 100" in out and "copies of training data " in out

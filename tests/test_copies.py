@@ -120,7 +120,7 @@ def test_no_training_sample_is_in_the_state_and_a_resumed_monitor_refills_from_t
         save_clean_checkpoint=False, reference_data="batches",
     )  # fmt: skip
     trainer(tmp_path, [monitor], max_steps=100).fit(module_2d(), datamodule(memorizing_data(), batch_size=64))
-    assert monitor._reservoir is not None and len(monitor._reservoir) > 0  # kept after calibration: still needed
+    assert monitor._held is not None and len(monitor._held) > 0  # kept after calibration: still needed
     state = monitor.state_dict()
     assert not any(isinstance(v, torch.Tensor) for v in state.values())
     resumed = MemorizationMonitor(
@@ -129,7 +129,7 @@ def test_no_training_sample_is_in_the_state_and_a_resumed_monitor_refills_from_t
     )  # fmt: skip
     resumed.load_state_dict(state)
     assert resumed.calibrated_sigmas == monitor.calibrated_sigmas
-    assert resumed._reservoir is not None and len(resumed._reservoir) == 0  # refills from the batches seen next
+    assert resumed._held is not None and len(resumed._held) == 0  # refills from the batches seen next
 
 
 def test_a_failed_comparison_is_a_warning_and_a_failed_check_never_a_clean_one(tmp_path, monkeypatch):

@@ -75,8 +75,8 @@ def test_ops_without_a_second_derivative_give_the_right_numbers(tmp_path, fn):
         _fit(tmp_path / name, monitor, module)
         results[name] = [h["sharp_fraction_mean"] for h in monitor.history]
         if name == "wrapped":
-            assert monitor.probes.path is not None and monitor.probes.path.consistent, monitor.probes.path
-            assert monitor.probes.path.mode in ("autograd", "fd")  # the path that passed the adjoint test
+            assert monitor.probe_set.path is not None and monitor.probe_set.path.consistent, monitor.probe_set.path
+            assert monitor.probe_set.path.mode in ("autograd", "fd")  # the path that passed the adjoint test
     assert results["wrapped"] == pytest.approx(results["plain"], abs=0.02)  # same weights: same sharpness
 
 

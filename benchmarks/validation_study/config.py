@@ -251,9 +251,9 @@ def library_defaults() -> Defaults:
     detector = monitor.detector
     return Defaults(
         sigmas=("auto",) if monitor.calibrating else tuple(monitor.sigmas),
-        sigma_factors=tuple(monitor.sigma_factors),
+        sigma_factors=tuple(monitor.probes.sigma_factors),
         threshold=SharpnessOptions().threshold,
-        score_threshold=monitor.score_threshold,
+        score_threshold=monitor.sharpness.score_threshold,
         onset_threshold=detector.threshold,
         onset_min_delta=detector.min_delta,
         patience=detector.patience,

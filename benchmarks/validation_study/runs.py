@@ -25,7 +25,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from memwatch import CheckResult, MemorizationMonitor, SharpnessResult, median_nn_distance
+from memwatch import (
+    CheckpointOptions,
+    CheckResult,
+    MemorizationMonitor,
+    OnsetOptions,
+    ProbeOptions,
+    ReportOptions,
+    SharpnessCheckOptions,
+    SharpnessResult,
+    defaults,
+    median_nn_distance,
+)
 from memwatch.callback import find_score
 from memwatch.data import GaussianMixture, digits, manifold
 from memwatch.errors import MemwatchError
@@ -214,16 +225,16 @@ class RecordingMonitor(MemorizationMonitor):
     given ``loss_gap``, the ε-losses of the loss-gap baseline at each check (per timestep, as
     the analysis needs them; the monitor's own ``heldout_data`` logs their means)."""
 
-    def __init__(self, *args: Any, loss_gap: LossGap | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, study_loss_gap: LossGap | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.checks: list[CheckRecord] = []
-        self.loss_gap = loss_gap
+        self.study_loss_gap = study_loss_gap
 
     def on_check_end(self, trainer: Any, pl_module: Any, check: CheckResult) -> None:
         losses: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
-        if self.loss_gap is not None:
+        if self.study_loss_gap is not None:
             with isolated(pl_module):
-                losses = tuple(v.numpy() for v in self.loss_gap.losses(find_score(pl_module)))
+                losses = tuple(v.numpy() for v in self.study_loss_gap.losses(find_score(pl_module)))
         ratio = None if check.nn_ratio is None else check.nn_ratio.detach().cpu().clone()
         hs = None if check.hessian_score_norm is None else check.hessian_score_norm.detach().cpu().clone()
         self.checks.append(CheckRecord(check.step, dict(check.results), ratio, *losses, hessian_score_norm=hs))
@@ -277,20 +288,31 @@ class RunJob:
     seed: int
 
 
-def _monitor(job: RunJob, reference: torch.Tensor | str, seed: int, **kwargs: Any) -> RecordingMonitor:
+def _monitor(
+    job: RunJob,
+    reference: torch.Tensor | str | None,
+    seed: int,
+    *,
+    sigmas: Any = defaults.SIGMAS,
+    sigma_factors: tuple[float, ...] = defaults.SIGMA_FACTORS,
+    score_threshold: float = defaults.SCORE_THRESHOLD,
+    onset_threshold: float = defaults.ONSET_THRESHOLD,
+    method: str = "auto",
+    loss_gap: LossGap | None = None,
+) -> RecordingMonitor:
     """A :class:`RecordingMonitor` with the study's cadence and probes (drawn with ``seed``), the
-    ``reference`` data, and ``kwargs`` (noise levels, thresholds) on top of the library defaults."""
+    ``reference`` data, and the rule's noise levels and thresholds on top of the library defaults."""
     return RecordingMonitor(
         every_n_train_steps=job.spec.every,
         num_probes=job.cfg.num_probes,
-        sampler_steps=job.cfg.sampler_steps,
+        sigmas=sigmas,
         reference_data=reference,
-        seed=seed,
-        save_clean_checkpoint=False,
-        log_figures=False,
-        verbose=False,
-        raise_errors=True,
-        **kwargs,
+        probes=ProbeOptions(sampler_steps=job.cfg.sampler_steps, seed=seed, sigma_factors=sigma_factors),
+        sharpness=SharpnessCheckOptions(method=method, score_threshold=score_threshold),
+        onset=OnsetOptions(threshold=onset_threshold),
+        checkpoint=CheckpointOptions(save=False),
+        report=ReportOptions(figures=False, verbose=False, raise_errors=True),
+        study_loss_gap=loss_gap,
     )
 
 

@@ -59,7 +59,9 @@ from memwatch.apps.toymodels import DDPMModule, DigitsDataModule
 from memwatch.callback import MemorizationMonitor
 from memwatch.errors import MemwatchError
 from memwatch.loggers import WANDB_MODES, MonitorLogger, finish_wandb, wandb_logger
+from memwatch.options import CheckpointOptions, OnsetOptions, ProbeOptions, ReportOptions
 from memwatch.reporting import CheckResult
+from memwatch.signals import SharpnessCheckOptions
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -108,17 +110,16 @@ def digits_monitor(
     return MemorizationMonitor(
         every_n_train_steps=settings.check_every,
         num_probes=settings.num_probes,
-        sampler_steps=settings.sampler_steps,
         sigmas=settings.sigmas,
-        k=settings.k,
-        threshold=settings.threshold,
-        score_threshold=settings.score_threshold,
-        onset_threshold=settings.onset_threshold,  # onset: this share of the probes memorized ...
-        patience=defaults.PATIENCE,  # ... at two checks in a row
         reference_data=reference_data,
-        dirpath=dirpath,
-        log_media=log_media,
-        verbose=False,  # the progress bar shows the numbers
+        probes=ProbeOptions(sampler_steps=settings.sampler_steps),
+        sharpness=SharpnessCheckOptions(
+            k=settings.k, threshold=settings.threshold, score_threshold=settings.score_threshold
+        ),
+        # onset: this share of the probes memorized at two checks in a row
+        onset=OnsetOptions(threshold=settings.onset_threshold, patience=defaults.PATIENCE),
+        checkpoint=CheckpointOptions(dirpath=dirpath),
+        report=ReportOptions(media=log_media, verbose=False),  # the progress bar shows the numbers
     )
 
 

@@ -1,0 +1,279 @@
+"""The batch intake: what the monitor takes from each training batch, and what it refuses.
+
+Signals that read training samples (the calibration of ``sigmas="auto"``, the copies of
+``reference_data="batches"``) get them through :class:`BatchIntake`, which makes every batch
+either a clean ``[b, *shape]`` float tensor or nothing, never a crash or a skewed number:
+
+* **Where the samples are.** ``data.select``: a dict key, a tuple index or a function; default
+  the batch itself or its first tensor. A batch where the selector finds nothing is skipped.
+* **Units.** Integer samples (``uint8`` images) are mapped onto ``data.integer_range``; without
+  it they are refused (in raw 0…255 units every distance and noise level would be wrong).
+* **Shapes.** The first batch fixes the sample shape; a batch of another shape (aspect-ratio
+  bucketing) turns the intake off for the rest of the run: the samples held so far are used.
+* **Values.** Rows with a NaN / Inf are dropped and counted.
+* **Cost.** :meth:`BatchIntake.stage` only keeps a detached copy where the batch is (no
+  device synchronization per step); the rows are checked and handed on at :meth:`BatchIntake.drain`,
+  at the next check or when the staged rows exceed ``STAGE_BYTES``.
+
+Each kind of fault is warned about once per run (naming the step and the setting to change) and
+counted in :attr:`BatchIntake.skipped` / :attr:`BatchIntake.dropped_rows`; with
+``report.raise_errors`` it is raised instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.seed import isolate_rng
+from torch import Tensor
+
+from memwatch.calibration import Reservoir
+from memwatch.discovery import check_reference_data, select_data
+from memwatch.errors import MemwatchError
+from memwatch.options import DataOptions
+
+__all__ = ["STAGE_BYTES", "BatchIntake", "TrainingSamples", "as_float", "in_probe_space"]
+
+STAGE_BYTES = 64 * 2**20  #: staged rows beyond this are drained before the next check
+
+
+def as_float(data: Tensor, integer_range: tuple[float, float] | None, what: str) -> Tensor:
+    """``data`` in the units the model trains on: floats as they are, ``uint8`` (0…255) mapped
+    linearly onto ``integer_range``.
+
+    Raises:
+        MemwatchError: other dtypes (labels, masks), or ``uint8`` without ``integer_range``.
+
+    Example:
+        >>> as_float(torch.tensor([[0, 255]], dtype=torch.uint8), (-1.0, 1.0), "x")
+        tensor([[-1.,  1.]])
+    """
+    if data.is_floating_point():
+        return data
+    if data.dtype != torch.uint8:
+        raise MemwatchError(f"{what} holds {data.dtype} samples, not images or real numbers; set `data.select`")
+    if integer_range is None:
+        raise MemwatchError(
+            f"{what} holds uint8 samples (0…255), and memwatch compares samples in the units the model trains on: "
+            "set `data.integer_range`, e.g. (-1, 1) for a training_step that trains on x / 127.5 - 1"
+        )
+    low, high = integer_range
+    return low + (high - low) * data.to(torch.float32) / 255
+
+
+class BatchIntake:
+    """Training samples from the batches, checked (see the module docstring).
+
+    Args:
+        options: the data group of the monitor.
+        raise_errors: raise faults instead of warning once.
+    """
+
+    def __init__(self, options: DataOptions, *, raise_errors: bool = False) -> None:
+        self.options = options
+        self.raise_errors = raise_errors
+        self.shape: tuple[int, ...] | None = None  # of a batch row, fixed by the first batch
+        self.off = False
+        self.skipped = 0  # batches not taken (faults, refused units, after the intake turned off)
+        self.dropped_rows = 0  # rows with a non-finite value
+        self._warned: set[str] = set()
+        self._staged: list[tuple[int, Tensor]] = []
+        self._staged_bytes = 0
+
+    def stage(self, batch: Any, step: int) -> None:
+        """Keep this batch's samples for :meth:`drain` (a detached copy where they are; no sync).
+
+        Raises:
+            MemwatchError: with ``raise_errors``, any fault of the batch.
+        """
+        if self.off:
+            self.skipped += 1
+            return
+        try:
+            rows = self._checked(select_data(batch, self.options.select), step)
+        except Exception as err:  # noqa: BLE001 - a user's selector too: its fault skips the batch, not the run
+            self.fault("select", step, f"{_describe(err, 'data.select')}; the batch is skipped")
+            return
+        if rows is not None:
+            self._staged.append((step, rows.detach().clone()))
+            self._staged_bytes += rows.numel() * rows.element_size()
+
+    @property
+    def full(self) -> bool:
+        """Whether the staged rows should be drained now (beyond ``STAGE_BYTES``)."""
+        return self._staged_bytes > STAGE_BYTES
+
+    def drain(self) -> list[tuple[int, Tensor]]:
+        """The staged ``(step, rows [b, *shape])`` with the non-finite rows dropped, oldest first."""
+        out = []
+        for step, rows in self._staged:
+            finite = torch.isfinite(rows.flatten(1)).all(1)
+            bad = int((~finite).sum())
+            if bad:
+                self.dropped_rows += bad
+                self.fault(
+                    "nonfinite",
+                    step,
+                    f"{bad} of {rows.shape[0]} samples of the training batch at step {step} hold NaN/Inf; they are "
+                    "not taken (counted in memwatch/intake_dropped_rows)",
+                )
+                rows = rows[finite.to(rows.device)]
+            if rows.shape[0]:
+                out.append((step, rows))
+        self._staged, self._staged_bytes = [], 0
+        return out
+
+    def fault(self, kind: str, step: int, message: str) -> None:
+        """One warning per kind of fault and run (or raise with ``raise_errors``)."""
+        if kind != "nonfinite":
+            self.skipped += 1
+        if self.raise_errors:
+            raise MemwatchError(f"memwatch: training batch at step {step}: {message}")
+        if kind not in self._warned:
+            self._warned.add(kind)
+            rank_zero_warn(f"memwatch: training batch at step {step}: {message}. Warned once per run.")
+
+    def _checked(self, data: Tensor, step: int) -> Tensor | None:
+        """``data`` as float samples of the first batch's shape, or ``None`` (refused, with a warning)."""
+        if data.ndim < 2:
+            raise MemwatchError(
+                f"the selected tensor has shape {tuple(data.shape)}, not [batch, *sample_shape]; set `data.select`"
+            )
+        if not data.is_floating_point():
+            try:
+                data = as_float(data, self.options.integer_range, "the training batch")
+            except MemwatchError as err:
+                self.fault("dtype", step, f"{err}; the batch is not taken")
+                return None
+        shape = tuple(data.shape[1:])
+        if self.shape is None:
+            self.shape = shape
+        elif shape != self.shape:
+            self.off = True
+            self.fault(
+                "shape",
+                step,
+                f"its samples have shape {shape}, the first batch's {self.shape} (bucketed sizes?): the monitor stops "
+                "reading batches and keeps the samples it holds (set `data.select` to a fixed-size view, or pass "
+                "`sigmas` and a `reference_data` tensor to need no batches)",
+            )
+            return None
+        return data
+
+
+class TrainingSamples:
+    """The distinct training samples the monitor holds from the batches, in the probes' space:
+    the intake's rows, staged, then offered to a :class:`memwatch.calibration.Reservoir` through
+    ``data.encode_fn`` where they are not already latents. In memory only; never logged or saved.
+
+    Args:
+        intake: the monitor's batch intake.
+        seed: seed of the reservoir.
+        uses: the settings that read the batches, for messages (e.g. ``'sigmas="auto"'``).
+    """
+
+    def __init__(self, intake: BatchIntake, *, seed: int, uses: str) -> None:
+        self.intake = intake
+        self.reservoir = Reservoir(intake.options.capacity, seed=seed, distinct=True)
+        self.uses = uses
+        self._warned_latents = False
+
+    def __len__(self) -> int:
+        return len(self.reservoir)
+
+    @property
+    def samples(self) -> Tensor:
+        """``[m, *shape]`` float32 on the CPU (a copy); see :attr:`memwatch.calibration.Reservoir.samples`."""
+        return self.reservoir.samples
+
+    def offer(self, batch: Any, step: int, sample_shape: Sequence[int]) -> None:
+        """Stage a training batch (no device synchronization); drained when the stage is full.
+
+        Raises:
+            MemwatchError: the first batch's samples are not in the probes' space and no
+                ``data.encode_fn`` maps them there (a configuration error).
+        """
+        first = self.intake.shape is None
+        self.intake.stage(batch, step)
+        shape, encode = self.intake.shape, self.intake.options.encode_fn
+        if first and shape is not None and encode is None and shape != tuple(sample_shape):
+            raise MemwatchError(space_message(shape, sample_shape, self.uses))
+        if self.intake.full:
+            self.drain(sample_shape)
+
+    def drain(self, sample_shape: Sequence[int]) -> None:
+        """Offer the staged rows to the reservoir; a batch that cannot be encoded is skipped (one warning)."""
+        for step, rows in self.intake.drain():
+            try:
+                self._hold(rows, tuple(sample_shape))
+            except Exception as err:  # noqa: BLE001 - the user's encoder: its fault skips the batch, not the run
+                self.intake.fault("encode", step, f"{_describe(err, 'data.encode_fn')}; the batch is not taken")
+
+    def _hold(self, rows: Tensor, sample_shape: tuple[int, ...]) -> None:
+        encode = self.intake.options.encode_fn
+        if tuple(rows.shape[1:]) == sample_shape:
+            if encode is not None and not self._warned_latents:
+                self._warned_latents = True
+                rank_zero_warn(
+                    f"memwatch: the training batches already hold samples of the probes' shape {sample_shape}, so "
+                    "they are taken as latents and `data.encode_fn` is not applied to them (it still encodes "
+                    "`reference_data` and `loss_gap.heldout_data`)"
+                )
+            self.reservoir.update(rows)
+            return
+        if encode is None:
+            raise MemwatchError(space_message(tuple(rows.shape[1:]), sample_shape, self.uses))
+        self.reservoir.update(rows, transform=lambda x: self._encode(x, sample_shape))
+
+    def _encode(self, x: Tensor, sample_shape: tuple[int, ...]) -> Tensor:
+        """Training samples ``[b, *data shape]`` in the probes' space ``[b, *sample_shape]`` through
+        ``data.encode_fn`` (checked before anything is kept)."""
+        with torch.no_grad(), isolate_rng():  # an encoder that samples must not move the training RNG
+            out = self.intake.options.encode_fn(x)
+        if not isinstance(out, Tensor):
+            raise MemwatchError(
+                f"`data.encode_fn` returned a {type(out).__name__}, not a tensor (for a diffusers VAE: "
+                "lambda x: vae.encode(x).latent_dist.mean * vae.config.scaling_factor)"
+            )
+        if tuple(out.shape[1:]) != sample_shape or out.shape[0] != x.shape[0]:
+            raise MemwatchError(space_message(tuple(out.shape[1:]), sample_shape, self.uses))
+        return out.detach()
+
+
+def in_probe_space(
+    data: Any, name: str, options: DataOptions, sample_shape: Sequence[int], device: torch.device | str | None = None
+) -> Tensor:
+    """User data (``reference_data``, held-out data) ``[N, *shape]`` checked — real units, finite —
+    and encoded into the probes' space (``data.encode_fn`` runs on ``device``), on the CPU.
+
+    Raises:
+        MemwatchError: the data is not shaped like the probes (after ``data.encode_fn``), holds
+            fewer than two samples, NaN / Inf values, or integers without ``data.integer_range``.
+    """
+    if isinstance(data, Tensor):
+        data = as_float(data, options.integer_range, f"`{name}`")
+    out = check_reference_data(
+        data, sample_shape, options.encode_fn, batch_key=options.select, device=device, name=name
+    )
+    bad = int((~torch.isfinite(out.flatten(1)).all(1)).sum())
+    if bad:
+        raise MemwatchError(f"`{name}` holds {bad} of {len(out)} samples with NaN/Inf values; drop them first")
+    return out
+
+
+def _describe(err: BaseException, setting: str) -> str:
+    """A fault in one line: memwatch's own message, or the exception the user's ``setting`` raised."""
+    return str(err) if isinstance(err, MemwatchError) else f"`{setting}` raised {err!r}"
+
+
+def space_message(shape: tuple[int, ...] | None, probes: Sequence[int], uses: str) -> str:
+    """Why training samples of ``shape`` cannot be compared with probes of shape ``probes``."""
+    return (
+        f"{uses} compare training samples with the probes, but the training batches hold samples of shape {shape} "
+        f"and the probes have shape {tuple(probes)} (`data.sample_shape`, or the model's config): pass "
+        "`data.sample_shape` to match the data, `data.select` to point at the samples, or a `data.encode_fn` "
+        "that maps the batches there"
+    )

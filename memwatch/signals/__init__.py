@@ -1,0 +1,40 @@
+"""The signals a check is made of, one module each (see :mod:`memwatch.signals.base` for the hooks).
+
+==================  =====================================================================
+signal              what it logs under ``memwatch/``
+==================  =====================================================================
+``calibration``     nothing: fixes the noise levels of ``sigmas="auto"`` at the first check
+``copies``          ``nn_memorized_fraction``, ``auroc``, ``flagged_fraction`` (via the
+                    sharpness summary) and the copied-items table (with ``reference_data``)
+``sharpness``       ``sharp_fraction_mean``, ``lid_mean``, ``lambda_min``,
+                    ``normalized_eig_mean``, ``memorized_fraction``, ``nonfinite_count``,
+                    the same per timestep as ``t{t}/…``, ``hessian_score_norm_mean``,
+                    ``out_of_range_count``
+``conditional``     ``cond/{c}/…`` and ``most_memorized_condition`` (with ``probes.conditions``)
+``loss_gap``        ``loss_train``, ``loss_heldout``, ``loss_gap`` (with ``loss_gap.heldout_data``)
+==================  =====================================================================
+
+A new signal is a subclass of :class:`Signal` in a module of its own, composed by
+:meth:`memwatch.MemorizationMonitor._compose`.
+"""
+
+from memwatch.signals.base import Draft, Run, Signal
+from memwatch.signals.calibration import CalibrationSignal
+from memwatch.signals.conditional import ConditionalSignal
+from memwatch.signals.copies import CopyOptions, CopySignal
+from memwatch.signals.lossgap import LossGapOptions, LossGapSignal
+from memwatch.signals.sharpness import SharpnessCheckOptions, SharpnessSignal
+
+__all__ = [
+    "CalibrationSignal",
+    "ConditionalSignal",
+    "CopyOptions",
+    "CopySignal",
+    "Draft",
+    "LossGapOptions",
+    "LossGapSignal",
+    "Run",
+    "SharpnessCheckOptions",
+    "SharpnessSignal",
+    "Signal",
+]

@@ -1,0 +1,147 @@
+"""What a signal is: the hooks a check calls, and what a signal sees of the run.
+
+A check of :class:`memwatch.MemorizationMonitor` runs in a fixed order on every rank:
+
+1. :meth:`Signal.take` — every training batch, this rank's samples (selected, finite, in the
+   data's space; see :mod:`memwatch.intake`); rank-local, never a device synchronization.
+2. :meth:`Signal.before_check` — every rank, collectives allowed (calibration agrees here).
+3. the probes are drawn and their sharpness measured (:class:`memwatch.probes.ProbeSet`);
+4. :meth:`Signal.measure` — rank-local, in the isolation of the measurement (eval mode, frozen
+   parameters, isolated RNG); a fault here makes only this signal's values NaN;
+5. :meth:`Signal.contribute` — every rank, after every rank measured: collectives allowed; the
+   signal adds its synced values and its fields of :class:`memwatch.reporting.CheckResult` to the
+   :class:`Draft`, in the order of the monitor's signals (the copies first: the sharpness summary
+   reads their ratios).
+
+Each signal keeps its own state (:meth:`Signal.state_dict`), saved in the monitor's checkpoint
+state under its :attr:`Signal.name`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from memwatch.probes import ProbeMeasurement
+from memwatch.score import DiffusionScore
+
+__all__ = ["Draft", "Run", "Signal", "gathered", "nan_values"]
+
+
+@dataclass
+class Run:
+    """What a signal sees of the run at fit start and at a check.
+
+    Attributes:
+        module: the LightningModule under training.
+        score: its score as found at fit start (or at this check).
+        sample_shape: the probes' shape.
+        world_size, rank: the DDP layout (1, 0 without a Trainer).
+        strategy: the Trainer's strategy for collectives (``None`` without a Trainer).
+        step: the global step of the check (0 at fit start).
+        raise_errors: re-raise faults instead of warning.
+    """
+
+    module: pl.LightningModule
+    score: DiffusionScore
+    sample_shape: tuple[int, ...]
+    world_size: int = 1
+    rank: int = 0
+    strategy: Any = None
+    step: int = 0
+    raise_errors: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.device
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.rank == 0
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank zero's ``obj`` on every rank."""
+        return obj if self.strategy is None else self.strategy.broadcast(obj, src=0)
+
+    def all_true(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every rank (one collective)."""
+        return flag if self.strategy is None else bool(self.strategy.reduce_boolean_decision(flag, all=True))
+
+
+@dataclass
+class Draft:
+    """A check being assembled: the probes' measurement, the values logged so far and the
+    fields of its :class:`memwatch.reporting.CheckResult` the signals contribute."""
+
+    measurement: ProbeMeasurement
+    values: dict[str, float] = field(default_factory=dict)
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def with_measurement(self, **changes: Any) -> None:
+        """Replace fields of the measurement (e.g. the copies' ``nn_ratio``)."""
+        self.measurement = dataclasses.replace(self.measurement, **changes)
+
+
+class Signal:
+    """One thing a check measures. Subclasses override the hooks they need; the defaults do nothing.
+
+    Attributes:
+        name: the signal's key in the monitor's state and in its ``signals`` mapping.
+        value_names: the values it logs (NaN when it could not measure at a check).
+    """
+
+    name: ClassVar[str] = ""
+    value_names: tuple[str, ...] = ()
+
+    @property
+    def takes_batches(self) -> bool:
+        """Whether :meth:`take` wants the training batches (the intake reads them only if some signal does)."""
+        return False
+
+    def prepare(self, run: Run) -> None:
+        """Fit start (or ``memwatch scan``): the probes' space is known; validate the signal's data there."""
+
+    def take(self, samples: Tensor) -> None:
+        """This rank's training samples of one batch ``[b, *data shape]`` (detached, finite)."""
+
+    def before_check(self, run: Run) -> None:
+        """Every rank, before the probes are drawn; collectives allowed."""
+
+    def measure(self, run: Run, score: DiffusionScore, measurement: ProbeMeasurement) -> Any:
+        """Rank-local measurement at this check, in the isolation of the probes' measurement;
+        what it returns is handed to :meth:`contribute`."""
+        return None
+
+    def contribute(self, run: Run, draft: Draft, measured: Any) -> None:
+        """Every rank, after every rank measured: add synced values / fields to ``draft``."""
+
+    def unmeasured(self, draft: Draft) -> None:
+        """This signal failed on some rank at this check: its values are NaN."""
+        draft.values.update(nan_values(self.value_names))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (called only when the checkpoint holds this signal's state)."""
+
+
+def nan_values(names: tuple[str, ...] | list[str]) -> dict[str, float]:
+    """``{name: NaN}`` for values that were not measured."""
+    return dict.fromkeys(names, math.nan)
+
+
+def gathered(x: Tensor) -> Tensor:
+    """``x`` of every rank, concatenated in rank order (shards may differ in length), on the CPU;
+    ``x`` alone outside distributed runs."""
+    from torchmetrics.utilities.distributed import gather_all_tensors
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return x.cpu()
+    return torch.cat([t.cpu() for t in gather_all_tensors(x)])

@@ -1,0 +1,123 @@
+"""The calibration signal: the noise levels of ``sigmas="auto"``, from the training samples seen.
+
+Until the first check it holds distinct training samples of the batches (in memory only,
+:class:`memwatch.calibration.Reservoir`); at the first check rank zero measures their median
+nearest-neighbour distance and the levels ``probes.sigma_factors`` × that distance (clamped inside
+the schedule and below the sampler's first step), which every rank then uses; the reservoir is
+freed unless the copies signal shares it. The levels are kept in the monitor's state, so a
+resumed run measures where it did (its samples were never saved).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from memwatch.calibration import DataScale, data_scale, level_range, relative_sigmas
+from memwatch.errors import MemwatchError
+from memwatch.intake import TrainingSamples
+from memwatch.schedules import NoiseSchedule
+from memwatch.signals.base import Run, Signal
+
+__all__ = ["CalibrationSignal"]
+
+
+class CalibrationSignal(Signal):
+    """Noise levels relative to the training data's spacing (see the module docstring).
+
+    Args:
+        factors: ``probes.sigma_factors``.
+        held: the reservoir it reads (shared with the copies signal with ``"batches"``).
+        keep_held: whether the reservoir outlives the calibration (the copies signal reads it).
+        first_timestep: ``schedule -> the timestep the probes' sampler starts at``.
+        on_levels: called with the calibrated σ_t once they are fixed (the monitor measures there).
+        seed: seed of the distance estimate's subsample.
+    """
+
+    name = "calibration"
+
+    def __init__(
+        self,
+        factors: Sequence[float],
+        *,
+        held: TrainingSamples | None,
+        keep_held: bool,
+        first_timestep: Callable[[NoiseSchedule], float],
+        on_levels: Callable[[tuple[float, ...]], None],
+        seed: int,
+    ) -> None:
+        self.factors = tuple(factors)
+        self.held = held
+        self.keep_held = keep_held
+        self.first_timestep = first_timestep
+        self.on_levels = on_levels
+        self.seed = seed
+        self.sigmas: tuple[float, ...] | None = None
+        self.scale: DataScale | None = None
+
+    @property
+    def pending(self) -> bool:
+        """Whether the levels are still to be fixed (the monitor then holds training samples for them)."""
+        return self.sigmas is None
+
+    def levels_for(self, samples: Tensor, schedule: NoiseSchedule) -> tuple[DataScale, tuple[float, ...]]:
+        """The samples' scale and the noise levels calibrated from them (no state changes)."""
+        floor, ceiling = level_range(schedule)
+        first = float(schedule.sigma(self.first_timestep(schedule)))  # the probes start there
+        scale = data_scale(samples, generator=torch.Generator().manual_seed(self.seed + 2))
+        return scale, relative_sigmas(scale, schedule, self.factors, floor=floor, ceiling=min(ceiling, first))
+
+    def use(self, scale: DataScale | None, sigmas: tuple[float, ...]) -> None:
+        """Keep the calibrated levels and measure at them from now on."""
+        self.scale, self.sigmas = scale, tuple(sigmas)
+        self.on_levels(self.sigmas)
+
+    def before_check(self, run: Run) -> None:
+        """At the first check: rank zero's levels on every rank; then the samples are freed.
+
+        Raises:
+            MemwatchError: on every rank alike, when rank zero could not calibrate (e.g. fewer
+                than two distinct training samples seen); the check is then skipped.
+        """
+        if self.sigmas is not None:
+            return
+        found, error = None, None
+        if run.is_global_zero:
+            try:
+                if self.held is None or len(self.held) == 0:
+                    raise MemwatchError("no training sample was taken from the batches (see the warnings above)")
+                found = self.levels_for(self.held.samples, run.score.schedule)
+            except Exception as err:  # noqa: BLE001 - reported on every rank below
+                error = f"{type(err).__name__}: {err}"
+        found, error = run.broadcast((found, error))
+        if error is not None:
+            raise MemwatchError(f"sigmas='auto' could not calibrate the noise levels: {error}")
+        self.use(*found)
+        if not self.keep_held:
+            self.held = None  # no training sample is held longer than needed
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"calibrated_sigmas": self.sigmas}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("calibrated_sigmas") is not None:
+            self.sigmas = tuple(state["calibrated_sigmas"])
+            if not self.keep_held:
+                self.held = None
+
+
+def build(monitor: Any) -> CalibrationSignal | None:
+    """The calibration signal of ``monitor`` (with ``sigmas="auto"``)."""
+    if not monitor.calibrating:
+        return None
+    return CalibrationSignal(
+        monitor.probes.sigma_factors,
+        held=monitor.held_samples,
+        keep_held=monitor.copies_from_batches,
+        first_timestep=monitor.first_sampler_timestep,
+        on_levels=monitor.use_levels,
+        seed=monitor.probes.seed,
+    )

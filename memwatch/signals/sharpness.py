@@ -1,0 +1,202 @@
+"""The sharpness signal: how sharp the learned density is at the probes, summarized per check.
+
+At every evaluation timestep ``t`` a probe is *memorized* when its score (the sharp fraction,
+the share of directions with ``σ_t² λ < -threshold``) exceeds ``score_threshold``; the synced
+summary (:class:`memwatch.metrics.MemorizationMetrics`) is logged per timestep as
+``t{t}/…`` and, for the primary timestep, without prefix. A check that kept fewer finite probes
+than ``onset.min_valid_fraction`` is a failed measurement: its values are NaN.
+
+Also here: Jeon et al.'s ``‖H s‖`` (``hessian_score_norm_mean``) and the count of probes that left
+the data's range by far (``out_of_range_count``). The range is the scheduler's clipping range,
+``data.data_range``, or the range of the training samples seen; the count is logged at every
+check and a warning is given once per run, when most probes left it — the sign of a sampler that
+does not step like the model's own pipeline, not of a model still learning.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from memwatch import defaults
+from memwatch.conditional import default_max_batch
+from memwatch.errors import MemwatchError
+from memwatch.metrics import MemorizationMetrics
+from memwatch.probes import ProbeMeasurement
+from memwatch.reporting import format_timestep
+from memwatch.sharpness import DENSE_MAX_DIM, SharpnessOptions, SharpnessResult
+from memwatch.signals.base import Draft, Run, Signal
+from memwatch.validation import check_fraction, check_int
+
+__all__ = ["SharpnessCheckOptions", "SharpnessSignal"]
+
+#: more than this share of the probes out of range is a diverging sampler (warned once)
+DIVERGING_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class SharpnessCheckOptions(SharpnessOptions):
+    """How sharp a probe must be, and how its spectrum is measured at a check.
+
+    The fields of :class:`memwatch.SharpnessOptions` (``k``, ``threshold``, ``method``,
+    ``num_iters``, ``num_vectors``, ``max_batch``, …) plus:
+
+    Attributes:
+        score_threshold: a probe counts as memorized when its sharp fraction exceeds this (``[0, 1)``).
+        spectrum_every_n_checks: with ``method="auto"`` at image scale (``d > 384``) the cheap
+            trace tier (LID / FLIPD from ``num_vectors`` reverse-mode products per probe) runs at
+            every check and the Lanczos spectrum every n-th check (``lambda_min`` and the
+            spectrum panel update then; NaN in between).
+    """
+
+    score_threshold: float = defaults.SCORE_THRESHOLD
+    spectrum_every_n_checks: int = defaults.SPECTRUM_EVERY_N_CHECKS
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_fraction("sharpness.score_threshold", self.score_threshold)
+        check_int("sharpness.spectrum_every_n_checks", self.spectrum_every_n_checks, 1)
+
+    def measure_options(self) -> SharpnessOptions:
+        """The spectrum settings alone, as :func:`memwatch.measure_sharpness` takes them."""
+        names = SharpnessOptions.__dataclass_fields__
+        return SharpnessOptions(**{n: getattr(self, n) for n in names})
+
+
+class SharpnessSignal(Signal):
+    """The sharpness summary of a check (see the module docstring).
+
+    Args:
+        options: the sharpness group of the monitor.
+        num_probes: probes per check (over every rank).
+        min_valid_fraction: see :class:`memwatch.options.OnsetOptions`.
+    """
+
+    name = "sharpness"
+
+    def __init__(self, options: SharpnessCheckOptions, num_probes: int, min_valid_fraction: float) -> None:
+        self.options = options
+        self.num_probes = num_probes
+        self.min_valid_fraction = min_valid_fraction
+        self.check_options: SharpnessOptions = options.measure_options()  # resolved for d once it is known
+        self.tiered = False  # image scale: the trace tier at every check, the spectrum every n-th
+        self.timesteps: list[float] = []
+        self._metrics: dict[float, MemorizationMetrics] = {}
+        self._warned_range = False
+
+    def resolve(self, shape: tuple[int, ...], device: torch.device) -> None:
+        """The measurement settings for probes of ``shape``: the trace tier at image scale, a memory bound.
+
+        Raises:
+            MemwatchError: ``k`` (or another spectrum setting) does not fit the sample dimension.
+        """
+        dim = math.prod(shape)
+        base = self.options.measure_options()
+        self.tiered = base.method == "auto" and dim > DENSE_MAX_DIM
+        resolved = base.replace(method="trace") if self.tiered else base
+        if base.max_batch is None:  # every model call of a check bounded by the memory there is
+            resolved = resolved.replace(max_batch=default_max_batch(dim, device=device))
+        if base.k > dim:
+            raise MemwatchError(f"`sharpness.k`={base.k} is larger than the sample dimension d={dim} (shape {shape})")
+        base.check_dim(dim)
+        self.check_options = resolved
+
+    def spectrum_options(self, checks_done: int) -> SharpnessOptions | None:
+        """The Lanczos settings when this check also measures the spectrum (every n-th check of the tier)."""
+        due = self.tiered and checks_done % self.options.spectrum_every_n_checks == 0
+        return self.check_options.replace(method="lanczos") if due else None
+
+    def use_timesteps(self, timesteps: list[float]) -> None:
+        """Measure at these evaluation timesteps (primary first) from now on."""
+        self.timesteps = list(timesteps)
+        self._metrics = {t: MemorizationMetrics(score_threshold=self.options.score_threshold) for t in timesteps}
+
+    def contribute(self, run: Run, draft: Draft, measured: object) -> None:
+        m = draft.measurement
+        for t, res in m.results.items():
+            spectrum = m.spectrum if t == self.timesteps[0] else None
+            computed = self._valid_or_nan(t, self._summary(self._metrics[t], res, m.nn_ratio, spectrum, run.device))
+            draft.values.update({f"t{format_timestep(t)}/{name}": v for name, v in computed.items()})
+            if t == self.timesteps[0]:
+                draft.values.update(computed)
+        if m.out_of_range is not None:
+            draft.values["out_of_range_count"] = self._out_of_range(m, run.device)
+        if m.hessian_score_norm is not None:
+            draft.values["hessian_score_norm_mean"] = synced_mean(m.hessian_score_norm, run.device)
+
+    def flagged(self, measurement: ProbeMeasurement) -> Tensor:
+        """``[n]`` bool: probes memorized by the sharpness rule at the primary timestep."""
+        return measurement.primary.memorization_score > self.options.score_threshold
+
+    @staticmethod
+    def _summary(
+        metric: MemorizationMetrics,
+        res: SharpnessResult,
+        nn_ratio: Tensor | None,
+        spectrum: SharpnessResult | None,
+        device: torch.device,
+    ) -> dict[str, float]:
+        """The synced summary of one timestep; the eigenvalue summaries come from the spectrum
+        when the trace tier measured none (NaN at checks without a spectrum)."""
+        eig = res if res.method != "trace" else spectrum
+        metric = metric.to(device)
+        metric.reset()
+        metric.update(
+            res.sharp_fraction.to(device),
+            res.lid.to(device),
+            None if eig is None else eig.eigenvalues[:, 0].to(device),
+            None if eig is None else eig.normalized.mean(1).to(device),
+            res.memorization_score.to(device),
+            None if nn_ratio is None else nn_ratio.to(device),
+        )
+        return {name: float(v) for name, v in metric.compute().items()}
+
+    def _valid_or_nan(self, t: float, values: dict[str, float]) -> dict[str, float]:
+        """A check that lost too many probes is a failed measurement: every value but the count
+        of non-finite probes becomes NaN (neither clean nor counted toward onset), with a warning."""
+        bad = int(values["nonfinite_count"])
+        if self.num_probes - bad >= self.min_valid_fraction * self.num_probes:
+            return values
+        rank_zero_warn(
+            f"memwatch: only {self.num_probes - bad} of {self.num_probes} probes gave finite values at "
+            f"t={format_timestep(t)} (below onset.min_valid_fraction={self.min_valid_fraction:g}); the check's "
+            "metrics are NaN and it counts neither as clean nor toward onset"
+        )
+        return {name: (v if name == "nonfinite_count" else math.nan) for name, v in values.items()}
+
+    def _out_of_range(self, measurement: ProbeMeasurement, device: torch.device) -> float:
+        """Probes (over every rank) that left the data range by far; one warning per run when most did."""
+        from torchmetrics.aggregation import SumMetric
+
+        total = SumMetric().to(device)  # synced over ranks on compute
+        total.update(measurement.out_of_range.double().sum().to(device))
+        count = float(total.compute())
+        if count > DIVERGING_SHARE * self.num_probes and not self._warned_range:
+            self._warned_range = True
+            lo, hi = measurement.data_range or (math.nan, math.nan)
+            rank_zero_warn(
+                f"memwatch: {int(count)} of {self.num_probes} probes left the data range [{lo:g}, {hi:g}] by more "
+                "than half its width: the probe sampler may be diverging (a sampler that does not step like the "
+                "model's own pipeline, e.g. without its clipping?); pass `probes.sampler` or check the schedule. "
+                "Warned once; `memwatch/out_of_range_count` is logged at every check"
+            )
+        return count
+
+
+def build(monitor: Any) -> SharpnessSignal:
+    """The sharpness signal of ``monitor`` (always)."""
+    return SharpnessSignal(monitor.sharpness, monitor.num_probes, monitor.onset.min_valid_fraction)
+
+
+def synced_mean(x: Tensor, device: torch.device) -> float:
+    """Mean of the finite values of every rank's ``x`` (NaN when none is finite)."""
+    from torchmetrics.aggregation import MeanMetric
+
+    mean = MeanMetric(nan_strategy="ignore").to(device)  # synced over ranks on compute
+    mean.update(x.to(device, torch.float64))
+    return float(mean.compute())
