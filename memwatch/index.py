@@ -278,25 +278,35 @@ class CopyIndex:
 
     # ------------------------------------------------------------------ search
     @torch.no_grad()
-    def search(self, probes: Tensor) -> Hits:
+    def search(self, probes: Tensor, reference: Tensor | Dataset | None = None) -> Hits:
         """The two nearest distinct held samples of each probe ``[n, *sample_shape]``.
 
         Candidates (the ``candidates`` nearest by the tier's search) are re-ranked by
-        ``‖q − x‖₂`` in float64 on the stored vectors; the two smallest are returned ascending.
+        ``‖q − x‖₂`` in float64 and the two smallest returned, ascending: on the stored vectors,
+        or, with ``reference``, on the samples themselves (their flattened values, or
+        ``embed_fn``'s features), read back by row: exact in that space whatever the tier and the
+        projection, as long as the true two nearest are among the candidates.
+
+        Args:
+            probes: ``[n, *sample_shape]``; a probe that is not finite gets NaN distances.
+            reference: the data the index was filled from (:func:`fill_from`): a tensor
+                ``[N, *sample_shape]`` or a map-style Dataset (item: a tensor, or a tuple / dict
+                whose first tensor is the sample); ``None``: re-rank on the stored vectors.
 
         Returns:
             :class:`Hits` with ``[n, 2]`` fields (and ``mirror`` with ``flip``).
 
         Raises:
-            MemwatchError: ``probes`` has the wrong shape.
+            MemwatchError: ``probes`` has the wrong shape, or ``reference`` is given while a
+                candidate has no row (it came from the batches).
         """
         self._checked(probes, "probes")
-        hits = self._search_one(probes)
+        hits = self._search_one(probes, reference)
         if self.options.flip:
-            hits = Hits(hits.distance, hits.key, hits.row, self._search_one(probes.flip(-1)))
+            hits = Hits(hits.distance, hits.key, hits.row, self._search_one(probes.flip(-1), reference))
         return hits
 
-    def _search_one(self, probes: Tensor) -> Hits:
+    def _search_one(self, probes: Tensor, reference: Tensor | Dataset | None) -> Hits:
         n = probes.shape[0]
         distance = torch.full((n, 2), torch.inf, dtype=torch.float64)
         key, row = torch.full((n, 2), -1, dtype=torch.int64), torch.full((n, 2), -1, dtype=torch.int64)
@@ -304,20 +314,39 @@ class CopyIndex:
         distance[~finite] = torch.nan
         if self._held == 0 or not finite.any():
             return Hits(distance, key, row)
-        q = self._vectors(probes.detach()[finite.to(probes.device)])
+        features = self._features(probes.detach()[finite.to(probes.device)])
+        q = self._project(features)
         slots = self._candidates(q)  # [n', c], -1 where none
-        assert self._store is not None
-        vec = self._store[slots.clamp_min(0)].to(torch.float64)  # [n', c, v]
-        d = torch.linalg.vector_norm(vec - q.to(torch.float64)[:, None], dim=2)
-        d = d.masked_fill(slots < 0, torch.inf)
-        best, pos = d.topk(min(2, d.shape[1]), dim=1, largest=False)
-        chosen = slots.gather(1, pos)
+        d = self._reranked(q, slots) if reference is None else self._reranked_on(features, slots, reference)
+        best, pos = d.masked_fill(slots < 0, torch.inf).topk(min(2, d.shape[1]), dim=1, largest=False)
+        chosen = slots.gather(1, pos).clamp_min(0)
         present = torch.isfinite(best)
         k = best.shape[1]
         distance[finite, :k] = best
-        key[finite, :k] = torch.where(present, self._keys[chosen.clamp_min(0)], -1)
-        row[finite, :k] = torch.where(present, self._rows[chosen.clamp_min(0)], -1)
+        key[finite, :k] = torch.where(present, self._keys[chosen], -1)
+        row[finite, :k] = torch.where(present, self._rows[chosen], -1)
         return Hits(distance, key, row)
+
+    def _reranked(self, q: Tensor, slots: Tensor) -> Tensor:
+        """``‖q − x‖₂`` ``[n, c]`` float64 to the stored vectors of the candidate slots."""
+        assert self._store is not None
+        vectors = self._store[slots.clamp_min(0)].to(torch.float64)  # [n, c, v]
+        return torch.linalg.vector_norm(vectors - q.to(torch.float64)[:, None], dim=2)
+
+    def _reranked_on(self, features: Tensor, slots: Tensor, reference: Tensor | Dataset) -> Tensor:
+        """``‖f(probe) − f(sample)‖₂`` ``[n, c]`` float64, the samples read from ``reference`` by row."""
+        rows = self._rows[slots.clamp_min(0)].masked_fill(slots < 0, -1)
+        if (rows[slots >= 0] < 0).any():
+            raise MemwatchError("`reference` re-ranking needs every held sample's row; some came from the batches")
+        wanted = torch.unique(rows[rows >= 0])
+        if isinstance(reference, Tensor):
+            samples = reference[wanted]
+        else:
+            samples = torch.stack([first_tensor(reference[int(i)]) for i in wanted])
+        exact = self._features(samples).to(torch.float64)  # [u, e]
+        where = torch.searchsorted(wanted, rows.clamp_min(0))
+        d = torch.linalg.vector_norm(exact[where] - features.to(torch.float64)[:, None], dim=2)
+        return d.masked_fill(rows < 0, torch.inf)
 
     def _candidates(self, q: Tensor) -> Tensor:
         """Slots ``[n, c]`` of the ``c = min(candidates, held)`` nearest held vectors by the tier's search."""
@@ -351,8 +380,15 @@ class CopyIndex:
 
     def _vectors(self, samples: Tensor) -> Tensor:
         """The index vectors ``[m, v]`` float32 (CPU) of samples ``[m, *sample_shape]``."""
+        return self._project(self._features(samples))
+
+    def _features(self, samples: Tensor) -> Tensor:
+        """The flattened samples, or ``embed_fn``'s features: ``[m, e]`` float32 on the CPU."""
         features = samples.reshape(samples.shape[0], -1) if self.embed_fn is None else self._embedded(samples)
-        features = features.to("cpu", torch.float32)
+        return features.to("cpu", torch.float32)
+
+    def _project(self, features: Tensor) -> Tensor:
+        """Features ``[m, e]`` as index vectors ``[m, v]`` (``v = e`` raw, ``dim`` projected), contiguous."""
         if self.options.vectors == "projection":
             if self._projection is None:
                 g = torch.Generator().manual_seed(self.options.seed)
@@ -568,10 +604,10 @@ def _reservoir_slots(offers: int, f: int, capacity: int, generator: torch.Genera
         u = torch.rand(int(tail.sum()), dtype=torch.float64, generator=generator)
         slot[tail] = torch.minimum((u * (index[tail] + 1).to(torch.float64)).floor().to(torch.int64), index[tail])
     chosen = slot < capacity
-    last = torch.full((capacity,), -1, dtype=torch.int64)
-    last.scatter_reduce_(0, slot[chosen], torch.arange(f)[chosen], reduce="amax")
-    slots = (last >= 0).nonzero().flatten()
-    return slots, last[slots]
+    drawn, offer = slot[chosen], torch.arange(f)[chosen]
+    slots, inverse = torch.unique(drawn, return_inverse=True)
+    last = torch.full((slots.numel(),), -1, dtype=torch.int64).scatter_reduce_(0, inverse, offer, reduce="amax")
+    return slots, last
 
 
 def _build_ivf(faiss: ModuleType, vectors: Tensor, generator: torch.Generator) -> Any:

@@ -280,3 +280,23 @@ def test_hits_are_plain_tensors_for_a_ddp_gather():
     hits = _filled(train).search(probes)
     assert isinstance(hits, Hits) and hits.distance.dtype == torch.float64
     assert hits.key.dtype == hits.row.dtype == torch.int64 and hits.distance.shape == (12, 2)
+
+
+@pytest.mark.parametrize("options", [{"vectors": "projection", "dim": 4, "candidates": 200}, {"exact_limit": 50}])
+def test_re_ranking_on_the_reference_data_is_exact_in_the_sample_space(options):
+    train, probes = _data(150)
+    index = _filled(train, **options)
+    dist, rows = nearest_neighbours(probes, train)
+    for reference in (train, TensorDataset(train)):
+        hits = index.search(probes, reference=reference)
+        torch.testing.assert_close(hits.distance, dist)
+        assert torch.equal(hits.row, rows)
+    assert not torch.allclose(index.search(probes).distance, dist)  # the stored vectors alone are not exact
+
+
+def test_re_ranking_on_the_reference_data_needs_the_rows():
+    train, probes = _data(20)
+    index = CopyIndex(IndexOptions(), SHAPE)
+    index.add(train)
+    with pytest.raises(MemwatchError, match="needs every held sample's row"):
+        index.search(probes, reference=train)
