@@ -24,7 +24,7 @@ features are meant for cosine similarity should return them L2-normalized, then
   (on raw vectors: the numbers :func:`memwatch.copies.ratio_from_candidates` gives).
 * *compressed* beyond: the vectors are kept in float16 (``2v`` bytes: relative rounding
   ``≤ 2⁻¹¹`` per coordinate) for re-ranking, plus, with faiss and once ``≥ 4096`` are held, an
-  IVF-PQ index (``nlist = min(1024, held/64)`` lists, ``v/8``-byte codes, ``nlist/16`` lists
+  IVF-PQ index (``nlist = min(1024, held/64)`` lists, ``v/8`` 8-bit codes, ``nlist/16`` lists
   probed) that proposes the ``candidates`` re-ranked exactly in float64 on the float16 vectors.
   Without faiss the float16 vectors are searched by brute force (same answers, slower).
   Capacity ``C = B / (2v + v/8 + 24)`` samples.
@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -200,8 +201,10 @@ class CopyIndex:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the index's tensors: vectors, keys, rows and the IVF-PQ codes and centroids."""
+        """Bytes held: the vectors, keys and rows, the IVF-PQ codes and centroids, and the key table
+        (a dict, estimated at its size plus 64 bytes a key)."""
         total = 0 if self._store is None else self._store.numel() * self._store.element_size()
+        total += sys.getsizeof(self._slot_of) + 64 * len(self._slot_of)
         total += 8 * (self._keys.numel() + self._rows.numel())
         if self._ivf is not None and self._dim is not None:
             total += self._ivf.ntotal * (self._ivf.code_size + 8) + (self._ivf.nlist + 256) * self._dim * 4
@@ -266,13 +269,23 @@ class CopyIndex:
         """Rows staged and not yet flushed."""
         return sum(batch.shape[0] for batch, _, _ in self._pending)
 
-    def flush(self) -> int:
-        """Add every staged batch (waiting for its copy to end); returns the offers among them."""
+    def flush(self, *, wait: bool = True) -> int:
+        """Add the staged batches, in order; returns the offers among them.
+
+        Args:
+            wait: wait for each batch's copy to end (at a check). ``False``: add only the batches
+                whose copies have ended and stop at the first that has not, never waiting on the
+                device (to bound the staged memory between checks, e.g. whenever
+                :attr:`staged` passes a limit).
+        """
         offers = 0
         while self._pending:
-            batch, rows, event = self._pending.pop(0)
+            batch, rows, event = self._pending[0]
             if event is not None:
+                if not wait and not event.query():
+                    break
                 event.synchronize()
+            self._pending.pop(0)
             offers += self.add(batch, rows)
         return offers
 
@@ -611,12 +624,17 @@ def _reservoir_slots(offers: int, f: int, capacity: int, generator: torch.Genera
 
 
 def _build_ivf(faiss: ModuleType, vectors: Tensor, generator: torch.Generator) -> Any:
-    """An IVF-PQ index over ``vectors [h, v]`` (ids = slots): trained on ≤ 64·nlist of them."""
+    """An IVF-PQ index over ``vectors [h, v]`` (ids = slots), trained on ≤ max(40·nlist, 10⁴) of them
+    (8-bit codes from 9984 training points on, fewer bits below)."""
     h, v = vectors.shape
     nlist = max(1, min(1024, h // 64))
     m = max(d for d in range(1, v + 1) if v % d == 0 and d <= max(1, v // 8))
-    ivf = faiss.IndexIVFPQ(faiss.IndexFlatL2(v), v, nlist, m, 8)
-    sample = torch.randperm(h, generator=generator)[: 64 * nlist]
+    sample = torch.randperm(h, generator=generator)[: max(40 * nlist, 10_000)]
+    nbits = max(4, min(8, int(math.log2(sample.numel() / 39))))  # faiss wants 39 training points a centroid
+    ivf = faiss.IndexIVFPQ(faiss.IndexFlatL2(v), v, nlist, m, nbits)
+    ivf.cp.niter = ivf.pq.cp.niter = (
+        10  # k-means iterations (faiss: 25): a one-off cost of ~10 s at nlist 1024 on a core
+    )
     ivf.train(vectors[sample].numpy())
     ivf.add_with_ids(vectors.numpy(), np.arange(h, dtype=np.int64))
     ivf.nprobe = max(1, nlist // 16)
@@ -640,24 +658,25 @@ class _progress:
     """A context yielding ``advance(k)``: a tqdm (else rich) bar when ``enabled``, else a no-op."""
 
     def __init__(self, enabled: bool, total: int | None) -> None:
-        self.enabled, self.total, self._bar = enabled, total, None
+        self.enabled, self.total = enabled, total
+        self._close: Callable[[], None] = lambda: None
 
     def __enter__(self) -> Callable[[int], None]:
         if not self.enabled:
             return lambda k: None
         try:
             from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=self.total, unit="samples", desc="copy index")
-            return self._bar.update
         except ImportError:
             from rich.progress import Progress
 
-            self._bar = Progress()
-            self._bar.start()
-            task = self._bar.add_task("copy index", total=self.total)
-            return lambda k: self._bar.advance(task, k)
+            bar = Progress()
+            bar.start()
+            task = bar.add_task("copy index", total=self.total)
+            self._close = bar.stop
+            return lambda k: bar.advance(task, k)
+        tq = tqdm(total=self.total, unit="samples", desc="copy index")
+        self._close = tq.close
+        return tq.update
 
     def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.close() if hasattr(self._bar, "close") else self._bar.stop()
+        self._close()
