@@ -33,9 +33,10 @@ features are meant for cosine similarity should return them L2-normalized, then
 over the stream of *offers*, an offer being a sample not held when it comes. The ``i``-th offer
 (0-based) fills slot ``i`` while ``i < C``, then replaces a uniform slot with probability
 ``C/(i+1)``. So a sample seen once is held with probability ``C/N`` (``N`` offers), uniform
-over the samples, and a sample that comes back after being evicted is offered again: an item
-repeated ``r`` times in the data (the items that models copy) is held with probability
-``≈ 1 − (1 − C/N)^r``, higher than a singleton's.
+over the samples, and a sample that comes back after being evicted (or after being drawn out)
+is offered again: an item repeated in the data (the items that models copy) has a chance at
+each return and is held more often than a singleton (measured: an item 8 times among 200
+singletons, ``C = 50``: held in 57 % of seeds, a singleton in 25 %).
 
 **Keys.** Every held sample carries a key, the 63-bit BLAKE2b hash of its raw float32 bytes:
 exact repeats are held once, and the same sample has the same key on every rank, so
@@ -551,7 +552,12 @@ def nearest(hits: Hits) -> tuple[Tensor, Tensor]:
 
 
 def fill_from(
-    index: CopyIndex, data: Tensor | Dataset | DataLoader, *, progress: bool = False, batch_size: int = 4096
+    index: CopyIndex,
+    data: Tensor | Dataset | DataLoader,
+    *,
+    progress: bool = False,
+    batch_size: int = 4096,
+    shard: tuple[int, int] = (0, 1),
 ) -> int:
     """Stream reference data once into ``index``, recording each sample's row (its position in
     iteration order); returns the offers. Never holds more than one batch of ``data``.
@@ -563,24 +569,44 @@ def fill_from(
             name other items on each pass).
         progress: show a progress bar (``tqdm``, else ``rich``).
         batch_size: samples per batch for a tensor or a Dataset.
+        shard: ``(rank, world_size)``: add only batches ``b`` with ``b % world_size == rank`` (rows
+            stay global), so DDP ranks split the set and :func:`merge_hits` joins their answers.
+            A Dataset's other batches are not even read; a DataLoader's are read and skipped.
+
+    Raises:
+        MemwatchError: ``data`` of another type, or ``shard`` not ``0 <= rank < world_size``.
     """
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise MemwatchError(f"`shard` must be (rank, world_size) with 0 <= rank < world_size, got {shard!r}")
     if isinstance(data, Tensor):
-        batches: Iterable[Any] = data.split(batch_size)
+        starts = range(rank * batch_size, data.shape[0], world * batch_size)
+        batches: Iterable[tuple[int, Any]] = ((s, data[s : s + batch_size]) for s in starts)
     elif isinstance(data, DataLoader):
-        batches = data
+        batches = _loader_shard(data, rank, world)
     elif isinstance(data, Dataset):
-        batches = DataLoader(data, batch_size=batch_size, shuffle=False)
+        starts = range(rank * batch_size, len(data), world * batch_size)
+        mine = [list(range(s, min(s + batch_size, len(data)))) for s in starts]
+        batches = zip(starts, DataLoader(data, batch_sampler=mine))
     else:
         raise MemwatchError(f"`data` must be a Tensor, a Dataset or a DataLoader, got {type(data).__name__}")
-    total = len(data) if isinstance(data, (Tensor, Dataset)) and hasattr(data, "__len__") else None
-    offset, offers = 0, 0
-    with _progress(progress, total) as advance:
-        for item in batches:
+    offers = 0
+    total = len(data) if isinstance(data, (Tensor, Dataset)) else None
+    with _progress(progress, None if total is None else -(-total // world)) as advance:
+        for start, item in batches:
             batch = first_tensor(item)
-            offers += index.add(batch, torch.arange(offset, offset + batch.shape[0]))
-            offset += batch.shape[0]
+            offers += index.add(batch, torch.arange(start, start + batch.shape[0]))
             advance(batch.shape[0])
     return offers
+
+
+def _loader_shard(loader: DataLoader, rank: int, world: int) -> Iterable[tuple[int, Any]]:
+    """``(first row, batch)`` of the loader's batches ``b`` with ``b % world == rank`` (all are read)."""
+    offset = 0
+    for b, item in enumerate(loader):
+        if b % world == rank:
+            yield offset, item
+        offset += first_tensor(item).shape[0]
 
 
 # ---------------------------------------------------------------------- helpers
