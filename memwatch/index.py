@@ -18,7 +18,7 @@ features are meant for cosine similarity should return them L2-normalized, then
 
 **Two tiers, by the budget** (``B = memory_mb`` MiB; ``v`` the vector size):
 
-* *exact* while the held samples number at most ``exact_capacity = min(exact_limit, B / (4v + 16))``:
+* *exact* while the held samples number at most ``min(exact_limit, B / (4v + 80))``:
   float32 vectors, searched flat (faiss, else torch); the ``candidates`` best are re-ranked
   in float64 on the stored vectors, so distances are those of the float32 vectors exactly
   (on raw vectors: the numbers :func:`memwatch.copies.ratio_from_candidates` gives).
@@ -27,7 +27,8 @@ features are meant for cosine similarity should return them L2-normalized, then
   IVF-PQ index (``nlist = min(1024, held/64)`` lists, ``v/8`` 8-bit codes, ``nlist/16`` lists
   probed) that proposes the ``candidates`` re-ranked exactly in float64 on the float16 vectors.
   Without faiss the float16 vectors are searched by brute force (same answers, slower).
-  Capacity ``C = B / (2v + v/8 + 24)`` samples.
+  Capacity ``C = B / (2v + v/8 + 88)`` samples (the 80 or 88 bytes: key, row, IVF id and the
+  key table's entry).
 
 **Eviction** once ``C`` distinct samples are held: reservoir sampling (Vitter's algorithm R)
 over the stream of *offers*, an offer being a sample not held when it comes. The ``i``-th offer
@@ -78,6 +79,7 @@ __all__ = ["CopyIndex", "Hits", "IndexOptions", "fill_from", "merge_hits", "near
 
 _IVF_MIN = 4096  # compressed tier: IVF-PQ candidates from this many held samples on (below: brute force)
 _CHUNK = 65536  # rows compared at once by the torch searches
+_KEY_BYTES = 64  # the key table (a dict key -> slot), per held sample: counted in the budget
 _NO_FAISS = "faiss is not installed: the copy index searches by exact torch brute force (`pip install memwatch[index]`)"
 
 
@@ -125,8 +127,9 @@ class Hits:
     """Per probe, its two nearest distinct held samples (nearest first).
 
     Attributes:
-        distance: ``[n, 2]`` float64, L2 in the index's vector space; ``+inf`` where fewer than
-            two samples are held, NaN for a probe that is not finite.
+        distance: ``[n, 2]`` float64, L2 in the index's vector space (in the samples' own
+            space when re-ranked on the reference data); ``+inf`` where fewer than two samples
+            are held, NaN for a probe that is not finite.
         key: ``[n, 2]`` int64 content keys of those samples (the same on every rank); ``-1`` where absent.
         row: ``[n, 2]`` int64 positions in the reference data; ``-1`` where absent or unknown.
         mirror: the same for the probes' mirrors (``IndexOptions.flip``), else ``None``.
@@ -142,6 +145,13 @@ class CopyIndex:
     """The training samples seen, as vectors, searched for each probe's two nearest distinct ones.
 
     See the module docstring for the vectors, the two tiers, the eviction policy and the keys.
+    In a training loop (the monitor's ``"copies"`` signal):
+
+    * per step, :meth:`stage` the batch (an asynchronous copy, no device sync); optionally
+      ``flush(wait=False)`` when :attr:`staged` passes a bound, to cap the memory staged;
+    * at a check, :meth:`flush`, then :meth:`search` all ranks' probes; under DDP gather every
+      rank's :class:`Hits` and :func:`merge_hits` them; :func:`ratio` and :func:`nearest` give
+      the copy ratio and the item copied.
 
     Args:
         options: :class:`IndexOptions`.
@@ -203,7 +213,7 @@ class CopyIndex:
     @property
     def nbytes(self) -> int:
         """Bytes held: the vectors, keys and rows, the IVF-PQ codes and centroids, and the key table
-        (a dict, estimated at its size plus 64 bytes a key)."""
+        (a dict, estimated as its own size plus 64 bytes a key)."""
         total = 0 if self._store is None else self._store.numel() * self._store.element_size()
         total += sys.getsizeof(self._slot_of) + 64 * len(self._slot_of)
         total += 8 * (self._keys.numel() + self._rows.numel())
@@ -438,11 +448,17 @@ class CopyIndex:
             self._vectors(samples[:1])  # fixes the vector size, hence the capacities
         assert self._dim is not None
         exact_cap, cap = _capacities(self.options, self._dim)
+        drawn_from = self._generator.get_state()
         slots, winners = _reservoir_slots(self._offers, samples.shape[0], cap, self._generator)
         self._offers += samples.shape[0]
         if not slots.numel():
             return
-        vectors = self._vectors(samples[winners.to(samples.device)])
+        try:
+            vectors = self._vectors(samples[winners.to(samples.device)])
+        except BaseException:
+            self._generator.set_state(drawn_from)  # a refused batch changes nothing
+            self._offers -= samples.shape[0]
+            raise
         held = max(self._held, int(slots.max()) + 1)
         if held > exact_cap and not self.compressed:
             self._compress()
@@ -619,8 +635,8 @@ def _check_int(name: str, value: Any, low: int, high: int | None) -> None:
 def _capacities(options: IndexOptions, v: int) -> tuple[int, int]:
     """``(exact_capacity, capacity)`` for vectors of size ``v`` under ``options.memory_mb``."""
     budget = options.memory_mb * 2**20
-    exact = min(options.exact_limit, int(budget // (4 * v + 16)))
-    compressed = int(budget // (2 * v + max(1, v // 8) + 24))
+    exact = min(options.exact_limit, int(budget // (4 * v + 16 + _KEY_BYTES)))
+    compressed = int(budget // (2 * v + max(1, v // 8) + 24 + _KEY_BYTES))
     return exact, max(2, exact, compressed)
 
 
