@@ -94,7 +94,7 @@ class IndexOptions:
         dim: the projection's size, in ``[1, 65536]`` (used with ``"projection"`` only).
         exact_limit: most samples held in the exact (float32, flat) tier, ``>= 2``; beyond it
             (or beyond what the budget holds in float32) the index is compressed.
-        candidates: nearest candidates re-ranked exactly per probe, in ``[2, 1024]``.
+        candidates: nearest candidates re-ranked exactly per probe, in ``[2, 256]``.
         flip: also query each probe's horizontal mirror (last axis reversed); a copy if either is.
         seed: seed of the projection and of the eviction draws, ``>= 0``.
         staged_rows: rows of the staging buffer of :meth:`CopyIndex.stage`, ``>= 1`` (memory:
@@ -119,7 +119,7 @@ class IndexOptions:
             raise MemwatchError(f"`vectors` must be one of 'raw', 'projection', got {self.vectors!r}")
         _check_int("dim", self.dim, 1, 65536)
         _check_int("exact_limit", self.exact_limit, 2, None)
-        _check_int("candidates", self.candidates, 2, 1024)
+        _check_int("candidates", self.candidates, 2, 256)
         _check_int("seed", self.seed, 0, None)
         _check_int("staged_rows", self.staged_rows, 1, None)
         if not isinstance(self.flip, bool):
@@ -161,7 +161,9 @@ class CopyIndex:
         options: :class:`IndexOptions`.
         sample_shape: shape of one sample, e.g. ``(3, 32, 32)``; probes have the same.
         embed_fn: optional feature map ``[m, *sample_shape] -> [m, e]`` applied to training
-            samples and probes alike (e.g. a frozen SSCD network, on the training device).
+            samples and probes alike (e.g. a frozen SSCD network, in eval mode). It receives
+            tensors where they are: batches added unstaged and probes on their device, staged
+            batches and reference rows on the CPU; it moves them itself if it must.
 
     Raises:
         MemwatchError: ``options`` is not an :class:`IndexOptions` or ``sample_shape`` is not a
