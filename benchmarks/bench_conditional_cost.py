@@ -171,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     for label, (wall, cpu, rows) in totals.items():
         print(f"{label:<26} {wall:>8.2f} {cpu:>8.2f} {int(rows):>9} {cpu / base[1]:>22.2f}")
     beyond = sum(totals[k][1] for k in ("conditional products", "conditional sharpness"))
-    print(f"\nconditional measurement beyond its sampling (products + sharpness): {beyond / base[1]:.2f} × the sampling")
+    print(
+        f"\nconditional measurement beyond its sampling (products + sharpness): {beyond / base[1]:.2f} × the sampling"
+    )
     return 0
 
 
