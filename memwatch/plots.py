@@ -309,6 +309,7 @@ def plot_gallery(
     title: str | None = None,
     max_items: int = 16,
     ncols: int = 8,
+    neighbours_label: str | None = None,
 ) -> Figure:
     """Show generated probes (and optionally their nearest training samples) as an image grid.
 
@@ -319,13 +320,16 @@ def plot_gallery(
 
     Args:
         probes: ``[n, C, H, W]`` (C = 1 or 3) or ``[n, H, W]`` images in [−1, 1].
-        neighbours: the nearest training sample of each probe, same shape as ``probes``.
+        neighbours: the nearest training sample of each probe, ``[n, C', H', W']`` or ``[n, H', W']``
+            (its own size may differ from the probes', e.g. original images beside decoded latents).
         captions: ``n`` strings shown under each probe (e.g. ``"score 0.97\\nd1/d2 0.12"``).
         flagged: ``[n]`` booleans; flagged (memorized) probes get a red frame.
         title: figure title; default ``"Generated probes"`` (``"… and nearest training samples"``
             with ``neighbours``). States how many were left out when ``n > max_items``.
         max_items: show at most this many probes (the first ones).
         ncols: columns per row block.
+        neighbours_label: the training row's label (say which images it shows, e.g. decoded latents);
+            default ``"nearest training sample"``.
 
     Returns:
         A Figure with one Axes per shown image (``m`` or ``2m`` for ``m = min(n, max_items)``),
@@ -346,7 +350,13 @@ def plot_gallery(
     m = min(n, max_items)
     cols = min(m, ncols)
     rows_per_block = 2 if nbrs is not None else 1
-    fig, gs = _gallery_figure(m, cols, rows_per_block, (captions or [])[:m])
+    if title is None:
+        title = "Generated probes" + (" and nearest training samples" if nbrs is not None else "")
+    if flags[:m].any():
+        title += " (red frame: flagged as memorized)"
+    if n > m:
+        title = f"{title} (first {m} of {n})"
+    fig, gs = _gallery_figure(m, cols, rows_per_block, (captions or [])[:m], title)
     for i in range(m):
         block, col = divmod(i, cols)
         ax = fig.add_subplot(gs[block * rows_per_block, col])
@@ -359,15 +369,7 @@ def plot_gallery(
             axn = fig.add_subplot(gs[block * rows_per_block + 1, col])
             _show_image(axn, nbrs[i], False)
             if col == 0:
-                axn.set_ylabel("nearest\ntraining sample", fontsize=8)
-    if title is None:
-        title = "Generated probes" + (" and nearest training samples" if nbrs is not None else "")
-    if flags[:m].any():
-        title += " (red frame: flagged as memorized)"
-    if n > m:
-        title = f"{title} (first {m} of {n})"
-    # wrap so a narrow gallery (one or two probes) does not cut its title off
-    fig.suptitle(textwrap.fill(title, width=max(int(fig.get_figwidth() * 12), 20)), fontsize=11)
+                axn.set_ylabel(neighbours_label or "nearest\ntraining sample", fontsize=8)
     return fig
 
 
@@ -391,9 +393,10 @@ def _gallery_inputs(
     nbrs = None
     if neighbours is not None:
         nbrs = _images(neighbours, "neighbours")
-        if nbrs.shape != imgs.shape:
+        if nbrs.shape[0] != n:
             raise MemwatchError(
-                f"`neighbours` must match `probes` in shape, got {tuple(nbrs.shape)} vs {tuple(imgs.shape)}"
+                f"`neighbours` must hold one image per probe ({n}), got shape {tuple(nbrs.shape)} for probes "
+                f"{tuple(imgs.shape)}"
             )
     if captions is not None and len(captions) != n:
         raise MemwatchError(f"`captions` must hold one string per probe ({n}), got {len(captions)}")
@@ -405,19 +408,23 @@ def _gallery_inputs(
     return imgs, nbrs, flags
 
 
-def _gallery_figure(m: int, cols: int, rows_per_block: int, captions: Sequence[str]) -> tuple[Figure, Any]:
-    """The Figure and GridSpec of ``m`` images in ``cols`` columns, blocks of ``rows_per_block`` rows.
+def _gallery_figure(m: int, cols: int, rows_per_block: int, captions: Sequence[str], title: str) -> tuple[Figure, Any]:
+    """The titled Figure and GridSpec of ``m`` images in ``cols`` columns, blocks of ``rows_per_block`` rows.
 
     ~1 in per image (100 px: an 8×8 digit at 12 px per pixel, a 32×32 image at 3); constrained
-    layout reserves the caption and row-label space, so every image gets the same size.
+    layout reserves the caption and row-label space, so every image gets the same size. The title
+    is wrapped to the figure's width (a narrow gallery does not cut it off), 0.2 in per line.
     """
     blocks = math.ceil(m / cols)
     n_caption_lines = max((s.count("\n") + 1 for s in captions), default=0)
     cell = 1.0
     caption_h = 0.15 * n_caption_lines + (0.05 if n_caption_lines else 0.0)
-    height = blocks * (rows_per_block * cell + caption_h) + 0.2 * (blocks - 1) + 0.45  # + title
     width = max(cols * cell + (0.45 if rows_per_block == 2 else 0.3), 3.0)
+    wrapped = textwrap.fill(title, width=max(int(width * 12), 20))
+    title_h = 0.45 + 0.2 * wrapped.count("\n")
+    height = blocks * (rows_per_block * cell + caption_h) + 0.2 * (blocks - 1) + title_h
     fig = _new_figure((width, height))
+    fig.suptitle(wrapped, fontsize=11)
     return fig, fig.add_gridspec(blocks * rows_per_block, cols)
 
 
