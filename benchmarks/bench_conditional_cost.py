@@ -15,12 +15,15 @@ phases add up to the check:
 
 Each row prints the wall and process-CPU seconds, the rows that went through the network (one row
 = one sample through one forward call; the backward passes are not counted) and the ratio to the
-conditional sampling. ``--sharpness`` picks the tier the monitor's options ask for (``auto`` =
-what the monitor runs: dense up to d = 384, the trace tier above), ``--first-steps`` the products'
-window, ``--asymmetric`` the plain Jacobian (one jvp instead of a jvp and a vjp).
+conditional sampling. The knobs: ``--sharpness`` the tier of both sharpness measurements (``auto``
+= what the monitor runs: dense up to d = 384, the trace tier above), ``--first-steps`` the
+products' window, ``--product-steps`` how many steps of it the products are computed at
+(:func:`memwatch.conditional.product_step_indices`), ``--asymmetric`` the plain Jacobian (one
+jvp instead of a jvp and a vjp), ``--jvp-mode`` the J·v path (``reverse``: the double vjp the
+monitor's adjoint test picks for this UNet; ``fd``: forward passes only).
 
     python benchmarks/bench_conditional_cost.py --threads 1                       # the issue's setting
-    python benchmarks/bench_conditional_cost.py --threads 1 --sharpness trace --first-steps 4
+    python benchmarks/bench_conditional_cost.py --threads 1 --sharpness trace --product-steps 4
     python benchmarks/bench_conditional_cost.py --threads 1 --size 16 --channels 3   # d = 768
 """
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import sys
 import time
 import warnings
@@ -114,32 +118,36 @@ def timed_phases(unet: torch.nn.Module) -> Iterator[dict[str, list[float]]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, list[float]]:
-    """One check on the model of ``args``; returns the phases and the whole check (``"check"``)."""
+    """``args.repeats`` checks on the model of ``args`` after a warm-up: per phase and for the whole
+    check (``"check"``) the median wall and CPU seconds and the network rows of one check."""
     score = make_score(args.channels, args.size, tuple(args.widths))
     shape = (args.channels, args.size, args.size)
     dim = args.channels * args.size * args.size
     method = args.sharpness
     if method == "auto":  # what the monitor's check runs (callback._check_shape)
         method = "trace" if dim > DENSE_MAX_DIM else "dense"
-    options = SharpnessOptions(k=4, method=method, max_batch=default_max_batch(dim), jvp_mode="reverse")
+    options = SharpnessOptions(k=4, method=method, max_batch=default_max_batch(dim), jvp_mode=args.jvp_mode)
     probe_set = ProbeSet(shape, args.probes, args.sampler_steps, evaluation_timesteps(score.schedule, (0.2,)))
     g = torch.Generator().manual_seed(0)
     prompts = {f"a photo of digit {c}": torch.randn(TOKENS, WIDTH, generator=g) for c in range(args.prompts)}
     first = args.first_steps
-    symmetric = not args.asymmetric
-    with mock.patch.object(conditional, "conditional_metrics", _with(conditional.conditional_metrics, symmetric)):
+    fixed = _with(conditional.conditional_metrics, symmetric=not args.asymmetric, product_steps=args.product_steps)
+    with mock.patch.object(conditional, "conditional_metrics", fixed):
         probe_set.measure(score, options=options, conditions=prompts, condition_first_steps=first)  # warm-up
-        with timed_phases(score.model) as totals:
-            wall, cpu = time.perf_counter(), time.process_time()
-            probe_set.measure(score, options=options, conditions=prompts, condition_first_steps=first)
-            totals["check"] = [time.perf_counter() - wall, time.process_time() - cpu, 0]
-    totals["check"][2] = sum(v[2] for k, v in totals.items() if k != "check")
-    return totals
+        runs = []
+        for _ in range(args.repeats):
+            with timed_phases(score.model) as totals:
+                wall, cpu = time.perf_counter(), time.process_time()
+                probe_set.measure(score, options=options, conditions=prompts, condition_first_steps=first)
+                totals["check"] = [time.perf_counter() - wall, time.process_time() - cpu, 0]
+            totals["check"][2] = sum(v[2] for k, v in totals.items() if k != "check")
+            runs.append(totals)
+    return {key: [statistics.median(r[key][j] for r in runs) for j in range(3)] for key in runs[0]}
 
 
-def _with(fn: Callable[..., object], symmetric: bool) -> Callable[..., object]:
-    """``fn`` with ``symmetric`` fixed (the monitor passes none: the default ``True``)."""
-    return lambda *a, **kw: fn(*a, symmetric=symmetric, **kw)
+def _with(fn: Callable[..., object], **fixed: object) -> Callable[..., object]:
+    """``fn`` with the keywords ``fixed`` (settings the monitor does not pass: their defaults otherwise)."""
+    return lambda *a, **kw: fn(*a, **fixed, **kw)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,11 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler-steps", type=int, default=20, help="DDIM steps of the probes (default 20)")
     parser.add_argument("--first-steps", type=int, default=None, help="products' window (default 80 %% of the steps)")
     parser.add_argument("--sharpness", choices=("auto", "dense", "trace", "lanczos"), default="auto")
+    parser.add_argument("--product-steps", type=int, default=None, help="steps of the window with products")
     parser.add_argument("--asymmetric", action="store_true", help="plain Jacobian H_Δ s_Δ (symmetric=False)")
+    parser.add_argument("--jvp-mode", choices=("reverse", "forward", "autograd", "fd"), default="reverse")
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--size", type=int, default=8, help="image side (default 8: the example's digits)")
     parser.add_argument("--widths", type=int, nargs="+", default=[16, 32], help="block_out_channels")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed checks after the warm-up; medians (default 3)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -164,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"UNet2DConditionModel {args.channels}×{args.size}×{args.size} (d = {dim}), widths {tuple(args.widths)}, "
         f"{args.prompts} prompts × {args.probes} probes, {args.sampler_steps} sampler steps, first_steps = "
-        f"{args.first_steps or conditional.default_first_steps(args.sampler_steps)}, sharpness {args.sharpness}, "
-        f"symmetric = {not args.asymmetric}, {torch.get_num_threads()} thread(s)\n"
+        f"{args.first_steps or conditional.default_first_steps(args.sampler_steps)}, product_steps = "
+        f"{args.product_steps or 'all'}, sharpness {args.sharpness}, symmetric = {not args.asymmetric}, "
+        f"jvp_mode {args.jvp_mode}, {torch.get_num_threads()} thread(s), median of {args.repeats}\n"
     )
     print(f"{'phase':<26} {'wall s':>8} {'cpu s':>8} {'net rows':>9} {'÷ cond sampling (cpu)':>22}")
     for label, (wall, cpu, rows) in totals.items():

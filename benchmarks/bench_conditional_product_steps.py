@@ -7,7 +7,9 @@ call with every step of the default window gives the per-step values; the mean o
 ``product_steps = k`` of them (:func:`memwatch.conditional.product_step_indices`) is exactly what
 ``conditional_metrics(..., product_steps=k)`` returns (``tests/test_conditional.py``), so every
 ``k`` is read off that one call. The sharp fraction of ``p_t(x | c)`` at σ_t = 0.2 is measured
-with the dense spectrum (what the monitor runs at d ≤ 384) and with the trace tier.
+with the dense spectrum (what the monitor runs at d ≤ 384) and with the trace tier; ``‖H_Δ s_Δ‖``
+also with the plain Jacobian by a central difference (``symmetric=False, jvp_mode="fd"``:
+forward passes only, the cheapest product on a UNet, whose attention has no forward-mode formula).
 
 Printed per seed and setting: the per-probe AUROC of the duplicated class (positives) against the
 other nine, and the ratio of its mean to the next class's mean (> 1: it comes first).
@@ -62,10 +64,15 @@ def run_seed(example, seed: int, args: argparse.Namespace) -> list[tuple[str, st
     for method in ("dense", "trace"):
         res = conditional_metrics(score, probe_labels, eval_t=t_eval, method=method, **kwargs)
         rows.append((f"sharp fraction, {method}", _reading(res.sharp_fraction, probe_labels)))
+    plain = conditional_metrics(score, probe_labels, symmetric=False, jvp_mode="fd", **kwargs)
     m = default_first_steps(args.sampler_steps)
     for k in sorted({m, 8, 4, 2, 1}, reverse=True):
         idx = product_step_indices(m, k)
-        for name, steps in (("‖H_Δ s_Δ‖", res.step_hessian_score_diff_norm), ("‖s_Δ‖", res.step_score_diff_norm)):
+        for name, steps in (
+            ("‖H_Δ s_Δ‖", res.step_hessian_score_diff_norm),
+            ("‖H_Δ s_Δ‖ plain, fd", plain.step_hessian_score_diff_norm),
+            ("‖s_Δ‖", res.step_score_diff_norm),
+        ):
             rows.append((f"{name}, product_steps={k}", _reading(steps[:, idx].mean(1), probe_labels)))
     return rows
 
@@ -87,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         f"digits, class {DUP} = one image × 100, {args.train_steps} training steps, {args.probes} probes per class, "
         f"{args.sampler_steps} sampler steps; per seed: per-probe AUROC / mean ÷ next class's mean\n"
     )
-    print(f"{'setting':<34}" + "".join(f"{'seed ' + str(s):>16}" for s in args.seeds))
+    print(f"{'setting':<42}" + "".join(f"{'seed ' + str(s):>16}" for s in args.seeds))
     for i, setting in enumerate(settings):
-        print(f"{setting:<34}" + "".join(f"{table[s][i][1]:>16}" for s in args.seeds))
+        print(f"{setting:<42}" + "".join(f"{table[s][i][1]:>16}" for s in args.seeds))
     return 0
 
 
