@@ -16,6 +16,8 @@ probe's own DDIM trajectory:
 Both are averaged over the first ``m`` sampler steps (step 1 = the noisiest state, the start of
 sampling), as in Jeon et al.: memorization shows before the sample has formed. The default ``m``
 is the noisiest 80 % of the steps (:func:`default_first_steps` says why not the first step alone).
+``product_steps = k`` computes them at ``k`` of those steps only, the middle of each of ``k`` equal
+parts of the window (:func:`product_step_indices`; default ``k = m``, every step).
 
 ``H_c s_Δ - H_uc s_Δ = H_Δ s_Δ`` where ``H_Δ`` is the Jacobian of the single function
 ``x ↦ s_Δ(x)``; it is computed as one batched product of that Jacobian with ``s_Δ``
@@ -33,11 +35,21 @@ per-probe AUROCs for the duplicated class differed by at most 0.03 at every aver
 sharpness spectrum, not about detection.
 
 Memory: every model call of :func:`conditional_metrics` (the sampler, the check that the model
-takes ``cond``, the products at the ``m`` steps of ``n`` probes and the sharpness) sees at most
-``max_batch`` rows (a field of :class:`memwatch.sharpness.SharpnessOptions`); the ``m · n``
+takes ``cond``, the products at the ``k`` steps of ``n`` probes and the sharpness) sees at most
+``max_batch`` rows (a field of :class:`memwatch.sharpness.SharpnessOptions`); the ``k · n``
 step-major rows of the products are split into chunks of that size, so peak memory grows with
-``max_batch``, not with ``n`` or ``m`` (``benchmarks/bench_conditional_memory.py``).
+``max_batch``, not with ``n`` or ``k`` (``benchmarks/bench_conditional_memory.py``).
 :func:`default_max_batch` picks a size from the available memory.
+
+Cost (CPU seconds, ``benchmarks/bench_conditional_cost.py``): the sampler makes ``steps · n``
+network passes; the products ``k · n`` rows of ``s_Δ`` (two passes) with a Jacobian product on
+it. On a small ``UNet2DConditionModel`` (attention: no forward mode, so a double vjp) one
+symmetric product row costs ≈ 10 sampler passes, a plain one (``symmetric=False``) ≈ 8, a plain
+one by central difference (``jvp_mode="fd"``, forward passes only) ≈ 4.3; so the products cost
+≈ ``c · k / steps`` × the sampling — 8× at the defaults with 20 steps (``k = 16``), 2× with
+``k = 4``, 0.9× with ``k = 4`` plain by ``fd``. The sharpness of ``p_t(x | c)`` costs ``d`` vjps per
+row with ``method="dense"`` (4.5× the sampling at ``d = 64``), ``num_vectors`` with ``"trace"``
+(0.5× at 4). The README's *Conditional models* section gives the detection each setting keeps.
 
 Conditions to watch (a tensor ``[C, ...]``, a sequence, or a mapping name → condition such as
 prompt → embedding ``[L, E]``) are read once by :func:`parse_conditions`.
