@@ -43,13 +43,14 @@ step-major rows of the products are split into chunks of that size, so peak memo
 
 Cost (CPU seconds, ``benchmarks/bench_conditional_cost.py``): the sampler makes ``steps · n``
 network passes; the products ``k · n`` rows of ``s_Δ`` (two passes) with a Jacobian product on
-it. On a small ``UNet2DConditionModel`` (attention: no forward mode, so a double vjp) one
-symmetric product row costs ≈ 10 sampler passes, a plain one (``symmetric=False``) ≈ 8, a plain
-one by central difference (``jvp_mode="fd"``, forward passes only) ≈ 4.3; so the products cost
-≈ ``c · k / steps`` × the sampling — 8× at the defaults with 20 steps (``k = 16``), 2× with
-``k = 4``, 0.9× with ``k = 4`` plain by ``fd``. The sharpness of ``p_t(x | c)`` costs ``d`` vjps per
-row with ``method="dense"`` (4.5× the sampling at ``d = 64``), ``num_vectors`` with ``"trace"``
-(0.5× at 4). The README's *Conditional models* section gives the detection each setting keeps.
+it. On small ``UNet2DConditionModel`` s (attention: no forward mode, so a double vjp, on the
+differentiable-twice math backend) one symmetric product row costs ≈ 10 sampler passes at
+1×8×8 and ≈ 34 at 3×16×16, about half that by central difference (``jvp_mode="fd"``, forward
+passes only); so the products cost ≈ ``c · k / steps`` × the sampling: 8× and 26× at the defaults
+with 20 steps (``k = 16``), 1× and 3× with ``k = 4`` by ``fd``. The sharpness of ``p_t(x | c)``
+costs ``d`` vjps per row with ``method="dense"`` (5× the sampling at ``d = 64``), ``num_vectors``
+with ``"trace"`` (0.3–1×). The README's *Conditional models* section gives the detection each
+setting keeps.
 
 Conditions to watch (a tensor ``[C, ...]``, a sequence, or a mapping name → condition such as
 prompt → embedding ``[L, E]``) are read once by :func:`parse_conditions`.

@@ -83,6 +83,18 @@ def test_hessian_score_difference_matches_dense_jacobians(small_score, symmetric
     torch.testing.assert_close(product, ref_product, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_the_central_difference_product_matches_dense_jacobians(small_score, symmetric):
+    """``jvp_mode="fd"`` (forward passes only: the cheap product on a UNet, see the README's cost table)
+    within its O(h²) + O(ε/h) error of the dense reference in float64."""
+    x = torch.randn(5, 3, generator=_gen(1), dtype=torch.float64)
+    t = torch.tensor([5, 20, 40, 70, 99])
+    cond = torch.tensor([0, 1, 2, 1, 0])
+    _, product = hessian_score_difference(small_score, x, t, cond, symmetric=symmetric, jvp_mode="fd")
+    _, ref_product = _dense(small_score, x, t, cond, symmetric)
+    torch.testing.assert_close(product, ref_product, rtol=1e-6, atol=1e-8)
+
+
 def test_symmetrizing_matters_for_a_learned_score(small_score):
     x = torch.randn(4, 3, generator=_gen(2), dtype=torch.float64)
     _, sym = hessian_score_difference(small_score, x, 30, 1, symmetric=True)
