@@ -605,15 +605,15 @@ def _sample_states(
     noise: Tensor,
     cond: Tensor,
     steps: int,
-    first: list[float],
+    at: list[float],
     t_eval: float | None,
     max_batch: int | None,
     device: torch.device,
     dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """DDIM in chunks of ``max_batch`` probes: states ``[m, n, *shape]`` at ``first``, states at
-    ``t_eval`` ``[n, *shape]`` (``[n, 0, …]`` without), samples ``[n, *shape]``; all on the CPU."""
-    states_at = first + ([] if t_eval is None or t_eval in first else [t_eval])
+    """DDIM in chunks of ``max_batch`` probes: states ``[k, n, *shape]`` at the ``k`` timesteps ``at``,
+    states at ``t_eval`` ``[n, *shape]`` (``[n, 0, …]`` without), samples ``[n, *shape]``; all on the CPU."""
+    states_at = at + ([] if t_eval is None or t_eval in at else [t_eval])
 
     def chunk(rows: slice) -> tuple[Tensor, Tensor, Tensor]:
         traj = sample_trajectory(
@@ -625,9 +625,9 @@ def _sample_states(
             device=device,
             dtype=dtype,
         )
-        at = torch.stack([traj.states[t] for t in first], dim=1)  # [r, m, *shape]
+        states = torch.stack([traj.states[t] for t in at], dim=1)  # [r, k, *shape]
         at_eval = traj.states[t_eval] if t_eval is not None else traj.samples[:, :0]
-        return at.detach().cpu(), at_eval.detach().cpu(), traj.samples.detach().cpu()
+        return states.detach().cpu(), at_eval.detach().cpu(), traj.samples.detach().cpu()
 
     states, eval_states, samples = map_chunks(chunk, noise.shape[0], max_batch)
     return states.transpose(0, 1), eval_states, samples
