@@ -16,6 +16,8 @@ probe's own DDIM trajectory:
 Both are averaged over the first ``m`` sampler steps (step 1 = the noisiest state, the start of
 sampling), as in Jeon et al.: memorization shows before the sample has formed. The default ``m``
 is the noisiest 80 % of the steps (:func:`default_first_steps` says why not the first step alone).
+``product_steps = k`` computes them at ``k`` of those steps only, the middle of each of ``k`` equal
+parts of the window (:func:`product_step_indices`; default ``k = m``, every step).
 
 ``H_c s_Δ - H_uc s_Δ = H_Δ s_Δ`` where ``H_Δ`` is the Jacobian of the single function
 ``x ↦ s_Δ(x)``; it is computed as one batched product of that Jacobian with ``s_Δ``
@@ -33,11 +35,22 @@ per-probe AUROCs for the duplicated class differed by at most 0.03 at every aver
 sharpness spectrum, not about detection.
 
 Memory: every model call of :func:`conditional_metrics` (the sampler, the check that the model
-takes ``cond``, the products at the ``m`` steps of ``n`` probes and the sharpness) sees at most
-``max_batch`` rows (a field of :class:`memwatch.sharpness.SharpnessOptions`); the ``m · n``
+takes ``cond``, the products at the ``k`` steps of ``n`` probes and the sharpness) sees at most
+``max_batch`` rows (a field of :class:`memwatch.sharpness.SharpnessOptions`); the ``k · n``
 step-major rows of the products are split into chunks of that size, so peak memory grows with
-``max_batch``, not with ``n`` or ``m`` (``benchmarks/bench_conditional_memory.py``).
+``max_batch``, not with ``n`` or ``k`` (``benchmarks/bench_conditional_memory.py``).
 :func:`default_max_batch` picks a size from the available memory.
+
+Cost (CPU seconds, ``benchmarks/bench_conditional_cost.py``): the sampler makes ``steps · n``
+network passes; the products ``k · n`` rows of ``s_Δ`` (two passes) with a Jacobian product on
+it. On small ``UNet2DConditionModel`` s (attention: no forward mode, so a double vjp, on the
+differentiable-twice math backend) one symmetric product row costs ≈ 10 sampler passes at
+1×8×8 and ≈ 34 at 3×16×16, about half that by central difference (``jvp_mode="fd"``, forward
+passes only); so the products cost ≈ ``c · k / steps`` × the sampling: 8× and 26× at the defaults
+with 20 steps (``k = 16``), 1× and 3× with ``k = 4`` by ``fd``. The sharpness of ``p_t(x | c)``
+costs ``d`` vjps per row with ``method="dense"`` (5× the sampling at ``d = 64``), ``num_vectors``
+with ``"trace"`` (0.3–1×). The README's *Conditional models* section gives the detection each
+setting keeps.
 
 Conditions to watch (a tensor ``[C, ...]``, a sequence, or a mapping name → condition such as
 prompt → embedding ``[L, E]``) are read once by :func:`parse_conditions`.
@@ -78,6 +91,7 @@ __all__ = [
     "default_max_batch",
     "hessian_score_difference",
     "parse_conditions",
+    "product_step_indices",
 ]
 
 #: share of the sampler's steps (the noisiest ones) that the metrics are averaged over by default
@@ -116,13 +130,13 @@ class ConditionalResult:
     """Per-probe conditional memorization metrics (float64, on the CPU).
 
     Attributes:
-        score_diff_norm: ``[n]`` Wen et al.'s ``‖s_c - s_uc‖₂``, mean over the first ``m`` steps
-            (``1/[x]``).
-        hessian_score_diff_norm: ``[n]`` Jeon et al.'s ``‖H_c s_Δ - H_uc s_Δ‖₂``, mean over the first
-            ``m`` steps (``1/[x]³``). Higher = more memorized, for both.
-        step_score_diff_norm: ``[n, m]`` the same per step, noisiest first.
-        step_hessian_score_diff_norm: ``[n, m]``.
-        timesteps: ``[m]`` the timesteps of those steps (schedule units), noisiest first.
+        score_diff_norm: ``[n]`` Wen et al.'s ``‖s_c - s_uc‖₂``, mean over the ``k`` product steps of the
+            first ``m`` steps (all ``m`` by default; ``1/[x]``).
+        hessian_score_diff_norm: ``[n]`` Jeon et al.'s ``‖H_c s_Δ - H_uc s_Δ‖₂``, mean over the same
+            steps (``1/[x]³``). Higher = more memorized, for both.
+        step_score_diff_norm: ``[n, k]`` the same per step, noisiest first.
+        step_hessian_score_diff_norm: ``[n, k]``.
+        timesteps: ``[k]`` the timesteps of those steps (schedule units), noisiest first.
         sharpness: :class:`memwatch.SharpnessResult` of the conditional score ``s_c`` at the
             probes' state at ``eval_t``, or ``None`` when no ``eval_t`` was given.
         samples: ``[n, *shape]`` the probes' final samples (in the sampling ``dtype``, on the CPU).
@@ -416,6 +430,7 @@ def conditional_metrics(
     steps: int = 50,
     *,
     first_steps: int | None = None,
+    product_steps: int | None = None,
     eval_t: Tensor | int | float | None = None,
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,
@@ -429,53 +444,38 @@ def conditional_metrics(
     """Draw DDIM probes for condition(s) ``cond`` and measure Wen's and Jeon's metrics on them.
 
     Each probe follows the deterministic DDIM trajectory of ``score(x, t, cond)`` (guided when
-    ``score.guidance_scale`` is set) from its start noise. At the states ``x_{t_1}, …, x_{t_m}``
-    of the first ``m = first_steps`` steps (``t_1`` = the noisiest timestep of the ``steps``-step
-    grid) it computes
+    ``score.guidance_scale`` is set) from its start noise. At its states ``x_{t_1}, …, x_{t_k}`` at ``k``
+    of the first ``m`` steps (:func:`product_step_indices`; ``t_1`` = the noisiest) it computes
 
-        score_diff_norm         = 1/m Σ_i ‖s_Δ(x_{t_i}, t_i)‖₂
-        hessian_score_diff_norm = 1/m Σ_i ‖(H_c - H_uc)(x_{t_i}, t_i) s_Δ(x_{t_i}, t_i)‖₂
+        score_diff_norm         = 1/k Σ_i ‖s_Δ(x_{t_i}, t_i)‖₂
+        hessian_score_diff_norm = 1/k Σ_i ‖(H_c - H_uc)(x_{t_i}, t_i) s_Δ(x_{t_i}, t_i)‖₂
 
-    (see :func:`hessian_score_difference`) and, with ``eval_t``, the sharpness of the conditional
-    density ``p_t(x | c)`` at the probe's state at ``eval_t`` (:func:`memwatch.measure_sharpness`
-    with ``cond``, on the unguided conditional score).
-
-    Memory: every model call sees at most ``options.max_batch`` rows — the sampler and the
-    check that the model takes ``cond`` run on chunks of probes, the products on chunks of the
-    ``m · n`` (step, probe) rows, the sharpness chunks its own rows; the results do not depend
-    on ``max_batch``. ``None`` = all rows at once (``m · n`` in the products);
-    :func:`default_max_batch` gives a size that fits the available memory.
+    (:func:`hessian_score_difference`) and, with ``eval_t``, the sharpness of ``p_t(x | c)`` at the
+    state at ``eval_t`` (:func:`memwatch.measure_sharpness`, unguided). Memory and cost: see the module docstring.
 
     Args:
         score: the model's score; its ``null_cond`` defines ``s_uc``.
-        cond: one condition for all probes (an int label, a 0-d tensor, one embedding
-            ``[L, E]`` of the score's :attr:`~memwatch.DiffusionScore.cond_shape`, or a batch of
-            one) or one per probe ``[n, ...]``; see :meth:`memwatch.DiffusionScore.batch_condition`.
-            To compare conditions on the same probes, pass the same ``generator`` seed (or
-            ``noise``) for each, or one batch with per-probe conditions.
-        n, shape: number and shape of probes (ignored when ``noise`` is given).
-        steps: DDIM steps of the sampler (``>= 1``).
-        first_steps: ``m``, the number of leading (noisiest) sampler steps averaged over
-            (``1 <= m <= steps``; 1 = the start state only, Jeon et al.'s setting on Stable
-            Diffusion); default :func:`default_first_steps` (80 % of ``steps``).
-        eval_t: timestep (schedule units) for the sharpness of ``p_t(x | c)``; ``None`` skips it.
-        generator: source of the start noise; noise: explicit start noise ``[n, *shape]``.
+        cond: one condition for all probes (a label, one embedding of the score's ``cond_shape``) or
+            one per probe ``[n, ...]`` (:meth:`memwatch.DiffusionScore.batch_condition`). To compare
+            conditions on the same probes, pass the same ``generator`` seed (or ``noise``).
+        n, shape, steps: number and shape of probes (ignored when ``noise`` is given); DDIM steps (``>= 1``).
+        first_steps: ``m``, the leading (noisiest) sampler steps of the window, ``1 <= m <= steps``;
+            default :func:`default_first_steps` (80 % of ``steps``).
+        product_steps: ``k``, the steps of that window the metrics are computed at,
+            ``1 <= k <= m``; default ``m`` (every step). The products' cost is linear in ``k``.
+        eval_t: timestep (schedule units) of the sharpness of ``p_t(x | c)``; ``None`` skips it.
+        generator, noise: source of the start noise, or the start noise ``[n, *shape]`` itself.
         symmetric: use ``½ (H_Δ + H_Δᵀ)`` (default) or the plain Jacobian ``H_Δ``.
-        options: the spectrum settings (:class:`memwatch.sharpness.SharpnessOptions`: ``k``,
-            ``threshold``, ``method``, ``num_iters``, ``num_vectors`` for the sharpness,
-            ``max_batch`` and ``jvp_mode`` for every call); default ``SharpnessOptions()``.
-        lanczos_generator: start vectors of the Lanczos runs (``method="lanczos"``).
+        options: :class:`~memwatch.sharpness.SharpnessOptions` of the sharpness (``k``, ``method``, …), and
+            ``max_batch`` / ``jvp_mode`` of every call; ``settings``: its fields, overriding ``options``.
+        lanczos_generator: start vectors of the Lanczos runs / trace vectors of the sharpness.
         device, dtype: where and in which precision to run (default: the model's device).
-        settings: fields of :class:`~memwatch.sharpness.SharpnessOptions` that override
-            ``options``, e.g. ``k=4, max_batch=64``.
 
     Returns:
-        :class:`ConditionalResult` with ``[n]`` metrics; probes whose scores or products are not
-        finite are NaN, flagged in ``finite`` and reported with a ``RuntimeWarning``.
+        :class:`ConditionalResult`, ``[n]`` metrics; not finite ones are NaN, flagged in ``finite``, warned.
 
     Raises:
-        MemwatchError: invalid arguments (named in the message); a ``cond`` the model rejects (the
-            model's error is chained).
+        MemwatchError: invalid arguments (named); a ``cond`` the model rejects (its error chained).
 
     Example:
         >>> from memwatch.apps.toymodels import DDPMModule
@@ -488,9 +488,73 @@ def conditional_metrics(
     if not isinstance(score, DiffusionScore):
         raise MemwatchError(f"`score` must be a memwatch.DiffusionScore, got {type(score).__name__}")
     options = _options(options, settings)
+    at = _product_timesteps(score, steps, first_steps, product_steps)
+    noise = _start_noise(noise, n, shape, generator, dtype)
+    cond_b = score.batch_condition(cond, noise.shape[0], "cond")
+    t_eval = _eval_timestep(score, eval_t, options, noise[0].numel())
+    run_device = torch.device(device) if device is not None else score.device
+    _check_model_accepts(score, cond_b, noise, at[:1], options.max_batch, run_device, dtype)
+    states, eval_states, samples = _sample_states(
+        score, noise, cond_b, steps, at.tolist(), t_eval, options.max_batch, run_device, dtype
+    )
+    step_sd, step_hsd, finite = _step_norms(score, states, at, cond_b, symmetric, options, run_device)
+    sharp = _conditional_sharpness(score, eval_states, t_eval, cond_b, options, lanczos_generator, run_device)
+    return ConditionalResult(
+        step_sd.mean(1), step_hsd.mean(1), step_sd, step_hsd, at.clone(), sharp, samples, finite, bool(symmetric)
+    )
+
+
+def product_step_indices(first_steps: int, product_steps: int) -> list[int]:
+    """The ``k`` of the first ``m`` sampler steps (0-based, noisiest first) the metrics are computed at.
+
+    ``index_i = floor((i + ½) · m / k)`` for ``i = 0 … k−1``: the middle step of each of ``k``
+    equal parts of the window, so the mean over them is a stratified estimate of the mean over all
+    ``m`` steps; ``k = m`` gives every step.
+
+    Raises:
+        MemwatchError: ``product_steps`` not an integer in ``[1, first_steps]``.
+
+    Example:
+        >>> product_step_indices(16, 16) == list(range(16)), product_step_indices(16, 4), product_step_indices(16, 1)
+        (True, [2, 6, 10, 14], [8])
+    """
+    k = product_steps
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= first_steps:
+        raise MemwatchError(
+            f"`product_steps` must be an integer in [1, first_steps={first_steps}] or None (every step), got {k!r}"
+        )
+    return [math.floor((i + 0.5) * first_steps / k) for i in range(k)]
+
+
+# ---------------------------------------------------------------------- private
+def _product_timesteps(score: DiffusionScore, steps: int, first_steps: int | None, product_steps: int | None) -> Tensor:
+    """``[k]`` the timesteps (schedule units, noisiest first) the products are computed at, checked."""
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise MemwatchError(f"`steps` must be a positive integer, got {steps!r}")
     m = check_first_steps(first_steps, steps)
+    grid = score.schedule.sampling_timesteps(steps)
+    return grid[product_step_indices(m, m if product_steps is None else product_steps)]
+
+
+def _eval_timestep(
+    score: DiffusionScore, eval_t: Tensor | int | float | None, options: SharpnessOptions, dim: int
+) -> float | None:
+    """``eval_t`` checked against the schedule (and ``options.k`` against ``d = dim``), or ``None``."""
+    if eval_t is None:
+        return None
+    t = float(score.schedule.check_t(eval_t, "eval_t"))
+    options.check_dim(dim)
+    return t
+
+
+def _start_noise(
+    noise: Tensor | None,
+    n: int | None,
+    shape: Sequence[int] | None,
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
+) -> Tensor:
+    """``noise`` checked, or ``[n, *shape]`` drawn from ``generator``."""
     if noise is None:
         if n is None or shape is None:
             raise MemwatchError("pass `noise`, or both `n` and `shape`")
@@ -498,56 +562,32 @@ def conditional_metrics(
             raise MemwatchError(f"`n` must be a positive integer, got {n!r}")
         noise = probe_noise(n, tuple(shape), generator=generator, dtype=dtype)
     _check_x(noise, "noise")
-    n = noise.shape[0]
-    cond_b = score.batch_condition(cond, n, "cond")
-    grid = score.schedule.sampling_timesteps(steps)
-    first = grid[:m]
-    t_eval = None if eval_t is None else float(score.schedule.check_t(eval_t, "eval_t"))
-    if t_eval is not None:
-        options.check_dim(noise[0].numel())
-    run_device = torch.device(device) if device is not None else score.device
-    rows = slice(0, options.max_batch or n)
-    _check_model_accepts(score, cond_b[rows], noise[rows].to(run_device, dtype), grid[:1])
+    return noise
 
-    states, eval_states, samples = _sample_states(
-        score, noise, cond_b, steps, [float(t) for t in first], t_eval, options.max_batch, run_device, dtype
-    )
-    # the m·n (step, probe) rows, step-major: row i·n + j is probe j at step i
-    x = states.reshape(m * n, *noise.shape[1:])
-    tt = score.timesteps(first.repeat_interleave(n), m * n)
-    s_d, hs_d = _chunked_hvp(
-        score, x, tt, cond_b, torch.arange(n).repeat(m), symmetric, options.jvp_mode, options.max_batch, run_device
-    )
-    step_sd, step_hsd = (v.reshape(m, n, -1).to(torch.float64).norm(dim=-1).T for v in (s_d, hs_d))  # [n, m]
+
+def _step_norms(
+    score: DiffusionScore,
+    states: Tensor,
+    at: Tensor,
+    cond: Tensor,
+    symmetric: bool,
+    options: SharpnessOptions,
+    device: torch.device,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``‖s_Δ‖`` and ``‖A s_Δ‖`` ``[n, k]`` (float64, NaN where not finite) and ``finite`` ``[n]``
+    at the states ``[k, n, *shape]`` (step ``i`` at timestep ``at[i]``)."""
+    k, n = states.shape[:2]
+    # the k·n (step, probe) rows, step-major: row i·n + j is probe j at step i
+    x = states.reshape(k * n, *states.shape[2:])
+    tt = score.timesteps(at.repeat_interleave(n), k * n)
+    probe = torch.arange(n).repeat(k)
+    s_d, hs_d = _chunked_hvp(score, x, tt, cond, probe, symmetric, options.jvp_mode, options.max_batch, device)
+    step_sd, step_hsd = (v.reshape(k, n, -1).to(torch.float64).norm(dim=-1).T for v in (s_d, hs_d))  # [n, k]
     finite = _flag_not_finite(step_sd, step_hsd)
     nan = torch.tensor(float("nan"), dtype=torch.float64)
-    step_sd = torch.where(finite[:, None], step_sd, nan)
-    step_hsd = torch.where(finite[:, None], step_hsd, nan)
-
-    sharp = None
-    if t_eval is not None:
-        sharp = measure_sharpness(
-            _unguided(score),
-            eval_states.to(run_device),
-            t_eval,
-            options,
-            cond=cond_b.to(run_device),
-            generator=lanczos_generator,
-        )
-    return ConditionalResult(
-        score_diff_norm=step_sd.mean(1),
-        hessian_score_diff_norm=step_hsd.mean(1),
-        step_score_diff_norm=step_sd,
-        step_hessian_score_diff_norm=step_hsd,
-        timesteps=first.clone(),
-        sharpness=sharp,
-        samples=samples,
-        finite=finite,
-        symmetric=bool(symmetric),
-    )
+    return torch.where(finite[:, None], step_sd, nan), torch.where(finite[:, None], step_hsd, nan), finite
 
 
-# ---------------------------------------------------------------------- private
 def _options(options: SharpnessOptions | None, settings: Mapping[str, object]) -> SharpnessOptions:
     """``options`` (default ``SharpnessOptions()``) with the keyword ``settings`` applied, checked."""
     if options is not None and not isinstance(options, SharpnessOptions):
@@ -565,15 +605,15 @@ def _sample_states(
     noise: Tensor,
     cond: Tensor,
     steps: int,
-    first: list[float],
+    at: list[float],
     t_eval: float | None,
     max_batch: int | None,
     device: torch.device,
     dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """DDIM in chunks of ``max_batch`` probes: states ``[m, n, *shape]`` at ``first``, states at
-    ``t_eval`` ``[n, *shape]`` (``[n, 0, …]`` without), samples ``[n, *shape]``; all on the CPU."""
-    states_at = first + ([] if t_eval is None or t_eval in first else [t_eval])
+    """DDIM in chunks of ``max_batch`` probes: states ``[k, n, *shape]`` at the ``k`` timesteps ``at``,
+    states at ``t_eval`` ``[n, *shape]`` (``[n, 0, …]`` without), samples ``[n, *shape]``; all on the CPU."""
+    states_at = at + ([] if t_eval is None or t_eval in at else [t_eval])
 
     def chunk(rows: slice) -> tuple[Tensor, Tensor, Tensor]:
         traj = sample_trajectory(
@@ -585,9 +625,9 @@ def _sample_states(
             device=device,
             dtype=dtype,
         )
-        at = torch.stack([traj.states[t] for t in first], dim=1)  # [r, m, *shape]
+        states = torch.stack([traj.states[t] for t in at], dim=1)  # [r, k, *shape]
         at_eval = traj.states[t_eval] if t_eval is not None else traj.samples[:, :0]
-        return at.detach().cpu(), at_eval.detach().cpu(), traj.samples.detach().cpu()
+        return states.detach().cpu(), at_eval.detach().cpu(), traj.samples.detach().cpu()
 
     states, eval_states, samples = map_chunks(chunk, noise.shape[0], max_batch)
     return states.transpose(0, 1), eval_states, samples
@@ -627,6 +667,21 @@ def _hvp(score: DiffusionScore, x: Tensor, tt: Tensor, cond: Tensor, symmetric: 
     bad = ~torch.isfinite(s_delta).all(1, keepdim=True)
     prod = torch.where(bad, torch.full_like(prod, float("nan")), prod)
     return s_delta.reshape(x.shape), prod.reshape(x.shape), op.mode
+
+
+def _conditional_sharpness(
+    score: DiffusionScore,
+    x: Tensor,
+    t: float | None,
+    cond: Tensor,
+    options: SharpnessOptions,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> SharpnessResult | None:
+    """Sharpness of ``p_t(x | c)`` (the unguided conditional score) at ``x`` ``[n, *shape]``; ``None`` without ``t``."""
+    if t is None:
+        return None
+    return measure_sharpness(_unguided(score), x.to(device), t, options, cond=cond.to(device), generator=generator)
 
 
 def _flag_not_finite(step_sd: Tensor, step_hsd: Tensor) -> Tensor:
@@ -700,8 +755,19 @@ def _unguided(score: DiffusionScore) -> DiffusionScore:
     )
 
 
-def _check_model_accepts(score: DiffusionScore, cond: Tensor, x: Tensor, t: Tensor) -> None:
-    """One conditional call on the first probes; a model error about ``cond`` becomes a ValueError."""
+def _check_model_accepts(
+    score: DiffusionScore,
+    cond: Tensor,
+    noise: Tensor,
+    t: Tensor,
+    max_batch: int | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """One conditional call on the first ``max_batch`` probes (``noise`` ``[n, *shape]``, ``cond``
+    ``[n, ...]``, at ``t`` ``[1]``); a model error about ``cond`` becomes a :class:`MemwatchError`."""
+    rows = slice(0, max_batch or noise.shape[0])
+    cond, x = cond[rows], noise[rows].to(device, dtype)
     try:
         with torch.no_grad():
             score.conditional(x, t.to(x.device).expand(x.shape[0]), cond)

@@ -152,23 +152,11 @@ def plot_spectrum(
     ax = fig.add_subplot()
     lo, hi, peak = math.inf, -math.inf, 0.0
     for label, pair in densities.items():
-        grid, dens = _curve_pair(label, pair, "densities")
-        if grid.size < 2:
-            raise MemwatchError(f"`densities[{label!r}]` needs a grid of at least 2 points, got {grid.size}")
-        order = np.argsort(grid)
-        grid, dens = grid[order], dens[order]
+        grid, dens = _sorted_density(label, pair)
         lo, hi = min(lo, float(grid.min())), max(hi, float(grid.max()))
         peak = max(peak, float(np.nanmax(dens)) if dens.size else 0.0)
-        shown = label
-        if threshold is not None:
-            total = float(_trapezoid(dens, grid))
-            left = grid <= threshold
-            # integrate up to the threshold, including the partial cell it falls in
-            xs = np.append(grid[left], threshold) if left.any() and threshold < grid[-1] else grid[left]
-            ys = np.interp(xs, grid, dens)
-            part = float(_trapezoid(ys, xs)) if xs.size > 1 else 0.0
-            if total > 0:
-                shown = f"{label}  (sharp {part / total:.2f})"
+        share = None if threshold is None else _sharp_share(grid, dens, threshold)
+        shown = label if share is None else f"{label}  (sharp {share:.2f})"
         style = dict((styles or {}).get(label, {}))
         fill_alpha = style.pop("fill_alpha", 0.12)
         (line,) = ax.plot(grid, dens, **{"lw": 1.8, **style, "label": shown})
@@ -176,7 +164,38 @@ def plot_spectrum(
     if threshold is not None:
         ax.axvspan(min(lo, threshold), threshold, color="0.5", alpha=0.1, lw=0)
         ax.axvline(threshold, color="0.25", ls="--", lw=1.2, label=f"sharp threshold at {_num(threshold)}")
-    ax.set_xlim(min(lo, threshold if threshold is not None else lo), hi)
+    _spectrum_axes(ax, (min(lo, threshold if threshold is not None else lo), hi), peak, log_y, title)
+    if legend_below:
+        handles, labels = ax.get_legend_handles_labels()
+        fig.legend(handles, labels, fontsize="small", loc="outside lower center", ncols=2)
+    else:
+        ax.legend(fontsize="small", loc="best")
+    return fig
+
+
+def _sorted_density(label: str, pair: Any) -> tuple[np.ndarray, np.ndarray]:
+    """One ``densities`` entry checked (``>= 2`` points) and sorted by its grid: ``(grid [G], density [G])``."""
+    grid, dens = _curve_pair(label, pair, "densities")
+    if grid.size < 2:
+        raise MemwatchError(f"`densities[{label!r}]` needs a grid of at least 2 points, got {grid.size}")
+    order = np.argsort(grid)
+    return grid[order], dens[order]
+
+
+def _sharp_share(grid: np.ndarray, dens: np.ndarray, threshold: float) -> float | None:
+    """``∫_{x<threshold} ρ / ∫ ρ`` by the trapezoid rule on a sorted ``grid`` (the partial cell the
+    threshold falls in included); ``None`` when the total mass is not positive."""
+    total = float(_trapezoid(dens, grid))
+    left = grid <= threshold
+    xs = np.append(grid[left], threshold) if left.any() and threshold < grid[-1] else grid[left]
+    ys = np.interp(xs, grid, dens)
+    part = float(_trapezoid(ys, xs)) if xs.size > 1 else 0.0
+    return part / total if total > 0 else None
+
+
+def _spectrum_axes(ax: Any, xlim: tuple[float, float], peak: float, log_y: bool, title: str) -> None:
+    """Limits, scales, labels and grid of a spectrum's Axes (``peak``: the highest density drawn)."""
+    ax.set_xlim(*xlim)
     if log_y:
         ax.set_yscale("log")
         if peak > 0:  # six decades below the highest peak; the fill to 0 would drag it to 1e-300
@@ -187,12 +206,6 @@ def plot_spectrum(
     ax.set_ylabel("spectral density (per unit $\\sigma_t^2\\lambda$)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if legend_below:
-        handles, labels = ax.get_legend_handles_labels()
-        fig.legend(handles, labels, fontsize="small", loc="outside lower center", ncols=2)
-    else:
-        ax.legend(fontsize="small", loc="best")
-    return fig
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,6 +309,7 @@ def plot_gallery(
     title: str | None = None,
     max_items: int = 16,
     ncols: int = 8,
+    neighbours_label: str | None = None,
 ) -> Figure:
     """Show generated probes (and optionally their nearest training samples) as an image grid.
 
@@ -306,13 +320,16 @@ def plot_gallery(
 
     Args:
         probes: ``[n, C, H, W]`` (C = 1 or 3) or ``[n, H, W]`` images in [−1, 1].
-        neighbours: the nearest training sample of each probe, same shape as ``probes``.
+        neighbours: the nearest training sample of each probe, ``[n, C', H', W']`` or ``[n, H', W']``
+            (its own size may differ from the probes', e.g. original images beside decoded latents).
         captions: ``n`` strings shown under each probe (e.g. ``"score 0.97\\nd1/d2 0.12"``).
         flagged: ``[n]`` booleans; flagged (memorized) probes get a red frame.
         title: figure title; default ``"Generated probes"`` (``"… and nearest training samples"``
             with ``neighbours``). States how many were left out when ``n > max_items``.
         max_items: show at most this many probes (the first ones).
         ncols: columns per row block.
+        neighbours_label: the training row's label (say which images it shows, e.g. decoded latents);
+            default ``"nearest training sample"``.
 
     Returns:
         A Figure with one Axes per shown image (``m`` or ``2m`` for ``m = min(n, max_items)``),
@@ -328,6 +345,43 @@ def plot_gallery(
         >>> len(fig.axes)
         6
     """
+    imgs, nbrs, flags = _gallery_inputs(probes, neighbours, captions, flagged, max_items, ncols)
+    n = imgs.shape[0]
+    m = min(n, max_items)
+    cols = min(m, ncols)
+    rows_per_block = 2 if nbrs is not None else 1
+    if title is None:
+        title = "Generated probes" + (" and nearest training samples" if nbrs is not None else "")
+    if flags[:m].any():
+        title += " (red frame: flagged as memorized)"
+    if n > m:
+        title = f"{title} (first {m} of {n})"
+    fig, gs = _gallery_figure(m, cols, rows_per_block, (captions or [])[:m], title)
+    for i in range(m):
+        block, col = divmod(i, cols)
+        ax = fig.add_subplot(gs[block * rows_per_block, col])
+        _show_image(ax, imgs[i], bool(flags[i]))
+        if captions is not None:
+            ax.set_xlabel(captions[i], fontsize=7.5, linespacing=1.1)
+        if col == 0:
+            ax.set_ylabel("generated\nprobe" if nbrs is not None else "probe", fontsize=8)
+        if nbrs is not None:
+            axn = fig.add_subplot(gs[block * rows_per_block + 1, col])
+            _show_image(axn, nbrs[i], False)
+            if col == 0:
+                axn.set_ylabel(neighbours_label or "nearest\ntraining sample", fontsize=8)
+    return fig
+
+
+def _gallery_inputs(
+    probes: ArrayLike,
+    neighbours: ArrayLike | None,
+    captions: Sequence[str] | None,
+    flagged: ArrayLike | None,
+    max_items: int,
+    ncols: int,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """:func:`plot_gallery`'s inputs checked: ``(probes, neighbours or None, flags [n] bool)`` as images in [0, 1]."""
     if max_items < 1:
         raise MemwatchError(f"`max_items` must be >= 1, got {max_items}")
     if ncols < 1:
@@ -339,9 +393,10 @@ def plot_gallery(
     nbrs = None
     if neighbours is not None:
         nbrs = _images(neighbours, "neighbours")
-        if nbrs.shape != imgs.shape:
+        if nbrs.shape[0] != n:
             raise MemwatchError(
-                f"`neighbours` must match `probes` in shape, got {tuple(nbrs.shape)} vs {tuple(imgs.shape)}"
+                f"`neighbours` must hold one image per probe ({n}), got shape {tuple(nbrs.shape)} for probes "
+                f"{tuple(imgs.shape)}"
             )
     if captions is not None and len(captions) != n:
         raise MemwatchError(f"`captions` must hold one string per probe ({n}), got {len(captions)}")
@@ -350,51 +405,37 @@ def plot_gallery(
         flags = _to_numpy(flagged, "flagged").astype(bool).reshape(-1)
         if flags.shape[0] != n:
             raise MemwatchError(f"`flagged` must hold one boolean per probe ({n}), got {flags.shape[0]}")
+    return imgs, nbrs, flags
 
-    m = min(n, max_items)
-    cols = min(m, ncols)
+
+def _gallery_figure(m: int, cols: int, rows_per_block: int, captions: Sequence[str], title: str) -> tuple[Figure, Any]:
+    """The titled Figure and GridSpec of ``m`` images in ``cols`` columns, blocks of ``rows_per_block`` rows.
+
+    ~1 in per image (100 px: an 8×8 digit at 12 px per pixel, a 32×32 image at 3); constrained
+    layout reserves the caption and row-label space, so every image gets the same size. The title
+    is wrapped to the figure's width (a narrow gallery does not cut it off), 0.2 in per line.
+    """
     blocks = math.ceil(m / cols)
-    rows_per_block = 2 if nbrs is not None else 1
-    n_caption_lines = max((s.count("\n") + 1 for s in (captions or [])[:m]), default=0)
-    # ~1 in per image (100 px: an 8×8 digit at 12 px per pixel, a 32×32 image at 3); constrained
-    # layout reserves the caption and row-label space, so every image gets the same size.
+    n_caption_lines = max((s.count("\n") + 1 for s in captions), default=0)
     cell = 1.0
     caption_h = 0.15 * n_caption_lines + (0.05 if n_caption_lines else 0.0)
-    height = blocks * (rows_per_block * cell + caption_h) + 0.2 * (blocks - 1) + 0.45  # + title
-    width = max(cols * cell + (0.45 if nbrs is not None else 0.3), 3.0)
+    width = max(cols * cell + (0.45 if rows_per_block == 2 else 0.3), 3.0)
+    wrapped = textwrap.fill(title, width=max(int(width * 12), 20))
+    title_h = 0.45 + 0.2 * wrapped.count("\n")
+    height = blocks * (rows_per_block * cell + caption_h) + 0.2 * (blocks - 1) + title_h
     fig = _new_figure((width, height))
-    gs = fig.add_gridspec(blocks * rows_per_block, cols)
+    fig.suptitle(wrapped, fontsize=11)
+    return fig, fig.add_gridspec(blocks * rows_per_block, cols)
 
-    def show(ax: Any, img: np.ndarray, frame_red: bool) -> None:
-        ax.imshow(img, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for spine in ax.spines.values():
-            spine.set_color("red" if frame_red else "0.7")
-            spine.set_linewidth(2.5 if frame_red else 0.8)
 
-    for i in range(m):
-        block, col = divmod(i, cols)
-        ax = fig.add_subplot(gs[block * rows_per_block, col])
-        show(ax, imgs[i], bool(flags[i]))
-        if captions is not None:
-            ax.set_xlabel(captions[i], fontsize=7.5, linespacing=1.1)
-        if col == 0:
-            ax.set_ylabel("generated\nprobe" if nbrs is not None else "probe", fontsize=8)
-        if nbrs is not None:
-            axn = fig.add_subplot(gs[block * rows_per_block + 1, col])
-            show(axn, nbrs[i], False)
-            if col == 0:
-                axn.set_ylabel("nearest\ntraining sample", fontsize=8)
-    if title is None:
-        title = "Generated probes" + (" and nearest training samples" if nbrs is not None else "")
-    if flags[:m].any():
-        title += " (red frame: flagged as memorized)"
-    if n > m:
-        title = f"{title} (first {m} of {n})"
-    # wrap so a narrow gallery (one or two probes) does not cut its title off
-    fig.suptitle(textwrap.fill(title, width=max(int(width * 12), 20)), fontsize=11)
-    return fig
+def _show_image(ax: Any, img: np.ndarray, frame_red: bool) -> None:
+    """One image without ticks, framed in red (flagged) or light grey."""
+    ax.imshow(img, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_color("red" if frame_red else "0.7")
+        spine.set_linewidth(2.5 if frame_red else 0.8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -474,16 +515,8 @@ def plot_density_2d(
     trn = _points2(train, "train") if train is not None else None
     if resolution < 2:
         raise MemwatchError(f"`resolution` must be >= 2, got {resolution}")
-    if extent is None:
-        allp = pts if trn is None else np.concatenate([pts, trn], axis=0)
-        if allp.shape[0] == 0:
-            extent = (-1.0, 1.0, -1.0, 1.0)
-        else:
-            (x0, y0), (x1, y1) = allp.min(0), allp.max(0)
-            span = max(x1 - x0, y1 - y0, 1e-6)
-            mx, my = 0.15 * span, 0.15 * span
-            extent = (x0 - mx, x1 + mx, y0 - my, y1 + my)
-    xmin, xmax, ymin, ymax = (float(v) for v in extent)
+    xmin, xmax, ymin, ymax = extent if extent is not None else _default_extent(pts, trn)
+    xmin, xmax, ymin, ymax = float(xmin), float(xmax), float(ymin), float(ymax)
 
     # fit the figure to the equal-aspect plot: its width (6 in less the labels and colour bar),
     # times the data aspect, plus title, axis label and legend
@@ -492,36 +525,77 @@ def plot_density_2d(
     fig = _new_figure((6.0, float(np.clip(plot_w * aspect + 1.7, 3.0, 8.0))))
     ax = fig.add_subplot()
     if log_density_fn is not None:
-        import torch  # only needed to call the user's function
+        _heatmap(fig, ax, log_density_fn, (xmin, xmax, ymin, ymax), resolution, floor_quantile, value_label)
+    _scatter_points(ax, pts, mask, trn)
+    ax.set_xlim(xmin, xmax)
+    ax.set_ylim(ymin, ymax)
+    ax.set_aspect("equal")
+    ax.set_xlabel("$x_1$ (data units)")
+    ax.set_ylabel("$x_2$ (data units)")
+    ax.set_title(title)
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:  # below the plot, so it never hides a probe
+        fig.legend(handles, labels, fontsize="small", loc="outside lower center", ncols=min(3, len(handles)))
+    return fig
 
-        gx = np.linspace(xmin, xmax, resolution)
-        gy = np.linspace(ymin, ymax, resolution)
-        xx, yy = np.meshgrid(gx, gy)  # [R, R], row = y
-        grid = torch.from_numpy(np.stack([xx.ravel(), yy.ravel()], axis=1)).float()
-        vals = _to_numpy(log_density_fn(grid), "log_density_fn(grid)").astype(np.float64).reshape(-1)
-        if vals.shape[0] != grid.shape[0]:
-            raise MemwatchError(
-                f"`log_density_fn` must return one value per grid point ({grid.shape[0]}), got {vals.shape[0]}"
-            )
-        finite = np.isfinite(vals)
-        if not finite.any():
-            raise MemwatchError("`log_density_fn` returned no finite value on the grid")
-        lo = float(np.quantile(vals[finite], floor_quantile)) if floor_quantile is not None else vals[finite].min()
-        vals = np.clip(np.where(finite, vals, lo), lo, None).reshape(resolution, resolution)
-        im = ax.imshow(
-            vals,
-            origin="lower",
-            extent=(xmin, xmax, ymin, ymax),
-            cmap="viridis",
-            aspect="equal",
-            interpolation="bilinear",
+
+def _default_extent(pts: np.ndarray, trn: np.ndarray | None) -> tuple[float, float, float, float]:
+    """``(xmin, xmax, ymin, ymax)`` of all points ``[n, 2]`` (and ``[N, 2]``) plus a 15 % margin of the
+    larger span; ``(-1, 1, -1, 1)`` without points."""
+    allp = pts if trn is None else np.concatenate([pts, trn], axis=0)
+    if allp.shape[0] == 0:
+        return (-1.0, 1.0, -1.0, 1.0)
+    (x0, y0), (x1, y1) = allp.min(0), allp.max(0)
+    margin = 0.15 * max(x1 - x0, y1 - y0, 1e-6)
+    return (x0 - margin, x1 + margin, y0 - margin, y1 + margin)
+
+
+def _density_grid(
+    log_density_fn: Callable[[Tensor], Tensor],
+    extent: tuple[float, float, float, float],
+    resolution: int,
+    floor_quantile: float | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(xx, yy, values)`` ``[R, R]`` (row = y) of ``log_density_fn`` on the grid, clipped from below
+    at its ``floor_quantile`` quantile (non-finite values set to that floor)."""
+    import torch  # only needed to call the user's function
+
+    xmin, xmax, ymin, ymax = extent
+    xx, yy = np.meshgrid(np.linspace(xmin, xmax, resolution), np.linspace(ymin, ymax, resolution))
+    grid = torch.from_numpy(np.stack([xx.ravel(), yy.ravel()], axis=1)).float()
+    vals = _to_numpy(log_density_fn(grid), "log_density_fn(grid)").astype(np.float64).reshape(-1)
+    if vals.shape[0] != grid.shape[0]:
+        raise MemwatchError(
+            f"`log_density_fn` must return one value per grid point ({grid.shape[0]}), got {vals.shape[0]}"
         )
-        ax.contour(xx, yy, vals, levels=8, colors="white", linewidths=0.5, alpha=0.5)
-        # an inset, so the bar is exactly as tall as the equal-aspect plot (a figure-level
-        # colour bar would span the whole height); it is ``ax.child_axes[0]``, not in fig.axes
-        cax = ax.inset_axes((1.03, 0.0, 0.04, 1.0))
-        cbar = fig.colorbar(im, cax=cax)
-        cbar.set_label(value_label)
+    finite = np.isfinite(vals)
+    if not finite.any():
+        raise MemwatchError("`log_density_fn` returned no finite value on the grid")
+    lo = float(np.quantile(vals[finite], floor_quantile)) if floor_quantile is not None else vals[finite].min()
+    return xx, yy, np.clip(np.where(finite, vals, lo), lo, None).reshape(resolution, resolution)
+
+
+def _heatmap(
+    fig: Figure,
+    ax: Any,
+    log_density_fn: Callable[[Tensor], Tensor],
+    extent: tuple[float, float, float, float],
+    resolution: int,
+    floor_quantile: float | None,
+    value_label: str,
+) -> None:
+    """The function's values on ``ax`` as an image with contours and an inset colour bar."""
+    xx, yy, vals = _density_grid(log_density_fn, extent, resolution, floor_quantile)
+    im = ax.imshow(vals, origin="lower", extent=extent, cmap="viridis", aspect="equal", interpolation="bilinear")
+    ax.contour(xx, yy, vals, levels=8, colors="white", linewidths=0.5, alpha=0.5)
+    # an inset, so the bar is exactly as tall as the equal-aspect plot (a figure-level
+    # colour bar would span the whole height); it is ``ax.child_axes[0]``, not in fig.axes
+    cax = ax.inset_axes((1.03, 0.0, 0.04, 1.0))
+    fig.colorbar(im, cax=cax).set_label(value_label)
+
+
+def _scatter_points(ax: Any, pts: np.ndarray, mask: np.ndarray, trn: np.ndarray | None) -> None:
+    """Training points (grey), probes (blue) and flagged probes ``pts[mask]`` (red X) on ``ax``."""
     if trn is not None:
         # dark with a thin white rim: visible on the bright (dense) and the dark parts of the map;
         # many points get small plain dots, so they do not paint over the density
@@ -559,16 +633,6 @@ def plot_density_2d(
             linewidths=0.6,
             label=f"flagged as memorized ({int(mask.sum())})",
         )
-    ax.set_xlim(xmin, xmax)
-    ax.set_ylim(ymin, ymax)
-    ax.set_aspect("equal")
-    ax.set_xlabel("$x_1$ (data units)")
-    ax.set_ylabel("$x_2$ (data units)")
-    ax.set_title(title)
-    handles, labels = ax.get_legend_handles_labels()
-    if handles:  # below the plot, so it never hides a probe
-        fig.legend(handles, labels, fontsize="small", loc="outside lower center", ncols=min(3, len(handles)))
-    return fig
 
 
 # --------------------------------------------------------------------------------------------
@@ -624,56 +688,22 @@ def plot_condition_metrics(
     c = len(labels)
     if c == 0:
         raise MemwatchError("`conditions` must hold at least one label, got none")
-    values = {}
-    for name, v in metrics.items():
-        arr = _to_numpy(v, f"metrics[{name!r}]").astype(np.float64).reshape(-1)
-        if arr.shape[0] != c:
-            raise MemwatchError(f"`metrics[{name!r}]` must hold one value per condition ({c}), got {arr.shape[0]}")
-        values[name] = arr
+    values = {name: _per_condition(v, f"metrics[{name!r}]", c) for name, v in metrics.items()}
     errs = {}
     for name, e in (errors or {}).items():
         if name not in values:
             raise MemwatchError(f"`errors` names a metric not in `metrics`: {name!r}; known: {sorted(values)}")
-        arr = _to_numpy(e, f"errors[{name!r}]").astype(np.float64).reshape(-1)
-        if arr.shape[0] != c:
-            raise MemwatchError(f"`errors[{name!r}]` must hold one value per condition ({c}), got {arr.shape[0]}")
-        errs[name] = arr
+        errs[name] = _per_condition(e, f"errors[{name!r}]", c)
     is_index = isinstance(flagged, (int, np.integer)) and not isinstance(flagged, bool)
     if flagged is not None and (not is_index or not 0 <= flagged < c):
         raise MemwatchError(f"`flagged` must be None or a condition index in [0, {c}), got {flagged!r}")
 
-    k = len(values)
-    fig = _new_figure((max(6.0, 0.5 * c + 2.0), 1.9 * k + 0.9))
-    axes = fig.subplots(k, 1, sharex=True, squeeze=False)[:, 0]
-    x = np.arange(c)
-    colours = ["tab:red" if i == flagged else "tab:blue" for i in range(c)]
+    fig = _new_figure((max(6.0, 0.5 * c + 2.0), 1.9 * len(values) + 0.9))
+    axes = fig.subplots(len(values), 1, sharex=True, squeeze=False)[:, 0]
     for ax, (name, vals) in zip(axes, values.items()):
-        ax.bar(
-            x,
-            np.nan_to_num(vals, nan=0.0),
-            color=colours,
-            alpha=0.85,
-            yerr=errs.get(name),
-            capsize=3 if name in errs else 0,
-            error_kw={"elinewidth": 1, "ecolor": "0.3"},
-        )
-        err = errs.get(name, np.zeros(c))
-        top = float(np.nanmax(vals + np.nan_to_num(err))) if np.isfinite(vals).any() else 1.0
-        for i, v in enumerate(vals):
-            if np.isfinite(v):  # above the error bar, if any
-                ax.annotate(
-                    f"{v:.3g}",
-                    (i, v + np.nan_to_num(err[i])),
-                    xytext=(0, 2),
-                    textcoords="offset points",
-                    ha="center",
-                    va="bottom",
-                    fontsize=7,
-                    color="tab:red" if i == flagged else "0.2",
-                )
-        ax.set_ylim(0, top * 1.25 if top > 0 else 1.0)
+        _condition_bars(ax, vals, errs.get(name), flagged)
         ax.set_ylabel(CONDITION_METRIC_LABELS.get(name, name), fontsize=8.5)
-        ax.grid(axis="y", alpha=0.3)
+    x = np.arange(c)
     axes[-1].set_xticks(x, labels)
     axes[-1].set_xlabel("condition")
     if flagged is not None:
@@ -682,6 +712,47 @@ def plot_condition_metrics(
         title = f"{title}\n(red: most memorized, condition {labels[flagged]})"
     fig.suptitle(title, fontsize=11)
     return fig
+
+
+def _per_condition(values: ArrayLike, name: str, c: int) -> np.ndarray:
+    """``values`` as a float64 ``[C]`` array; the error names ``name`` when it does not hold ``C`` values."""
+    arr = _to_numpy(values, name).astype(np.float64).reshape(-1)
+    if arr.shape[0] != c:
+        raise MemwatchError(f"`{name}` must hold one value per condition ({c}), got {arr.shape[0]}")
+    return arr
+
+
+def _condition_bars(ax: Any, vals: np.ndarray, err: np.ndarray | None, flagged: int | None) -> None:
+    """One panel: a bar per condition (``flagged`` in red, NaN drawn as no bar), its value above it
+    (above its error bar ``err``, if any), and the y range with headroom for the labels."""
+    c = vals.shape[0]
+    x = np.arange(c)
+    colours = ["tab:red" if i == flagged else "tab:blue" for i in range(c)]
+    ax.bar(
+        x,
+        np.nan_to_num(vals, nan=0.0),
+        color=colours,
+        alpha=0.85,
+        yerr=err,
+        capsize=3 if err is not None else 0,
+        error_kw={"elinewidth": 1, "ecolor": "0.3"},
+    )
+    err = np.zeros(c) if err is None else err
+    top = float(np.nanmax(vals + np.nan_to_num(err))) if np.isfinite(vals).any() else 1.0
+    for i, v in enumerate(vals):
+        if np.isfinite(v):
+            ax.annotate(
+                f"{v:.3g}",
+                (i, v + np.nan_to_num(err[i])),
+                xytext=(0, 2),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                color="tab:red" if i == flagged else "0.2",
+            )
+    ax.set_ylim(0, top * 1.25 if top > 0 else 1.0)
+    ax.grid(axis="y", alpha=0.3)
 
 
 # --------------------------------------------------------------------------------------------

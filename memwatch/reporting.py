@@ -7,7 +7,11 @@ figure is a warning (or, with ``raise_errors=True``, an error) and the scalars o
 still logged.
 
 Privacy: galleries show probes beside their nearest training samples, so they are drawn only
-with ``log_media=True``; every other output holds numbers only.
+with ``log_media=True``; every other output holds numbers only. A gallery shows only training
+samples the user passed as ``reference_data``; those seen in the batches
+(``reference_data="batches"``) are held in memory only and never drawn, and the gallery's title
+says so. Its row label says which images the training row holds: the reference as given, decoded
+from the latent reference with ``decode_fn``, or the user's original images (``reference_images``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from memwatch.attribution import CopiedItem
+from memwatch.errors import MemwatchError
 from memwatch.loggers import MonitorLogger
 from memwatch.onset import OnsetDecision
 from memwatch.probes import CONDITION_METRICS
@@ -132,6 +137,7 @@ class CheckReporter:
         onset_step: int | None,
         clean_checkpoint: str | None,
         reference: Tensor | None = None,
+        reference_images: Tensor | None = None,
     ) -> None:
         """Log one finished check: scalars first, then media (rank zero), then alert / lines.
 
@@ -140,7 +146,10 @@ class CheckReporter:
             history: every check's values so far, this one last (for the curves).
             onset_step: the detector's onset step (``None`` before onset).
             clean_checkpoint: where the last clean checkpoint is (for the alert text).
-            reference: ``[N, *shape]`` training samples (for the gallery's neighbours).
+            reference: ``[N, *shape]`` training samples in the probes' space (for the gallery's neighbours).
+            reference_images: ``[N, C, H, W]`` the same samples as the user's own images, before
+                ``encode_fn`` (a latent model with pixel ``reference_data``): the gallery shows these
+                instead of decoding ``reference``.
         """
         with self._step("scalars"):
             self.logger.define_metrics()
@@ -157,7 +166,7 @@ class CheckReporter:
                     self._tables(check)
             if self.log_media:
                 with self._step("gallery"):
-                    self._gallery(check, reference)
+                    self._gallery(check, reference, reference_images)
         with self._step("console"):
             self._announce(check, clean_checkpoint)
 
@@ -246,24 +255,30 @@ class CheckReporter:
             ]
             self.logger.log_table("conditions", ["condition", *CONDITION_METRICS, "most_memorized"], rows, check.step)
 
-    def _gallery(self, check: CheckResult, reference: Tensor | None) -> None:
-        """The most memorized probes beside their nearest training samples (``log_media``)."""
+    def _gallery(self, check: CheckResult, reference: Tensor | None, reference_images: Tensor | None) -> None:
+        """The most memorized probes beside their nearest training samples (``log_media``), titled
+        and labelled with what the training row shows."""
         from memwatch import plots
 
         score = check.primary.memorization_score
         order = torch.nan_to_num(score, nan=-1.0).argsort(descending=True)[:_GALLERY_SIZE]
         probes = self._images(check.samples[order])
-        neighbours = None
-        if reference is not None and check.nearest is not None:
+        neighbours, source = None, _gallery_source(check, reference, reference_images, self.decode_fn is not None)
+        if source == "original":
+            neighbours = _original_images(reference_images, reference, check.nearest[order])
+        elif source in ("reference", "decoded"):
             neighbours = self._images(reference[check.nearest[order]])
-        if probes is None or (reference is not None and neighbours is None):
+        if probes is None or (source in ("reference", "decoded") and neighbours is None):
             return
         captions = [
             f"score {float(score[i]):.2f}"
             + ("" if check.nn_ratio is None else f"\nd1/d2 {float(check.nn_ratio[i]):.2f}")
             for i in order
         ]
-        figure = plots.plot_gallery(probes, neighbours=neighbours, captions=captions)
+        title, label = GALLERY_TEXT[source]
+        figure = plots.plot_gallery(
+            probes, neighbours=neighbours, captions=captions, title=title, neighbours_label=label
+        )
         self.logger.log_figure("most_memorized", figure, check.step, private=True)
 
     def _images(self, x: Tensor) -> Tensor | None:
@@ -309,6 +324,55 @@ class CheckReporter:
                 f"memwatch step {check.step}: most memorized condition {check.most_memorized_condition} "
                 f"(Hessian-weighted score difference {top:.3g}, median over conditions {median:.3g})"
             )
+
+
+#: the gallery's ``(title, training-row label)`` by what its training row shows (:func:`_gallery_source`)
+GALLERY_TEXT = {
+    "reference": ("Most memorized probes and their nearest training samples", "nearest\ntraining sample"),
+    "decoded": (
+        "Most memorized probes and their nearest training samples, decoded from the latent reference_data "
+        "(not the original images)",
+        "decoded nearest\ntraining sample",
+    ),
+    "original": (
+        "Most memorized probes and their nearest training samples (the original reference_data images)",
+        "original nearest\ntraining sample",
+    ),
+    "batches": (
+        "Most memorized probes. No training samples shown: reference_data='batches' keeps them in memory "
+        "only and never logs them (d1/d2 under each probe)",
+        None,
+    ),
+    "none": ("Most memorized probes (no reference_data: nearest training samples unknown)", None),
+}
+
+
+def _gallery_source(
+    check: CheckResult, reference: Tensor | None, reference_images: Tensor | None, decoded: bool
+) -> str:
+    """What the gallery's training row shows, a key of ``GALLERY_TEXT``: ``"original"`` (the user's
+    images), ``"decoded"`` (``decode_fn`` of the reference), ``"reference"`` (as given), or no row:
+    ``"batches"`` (ratios to samples seen in the batches, which are never drawn) or ``"none"``."""
+    if reference is None or check.nearest is None:
+        return "batches" if check.nn_ratio is not None else "none"
+    if reference_images is not None:
+        return "original"
+    return "decoded" if decoded else "reference"
+
+
+def _original_images(reference_images: Tensor, reference: Tensor, nearest: Tensor) -> Tensor:
+    """Rows ``nearest`` of the user's images ``[N, C, H, W]`` (one per row of ``reference`` ``[N, ...]``).
+
+    Raises:
+        MemwatchError: ``reference_images`` is not ``[N, 1 or 3, H, W]`` with ``N = len(reference)``.
+    """
+    shape = tuple(reference_images.shape)
+    if reference_images.ndim != 4 or shape[1] not in (1, 3) or shape[0] != reference.shape[0]:
+        raise MemwatchError(
+            f"`reference_images` must be [N={reference.shape[0]}, C, H, W] with C = 1 or 3 (one image per "
+            f"reference_data row), got shape {shape}"
+        )
+    return reference_images[nearest].detach().cpu()
 
 
 def _plain_id(value: object) -> object:

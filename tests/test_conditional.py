@@ -29,6 +29,7 @@ from memwatch.conditional import (
     default_max_batch,
     hessian_score_difference,
     parse_conditions,
+    product_step_indices,
 )
 from memwatch.operators import reference_jacobian
 from memwatch.sampling import sample_trajectory
@@ -82,6 +83,18 @@ def test_hessian_score_difference_matches_dense_jacobians(small_score, symmetric
     torch.testing.assert_close(product, ref_product, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_the_central_difference_product_matches_dense_jacobians(small_score, symmetric):
+    """``jvp_mode="fd"`` (forward passes only: the cheap product on a UNet, see the README's cost table)
+    within its O(h²) + O(ε/h) error of the dense reference in float64."""
+    x = torch.randn(5, 3, generator=_gen(1), dtype=torch.float64)
+    t = torch.tensor([5, 20, 40, 70, 99])
+    cond = torch.tensor([0, 1, 2, 1, 0])
+    _, product = hessian_score_difference(small_score, x, t, cond, symmetric=symmetric, jvp_mode="fd")
+    _, ref_product = _dense(small_score, x, t, cond, symmetric)
+    torch.testing.assert_close(product, ref_product, rtol=1e-6, atol=1e-8)
+
+
 def test_symmetrizing_matters_for_a_learned_score(small_score):
     x = torch.randn(4, 3, generator=_gen(2), dtype=torch.float64)
     _, sym = hessian_score_difference(small_score, x, 30, 1, symmetric=True)
@@ -113,6 +126,30 @@ def test_metrics_average_the_first_steps_of_the_probe_trajectory(small_score):
     torch.testing.assert_close(res.sharp_fraction, sharp.sharp_fraction)
     torch.testing.assert_close(res.samples, traj.samples)
     assert res.finite.all() and res.symmetric
+
+
+def test_product_steps_measure_a_stratified_subset_of_the_window(small_score):
+    """``product_steps=k``: the same per-step values as every step, at the middle step of each of k equal
+    parts of the window, against the dense reference at those states; the mean is over those k steps."""
+    noise = torch.randn(4, 3, generator=_gen(5), dtype=torch.float64)
+    cond = torch.tensor([0, 1, 2, 1])
+    kwargs = dict(noise=noise, steps=10, first_steps=6, dtype=torch.float64)
+    every = conditional_metrics(small_score, cond, **kwargs)
+    some = conditional_metrics(small_score, cond, product_steps=3, **kwargs)
+    idx = product_step_indices(6, 3)
+    assert idx == [1, 3, 5] and product_step_indices(6, 6) == list(range(6))
+    torch.testing.assert_close(some.timesteps, every.timesteps[idx])
+    torch.testing.assert_close(some.step_score_diff_norm, every.step_score_diff_norm[:, idx])
+    torch.testing.assert_close(some.step_hessian_score_diff_norm, every.step_hessian_score_diff_norm[:, idx])
+    torch.testing.assert_close(some.hessian_score_diff_norm, some.step_hessian_score_diff_norm.mean(1))
+    torch.testing.assert_close(some.samples, every.samples)
+    t = float(some.timesteps[1])
+    traj = sample_trajectory(small_score, noise=noise, steps=10, cond=cond, states_at=[t], dtype=torch.float64)
+    ref_delta, ref_product = _dense(small_score, traj.states[t], torch.full((4,), t), cond, True)
+    torch.testing.assert_close(some.step_score_diff_norm[:, 1], ref_delta.norm(dim=1), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(some.step_hessian_score_diff_norm[:, 1], ref_product.norm(dim=1), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match=r"`product_steps` must be an integer in \[1, first_steps=6\]"):
+        conditional_metrics(small_score, cond, product_steps=7, **kwargs)
 
 
 def test_one_condition_for_all_probes_equals_per_probe_conditions_and_chunks(small_score):

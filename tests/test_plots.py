@@ -167,6 +167,16 @@ def test_gallery_max_items_and_wrapping() -> None:
     assert "first 12 of 20" in fig._suptitle.get_text()
 
 
+def test_gallery_labels_its_training_row_and_takes_neighbours_of_their_own_size() -> None:
+    """Original images ``[n, 1, 16, 16]`` beside decoded probes ``[n, 1, 8, 8]``, the row labelled as such."""
+    fig = plot_gallery(np.zeros((3, 1, 8, 8)), neighbours=np.ones((3, 1, 16, 16)), neighbours_label="original\nimage")
+    assert [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel()] == ["generated\nprobe", "original\nimage"]
+    assert np.asarray(fig.axes[1].images[0].get_array()).shape == (16, 16)
+    assert plot_gallery(np.zeros((3, 8, 8)), neighbours=np.zeros((3, 8, 8))).axes[1].get_ylabel() == (
+        "nearest\ntraining sample"
+    )
+
+
 def test_gallery_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError, match=r"C = 1 or 3"):
         plot_gallery(np.zeros((2, 8, 8, 3)))
