@@ -39,9 +39,8 @@ from memwatch.errors import MemwatchError
 from memwatch.intake import BatchIntake, TrainingSamples
 from memwatch.loggers import MonitorLogger
 from memwatch.options import CheckpointOptions, DataOptions, OnsetOptions, ProbeOptions, ReportOptions, regroup
-from memwatch.probes import ProbeMeasurement, ProbeSet, evaluation_timesteps, isolated, shard
+from memwatch.probes import ProbeMeasurement, ProbeSet, evaluation_grid, isolated, shard
 from memwatch.reporting import CheckReporter, CheckResult
-from memwatch.schedules import NoiseSchedule
 from memwatch.sharpness import SharpnessResult
 from memwatch.signals import CopyOptions, Draft, LossGapOptions, Run, SharpnessCheckOptions, Signal
 from memwatch.signals.registry import compose
@@ -166,6 +165,8 @@ class MemorizationMonitor(Callback):
         if self._state_key is None:
             # the default method adds nothing, so the checkpoints of earlier versions keep their key
             method = {} if self.sharpness.method == "auto" else {"method": self.sharpness.method}
+            if self.copies_from_batches:  # a monitor of the batches and one of a reference tensor can watch one run
+                method["reference_data"] = "batches"
             conditions = self.signals["conditional"].conditions if "conditional" in self.signals else {}
             self._state_key = self._generate_state_key(
                 num_probes=self.num_probes,
@@ -423,8 +424,10 @@ class MemorizationMonitor(Callback):
         )  # fmt: skip
         clean = None if self.clean_checkpoint_path is None else str(self.clean_checkpoint_path)
         assert self._reporter is not None
+        copies = self.signals.get("copies")
+        originals = None if copies is None else copies.original_images
         self._reporter.publish(check, self.history, onset_step=self.onset_step, clean_checkpoint=clean,
-                               reference=self.reference)  # fmt: skip
+                               reference=self.reference, reference_images=originals)  # fmt: skip
         self.last_check = check
         self.on_check_end(trainer, pl_module, check)
 
@@ -526,23 +529,11 @@ class MemorizationMonitor(Callback):
         return calibration.sigmas
 
     def use_levels(self, sigmas: Sequence[float] | str) -> None:
-        """The evaluation timesteps (and the sharpness metrics) from the levels or ``probes.timesteps``."""
-        schedule = self._found.schedule
-        self._eval_timesteps = evaluation_timesteps(
-            schedule, None if sigmas == "auto" else sigmas, self.probes.timesteps
-        )
-        first, noisiest = self.first_sampler_timestep(schedule), max(self._eval_timesteps)
-        if noisiest > first:  # a diffusers grid may start below the schedule's last step, e.g. at 980 of 999
-            name = "probes.timesteps" if self.probes.timesteps is not None else "sigmas"
-            raise MemwatchError(
-                f"`{name}` must map to timesteps at or below the sampler's first step ({first:g} for "
-                f"probes.sampler_steps={self.probes.sampler_steps}), got timestep {noisiest:g}"
-            )
+        """Measure at these noise levels (or ``probes.timesteps``) from now on."""
+        levels = None if sigmas == "auto" else sigmas
+        p = self.probes
+        self._eval_timesteps = evaluation_grid(self._found.schedule, levels, p.timesteps, p.sampler_steps)
         self.signals["sharpness"].use_timesteps(self._eval_timesteps)
-
-    def first_sampler_timestep(self, schedule: NoiseSchedule) -> float:
-        """The timestep the probes' ``probes.sampler_steps``-step grid starts at (schedule units)."""
-        return float(schedule.sampling_timesteps(self.probes.sampler_steps)[0])
 
     def _validate(self, pl_module: pl.LightningModule) -> None:
         """Once the probe shape is known: the spectrum settings fit it, one dry call of the score

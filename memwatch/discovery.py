@@ -526,7 +526,7 @@ def check_score(
     if not torch.isfinite(value).all():  # a state of the weights, not of the configuration: checks report NaN
         warnings.warn(
             f"memwatch: the score of {_model_name(score)} is not finite at t={float(t):g} on probes of "
-            f"`sample_shape`={shape}; checks will report NaN until it is (check the network's weights and the "
+            f"`data.sample_shape`={shape}; checks will report NaN until it is (check the network's weights and the "
             "noise schedule)",
             RuntimeWarning,
             stacklevel=2,
@@ -547,7 +547,7 @@ def _call_failure(
                 f"predicts a variance needs a `score_fn` whose model keeps the first {channels[0]} output channels."
             )
         return (
-            f"{name} does not return a tensor shaped like its input on probes of `sample_shape`={shape}: "
+            f"{name} does not return a tensor shaped like its input on probes of `data.sample_shape`={shape}: "
             f"{reason}.{hint}"
         )
     if unconditional and score.null_cond is None and score.cond_kwarg is not None:
@@ -559,8 +559,8 @@ def _call_failure(
     params = next(iter(score.model.parameters()), None) if isinstance(score.model, nn.Module) else None
     where = "" if params is None else f"; its parameters are {params.dtype} on {params.device}"
     return (
-        f"{name} fails on probes of `sample_shape`={shape}{where}: {reason}. Pass the shape of one sample as the "
-        "network takes it (`sample_shape=`; the latent shape for a latent model)"
+        f"{name} fails on probes of `data.sample_shape`={shape}{where}: {reason}. Pass the shape of one sample as the "
+        "network takes it (`data.sample_shape`; the latent shape for a latent model)"
     )
 
 
@@ -677,13 +677,13 @@ def _space_message(
 ) -> str:
     if encode_fn is None:
         return (
-            f"`{name}` samples have shape {given}, but the probes have shape {shape} (`sample_shape`); "
-            "pass training samples in the space the model generates, or an `encode_fn` that maps them there "
+            f"`{name}` samples have shape {given}, but the probes have shape {shape} (`data.sample_shape`); "
+            "pass training samples in the space the model generates, or a `data.encode_fn` that maps them there "
             "(e.g. images → VAE latents for a latent model)"
         )
     return (
-        f"`encode_fn` maps `{name}` samples of shape {given} to shape {got}, but the probes have shape "
-        f"{shape} (`sample_shape`)"
+        f"`data.encode_fn` maps `{name}` samples of shape {given} to shape {got}, but the probes have shape "
+        f"{shape} (`data.sample_shape`)"
     )
 
 

@@ -80,7 +80,10 @@ __all__ = ["CopyIndex", "Hits", "IndexOptions", "fill_from", "merge_hits", "near
 _IVF_MIN = 4096  # compressed tier: IVF-PQ candidates from this many held samples on (below: brute force)
 _CHUNK = 65536  # rows compared at once by the torch searches
 _KEY_BYTES = 64  # the key table (a dict key -> slot), per held sample: counted in the budget
-_NO_FAISS = "faiss is not installed: the copy index searches by exact torch brute force (`pip install memwatch[index]`)"
+_NO_FAISS = (
+    "faiss is not installed: past its exact tier the copy index searches its float16 vectors by torch brute force "
+    "(the same answers, slower; `pip install memwatch[index]`)"
+)
 
 
 @dataclass(frozen=True)
@@ -524,6 +527,8 @@ class CopyIndex:
     def _compress(self) -> None:
         """Pass to the compressed tier: the held vectors in float16."""
         self._compressed = True
+        if self._faiss is None:
+            warnings.warn(_NO_FAISS, RuntimeWarning, stacklevel=4)
         if self._store is None:
             return
         self._store = self._store.to(torch.float16)
@@ -718,10 +723,10 @@ def _ratio_one(hits: Hits) -> Tensor:
 
 
 def _load_faiss() -> ModuleType | None:
+    """faiss, or ``None`` (the exact tier needs none; :meth:`CopyIndex._compress` warns once it would)."""
     try:
         import faiss
     except ImportError:
-        warnings.warn(_NO_FAISS, stacklevel=3)
         return None
     return faiss
 

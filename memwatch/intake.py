@@ -33,6 +33,7 @@ from torch import Tensor
 from memwatch.calibration import Reservoir
 from memwatch.discovery import check_reference_data, select_data
 from memwatch.errors import MemwatchError
+from memwatch.index import CopyIndex
 from memwatch.options import DataOptions
 
 __all__ = ["STAGE_BYTES", "BatchIntake", "TrainingSamples", "as_float", "in_probe_space"]
@@ -166,8 +167,10 @@ class BatchIntake:
 
 class TrainingSamples:
     """The distinct training samples the monitor holds from the batches, in the probes' space:
-    the intake's rows, staged, then offered to a :class:`memwatch.calibration.Reservoir` through
-    ``data.encode_fn`` where they are not already latents. In memory only; never logged or saved.
+    the intake's rows, staged, then offered (through ``data.encode_fn`` where they are not already
+    latents) to a :class:`memwatch.calibration.Reservoir` (``data.capacity`` of them: the noise
+    levels' calibration, the loss gap's training side) and, with ``reference_data="batches"``, to
+    the copies signal's :class:`memwatch.index.CopyIndex`. In memory only; never logged or saved.
 
     Args:
         intake: the monitor's batch intake.
@@ -178,6 +181,7 @@ class TrainingSamples:
     def __init__(self, intake: BatchIntake, *, seed: int, uses: str) -> None:
         self.intake = intake
         self.reservoir = Reservoir(intake.options.capacity, seed=seed, distinct=True)
+        self.index: CopyIndex | None = None  # the copies signal's, with reference_data="batches"
         self.uses = uses
         self._warned_latents = False
 
@@ -213,20 +217,24 @@ class TrainingSamples:
                 self.intake.fault("encode", step, f"{_describe(err, 'data.encode_fn')}; the batch is not taken")
 
     def _hold(self, rows: Tensor, sample_shape: tuple[int, ...]) -> None:
+        """Offer ``rows`` to the reservoir and the copy index, in the probes' space."""
         encode = self.intake.options.encode_fn
-        if tuple(rows.shape[1:]) == sample_shape:
-            if encode is not None and not self._warned_latents:
-                self._warned_latents = True
-                rank_zero_warn(
-                    f"memwatch: the training batches already hold samples of the probes' shape {sample_shape}, so "
-                    "they are taken as latents and `data.encode_fn` is not applied to them (it still encodes "
-                    "`reference_data` and `loss_gap.heldout_data`)"
-                )
-            self.reservoir.update(rows)
-            return
-        if encode is None:
+        in_space = tuple(rows.shape[1:]) == sample_shape
+        if in_space and encode is not None and not self._warned_latents:
+            self._warned_latents = True
+            rank_zero_warn(
+                f"memwatch: the training batches already hold samples of the probes' shape {sample_shape}, so "
+                "they are taken as latents and `data.encode_fn` is not applied to them (it still encodes "
+                "`reference_data` and `loss_gap.heldout_data`)"
+            )
+        if not in_space and encode is None:
             raise MemwatchError(space_message(tuple(rows.shape[1:]), sample_shape, self.uses))
-        self.reservoir.update(rows, transform=lambda x: self._encode(x, sample_shape))
+        if self.index is None:  # only the reservoir: of a full one few rows are kept, and only those are encoded
+            self.reservoir.update(rows, transform=None if in_space else lambda x: self._encode(x, sample_shape))
+            return
+        rows = rows if in_space else self._encode(rows, sample_shape)
+        self.reservoir.update(rows)
+        self.index.add(rows)
 
     def _encode(self, x: Tensor, sample_shape: tuple[int, ...]) -> Tensor:
         """Training samples ``[b, *data shape]`` in the probes' space ``[b, *sample_shape]`` through

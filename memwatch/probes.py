@@ -52,7 +52,15 @@ from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore
 from memwatch.sharpness import SharpnessOptions, SharpnessResult, hessian_score_norm, measure_sharpness
 
-__all__ = ["ProbeMeasurement", "ProbeSet", "evaluation_timesteps", "isolated", "shard"]
+__all__ = [
+    "ProbeMeasurement",
+    "ProbeSet",
+    "evaluation_grid",
+    "evaluation_timesteps",
+    "first_sampler_timestep",
+    "isolated",
+    "shard",
+]
 
 #: per-probe conditional metrics kept for each condition (names logged under ``cond/{name}/``)
 CONDITION_METRICS = ("hessian_score_diff", "score_diff", "sharp_fraction_mean")
@@ -129,6 +137,33 @@ def evaluation_timesteps(
                 )
         times = [float(schedule.timestep_for_sigma(s)) for s in sigmas]
     return list(dict.fromkeys(times))
+
+
+def first_sampler_timestep(schedule: NoiseSchedule, sampler_steps: int) -> float:
+    """The timestep a ``sampler_steps``-step probe grid starts at (schedule units)."""
+    return float(schedule.sampling_timesteps(sampler_steps)[0])
+
+
+def evaluation_grid(
+    schedule: NoiseSchedule, sigmas: Sequence[float] | None, timesteps: Sequence[float] | None, sampler_steps: int
+) -> list[float]:
+    """:func:`evaluation_timesteps` that the probes' sampler passes through: every one at or
+    below its first step (a diffusers grid may start below the schedule's last step, e.g. at 980
+    of 999).
+
+    Raises:
+        MemwatchError: a level maps above the sampler's first step (naming ``probes.timesteps``
+            or ``sigmas``), or as :func:`evaluation_timesteps`.
+    """
+    times = evaluation_timesteps(schedule, sigmas, timesteps)
+    first = first_sampler_timestep(schedule, sampler_steps)
+    if max(times) > first:
+        name = "probes.timesteps" if timesteps is not None else "sigmas"
+        raise MemwatchError(
+            f"`{name}` must map to timesteps at or below the sampler's first step ({first:g} for "
+            f"probes.sampler_steps={sampler_steps}), got timestep {max(times):g}"
+        )
+    return times
 
 
 def shard(n: int, world_size: int, rank: int) -> slice:
@@ -253,7 +288,7 @@ class ProbeSet:
         options = options or SharpnessOptions()
         device = torch.device(device) if device is not None else score.device
         noise = self.noise(rows)
-        noisiest = float(score.schedule.sampling_timesteps(self.sampler_steps)[0])
+        noisiest = first_sampler_timestep(score.schedule, self.sampler_steps)
         states_at = list(dict.fromkeys([*self.timesteps, noisiest]))
         traj = check_trajectory(self._sample(score, noise, states_at, device, options.max_batch), noise, states_at)
         report = progress or (lambda text: None)

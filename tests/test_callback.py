@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -295,6 +296,9 @@ def test_ema_copy_is_measured_when_asked(tmp_path):
 def _ddp(tmp_path, *args):
     script = Path(__file__).with_name("ddp_script.py")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    with socket.socket() as s:  # a port of its own: DDP runs of parallel test workers must not meet
+        s.bind(("127.0.0.1", 0))
+        env["MASTER_PORT"] = str(s.getsockname()[1])
     proc = subprocess.run(
         [sys.executable, str(script), str(tmp_path), *args], env=env, capture_output=True, text=True, timeout=600
     )

@@ -310,11 +310,11 @@ def test_batch_sample_shape():
     assert batch_sample_shape([y.float()[:, None], x]) == (1,)  # the first tensor, whatever it holds
     assert batch_sample_shape({"label": y, "image": x}, "image") == (3, 8, 8)
     assert batch_sample_shape({"image": x, "label": y}) == (3, 8, 8)
-    with pytest.raises(MemwatchError, match=r"`batch_key`='images' is not a key.*\['label', 'image'\]"):
+    with pytest.raises(MemwatchError, match=r"`data.select`='images' is not a key.*\['label', 'image'\]"):
         batch_sample_shape({"label": y, "image": x}, "images")
-    with pytest.raises(MemwatchError, match=r"`batch_key`='image' needs dict batches, but the training batch is a"):
+    with pytest.raises(MemwatchError, match=r"`data.select`='image' is not a key of a tensor in .* none \(a tuple\)"):
         batch_sample_shape((x, y), "image")
-    with pytest.raises(MemwatchError, match=r"cannot find a tensor.*`sample_shape=`"):
+    with pytest.raises(MemwatchError, match=r"cannot find a tensor.*`data.select`.*`data.sample_shape`"):
         batch_sample_shape(["a", "b"])
     with pytest.raises(MemwatchError, match=r"shape \(4,\), not \[batch, \*sample_shape\]"):
         batch_sample_shape(y)
@@ -328,7 +328,7 @@ def test_check_score_names_a_sample_shape_the_model_cannot_take():
     with pytest.raises(MemwatchError) as info:
         check_score(score, (4, 8, 8), device="cpu")
     message = str(info.value)
-    assert "`sample_shape`=(4, 8, 8)" in message and "UNet2DModel" in message and "to have 3 channels" in message
+    assert "`data.sample_shape`=(4, 8, 8)" in message and "UNet2DModel" in message and "to have 3 channels" in message
     assert net.training and all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
     with pytest.raises(MemwatchError, match=r"`sample_shape` must be a non-empty shape of positive ints"):
         check_score(score, (3, 0, 8), device="cpu")
@@ -376,7 +376,7 @@ def test_reference_data_in_another_space_fails_with_a_hint():
     pixels = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     with pytest.raises(MemwatchError, match=r"`reference_data` samples have shape \(3, 32, 32\).*\(4, 8, 8\).*encode"):
         check_reference_data(pixels, (4, 8, 8))
-    with pytest.raises(MemwatchError, match=r"`encode_fn` maps .* \(3, 32, 32\) to shape \(3, 8, 8\)"):
+    with pytest.raises(MemwatchError, match=r"`data.encode_fn` maps .* \(3, 32, 32\) to shape \(3, 8, 8\)"):
         check_reference_data(pixels, (4, 8, 8), lambda x: nn.functional.avg_pool2d(x, 4))
     with pytest.raises(MemwatchError, match=r"`encode_fn` fails on a `reference_data` chunk"):
         check_reference_data(pixels, (4, 8, 8), lambda x: x.view(-1, 7))
@@ -402,7 +402,7 @@ def test_reference_data_is_encoded_in_chunks_and_materialized():
         check_reference_data(pixels[:1], (3, 32, 32))
     with pytest.raises(MemwatchError, match=r"at least 2 samples, got 0"):
         check_reference_data([], (3, 32, 32))
-    with pytest.raises(MemwatchError, match=r"`batch_key`='images' is not a key.*`reference_data` batch"):
+    with pytest.raises(MemwatchError, match=r"`data.select`='images' is not a key.*`reference_data` batch"):
         check_reference_data(batches, (4, 8, 8), _encode, batch_key="images")
 
 

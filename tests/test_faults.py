@@ -182,13 +182,13 @@ def test_verbose_conditional_check_prints_and_finishes(tmp_path, capsys):
     [
         (dict(threshold=3.0), r"`threshold` must be in \(0, 1\]"),
         (dict(threshold=math.inf), r"`threshold` must be in \(0, 1\]"),
-        (dict(onset_threshold=1.5), r"`onset_threshold` must be a number in \[0, 1\), got 1.5"),
-        (dict(onset_threshold=-0.5), r"`onset_threshold` must be a number in \[0, 1\), got -0.5"),
+        (dict(onset_threshold=1.5), r"`onset.threshold` must be a number in \[0, 1\), got 1.5"),
+        (dict(onset_threshold=-0.5), r"`onset.threshold` must be a number in \[0, 1\), got -0.5"),
         (dict(sigmas=0.3), r"`sigmas` must be a non-empty sequence"),
         (dict(sigmas=(0.3, math.nan)), r"`sigmas` must hold finite positive numbers"),
-        (dict(min_valid_fraction=0.0), r"`min_valid_fraction` must be a number in \(0, 1\]"),
-        (dict(data_range=(1.0, -1.0)), r"`data_range` must be None or \(low, high\)"),
-        (dict(clean_checkpoint_mode="zip"), "clean_checkpoint_mode"),
+        (dict(min_valid_fraction=0.0), r"`onset.min_valid_fraction` must be a number in \(0, 1\]"),
+        (dict(data_range=(1.0, -1.0)), r"`data.data_range` must be None or \(low, high\)"),
+        (dict(clean_checkpoint_mode="zip"), "checkpoint.mode"),
         (dict(method="arpack"), "`method`"),
     ],
 )

@@ -97,8 +97,8 @@ def test_a_memorizing_fit_logs_a_growing_loss_gap_beside_sharpness(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(heldout_data=torch.randn(4, 2)), r"`heldout_data` is one side of the loss gap; .* pass `reference_data`"),
-        (dict(reference_data=CORNERS, heldout_data=torch.randn(4, 2), loss_gap_sigmas=()), r"`loss_gap_sigmas` must"),
+        (dict(heldout_data=torch.randn(4, 2)), r"`loss_gap.heldout_data` is one side .* pass `reference_data`"),
+        (dict(reference_data=CORNERS, heldout_data=torch.randn(4, 2), loss_gap_sigmas=()), r"`loss_gap.sigmas` must"),
     ],
 )
 def test_bad_loss_gap_settings_fail_at_construction(kwargs, match):
@@ -109,8 +109,8 @@ def test_bad_loss_gap_settings_fail_at_construction(kwargs, match):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(heldout_data=torch.randn(4, 3)), r"`heldout_data` samples have shape \(3,\), but the probes have shape"),
-        (dict(heldout_data=torch.randn(4, 2), loss_gap_sigmas=(500.0,)), r"`loss_gap_sigmas` must lie in this"),
+        (dict(heldout_data=torch.randn(4, 3)), r"`loss_gap.heldout_data` samples have shape \(3,\), but the probes"),
+        (dict(heldout_data=torch.randn(4, 2), loss_gap_sigmas=(500.0,)), r"`loss_gap.sigmas` must lie in this"),
     ],
 )
 def test_bad_loss_gap_data_fail_at_fit_start_naming_the_argument(tmp_path, kwargs, match):

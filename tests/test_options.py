@@ -81,7 +81,8 @@ def test_flat_and_grouped_settings_build_the_same_monitor():
     )
     for group in GROUPS:
         a, b = getattr(flat, group), getattr(grouped, group)
-        assert [getattr(a, f.name) for f in dataclasses.fields(a)] == [getattr(b, f.name) for f in dataclasses.fields(b)]
+        fields = [f.name for f in dataclasses.fields(a)]
+        assert [getattr(a, f) for f in fields] == [getattr(b, f) for f in fields]
 
 
 def test_an_unknown_name_is_a_type_error():

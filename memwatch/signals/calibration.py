@@ -19,6 +19,7 @@ from torch import Tensor
 from memwatch.calibration import DataScale, data_scale, level_range, relative_sigmas
 from memwatch.errors import MemwatchError
 from memwatch.intake import TrainingSamples
+from memwatch.probes import first_sampler_timestep
 from memwatch.schedules import NoiseSchedule
 from memwatch.signals.base import Run, Signal
 
@@ -117,7 +118,7 @@ def build(monitor: Any) -> CalibrationSignal | None:
         monitor.probes.sigma_factors,
         held=monitor.held_samples,
         keep_held=monitor.copies_from_batches,
-        first_timestep=monitor.first_sampler_timestep,
+        first_timestep=lambda schedule: first_sampler_timestep(schedule, monitor.probes.sampler_steps),
         on_levels=monitor.use_levels,
         seed=monitor.probes.seed,
     )

@@ -1,7 +1,7 @@
 """Which signals a monitor is made of: one factory per signal module, in the order a check runs them.
 
 A factory takes the monitor (it reads its option groups and the few services it offers:
-``held_samples``, ``signals``, ``first_sampler_timestep``, ``use_levels``) and returns its signal,
+``held_samples``, ``signals``, ``use_levels``) and returns its signal,
 or ``None`` when the monitor's settings do not ask for it. The order matters: calibration fixes
 the levels first, the copies' ratios feed the sharpness summary. A new signal is one module with
 a ``build`` factory and one line here.
