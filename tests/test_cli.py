@@ -60,6 +60,25 @@ def test_every_config_parses(config, capsys):
     assert printed["trainer"]["logger"]["init_args"]["offline"] is True
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_configs_redraw_their_progress_bar_rarely(config):
+    # issue 21: a bar redrawn at every step (RichProgressBar) made `memwatch fit` ~2x slower than a
+    # script; benchmarks/bench_cli_fit.py measures it. Lightning's default bar is fine for toy2d.
+    callbacks = yaml.safe_load(config.read_text())["trainer"].get("callbacks") or []
+    for callback in callbacks:
+        assert not callback["class_path"].endswith("RichProgressBar")
+        if callback["class_path"].endswith("TQDMProgressBar"):
+            assert callback["init_args"]["refresh_rate"] >= 20
+
+
+def test_digits_config_fits_a_few_steps_as_shipped(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["fit", "--config", str(ROOT / "configs" / "digits.yaml"), "--trainer.max_steps", "30"]) == 0
+    printed = capsys.readouterr().out
+    assert "memwatch: no check ran" in printed and "wandb sync" in printed
+    assert not (tmp_path / "memwatch").exists()
+
+
 def test_digits_config_matches_the_demo():
     config = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
     args, model = config["monitor"], config["model"]["init_args"]
