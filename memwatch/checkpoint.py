@@ -19,8 +19,10 @@ a bad directory) must cost a warning, not the run.
   rank gathers its state, rank 0 writes, then all meet at Lightning's barrier) with the strategy's
   ``checkpoint_io`` replaced for the call by a writer that never raises, so a failed write on rank
   0 still reaches the barrier; rank 0's outcome is then broadcast, one decision for all ranks.
-* **Per run.** :func:`default_dirpath` is inside the run's own versioned log directory, the one
-  Lightning's ``ModelCheckpoint`` uses, so two runs never share a clean checkpoint.
+* **Per run, created late.** :func:`default_dirpath` is a ``memwatch-clean`` folder inside the
+  ``checkpoints`` folder that Lightning's ``ModelCheckpoint`` uses (the run's versioned log
+  directory, or a stamped folder without a logger), so two runs never share a clean checkpoint.
+  The directory is validated at ``setup`` but created only by the first save.
 
 Example:
     >>> import memwatch.checkpoint as mc
@@ -67,6 +69,7 @@ __all__ = [
 CLEAN_CHECKPOINT_NAME = "memwatch-clean.ckpt"
 SAVE_MODES = ("weights", "full")
 _PathLike = str | os.PathLike
+_DEFAULT_SUBDIR = "memwatch-clean"  # the default folder's last part below Lightning's ``checkpoints``
 
 
 @dataclass(frozen=True)
@@ -134,25 +137,28 @@ def check_save_mode(mode: str, name: str = "mode") -> str:
 
 
 def check_dirpath(dirpath: _PathLike) -> Path:
-    """Validate a clean-checkpoint directory: create it if missing and prove it writable.
+    """Validate a clean-checkpoint directory without creating anything: a save there can succeed.
 
-    Writability is tested by creating and deleting a small hidden file (permission bits alone say
-    nothing for root or on network filesystems).
+    An existing directory is proven writable by creating and deleting a small hidden file in it
+    (permission bits alone say nothing for root or on network filesystems). A directory that does
+    not exist yet is left uncreated (:func:`save_clean_checkpoint` creates it at the first save):
+    its nearest existing ancestor must be a directory that the process may write into and enter
+    (``os.access(W_OK | X_OK)``, which also sees a read-only filesystem).
 
     Args:
         dirpath: a local directory (remote URLs such as ``s3://`` are not supported: the atomic
             rename needs a local filesystem).
 
     Returns:
-        The absolute path of the directory.
+        The absolute path of the directory (which may not exist yet).
 
     Raises:
-        MemwatchError: ``dirpath`` is not a path, is a URL, is a file, cannot be created or is not
+        MemwatchError: ``dirpath`` is not a path, is a URL, is a file, lies below a file, or is not
             writable (the message names ``dirpath``, its value and the cause).
 
     Example:
-        >>> check_dirpath(tmp_path / "new" / "dir").is_dir()              # doctest: +SKIP
-        True
+        >>> check_dirpath(tmp_path / "new" / "dir").exists()              # doctest: +SKIP
+        False
     """
     if not isinstance(dirpath, str | os.PathLike):
         raise MemwatchError(f"`dirpath` must be a local directory path (str or os.PathLike), got {dirpath!r}")
@@ -162,26 +168,43 @@ def check_dirpath(dirpath: _PathLike) -> Path:
     path = Path(os.path.abspath(os.path.expanduser(text)))
     if path.exists() and not path.is_dir():
         raise MemwatchError(f"`dirpath`={text!r} must be a directory, but it is a file")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".memwatch-write-test.{secrets.token_hex(8)}"
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        probe.unlink()
-    except OSError as err:
-        raise MemwatchError(f"`dirpath`={text!r} is not a writable directory ({_describe(err)})") from err
+    if path.is_dir():
+        try:
+            probe = path / f".memwatch-write-test.{secrets.token_hex(8)}"
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            probe.unlink()
+        except OSError as err:
+            raise MemwatchError(f"`dirpath`={text!r} is not a writable directory ({_describe(err)})") from err
+        return path
+    ancestor = next(parent for parent in path.parents if parent.exists())
+    if not ancestor.is_dir():
+        raise MemwatchError(f"`dirpath`={text!r} is not a writable directory (its parent {str(ancestor)!r} is a file)")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise MemwatchError(
+            f"`dirpath`={text!r} is not a writable directory (it does not exist and its nearest existing "
+            f"parent {str(ancestor)!r} is not writable)"
+        )
     return path
 
 
 def default_dirpath(trainer: pl.Trainer) -> Path:
-    """The clean checkpoint's directory for this run, never shared with another run.
+    """The clean checkpoint's directory for this run: beside Lightning's checkpoints, never shared.
 
-    The run's versioned directory, as Lightning's ``ModelCheckpoint`` resolves it, plus ``memwatch``:
-    ``<save_dir>/<name>/<version>/memwatch`` for the first logger (TensorBoard / CSV:
-    ``.../version_N/memwatch``; W&B: ``<save_dir>/<project>/<run id>/memwatch``), where ``save_dir``
-    falls back to ``trainer.default_root_dir``. Without a logger, or when the first logger has no
-    version, ``<default_root_dir>/memwatch/<run stamp>`` with a stamp of the UTC time and 32
-    random bits. Collective: every rank must call it (rank 0's answer is broadcast). Call it once
-    per run (at ``setup``): the run stamp differs from call to call.
+    Mirrors how Lightning's ``ModelCheckpoint`` resolves its ``checkpoints`` folder, plus a
+    ``memwatch-clean`` sub-folder (so ``memwatch scan`` over the ``checkpoints`` folder, which reads
+    its ``*.ckpt`` files, does not take the clean checkpoint for one more training checkpoint):
+
+    * with a versioned first logger, ``<save_dir>/<name>/<version>/checkpoints/memwatch-clean``
+      (TensorBoard / CSV: ``.../version_N/checkpoints/memwatch-clean``; W&B:
+      ``<save_dir>/<project>/<run id>/checkpoints/memwatch-clean``), ``save_dir`` falling back to
+      ``trainer.default_root_dir``;
+    * without a logger, or when the first logger has no version,
+      ``<default_root_dir>/checkpoints/memwatch-clean/<run stamp>``, with a stamp of the UTC time
+      and 32 random bits (Lightning's ``checkpoints`` folder is shared by such runs; the stamp is not).
+
+    No folder is named like the package (a ``./memwatch`` folder in the working directory would
+    shadow an editable install). Collective: every rank must call it (rank 0's answer is
+    broadcast). Call it once per run (at ``setup``): the run stamp differs from call to call.
 
     Returns:
         The directory (not created; see :func:`check_dirpath`).
@@ -190,12 +213,12 @@ def default_dirpath(trainer: pl.Trainer) -> Path:
     version = None if logger is None else logger.version
     if logger is None or version is None or version == "":
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-{secrets.token_hex(4)}"
-        path = Path(trainer.default_root_dir) / "memwatch" / stamp
+        path = Path(trainer.default_root_dir, "checkpoints", _DEFAULT_SUBDIR, stamp)
     else:
         name = logger.name
         version = version if isinstance(version, str) else f"version_{version}"
         parts = [str(name)] if name else []
-        path = Path(logger.save_dir or trainer.default_root_dir, *parts, version, "memwatch")
+        path = Path(logger.save_dir or trainer.default_root_dir, *parts, version, "checkpoints", _DEFAULT_SUBDIR)
     return Path(trainer.strategy.broadcast(str(path), src=0))
 
 
@@ -203,7 +226,8 @@ def prepare_dirpath(trainer: pl.Trainer, dirpath: _PathLike | None) -> Path:
     """Resolve, validate and tidy the clean-checkpoint directory at ``setup``, on all ranks at once.
 
     ``dirpath`` (or :func:`default_dirpath` when ``None``) is checked by :func:`check_dirpath` on
-    rank 0, which alone writes; stale temporary files of killed saves are removed there. The result
+    rank 0, which alone writes; nothing is created (the first save creates the folder), and when
+    the folder exists, stale temporary files of killed saves are removed from it. The result
     or the error is broadcast, so every rank returns the same path or raises the same error.
     Collective: every rank must call it.
 

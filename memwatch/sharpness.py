@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -318,6 +319,7 @@ def measure_sharpness(
     *,
     cond: Tensor | None = None,
     generator: torch.Generator | None = None,
+    sample_shape: Sequence[int] | None = None,
     **settings: object,
 ) -> SharpnessResult:
     """Measure the Hessian spectrum of ``log p_t`` (or, for ``method="trace"``, its trace) at ``x``,
@@ -325,11 +327,18 @@ def measure_sharpness(
 
     Args:
         score: the model's score; ``cond`` (if given) selects the conditional/guided score.
-        x: ``[n, *shape]`` points (e.g. probe states along the sampling trajectory).
-        t: timestep (schedule units), scalar or ``[n]``.
+        x: ``[n, *sample_shape]`` noisy states ``x_t`` at ``t`` — the probes' states along the
+            sampling trajectory, ``sample_trajectory(..., states_at=[t]).states[float(t)]``, not
+            the finished samples. One sample still needs its batch axis: ``x[None]``.
+        t: timestep (schedule units), scalar or ``[n]``; for a noise level σ,
+            ``score.schedule.timestep_for_sigma(σ)``.
         options: how to measure (:class:`SharpnessOptions`; default ``SharpnessOptions()``).
         cond: condition ``[n, ...]`` or one condition for all samples.
         generator: source of the Rademacher vectors (explicit for repeatable runs).
+        sample_shape: the shape of one sample; ``x.shape[1:]`` must equal it. Default: the shape
+            the wrapped network declares, if any (a diffusers model's ``config``:
+            ``(in_channels, sample_size, sample_size)``), used only to recognise one sample passed
+            without its batch axis, since such networks also run at other resolutions.
         settings: fields of :class:`SharpnessOptions` that override ``options``, e.g. ``k=4``.
             ``max_batch`` bounds the rows through the model at once (samples × vectors for
             Lanczos and trace, samples × basis vectors for dense), halved on out-of-memory.
@@ -341,7 +350,9 @@ def measure_sharpness(
         never a silent number.
 
     Raises:
-        MemwatchError: invalid arguments (named in the message).
+        MemwatchError: invalid arguments (named in the message); ``x`` that is not
+            ``[n, *sample_shape]``, e.g. one sample without its batch axis (the message gives the
+            expected and the given shape).
 
     Example:
         >>> from memwatch.schedules import NoiseSchedule
@@ -354,7 +365,7 @@ def measure_sharpness(
     options = options or SharpnessOptions()
     if settings:
         options = options.replace(**settings)
-    n, dim = _check_inputs(x)
+    n, dim = _check_inputs(x, score, sample_shape)
     options.check_dim(dim)
     method = options.resolved_method(dim)
     tt = score.timesteps(t, n, x.device)
@@ -402,6 +413,7 @@ def hessian_score_norm(
     options: SharpnessOptions | None = None,
     *,
     cond: Tensor | None = None,
+    sample_shape: Sequence[int] | None = None,
 ) -> Tensor:
     """``‖H s‖`` ``[n]`` (float64, CPU): the unconditional analogue of Jeon et al.'s conditional
     metric ``‖H_c s_Δ − H_uc s_Δ‖``, from one reverse-mode product per sample.
@@ -416,7 +428,7 @@ def hessian_score_norm(
     and ``‖s‖ ≈ ‖ε‖/σ_t``, so ``σ_t³ ‖H s‖ ≈ ‖ε‖`` is the scale-free reading.
 
     Args:
-        score, x, t, cond: as in :func:`measure_sharpness`.
+        score, x, t, cond, sample_shape: as in :func:`measure_sharpness` (``x`` ``[n, *sample_shape]``).
         options: only ``max_batch`` (rows through the model at once) is used.
 
     Returns:
@@ -424,7 +436,7 @@ def hessian_score_norm(
         its derivatives are not finite.
 
     Raises:
-        MemwatchError: invalid ``x``, ``t`` or ``cond``.
+        MemwatchError: invalid ``x`` (not ``[n, *sample_shape]``), ``t`` or ``cond``.
 
     Example:
         >>> from memwatch.schedules import NoiseSchedule
@@ -433,7 +445,7 @@ def hessian_score_norm(
         tensor([8., 8.], dtype=torch.float64)
     """
     options = options or SharpnessOptions()
-    n, _ = _check_inputs(x)
+    n, _ = _check_inputs(x, score, sample_shape)
     tt = score.timesteps(t, n, x.device)
     cond_b = None if cond is None else score.batch_condition(cond, n, "cond")
 
@@ -639,9 +651,54 @@ def _warn_unconverged(converged: Tensor, finite: Tensor, options: SharpnessOptio
         )
 
 
-def _check_inputs(x: object) -> tuple[int, int]:
+def _check_inputs(x: object, score: DiffusionScore, sample_shape: Sequence[int] | None) -> tuple[int, int]:
+    """``(n, d)`` of a batch ``x`` ``[n, *sample_shape]``; a loud error for anything else.
+
+    ``sample_shape`` given: ``x.shape[1:]`` must equal it. Not given: the network's declared shape
+    (:func:`_declared_shape`) catches ``x`` equal to one sample, i.e. a missing batch axis.
+    """
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 2:
         raise MemwatchError(
-            f"`x` must be a floating tensor [n, *shape], got {type(x).__name__} {tuple(getattr(x, 'shape', ()))}"
+            f"`x` must be a floating tensor [n, *sample_shape], got {type(x).__name__} "
+            f"{tuple(getattr(x, 'shape', ()))}" + (" (one sample? add its batch axis: x[None])" if _is_1d(x) else "")
         )
-    return x.shape[0], x[0].numel()
+    shape = tuple(x.shape)
+    if sample_shape is not None:
+        expected = _check_sample_shape(sample_shape)
+        if shape[1:] != expected:
+            hint = ": one sample without its batch axis? pass x[None]" if shape == expected else ""
+            raise MemwatchError(f"`x` must be [n, *sample_shape] = [n, {_dims(expected)}], got shape {shape}{hint}")
+    elif shape == _declared_shape(score):
+        raise MemwatchError(
+            f"`x` must be [n, *sample_shape] = [n, {_dims(shape)}] (the network's declared sample shape), got "
+            f"shape {shape}: one sample without its batch axis; pass x[None]"
+        )
+    return shape[0], x[0].numel()
+
+
+def _check_sample_shape(sample_shape: object) -> tuple[int, ...]:
+    dims = tuple(sample_shape) if isinstance(sample_shape, Sequence) and not isinstance(sample_shape, str) else None
+    if not dims or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+        raise MemwatchError(f"`sample_shape` must be a non-empty sequence of positive ints, got {sample_shape!r}")
+    return dims
+
+
+def _declared_shape(score: DiffusionScore) -> tuple[int, ...] | None:
+    """One sample's shape as the network declares it: a diffusers model's ``(in_channels, H, W)``."""
+    config = getattr(score.model, "config", None)
+    channels, size = getattr(config, "in_channels", None), getattr(config, "sample_size", None)
+    if not isinstance(channels, int):
+        return None
+    if isinstance(size, int):
+        return (channels, size, size)
+    if isinstance(size, Sequence) and len(size) == 2 and all(isinstance(v, int) for v in size):
+        return (channels, *size)
+    return None
+
+
+def _is_1d(x: object) -> bool:
+    return isinstance(x, Tensor) and x.ndim == 1
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return ", ".join(str(d) for d in shape)

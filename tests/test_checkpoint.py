@@ -218,19 +218,27 @@ def test_bad_mode_raises_whatever_raise_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------ where it goes
-def test_check_dirpath(tmp_path):
-    created = check_dirpath(tmp_path / "a" / "b")
-    assert created == tmp_path / "a" / "b" and created.is_dir() and list(created.iterdir()) == []
+def test_check_dirpath_validates_without_creating(tmp_path):
+    missing = tmp_path / "a" / "b"
+    assert check_dirpath(missing) == missing and not (tmp_path / "a").exists()
+    assert check_dirpath(tmp_path) == tmp_path and list(tmp_path.iterdir()) == []  # its write test is gone
     afile = tmp_path / "afile"
     afile.write_text("x")
     with pytest.raises(MemwatchError, match=rf"`dirpath`={str(afile)!r} must be a directory, but it is a file"):
         check_dirpath(afile)
-    with pytest.raises(MemwatchError, match=r"`dirpath`=.*afile/sub.* is not a writable directory \("):
-        check_dirpath(afile / "sub")
+    with pytest.raises(MemwatchError, match=r"`dirpath`=.*afile/sub.* is not a writable directory \(its parent"):
+        check_dirpath(afile / "sub" / "deeper")
     with pytest.raises(MemwatchError, match="must be a local directory"):
         check_dirpath("s3://bucket/run")
     with pytest.raises(MemwatchError, match="`dirpath` must be a local directory path"):
         check_dirpath(3)
+
+
+def test_check_dirpath_refuses_a_missing_folder_below_an_unwritable_one(tmp_path, monkeypatch):
+    # permission bits do not stop root (who runs these tests in CI); os.access is what is asked
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(MemwatchError, match=r"nearest existing parent .* is not writable"):
+        check_dirpath(tmp_path / "clean" / "run")
 
 
 def test_prepare_dirpath_fails_setup_naming_dirpath(tmp_path):
@@ -266,8 +274,8 @@ def _run_in_default_dir(root: Path, logger) -> tuple[Path, SaveOutcome]:
 def test_two_csv_runs_sharing_a_save_dir_get_their_own_checkpoint(tmp_path):
     first, a = _run_in_default_dir(tmp_path, CSVLogger(tmp_path / "logs"))
     second, b = _run_in_default_dir(tmp_path, CSVLogger(tmp_path / "logs"))
-    assert first == tmp_path / "logs" / "lightning_logs" / "version_0" / "memwatch"
-    assert second == tmp_path / "logs" / "lightning_logs" / "version_1" / "memwatch"
+    assert first == tmp_path / "logs" / "lightning_logs" / "version_0" / "checkpoints" / "memwatch-clean"
+    assert second == tmp_path / "logs" / "lightning_logs" / "version_1" / "checkpoints" / "memwatch-clean"
     assert a.path.exists() and b.path.exists()
 
 
@@ -278,7 +286,7 @@ def test_two_wandb_runs_sharing_a_save_dir_get_their_own_checkpoint(tmp_path):
     for _ in range(2):
         logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="memwatch-test")
         dirpath, outcome = _run_in_default_dir(tmp_path, logger)
-        assert dirpath == tmp_path / "memwatch-test" / logger.version / "memwatch"
+        assert dirpath == tmp_path / "memwatch-test" / logger.version / "checkpoints" / "memwatch-clean"
         dirs.append(dirpath)
         wandb.finish()
     assert dirs[0] != dirs[1]
@@ -289,7 +297,7 @@ def test_two_runs_without_a_logger_get_their_own_checkpoint(tmp_path):
     first, _ = _run_in_default_dir(tmp_path, False)
     second, _ = _run_in_default_dir(tmp_path, False)
     assert first != second
-    assert first.parent == second.parent == tmp_path / "memwatch"
+    assert first.parent == second.parent == tmp_path / "checkpoints" / "memwatch-clean"
 
 
 def test_default_dirpath_of_an_unversioned_logger(tmp_path):
@@ -299,4 +307,36 @@ def test_default_dirpath_of_an_unversioned_logger(tmp_path):
             return None
 
     trainer = cpu_trainer(tmp_path, [], max_steps=6, logger=_NoVersion(tmp_path / "logs"))
-    assert default_dirpath(trainer).parent == tmp_path / "memwatch"
+    assert default_dirpath(trainer).parent == tmp_path / "checkpoints" / "memwatch-clean"
+
+
+def test_a_fit_without_logger_creates_no_memwatch_folder_and_nothing_before_the_first_save(tmp_path, monkeypatch):
+    """issue 21: ``./memwatch/`` in the working directory shadowed the editable install."""
+    from callback_setup import datamodule, memorizing_data, module_2d
+
+    from memwatch import MemorizationMonitor
+
+    class _ListAtStart(pl.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.listing = sorted(p.name for p in tmp_path.iterdir())
+
+    monkeypatch.chdir(tmp_path)
+    monitor = MemorizationMonitor(
+        every_n_train_steps=10, num_probes=4, sampler_steps=10, sigmas=(0.2,), k=2, verbose=False, raise_errors=True
+    )
+    start = _ListAtStart()
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(  # no default_root_dir: the working directory, as for a newcomer's script
+        max_steps=10,
+        callbacks=[monitor, start],
+        logger=False,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module_2d(hidden=16, depth=1), datamodule(memorizing_data()))
+    assert start.listing == [], "nothing is created at setup"
+    assert not (tmp_path / "memwatch").exists()
+    assert monitor.clean_step == 10 and monitor.clean_checkpoint_path.exists()
+    assert monitor.clean_checkpoint_path.parent.parent == tmp_path / "checkpoints" / "memwatch-clean"

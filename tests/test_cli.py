@@ -60,6 +60,24 @@ def test_every_config_parses(config, capsys):
     assert printed["trainer"]["logger"]["init_args"]["offline"] is True
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_configs_redraw_their_progress_bar_rarely(config):
+    # issue 21: a bar redrawn at every step (RichProgressBar) made `memwatch fit` ~2x slower than a
+    # script, Lightning's default (TQDM, every step) ~1.3x on toy2d; benchmarks/bench_cli_fit.py measures it
+    callbacks = yaml.safe_load(config.read_text())["trainer"].get("callbacks") or []
+    bars = [c for c in callbacks if c["class_path"].endswith("ProgressBar")]
+    assert [c["class_path"].rsplit(".", 1)[-1] for c in bars] == ["TQDMProgressBar"]
+    assert bars[0]["init_args"]["refresh_rate"] >= 20
+
+
+def test_digits_config_fits_a_few_steps_as_shipped(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["fit", "--config", str(ROOT / "configs" / "digits.yaml"), "--trainer.max_steps", "30"]) == 0
+    printed = capsys.readouterr().out
+    assert "memwatch: no check ran" in printed and "wandb sync" in printed
+    assert not (tmp_path / "memwatch").exists()
+
+
 def test_digits_config_matches_the_demo():
     config = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
     args, model = config["monitor"], config["model"]["init_args"]
@@ -80,8 +98,6 @@ def test_toy2d_config_fits_a_few_steps_with_overrides(tmp_path, monkeypatch, cap
             str(ROOT / "configs" / "toy2d.yaml"),
             "--trainer.max_steps",
             "200",  # the config checks every 200 steps: one check
-            "--trainer.enable_progress_bar",
-            "false",
             "--data.init_args.steps_per_epoch",
             "50",
         ]
@@ -103,7 +119,7 @@ def test_monitor_arguments_are_overridden_from_the_command_line(tmp_path, monkey
     # `--monitor.*` is the documented path (`--trainer.callbacks.init_args.*` cannot address a list item)
     monkeypatch.chdir(tmp_path)
     argv = ["fit", "--config", str(ROOT / "configs" / "toy2d.yaml"), "--trainer.max_steps", "100"]
-    argv += ["--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
+    argv += ["--trainer.logger", "false"]
     argv += ["--monitor.every_n_train_steps", "50", "--monitor.num_probes", "8", "--monitor.probes.sampler_steps", "10"]
     argv += ["--monitor.reference_data", "batches", "--monitor.onset.on", "either"]  # a string among tensor types
     assert cli.main(argv) == 0

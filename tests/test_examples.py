@@ -1,10 +1,11 @@
-"""Every script in examples/ runs with --fast in a fresh process (as a user would run it)."""
+"""Every script in examples/ runs with --fast in a fresh process (as a user would run it); so do README snippets."""
 
 from __future__ import annotations
 
 import csv
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,28 @@ def test_example_runs_fast(script, extra, tmp_path):
     if script.name == "diffusers_unet.py":
         prediction = extra[1] if extra else "epsilon"
         assert f"UNet2DModel, prediction={prediction!r}, probe shape (1, 16, 16)" in proc.stdout
+
+
+def _readme_snippet(heading: str) -> str:
+    """The first ```python block below ``heading`` in README.md."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"\n{heading}\n")
+    found = re.search(r"```python\n(.*?)```", text[start:], flags=re.DOTALL)
+    assert found, f"no python block below {heading!r} in README.md"
+    return found.group(1)
+
+
+def test_readme_math_without_lightning_runs_as_written(tmp_path):
+    code = _readme_snippet("### The math without Lightning")
+    check = (
+        "\nassert x_t.shape == (16, 2) and not torch.equal(x_t, traj.samples)"
+        "\nassert res.sharp_fraction.shape == res.lid.shape == ratio.shape == (16,)"
+        "\nassert res.eigenvalues.shape == (16, 2)"
+        "\nassert bool(res.finite.all())"
+        "\nprint('snippet ok')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", code + check], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and "snippet ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]

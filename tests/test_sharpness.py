@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from memwatch.data import GaussianMixture
+from memwatch.errors import MemwatchError
 from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore
 from memwatch.sharpness import SharpnessOptions, hessian_score_norm, measure_sharpness
@@ -148,6 +149,44 @@ def test_wrong_sample_shape_is_reported(mixture):
         measure_sharpness(_score(mixture), torch.randn(2, 7, dtype=torch.float64), 10)
     with pytest.raises(ValueError, match="`x`"):
         measure_sharpness(_score(mixture), torch.randn(7, dtype=torch.float64), 10)
+
+
+def test_one_sample_without_its_batch_axis_is_loud_with_sample_shape():
+    score = DiffusionScore(lambda x, t: -x, SCHED)
+    image = torch.randn(2, 3, 3, dtype=torch.float64)  # one [C, H, W] sample: read as 2 samples of [3, 3] before
+    with pytest.raises(MemwatchError, match=r"`x` must be \[n, \*sample_shape\] = \[n, 2, 3, 3\], got shape "):
+        measure_sharpness(score, image, 10, k=2, sample_shape=(2, 3, 3))
+    with pytest.raises(MemwatchError, match=r"\(2, 3, 3\): one sample without its batch axis\? pass x\[None\]"):
+        hessian_score_norm(score, image, 10, sample_shape=[2, 3, 3])
+    with pytest.raises(MemwatchError, match=r"= \[n, 2, 3, 3\], got shape \(4, 3, 3, 2\)$"):
+        measure_sharpness(score, torch.randn(4, 3, 3, 2, dtype=torch.float64), 10, k=2, sample_shape=(2, 3, 3))
+    assert measure_sharpness(score, image[None], 10, k=2, sample_shape=(2, 3, 3)).lid.shape == (1,)
+    with pytest.raises(MemwatchError, match="`sample_shape` must be a non-empty sequence of positive ints"):
+        measure_sharpness(score, image[None], 10, k=2, sample_shape=(2, 0, 3))
+    with pytest.raises(MemwatchError, match=r"one sample\? add its batch axis: x\[None\]"):
+        measure_sharpness(score, torch.randn(5, dtype=torch.float64), 10, k=2)
+
+
+def test_a_networks_declared_sample_shape_catches_a_missing_batch_axis():
+    diffusers = pytest.importorskip("diffusers")
+    unet = diffusers.UNet2DModel(
+        sample_size=4,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8,),
+        down_block_types=("DownBlock2D",),
+        up_block_types=("UpBlock2D",),
+        layers_per_block=1,
+        norm_num_groups=8,
+    )
+    score = DiffusionScore(unet, SCHED)
+    with pytest.raises(MemwatchError, match=r"= \[n, 1, 4, 4\] \(the network's declared sample shape\), got shape"):
+        measure_sharpness(score, torch.randn(1, 4, 4), 10, k=2)
+    with pytest.raises(MemwatchError, match=r"one sample without its batch axis; pass x\[None\]"):
+        hessian_score_norm(score, torch.randn(1, 4, 4), 10)
+    # a batch, at the declared or at another resolution (UNets run at any), is measured
+    assert hessian_score_norm(score, torch.randn(2, 1, 4, 4), 10).shape == (2,)
+    assert hessian_score_norm(score, torch.randn(2, 1, 8, 8), 10).shape == (2,)
 
 
 # ---------------------------------------------------------------------- finiteness
