@@ -145,7 +145,7 @@ def test_errors_name_what_is_wrong(trained, tmp_path):
     with pytest.raises(MemwatchError, match="pass `sample_shape=`"):
         scan_app.scan(files[:1], DDPMModule, monitor_kwargs=dict(MONITOR, sigmas=(0.3,)), progress=False)
     shaped = dict(MONITOR, sample_shape=(1, 8, 8))
-    with pytest.raises(MemwatchError, match=r'sigmas="auto" \(the default\).*a scan sees no batches.*--data'):
+    with pytest.raises(MemwatchError, match=r'sigmas="auto" \(the default\).*a scan sees no batches.*as `data`'):
         scan_app.scan(files[:1], DDPMModule, monitor_kwargs=shaped, progress=False)
     explicit = scan_app.scan(files[:1], DDPMModule, monitor_kwargs=dict(shaped, sigmas=(0.3,)), progress=False)
     assert math.isfinite(explicit.history[0]["sharp_fraction_mean"])
@@ -195,8 +195,11 @@ def test_diffusers_folders_scan_like_the_live_monitor(tmp_path):
         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
     )  # fmt: skip
     trainer.fit(module, DigitsDataModule(n_train=8, batch_size=8, steps_per_epoch=20))
-    with pytest.raises(MemwatchError, match="checkpoint-20' has no scheduler/ folder: pass `scheduler`"):
-        scan_app.scan([tmp_path / "run"], data=images, monitor_kwargs=kwargs, progress=False)
+    with pytest.warns(UserWarning, match="skipped '.*checkpoint-20': no scheduler/ folder in it or above it"):
+        partial = scan_app.scan([tmp_path / "run"], data=images, monitor_kwargs=kwargs, progress=False)
+    assert [c.step for c in partial.checks] == [10]
+    (skipped,) = partial.skipped
+    assert skipped.path.name == "checkpoint-20" and "pass `scheduler`" in skipped.reason
     with pytest.raises(MemwatchError, match="`scheduler` must be a folder with a scheduler_config.json"):
         scan_app.scan([tmp_path / "run"], monitor_kwargs=kwargs, progress=False, scheduler=tmp_path / "nowhere")
     result = scan_app.scan(
@@ -209,13 +212,15 @@ def test_diffusers_folders_scan_like_the_live_monitor(tmp_path):
             assert scanned[name] == pytest.approx(value, abs=1e-6, nan_ok=True), name
 
 
-def test_a_diffusers_folder_without_a_step_or_of_a_conditional_network_is_refused(tmp_path):
+def test_a_diffusers_folder_without_a_step_or_of_a_conditional_network_is_skipped(tmp_path):
     pytest.importorskip("diffusers")
     from memwatch.apps.toymodels import tiny_unet
 
     tiny_unet().save_pretrained(tmp_path / "final")
-    with pytest.raises(MemwatchError, match="'.*final' names no step: name it after its global step"):
-        scan_app.scan([tmp_path / "final"], progress=False)
     tiny_unet(conditional=True).save_pretrained(tmp_path / "checkpoint-5")
-    with pytest.raises(MemwatchError, match="holds a 'UNet2DConditionModel'; scan loads UNet2DModel folders"):
-        scan_app.scan([tmp_path / "checkpoint-5"], progress=False)
+    with pytest.warns(UserWarning, match="skipped") as caught:
+        result = scan_app.scan([tmp_path / "final", tmp_path / "checkpoint-5"], progress=False)
+    assert not result.checks and len(caught) == 2
+    reasons = {s.path.name: s.reason for s in result.skipped}
+    assert reasons["final"].startswith("the folder's name holds no step: name it after its global step")
+    assert "holds a 'UNet2DConditionModel'; scan loads UNet2DModel folders" in reasons["checkpoint-5"]
