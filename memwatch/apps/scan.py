@@ -49,6 +49,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import functools
 import hashlib
 import importlib
 import json
@@ -182,8 +183,8 @@ def scan(
 
     Every argument is checked before the first checkpoint is read. A checkpoint that cannot be
     read (an empty, truncated or non-checkpoint file; a diffusers folder that does not load, names
-    no step or has no scheduler) is skipped with one warning naming it and the reason, and listed
-    in :attr:`ScanResult.skipped`; the others are measured.
+    no step or has no scheduler) is skipped with one warning naming it and why, and listed in
+    :attr:`ScanResult.skipped`.
 
     Args:
         checkpoints: Lightning checkpoint files, diffusers folders, or folders holding either
@@ -234,12 +235,7 @@ def scan(
         num_items=None if reference is None else len(reference),
         data_shape=None if reference is None or "sample_shape" in (monitor_kwargs or {}) else reference.shape[1:],
     )
-
-    def load(path: Path) -> pl.LightningModule:
-        if path.is_dir():
-            return _load_diffusers(path, scheduler, device, roots[path])
-        return _load_module(path, module_class, device)
-
+    load = functools.partial(_load, roots=roots, module_class=module_class, scheduler=scheduler, device=device)
     checks, skipped, measured = _measure_all(list(roots), checker, cache, load, progress)
     checks, onset, clean = _replay(checker.monitor, checks)
     result = ScanResult(checks, onset, clean, measured, skipped=skipped)
@@ -285,6 +281,15 @@ def _measure_all(
     return checks, skipped, len(measured)
 
 
+def _load(
+    path: Path, *, roots: dict[Path, Path], module_class: type[pl.LightningModule] | None, scheduler: Any, device: Any
+) -> pl.LightningModule:
+    """The module of a checkpoint file or diffusers folder (``roots``: where each was found)."""
+    if path.is_dir():
+        return _load_diffusers(path, scheduler, device, roots[path])
+    return _load_module(path, module_class, device)
+
+
 class _Unreadable(Exception):
     """A checkpoint that cannot be read; the scan skips it (its message: the reason, one line)."""
 
@@ -302,7 +307,9 @@ def _one_line(err: BaseException) -> str:
     text = lines[0] if lines else ""
     if len(text) > 160 and ". " in text:
         text = text.split(". ")[0] + "."
-    return text if isinstance(err, MemwatchError) else f"{type(err).__name__}: {text}".rstrip(": ")
+    if isinstance(err, MemwatchError):
+        return text
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 # ---------------------------------------------------------------------- the check
