@@ -422,10 +422,14 @@ def test_a_diffusers_output_folder_is_scanned_without_scheduler(tmp_path, capsys
     pytest.importorskip("diffusers")
     from memwatch.data import digits
 
-    output = _diffusers_output(tmp_path, (10, 20))
+    output = _diffusers_output(tmp_path, (10, 20, 30))
+    (weights,) = (output / "checkpoint-30" / "unet").glob("diffusion_pytorch_model.*")
+    weights.write_bytes(weights.read_bytes()[:100])  # an interrupted save: skipped, the others scanned
     assert cli.main(["scan", str(output), "--data", "8", "--out", str(tmp_path / "out"), *FAST]) == 0
     captured = capsys.readouterr()
-    assert "2 checkpoint(s), 2 measured now\n" in captured.out and "skipped" not in captured.err
+    assert "2 checkpoint(s), 2 measured now, 1 skipped: checkpoint-30\n" in captured.out
+    (warned,) = [line for line in captured.err.splitlines() if "skipped" in line]
+    assert "checkpoint-30': it does not load (" in warned
     result = scan_app.scan(
         [output / "checkpoint-20"], data=digits(8), monitor_kwargs=dict(MONITOR, sigmas=(0.3,)), progress=False
     )  # named directly: the scheduler above it is found too
