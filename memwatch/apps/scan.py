@@ -397,7 +397,9 @@ def _replay(
 
 
 # ---------------------------------------------------------------------- inputs
-def _check_options(out: str | Path | None, wandb_mode: str, device: str | torch.device, scheduler: Any) -> Path | None:
+def _check_options(
+    out: str | Path | None, wandb_mode: str, device: str | torch.device, scheduler: str | Path | None
+) -> Path | None:
     """The scan's own options, checked before the first checkpoint; the output folder, created."""
     if wandb_mode not in _WANDB_SCAN_MODES:
         raise MemwatchError(f"`wandb_mode` must be one of {_WANDB_SCAN_MODES}, got {wandb_mode!r}")
