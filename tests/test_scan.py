@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from memwatch.apps import cli
 from memwatch.apps import scan as scan_app
 from memwatch.apps.toymodels import DDPMModule, DigitsDataModule
 from memwatch.callback import MemorizationMonitor
@@ -145,7 +151,7 @@ def test_errors_name_what_is_wrong(trained, tmp_path):
     with pytest.raises(MemwatchError, match="pass `sample_shape=`"):
         scan_app.scan(files[:1], DDPMModule, monitor_kwargs=dict(MONITOR, sigmas=(0.3,)), progress=False)
     shaped = dict(MONITOR, sample_shape=(1, 8, 8))
-    with pytest.raises(MemwatchError, match=r'sigmas="auto" \(the default\).*a scan sees no batches.*--data'):
+    with pytest.raises(MemwatchError, match=r'sigmas="auto" \(the default\).*a scan sees no batches.*as `data`'):
         scan_app.scan(files[:1], DDPMModule, monitor_kwargs=shaped, progress=False)
     explicit = scan_app.scan(files[:1], DDPMModule, monitor_kwargs=dict(shaped, sigmas=(0.3,)), progress=False)
     assert math.isfinite(explicit.history[0]["sharp_fraction_mean"])
@@ -195,8 +201,11 @@ def test_diffusers_folders_scan_like_the_live_monitor(tmp_path):
         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
     )  # fmt: skip
     trainer.fit(module, DigitsDataModule(n_train=8, batch_size=8, steps_per_epoch=20))
-    with pytest.raises(MemwatchError, match="checkpoint-20' has no scheduler/ folder: pass `scheduler`"):
-        scan_app.scan([tmp_path / "run"], data=images, monitor_kwargs=kwargs, progress=False)
+    with pytest.warns(UserWarning, match="skipped '.*checkpoint-20': no scheduler/ folder in it or above it"):
+        partial = scan_app.scan([tmp_path / "run"], data=images, monitor_kwargs=kwargs, progress=False)
+    assert [c.step for c in partial.checks] == [10]
+    (skipped,) = partial.skipped
+    assert skipped.path.name == "checkpoint-20" and "pass `scheduler`" in skipped.reason
     with pytest.raises(MemwatchError, match="`scheduler` must be a folder with a scheduler_config.json"):
         scan_app.scan([tmp_path / "run"], monitor_kwargs=kwargs, progress=False, scheduler=tmp_path / "nowhere")
     result = scan_app.scan(
@@ -209,13 +218,231 @@ def test_diffusers_folders_scan_like_the_live_monitor(tmp_path):
             assert scanned[name] == pytest.approx(value, abs=1e-6, nan_ok=True), name
 
 
-def test_a_diffusers_folder_without_a_step_or_of_a_conditional_network_is_refused(tmp_path):
+def test_a_diffusers_folder_without_a_step_or_of_a_conditional_network_is_skipped(tmp_path):
     pytest.importorskip("diffusers")
     from memwatch.apps.toymodels import tiny_unet
 
     tiny_unet().save_pretrained(tmp_path / "final")
-    with pytest.raises(MemwatchError, match="'.*final' names no step: name it after its global step"):
-        scan_app.scan([tmp_path / "final"], progress=False)
     tiny_unet(conditional=True).save_pretrained(tmp_path / "checkpoint-5")
-    with pytest.raises(MemwatchError, match="holds a 'UNet2DConditionModel'; scan loads UNet2DModel folders"):
-        scan_app.scan([tmp_path / "checkpoint-5"], progress=False)
+    with pytest.warns(UserWarning, match="skipped") as caught:
+        result = scan_app.scan([tmp_path / "final", tmp_path / "checkpoint-5"], progress=False)
+    assert not result.checks and len(caught) == 2
+    reasons = {s.path.name: s.reason for s in result.skipped}
+    assert reasons["final"].startswith("the folder's name holds no step: name it after its global step")
+    assert "holds a 'UNet2DConditionModel'; scan loads UNet2DModel folders" in reasons["checkpoint-5"]
+
+
+# ------------------------------------------------------------------------------ the command's failures
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--num-probes", "2", "--sampler-steps", "5", "--k", "2", "--sigmas", "0.3", "--no-progress"]
+INTERNAL_NAMES = ("sample_shape", "data_range", "reference_data", "module_class", "FileExistsError", "Traceback")
+
+
+def _bad_files(folder: Path, good: Path) -> list[Path]:
+    """An empty, a truncated and a text ``.ckpt`` in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "empty.ckpt").write_bytes(b"")
+    (folder / "truncated.ckpt").write_bytes(good.read_bytes()[:2000])
+    (folder / "notes.ckpt").write_text("not a checkpoint\n")
+    return [folder / n for n in ("empty.ckpt", "truncated.ckpt", "notes.ckpt")]
+
+
+def _one_error_line(err: str) -> str:
+    """The stderr of a failed scan: one line, in the command's terms; returns it."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("memwatch scan: error: "), err
+    assert not any(name in lines[0] for name in INTERNAL_NAMES), lines[0]
+    return lines[0]
+
+
+def test_a_real_scan_skips_bad_files_names_them_and_lists_them(trained, tmp_path):
+    files, _, _ = trained
+    folder = tmp_path / "ckpts"
+    bad = _bad_files(folder, files[0])
+    for step in (50, 100):
+        shutil.copy(files[0].parent / f"step={step}.ckpt", folder)
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "memwatch", "scan", str(folder), "--module", "memwatch.apps.toymodels.DDPMModule"]
+    argv += ["--data", "8", "--out", str(out), *FAST]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    warned = [line for line in proc.stderr.splitlines() if line.startswith("memwatch scan: warning: skipped")]
+    assert len(warned) == 3 and all(any(str(b) in w for w in warned) for b in bad)
+    assert any("the file is empty" in w for w in warned)
+    assert sum("not a readable checkpoint" in w for w in warned) == 2
+    assert "2 checkpoint(s), 2 measured now, 3 skipped: empty.ckpt, notes.ckpt, truncated.ckpt" in proc.stdout
+    with (out / scan_app.SKIPPED_NAME).open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(Path(r["checkpoint"]).name for r in rows) == sorted(b.name for b in bad)
+    assert all(r["reason"] for r in rows)
+    with (out / "scan.csv").open() as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [50, 100]
+
+
+def test_every_checkpoint_unreadable_exits_1_with_one_error_line(trained, tmp_path, capsys):
+    files, _, _ = trained
+    _bad_files(tmp_path / "bad", files[0])
+    out = tmp_path / "out"
+    code = cli.main(
+        ["scan", str(tmp_path / "bad"), "--module", "memwatch.apps.toymodels.DDPMModule", "--out", str(out)]
+    )
+    assert code == 1
+    captured = capsys.readouterr()
+    *warned, error = captured.err.strip().splitlines()
+    assert len(warned) == 3 and all(w.startswith("memwatch scan: warning: skipped") for w in warned)
+    assert _one_error_line(error) == (
+        "memwatch scan: error: no checkpoint could be read: all 3 were skipped (see the warnings above)"
+    )
+    assert "0 checkpoint(s), 0 measured now, 3 skipped" in captured.out
+    assert (out / scan_app.SKIPPED_NAME).exists() and not (out / "scan.csv").exists()
+
+
+def _data_file(tmp_path: Path, data: torch.Tensor) -> str:
+    path = tmp_path / "data.pt"
+    torch.save(data, path)
+    return str(path)
+
+
+USAGE_ERRORS = {  # flags after the checkpoint folder → what the one line says; checked before any checkpoint
+    "unknown flag": (lambda tmp: ["--bogus"], "unrecognized arguments: --bogus", True),
+    "missing path": (lambda tmp: [str(tmp / "nowhere.ckpt")], "is neither a checkpoint file nor a folder", True),
+    "--out names a file": (
+        lambda tmp: ["--out", str(tmp / "taken.txt")],
+        "`--out` must name a folder for the results, got the file",
+        True,
+    ),
+    "--data no file": (lambda tmp: ["--data", str(tmp / "nope.pt")], "`--data` must be a number of digits", True),
+    "--data not tensors": (lambda tmp: ["--data", str(tmp / "taken.txt")], "`--data` file", True),
+    "--data all NaN": (
+        lambda tmp: ["--data", _data_file(tmp, torch.full((8, 1, 8, 8), math.nan))],
+        "`--data` must be finite: 8 of its 8 items hold NaN or Inf",
+        True,
+    ),
+    "--data integers": (
+        lambda tmp: ["--data", _data_file(tmp, torch.zeros(8, 1, 8, 8, dtype=torch.uint8))],
+        "`--data` must be floating point",
+        True,
+    ),
+    "--data one item": (
+        lambda tmp: ["--data", _data_file(tmp, torch.zeros(1, 64))],
+        "`--data` must hold at least 2 training items",
+        True,
+    ),
+    "--num-probes 0": (lambda tmp: ["--data", "8", "--num-probes", "0"], "`--num-probes` must be a positive", True),
+    "--scheduler no folder": (
+        lambda tmp: ["--scheduler", str(tmp / "nowhere")],
+        "`--scheduler` must be a folder with a scheduler_config.json",
+        True,
+    ),
+    "--data of another shape": (
+        lambda tmp: ["--data", _data_file(tmp, torch.randn(8, 3, 8, 8))],
+        "fails on samples shaped like the `--data` items, (3, 8, 8) (RuntimeError: mat1 and mat2 shapes",
+        False,
+    ),
+    "checkpoint of another class": (
+        lambda tmp: ["--data", "8", "--module", "memwatch.apps.toymodels.UNetDDPMModule"],
+        "does not load as memwatch.apps.toymodels.UNetDDPMModule (TypeError:",
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(USAGE_ERRORS))
+def test_usage_errors_are_one_line_in_the_commands_flags_with_exit_code_2(case, trained, tmp_path, capsys, monkeypatch):
+    files, _, _ = trained
+    flags, expected, before_any_checkpoint = USAGE_ERRORS[case]
+    (tmp_path / "taken.txt").write_text("a file\n")
+    if before_any_checkpoint:  # a checkpoint read now fails the test: it would exit 1, not 2
+
+        def no_reading(*args, **kwargs):
+            raise AssertionError("a checkpoint was read before the arguments were checked")
+
+        monkeypatch.setattr(scan_app, "_global_step", no_reading)
+    argv = ["scan", "--module", "memwatch.apps.toymodels.DDPMModule", "--out", str(tmp_path / "out"), *FAST]
+    argv += [str(files[0].parent), *flags(tmp_path)]  # a later --out wins; a second path follows the first
+    assert cli.main(argv) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert expected in line
+
+
+def test_debug_adds_the_traceback_and_keeps_the_exit_code(trained, tmp_path, capsys):
+    files, _, _ = trained
+    data = _data_file(tmp_path, torch.full((8, 1, 8, 8), math.nan))
+    assert cli.main(["scan", str(files[0].parent), "--data", data, "--out", str(tmp_path / "out"), "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and "MemwatchError" in err
+    assert (
+        err.strip().splitlines()[-1]
+        == "memwatch scan: error: `--data` must be finite: 8 of its 8 items hold NaN or Inf"
+    )
+
+
+def test_an_unexpected_failure_is_one_line_with_exit_code_1(trained, tmp_path, capsys, monkeypatch):
+    files, _, _ = trained
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access\nsecond line of the report")
+
+    monkeypatch.setattr(scan_app._OfflineCheck, "measure", broken)
+    argv = ["scan", str(files[0]), "--module", "memwatch.apps.toymodels.DDPMModule", "--data", "8", *FAST]
+    assert cli.main([*argv, "--out", str(tmp_path / "out")]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert line == (
+        "memwatch scan: error: RuntimeError: CUDA error: an illegal memory access (run with --debug for the traceback)"
+    )
+
+
+# ------------------------------------------------------------------------------ diffusers' training-script layout
+def _diffusers_output(root: Path, steps: tuple[int, ...]) -> Path:
+    """What diffusers' training scripts (``train_unconditional.py``) leave in ``output_dir``: the
+    pipeline (``model_index.json``, ``unet/``, ``scheduler/``) and ``accelerator.save_state`` folders
+    ``checkpoint-N/`` holding ``unet/``, ``unet_ema/`` and the optimizer's state."""
+    from diffusers import DDPMScheduler
+
+    from memwatch.apps.toymodels import tiny_unet
+
+    torch.manual_seed(0)
+    output = root / "ddpm-digits-8"  # a number in its name, as the scripts' own default ("ddpm-model-64")
+    for step in steps:
+        unet = tiny_unet()
+        unet.save_pretrained(output / f"checkpoint-{step}" / "unet")
+        unet.save_pretrained(output / f"checkpoint-{step}" / "unet_ema")
+        (output / f"checkpoint-{step}" / "optimizer.bin").write_bytes(b"\0" * 16)
+    tiny_unet().save_pretrained(output / "unet")
+    DDPMScheduler(num_train_timesteps=100).save_pretrained(output / "scheduler")
+    (output / "model_index.json").write_text('{"_class_name": "DDPMPipeline"}')
+    return output
+
+
+def test_a_diffusers_output_folder_is_scanned_without_scheduler(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    from memwatch.data import digits
+
+    output = _diffusers_output(tmp_path, (10, 20, 30))
+    (weights,) = (output / "checkpoint-30" / "unet").glob("diffusion_pytorch_model.*")
+    weights.write_bytes(weights.read_bytes()[:100])  # an interrupted save: skipped, the others scanned
+    assert cli.main(["scan", str(output), "--data", "8", "--out", str(tmp_path / "out"), *FAST]) == 0
+    captured = capsys.readouterr()
+    assert "2 checkpoint(s), 2 measured now, 1 skipped: checkpoint-30\n" in captured.out
+    (warned,) = [line for line in captured.err.splitlines() if "skipped" in line]
+    assert "checkpoint-30': it does not load (" in warned
+    result = scan_app.scan(
+        [output / "checkpoint-20"], data=digits(8), monitor_kwargs=dict(MONITOR, sigmas=(0.3,)), progress=False
+    )  # named directly: the scheduler above it is found too
+    assert [c.step for c in result.checks] == [20] and not result.skipped
+    assert math.isfinite(result.checks[0].values["sharp_fraction_mean"])
+
+
+def test_a_diffusers_checkpoint_without_any_scheduler_is_skipped_naming_the_flag(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    output = _diffusers_output(tmp_path, (10,))
+    shutil.rmtree(output / "scheduler")
+    assert cli.main(["scan", str(output), "--data", "8", "--out", str(tmp_path / "out"), *FAST]) == 1
+    *warned, error = capsys.readouterr().err.strip().splitlines()
+    assert len(warned) == 1 and "checkpoint-10': no scheduler/ folder in it or above it" in warned[0]
+    assert "pass `--scheduler`" in warned[0]
+    _one_error_line(error)
