@@ -542,9 +542,11 @@ class MemorizationMonitor(Callback):
         assert self.sample_shape is not None and self._found is not None
         self.sample_shape = tuple(self.sample_shape)
         self.signals["sharpness"].resolve(self.sample_shape, pl_module.device)
+        trainer = pl_module._trainer  # fit start: the DDP layout (a reference is indexed in shards); scan: none
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         with measured_score(self._found, pl_module, self.probes.ema_attr) as score:
             check_score(score, self.sample_shape, device=pl_module.device)
-            run = Run(pl_module, score, self.sample_shape)
+            run = Run(pl_module, score, self.sample_shape, world, rank)
             for signal in self.signals.values():
                 signal.prepare(run)
 

@@ -293,9 +293,12 @@ LEGACY_NAMES: dict[str, tuple[str, str]] = {
 }
 
 
-def regroup(groups: Mapping[str, Any], legacy: Mapping[str, Any], *, stacklevel: int = 3) -> dict[str, Any]:
+def regroup(
+    groups: Mapping[str, Any], legacy: Mapping[str, Any], *, warn: bool = True, stacklevel: int = 3
+) -> dict[str, Any]:
     """``groups`` (name → options object) with the flat ``legacy`` settings moved into them, one
-    :class:`MemwatchDeprecationWarning` naming each new place.
+    :class:`MemwatchDeprecationWarning` naming each new place (``warn=False``: none, for a
+    command whose own flags are flat, as ``memwatch scan``'s are).
 
     Raises:
         TypeError: a name that is neither today's nor a flat name of an earlier release.
@@ -315,11 +318,12 @@ def regroup(groups: Mapping[str, Any], legacy: Mapping[str, Any], *, stacklevel:
     changes: dict[str, dict[str, Any]] = {}
     for name, value in legacy.items():
         group, field = LEGACY_NAMES[name]
-        warnings.warn(
-            f"`{name}=` is deprecated and will be removed in memwatch 0.3: pass "
-            f"{group}={type(groups[group]).__name__}({field}=...)",
-            MemwatchDeprecationWarning,
-            stacklevel=stacklevel,
-        )
+        if warn:
+            warnings.warn(
+                f"`{name}=` is deprecated and will be removed in memwatch 0.3: pass "
+                f"{group}={type(groups[group]).__name__}({field}=...)",
+                MemwatchDeprecationWarning,
+                stacklevel=stacklevel,
+            )
         changes.setdefault(group, {})[field] = value
     return {name: dataclasses.replace(g, **changes[name]) if name in changes else g for name, g in groups.items()}

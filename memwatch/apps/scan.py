@@ -52,6 +52,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib
+import inspect
 import json
 import math
 import re
@@ -60,7 +61,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -75,7 +76,8 @@ from memwatch.discovery import batch_range
 from memwatch.errors import MemwatchError
 from memwatch.groundtruth import first_tensor
 from memwatch.loggers import MonitorLogger, finish_wandb, wandb_logger
-from memwatch.probes import ProbeMeasurement, isolated
+from memwatch.options import LEGACY_NAMES, regroup
+from memwatch.probes import isolated
 
 __all__ = [
     "CACHE_NAME",
@@ -354,12 +356,12 @@ class _OfflineCheck:
                         "no batches: pass the training data as `data`, or noise levels as `sigmas`"
                     )
                 monitor.calibrate(monitor.reference)
-            measurement: ProbeMeasurement = monitor.measure_check(module)
-            values = monitor.check_values(measurement, module.device)
+            draft = monitor.offline_check(module)  # the copies from the monitor's copy index of `data`
+        values, measurement = draft.values, draft.measurement
         values["check_seconds"] = time.perf_counter() - started
         copied = []
         if measurement.nearest is not None and measurement.nn_ratio is not None:
-            flagged = measurement.primary.memorization_score > monitor.score_threshold
+            flagged = measurement.primary.memorization_score > monitor.sharpness.score_threshold
             copied = copied_items(
                 measurement.nearest, measurement.nn_ratio, flagged, num_items=self.num_items, ids=self.ids
             )
@@ -661,7 +663,13 @@ def _build_monitor(
         kwargs.setdefault("reference_data", reference)
         kwargs.setdefault("sample_shape", tuple(reference.shape[1:]))
         kwargs.setdefault("data_range", batch_range(reference))
-    return MemorizationMonitor(**kwargs), kwargs
+    # the scan's settings are flat (its flags); the monitor takes them in its option groups
+    groups = {
+        n: p.default for n, p in inspect.signature(MemorizationMonitor).parameters.items() if is_dataclass(p.default)
+    }
+    flat = {k: v for k, v in kwargs.items() if k in LEGACY_NAMES}
+    top = {k: v for k, v in kwargs.items() if k not in LEGACY_NAMES}
+    return MemorizationMonitor(**top, **regroup(groups, flat, warn=False)), kwargs
 
 
 # ---------------------------------------------------------------------- cache
@@ -872,6 +880,9 @@ _SCAN_TERMS: dict[str, str] = {
     "wandb_mode": "`--wandb-mode`",
     "device": "`--device`",
 }
+_SCAN_TERMS.update(  # the monitor's own names for the same settings (`data.sample_shape` ...)
+    {f"{group}.{field}": _SCAN_TERMS[flat] for flat, (group, field) in LEGACY_NAMES.items() if flat in _SCAN_TERMS}
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -1009,7 +1020,7 @@ def _error(text: str) -> None:
 def _in_scan_terms(message: str) -> str:
     """A message of the scan or the monitor with the argument names it quotes in backticks as the
     command's flags (``sample_shape=`` → ``--sample-shape``, ``reference_data`` → ``--data``)."""
-    return re.sub(r"`(\w+)=?`", lambda m: _SCAN_TERMS.get(m[1], m[0]), message)
+    return re.sub(r"`([\w.]+)=?`", lambda m: _SCAN_TERMS.get(m[1], m[0]), message)
 
 
 @contextlib.contextmanager
