@@ -113,7 +113,7 @@ def run(
     trainer.fit(module, datamodule=TensorDataModule(train, batch_size=64, steps_per_epoch=steps, seed=seed))
     check = monitor.last_check
     assert check is not None and check.nearest is not None and check.nn_ratio is not None
-    flagged = check.primary.score > monitor.score_threshold
+    flagged = check.primary.score > monitor.sharpness.score_threshold
     items = copied_items(check.nearest, check.nn_ratio, flagged, ids=ids)
     return AttributionRun(items, [f"dup{i}" for i in range(duplicated)], num_probes)
 

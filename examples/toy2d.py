@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in (args.n_small, args.n_large):
         module, monitor, data = fit_toy(n, steps, check_every, args.seed, args.out, args.wandb_mode)
         report = probe_report(monitor.last_check)  # what the last check measured
-        flagged = report.score > monitor.score_threshold
+        flagged = report.score > monitor.sharpness.score_threshold
         copies = report.nn_ratio < memwatch.MEMORIZED_RATIO
         fig = plots.plot_density_2d(
             model_log_density(module),

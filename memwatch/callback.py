@@ -227,7 +227,7 @@ class MemorizationMonitor(Callback):
             MemwatchError: the probe shape is still unknown (pass ``data.sample_shape``).
         """
         if self.sample_shape is None:
-            raise MemwatchError("memwatch could not infer the probe shape; pass `data=DataOptions(sample_shape=...)`")
+            raise MemwatchError("memwatch could not infer the probe shape; pass `data.sample_shape`")
         if self._probe_set is None or self._probe_set.timesteps != self._eval_timesteps:
             p = self.probes
             self._probe_set = ProbeSet(

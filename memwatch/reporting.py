@@ -33,7 +33,7 @@ from memwatch.onset import OnsetDecision
 from memwatch.probes import CONDITION_METRICS
 from memwatch.sharpness import SharpnessResult
 
-__all__ = ["CheckReporter", "CheckResult", "format_timestep"]
+__all__ = ["CheckReporter", "CheckResult", "copies_verdict", "format_timestep"]
 
 _SPECTRUM_GRID = torch.linspace(-1.6, 0.4, 201)  # normalized eigenvalues σ_t²λ shown in spectra
 _GALLERY_SIZE = 8
@@ -303,7 +303,7 @@ class CheckReporter:
         values, decision = check.values, check.decision
         if decision.onset:
             msg = (
-                f"memorization onset at step {check.step}: {decision.reason}. "
+                f"memorization onset at step {check.step}: {decision.reason}{copies_verdict(values)}. "
                 f"Last clean checkpoint: {clean_checkpoint} (step {_int_or_none(values.get('clean_step'))})"
             )
             rank_zero_warn(f"memwatch: {msg}")
@@ -313,6 +313,7 @@ class CheckReporter:
             rank_zero_info(
                 f"memwatch step {check.step}: sharp fraction {values['sharp_fraction_mean']:.3f}, "
                 f"memorized {values['memorized_fraction']:.2f}"
+                + copies_verdict(values)
                 + (f", {bad} probe(s) not finite" if bad else "")
                 + f" ({values['check_seconds']:.1f}s)"
             )
@@ -324,6 +325,29 @@ class CheckReporter:
                 f"memwatch step {check.step}: most memorized condition {check.most_memorized_condition} "
                 f"(Hessian-weighted score difference {top:.3g}, median over conditions {median:.3g})"
             )
+
+
+def copies_verdict(values: dict[str, float]) -> str:
+    """What the copies say beside the sharpness, for the result line and the onset alert: ``""``
+    without training samples to compare with; else the share of copies and, where the two signals
+    disagree, which way (sharp probes with no copy among the training samples compared, or copies
+    the sharpness rule did not flag).
+
+    Example:
+        >>> copies_verdict({"memorized_fraction": 0.6, "nn_memorized_fraction": 0.0})
+        ', copies 0.00: sharp but no copies among the training samples compared'
+    """
+    copies, sharp = values.get("nn_memorized_fraction"), values.get("memorized_fraction", math.nan)
+    if copies is None:
+        return ""
+    if not math.isfinite(copies):
+        return ", copies not measured"
+    text = f", copies {copies:.2f}"
+    if sharp > 0 and copies == 0:
+        return text + ": sharp but no copies among the training samples compared"
+    if copies > 0 and sharp == 0:
+        return text + ": copies that the sharpness rule does not flag"
+    return text
 
 
 #: the gallery's ``(title, training-row label)`` by what its training row shows (:func:`_gallery_source`)

@@ -378,6 +378,21 @@ def measure_sharpness(
     if method == "lanczos":
         _warn_unconverged(converged, finite, options, dim)
 
+    return _result(got, finite, converged, sigma, dim, options, method)
+
+
+def _result(
+    got: _Measured,
+    finite: Tensor,
+    converged: Tensor,
+    sigma: Tensor,
+    dim: int,
+    options: SharpnessOptions,
+    method: str,
+) -> SharpnessResult:
+    """The :class:`SharpnessResult` of one measurement ``got``: the values of probes that are not
+    ``finite`` NaN, the eigenvalues also σ_t²-normalized, LID and FLIPD from the sharp fraction
+    and the trace."""
     s2 = sigma**2
     nan = torch.tensor(float("nan"), dtype=torch.float64)
     keep = finite[:, None]

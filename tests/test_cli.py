@@ -82,8 +82,12 @@ def test_digits_config_matches_the_demo():
     config = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
     args, model = config["monitor"], config["model"]["init_args"]
     d = demo.DEFAULT
-    assert tuple(args["sigmas"]) == d.sigmas and args["score_threshold"] == d.score_threshold
-    assert (args["every_n_train_steps"], args["num_probes"], args["k"]) == (d.check_every, d.num_probes, d.k)
+    assert tuple(args["sigmas"]) == d.sigmas and args["sharpness"]["score_threshold"] == d.score_threshold
+    assert (args["every_n_train_steps"], args["num_probes"], args["sharpness"]["k"]) == (
+        d.check_every,
+        d.num_probes,
+        d.k,
+    )
     assert (model["hidden"], model["depth"], model["lr"]) == (d.hidden, d.depth, d.lr)
     assert config["trainer"]["max_steps"] == d.steps
     assert config["data"]["init_args"]["n_train"] == d.n_small

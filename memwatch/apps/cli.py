@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from memwatch.reporting import copies_verdict
+
 __all__ = ["MemwatchCLI", "main"]
 
 _USAGE = """usage: memwatch <command> [options]
@@ -140,6 +142,8 @@ def _verdict(monitor: object) -> str:
     parts = [f"sharp fraction {last['sharp_fraction_mean']:.2f}", f"memorized {last['memorized_fraction']:.0%}"]
     if "nn_memorized_fraction" in last:
         parts.append(f"copies of training data {last['nn_memorized_fraction']:.0%}")
+        disagreement = copies_verdict(last).partition(": ")[2]  # e.g. sharp but no copies among those compared
+        parts += [disagreement] if disagreement else []
     onset = getattr(monitor, "onset_step", None)
     head = f"memwatch: memorization onset at step {onset}" if onset is not None else "memwatch: no memorization onset"
     clean = getattr(monitor, "clean_checkpoint_path", None)

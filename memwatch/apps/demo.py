@@ -123,6 +123,25 @@ def digits_monitor(
     )
 
 
+def _trainer(
+    settings: DemoSettings, accelerator: str, logger: Any, callbacks: list[Callback], progress: bool, out: Path
+) -> pl.Trainer:
+    """The demo's Trainer: one epoch per check, no Lightning checkpoints."""
+    return pl.Trainer(
+        max_steps=settings.steps,
+        max_epochs=math.ceil(settings.steps / settings.check_every),
+        accelerator=accelerator,
+        devices=1,
+        logger=logger if logger is not None else False,
+        callbacks=callbacks,
+        enable_progress_bar=progress,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        log_every_n_steps=50,
+        default_root_dir=out,
+    )
+
+
 def fit_digits(
     n_train: int,
     settings: DemoSettings = DEFAULT,
@@ -170,19 +189,7 @@ def fit_digits(
     callbacks: list[Callback] = [monitor, first_check]
     if progress:
         callbacks.append(_ProgressBar())
-    trainer = pl.Trainer(
-        max_steps=settings.steps,
-        max_epochs=math.ceil(settings.steps / settings.check_every),  # one epoch per check
-        accelerator=accelerator,
-        devices=1,
-        logger=logger if logger is not None else False,
-        callbacks=callbacks,
-        enable_progress_bar=progress,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        log_every_n_steps=50,
-        default_root_dir=out,
-    )
+    trainer = _trainer(settings, accelerator, logger, callbacks, progress, out)
     started = time.perf_counter()
     trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - started
