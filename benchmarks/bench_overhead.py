@@ -17,6 +17,11 @@ the Lanczos spectrum every 10th).
     python benchmarks/bench_overhead.py                 # MLP, 2000 steps (4 checks), 5 pairs
     python benchmarks/bench_overhead.py --model unet --steps 1000 --repeats 3
     python benchmarks/bench_overhead.py --steps 500 --repeats 1   # a quick look
+    python benchmarks/bench_overhead.py --model unet --reference batches   # the batch intake of "batches"
+
+The batch intake (what the monitor does with every training batch: select, check, stage a
+detached copy; the rows are hashed and indexed at the next check) is timed inside the monitored
+fits themselves, hook by hook, and printed as a share of a plain fit's step.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import warnings
 import lightning.pytorch as pl
 import torch
 
-from memwatch import MemorizationMonitor
+from memwatch import MemorizationMonitor, ReportOptions
 from memwatch.apps.toymodels import DDPMModule, DigitsDataModule, TensorDataModule, UNetDDPMModule, tiny_unet
 from memwatch.data import digits
 
@@ -44,6 +49,12 @@ class TimedMonitor(MemorizationMonitor):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.check_times: list[float] = []
+        self.intake_times: list[float] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
+        started = time.perf_counter()
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self.intake_times.append(time.perf_counter() - started)
 
     def _run_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         started = time.perf_counter()
@@ -62,11 +73,13 @@ def setup(model: str, steps: int, seed: int) -> tuple[pl.LightningModule, pl.Lig
     return UNetDDPMModule(tiny_unet(3, 16, widths=(32, 64)), DDPMScheduler()), data
 
 
-def fit_once(model: str, steps: int, monitored: bool, root: str, seed: int = 0) -> tuple[float, float, list[float]]:
-    """One fit; returns (wall seconds, CPU seconds, the wall seconds of each whole check)."""
+def fit_once(
+    model: str, steps: int, monitored: bool, root: str, reference: str | None, seed: int = 0
+) -> tuple[float, float, list[float], list[float]]:
+    """One fit; returns (wall seconds, CPU seconds, the wall seconds of each whole check, of each batch intake)."""
     pl.seed_everything(seed, verbose=False)
     module, data = setup(model, steps, seed)
-    monitor = TimedMonitor(verbose=False) if monitored else None
+    monitor = TimedMonitor(reference_data=reference, report=ReportOptions(verbose=False)) if monitored else None
     trainer = pl.Trainer(
         max_steps=steps,
         accelerator="cpu",
@@ -82,7 +95,7 @@ def fit_once(model: str, steps: int, monitored: bool, root: str, seed: int = 0) 
     trainer.fit(module, datamodule=data)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     checks = monitor.check_times if monitor else []
-    return wall, cpu, checks
+    return wall, cpu, checks, monitor.intake_times if monitor else []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2000, help="optimizer steps per fit (default 2000: 4 checks)")
     parser.add_argument("--repeats", type=int, default=5, help="measured plain/monitored pairs (default 5)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument(
+        "--reference", choices=("none", "batches"), default="none", help="the monitor's reference_data (default none)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -99,15 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     walls: dict[bool, list[float]] = {False: [], True: []}
     cpus: dict[bool, list[float]] = {False: [], True: []}
     checks: list[float] = []
+    intakes: list[float] = []
+    reference = None if args.reference == "none" else args.reference
     with tempfile.TemporaryDirectory() as root:
         for rep in range(args.repeats + 1):  # rep 0: warm-up, discarded
             order = (False, True) if rep % 2 == 0 else (True, False)
             for monitored in order:
-                wall, cpu, chk = fit_once(args.model, args.steps, monitored, root)
+                wall, cpu, chk, intake = fit_once(args.model, args.steps, monitored, root, reference)
                 if rep:
                     walls[monitored].append(wall)
                     cpus[monitored].append(cpu)
                     checks += chk
+                    intakes += intake
                 print(
                     f"{'warm-up' if rep == 0 else f'pair {rep}':>8} {'monitored' if monitored else 'plain':>9}: "
                     f"{wall:6.2f} s wall, {cpu:6.2f} s CPU",
@@ -129,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         f"({per_fit_checks:.2f} s per fit, "
         f"{per_fit_checks / statistics.median(walls[False]):.1%} of the plain fit)\n"
         f"  overhead ratio (monitored / plain): wall {statistics.median(wall_ratios):.3f}, "
-        f"CPU {statistics.median(cpu_ratios):.3f}"
+        f"CPU {statistics.median(cpu_ratios):.3f}\n"
+        f"  batch intake (reference_data={reference!r}, sigmas='auto'): "
+        f"median {statistics.median(intakes) * 1e6:.0f} µs a step, "
+        f"mean {statistics.mean(intakes) * 1e6:.0f} µs (drains included) = "
+        f"{statistics.mean(intakes) / (statistics.median(walls[False]) / args.steps):.2%} of a plain step"
     )
     return 0
 

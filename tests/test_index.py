@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 
 import pytest
 import torch
@@ -211,14 +212,19 @@ def test_the_projection_is_a_fixed_seeded_map():
     torch.testing.assert_close(hits.distance, dist)
 
 
-def test_without_faiss_one_warning_names_the_extra_and_the_answers_are_the_same(monkeypatch):
+def test_without_faiss_the_answers_are_the_same_and_the_compressed_tier_names_the_extra(monkeypatch):
     train, probes = _data()
     with_faiss = _filled(train).search(probes)
     monkeypatch.setitem(sys.modules, "faiss", None)
-    with pytest.warns(UserWarning, match=r"pip install memwatch\[index\]"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the exact tier needs no faiss: no warning
         index = CopyIndex(IndexOptions(), SHAPE)
-    fill_from(index, train)
+        fill_from(index, train)
     torch.testing.assert_close(index.search(probes).distance, with_faiss.distance)
+    small = CopyIndex(IndexOptions(exact_limit=2), SHAPE)
+    with pytest.warns(RuntimeWarning, match=r"pip install memwatch\[index\]"):
+        fill_from(small, train)  # past the exact tier: float16 vectors searched by torch brute force
+    assert small.compressed and torch.isfinite(small.search(probes).distance).all()
 
 
 def test_staged_batches_are_added_at_the_flush():
