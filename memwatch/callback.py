@@ -10,6 +10,7 @@ It orchestrates: the hooks, the cadence, the agreement of DDP ranks, the decisio
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -43,14 +44,13 @@ from memwatch.probes import ProbeMeasurement, ProbeSet, evaluation_grid, isolate
 from memwatch.reporting import CheckReporter, CheckResult
 from memwatch.sharpness import SharpnessResult
 from memwatch.signals import CopyOptions, Draft, LossGapOptions, Run, SharpnessCheckOptions, Signal
+from memwatch.signals.base import contribute_all, measure_all
 from memwatch.signals.registry import compose
 from memwatch.validation import check_cadence, check_int, check_levels
 
 __all__ = ["MemorizationMonitor", "CheckResult", "find_score"]
 
-_PROGRESS_AFTER_S = 5.0  # a check longer than this prints a line per stage (with verbose)
 _RANGE_BATCHES = 8  # training batches whose value range bounds the probes (without `data.data_range`)
-_FAILED = object()  # a side signal's measurement that raised
 
 
 class MemorizationMonitor(Callback):
@@ -244,15 +244,10 @@ class MemorizationMonitor(Callback):
         if stage != "fit":
             return
         r = self.report
-        self._reporter = CheckReporter(
-            MonitorLogger.from_trainer(trainer, log_media=r.media),
-            threshold=self.sharpness.threshold,
-            log_figures=r.figures,
-            log_media=r.media,
-            decode_fn=self.data.decode_fn,
-            verbose=r.verbose,
-            raise_errors=r.raise_errors,
-        )
+        logger = MonitorLogger.from_trainer(trainer, log_media=r.media)
+        self._reporter = CheckReporter(logger, threshold=self.sharpness.threshold, log_figures=r.figures,
+                                       log_media=r.media, decode_fn=self.data.decode_fn, verbose=r.verbose,
+                                       raise_errors=r.raise_errors)  # fmt: skip
         if self.checkpoint.save:  # a bad dirpath fails here, on every rank alike
             self._clean_dir = prepare_dirpath(trainer, self.checkpoint.dirpath)
 
@@ -360,8 +355,8 @@ class MemorizationMonitor(Callback):
             run.score = self._found = find_score(pl_module, self.score_fn, ema_attr=self.probes.ema_attr)
             with isolated(pl_module):
                 rows = shard(self.num_probes, trainer.world_size, trainer.global_rank)
-                measurement = self.measure_check(pl_module, rows=rows, progress=self._progress(step, started))
-                measured = self._side_measures(run, measurement)
+                measurement = self.measure_check(pl_module, rows=rows, progress=self._reporter.progress(step, started))
+                measured = measure_all(self.signals, run, measurement, self._scoring(pl_module))
         except Exception as err:  # noqa: BLE001 - a monitor must not crash training
             if self.report.raise_errors and trainer.world_size == 1:
                 raise
@@ -372,33 +367,6 @@ class MemorizationMonitor(Callback):
         draft.values["check_seconds"] = time.perf_counter() - started
         self._decide(trainer, step, draft)
         self._publish(trainer, pl_module, step, draft)
-
-    def _side_measures(self, run: Run, measurement: ProbeMeasurement) -> dict[str, Any]:
-        """Each signal's rank-local measurement; a fault makes only that signal's values NaN."""
-        out = {}
-        for name, signal in self.signals.items():
-            try:
-                with measured_score(self._found, run.module, self.probes.ema_attr) as score:
-                    out[name] = signal.measure(run, score, measurement)
-            except Exception as err:  # noqa: BLE001 - the other signals still report
-                if run.raise_errors and run.world_size == 1:
-                    raise
-                warnings.warn(f"memwatch: the {name} signal failed at step {run.step}: {err!r}; its values are NaN",
-                              RuntimeWarning, stacklevel=2)  # fmt: skip
-                out[name] = _FAILED
-        return out
-
-    def _contributions(self, run: Run, measurement: ProbeMeasurement, measured: dict[str, Any]) -> Draft:
-        """Every signal's synced values and fields, in order (collectives on every rank)."""
-        draft = Draft(measurement)
-        for name, signal in self.signals.items():
-            if run.all_true(measured.get(name) is not _FAILED):
-                signal.contribute(run, draft, measured.get(name))
-            else:
-                signal.unmeasured(draft)
-        draft.values["intake_skipped_batches"] = float(self._intake.skipped)
-        draft.values["intake_dropped_rows"] = float(self._intake.dropped_rows)
-        return draft
 
     def _decide(self, trainer: pl.Trainer, step: int, draft: Draft) -> None:
         """The onset decision, the clean checkpoint and the stop (one decision for all ranks)."""
@@ -430,16 +398,6 @@ class MemorizationMonitor(Callback):
                                reference=self.reference, reference_images=originals)  # fmt: skip
         self.last_check = check
         self.on_check_end(trainer, pl_module, check)
-
-    def _progress(self, step: int, started: float) -> Callable[[str], None]:
-        """Progress lines for checks that run longer than a few seconds (with ``report.verbose``)."""
-
-        def report(text: str) -> None:
-            elapsed = time.perf_counter() - started
-            if self._reporter is not None and elapsed > _PROGRESS_AFTER_S:
-                self._reporter.progress_line(step, f"{text}, {elapsed:.0f}s")
-
-        return report
 
     def measure_check(
         self, pl_module: pl.LightningModule, rows: slice = slice(None), progress: Callable[[str], None] | None = None
@@ -490,7 +448,20 @@ class MemorizationMonitor(Callback):
         :meth:`prepare` first and run it under :func:`memwatch.probes.isolated`."""
         run = Run(pl_module, self._found, tuple(self.sample_shape or ()), raise_errors=self.report.raise_errors)
         measurement = self.measure_check(pl_module)
-        return self._contributions(run, measurement, self._side_measures(run, measurement))
+        return self._contributions(
+            run, measurement, measure_all(self.signals, run, measurement, self._scoring(pl_module))
+        )
+
+    def _contributions(self, run: Run, measurement: ProbeMeasurement, measured: dict[str, Any]) -> Draft:
+        """Every signal's values and fields, and the intake's counts."""
+        draft = contribute_all(self.signals, run, measurement, measured)
+        draft.values["intake_skipped_batches"] = float(self._intake.skipped)
+        draft.values["intake_dropped_rows"] = float(self._intake.dropped_rows)
+        return draft
+
+    def _scoring(self, pl_module: pl.LightningModule) -> Callable[[], Any]:
+        """``() ->`` a context holding the score as a check measures it (the EMA's, if watched)."""
+        return functools.partial(measured_score, self._found, pl_module, self.probes.ema_attr)
 
     def _all_ranks_measured(self, trainer: pl.Trainer, error: Exception | None) -> bool:
         """Every rank learns whether every rank measured before any metric is synced: a rank that

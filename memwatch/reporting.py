@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -179,6 +180,17 @@ class CheckReporter:
         """A progress line within a long check (with ``verbose``)."""
         if self.verbose:
             rank_zero_info(f"memwatch step {step}: {text}")
+
+    def progress(self, step: int, started: float, after_s: float = 5.0) -> Callable[[str], None]:
+        """``text -> None``: a progress line per stage of a check that has run longer than ``after_s``
+        seconds since ``started`` (``time.perf_counter()``)."""
+
+        def report(text: str) -> None:
+            elapsed = time.perf_counter() - started
+            if elapsed > after_s:
+                self.progress_line(step, f"{text}, {elapsed:.0f}s")
+
+        return report
 
     # ------------------------------------------------------------------ private
     @contextlib.contextmanager

@@ -30,6 +30,7 @@ EXPECTED_FILES = {
 }
 # one torch thread: the example's own advice for a busy machine (the suite runs beside it)
 ARGS = {name: ["--threads", "1"] for name in ("conditional.py", "attribution.py", "edm.py", "text_conditional.py")}
+ARGS["toy2d.py"] = ["--steps", "500"]  # the test reads that it runs and draws; README's numbers come from --fast
 CASES = [(p, ARGS.get(p.name, [])) for p in EXAMPLES if p.name != "diffusers_unet.py"]
 if (ROOT / "examples" / "diffusers_unet.py").exists():
     CASES += [(ROOT / "examples" / "diffusers_unet.py", extra) for extra in EXTRA.values()]

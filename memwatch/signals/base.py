@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -31,7 +34,7 @@ from torch import Tensor
 from memwatch.probes import ProbeMeasurement
 from memwatch.score import DiffusionScore
 
-__all__ = ["Draft", "Run", "Signal", "gathered", "nan_values"]
+__all__ = ["Draft", "Run", "Signal", "contribute_all", "gathered", "measure_all", "nan_values"]
 
 
 @dataclass
@@ -130,6 +133,48 @@ class Signal:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (called only when the checkpoint holds this signal's state)."""
+
+
+_FAILED = object()  # a signal's measurement that raised
+
+
+def measure_all(
+    signals: Mapping[str, Signal],
+    run: Run,
+    measurement: ProbeMeasurement,
+    score: Callable[[], AbstractContextManager[DiffusionScore]],
+) -> dict[str, Any]:
+    """Every signal's rank-local :meth:`Signal.measure` (each in ``score()``'s context); a fault
+    makes only that signal's values NaN (a warning), unless ``run.raise_errors`` on one process."""
+    out = {}
+    for name, signal in signals.items():
+        try:
+            with score() as measured:
+                out[name] = signal.measure(run, measured, measurement)
+        except Exception as err:  # noqa: BLE001 - the other signals still report
+            if run.raise_errors and run.world_size == 1:
+                raise
+            warnings.warn(
+                f"memwatch: the {name} signal failed at step {run.step}: {err!r}; its values are NaN",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            out[name] = _FAILED
+    return out
+
+
+def contribute_all(
+    signals: Mapping[str, Signal], run: Run, measurement: ProbeMeasurement, measured: Mapping[str, Any]
+) -> Draft:
+    """Every signal's synced values and fields, in order, into a new :class:`Draft`; a signal
+    that failed on any rank is :meth:`Signal.unmeasured` on every rank (collectives on every rank)."""
+    draft = Draft(measurement)
+    for name, signal in signals.items():
+        if run.all_true(measured.get(name) is not _FAILED):
+            signal.contribute(run, draft, measured.get(name))
+        else:
+            signal.unmeasured(draft)
+    return draft
 
 
 def nan_values(names: tuple[str, ...] | list[str]) -> dict[str, float]:
