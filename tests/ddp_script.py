@@ -1,8 +1,8 @@
 """Run by test_callback.py: a 2-process CPU DDP fit (gloo) with the monitor; each rank writes a JSON report.
 
 Lightning's "ddp" strategy re-launches this script for rank 1, so it must be a plain script.
-``ddp_script.py OUT fail`` makes the check at step 200 raise on rank 1 only;
-``ddp_script.py OUT diskfull`` makes every clean-checkpoint write fail on rank 0 (the rank that writes).
+``ddp_script.py OUT faults`` makes the check at step 200 raise on rank 1 only, and every
+clean-checkpoint write fail on rank 0 (the rank that writes).
 The plain run also compares the probes with the training samples each rank sees
 (``reference_data="batches"``), reports how far that is from the ratio to the training set, and
 logs the loss gap on held-out points (``heldout_data``).
@@ -18,7 +18,15 @@ import lightning.pytorch as pl
 import torch
 from callback_setup import datamodule, memorizing_data, module_2d
 
-from memwatch.callback import MemorizationMonitor
+from memwatch import (
+    CheckpointOptions,
+    LossGapOptions,
+    MemorizationMonitor,
+    OnsetOptions,
+    ProbeOptions,
+    ReportOptions,
+    SharpnessCheckOptions,
+)
 from memwatch.discovery import find_score
 from memwatch.groundtruth import nn_ratio
 from memwatch.probes import shard
@@ -48,24 +56,23 @@ def disk_full_on_rank0() -> None:
 
 def main(out: Path, mode: str | None) -> None:
     pl.seed_everything(0, verbose=False)
-    fail = mode == "fail"
-    if mode == "diskfull":
+    faults = mode == "faults"
+    if faults:
         disk_full_on_rank0()
     monitor = MemorizationMonitor(
-        score_fn=failing_on_rank1_at_step_200 if fail else None,
+        score_fn=failing_on_rank1_at_step_200 if faults else None,
         every_n_train_steps=100,
         num_probes=16,
-        sampler_steps=20,
         sigmas=(0.2,),
-        k=2,
-        patience=2,
         stop_on_onset=True,
-        save_clean_checkpoint=True,
-        dirpath=out / "clean",
-        verbose=False,
-        raise_errors=mode is None,  # the fault modes must warn, not raise
         reference_data="batches" if mode is None else None,
-        heldout_data=memorizing_data() * 0.5 if mode is None else None,  # the loss gap, synced over ranks
+        probes=ProbeOptions(sampler_steps=20),
+        sharpness=SharpnessCheckOptions(k=2),
+        onset=OnsetOptions(patience=2),
+        checkpoint=CheckpointOptions(dirpath=out / "clean"),
+        report=ReportOptions(verbose=False, raise_errors=mode is None),  # the fault modes must warn, not raise
+        # the loss gap, synced over ranks
+        loss_gap=LossGapOptions(heldout_data=memorizing_data() * 0.5 if mode is None else None),
     )
     trainer = pl.Trainer(
         accelerator="cpu",
