@@ -1,0 +1,243 @@
+"""The measuring half of :class:`memwatch.MemorizationMonitor`: what a check measures, without a Trainer.
+
+:class:`ProbeChecks` finds the module's score and the probes' shape, fixes the evaluation levels
+(``sigmas``, or the calibrated ones), validates every signal's data in the probes' space, and
+draws and measures the probes — all a live check does before its decision, and all that
+``memwatch scan`` runs on saved checkpoints (:meth:`ProbeChecks.offline_check`). The Lightning
+half — hooks, cadence, DDP agreement, the onset decision, the clean checkpoint, state and
+reporting — is :mod:`memwatch.callback`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import Tensor
+
+from memwatch.calibration import DataScale
+from memwatch.discovery import check_score, find_score, measured_score, sample_shape_of
+from memwatch.errors import MemwatchError
+from memwatch.intake import BatchIntake
+from memwatch.options import DataOptions, ProbeOptions, ReportOptions
+from memwatch.probes import ProbeMeasurement, ProbeSet, evaluation_grid
+from memwatch.sharpness import SharpnessResult
+from memwatch.signals import Draft, Run, Signal
+from memwatch.signals.base import contribute_all, measure_all
+
+__all__ = ["ProbeChecks"]
+
+
+class ProbeChecks:
+    """Prepare, calibrate and measure a module as the monitor's checks do (a base of
+    :class:`memwatch.MemorizationMonitor`, whose constructor sets the attributes below).
+
+    Attributes:
+        score_fn, num_probes, sigmas, reference_data: the monitor's own arguments.
+        data, probes, report: its option groups.
+        signals: its signals, in the order a check runs them (:mod:`memwatch.signals.registry`).
+        sample_shape: the probes' shape once known.
+        history: the checks so far (the spectrum's cadence counts them).
+    """
+
+    score_fn: Any
+    num_probes: int
+    sigmas: tuple[float, ...] | str
+    data: DataOptions
+    probes: ProbeOptions
+    report: ReportOptions
+    signals: dict[str, Signal]
+    sample_shape: tuple[int, ...] | None
+    history: list[dict[str, float]]
+    _found: Any
+    _eval_timesteps: list[float]
+    _probe_set: ProbeSet | None
+    _intake: BatchIntake
+    _seen_range: tuple[float, float] | None
+    reference_data: Any
+
+    @property
+    def calibrating(self) -> bool:
+        """Whether the noise levels come from the training data (``sigmas="auto"``, no ``probes.timesteps``)."""
+        return self.sigmas == "auto" and self.probes.timesteps is None
+
+    @property
+    def copies_from_batches(self) -> bool:
+        """Whether the probes are compared with the training samples seen (``reference_data="batches"``)."""
+        return isinstance(self.reference_data, str)
+
+    @property
+    def _holds(self) -> bool:
+        return self.calibrating or self.copies_from_batches
+
+    @property
+    def calibrated_sigmas(self) -> tuple[float, ...] | None:
+        """With ``sigmas="auto"``: the levels fixed at the first check (``None`` before)."""
+        return self.signals["calibration"].sigmas if self.calibrating else None
+
+    @property
+    def data_scale(self) -> DataScale | None:
+        """With ``sigmas="auto"``: the training samples' scale the levels were calibrated from."""
+        return self.signals["calibration"].scale if self.calibrating else None
+
+    @property
+    def reference(self) -> Tensor | None:
+        """A tensor ``reference_data`` as checked at fit start: ``[N, *shape]`` in the probes'
+        space (through ``data.encode_fn``); ``None`` otherwise (``"batches"`` included)."""
+        return self.signals["copies"].reference if "copies" in self.signals else None
+
+    @property
+    def probe_set(self) -> ProbeSet:
+        """The probes: the same start noise, sampler and measurement at every check.
+
+        Raises:
+            MemwatchError: the probe shape is still unknown (pass ``data.sample_shape``).
+        """
+        if self.sample_shape is None:
+            raise MemwatchError("memwatch could not infer the probe shape; pass `data.sample_shape`")
+        if self._probe_set is None or self._probe_set.timesteps != self._eval_timesteps:
+            p = self.probes
+            self._probe_set = ProbeSet(
+                self.sample_shape, self.num_probes, p.sampler_steps, self._eval_timesteps, p.seed, p.sampler
+            )
+        return self._probe_set
+
+    def prepare(self, pl_module: pl.LightningModule) -> None:
+        """Find the module's score, the evaluation timesteps and (when known) the probe shape, and
+        validate them: what fit start does, callable without a Trainer (``memwatch scan``).
+
+        Raises:
+            MemwatchError: no score is found, or a setting does not fit the model.
+        """
+        self._found = find_score(pl_module, self.score_fn, ema_attr=self.probes.ema_attr)
+        if not self.calibrating or self.calibrated_sigmas is not None:
+            self.use_levels(self.calibrated_sigmas or self.sigmas)
+        if self.sample_shape is None:
+            self.sample_shape = sample_shape_of(self._found)
+        if self.sample_shape is not None:
+            self._validate(pl_module)
+
+    def measure_check(
+        self, pl_module: pl.LightningModule, rows: slice = slice(None), progress: Callable[[str], None] | None = None
+    ) -> ProbeMeasurement:
+        """Draw the probes ``rows`` from the module's current weights (the EMA's, if watched) and
+        measure their sharpness (and conditional metrics) as a check does — without the other
+        signals, metrics, decisions or logging. Call :meth:`prepare` first (fit start does) and run
+        it under :func:`memwatch.probes.isolated`.
+
+        Raises:
+            MemwatchError: the monitor is not prepared, or the probe shape is unknown.
+        """
+        if self._found is None:
+            raise MemwatchError("call `prepare(pl_module)` (or fit) before measuring")
+        sharp = self.signals["sharpness"]
+        conditional = self.signals.get("conditional")
+        with measured_score(self._found, pl_module, self.probes.ema_attr) as score:
+            return self.probe_set.measure(
+                score,
+                options=sharp.check_options,
+                spectrum_options=sharp.spectrum_options(len(self.history)),
+                rows=rows,
+                device=pl_module.device,
+                conditions=None if conditional is None else conditional.conditions,
+                condition_first_steps=self.probes.condition_first_steps,
+                data_range=self.data.data_range or _proper(self._seen_range),
+                progress=progress,
+            )
+
+    def measure_probes(
+        self, pl_module: pl.LightningModule, rows: slice = slice(None)
+    ) -> tuple[Tensor, dict[float, SharpnessResult]]:
+        """Draw this monitor's probes (``rows`` of them) from the module's current weights and
+        measure them at every evaluation timestep, as a check does (prepared on first use; put
+        the module in eval mode first).
+
+        Returns:
+            ``(samples [n, *shape] on the CPU, {timestep: SharpnessResult})``, primary timestep first.
+        """
+        if self._found is None:
+            self.prepare(pl_module)
+        m = self.measure_check(pl_module, rows)
+        return m.samples, m.results
+
+    def offline_check(self, pl_module: pl.LightningModule) -> Draft:
+        """One check of ``pl_module`` without a Trainer (``memwatch scan``): all probes drawn and
+        measured, every signal's values and fields, no decision, checkpoint or logging. Call
+        :meth:`prepare` first and run it under :func:`memwatch.probes.isolated`."""
+        run = Run(pl_module, self._found, tuple(self.sample_shape or ()), raise_errors=self.report.raise_errors)
+        measurement = self.measure_check(pl_module)
+        return self._contributions(
+            run, measurement, measure_all(self.signals, run, measurement, self._scoring(pl_module))
+        )
+
+    def _contributions(self, run: Run, measurement: ProbeMeasurement, measured: dict[str, Any]) -> Draft:
+        """Every signal's values and fields, and the intake's counts."""
+        draft = contribute_all(self.signals, run, measurement, measured)
+        draft.values["intake_skipped_batches"] = float(self._intake.skipped)
+        draft.values["intake_dropped_rows"] = float(self._intake.dropped_rows)
+        return draft
+
+    def _scoring(self, pl_module: pl.LightningModule) -> Callable[[], Any]:
+        """``() ->`` a context holding the score as a check measures it (the EMA's, if watched)."""
+        return functools.partial(measured_score, self._found, pl_module, self.probes.ema_attr)
+
+    def calibrate(self, samples: Tensor) -> tuple[float, ...]:
+        """Fix the noise levels of ``sigmas="auto"`` from training samples ``[m, *shape]`` in the
+        probes' space (what a live run does at its first check; ``memwatch scan`` with its data).
+        Call after :meth:`prepare` (or fit start).
+
+        Returns:
+            The calibrated σ_t, one per factor (also :attr:`calibrated_sigmas`; :attr:`data_scale`).
+
+        Raises:
+            MemwatchError: the monitor does not calibrate, has not found its model yet, or the
+                samples have fewer than two distinct rows.
+        """
+        if not self.calibrating:
+            raise MemwatchError(
+                f'calibrate() needs sigmas="auto" and no `probes.timesteps`; got sigmas={self.sigmas!r}'
+            )
+        if self._found is None:
+            raise MemwatchError("calibrate() needs the model: call prepare(pl_module) first (fit start does)")
+        calibration = self.signals["calibration"]
+        calibration.use(*calibration.levels_for(samples, self._found.schedule))
+        return calibration.sigmas
+
+    def use_levels(self, sigmas: Sequence[float] | str) -> None:
+        """Measure at these noise levels (or ``probes.timesteps``) from now on."""
+        levels = None if sigmas == "auto" else sigmas
+        p = self.probes
+        self._eval_timesteps = evaluation_grid(self._found.schedule, levels, p.timesteps, p.sampler_steps)
+        self.signals["sharpness"].use_timesteps(self._eval_timesteps)
+
+    def _validate(self, pl_module: pl.LightningModule) -> None:
+        """Once the probe shape is known: the spectrum settings fit it, one dry call of the score
+        (the EMA's, if watched) on it, and the signals' data in its space. Configuration errors
+        are raised whatever ``report.raise_errors`` says."""
+        assert self.sample_shape is not None and self._found is not None
+        self.sample_shape = tuple(self.sample_shape)
+        self.signals["sharpness"].resolve(self.sample_shape, pl_module.device)
+        trainer = pl_module._trainer  # fit start: the DDP layout (a reference is indexed in shards); scan: none
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        with measured_score(self._found, pl_module, self.probes.ema_attr) as score:
+            check_score(score, self.sample_shape, device=pl_module.device)
+            run = Run(pl_module, score, self.sample_shape, world, rank)
+            for signal in self.signals.values():
+                signal.prepare(run)
+
+    @property
+    def _holding(self) -> bool:
+        """Whether training samples are still wanted (calibration pending, or copies of the batches)."""
+        return self.copies_from_batches or (self.calibrating and self.calibrated_sigmas is None)
+
+    def _uses(self) -> str:
+        """The settings that read the training batches, for messages."""
+        uses = {'sigmas="auto"': self.calibrating, 'reference_data="batches"': self.copies_from_batches}
+        return " and ".join(name for name, on in uses.items() if on)
+
+
+def _proper(span: tuple[float, float] | None) -> tuple[float, float] | None:
+    """A range seen in the batches, or ``None`` when it is a single value (one distinct sample)."""
+    return span if span is None or span[0] < span[1] else None
