@@ -319,9 +319,9 @@ class _OfflineCheck:
     """A monitor's check without a Trainer: one measurement of a loaded module, its values.
 
     It runs the monitor's own code path: :meth:`MemorizationMonitor.prepare` finds the score,
-    the evaluation timesteps and checks the reference data (as fit start does),
-    :meth:`~MemorizationMonitor.measure_check` draws and measures all probes, and
-    :meth:`~MemorizationMonitor.check_values` turns them into the logged scalars.
+    the evaluation timesteps and indexes the reference data (as fit start does), and
+    :meth:`~MemorizationMonitor.offline_check` draws and measures all probes and turns every
+    signal's results into the logged scalars.
     """
 
     def __init__(
