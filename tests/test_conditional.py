@@ -467,7 +467,7 @@ def test_broadcast_condition_and_hessian_score_difference_validate():
         (dict(conditions=[torch.zeros(2), torch.zeros(3)]), "`conditions` must all have the same shape"),
         (dict(conditions=[1, 1]), "`conditions` must not repeat a label"),
         (dict(conditions=[0, 1], condition_first_steps=0), "`probes.condition_first_steps`"),
-        (dict(conditions=[0, 1], condition_first_steps=51), r"`probes.condition_first_steps` .* steps=50"),
+        (dict(conditions=[0, 1], condition_first_steps=51), r"`probes.condition_first_steps` .*sampler_steps=50"),
     ],
 )
 def test_bad_conditions_fail_at_construction(kwargs, match):
