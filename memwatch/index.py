@@ -21,7 +21,7 @@ features are meant for cosine similarity should return them L2-normalized, then
 * *exact* while the held samples number at most ``min(exact_limit, B / (4v + 80))``:
   float32 vectors, searched flat (faiss, else torch); the ``candidates`` best are re-ranked
   in float64 on the stored vectors, so distances are those of the float32 vectors exactly
-  (on raw vectors: the numbers :func:`memwatch.copies.ratio_from_candidates` gives).
+  (on raw vectors: the numbers of :func:`memwatch.groundtruth.nn_ratio` over the distinct samples).
 * *compressed* beyond: the vectors are kept in float16 (``2v`` bytes: relative rounding
   ``≤ 2⁻¹¹`` per coordinate) for re-ranking, plus, with faiss and once ``≥ 4096`` are held, an
   IVF-PQ index (``nlist = min(1024, held/64)`` lists, ``v/8`` 8-bit codes, ``nlist/16`` lists

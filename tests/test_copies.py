@@ -1,4 +1,5 @@
-"""memwatch.copies and ``reference_data="batches"``: probes compared with the training samples seen."""
+"""Copies over DDP ranks (every rank's copy index, merged) and ``reference_data="batches"``: probes
+compared with the training samples seen."""
 
 from __future__ import annotations
 
@@ -10,15 +11,20 @@ from callback_setup import CORNERS, datamodule, memorizing_data, module_2d, trai
 from wandb_offline import find_offline_run, history_values, read_history
 
 from memwatch import MemorizationMonitor
-from memwatch.copies import distinct, nearest_candidates, ratio_from_candidates
 from memwatch.errors import MemwatchError
 from memwatch.groundtruth import nn_ratio
+from memwatch.index import CopyIndex, Hits, IndexOptions, merge_hits, ratio
+
+
+def _hits(probes: torch.Tensor, shard: torch.Tensor) -> Hits:
+    index = CopyIndex(IndexOptions(), tuple(probes.shape[1:]))
+    index.add(shard)
+    return index.search(probes)
 
 
 def _union_ratio(probes: torch.Tensor, shards: list[torch.Tensor]) -> torch.Tensor:
-    """What the monitor does over ranks: each shard's candidates, concatenated, merged."""
-    every = [nearest_candidates(probes, distinct(s)) for s in shards]
-    return ratio_from_candidates(probes, torch.cat(every, dim=1))
+    """What the monitor does over ranks: each rank's index of its samples, the hits merged."""
+    return ratio(merge_hits([_hits(probes, s) for s in shards]))
 
 
 def test_the_merged_ratio_is_that_of_the_distinct_union_whichever_rank_saw_which_sample():
@@ -45,11 +51,11 @@ def test_too_few_samples_or_a_failed_rank_give_nan_not_a_copy():
     probes = torch.zeros(2, 2)
     assert torch.isnan(_union_ratio(probes, [torch.ones(1, 2)])).all()  # one distinct sample: no d2
     assert torch.isnan(_union_ratio(probes, [torch.ones(3, 2)])).all()  # three repeats of one
-    good = nearest_candidates(probes, distinct(torch.randn(5, 2)))
-    failed = torch.full_like(good, torch.nan)
-    assert torch.isnan(ratio_from_candidates(probes, torch.cat([good, failed], dim=1))).all()
+    good = _hits(probes, torch.randn(5, 2))
+    failed = Hits(torch.full_like(good.distance, torch.nan), torch.full_like(good.key, -1), good.row)
+    assert torch.isnan(ratio(merge_hits([good, failed]))).all()  # a rank that could not search: no answer
     with pytest.raises(MemwatchError, match="shape"):
-        nearest_candidates(probes, torch.randn(4, 3))
+        CopyIndex(IndexOptions(), (2,)).add(torch.randn(4, 3))
 
 
 def test_reference_data_batches_through_fit_equals_the_training_set_and_decides_onset_on_copies(tmp_path):
