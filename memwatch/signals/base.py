@@ -2,8 +2,8 @@
 
 A check of :class:`memwatch.MemorizationMonitor` runs in a fixed order on every rank:
 
-1. :meth:`Signal.take` — every training batch, this rank's samples (selected, finite, in the
-   data's space; see :mod:`memwatch.intake`); rank-local, never a device synchronization.
+1. the training samples staged since the last check are drained into what the signals read
+   (:class:`memwatch.intake.TrainingSamples`: the calibration's reservoir, the copy index);
 2. :meth:`Signal.before_check` — every rank, collectives allowed (calibration agrees here).
 3. the probes are drawn and their sharpness measured (:class:`memwatch.probes.ProbeSet`);
 4. :meth:`Signal.measure` — rank-local, in the isolation of the measurement (eval mode, frozen
@@ -102,16 +102,8 @@ class Signal:
     name: ClassVar[str] = ""
     value_names: tuple[str, ...] = ()
 
-    @property
-    def takes_batches(self) -> bool:
-        """Whether :meth:`take` wants the training batches (the intake reads them only if some signal does)."""
-        return False
-
     def prepare(self, run: Run) -> None:
         """Fit start (or ``memwatch scan``): the probes' space is known; validate the signal's data there."""
-
-    def take(self, samples: Tensor) -> None:
-        """This rank's training samples of one batch ``[b, *data shape]`` (detached, finite)."""
 
     def before_check(self, run: Run) -> None:
         """Every rank, before the probes are drawn; collectives allowed."""
