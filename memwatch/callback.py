@@ -264,8 +264,7 @@ class MemorizationMonitor(ProbeChecks, Callback):
         for name, state in states.items():
             if name in self.signals:
                 self.signals[name].load_state_dict(state)
-        if not self._holding:  # a resumed run keeps its levels (training samples were never saved)
-            self.held_samples = None
+        self._release_samples()  # a resumed run keeps its levels (training samples were never saved)
 
     # ------------------------------------------------------------------ the check
     def _run_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -284,6 +283,7 @@ class MemorizationMonitor(ProbeChecks, Callback):
                 self.held_samples.drain(self.sample_shape)
             for signal in self.signals.values():
                 signal.before_check(run)  # the same outcome on every rank (calibration: rank zero's)
+            self._release_samples()
             # found again at every check (a `score_fn` may build it from the current module), and
             # before the isolation, which freezes the parameters discovery tells networks apart by
             run.score = self._found = find_score(pl_module, self.score_fn, ema_attr=self.probes.ema_attr)
@@ -345,6 +345,12 @@ class MemorizationMonitor(ProbeChecks, Callback):
         if error is not None:
             warnings.warn(f"{msg}: {error!r}", RuntimeWarning, stacklevel=3)
         return False
+
+    def _release_samples(self) -> None:
+        """Free the training samples held once no signal wants them (calibrated, no copies of the
+        batches): they are held in memory no longer than needed."""
+        if not self._holding:
+            self.held_samples = None
 
     def _save_clean_checkpoint(self, trainer: pl.Trainer) -> None:
         """Write the clean checkpoint atomically (every rank takes part); a failed save keeps the

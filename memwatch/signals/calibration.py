@@ -3,8 +3,8 @@
 Until the first check it holds distinct training samples of the batches (in memory only,
 :class:`memwatch.calibration.Reservoir`); at the first check rank zero measures their median
 nearest-neighbour distance and the levels ``probes.sigma_factors`` × that distance (clamped inside
-the schedule and below the sampler's first step), which every rank then uses; the reservoir is
-freed unless the copies signal shares it. The levels are kept in the monitor's state, so a
+the schedule and below the sampler's first step), which every rank then uses; the monitor then
+frees the samples unless the copies signal reads the batches too. The levels are kept in the monitor's state, so a
 resumed run measures where it did (its samples were never saved).
 """
 
@@ -31,8 +31,7 @@ class CalibrationSignal(Signal):
 
     Args:
         factors: ``probes.sigma_factors``.
-        held: the reservoir it reads (shared with the copies signal with ``"batches"``).
-        keep_held: whether the reservoir outlives the calibration (the copies signal reads it).
+        held: ``() ->`` the monitor's training samples (``None`` once it has freed them).
         first_timestep: ``schedule -> the timestep the probes' sampler starts at``.
         on_levels: called with the calibrated σ_t once they are fixed (the monitor measures there).
         seed: seed of the distance estimate's subsample.
@@ -44,15 +43,13 @@ class CalibrationSignal(Signal):
         self,
         factors: Sequence[float],
         *,
-        held: TrainingSamples | None,
-        keep_held: bool,
+        held: Callable[[], TrainingSamples | None],
         first_timestep: Callable[[NoiseSchedule], float],
         on_levels: Callable[[tuple[float, ...]], None],
         seed: int,
     ) -> None:
         self.factors = tuple(factors)
         self.held = held
-        self.keep_held = keep_held
         self.first_timestep = first_timestep
         self.on_levels = on_levels
         self.seed = seed
@@ -88,17 +85,16 @@ class CalibrationSignal(Signal):
         found, error = None, None
         if run.is_global_zero:
             try:
-                if self.held is None or len(self.held) == 0:
+                held = self.held()
+                if held is None or len(held) == 0:
                     raise MemwatchError("no training sample was taken from the batches (see the warnings above)")
-                found = self.levels_for(self.held.samples, run.score.schedule)
+                found = self.levels_for(held.samples, run.score.schedule)
             except Exception as err:  # noqa: BLE001 - reported on every rank below
                 error = f"{type(err).__name__}: {err}"
         found, error = run.broadcast((found, error))
         if error is not None:
             raise MemwatchError(f"sigmas='auto' could not calibrate the noise levels: {error}")
         self.use(*found)
-        if not self.keep_held:
-            self.held = None  # no training sample is held longer than needed
 
     def state_dict(self) -> dict[str, Any]:
         return {"calibrated_sigmas": self.sigmas}
@@ -106,8 +102,6 @@ class CalibrationSignal(Signal):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("calibrated_sigmas") is not None:
             self.sigmas = tuple(state["calibrated_sigmas"])
-            if not self.keep_held:
-                self.held = None
 
 
 def build(monitor: Any) -> CalibrationSignal | None:
@@ -116,8 +110,7 @@ def build(monitor: Any) -> CalibrationSignal | None:
         return None
     return CalibrationSignal(
         monitor.probes.sigma_factors,
-        held=monitor.held_samples,
-        keep_held=monitor.copies_from_batches,
+        held=lambda: monitor.held_samples,
         first_timestep=lambda schedule: first_sampler_timestep(schedule, monitor.probes.sampler_steps),
         on_levels=monitor.use_levels,
         seed=monitor.probes.seed,
