@@ -129,10 +129,6 @@ class SharpnessSignal(Signal):
         if m.hessian_score_norm is not None:
             draft.values["hessian_score_norm_mean"] = synced_mean(m.hessian_score_norm, run.device)
 
-    def flagged(self, measurement: ProbeMeasurement) -> Tensor:
-        """``[n]`` bool: probes memorized by the sharpness rule at the primary timestep."""
-        return measurement.primary.memorization_score > self.options.score_threshold
-
     @staticmethod
     def _summary(
         metric: MemorizationMetrics,
