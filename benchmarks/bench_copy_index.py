@@ -19,8 +19,9 @@ configuration: build seconds, the index's memory (``CopyIndex.nbytes``), the med
 of one check's 32 probes on the stored vectors and with re-ranking on the reference rows, and
 the share of probes whose copy label (``d₁/d₂ < 1/3``) agrees with brute force for each. The
 time to draw 32 probes (DDIM, 50 steps) with a tiny diffusers UNet at 3×32×32 is the yardstick
-of the query time (target ≤ 0.1×). The per-step intake (``CopyIndex.stage`` of a batch of 64
-at 3×32×32) and the flush are timed too. Every time is process CPU seconds on ``--threads``
+of the query time (target ≤ 0.1×). The cost of adding training samples (``CopyIndex.add``
+of batches of 64 at 3×32×32, per sample; the monitor's per-step intake is timed by
+``benchmarks/bench_overhead.py``) is timed too. Every time is process CPU seconds on ``--threads``
 threads (default 1): on a shared machine wall time measures the neighbours.
 
     python benchmarks/bench_copy_index.py                                  # 10⁴, 10⁵, 10⁶, both spaces
@@ -133,22 +134,16 @@ def draw_seconds() -> float:
     return time.process_time() - started
 
 
-def intake_cost(steps: int = 50) -> tuple[float, float]:
-    """CPU microseconds per ``stage`` of a 64×3×32×32 batch (buffer warm: after one pass through
-    it), and per sample at the ``flush`` (hash, project, write)."""
-    index = CopyIndex(IndexOptions(vectors="projection", staged_rows=64 * steps), (3, 32, 32))
-    batches = [torch.rand(64, 3, 32, 32) for _ in range(steps)]
-    for batch in batches:  # touch the buffer's pages once
-        index.stage(batch)
-    index.flush()
+def intake_cost(steps: int = 50) -> float:
+    """CPU microseconds per sample to add 64×3×32×32 batches (hash, project, write): what a
+    monitor's check spends on the training samples staged since the last one."""
+    index = CopyIndex(IndexOptions(vectors="projection"), (3, 32, 32))
+    index.add(torch.rand(64, 3, 32, 32))  # the projection drawn, the store allocated
     batches = [torch.rand(64, 3, 32, 32) for _ in range(steps)]
     started = time.process_time()
     for batch in batches:
-        index.stage(batch)
-    staged = time.process_time() - started
-    started = time.process_time()
-    index.flush()
-    return staged / steps * 1e6, (time.process_time() - started) / (steps * 64) * 1e6
+        index.add(batch)
+    return (time.process_time() - started) / (steps * 64) * 1e6
 
 
 def main() -> None:
@@ -171,11 +166,11 @@ def main() -> None:
     except ImportError:
         pass
     draw = args.draw_seconds if args.draw_seconds is not None else draw_seconds()
-    stage_us, flush_us = intake_cost()
+    add_us = intake_cost()
     print(
         f"data {args.data}; threads {args.threads}; draw of 32 probes (tiny UNet 3x32x32, 50 DDIM steps): {draw:.2f} s"
     )
-    print(f"intake: stage {stage_us:.0f} us per batch of 64 (3x32x32), flush {flush_us:.0f} us per sample")
+    print(f"intake: add {add_us:.0f} us per sample (batches of 64, 3x32x32)")
     header = "space      N        tier        build s  index MiB  query s  /draw   agree  query+rerank s  /draw  agree"
     print(header, flush=True)
     for space in args.spaces:

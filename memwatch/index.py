@@ -100,8 +100,6 @@ class IndexOptions:
         candidates: nearest candidates re-ranked exactly per probe, in ``[2, 256]``.
         flip: also query each probe's horizontal mirror (last axis reversed); a copy if either is.
         seed: seed of the projection and of the eviction draws, ``>= 0``.
-        staged_rows: rows of the staging buffer of :meth:`CopyIndex.stage`, ``>= 1`` (memory:
-            ``staged_rows × prod(sample_shape) × 4`` bytes, outside ``memory_mb``).
     """
 
     memory_mb: float = 1024.0
@@ -111,7 +109,6 @@ class IndexOptions:
     candidates: int = 32
     flip: bool = False
     seed: int = 0
-    staged_rows: int = 8192
 
     def __post_init__(self) -> None:
         if isinstance(self.memory_mb, bool) or not isinstance(self.memory_mb, (int, float)):
@@ -124,7 +121,6 @@ class IndexOptions:
         _check_int("exact_limit", self.exact_limit, 2, None)
         _check_int("candidates", self.candidates, 2, 256)
         _check_int("seed", self.seed, 0, None)
-        _check_int("staged_rows", self.staged_rows, 1, None)
         if not isinstance(self.flip, bool):
             raise MemwatchError(f"`flip` must be True or False, got {self.flip!r}")
 
@@ -154,19 +150,19 @@ class CopyIndex:
     See the module docstring for the vectors, the two tiers, the eviction policy and the keys.
     In a training loop (the monitor's ``"copies"`` signal):
 
-    * per step, :meth:`stage` the batch (an asynchronous copy, no device sync); optionally
-      ``flush(wait=False)`` when :attr:`staged` passes a bound, to cap the memory staged;
-    * at a check, :meth:`flush`, then :meth:`search` all ranks' probes; under DDP gather every
-      rank's :class:`Hits` and :func:`merge_hits` them; :func:`ratio` and :func:`nearest` give
-      the copy ratio and the item copied.
+    * between checks, :meth:`add` the training samples (the monitor stages its batches without a
+      device sync and adds them at the next check: :class:`memwatch.intake.TrainingSamples`);
+    * at a check, :meth:`search` all ranks' probes; under DDP gather every rank's :class:`Hits`
+      and :func:`merge_hits` them; :func:`ratio` and :func:`nearest` give the copy ratio and the
+      item copied.
 
     Args:
         options: :class:`IndexOptions`.
         sample_shape: shape of one sample, e.g. ``(3, 32, 32)``; probes have the same.
         embed_fn: optional feature map ``[m, *sample_shape] -> [m, e]`` applied to training
             samples and probes alike (e.g. a frozen SSCD network, in eval mode). It receives
-            tensors where they are: batches added unstaged and probes on their device, staged
-            batches and reference rows on the CPU; it moves them itself if it must.
+            tensors where they are: added samples and probes on their device, reference rows on
+            the CPU; it moves them itself if it must.
 
     Raises:
         MemwatchError: ``options`` is not an :class:`IndexOptions` or ``sample_shape`` is not a
@@ -197,8 +193,6 @@ class CopyIndex:
         self._offers = 0
         self._compressed = False
         self._ivf: Any = None  # faiss IndexIVFPQ over the slots, compressed tier only
-        self._buffer: Tensor | None = None  # [staged_rows, *sample_shape] float32, pinned when staging from CUDA
-        self._pending: list[tuple[int, int, Tensor | None, Any]] = []  # staged (start, stop, rows, event)
 
     # ------------------------------------------------------------------ sizes
     def __len__(self) -> int:
@@ -264,74 +258,6 @@ class CopyIndex:
         if fresh:
             self._admit(samples.detach()[fresh], keys[fresh], rows.to("cpu", torch.int64)[fresh])
         return len(fresh)
-
-    def stage(self, batch: Tensor, rows: Tensor | None = None) -> None:
-        """Copy a training batch ``[b, *sample_shape]`` into the staging buffer for a later :meth:`flush`.
-
-        The buffer (``staged_rows`` rows, float32, allocated once; pinned when the batch is on
-        CUDA) takes an asynchronous copy of a CUDA batch (an event marks its end): no device
-        sync, no allocation per step. Cost on the CPU: one copy of the batch (measured in
-        ``benchmarks/bench_copy_index.py``). When the buffer is full, the staged batches are
-        added first (as ``flush(wait=False)``, then waiting only if a copy is still running).
-
-        Args:
-            batch: the batch's data tensor, any device and real dtype.
-            rows: ``[b]`` int64 positions in the reference data, or ``None``.
-
-        Raises:
-            MemwatchError: ``batch`` is not a tensor of the index's sample shape.
-        """
-        if not isinstance(batch, Tensor) or tuple(batch.shape[1:]) != self.sample_shape or batch.is_complex():
-            raise MemwatchError(
-                f"`batch` must be a real tensor [b, {', '.join(map(str, self.sample_shape))}], "
-                f"got {tuple(getattr(batch, 'shape', ()))}"
-            )
-        size = self.options.staged_rows
-        for start in range(0, batch.shape[0], size):
-            part = batch.detach()[start : start + size]
-            self._stage_part(part, None if rows is None else rows[start : start + size])
-
-    def _stage_part(self, part: Tensor, rows: Tensor | None) -> None:
-        b, fill = part.shape[0], self._pending[-1][1] if self._pending else 0
-        if fill + b > self.options.staged_rows:
-            self.flush(wait=False)
-            if self._pending:
-                self.flush()
-            fill = 0
-        if self._buffer is None:
-            shape = (self.options.staged_rows, *self.sample_shape)
-            self._buffer = torch.empty(shape, dtype=torch.float32, pin_memory=part.is_cuda)
-        self._buffer[fill : fill + b].copy_(part, non_blocking=part.is_cuda)
-        event = None
-        if part.is_cuda:
-            event = torch.cuda.Event()
-            event.record()
-        self._pending.append((fill, fill + b, rows, event))
-
-    @property
-    def staged(self) -> int:
-        """Rows staged and not yet flushed."""
-        return sum(stop - start for start, stop, _, _ in self._pending)
-
-    def flush(self, *, wait: bool = True) -> int:
-        """Add the staged batches, in order; returns the offers among them.
-
-        Args:
-            wait: wait for each batch's copy to end (at a check). ``False``: add only the batches
-                whose copies have ended and stop at the first that has not, never waiting on the
-                device (to add staged batches between checks without a sync).
-        """
-        offers = 0
-        while self._pending:
-            start, stop, rows, event = self._pending[0]
-            if event is not None:
-                if not wait and not event.query():
-                    break
-                event.synchronize()
-            assert self._buffer is not None
-            self._pending.pop(0)  # a batch that add() refuses is dropped, not retried
-            offers += self.add(self._buffer[start:stop], rows)
-        return offers
 
     # ------------------------------------------------------------------ search
     @torch.no_grad()

@@ -226,16 +226,6 @@ def test_without_faiss_the_answers_are_the_same_and_the_compressed_tier_names_th
     assert small.compressed and torch.isfinite(small.search(probes).distance).all()
 
 
-def test_staged_batches_are_added_at_the_flush():
-    train, probes = _data(100)
-    index = CopyIndex(IndexOptions(), SHAPE)
-    for batch in train.split(16):
-        index.stage(batch)
-    assert len(index) == 0 and index.staged == 100
-    assert index.flush() == 100 and index.staged == 0
-    torch.testing.assert_close(ratio(index.search(probes)), nn_ratio(probes, train))
-
-
 def test_fill_from_a_tensor_a_dataset_and_a_dataloader_records_the_same_rows():
     train, probes = _data(90)
     dataset = TensorDataset(train, torch.arange(90))
@@ -261,7 +251,6 @@ def test_fill_from_a_tensor_a_dataset_and_a_dataloader_records_the_same_rows():
         ("flip", "yes"),
         ("seed", -1),
         ("seed", 1.5),
-        ("staged_rows", 0),
     ],
 )
 def test_absurd_options_are_refused_by_name(field, value):
@@ -338,38 +327,6 @@ def test_eviction_keeps_the_ivf_pq_index_in_step_with_the_held_samples():
     hits = index.search(train[held[:20]])
     assert torch.equal(hits.row[:, 0], held[:20]) and (hits.distance[:, 0] < 1e-2).all()  # found, at fp16 rounding
     assert set(index.search(train[:50]).row.flatten().tolist()) <= set(held.tolist())  # never an evicted sample
-
-
-def test_a_full_staging_buffer_adds_what_it_holds_before_taking_more():
-    train, probes = _data(100)
-    index = CopyIndex(IndexOptions(staged_rows=40), SHAPE)
-    for batch in train.split(16):
-        index.stage(batch)
-        assert index.staged <= 40
-    assert len(index) + index.staged == 100
-    index.stage(train[:50])  # larger than the buffer: staged in parts, all repeats
-    index.flush()
-    assert len(index) == 100 and index.staged == 0
-    torch.testing.assert_close(ratio(index.search(probes)), nn_ratio(probes, train))
-
-
-def test_a_staged_batch_with_nan_is_refused_at_the_flush_and_dropped():
-    train, _ = _data(20)
-    index = CopyIndex(IndexOptions(), SHAPE)
-    bad = train.clone()
-    bad[3] = torch.nan
-    index.stage(bad)
-    with pytest.raises(MemwatchError, match="must be finite"):
-        index.flush()
-    assert index.staged == 0 and index.flush() == 0 and len(index) == 0
-
-
-def test_flush_without_waiting_adds_the_batches_whose_copies_have_ended():
-    train, probes = _data(64)
-    index = CopyIndex(IndexOptions(), SHAPE)
-    index.stage(train[:32])
-    index.stage(train[32:])
-    assert index.flush(wait=False) == 64 and index.staged == 0  # CPU copies end at once
 
 
 def test_the_progress_bar_falls_back_to_rich_without_tqdm(monkeypatch):
