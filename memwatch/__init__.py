@@ -16,7 +16,7 @@ from memwatch.sampling import ProbeSampler, Trajectory, sample, sample_trajector
 from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore
 from memwatch.sharpness import SharpnessOptions, SharpnessResult, hessian_score_norm, measure_sharpness
-from memwatch.signals import CopyOptions, LossGapOptions, SharpnessCheckOptions
+from memwatch.signals import CopyOptions, LidOptions, LossGapOptions, SharpnessCheckOptions
 
 __all__ = [
     "MEMORIZED_RATIO",
@@ -27,6 +27,7 @@ __all__ = [
     "CopyOptions",
     "DataOptions",
     "DiffusionScore",
+    "LidOptions",
     "LossGapOptions",
     "MemorizationMonitor",
     "MemwatchError",

@@ -149,8 +149,10 @@ class MemorizationMonitor(ProbeChecks, Callback):
         self._last_checked_step = -1
         self._state_key: str | None = None
         self._intake = BatchIntake(self.data, raise_errors=self.report.raise_errors)
-        holds = self._holds
-        self.held_samples = TrainingSamples(self._intake, seed=self.probes.seed, uses=self._uses()) if holds else None
+        # until the first check (or for good with reference_data="batches"): the LID signal reads them
+        self.held_samples: TrainingSamples | None = TrainingSamples(
+            self._intake, seed=self.probes.seed, uses=self._uses()
+        )
         self.signals: dict[str, Signal] = compose(self)
 
     # ------------------------------------------------------------------ identity and results
@@ -196,7 +198,7 @@ class MemorizationMonitor(ProbeChecks, Callback):
         logger = MonitorLogger.from_trainer(trainer, log_media=r.media)
         self._reporter = CheckReporter(logger, threshold=self.sharpness.threshold, log_figures=r.figures,
                                        log_media=r.media, decode_fn=self.data.decode_fn, verbose=r.verbose,
-                                       raise_errors=r.raise_errors)  # fmt: skip
+                                       raise_errors=r.raise_errors, onset_key=self.detector.monitor)  # fmt: skip
         if self.checkpoint.save:  # a bad dirpath fails here, on every rank alike
             self._clean_dir = prepare_dirpath(trainer, self.checkpoint.dirpath)
 
@@ -380,7 +382,7 @@ def _check_together(reference_data: Any, onset: OnsetOptions, copies: CopyOption
             '`reference_data` must be training samples, an iterable of batches, "batches" or None, '
             f"got {reference_data!r}"
         )
-    if onset.on != "sharpness" and reference_data is None:
+    if onset.on in ("copies", "either") and reference_data is None:
         raise MemwatchError(
             f"`onset.on`={onset.on!r} needs training samples to compare the probes with: pass `reference_data` "
             '(a tensor, or "batches" for those the monitor sees)'

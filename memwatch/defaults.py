@@ -17,6 +17,9 @@ __all__ = [
     "SIGMA_FACTORS",
     "SPECTRUM_EVERY_N_CHECKS",
     "EVERY_N_TRAIN_STEPS",
+    "LID_COUNT_THRESHOLD",
+    "LID_RATIO_THRESHOLD",
+    "LID_STATISTIC",
     "LOSS_GAP_SIGMAS",
     "LOSS_GAP_SIZE",
     "MIN_VALID_FRACTION",
@@ -50,6 +53,9 @@ LOSS_GAP_SIGMAS = (
     0.586,
     0.898,
 )  #: with heldout_data: σ_t of the study's t = 20…400 (linear, T = 1000)
+LID_STATISTIC = "relative"  #: the LID signal's per-probe ratio (memwatch.signals.lid.STATISTICS)
+LID_RATIO_THRESHOLD = 0.5  #: a probe is memorized when that ratio is below this
+LID_COUNT_THRESHOLD = 3.0  #: with lid.statistic="count": ... when its LID is below this many dimensions (study v3)
 LOSS_GAP_SIZE = 256  #: with heldout_data: samples per side of the loss gap
 SPECTRUM_EVERY_N_CHECKS = 10  #: image scale (d > 384, method "auto"): a Lanczos spectrum every n-th check
 SHARPNESS = SharpnessOptions()  #: spectrum settings (k, threshold τ, method, Lanczos sizes)

@@ -59,7 +59,12 @@ __all__ = [
 ]
 
 #: the share of the probes each ``onset.on`` watches (a key of the check's values)
-ONSET_VALUES = {"sharpness": "memorized_fraction", "copies": "nn_memorized_fraction", "either": "flagged_fraction"}
+ONSET_VALUES = {
+    "sharpness": "memorized_fraction",
+    "lid": "lid_memorized_fraction",
+    "copies": "nn_memorized_fraction",
+    "either": "flagged_fraction",
+}
 
 #: a batch selector: a dict key, a tuple / list index, or ``batch -> Tensor``
 Selector = str | int | Callable[[Any], Tensor] | None
@@ -179,8 +184,10 @@ class OnsetOptions:
         threshold: onset when more than this share of the probes is memorized (``[0, 1)``;
             ``None``: only ``min_delta``) ...
         patience: ... at this many checks in a row.
-        on: ``"sharpness"`` (``memorized_fraction``), ``"copies"`` (``nn_memorized_fraction``:
-            probes with ``d₁/d₂ < 1/3`` to the training samples; needs ``reference_data``) or
+        on: ``"sharpness"`` (``memorized_fraction``), ``"lid"`` (``lid_memorized_fraction``: probes
+            whose LID statistic fell below ``sharpness.lid``'s threshold, :mod:`memwatch.signals.lid`),
+            ``"copies"`` (``nn_memorized_fraction``: probes with ``d₁/d₂ < 1/3`` to the training
+            samples; needs ``reference_data``) or
             ``"either"`` (``flagged_fraction``: sharp or a copy).
         min_delta: also/instead: onset when the share exceeds the baseline of the first
             ``baseline_checks`` checks by this much.

@@ -69,10 +69,6 @@ class ProbeChecks:
         return isinstance(self.reference_data, str)
 
     @property
-    def _holds(self) -> bool:
-        return self.calibrating or self.copies_from_batches
-
-    @property
     def calibrated_sigmas(self) -> tuple[float, ...] | None:
         """With ``sigmas="auto"``: the levels fixed at the first check (``None`` before)."""
         return self.signals["calibration"].sigmas if self.calibrating else None
@@ -203,7 +199,23 @@ class ProbeChecks:
             raise MemwatchError("calibrate() needs the model: call prepare(pl_module) first (fit start does)")
         calibration = self.signals["calibration"]
         calibration.use(*calibration.levels_for(samples, self._found.schedule))
+        self.reference_lid(samples)
         return calibration.sigmas
+
+    def reference_lid(self, samples: Tensor) -> dict[float, float]:
+        """Fix the LID signal's data LID at the evaluation levels from training samples
+        ``[m, *shape]`` in the probes' space (a live run does it at its first check; ``memwatch
+        scan`` with its data). Call after the levels are known (:meth:`prepare`, :meth:`calibrate`).
+
+        Returns:
+            Evaluation timestep -> the data's LID there (dimensions).
+        """
+        if self._found is None or not self._eval_timesteps:
+            raise MemwatchError("reference_lid() needs the evaluation levels: call prepare(pl_module) first")
+        lid = self.signals["lid"]
+        lid.fit_reference(samples, self._eval_timesteps, self._found.schedule)
+        assert lid.reference is not None
+        return lid.reference
 
     def use_levels(self, sigmas: Sequence[float] | str) -> None:
         """Measure at these noise levels (or ``probes.timesteps``) from now on."""
@@ -229,12 +241,17 @@ class ProbeChecks:
 
     @property
     def _holding(self) -> bool:
-        """Whether training samples are still wanted (calibration pending, or copies of the batches)."""
-        return self.copies_from_batches or (self.calibrating and self.calibrated_sigmas is None)
+        """Whether training samples are still wanted (calibration or the data LID pending, or copies of the batches)."""
+        pending = (self.calibrating and self.calibrated_sigmas is None) or self.signals["lid"].pending
+        return self.copies_from_batches or pending
 
     def _uses(self) -> str:
         """The settings that read the training batches, for messages."""
-        uses = {'sigmas="auto"': self.calibrating, 'reference_data="batches"': self.copies_from_batches}
+        uses = {
+            'sigmas="auto"': self.calibrating,
+            "the LID signal's data LID": True,
+            'reference_data="batches"': self.copies_from_batches,
+        }
         return " and ".join(name for name, on in uses.items() if on)
 
 

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from memwatch.attribution import CopiedItem
 from memwatch.errors import MemwatchError
+from memwatch.lid import LidReading
 from memwatch.loggers import MonitorLogger
 from memwatch.onset import OnsetDecision
 from memwatch.probes import CONDITION_METRICS
@@ -62,6 +63,7 @@ class CheckResult:
             top of the trace tier (image-scale ``method="auto"``), else ``None``.
         hessian_score_norm: ``[n]`` Jeon et al.'s ``‖H s‖`` of this rank's probes at the
             noisiest sampler state (larger = more memorized; ``None`` when not measured).
+        lid: the LID signal's reading of every rank's probes (:class:`memwatch.lid.LidReading`).
     """
 
     step: int
@@ -76,6 +78,7 @@ class CheckResult:
     copied: list[CopiedItem] = field(default_factory=list)
     spectrum: SharpnessResult | None = None
     hessian_score_norm: Tensor | None = None
+    lid: LidReading | None = None
 
     @property
     def primary(self) -> SharpnessResult:
@@ -105,6 +108,8 @@ class CheckReporter:
             VAE decoder for latent models); ``None``: the probes are the images.
         verbose: print a line per check (rank zero).
         raise_errors: re-raise a failing publishing step instead of warning.
+        onset_key: the value the onset rule watches (``memorized_fraction``, ``lid_memorized_fraction``, …):
+            the result line's "memorized" and the curve the onset is drawn on.
     """
 
     def __init__(
@@ -117,8 +122,10 @@ class CheckReporter:
         decode_fn: Callable[[Tensor], Tensor] | None = None,
         verbose: bool = True,
         raise_errors: bool = False,
+        onset_key: str = "memorized_fraction",
     ) -> None:
         self.logger = logger
+        self.onset_key = onset_key
         self.threshold = threshold
         self.log_figures = log_figures
         self.log_media = log_media
@@ -222,10 +229,12 @@ class CheckReporter:
         steps = [h["step"] for h in history]
         curves = {
             name: (steps, [h.get(name, math.nan) for h in history])
-            for name in ("sharp_fraction_mean", "memorized_fraction", "nn_memorized_fraction")
+            for name in dict.fromkeys(
+                ("sharp_fraction_mean", "memorized_fraction", self.onset_key, "nn_memorized_fraction")
+            )
             if name in check.values
         }
-        figure = plots.plot_metric_curves(curves, onsets={"memorized_fraction": onset_step}, ylabel="value")
+        figure = plots.plot_metric_curves(curves, onsets={self.onset_key: onset_step}, ylabel="value")
         self.logger.log_figure("curves", figure, check.step)
         if check.conditions:
             names = list(check.conditions)
@@ -315,17 +324,20 @@ class CheckReporter:
         values, decision = check.values, check.decision
         if decision.onset:
             msg = (
-                f"memorization onset at step {check.step}: {decision.reason}{copies_verdict(values)}. "
+                f"memorization onset at step {check.step}: {decision.reason}{copies_verdict(values, self.onset_key)}. "
                 f"Last clean checkpoint: {clean_checkpoint} (step {_int_or_none(values.get('clean_step'))})"
             )
             rank_zero_warn(f"memwatch: {msg}")
             self.logger.alert("memwatch: memorization onset", msg)
         elif self.verbose:
             bad = int(values.get("nonfinite_count", 0))
+            lid = ""
+            if math.isfinite(values.get("lid/model_lid", math.nan)):
+                lid = f", LID {values['lid/model_lid']:.1f} (data {values['lid/data_lid']:.1f})"
             rank_zero_info(
-                f"memwatch step {check.step}: sharp fraction {values['sharp_fraction_mean']:.3f}, "
-                f"memorized {values['memorized_fraction']:.2f}"
-                + copies_verdict(values)
+                f"memwatch step {check.step}: sharp fraction {values['sharp_fraction_mean']:.3f}{lid}, "
+                f"memorized {values[self.onset_key]:.2f}"
+                + copies_verdict(values, self.onset_key)
                 + (f", {bad} probe(s) not finite" if bad else "")
                 + f" ({values['check_seconds']:.1f}s)"
             )
@@ -339,26 +351,26 @@ class CheckReporter:
             )
 
 
-def copies_verdict(values: dict[str, float]) -> str:
-    """What the copies say beside the sharpness, for the result line and the onset alert: ``""``
-    without training samples to compare with; else the share of copies and, where the two signals
-    disagree, which way (sharp probes with no copy among the training samples compared, or copies
-    the sharpness rule did not flag).
+def copies_verdict(values: dict[str, float], onset_key: str = "memorized_fraction") -> str:
+    """What the copies say beside the onset rule's signal (``values[onset_key]``), for the result
+    line and the onset alert: ``""`` without training samples to compare with; else the share of
+    copies and, where the two disagree, which way (flagged probes with no copy among the training
+    samples compared, or copies the rule did not flag).
 
     Example:
         >>> copies_verdict({"memorized_fraction": 0.6, "nn_memorized_fraction": 0.0})
-        ', copies 0.00: sharp but no copies among the training samples compared'
+        ', copies 0.00: flagged but no copies among the training samples compared'
     """
-    copies, sharp = values.get("nn_memorized_fraction"), values.get("memorized_fraction", math.nan)
+    copies, sharp = values.get("nn_memorized_fraction"), values.get(onset_key, math.nan)
     if copies is None:
         return ""
     if not math.isfinite(copies):
         return ", copies not measured"
     text = f", copies {copies:.2f}"
     if sharp > 0 and copies == 0:
-        return text + ": sharp but no copies among the training samples compared"
+        return text + ": flagged but no copies among the training samples compared"
     if copies > 0 and sharp == 0:
-        return text + ": copies that the sharpness rule does not flag"
+        return text + ": copies that the onset rule does not flag"
     return text
 
 

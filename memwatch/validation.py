@@ -19,7 +19,15 @@ from torch import Tensor
 
 from memwatch.errors import MemwatchError
 
-__all__ = ["check_cadence", "check_fraction", "check_int", "check_levels", "check_range", "check_shape"]
+__all__ = [
+    "check_cadence",
+    "check_fraction",
+    "check_int",
+    "check_levels",
+    "check_positive",
+    "check_range",
+    "check_shape",
+]
 
 
 def check_int(name: str, value: object, low: int, allow: str = "") -> int:
@@ -43,6 +51,13 @@ def check_fraction(name: str, value: object, *, low_open: bool = False, high_clo
     if not ok:
         interval = f"{'(' if low_open else '['}0, 1{']' if high_closed else ')'}"
         raise MemwatchError(f"`{name}` must be a number in {interval}, got {value!r}")
+    return float(value)
+
+
+def check_positive(name: str, value: object) -> float:
+    """``value`` must be a finite number ``> 0``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise MemwatchError(f"`{name}` must be a finite number > 0, got {value!r}")
     return float(value)
 
 

@@ -92,3 +92,11 @@ def test_readme_math_without_lightning_runs_as_written(tmp_path):
         [sys.executable, "-c", code + check], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0 and "snippet ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_readme_lid_snippet_builds_the_monitor_it_describes():
+    namespace: dict = {}
+    exec(_readme_snippet("## The LID signal"), namespace)  # noqa: S102 - the README's own code
+    monitor = namespace["monitor"]
+    assert monitor.detector.monitor == "lid_memorized_fraction" and "lid" in monitor.signals
+    assert (monitor.sharpness.lid.statistic, monitor.sharpness.lid.count_threshold) == ("count", 3.0)

@@ -1,6 +1,6 @@
 """``benchmarks/validation.py --fast`` runs end to end and writes its report and figures; the
-study's analysis on synthetic runs (onset rules, run kinds, the loss gap, rescaling); its cache
-format; where a smoke run writes."""
+study's analysis on synthetic runs (onset rules, run kinds, the loss gap, the LID statistics as
+the callback computes them); its data; its cache format; where a smoke run writes."""
 
 from __future__ import annotations
 
@@ -21,23 +21,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the study's package, as `python benchmarks/validation.py` sees it
 
 from validation_study.analysis import (  # noqa: E402
+    ALL_LEVELS,
     MEAN_T,
     Rule,
     evaluate,
     gt_onset,
+    library_rule,
+    lid_statistic,
     loss_gap,
     memorized_fraction,
-    rescale_rows,
-    rescale_summary,
     run_kind,
     streak_values,
 )
 from validation_study.cli import PUBLISHED, main, output_dir, parser  # noqa: E402
 from validation_study.config import FAST, Defaults  # noqa: E402
-from validation_study.runs import RunRecord, Timing, load_cache, make_data, save_cache  # noqa: E402
+from validation_study.runs import RunRecord, Timing, load_cache, make_data, save_cache, training_set  # noqa: E402
 
 SCRIPT = ROOT / "benchmarks" / "validation.py"
 FIGURES = ("validation_auroc_vs_factor.png", "validation_onsets.png", "validation_loss_gap.png")
+CANDIDATES = ("relative LID", "multi-scale profile", "LID drawdown", "denoising LID")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -62,12 +64,12 @@ def test_fast_validation_writes_tables_and_plots_and_fresh_seeds_change_no_choic
         "## 1. Rules compared",
         "## 2. The rules side by side",
         "## 3. Per-probe detection",
-        "## 6. Targets",
+        "## 5. Targets",
+        "## 7. Cost of a check",
     ):
         assert heading in report
-    assert "| **auto, tuned** |" in report and "| loss gap |" in report
-    # the offline replay of the absolute defaults agrees with the absolute monitor's own onset
-    assert "own onset on 4/4 runs" in report
+    assert all(f"| {name} |" in report or f"| **{name}** |" in report for name in CANDIDATES)
+    assert "| loss gap |" in report and "| library defaults |" in report and "gmm_dup" in report
     for name in FIGURES:
         png = tmp_path / "a" / "img" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -79,7 +81,7 @@ def test_fast_validation_writes_tables_and_plots_and_fresh_seeds_change_no_choic
     proc = _run(*args, "--out", str(tmp_path / "b"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     with_fresh = (tmp_path / "b" / "validation.md").read_text()
-    assert "**Fresh seed 7** (4 runs)" in with_fresh and "own onset on 8/8 runs" in with_fresh
+    assert "**Fresh seed 7** (6 runs)" in with_fresh
     rules = report.split("## 1. Rules compared")[1].split("## 2.")[0]
     assert rules == with_fresh.split("## 1. Rules compared")[1].split("## 2.")[0]
 
@@ -95,7 +97,7 @@ def test_runs_that_are_not_analysed_need_a_cache(args):
 
 STEPS = np.arange(100, 900, 100)  # 8 checks
 DEFAULTS = Defaults(
-    sigmas=(0.3,),
+    sigmas=("auto",),
     threshold=0.5,
     score_threshold=0.9,
     onset_threshold=0.2,
@@ -103,8 +105,10 @@ DEFAULTS = Defaults(
     patience=2,
     min_steps=0,
     baseline_checks=3,
+    sigma_factors=(0.1,),
 )
-SHARP = Rule("sharp", "abs 0.3", 0.9, 0.5)
+SHARP = Rule("sharp", "auto 0.1", 0.9, 0.5)
+LEVELS = ("auto 0.1", "auto 0.2")
 
 
 def _record(
@@ -116,31 +120,35 @@ def _record(
     gap: Sequence[float] | None = None,
 ) -> RunRecord:
     """A run whose check ``i`` has ``n_copies[i]`` NN-memorized probes (d1/d2 = 0.1, others 0.9),
-    ``n_sharp[i]`` probes with sharp fraction 1 (others 0.2) at ``"abs 0.3"`` and ``"auto 0.1"``,
-    and a relative ε-loss gap ``gap[i]`` at t = 50 (train loss 1; default 0)."""
+    ``n_sharp[i]`` probes with sharp fraction 1 and FLIPD 0.5 (others 0.2 and 8) at both levels
+    (data LID 10 and 5), and a relative ε-loss gap ``gap[i]`` at t = 50 (train loss 1; default 0)."""
     ratio = np.full((len(STEPS), probes), 0.9)
     sharp = np.full((len(STEPS), probes), 0.2)
+    flipd = np.full((len(STEPS), probes), 8.0)
     for i, (c, s) in enumerate(zip(n_copies, n_sharp)):
         ratio[i, :c] = 0.1
         sharp[i, :s] = 1.0
+        flipd[i, :s] = 0.5
     gap = np.zeros(len(STEPS)) if gap is None else np.asarray(gap, dtype=float)
     train = np.ones((len(STEPS), 2))
+    level = {"sharp_fraction": sharp, "flipd": flipd, "denoising_lid": 2 * flipd}
     return RunRecord(
         dataset=dataset,
         n=len(n_copies),
         seed=seed,
         dim=16,
         median_nn=1.0,
-        sigma={"abs 0.3": 0.3, "auto 0.1": 0.1},
+        sigma={"auto 0.1": 0.1, "auto 0.2": 0.2},
         steps=STEPS,
         nn_ratio=ratio,
-        nn_ratio_abs=ratio,
-        signals={"abs 0.3": {"sharp_fraction": sharp}, "auto 0.1": {"sharp_fraction": sharp}},
+        signals={spec: dict(level) for spec in LEVELS},
+        data_lid={"auto 0.1": 10.0, "auto 0.2": 5.0},
         loss_t=np.array([50, 200]),
         loss_train=train,
         loss_held=np.stack([1 + gap, np.ones(len(STEPS))], 1),
+        hessian_score_norm=np.ones((len(STEPS), probes)),
+        check_seconds=np.ones(len(STEPS)),
         shipped=DEFAULTS,
-        shipped_onset=None,
         seconds=1.0,
     )
 
@@ -149,7 +157,7 @@ def test_onset_lead_against_the_ground_truth():
     # truth: 2/20 copies is not > 10 %, 6/20 from step 500 is; the rule: 12/20 sharp from step 300
     run = _record([0, 2, 2, 2, 6, 10, 16, 18], [0, 0, 12, 12, 12, 18, 18, 18])
     assert gt_onset(run) == 500 and run_kind(run) == "memorizing"
-    np.testing.assert_allclose(memorized_fraction(run.signals["abs 0.3"]["sharp_fraction"], 0.9)[:4], [0, 0, 0.6, 0.6])
+    np.testing.assert_allclose(memorized_fraction(run.signals["auto 0.1"]["sharp_fraction"], 0.9)[:4], [0, 0, 0.6, 0.6])
     out = evaluate([run], SHARP, DEFAULTS)
     (row,) = out.rows
     # patience 2: the second check of the streak (step 400) is the onset, one check before the truth
@@ -163,7 +171,7 @@ def test_onset_lead_against_the_ground_truth():
     )
     assert (out.count("memorizing"), out.count("detected"), out.count("on_time"), out.count("never")) == (1, 1, 1, 0)
     assert out.margin == pytest.approx(0.6 - 0.5)  # streak value at the truth onset minus onset_threshold
-    late = evaluate([run], Rule("sharp", "abs 0.3", 0.9, 0.7), DEFAULTS).rows[0]  # 0.6 no longer passes
+    late = evaluate([run], Rule("sharp", "auto 0.1", 0.9, 0.7), DEFAULTS).rows[0]  # 0.6 no longer passes
     assert (late.onset, late.lead, late.on_time, late.right) == (700, -200, False, False)
 
 
@@ -194,32 +202,36 @@ def test_loss_gap_rule_and_its_relative_margin():
     assert out.rows[0].on_time and out.margin == pytest.approx((0.5 - 0.4) / 0.4)
 
 
-def test_copy_rules_count_the_detector_probes_copies_and_their_patience_overrides_the_default():
-    run = _record([0, 0, 0, 0, 6, 6, 6, 6], [0] * 8)
-    run.nn_ratio_abs[:] = 0.9
-    run.nn_ratio_abs[3:, :3] = 0.1  # the detector's own probes: 3/20 copies from step 400, one check early
-    copies = Rule("copies", "abs 0.3", None, 0.1)
-    np.testing.assert_allclose(copies.series(run), [0, 0, 0, 0.15, 0.15, 0.15, 0.15, 0.15])
-    assert copies.onset(run, DEFAULTS) == 500 and Rule("copies", "abs 0.3", None, 0.1, 1).onset(run, DEFAULTS) == 400
-    # either: a probe that is sharp or a copy counts once; NaN where no probe has both values finite
-    sharp = run.signals["abs 0.3"]["sharp_fraction"]
-    sharp[1, :4] = 1.0  # sharp, not copies
-    sharp[3, :3] = 1.0  # sharp and copies: counted once
-    sharp[2] = np.nan
-    either = Rule("either", "abs 0.3", 0.9, 0.1).series(run)
-    np.testing.assert_allclose(either[[0, 1, 3]], [0, 0.2, 0.15])
-    assert np.isnan(either[2])
+def test_lid_statistics_are_the_callbacks_own():
+    """The study replays the LID signal's statistics with the library's functions: FLIPD / data LID,
+    its mean over the levels, FLIPD / the median of the first two checks, the denoising LID / data LID."""
+    run = _record([0, 0, 0, 0, 6, 6, 6, 6], [0, 0, 0, 0, 8, 8, 8, 8])
+    rel = lid_statistic(run, "relative", "auto 0.1")
+    np.testing.assert_allclose(rel[0], 0.8)
+    np.testing.assert_allclose(rel[4, :8], 0.05)
+    prof = lid_statistic(run, "profile", ALL_LEVELS)
+    np.testing.assert_allclose(prof[0], (8 / 10 + 8 / 5) / 2)
+    draw = lid_statistic(run, "drawdown", "auto 0.1")
+    np.testing.assert_allclose(draw[0], 1.0)
+    np.testing.assert_allclose(draw[4, :8], 0.5 / 8)
+    np.testing.assert_allclose(lid_statistic(run, "denoising", "auto 0.2")[0], 16 / 5)
+    rule = Rule("relative", "auto 0.1", 0.3, 0.3)
+    np.testing.assert_allclose(rule.series(run), [0, 0, 0, 0, 0.4, 0.4, 0.4, 0.4])
+    assert rule.onset(run, DEFAULTS) == 600  # patience 2
+    assert "FLIPD / data LID < 0.3 at auto 0.1" in rule.describe()
+    assert library_rule(DEFAULTS) == Rule("sharp", "auto 0.1", 0.9, 0.2)
+    lid_defaults = replace(DEFAULTS, onset_on="lid", lid_statistic="profile", lid_ratio_threshold=0.4)
+    assert library_rule(lid_defaults) == Rule("profile", ALL_LEVELS, 0.4, 0.2)
+    count_defaults = replace(DEFAULTS, onset_on="lid", lid_statistic="count", lid_count_threshold=3.0)
+    assert library_rule(count_defaults) == Rule("lid", "auto 0.1", 3.0, 0.2)  # the LID itself, in dimensions
 
 
-def test_rescaled_runs_are_compared_to_their_base_run():
-    base = _record([0, 0, 0, 0, 6, 6, 6, 6], [0, 0, 12, 12, 12, 12, 12, 12], dataset="digits")
-    later = _record([0, 0, 0, 0, 6, 6, 6, 6], [0, 0, 0, 0, 12, 12, 12, 12], dataset="digits_01")
-    never = _record([0, 0, 0, 0, 6, 6, 6, 6], [0] * 8, dataset="digits_x3")
-    other_seed = _record([0] * 8, [0] * 8, dataset="digits_01", seed=9)  # no base run: left out
-    rows = rescale_rows([base, later, never, other_seed], SHARP, DEFAULTS)
-    assert [(r.variant, r.base_onset, r.onset) for r in rows] == [("digits_01", 400, 600), ("digits_x3", 400, None)]
-    assert rescale_summary(rows, every=100) == (0, 2, float("inf"))
-    assert rescale_summary(rows[:1], every=200) == (1, 1, 1.0)
+def test_duplicated_data_repeats_a_few_distinct_items():
+    x, held = make_data("gmm_dup", 50, seed=1, held_out=10)
+    train = training_set("gmm_dup", x)
+    assert train.shape == (50 + 4 * 500, 16) and held.shape == (10, 16)
+    torch.testing.assert_close(train[50:550], x[:1].expand(500, 16))
+    assert torch.equal(training_set("gmm", x), x)
 
 
 def test_scaled_digits_are_the_same_images_and_held_out_is_disjoint():
@@ -238,9 +250,10 @@ def test_cache_round_trip_and_other_formats(tmp_path):
     save_cache(tmp_path / "runs.pt", [run], timing, FAST)
     (back,), back_timing = load_cache(tmp_path / "runs.pt")
     assert back.key == run.key and back.shipped == DEFAULTS and back_timing == timing
-    np.testing.assert_array_equal(back.signals["abs 0.3"]["sharp_fraction"], run.signals["abs 0.3"]["sharp_fraction"])
+    np.testing.assert_array_equal(back.signals["auto 0.1"]["flipd"], run.signals["auto 0.1"]["flipd"])
+    assert back.data_lid == run.data_lid
     np.testing.assert_array_equal(back.loss_held, run.loss_held)
-    for fmt in (1, 99):  # format 1: study v1, without the auto monitor and the losses
+    for fmt in (5, 99):  # format 5: study v2.2, three monitors and no LID signal
         torch.save({"format": fmt, "runs": [], "timing": {}}, tmp_path / "other.pt")
         with pytest.raises(MemwatchError, match=f"cache format {fmt}"):
             load_cache(tmp_path / "other.pt")

@@ -139,10 +139,12 @@ def _verdict(monitor: object) -> str:
     if not history:
         return "memwatch: no check ran (fewer steps than `every_n_train_steps`?)"
     last = history[-1]
-    parts = [f"sharp fraction {last['sharp_fraction_mean']:.2f}", f"memorized {last['memorized_fraction']:.0%}"]
+    detector = getattr(monitor, "detector", None)
+    key = "memorized_fraction" if detector is None else detector.monitor  # what the onset rule watches
+    parts = [f"sharp fraction {last['sharp_fraction_mean']:.2f}", f"memorized {last[key]:.0%}"]
     if "nn_memorized_fraction" in last:
         parts.append(f"copies of training data {last['nn_memorized_fraction']:.0%}")
-        disagreement = copies_verdict(last).partition(": ")[2]  # e.g. sharp but no copies among those compared
+        disagreement = copies_verdict(last, key).partition(": ")[2]  # e.g. flagged but no copies among those compared
         parts += [disagreement] if disagreement else []
     onset = getattr(monitor, "onset_step", None)
     head = f"memwatch: memorization onset at step {onset}" if onset is not None else "memwatch: no memorization onset"

@@ -356,6 +356,8 @@ class _OfflineCheck:
                         "no batches: pass the training data as `data`, or noise levels as `sigmas`"
                     )
                 monitor.calibrate(monitor.reference)
+            elif monitor.reference is not None and monitor.signals["lid"].pending:
+                monitor.reference_lid(monitor.reference)  # the LID signal's data LID, from the data
             draft = monitor.offline_check(module)  # the copies from the monitor's copy index of `data`
         values, measurement = draft.values, draft.measurement
         values["check_seconds"] = time.perf_counter() - started

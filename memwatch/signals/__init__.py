@@ -10,6 +10,8 @@ signal              what it logs under ``memwatch/``
                     ``normalized_eig_mean``, ``memorized_fraction``, ``nonfinite_count``,
                     the same per timestep as ``t{t}/…``, ``hessian_score_norm_mean``,
                     ``out_of_range_count``
+``lid``             ``lid_memorized_fraction``, ``lid/data_lid``, ``lid/model_lid`` and the
+                    medians of the per-probe statistics ``lid/relative`` … (always)
 ``conditional``     ``cond/{c}/…`` and ``most_memorized_condition`` (with ``probes.conditions``)
 ``loss_gap``        ``loss_train``, ``loss_heldout``, ``loss_gap`` (with ``loss_gap.heldout_data``)
 ==================  =====================================================================
@@ -22,6 +24,7 @@ from memwatch.signals.base import Draft, Run, Signal
 from memwatch.signals.calibration import CalibrationSignal
 from memwatch.signals.conditional import ConditionalSignal
 from memwatch.signals.copies import CopyOptions, CopySignal
+from memwatch.signals.lid import LidOptions, LidSignal
 from memwatch.signals.lossgap import LossGapOptions, LossGapSignal
 from memwatch.signals.sharpness import SharpnessCheckOptions, SharpnessSignal
 
@@ -31,6 +34,8 @@ __all__ = [
     "CopyOptions",
     "CopySignal",
     "Draft",
+    "LidOptions",
+    "LidSignal",
     "LossGapOptions",
     "LossGapSignal",
     "Run",

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from memwatch.signals import calibration, conditional, copies, lossgap, sharpness
+from memwatch.signals import calibration, conditional, copies, lid, lossgap, sharpness
 from memwatch.signals.base import Signal
 
 __all__ = ["FACTORIES", "compose"]
@@ -21,6 +21,7 @@ FACTORIES: tuple[Callable[[Any], Signal | None], ...] = (
     calibration.build,
     copies.build,
     sharpness.build,
+    lid.build,
     conditional.build,
     lossgap.build,
 )

@@ -31,6 +31,7 @@ from memwatch.probes import ProbeMeasurement
 from memwatch.reporting import format_timestep
 from memwatch.sharpness import DENSE_MAX_DIM, SharpnessOptions, SharpnessResult
 from memwatch.signals.base import Draft, Run, Signal
+from memwatch.signals.lid import LidOptions
 from memwatch.validation import check_fraction, check_int
 
 __all__ = ["SharpnessCheckOptions", "SharpnessSignal"]
@@ -48,6 +49,8 @@ class SharpnessCheckOptions(SharpnessOptions):
 
     Attributes:
         score_threshold: a probe counts as memorized when its sharp fraction exceeds this (``[0, 1)``).
+        lid: the LID signal's options (:class:`memwatch.signals.lid.LidOptions`): the probes' LID
+            against the data's, and the rule of ``onset.on="lid"``.
         spectrum_every_n_checks: with ``method="auto"`` at image scale (``d > 384``) the cheap
             trace tier (LID / FLIPD from ``num_vectors`` reverse-mode products per probe) runs at
             every check and the Lanczos spectrum every n-th check (``lambda_min`` and the
@@ -56,6 +59,7 @@ class SharpnessCheckOptions(SharpnessOptions):
 
     score_threshold: float = defaults.SCORE_THRESHOLD
     spectrum_every_n_checks: int = defaults.SPECTRUM_EVERY_N_CHECKS
+    lid: LidOptions = LidOptions()
 
     def __post_init__(self) -> None:
         super().__post_init__()
