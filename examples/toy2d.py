@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     extent = (-2.6, 2.6, -2.2, 2.2)
     for n in (args.n_small, args.n_large):
         module, monitor, data = fit_toy(n, steps, check_every, args.seed, args.out, args.wandb_mode)
-        report = probe_report(monitor.last_check)  # what the last check measured
-        flagged = report.score > monitor.sharpness.score_threshold
+        report = probe_report(monitor.last_check, monitor)  # what the last check measured
+        flagged = report.flagged  # the probes the monitor's onset rule counts as memorized
         copies = report.nn_ratio < memwatch.MEMORIZED_RATIO
         fig = plots.plot_density_2d(
             model_log_density(module),

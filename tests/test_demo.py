@@ -8,7 +8,9 @@ import dataclasses
 import pytest
 import torch
 
+from memwatch import defaults
 from memwatch.apps import demo
+from memwatch.options import ONSET_VALUES
 
 TINY = dataclasses.replace(
     demo.FAST, n_small=8, n_large=64, steps=60, check_every=30, hidden=32, depth=1, num_probes=6, sampler_steps=8
@@ -35,8 +37,10 @@ def test_one_run_reports_what_the_monitor_saw(tmp_path):
     result = demo.fit_digits(8, TINY, out=tmp_path, wandb_mode="disabled", progress=False)
     assert result.steps == 60 and [h["step"] for h in result.history] == [30.0, 60.0]
     assert result.wandb_dir is None and result.early is not None
-    # the report re-draws the monitor's probes at the last check's weights: same numbers
+    # the report reads the monitor's own last check: same numbers, the library's rule
     assert result.late.score.shape == (TINY.num_probes,)
+    assert result.onset_key == ONSET_VALUES[defaults.ONSET_ON]
+    assert result.late.flagged.float().mean().item() == pytest.approx(result.final[result.onset_key])
     assert result.late.score.mean().item() == pytest.approx(result.final["sharp_fraction_mean"], abs=1e-6)
     assert (result.late.nn_ratio < 1 / 3).double().mean().item() == pytest.approx(result.final["nn_memorized_fraction"])
     assert result.late.samples.shape == (TINY.num_probes, 1, 8, 8)
@@ -44,7 +48,7 @@ def test_one_run_reports_what_the_monitor_saw(tmp_path):
     paths = demo.save_figures([result], TINY, tmp_path / "plots")
     assert set(paths) == {"curves", "memorized", "spectrum", "probes_digits-N8"}
     assert all(p.stat().st_size > 0 for p in paths.values())
-    table = demo.summary_table([result], TINY)
+    table = demo.summary_table([result])
     assert table.row_count == 1 and len(table.columns) == 8
 
 

@@ -6,27 +6,13 @@ memorizes (its samples become copies of training digits), one on a thousand, whi
 Each run logs to an offline W&B run (no account needed; ``wandb sync`` uploads it later); the
 demo then writes a few PNGs and prints a summary table.
 
-Why these monitor settings (digits in [-1, 1], d = 64 pixels, per-pixel std ≈ 0.45, median
-distance to the nearest other training image 4.1 for N = 16 and 2.2 for N = 1024). They are the
-absolute rule the callback shipped before study v2.2 (its defaults now, ``sigmas="auto"`` and
-``onset_threshold=0.3``, take σ_t = 0.1 × that median distance instead, 0.41 and 0.22 here; see
-``docs/validation.md``):
-
-* ``sigmas=(0.3,)``. A direction counts as sharp when ``σ_t² λ < -½``; for data spread with
-  standard deviation ``s`` along a direction, ``σ_t² λ ≈ -σ_t²/(σ_t² + s²)``, so at noise level
-  ``σ`` a direction is sharp exactly when the learned density is thinner than ``σ`` there. A
-  memorized training image is thin in every direction; real digits vary along a few dozen.
-  σ = 0.3 is under the per-pixel spread and a tenth of the distance between the small set's
-  images, so a memorized image is an isolated peak while the generalizing model keeps a third of
-  its directions flat (measured after 8000 steps on N = 1024: mean sharp fraction 0.62, LID ≈ 24,
-  no probe flagged). At σ = 0.8, above the digits' own spread, even the N = 1024 model is sharp
-  in almost every direction; at σ = 0.1 the network has not fit the score yet within 8000 steps.
-* ``score_threshold=0.9``: a probe is memorized when over 90 % of its 64 directions are sharp
-  (local intrinsic dimension < 6.4); ``onset_threshold=0.2``: onset when over a fifth of the
-  probes are, two checks in a row. On N = 16 memwatch declares onset at step 1500, before the
-  nearest-neighbour ground truth passes 10 % copies (step 2500); at the end 91 % of the probes
-  are flagged and 62 % are exact copies (nearest-neighbour ratio < 1/3) — the rest are
-  near-copies that the strict ratio does not count.
+The monitor runs the library's defaults (:mod:`memwatch.defaults`): nothing is tuned for the
+digits. It calibrates its noise level from the training images it sees before its first check
+(``sigmas="auto"``: 0.1 × their median nearest-neighbour distance), estimates the digits' own
+local intrinsic dimension there once (local PCA of those images, :mod:`memwatch.signals.lid`)
+and declares onset when the probes' LID falls below a fraction of it on enough of them, two
+checks in a row (``docs/validation.md`` says how that rule was chosen and how often it is right).
+The run on a handful of images copies them; the run on a thousand does not.
 
 The functions here are what ``memwatch demo`` and ``examples/digits.py`` run:
 :func:`fit_digits` (one training run, readable as a template), :func:`run_demo` (both runs,
@@ -52,14 +38,13 @@ import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
 from torch import Tensor
 
-from memwatch import defaults
 from memwatch.apps.demo_figures import gallery_figure, save_figures, sigma_label, spectrum_figure
 from memwatch.apps.demo_settings import DEFAULT, FAST, DemoSettings, ProbeReport, RunResult
 from memwatch.apps.toymodels import DDPMModule, DigitsDataModule
 from memwatch.callback import MemorizationMonitor
 from memwatch.errors import MemwatchError
 from memwatch.loggers import WANDB_MODES, MonitorLogger, finish_wandb, wandb_logger
-from memwatch.options import CheckpointOptions, OnsetOptions, ProbeOptions, ReportOptions
+from memwatch.options import CheckpointOptions, ProbeOptions, ReportOptions
 from memwatch.reporting import CheckResult
 from memwatch.signals import SharpnessCheckOptions
 
@@ -102,7 +87,7 @@ def digits_monitor(
     log_media: bool = False,
     dirpath: str | Path | None = None,
 ) -> MemorizationMonitor:
-    """The :class:`MemorizationMonitor` the demo attaches (settings for digits in [-1, 1]).
+    """The :class:`MemorizationMonitor` the demo attaches: the library's defaults, sized by ``settings``.
 
     ``reference_data`` (the training set) turns on the nearest-neighbour ground truth
     (``memwatch/nn_memorized_fraction``, ``memwatch/auroc``); a real run does not need it.
@@ -110,14 +95,9 @@ def digits_monitor(
     return MemorizationMonitor(
         every_n_train_steps=settings.check_every,
         num_probes=settings.num_probes,
-        sigmas=settings.sigmas,
         reference_data=reference_data,
         probes=ProbeOptions(sampler_steps=settings.sampler_steps),
-        sharpness=SharpnessCheckOptions(
-            k=settings.k, threshold=settings.threshold, score_threshold=settings.score_threshold
-        ),
-        # onset: this share of the probes memorized at two checks in a row
-        onset=OnsetOptions(threshold=settings.onset_threshold, patience=defaults.PATIENCE),
+        sharpness=SharpnessCheckOptions(k=settings.k),
         checkpoint=CheckpointOptions(dirpath=dirpath),
         report=ReportOptions(media=log_media, verbose=False),  # the progress bar shows the numbers
     )
@@ -196,8 +176,8 @@ def fit_digits(
 
     if monitor.last_check is None:
         raise MemwatchError(f"`steps`={settings.steps} is shorter than one check (every {settings.check_every} steps)")
-    early = None if first_check.check is None else probe_report(first_check.check)
-    late = probe_report(monitor.last_check)
+    early = None if first_check.check is None else probe_report(first_check.check, monitor)
+    late = probe_report(monitor.last_check, monitor)
     result = RunResult(
         name=name,
         label=label or f"N={n_train}",
@@ -206,6 +186,10 @@ def fit_digits(
         seconds=seconds,
         onset_step=monitor.onset_step,
         clean_step=monitor.clean_step,
+        sigma=float((monitor.calibrated_sigmas or monitor.sigmas)[0]),
+        onset_key=monitor.detector.monitor,
+        onset_threshold=float(monitor.onset.threshold or 0.0),
+        rule=rule_text(monitor),
         history=list(monitor.history),
         early=early,
         late=late,
@@ -217,21 +201,38 @@ def fit_digits(
     return result
 
 
-def probe_report(check: CheckResult) -> ProbeReport:
+def probe_report(check: CheckResult, monitor: MemorizationMonitor) -> ProbeReport:
     """The per-probe results of one of the monitor's checks, at its primary noise level: what
     the check measured (no re-measurement), in the form the demo's table and figures read."""
     res = check.primary
     if check.nn_ratio is None or check.nearest is None:
         raise MemwatchError("the demo's monitor needs `reference_data` (its report shows the nearest training image)")
+    if monitor.onset.on == "lid" and check.lid is not None and check.lid.memorized is not None:
+        flagged = check.lid.memorized
+    else:
+        flagged = res.memorization_score > monitor.sharpness.score_threshold
     return ProbeReport(
         samples=check.samples,
         score=res.memorization_score,
         lid=res.lid,
+        flagged=flagged,
         nn_ratio=check.nn_ratio.double(),
         nearest=check.nearest,
         grid=_GRID,
         density=torch.nanmean(res.density(_GRID), 0),
     )
+
+
+def rule_text(monitor: MemorizationMonitor) -> str:
+    """The monitor's per-probe rule in words, e.g. ``"FLIPD / data LID < 0.5"``."""
+    lid = monitor.sharpness.lid
+    if monitor.onset.on == "lid":
+        what = {"relative": "FLIPD / data LID", "profile": "mean FLIPD / data LID over the levels",
+                "drawdown": "FLIPD / its first checks", "denoising": "denoising LID / data LID"}  # fmt: skip
+        if lid.statistic == "count":
+            return f"LID < {lid.count_threshold:g}"
+        return f"{what[lid.statistic]} < {lid.ratio_threshold:g}"
+    return f"sharp fraction > {monitor.sharpness.score_threshold:g}"
 
 
 class _FirstCheck(Callback):
@@ -272,7 +273,7 @@ def _finish_wandb(logger: Any, result: RunResult, settings: DemoSettings, log_me
     run = logger.experiment
     media = MonitorLogger([logger], log_media=log_media, prefix="demo")
     media.log_figure("spectrum", spectrum_figure([result], settings), result.steps)
-    media.log_figure("probes", gallery_figure(result, settings), result.steps, private=True)
+    media.log_figure("probes", gallery_figure(result), result.steps, private=True)
     run.summary.update(
         {
             "demo/n_train": result.n_train,
@@ -313,17 +314,17 @@ def run_demo(
             console.print(f"[bold]Training a DDPM on {n} digits[/] (expected: {role}) ...")
             results.append(fit_digits(n, settings, label=f"N={n}", **run))
         paths = save_figures(results, settings, run["out"] / "plots")
-    print_summary(results, settings, paths, console=console, wandb_mode=run.get("wandb_mode", "offline"))
+    print_summary(results, paths, console=console, wandb_mode=run.get("wandb_mode", "offline"))
     return results
 
 
-def summary_table(results: Sequence[RunResult], settings: DemoSettings) -> Table:
+def summary_table(results: Sequence[RunResult]) -> Table:
     """One row per run: N, onset, final sharp fraction / LID, flagged and NN-memorized shares."""
     from rich.table import Table
 
     steps = ", ".join(sorted({str(r.steps) for r in results}))
     table = Table(
-        title=f"memwatch demo: digits, {steps} steps, measured at {sigma_label(settings)}", title_style="bold"
+        title=f"memwatch demo: digits, {steps} steps, measured at {sigma_label(results[0])}", title_style="bold"
     )
     table.add_column("N train", justify="right", style="bold")
     table.add_column("onset\nstep", justify="right")
@@ -341,7 +342,7 @@ def summary_table(results: Sequence[RunResult], settings: DemoSettings) -> Table
             onset,
             _fmt(f.get("sharp_fraction_mean")),
             _fmt(f.get("lid_mean"), digits=1),
-            _fmt(f.get("memorized_fraction"), pct=True),
+            _fmt(f.get(r.onset_key), pct=True),
             _fmt(f.get("nn_memorized_fraction"), pct=True),
             _fmt(f.get("auroc")),
             f"{r.seconds:.0f} s",
@@ -351,7 +352,6 @@ def summary_table(results: Sequence[RunResult], settings: DemoSettings) -> Table
 
 def print_summary(
     results: Sequence[RunResult],
-    settings: DemoSettings,
     paths: dict[str, Path],
     *,
     console: Console,
@@ -359,10 +359,10 @@ def print_summary(
 ) -> None:
     """The table, then where everything went and how to upload it."""
     console.print()
-    console.print(summary_table(results, settings))
+    console.print(summary_table(results))
     console.print(
         f"[dim]sharp fraction: share of the 64 Hessian directions with σ²λ < -0.5 at the probes (1: an isolated"
-        f" peak); LID = 64 x (1 - sharp fraction); flagged: probes with sharp fraction > {settings.score_threshold:g};"
+        f" peak); LID = 64 x (1 - sharp fraction); flagged: probes with {results[0].rule};"
         " copies: probes whose nearest training image is < 1/3 as far as the 2nd-nearest (ground truth, needs the"
         " training set); AUROC: memwatch's score against that ground truth (– when all probes are alike).[/]"
     )

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from memwatch import plots
+from memwatch import defaults, plots
 from memwatch.groundtruth import MEMORIZED_RATIO
 
 if TYPE_CHECKING:
@@ -25,25 +25,25 @@ if TYPE_CHECKING:
 __all__ = ["curves_figure", "gallery_figure", "memorized_figure", "save_figures", "sigma_label", "spectrum_figure"]
 
 
-def sigma_label(settings: DemoSettings) -> str:
-    """``"σ=0.3"``: the primary noise level of the demo's monitor."""
-    return f"σ={settings.sigmas[0]:g}"
+def sigma_label(result: RunResult) -> str:
+    """``"σ=0.22"``: the primary noise level a run's monitor calibrated and measured at."""
+    return f"σ={result.sigma:.2g}"
 
 
-def curves_figure(results: Sequence[RunResult], settings: DemoSettings) -> Figure:
+def curves_figure(results: Sequence[RunResult]) -> Figure:
     """Mean sharp fraction of the probes per check, one curve per run, onsets marked."""
     curves = {r.label: ([h["step"] for h in r.history], [h["sharp_fraction_mean"] for h in r.history]) for r in results}
     return plots.plot_metric_curves(
         curves,
         onsets={r.label: r.onset_step for r in results},
-        ylabel=f"mean sharp fraction of the probes ({sigma_label(settings)})",
+        ylabel="mean sharp fraction of the probes (at each run's calibrated σ)",
         title="Sharpness of the learned density during training",
         styles={r.label: {"color": f"C{i}"} for i, r in enumerate(results)},
         ylim=(-0.02, 1.02),
     )
 
 
-def memorized_figure(results: Sequence[RunResult], settings: DemoSettings) -> Figure:
+def memorized_figure(results: Sequence[RunResult]) -> Figure:
     """Share of probes flagged by memwatch (solid) vs share that are copies (dashed), per run."""
     curves: dict[str, tuple[list[float], list[float]]] = {}
     styles: dict[str, dict[str, Any]] = {}
@@ -52,7 +52,7 @@ def memorized_figure(results: Sequence[RunResult], settings: DemoSettings) -> Fi
     for i, r in enumerate(results):
         steps = [h["step"] for h in r.history]
         flagged, copies = f"{r.label}: flagged by memwatch", f"{r.label}: copies of training images"
-        curves[flagged] = (steps, [h["memorized_fraction"] for h in r.history])
+        curves[flagged] = (steps, [h[r.onset_key] for h in r.history])
         curves[copies] = (steps, [h.get("nn_memorized_fraction", math.nan) for h in r.history])
         styles[flagged] = {"color": f"C{i}"}
         styles[copies] = {"color": f"C{i}", "linestyle": "--", "marker": "s"}
@@ -64,7 +64,7 @@ def memorized_figure(results: Sequence[RunResult], settings: DemoSettings) -> Fi
         title="Memorized probes: memwatch's flag vs ground truth",
         styles=styles,
         onset_labels=names,
-        hlines={"onset threshold (2 checks in a row above it)": settings.onset_threshold},
+        hlines={"onset threshold (2 checks in a row above it)": results[0].onset_threshold},
         ylim=(-0.02, 1.02),
     )
 
@@ -81,19 +81,21 @@ def spectrum_figure(results: Sequence[RunResult], settings: DemoSettings) -> Fig
         label = f"{r.label}, step {r.steps}"
         densities[label] = (r.late.grid, r.late.density)
         styles[label] = {"color": f"C{i}", "fill_alpha": 0.15}
+    levels = ", ".join(f"{r.label}: {sigma_label(r)}" for r in results)
     return plots.plot_spectrum(
         densities,
-        threshold=-settings.threshold,
-        title=f"Hessian spectrum at the probes ({sigma_label(settings)}), early vs late",
+        threshold=-defaults.SHARPNESS.threshold,
+        title=f"Hessian spectrum at the probes ({levels}), early vs late",
         styles=styles,
         legend_below=True,
     )
 
 
-def gallery_figure(result: RunResult, settings: DemoSettings, n: int = 8) -> Figure:
-    """The ``n`` sharpest probes of a run beside their nearest training digits."""
+def gallery_figure(result: RunResult, n: int = 8) -> Figure:
+    """``n`` probes of a run beside their nearest training digits: those the monitor flags first,
+    then the sharpest."""
     rep = result.late
-    order = torch.nan_to_num(rep.score, nan=-1.0).argsort(descending=True)[:n]
+    order = (2 * rep.flagged.double() + torch.nan_to_num(rep.score, nan=-1.0)).argsort(descending=True)[:n]
     captions = [
         f"sharp {float(rep.score[i]):.2f}\nd1/d2 {float(rep.nn_ratio[i]):.2f}"
         + (" copy" if float(rep.nn_ratio[i]) < MEMORIZED_RATIO else "")
@@ -103,8 +105,8 @@ def gallery_figure(result: RunResult, settings: DemoSettings, n: int = 8) -> Fig
         rep.samples[order],
         neighbours=result.train_data[rep.nearest[order]],
         captions=captions,
-        flagged=rep.score[order] > settings.score_threshold,
-        title=f"{result.label}: the {len(order)} sharpest probes (top) and their nearest training digits",
+        flagged=rep.flagged[order],
+        title=f"{result.label}: {len(order)} probes, flagged first (top), and their nearest training digits",
     )
 
 
@@ -116,12 +118,12 @@ def save_figures(results: Sequence[RunResult], settings: DemoSettings, folder: s
     """
     folder = Path(folder)
     figures = {
-        "curves": curves_figure(results, settings),
-        "memorized": memorized_figure(results, settings),
+        "curves": curves_figure(results),
+        "memorized": memorized_figure(results),
         "spectrum": spectrum_figure(results, settings),
     }
     for r in results:
-        figures[f"probes_{r.name}"] = gallery_figure(r, settings)
+        figures[f"probes_{r.name}"] = gallery_figure(r)
     paths = {name: plots.save_figure(fig, folder / f"{name}.png") for name, fig in figures.items()}
     for r in results:
         r.figures = dict(paths)

@@ -20,11 +20,9 @@ class DemoSettings:
         n_small, n_large: training-set sizes of the memorizing and the generalizing run.
         steps: optimizer steps per run; check_every: the monitor's ``every_n_train_steps``.
         hidden, depth, lr, batch_size: the MLP denoiser and its Adam optimizer.
-        num_probes, sampler_steps, sigmas, k, threshold, score_threshold, onset_threshold: the monitor
-            (see :mod:`memwatch.apps.demo`): the callback's defaults (:mod:`memwatch.defaults`) unless
-            a smaller demo asks for less; the noise level and the onset threshold are the absolute
-            rule the library shipped before ``sigmas="auto"`` (``defaults.ABSOLUTE_SIGMAS``,
-            ``defaults.ABSOLUTE_ONSET_THRESHOLD``), whose story the demo tells.
+        num_probes, sampler_steps, k: the monitor's size (the callback's defaults unless a
+            smaller demo asks for less); everything it decides with — noise levels, the onset rule
+            and its thresholds — is the library's default (:mod:`memwatch.defaults`).
     """
 
     n_small: int = 16
@@ -37,11 +35,7 @@ class DemoSettings:
     batch_size: int = 64
     num_probes: int = defaults.NUM_PROBES
     sampler_steps: int = defaults.SAMPLER_STEPS
-    sigmas: tuple[float, ...] = defaults.ABSOLUTE_SIGMAS
     k: int = defaults.SHARPNESS.k
-    threshold: float = defaults.SHARPNESS.threshold
-    score_threshold: float = defaults.SCORE_THRESHOLD
-    onset_threshold: float = defaults.ABSOLUTE_ONSET_THRESHOLD
 
 
 DEFAULT = DemoSettings()
@@ -65,13 +59,15 @@ class ProbeReport:
 
     Attributes:
         samples: ``[n, *shape]`` generated probes; score: ``[n]`` sharp fraction at the primary σ;
-        lid: ``[n]``; nn_ratio: ``[n]`` d₁/d₂ to the training set; nearest: ``[n]`` index of the
+        lid: ``[n]``; flagged: ``[n]`` bool, the probes the monitor's onset rule counts as
+        memorized; nn_ratio: ``[n]`` d₁/d₂ to the training set; nearest: ``[n]`` index of the
         nearest training image; density: ``[G]`` mean spectral density on ``grid`` ``[G]``.
     """
 
     samples: Tensor
     score: Tensor
     lid: Tensor
+    flagged: Tensor
     nn_ratio: Tensor
     nearest: Tensor
     grid: Tensor
@@ -86,6 +82,9 @@ class RunResult:
         name: run name, e.g. ``"digits-N16"``; label: legend label; n_train: training images.
         steps: optimizer steps done; seconds: wall time of ``trainer.fit``.
         onset_step, clean_step: from the monitor (``None``: no onset / no clean check).
+        sigma: the primary σ_t it measured at (calibrated from the training data); onset_key,
+        onset_threshold: the value its onset rule watches (``lid_memorized_fraction``, …) and the
+        share above which it fires; rule: the rule in words.
         history: the monitor's per-check values; final: its last check.
         early, late: probe reports at the first check and at the end.
         train_data: ``[N, 1, 8, 8]`` training images; wandb_dir: the W&B run folder (or None).
@@ -99,6 +98,10 @@ class RunResult:
     seconds: float
     onset_step: int | None
     clean_step: int | None
+    sigma: float
+    onset_key: str
+    onset_threshold: float
+    rule: str
     history: list[dict[str, float]]
     early: ProbeReport | None
     late: ProbeReport
