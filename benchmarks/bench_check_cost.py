@@ -9,6 +9,10 @@ For each model and 32 probes (``--probes``) the script times, after one discarde
 * ``trace``: the cheap tier at its defaults (Hutchinson, 4 reverse-mode products per probe), and
   with Hutch++ on 6;
 * ``‖Hs‖``: :func:`memwatch.sharpness.hessian_score_norm` (one reverse-mode product per probe);
+* ``denoising LID``: :func:`memwatch.lid.denoising_lid` at the probes' final samples, 8 noise
+  draws (forward passes only; the LID signal's per level and check);
+* ``data LID``: :func:`memwatch.lid.data_lid` on 4096 training-sized samples at 3 levels (the
+  LID signal's once per run, at the first check);
 
 and prints wall and process-CPU seconds, Jacobian-vector products per probe (a jvp and a vjp
 count one each; a Lanczos step on the symmetrized Jacobian is one of each) and the ratio
@@ -46,11 +50,13 @@ import torch
 
 import memwatch
 from memwatch.apps.toymodels import MLPDenoiser, tiny_unet
+from memwatch.lid import data_lid, denoising_lid
 from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore
 from memwatch.sharpness import DENSE_MAX_DIM, SharpnessOptions, hessian_score_norm, measure_sharpness
 
 EVAL_T = 200  # σ_t ≈ 0.44 on the linear 1000-step schedule
+DRAWS = 8  # the denoising LID's noise draws per probe (memwatch.LidOptions().draws)
 
 
 @dataclass(frozen=True)
@@ -127,12 +133,12 @@ def run_model(model: Model, probes: int, steps: int, repeats: int, lanczos_probe
     dim = math.prod(model.shape)
     sigma3 = float(schedule.sigma(torch.tensor(EVAL_T))) ** 3
 
-    def draw(n: int, num_steps: int) -> torch.Tensor:
+    def draw(n: int, num_steps: int) -> memwatch.Trajectory:
         gen = torch.Generator().manual_seed(0)
-        traj = memwatch.sample_trajectory(score, n, model.shape, num_steps, generator=gen, states_at=(EVAL_T,))
-        return traj.states[float(EVAL_T)]
+        return memwatch.sample_trajectory(score, n, model.shape, num_steps, generator=gen, states_at=(EVAL_T,))
 
-    sampling, states = _timed(lambda: draw(probes, steps), lambda: draw(2, 2), repeats)
+    sampling, traj = _timed(lambda: draw(probes, steps), lambda: draw(2, 2), repeats)
+    states = traj.states[float(EVAL_T)]
     rows = [_row(model, dim, "sampling", sampling, sampling, f"{steps} fwd", 1, "")]
     for label, options, products in _tiers(dim):
         used = min(probes, lanczos_probes) if label.startswith("lanczos") else probes
@@ -150,7 +156,22 @@ def run_model(model: Model, probes: int, steps: int, repeats: int, lanczos_probe
             if res.method == "lanczos":
                 reading += f", converged {float(res.converged.double().mean()):.0%}"
         rows.append(_row(model, dim, label, timing, sampling, str(products), probes / used, reading))
-    return rows
+    return rows + _lid_rows(model, score, traj.samples, sampling, repeats)
+
+
+def _lid_rows(
+    model: Model, score: DiffusionScore, samples: torch.Tensor, sampling: Timing, repeats: int
+) -> list[tuple[str, ...]]:
+    """The LID signal's own costs: the denoising LID per level and check, the data LID once per run."""
+    dim = math.prod(model.shape)
+    noise = torch.randn((DRAWS, *samples.shape), generator=torch.Generator().manual_seed(2))
+    timing, dlid = _timed(lambda: denoising_lid(score, samples, EVAL_T, noise), lambda: None, repeats)
+    rows = [_row(model, dim, f"denoising LID ({DRAWS} fwd)", timing, sampling, "0", 1, f"LID {float(dlid.mean()):.1f}")]
+    data = torch.randn((4096, *model.shape), generator=torch.Generator().manual_seed(3))
+    scales = torch.tensor([0.1, 0.2, 0.4])
+    timing, lid = _timed(lambda: data_lid(data, scales), lambda: None, repeats)
+    reading = f"LID {float(lid[0]):.1f} (once per run)"
+    return rows + [_row(model, dim, "data LID (4096 samples, 3 σ)", timing, sampling, "0", 1, reading)]
 
 
 def _row(model: Model, dim: int, label: str, t: Timing, sampling: Timing, products: str, scale: float, reading: str):

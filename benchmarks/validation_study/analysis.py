@@ -13,58 +13,51 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from memwatch import MEMORIZED_RATIO
+from memwatch import MEMORIZED_RATIO, lid
 from memwatch.onset import OnsetDetector
 
 from .config import (
-    ABSOLUTE_RULE,
-    ABSOLUTE_SPEC,
     BORDERLINE,
     FPRS,
     NEVER,
     NN_ONSET,
     PRIMARY_SIGNAL,
-    SCALED,
     SIGNALS,
+    V22_RULE,
     Defaults,
     StudyConfig,
     library_defaults,
 )
 from .runs import RunRecord
 
-TODAY, TRACE, AUTO_TODAY, ABS_TUNED, AUTO, LID, JEON, COPIES, COPIES_TUNED, EITHER, GAP = (
-    "absolute σ",
-    "absolute σ, trace tier",
+LIBRARY, V22, SHARP, LID_COUNT, JEON, GAP = (
     "library defaults",
-    "absolute, tuned",
-    "auto, tuned",
-    "LID, tuned",
+    "v2.2 defaults (sharp fraction)",
+    "sharp fraction, tuned",
+    "LID count, tuned",
     "Jeon ‖H s‖, tuned",
-    "copies of the batches",
-    "copies, tuned",
-    "sharp or copy",
     "loss gap",
-)  # the rules compared, in the report's order
+)  # the baselines
+RELATIVE, PROFILE, DRAWDOWN, DENOISING = (
+    "relative LID",
+    "multi-scale profile",
+    "LID drawdown",
+    "denoising LID",
+)  # the candidates: the LID signal's statistics (memwatch.signals.lid.STATISTICS), each tuned
+CANDIDATES = {RELATIVE: "relative", PROFILE: "profile", DRAWDOWN: "drawdown", DENOISING: "denoising"}
 MEAN_T = "mean"  # the loss gap averaged over the fixed timesteps
+ALL_LEVELS = "all"  # the profile's spec: every noise level measured
 NOISIEST, HS_SIGNAL = "noisiest", "hessian_score_norm"  # Jeon et al.'s ‖H s‖: its one state, its signal name
 HS_RATIOS = (1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)  # ‖H s‖ thresholds tried, × its median at the run's first check
-COPY_PATIENCES = (1, 2)  # a copy is observed, not inferred: the copy rule may also act on one check
 
 
 # ----------------------------------------------------------------------------- labels and signals
-def copy_ratios(run: RunRecord, spec: str) -> np.ndarray:
-    """``[C, P]`` the ``d₁/d₂`` of the probes of the monitor that measured ``spec``: the ``auto``
-    monitor's to the training set (the truth's probes), the absolute monitor's to the training
-    samples it saw itself (``reference_data="batches"``; the trace monitor shares its probes)."""
-    return run.nn_ratio_abs if spec.startswith(("abs", "trace")) else run.nn_ratio
-
-
-def labels(run: RunRecord, spec: str = "auto") -> np.ndarray:
-    """``[C, P]`` bool: the NN labels of the probes measured at ``spec`` (:func:`copy_ratios`),
-    memorized when ``d₁/d₂ < 1/3``."""
-    return copy_ratios(run, spec) < MEMORIZED_RATIO
+def labels(run: RunRecord) -> np.ndarray:
+    """``[C, P]`` bool: the NN labels of the probes, memorized when ``d₁/d₂ < 1/3`` to the training set."""
+    return run.nn_ratio < MEMORIZED_RATIO
 
 
 def nn_fraction(run: RunRecord) -> np.ndarray:
@@ -88,13 +81,34 @@ def run_kind(run: RunRecord) -> str:
     return "never" if peak <= NEVER else "borderline"
 
 
+def lid_statistic(run: RunRecord, statistic: str, spec: str, baseline_checks: int = 2) -> np.ndarray:
+    """``[C, P]`` the LID signal's per-probe ``statistic`` (``memwatch.signals.lid.STATISTICS``) at
+    noise level ``spec`` (the profile: every level), computed as the signal computes it at each
+    check (:mod:`memwatch.lid`; the drawdown's baseline from the first ``baseline_checks`` checks)."""
+    flipd = {k: torch.from_numpy(v["flipd"]) for k, v in run.signals.items()}
+    if statistic == "profile":
+        per_level = [lid.relative(flipd[k], run.data_lid[k]) for k in run.signals]
+        return lid.profile(per_level).numpy()
+    if statistic == "relative":
+        return lid.relative(flipd[spec], run.data_lid[spec]).numpy()
+    if statistic == "denoising":
+        return lid.relative(torch.from_numpy(run.signals[spec]["denoising_lid"]), run.data_lid[spec]).numpy()
+    rows = [
+        lid.drawdown(f, lid.baseline_of(flipd[spec][: min(c + 1, baseline_checks)])) for c, f in enumerate(flipd[spec])
+    ]
+    return torch.stack(rows).numpy()
+
+
 def oriented(run: RunRecord, spec: str, signal: str) -> np.ndarray:
     """``[C, P]`` the signal at noise level ``spec``, oriented so that higher = more memorized
-    (``HS_SIGNAL``: Jeon et al.'s ‖H s‖ at the noisiest state, ``spec`` ``NOISIEST``)."""
+    (``HS_SIGNAL``: Jeon et al.'s ‖H s‖ at the noisiest state, ``spec`` ``NOISIEST``; an LID
+    statistic of :data:`CANDIDATES`: its ratio negated)."""
     if signal == HS_SIGNAL:
-        assert run.hessian_score_norm is not None
         return run.hessian_score_norm
-    return SIGNALS[signal].sign * run.signals[spec][signal]
+    if signal in CANDIDATES.values():
+        return -lid_statistic(run, signal, spec)
+    sign = -1.0 if signal == "denoising_lid" else SIGNALS[signal].sign  # the raw LIDs: lower = more memorized
+    return sign * run.signals[spec][signal]
 
 
 def memorized_fraction(scores: np.ndarray, score_threshold: float) -> np.ndarray:
@@ -103,14 +117,6 @@ def memorized_fraction(scores: np.ndarray, score_threshold: float) -> np.ndarray
     ok = np.isfinite(scores)
     frac = np.where(ok, scores > score_threshold, False).sum(1) / np.maximum(ok.sum(1), 1)
     return np.where(ok.any(1), frac, np.nan)
-
-
-def flagged_fraction(sharp: np.ndarray, ratio: np.ndarray, score_threshold: float) -> np.ndarray:
-    """``[C]`` share of the probes that are sharp (``sharp > score_threshold``) or copies
-    (``ratio < 1/3``), among probes with both values finite; NaN for a check without any."""
-    ok = np.isfinite(sharp) & np.isfinite(ratio)
-    hit = ok & ((sharp > score_threshold) | (ratio < MEMORIZED_RATIO))
-    return np.where(ok.any(1), hit.sum(1) / np.maximum(ok.sum(1), 1), np.nan)
 
 
 def loss_gap(run: RunRecord, t: str) -> np.ndarray:
@@ -159,26 +165,26 @@ def roc_stats(y: np.ndarray, s: np.ndarray) -> RocStats:
 
 def pooled(runs: Sequence[RunRecord], spec: str, signal: str) -> tuple[np.ndarray, np.ndarray]:
     """Labels and oriented scores of every probe of every check of ``runs``, flattened."""
-    ys = [labels(r, spec).ravel() for r in runs]
+    ys = [labels(r).ravel() for r in runs]
     ss = [oriented(r, spec, signal).ravel() for r in runs]
     return np.concatenate(ys), np.concatenate(ss)
+
+
+def scored_signals(specs: Sequence[str]) -> list[tuple[str, str]]:
+    """Every ``(spec, signal)`` the per-probe table scores: the sharpness signals and the LID
+    statistics at each level, the profile over all of them, Jeon et al.'s ‖H s‖."""
+    per_level = [*SIGNALS, "denoising_lid", "relative", "drawdown", "denoising"]
+    return [(spec, sig) for spec in specs for sig in per_level] + [(ALL_LEVELS, "profile"), (NOISIEST, HS_SIGNAL)]
 
 
 def auroc_table(runs: Sequence[RunRecord], specs: Sequence[str]) -> AurocTable:
     """:func:`roc_stats` per data set (and ``"all"``), noise level and signal, pooled over the checks of all runs."""
     table = {}
     datasets = sorted({r.dataset for r in runs})
-    for spec in specs:
-        for signal in SIGNALS:
-            for ds in datasets:
-                table[(ds, spec, signal)] = roc_stats(*pooled([r for r in runs if r.dataset == ds], spec, signal))
-            table[("all", spec, signal)] = roc_stats(*pooled(runs, spec, signal))
-    if all(r.hessian_score_norm is not None for r in runs):
+    for spec, signal in scored_signals(specs):
         for ds in datasets:
-            table[(ds, NOISIEST, HS_SIGNAL)] = roc_stats(
-                *pooled([r for r in runs if r.dataset == ds], NOISIEST, HS_SIGNAL)
-            )
-        table[("all", NOISIEST, HS_SIGNAL)] = roc_stats(*pooled(runs, NOISIEST, HS_SIGNAL))
+            table[(ds, spec, signal)] = roc_stats(*pooled([r for r in runs if r.dataset == ds], spec, signal))
+        table[("all", spec, signal)] = roc_stats(*pooled(runs, spec, signal))
     return table
 
 
@@ -190,16 +196,15 @@ class Rule:
 
     Attributes:
         kind: ``"sharp"`` (share of probes whose sharp fraction at ``spec`` exceeds
-            ``score_threshold``), ``"lid"`` (share of probes whose LID at ``spec`` is below
-            ``score_threshold``, in dimensions: a threshold that does not scale with ``d``),
-            ``"hs"`` (share of probes whose Jeon et al. ‖H s‖ exceeds ``score_threshold`` × its
-            median at the run's first check: the run's own early baseline; ``spec`` ``NOISIEST``),
-            ``"copies"`` (share of the ``spec`` monitor's probes with ``d₁/d₂ < 1/3``: the
-            callback's ``onset_on="copies"``), ``"either"`` (sharp or a copy: ``onset_on="either"``)
-            or ``"gap"`` (the relative ε-loss gap at timestep ``spec``).
-        spec: noise level (``"abs 0.3"``, ``"auto 0.1"``) or loss timestep (``"50"``, ``MEAN_T``).
-        score_threshold: per-probe threshold (``"sharp"``, ``"either"``: a sharp fraction;
-            ``"lid"``: an LID).
+            ``score_threshold``: the v2.2 callback), ``"lid"`` (share whose LID at ``spec`` is below
+            ``score_threshold`` dimensions), ``"hs"`` (share whose Jeon et al. ‖H s‖ exceeds
+            ``score_threshold`` × its median at the run's first check; ``spec`` ``NOISIEST``),
+            ``"gap"`` (the relative ε-loss gap at timestep ``spec``), or one of the LID signal's
+            statistics (:data:`CANDIDATES`: share of probes whose ratio is below ``score_threshold``;
+            the callback's ``onset.on="lid"``).
+        spec: noise level (``"auto 0.1"``; ``ALL_LEVELS`` for the profile) or loss timestep
+            (``"50"``, ``MEAN_T``).
+        score_threshold: per-probe threshold (a sharp fraction, an LID, a ratio).
         onset_threshold: onset when the monitored value exceeds it at ``patience`` checks in a row.
         patience: checks in a row; ``None``: the callback default's.
     """
@@ -218,18 +223,15 @@ class Rule:
         """``[C]`` the value the rule monitors on ``run``."""
         if self.kind == "gap":
             return loss_gap(run, self.spec)
-        if self.kind == "copies":
-            return memorized_fraction(-copy_ratios(run, self.spec), -MEMORIZED_RATIO)
         assert self.score_threshold is not None
         if self.kind == "lid":
             return memorized_fraction(-run.signals[self.spec]["lid"], -self.score_threshold)
         if self.kind == "hs":
             hs = oriented(run, NOISIEST, HS_SIGNAL)
             return memorized_fraction(hs / np.nanmedian(hs[0]), self.score_threshold)
-        sharp = run.signals[self.spec][PRIMARY_SIGNAL]
-        if self.kind == "either":
-            return flagged_fraction(sharp, copy_ratios(run, self.spec), self.score_threshold)
-        return memorized_fraction(sharp, self.score_threshold)
+        if self.kind in CANDIDATES.values():
+            return memorized_fraction(-lid_statistic(run, self.kind, self.spec), -self.score_threshold)
+        return memorized_fraction(run.signals[self.spec][PRIMARY_SIGNAL], self.score_threshold)
 
     def onset(self, run: RunRecord, defaults: Defaults) -> int | None:
         """The onset step the rule declares on ``run`` (``None``: none)."""
@@ -245,22 +247,25 @@ class Rule:
         return det.onset_step
 
     def describe(self) -> str:
-        """``"sharp fraction > 0.9 at abs 0.3, onset > 0.2"``-style summary."""
+        """``"relative LID < 0.3 at auto 0.1, onset > 0.2"``-style summary."""
+        onset = f"onset > {self.onset_threshold:g}"
         if self.kind == "gap":
             where = "all loss timesteps" if self.spec == MEAN_T else f"t = {self.spec}"
             return f"ε-loss gap at {where} > {self.onset_threshold:g}"
-        if self.kind == "copies":
-            return f"copies (d₁/d₂ < 1/3 to the batches seen), onset > {self.onset_threshold:g}" + (
-                "" if self.patience is None else f", patience {self.patience}"
-            )
         if self.kind == "lid":
-            return f"LID < {self.score_threshold:g} at {self.spec}, onset > {self.onset_threshold:g}"
+            return f"LID < {self.score_threshold:g} at {self.spec}, {onset}"
         if self.kind == "hs":
-            return f"‖H s‖ > {self.score_threshold:g} × its first-check median, onset > {self.onset_threshold:g}"
-        sharp = f"sharp fraction > {self.score_threshold:g} at {self.spec}"
-        if self.kind == "either":
-            return f"{sharp} or a copy of the batches seen, onset > {self.onset_threshold:g}"
-        return f"{sharp}, onset > {self.onset_threshold:g}"
+            return f"‖H s‖ > {self.score_threshold:g} × its first-check median, {onset}"
+        if self.kind in CANDIDATES.values():
+            what = {
+                "relative": "FLIPD / data LID",
+                "profile": "mean over levels of FLIPD / data LID",
+                "drawdown": "FLIPD / its first checks' median",
+                "denoising": "denoising LID / data LID",
+            }[self.kind]
+            where = "" if self.spec == ALL_LEVELS else f" at {self.spec}"
+            return f"{what} < {self.score_threshold:g}{where}, {onset}"
+        return f"sharp fraction > {self.score_threshold:g} at {self.spec}, {onset}"
 
 
 @dataclass(frozen=True)
@@ -378,8 +383,16 @@ def sharp_grid(specs: Sequence[str], cfg: StudyConfig) -> list[Rule]:
 
 
 def lid_grid(specs: Sequence[str], cfg: StudyConfig) -> list[Rule]:
-    """Every LID rule of ``specs`` × ``cfg.lid_thresholds`` × ``cfg.onset_thresholds``."""
+    """Every LID-count rule of ``specs`` × ``cfg.lid_thresholds`` × ``cfg.onset_thresholds``."""
     return [Rule("lid", spec, lt, ot) for spec in specs for lt in cfg.lid_thresholds for ot in cfg.onset_thresholds]
+
+
+def ratio_grid(statistic: str, specs: Sequence[str], cfg: StudyConfig) -> list[Rule]:
+    """Every rule of an LID statistic: ``specs`` (the profile: all levels) × ``cfg.ratio_thresholds``
+    × ``cfg.onset_thresholds``."""
+    specs = [ALL_LEVELS] if statistic == "profile" else specs
+    thresholds = cfg.ratio_thresholds
+    return [Rule(statistic, spec, rt, ot) for spec in specs for rt in thresholds for ot in cfg.onset_thresholds]
 
 
 def hs_grid(cfg: StudyConfig) -> list[Rule]:
@@ -396,98 +409,52 @@ def gap_grid(cfg: StudyConfig) -> list[Rule]:
 def select_rules(sel: Sequence[RunRecord], cfg: StudyConfig, defaults: Defaults) -> dict[str, Rule]:
     """Every rule of the study; the tuned ones chosen on the selection runs ``sel`` only.
 
-    * ``TODAY``: the fixed absolute rule :data:`config.ABSOLUTE_RULE` (the library's former
-      defaults);
-    * ``TRACE``: the same, measured by the cheap trace tier on the same probes (fixed; when measured);
-    * ``AUTO_TODAY``: the library's defaults (``defaults``: ``sigmas="auto"`` at its first
-      factor and its thresholds; fixed; only when that factor is measured);
-    * ``ABS_TUNED``: the shipped absolute level, both thresholds tuned;
-    * ``AUTO``: factor and both thresholds tuned;
-    * ``LID``: an LID threshold instead of a sharp-fraction one (not a callback option), noise
-      level (absolute or any factor) and both thresholds tuned;
-    * ``JEON``: Jeon et al.'s ‖H s‖ (the monitor's ``hessian_score_norm``) against its own
-      first check, both thresholds tuned (when recorded: cache format 5);
-    * ``COPIES``: ``reference_data="batches"``, ``onset_on="copies"``, the absolute rule's onset threshold (fixed);
-    * ``COPIES_TUNED``: the same, onset threshold and patience (``COPY_PATIENCES``) tuned;
-    * ``EITHER``: ``onset_on="either"`` with the absolute rule (fixed);
-    * ``GAP``: the loss-gap baseline, timestep and threshold tuned.
+    ``LIBRARY``: the library's defaults when analysed (:func:`library_rule`, fixed). Baselines:
+    ``V22`` the v2.2 defaults (:data:`config.V22_RULE`, fixed: sharp fraction at the
+    calibrated level); ``SHARP`` the same signal with factor and thresholds tuned; ``LID_COUNT``
+    an LID threshold in dimensions, tuned; ``JEON`` Jeon et al.'s ‖H s‖ against its own first
+    check, tuned; ``GAP`` the loss gap, timestep and threshold tuned. Candidates: each statistic
+    of the LID signal (:data:`CANDIDATES`), noise level and both thresholds tuned.
     """
-    abs_spec, score, onset = ABSOLUTE_SPEC, ABSOLUTE_RULE["score_threshold"], ABSOLUTE_RULE["onset_threshold"]
-    rules = {TODAY: Rule("sharp", abs_spec, score, onset)}
-    trace_spec = abs_spec.replace("abs", "trace")
-    if trace_spec in sel[0].signals:
-        rules[TRACE] = Rule("sharp", trace_spec, score, onset)
-    auto_spec = f"auto {float(defaults.sigma_factors[0]):g}"
-    if defaults.sigmas == ("auto",) and auto_spec in cfg.auto_specs():
-        rules[AUTO_TODAY] = Rule("sharp", auto_spec, defaults.score_threshold, float(defaults.onset_threshold or 0.0))
-    rules[ABS_TUNED] = choose(sel, sharp_grid([abs_spec], cfg), defaults)[0]
-    rules[AUTO] = choose(sel, sharp_grid(cfg.auto_specs(), cfg), defaults)[0]
-    rules[LID] = choose(sel, lid_grid([abs_spec, *cfg.auto_specs()], cfg), defaults)[0]
-    if all(r.hessian_score_norm is not None for r in sel):
-        rules[JEON] = choose(sel, hs_grid(cfg), defaults)[0]
-    rules[COPIES] = Rule("copies", abs_spec, None, onset)
-    copy_grid = [Rule("copies", abs_spec, None, t, p) for p in COPY_PATIENCES for t in cfg.onset_thresholds]
-    rules[COPIES_TUNED] = choose(sel, copy_grid, defaults)[0]
-    rules[EITHER] = Rule("either", abs_spec, score, onset)
+    specs = cfg.auto_specs()
+    rules = {LIBRARY: library_rule(defaults), V22: Rule("sharp", *V22_RULE)}
+    rules[SHARP] = choose(sel, sharp_grid(specs, cfg), defaults)[0]
+    rules[LID_COUNT] = choose(sel, lid_grid(specs, cfg), defaults)[0]
+    rules[JEON] = choose(sel, hs_grid(cfg), defaults)[0]
     rules[GAP] = choose(sel, gap_grid(cfg), defaults)[0]
+    for name, statistic in CANDIDATES.items():
+        rules[name] = choose(sel, ratio_grid(statistic, specs, cfg), defaults)[0]
     return rules
 
 
-def replay_agreement(runs: Sequence[RunRecord], rule: Rule) -> int:
-    """Runs on which ``rule`` (the absolute noise level) replayed offline puts the onset exactly
-    where the absolute monitor itself declared it during training."""
-    return sum(rule.onset(r, r.shipped) == r.shipped_onset for r in runs)
+def most_right(sel: Sequence[RunRecord], cfg: StudyConfig, defaults: Defaults) -> dict[str, Rule]:
+    """Each candidate, the LID count and the loss gap at the setting with the most runs right on
+    the selection runs, false alarms allowed (then fewest of them): how far each signal can go
+    when the 0-false-alarm priority of :func:`rule_key` is dropped."""
+    specs = cfg.auto_specs()
+    grids = {name: ratio_grid(stat, specs, cfg) for name, stat in CANDIDATES.items()}
+    grids.update({LID_COUNT: lid_grid(specs, cfg), GAP: gap_grid(cfg)})
+
+    def key(ro: tuple[Rule, Outcome]) -> tuple[int, int]:
+        return (ro[1].count("right"), -ro[1].count("false_alarm"))
+
+    return {name: max(((r, evaluate(sel, r, defaults)) for r in grid), key=key)[0] for name, grid in grids.items()}
 
 
-# ----------------------------------------------------------------------------- rescaling
-@dataclass(frozen=True)
-class RescaleRow:
-    """One digits run (``n``, ``seed``) against its rescaled copy ``variant``: the rule's onsets
-    and the truth's, base first."""
-
-    n: int
-    seed: int
-    variant: str
-    base_onset: int | None
-    onset: int | None
-    base_truth: int | None
-    truth: int | None
+def library_rule(defaults: Defaults) -> Rule:
+    """The library's default onset rule as a study :class:`Rule` (its primary calibrated level)."""
+    threshold = float(defaults.onset_threshold or 0.0)
+    if defaults.onset_on == "lid" and defaults.lid_statistic == "count":  # the LID itself: the LID-count rule
+        return Rule("lid", defaults.primary_spec, defaults.lid_count_threshold, threshold)
+    if defaults.onset_on == "lid":
+        spec = ALL_LEVELS if defaults.lid_statistic == "profile" else defaults.primary_spec
+        return Rule(defaults.lid_statistic, spec, defaults.lid_ratio_threshold, threshold)
+    return Rule("sharp", defaults.primary_spec, defaults.score_threshold, threshold)
 
 
-def checks_apart(a: int | None, b: int | None, every: int) -> float:
-    """``|a − b|`` in checks; 0 when neither exists, ``inf`` when only one does."""
-    if a is None and b is None:
-        return 0.0
-    if a is None or b is None:
-        return math.inf
-    return abs(a - b) / every
-
-
-def rescale_rows(runs: Sequence[RunRecord], rule: Rule, defaults: Defaults) -> list[RescaleRow]:
-    """Every digits run that has a rescaled copy in ``runs`` (same N and seed): one row per copy."""
-    by_key = {r.key: r for r in runs}
-    rows = []
-    for (name, n, seed), scaled in sorted(by_key.items()):
-        base = by_key.get((SCALED[name][0], n, seed)) if name in SCALED else None
-        if base is not None:
-            rows.append(
-                RescaleRow(
-                    n,
-                    seed,
-                    name,
-                    rule.onset(base, defaults),
-                    rule.onset(scaled, defaults),
-                    gt_onset(base),
-                    gt_onset(scaled),
-                )
-            )
-    return rows
-
-
-def rescale_summary(rows: Sequence[RescaleRow], every: int) -> tuple[int, int, float]:
-    """``(within one check, pairs, largest change in checks)`` of the rule's onsets under rescaling."""
-    changes = [checks_apart(r.base_onset, r.onset, every) for r in rows]
-    return sum(c <= 1 for c in changes), len(changes), max(changes, default=math.nan)
+def best_candidate(outcomes: dict[str, Outcome]) -> str:
+    """The candidate (of :data:`CANDIDATES`) with the best :func:`rule_key` on the selection runs."""
+    return max(CANDIDATES, key=lambda name: rule_key(outcomes[name]))
 
 
 # ----------------------------------------------------------------------------- the whole study
@@ -497,13 +464,14 @@ class StudyAnalysis:
 
     Attributes:
         cfg, defaults: the study and the library's defaults when it is analysed (the runs keep
-            theirs as ``RunRecord.shipped``; the fixed absolute rule does not depend on either).
+            theirs as ``RunRecord.shipped``).
         datasets: sorted data-set names.
         groups: ``"selection"``, ``"report"`` and (when given) ``"fresh"`` -> their runs.
         rules: rule name -> :class:`Rule` (see :func:`select_rules`).
+        winner: the candidate chosen on the selection runs (:func:`best_candidate`).
         outcomes: group -> rule name -> :class:`Outcome`.
+        liberal: :func:`most_right`'s rules; liberal_outcomes: group -> their outcomes.
         aurocs: group -> :class:`AurocTable` over every noise level measured.
-        replayed: runs (all groups) whose own absolute-default onset the replay reproduces.
     """
 
     cfg: StudyConfig
@@ -511,9 +479,11 @@ class StudyAnalysis:
     datasets: list[str]
     groups: dict[str, list[RunRecord]]
     rules: dict[str, Rule]
+    winner: str
     outcomes: dict[str, dict[str, Outcome]]
     aurocs: dict[str, AurocTable]
-    replayed: int
+    liberal: dict[str, Rule]
+    liberal_outcomes: dict[str, dict[str, Outcome]]
 
     def seeds(self, group: str) -> str:
         """``"seed 0"`` / ``"seeds 1, 2"``: the seeds of a group."""
@@ -522,7 +492,7 @@ class StudyAnalysis:
 
     @property
     def specs(self) -> list[str]:
-        """Every noise level measured, absolute first."""
+        """Every noise level measured."""
         return list(self.groups["selection"][0].signals)
 
     @property
@@ -530,22 +500,15 @@ class StudyAnalysis:
         """The check cadence (all data sets share it)."""
         return self.cfg.data[0].every
 
-    def two_tier_runs(self, group: str) -> list[RunRecord]:
-        """The runs of ``group`` whose absolute and trace rules are two measurements (dense and
-        trace tier): every run but the UNet's, which measure on the trace tier only."""
-        unet = {d.name for d in self.cfg.data if d.model == "unet"}
-        return [r for r in self.groups[group] if r.dataset not in unet]
-
     def auroc(self, group: str, rule: Rule) -> RocStats | None:
-        """Pooled per-probe statistics of the rule's per-probe score (``None`` for the loss gap and
-        the copy rules: their probes are not the truth's)."""
-        signal = {"sharp": PRIMARY_SIGNAL, "lid": "lid", "hs": HS_SIGNAL}.get(rule.kind)
-        return None if signal is None else self.aurocs[group][("all", rule.spec, signal)]
+        """Pooled per-probe statistics of the rule's per-probe score (``None`` for the loss gap: a run-level signal)."""
+        signal = {"sharp": PRIMARY_SIGNAL, "lid": "lid", "hs": HS_SIGNAL}.get(rule.kind, rule.kind)
+        return None if rule.kind == "gap" else self.aurocs[group][("all", rule.spec, signal)]
 
 
 def analyse(runs: list[RunRecord], cfg: StudyConfig, fresh: Sequence[RunRecord] = ()) -> StudyAnalysis:
     """Choose on the selection seeds of ``cfg``, replay everything on the report seeds and on ``fresh``."""
-    defaults = library_defaults()  # today's, which the report calls the library's defaults
+    defaults = library_defaults()
     groups = {
         "selection": [r for r in runs if r.seed in cfg.select_seeds],
         "report": [r for r in runs if r.seed not in cfg.select_seeds],
@@ -555,14 +518,17 @@ def analyse(runs: list[RunRecord], cfg: StudyConfig, fresh: Sequence[RunRecord] 
     groups = {g: rs for g, rs in groups.items() if rs}
     rules = select_rules(groups["selection"], cfg, defaults)
     specs = list(runs[0].signals)
-    every_run = [*runs, *fresh]
+    outcomes = {g: {name: evaluate(rs, rule, defaults) for name, rule in rules.items()} for g, rs in groups.items()}
+    liberal = most_right(groups["selection"], cfg, defaults)
     return StudyAnalysis(
         cfg=cfg,
         defaults=defaults,
-        datasets=sorted({r.dataset for r in every_run}),
+        datasets=sorted({r.dataset for r in [*runs, *fresh]}),
         groups=groups,
         rules=rules,
-        outcomes={g: {name: evaluate(rs, rule, defaults) for name, rule in rules.items()} for g, rs in groups.items()},
+        winner=best_candidate(outcomes["selection"]),
+        outcomes=outcomes,
         aurocs={g: auroc_table(rs, specs) for g, rs in groups.items()},
-        replayed=replay_agreement(every_run, rules[TODAY]),
+        liberal=liberal,
+        liberal_outcomes={g: {n: evaluate(rs, r, defaults) for n, r in liberal.items()} for g, rs in groups.items()},
     )

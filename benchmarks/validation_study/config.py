@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from memwatch import MemorizationMonitor, SharpnessResult, defaults
+from memwatch import MemorizationMonitor, SharpnessResult
 from memwatch.sharpness import SharpnessOptions
 
 NN_ONSET = 0.10  # ground-truth onset: first check with more than 10 % NN-memorized probes
@@ -25,16 +25,11 @@ SCALED: dict[str, tuple[str, tuple[float, float]]] = {  # name -> (base data set
     "digits_01": ("digits", (0.5, 0.5)),  # the [-1, 1] digits mapped to [0, 1]
     "digits_x3": ("digits", (3.0, 0.0)),  # the [-1, 1] digits × 3
 }
-ABSOLUTE_SIGMAS = defaults.ABSOLUTE_SIGMAS  # the absolute monitor's level: the library's former default
-ABSOLUTE_SPEC = f"abs {ABSOLUTE_SIGMAS[0]:g}"
-# the absolute monitor's whole rule, fixed: the library's defaults before study v2.2 (σ_t 0.3, 0.9, 0.2)
-ABSOLUTE_RULE: dict[str, Any] = {
-    "sigmas": ABSOLUTE_SIGMAS,
-    "score_threshold": defaults.SCORE_THRESHOLD,
-    "onset_threshold": defaults.ABSOLUTE_ONSET_THRESHOLD,
-}
-IMAGE_SIZES = {"digits16": 16}  # image data sets: the digits upsampled to this side (d = 256)
-UNET_METHOD = "trace"  # the UNet runs' absolute and auto monitors: the tier `method="auto"` uses at image scale
+# the v2.2 defaults, fixed: sharp fraction > 0.9 at the calibrated level 0.1, onset > 0.3 (patience 2)
+V22_RULE = ("auto 0.1", 0.9, 0.3)
+IMAGE_SIZES = {"digits16": 16, "digits16_mlp": 16}  # the digits upsampled to this side (d = 256): UNet, MLP
+DUPLICATED = {"gmm_dup": ("gmm", 4, 500)}  # name -> (base set, items repeated, times each): N distinct + the repeats
+UNET_METHOD = "trace"  # the UNet runs' monitor: the tier `method="auto"` uses at image scale
 
 
 # ----------------------------------------------------------------------------- signals
@@ -71,6 +66,7 @@ PRIMARY_SIGNAL = "sharp_fraction"  # the callback's score
 
 SCORE_THRESHOLDS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)  # per-probe thresholds tried (sharp fraction)
 LID_THRESHOLDS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)  # per-probe LID thresholds tried (dimensions)
+RATIO_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # per-probe LID-ratio thresholds tried
 ONSET_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 GAP_THRESHOLDS = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # loss gap
 
@@ -93,6 +89,10 @@ class DataSpec:
             ``"unet"`` (a diffusers ``UNet2DModel`` with a default ``DDPMScheduler``, found by the
             monitors without glue; its absolute and auto monitors measure with :data:`UNET_METHOD`).
         batch_size: training batch size (``None``: the study's).
+
+    A data set of :data:`DUPLICATED` trains on its ``N`` distinct samples plus a few of them
+    repeated many times (data-driven memorization); its truth is measured against the ``N``
+    distinct ones.
     """
 
     name: str
@@ -125,8 +125,8 @@ class StudyConfig:
         held_out: size of the held-out split (and of the training subset) of the loss gap.
         num_probes, sampler_steps: probes per check and their DDIM steps.
         depth, batch_size: MLP depth and training batch size.
-        score_thresholds, lid_thresholds, onset_thresholds, gap_thresholds: the grids tried on
-            the selection seeds.
+        score_thresholds, lid_thresholds, ratio_thresholds, onset_thresholds, gap_thresholds: the
+            grids tried on the selection seeds.
     """
 
     data: tuple[DataSpec, ...]
@@ -141,6 +141,7 @@ class StudyConfig:
     batch_size: int = 64
     score_thresholds: tuple[float, ...] = SCORE_THRESHOLDS
     lid_thresholds: tuple[float, ...] = LID_THRESHOLDS
+    ratio_thresholds: tuple[float, ...] = RATIO_THRESHOLDS
     onset_thresholds: tuple[float, ...] = ONSET_THRESHOLDS
     gap_thresholds: tuple[float, ...] = GAP_THRESHOLDS
 
@@ -164,24 +165,26 @@ def _digits_specs(
 DEFAULT = StudyConfig(
     data=(
         DataSpec("gmm", (8, 16, 1024), 4000, 250, 128, 2e-3),
+        DataSpec("gmm_dup", (5000,), 4000, 250, 128, 2e-3),
         DataSpec("swiss_roll", (8, 16, 256), 4000, 250, 128, 2e-3),
         DataSpec("s_curve", (8, 16, 256), 4000, 250, 128, 2e-3),
         DataSpec("digits", (8, 16, 1024), 4000, 250, 256, 2e-3),
         *_digits_specs((16, 1024), 4000, 250, 256, 2e-3, names=tuple(SCALED)),
-        DataSpec("digits16", (16, 1024), 3000, 250, 16, 1e-3, model="unet", batch_size=32),
+        DataSpec("digits16_mlp", (16, 1024), 3000, 250, 256, 2e-3),
+        DataSpec("digits16", (16, 64, 1024), 3000, 250, 16, 1e-3, model="unet", batch_size=32),
     ),
-    seeds=(0, 1),
-    select_seeds=(0,),
+    seeds=(0, 1, 2, 3, 4),
+    select_seeds=(0, 1, 2),
     sigma_factors=(0.05, 0.1, 0.2),
     num_probes=20,
 )
-FRESH = replace(DEFAULT, seeds=(2,))  # trained after every choice is fixed, evaluated only (``--fresh``)
+FRESH = replace(DEFAULT, seeds=(5,))  # trained after every choice is fixed, evaluated only (``--fresh``)
 
 FAST = StudyConfig(
-    data=(DataSpec("gmm", (4, 512), 600, 100, 128, 3e-3),),
+    data=(DataSpec("gmm", (4, 512), 600, 100, 128, 3e-3), DataSpec("gmm_dup", (300,), 600, 100, 128, 3e-3)),
     seeds=(0, 1),
     select_seeds=(0,),
-    sigma_factors=(0.2,),
+    sigma_factors=(0.1, 0.2),
     loss_timesteps=(50, 200),
     held_out=64,
     num_probes=16,
@@ -201,7 +204,10 @@ class Defaults:
         threshold: τ, a direction is sharp when σ_t²λ < -τ.
         score_threshold: a probe is memorized when its sharp fraction exceeds this.
         onset_threshold, onset_min_delta, patience, min_steps, baseline_checks: the
-            :class:`memwatch.onset.OnsetDetector` rule on ``memorized_fraction``.
+            :class:`memwatch.onset.OnsetDetector` rule on the share ``onset_on`` names.
+        onset_on: ``"sharpness"`` (the sharp fraction above ``score_threshold``) or ``"lid"``
+            (the LID signal's ``lid_statistic`` below ``lid_ratio_threshold``).
+        lid_statistic, lid_ratio_threshold, lid_count_threshold: the LID signal's rule.
     """
 
     sigmas: tuple[float, ...]
@@ -213,6 +219,10 @@ class Defaults:
     min_steps: int
     baseline_checks: int
     sigma_factors: tuple[float, ...] = (0.2,)
+    onset_on: str = "sharpness"
+    lid_statistic: str = "relative"
+    lid_ratio_threshold: float = 0.5
+    lid_count_threshold: float = 3.0
 
     @property
     def primary_spec(self) -> str:
@@ -234,6 +244,10 @@ class Defaults:
             "min_steps": self.min_steps,
             "baseline_checks": self.baseline_checks,
             "sigma_factors": list(self.sigma_factors),
+            "onset_on": self.onset_on,
+            "lid_statistic": self.lid_statistic,
+            "lid_ratio_threshold": self.lid_ratio_threshold,
+            "lid_count_threshold": self.lid_count_threshold,
         }
 
     @classmethod
@@ -244,7 +258,7 @@ class Defaults:
 
 def library_defaults() -> Defaults:
     """The library's current defaults, read by name: τ from :class:`memwatch.sharpness.SharpnessOptions`,
-    the noise levels, the score threshold and the onset rule (its
+    the noise levels, the score threshold, the LID rule and the onset rule (its
     :class:`memwatch.onset.OnsetDetector`) from a default :class:`memwatch.MemorizationMonitor`.
     The study follows any edit of them."""
     monitor = MemorizationMonitor()
@@ -259,4 +273,8 @@ def library_defaults() -> Defaults:
         patience=detector.patience,
         min_steps=detector.min_steps,
         baseline_checks=detector.baseline_checks,
+        onset_on=monitor.onset.on,
+        lid_statistic=monitor.sharpness.lid.statistic,
+        lid_ratio_threshold=monitor.sharpness.lid.ratio_threshold,
+        lid_count_threshold=monitor.sharpness.lid.count_threshold,
     )

@@ -11,7 +11,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .analysis import AurocTable, Outcome, Rule, gt_onset, loss_gap, nn_fraction
+from .analysis import ALL_LEVELS, AurocTable, Outcome, Rule, gt_onset, loss_gap, nn_fraction
 from .config import NN_ONSET, PRIMARY_SIGNAL, SIGNALS, Defaults
 from .runs import RunRecord
 
@@ -25,32 +25,35 @@ def _figure(size: tuple[float, float]) -> Figure:
 
 
 # ----------------------------------------------------------------------------- AUROC vs factor
-def plot_auroc_vs_factor(
-    table: AurocTable,
-    datasets: Sequence[str],
-    factors: Sequence[float],
-    abs_spec: str,
-    chosen: str,
-    seeds_label: str,
-    signal: str = PRIMARY_SIGNAL,
-) -> Figure:
-    """Per-probe AUROC of ``signal`` against the ``sigmas="auto"`` factor, one line per data set
-    (matplotlib's colour cycle, sorted order) and pooled over all (black, bold); dashed: the same
-    at the absolute level ``abs_spec`` (pooled); dotted vertical: the ``chosen`` level."""
+#: the per-probe values drawn against the noise level: (signal, label)
+FACTOR_SIGNALS = (
+    ("relative", "relative LID"),
+    ("drawdown", "LID drawdown"),
+    ("denoising", "denoising LID / data LID"),
+    ("flipd", "FLIPD"),
+    (PRIMARY_SIGNAL, SIGNALS[PRIMARY_SIGNAL].label),
+)
+
+
+def plot_auroc_vs_factor(table: AurocTable, factors: Sequence[float], chosen: str, seeds_label: str) -> Figure:
+    """Pooled per-probe AUROC of each value of :data:`FACTOR_SIGNALS` against the ``sigmas="auto"``
+    factor (matplotlib's colour cycle), the multi-scale profile over every level (dash-dotted),
+    the target 0.95 (red dashed) and the ``chosen`` level (dotted vertical; none for the profile)."""
     fig = _figure((7.5, 4.8))
     ax = fig.add_subplot()
-    for ds in datasets:
-        ax.plot(factors, [table[(ds, f"auto {f:g}", signal)].auroc for f in factors], marker="o", lw=1.3, label=ds)
-    pooled_auc = [table[("all", f"auto {f:g}", signal)].auroc for f in factors]
-    ax.plot(factors, pooled_auc, marker="o", lw=2.6, color="k", label="all (pooled)")
-    ax.axhline(table[("all", abs_spec, signal)].auroc, color="k", ls="--", lw=1.2, label=f"all at {abs_spec}")
+    for signal, label in FACTOR_SIGNALS:
+        ax.plot(
+            factors, [table[("all", f"auto {f:g}", signal)].auroc for f in factors], marker="o", lw=1.6, label=label
+        )
+    ax.axhline(table[("all", ALL_LEVELS, "profile")].auroc, color="k", ls="-.", lw=1.4, label="multi-scale profile")
     ax.axhline(0.95, color="tab:red", ls="--", lw=1.0, label="target 0.95")
-    ax.axvline(float(chosen.split()[1]), color="0.3", ls=":", lw=1.4, label=f"chosen: {chosen}")
+    if chosen != ALL_LEVELS:
+        ax.axvline(float(chosen.split()[1]), color="0.3", ls=":", lw=1.4, label=f"chosen: {chosen}")
     ax.set_xscale("log")
     ax.set_xticks(list(factors), [f"{f:g}" for f in factors])
     ax.minorticks_off()
     ax.set_xlabel(r"sigma_factors: $\sigma_t$ / median NN distance (calibrated by the monitor)")
-    ax.set_ylabel(f"per-probe AUROC of the {SIGNALS[signal].label}")
+    ax.set_ylabel("per-probe AUROC (pooled over every run)")
     ax.set_ylim(0.4, 1.0)
     ax.grid(alpha=0.3)
     ax.set_title(f"Per-probe detection vs calibrated noise level ({seeds_label})")

@@ -18,34 +18,36 @@ import torch
 from memwatch import plots
 
 from .analysis import (
-    AUTO,
-    AUTO_TODAY,
-    COPIES,
-    COPIES_TUNED,
-    COPY_PATIENCES,
-    EITHER,
+    ALL_LEVELS,
+    CANDIDATES,
     GAP,
     HS_SIGNAL,
     JEON,
-    LID,
+    LIBRARY,
     NOISIEST,
-    TODAY,
-    TRACE,
+    SHARP,
+    V22,
     OnsetRow,
     Outcome,
     StudyAnalysis,
-    checks_apart,
-    pooled,
-    rescale_rows,
-    rescale_summary,
-    roc_stats,
+    evaluate,
     run_kind,
 )
-from .config import ABSOLUTE_RULE, BORDERLINE, NEVER, NN_ONSET, PRIMARY_SIGNAL, SCALED, SIGNALS
+from .config import BORDERLINE, DUPLICATED, IMAGE_SIZES, NEVER, NN_ONSET, SCALED
 from .figures import plot_auroc_vs_factor, plot_curves, plot_loss_gap, plot_onsets, run_curves
 from .runs import RunRecord, Timing
 
-_CHOSEN = (AUTO, COPIES_TUNED)  # the rules the targets are read on: without and with the training samples
+AUROC_TARGET, ON_TIME_TARGET = 0.95, 0.90
+#: the per-probe table's rows: (signal, label); the LID statistics first
+DETECTION_ROWS = (
+    ("relative", "relative LID (FLIPD / data LID)"),
+    ("drawdown", "LID drawdown (FLIPD / first checks)"),
+    ("denoising", "denoising LID / data LID"),
+    ("denoising_lid", "denoising LID"),
+    ("flipd", "FLIPD"),
+    ("lid", "LID count"),
+    ("sharp_fraction", "sharp fraction"),
+)
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -53,10 +55,6 @@ def _f(x: float | None, digits_: int = 2) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "–"
     return f"{x:.{digits_}f}"
-
-
-def _step(x: int | None) -> str:
-    return "–" if x is None else str(int(x))
 
 
 def _cell(row: OnsetRow) -> str:
@@ -70,10 +68,6 @@ def _cell(row: OnsetRow) -> str:
     return f"{row.onset} ({row.lead:+d})" + (" late" if row.lead < 0 else "")
 
 
-def _checks(x: float) -> str:
-    return "∞" if math.isinf(x) else f"{x:g}"
-
-
 def md_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A markdown table (no trailing newline)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -85,21 +79,21 @@ def _join(*chunks: str) -> str:
     return "\n".join(chunks)
 
 
-def _frac(a: int, b: int) -> str:
-    return f"{a}/{b}"
+def _counts(out: Outcome) -> str:
+    return (
+        f"{out.count('right')}/{out.judged} right, {out.count('on_time')}/{out.count('memorizing')} on time, "
+        f"{out.count('false_alarm')}/{out.count('never')} false alarms"
+    )
 
 
-# ----------------------------------------------------------------------------- figures
-def _curve_runs(an: StudyAnalysis) -> dict[str, RunRecord]:
-    """The digits runs at every scale of one report seed and the smallest N whose base run memorizes."""
-    rep = an.groups["report"]
-    seed = min(r.seed for r in rep)
-    names = ["digits", *SCALED]
-    base = sorted((r for r in rep if r.dataset == "digits" and r.seed == seed and memorizes(r)), key=lambda r: r.n)
-    if not base:
-        return {}
-    n = base[min(1, len(base) - 1)].n  # the second smallest memorizing N: its onset is not at the first checks
-    return {name: r for name in names for r in rep if r.key == (name, n, seed)}
+def _groups(an: StudyAnalysis) -> list[str]:
+    """The evaluation groups present: report, then fresh."""
+    return [g for g in ("report", "fresh") if g in an.groups]
+
+
+def _per_seed(an: StudyAnalysis, group: str) -> dict[int, list[RunRecord]]:
+    seeds = sorted({r.seed for r in an.groups[group]})
+    return {s: [r for r in an.groups[group] if r.seed == s] for s in seeds}
 
 
 def memorizes(run: RunRecord) -> bool:
@@ -107,29 +101,43 @@ def memorizes(run: RunRecord) -> bool:
     return run_kind(run) == "memorizing"
 
 
+# ----------------------------------------------------------------------------- figures
+def _curve_runs(an: StudyAnalysis) -> dict[str, RunRecord]:
+    """One run per kind of hard case of the first report seed: the UNet and the upsampled MLP at
+    their smallest and largest N, and the duplication case."""
+    rep = an.groups["report"]
+    seed = min(r.seed for r in rep)
+    picked = {}
+    for name in [*IMAGE_SIZES, *DUPLICATED]:
+        runs = sorted((r for r in rep if r.dataset == name and r.seed == seed), key=lambda r: r.n)
+        for r in {id(x): x for x in (runs[:1] + runs[-1:])}.values():
+            picked[f"{name} N={r.n}"] = r
+    return picked
+
+
 def write_figures(an: StudyAnalysis, img: Path) -> dict[str, str]:
     """Draw and save every figure under ``img``; figure key -> file name."""
-    auto, gap = an.rules[AUTO], an.rules[GAP]
+    winner, gap = an.rules[an.winner], an.rules[GAP]
     rep, label = an.groups["report"], an.seeds("report")
 
     def save(fig, name: str) -> str:
         return plots.save_figure(fig, img / f"validation_{name}.png").name
 
-    factors = an.cfg.sigma_factors
+    shown = {
+        name: an.outcomes["report"][name] for name in (an.winner, LIBRARY, V22, GAP) if name in an.outcomes["report"]
+    }
     figs = {
         "auroc": save(
-            plot_auroc_vs_factor(an.aurocs["report"], an.datasets, factors, an.rules[TODAY].spec, auto.spec, label),
-            "auroc_vs_factor",
+            plot_auroc_vs_factor(an.aurocs["report"], an.cfg.sigma_factors, winner.spec, label), "auroc_vs_factor"
         ),
-        "onsets": save(plot_onsets(an.outcomes["report"], label), "onsets"),
+        "onsets": save(plot_onsets(shown, label), "onsets"),
         "gap": save(plot_loss_gap(rep, [run_kind(r) for r in rep], gap.spec, gap.onset_threshold, label), "loss_gap"),
     }
     picked = _curve_runs(an)
     if picked:
-        n, seed = next(iter(picked.values())).key[1:]
-        title = f"digits at three scales, N={n}, seed {seed}: {auto.describe()}\nvs NN truth (d1/d2 < 1/3)"
-        curves = run_curves(picked, auto, an.defaults)
-        figs["curves"] = save(plot_curves(curves, auto.onset_threshold, title), "curves_digits_scales")
+        title = f"hard cases ({label}): {an.winner}, {winner.describe()}\nvs NN truth (d1/d2 < 1/3)"
+        curves = run_curves(picked, winner, an.defaults)
+        figs["curves"] = save(plot_curves(curves, winner.onset_threshold, title), "curves_hard_cases")
     return figs
 
 
@@ -138,175 +146,141 @@ def header_section(an: StudyAnalysis, timing: Timing, fresh_timing: Timing | Non
     n_runs = sum(len(rs) for rs in an.groups.values())
     fresh = "" if fresh_timing is None else f" + {fresh_timing.seconds / 60:.1f} min for the fresh seed(s)"
     return _join(
-        "# Validation: does memwatch detect memorization, and when? (study v2.2)\n",
+        "# Validation: does memwatch detect memorization, and when? (study v3)\n",
         "Generated by `benchmarks/validation.py`; do not edit by hand. "
         f"Size: `{timing.size}`, {n_runs} training runs, {timing.seconds / 60:.1f} min{fresh} "
         f"on {timing.machine} ({timing.workers} worker(s)).\n",
     )
 
 
-def _sigma_range(runs: Sequence[RunRecord], name: str, spec: str) -> str:
-    vals = [r.sigma[spec] for r in runs if r.dataset == name]
-    return f"{min(vals):.2f}–{max(vals):.2f}" if vals else "–"
+def summary_section(an: StudyAnalysis) -> str:
+    """The winning candidate (chosen on the selection seeds) against the library's defaults and the
+    baselines, on every evaluation group."""
+    w = an.rules[an.winner]
+    lines = [
+        "## Summary\n",
+        f"Candidate chosen on {an.seeds('selection')}: **{an.winner}** ({w.describe()}, patience "
+        f"{w.patience_of(an.defaults)}). Library defaults when this report was made: {an.rules[LIBRARY].describe()}.\n",
+    ]
+    for group in _groups(an):
+        outs = an.outcomes[group]
+        auc = an.auroc(group, w)
+        parts = [f"**{an.winner}** {_counts(outs[an.winner])}, per-probe AUROC {_f(auc.auroc if auc else None, 3)}"]
+        parts += [f"{name}: {_counts(outs[name])}" for name in (LIBRARY, V22, JEON, GAP)]
+        lines.append(f"* {an.seeds(group)}: " + "; ".join(parts) + ".")
+    return _join(*lines, "")
 
 
 def setup_section(an: StudyAnalysis) -> str:
-    cfg, d = an.cfg, an.defaults
+    cfg = an.cfg
     runs = [r for rs in an.groups.values() for r in rs]
-    auto = an.rules[AUTO].spec
-    unet = any(spec.model == "unet" for spec in cfg.data)
+    level = an.rules[an.winner].spec if an.rules[an.winner].spec != ALL_LEVELS else an.specs[0]
     rows = []
     for spec in cfg.data:
-        mnn = [r.median_nn for r in runs if r.dataset == spec.name]
-        dim = next(r.dim for r in runs if r.dataset == spec.name)
+        mine = [r for r in runs if r.dataset == spec.name]
+        if not mine:
+            continue
+        model = (
+            f"UNet2DModel ({spec.hidden}, {2 * spec.hidden}), batch {spec.batch_size or cfg.batch_size}"
+            if spec.model == "unet"
+            else f"MLP {spec.hidden}×{cfg.depth}"
+        )
+        mnn = [r.median_nn for r in mine]
+        sig = [r.sigma[level] for r in mine]
+        dl = [r.data_lid[level] for r in mine]
         rows.append(
             [
                 spec.name,
-                dim,
+                mine[0].dim,
                 ", ".join(map(str, spec.ns)),
                 spec.max_steps,
                 spec.every,
-                f"UNet2DModel ({spec.hidden}, {2 * spec.hidden}), batch {spec.batch_size or cfg.batch_size}"
-                if spec.model == "unet"
-                else f"MLP {spec.hidden}×{cfg.depth}",
+                model,
                 f"{min(mnn):.2f}–{max(mnn):.2f}",
-                _sigma_range(runs, spec.name, auto),
+                f"{min(sig):.2f}–{max(sig):.2f}",
+                f"{min(dl):.1f}–{max(dl):.1f}",
             ]
         )
-    header = ["data", "d", "N", "steps", "check every", "model", "median NN dist.", f"σ_t at {auto}"]
+    header = ["data", "d", "N", "steps", "check every", "model", "median NN dist.", f"σ_t at {level}", "data LID"]
     scaled = ", ".join(f"`{k}` = {a:g}·x + {b:g}" for k, (_, (a, b)) in SCALED.items())
-    text = (
-        f"\n\nDDPM ε-objective (`memwatch.apps.toymodels.DDPMModule`), linear schedule (T = 1000), Adam, batch "
-        f"{cfg.batch_size}. Data: sklearn digits in [-1, 1] (d = 64) and the *same* images rescaled ({scaled}; "
-        "same seed, same subset, same init and batches), swiss roll / S-curve embedded in R^16, an 8-component "
-        "GMM in R^16. "
-        + (
-            "**Image model:** `digits16`, the digits upsampled to 16×16 (d = 256), trained as a diffusers user "
-            "would: a `UNet2DModel` and a default `DDPMScheduler` (clip_sample, linear betas) as attributes of "
-            "`memwatch.apps.toymodels.UNetDDPMModule`, found by the monitors without glue, probes stepped by the "
-            'scheduler\'s own DDIM. Its monitors measure with `method="trace"` (the dense spectrum of 20 probes '
-            "costs 21 s per noise level per check on one core, 82× the trace tier: `benchmarks/bench_check_cost.py "
-            "--models digits16`), so its absolute and trace "
-            "rules are one measurement and section 3b leaves it out. "
-            if unet
-            else ""
-        )
-        + "Three monitors watch every run, two with their own probes "
-        f"({cfg.num_probes} per check, {cfg.sampler_steps}-step DDIM, dense Hessian spectrum, τ = {d.threshold}): "
-        f"one with a fixed absolute rule, the library's former defaults (sigmas {ABSOLUTE_RULE['sigmas']}, "
-        f"score_threshold {ABSOLUTE_RULE['score_threshold']}, onset_threshold {ABSOLUTE_RULE['onset_threshold']}, "
-        f"patience {d.patience}; its own probes, and "
-        '`reference_data="batches"`: it counts copies of the training samples it saw itself; a third monitor '
-        'measures its probes again with `method="trace"`), '
-        'one with `sigmas="auto"` and '
-        f"`sigma_factors={tuple(cfg.sigma_factors)}` (the monitor calibrates σ_t = factor × median NN distance of "
-        "its reservoir of training samples at the first check, clamped inside the schedule: floor ≈ 0.08, "
-        "ceiling ≈ 1.0), whose probes against the training set are the ground truth; the library's default "
-        f"levels (sigmas {d.sigmas[0]!r}, sigma_factors {tuple(d.sigma_factors)}) are among them. "
-        "No σ is set by hand for the `auto` rules. Per-probe values are the callback's own (`RecordingMonitor`, "
-        "through `on_check_end`).\n\n"
-        f"**Loss-gap baseline.** At every check the ε-objective is evaluated without gradients on "
-        f"{cfg.held_out} training samples and on a held-out split of {cfg.held_out} further samples of the same "
-        f"distribution, at fixed timesteps t ∈ {{{', '.join(map(str, cfg.loss_timesteps))}}} with fixed noises; "
-        "the gap is (L_held − L_train) / L_train, per timestep or of the mean loss; onset when it exceeds a "
-        "threshold at `patience` checks in a row.\n\n"
-        f"**Ground truth.** A probe is memorized when d₁/d₂ < 1/3 (its final sample vs the training set). A run "
-        f"*memorizes* when a check has more than {NN_ONSET:.0%} of the `auto` monitor's probes memorized (onset: "
-        f"the first such check); it *never memorizes* when no check exceeds {NEVER:.0%}; runs peaking in between "
-        f"({NEVER:.0%}–{BORDERLINE:.0%}) are *borderline* and reported apart (neither right nor wrong). "
-        "**Right** = a memorizing run flagged no later than the truth, or a never-memorizing run never flagged. "
-        "**Rescale stability**: |onset(rescaled digits) − onset(digits)| in checks, same N and seed (a flag on "
-        "one and none on the other counts as ∞).\n\n"
-        "Onsets of every rule are replayed offline through `memwatch.onset.OnsetDetector` on the recorded checks; "
-        "the replay of the absolute rule reproduces the absolute monitor's own onset on "
-        f"{an.replayed}/{len(runs)} runs.\n"
+    dup = ", ".join(
+        f"`{k}`: N distinct {b} samples and {i} of them repeated {t}× each" for k, (b, i, t) in DUPLICATED.items()
     )
+    text = (
+        f"\n\nDDPM ε-objective, linear schedule (T = 1000), Adam, batch {cfg.batch_size}. Data: sklearn digits in "
+        f"[-1, 1] (d = 64) and the same images rescaled ({scaled}), swiss roll / S-curve embedded in R^16, an "
+        "8-component GMM in R^16; the digits upsampled to 16×16 (d = 256) for an MLP (`digits16_mlp`) and for a "
+        "diffusers `UNet2DModel` with a default `DDPMScheduler`, found by the monitor without glue and measured on "
+        f"the trace tier (`digits16`); the duplication case {dup} (more distinct samples than the monitor's "
+        "reservoir of 4096 holds; its truth is against the distinct samples).\n\n"
+        "**One monitor per run**, the library's defaults but `sigma_factors="
+        f"{tuple(cfg.sigma_factors)}` (calibrated by the monitor from its reservoir at the first check), "
+        f"{cfg.num_probes} probes of {cfg.sampler_steps} DDIM steps, and the training set as `reference_data` for "
+        "the truth. Every candidate and baseline is read from its checks (`RecordingMonitor`, through "
+        "`on_check_end`): the sharpness signal (dense spectrum on the MLPs, trace tier on the UNet), Jeon et al.'s "
+        "‖H s‖, and the LID signal (`memwatch.signals.lid`): the data LID by local PCA of the reservoir at the "
+        f"first check, FLIPD and the denoising LID ({an.defaults.lid_statistic!r} etc. are its statistics).\n\n"
+        "**Candidates** (each the LID signal's `lid.statistic`, replayed offline with the library's own "
+        "functions of `memwatch.lid`): *relative LID* = FLIPD / data LID at one level; *multi-scale profile* = "
+        "that ratio averaged over every level measured; *LID drawdown* = FLIPD / the median of the probe's own "
+        "first checks; *denoising LID* = the probe's ε-loss ‖ε + σ s(αx + σε)‖² (8 draws, forward passes only) / "
+        "data LID. A probe is memorized when its ratio is below a threshold; onset when more than a share of the "
+        "probes is, at `patience` checks in a row.\n\n"
+        f"**Loss-gap baseline.** At every check the ε-objective on {cfg.held_out} training samples and on "
+        f"{cfg.held_out} held-out ones, at fixed t ∈ {{{', '.join(map(str, cfg.loss_timesteps))}}} and noises; the "
+        "gap is (L_held − L_train) / L_train.\n\n"
+        f"**Ground truth.** A probe is memorized when d₁/d₂ < 1/3 to the training set. A run *memorizes* when a "
+        f"check has more than {NN_ONSET:.0%} of its probes memorized (onset: the first such check); it *never "
+        f"memorizes* when no check exceeds {NEVER:.0%}; runs in between ({NEVER:.0%}–{BORDERLINE:.0%}) are "
+        "*borderline* (neither right nor wrong). **Right** = a memorizing run flagged no later than the truth, or "
+        "a never-memorizing run never flagged.\n"
+    )
+    fresh = an.groups.get("fresh")
     protocol = (
-        f"**Protocol.** Every free setting is chosen on {an.seeds('selection')} ({len(an.groups['selection'])} runs) "
-        f"only; {an.seeds('report')} ({len(an.groups['report'])} runs) report. "
+        f"**Protocol.** Every free setting is chosen on {an.seeds('selection')} ({len(an.groups['selection'])} "
+        f"runs) only; {an.seeds('report')} ({len(an.groups['report'])} runs) report. "
         + (
-            f"The fresh {an.seeds('fresh')} ({len(an.groups['fresh'])} runs, same grid) were trained once, after the "
-            "training code and the library's defaults were fixed, and play no part in any choice.\n"
-            if "fresh" in an.groups
-            else "No fresh seeds in this run.\n"
+            f"The fresh {an.seeds('fresh')} ({len(fresh)} runs, same grid) was trained once, after every choice and "
+            "the library's defaults were fixed.\n"
+            if fresh
+            else "No fresh seed in this run.\n"
         )
     )
     return _join("## Setup\n", md_table(header, rows), text, protocol)
 
 
-def _counts(out: Outcome) -> str:
-    return (
-        f"{out.count('right')}/{out.judged} right, {out.count('on_time')}/{out.count('memorizing')} on time, "
-        f"{out.count('false_alarm')}/{out.count('never')} false alarms"
-    )
-
-
-def summary_section(an: StudyAnalysis) -> str:
-    """The recommended rule (``AUTO``, chosen on the selection seed) against today's defaults and
-    the loss gap, on every evaluation group."""
-    auto = an.rules[AUTO]
-    factor = auto.spec.split()[1]
-    lines = [
-        "## Summary\n",
-        f'Rule chosen on {an.seeds("selection")} with no σ set by hand: `sigmas="auto"`, '
-        f"`sigma_factors=({factor},)`, `score_threshold={auto.score_threshold:g}`, "
-        f"`onset_threshold={auto.onset_threshold:g}` (patience {an.defaults.patience}).\n",
-    ]
-    for group in ("report", "fresh"):
-        if group in an.groups:
-            outs = an.outcomes[group]
-            auc = _f(an.aurocs[group][("all", auto.spec, PRIMARY_SIGNAL)].auroc, 3)
-            shipped = f"{AUTO_TODAY}: {_counts(outs[AUTO_TODAY])}; " if AUTO_TODAY in outs else ""
-            lines.append(
-                f"* {an.seeds(group)}: **{AUTO}** {_counts(outs[AUTO])}, per-probe AUROC {auc}; {shipped}"
-                f"{TODAY}: {_counts(outs[TODAY])}; **{COPIES_TUNED}** ({an.rules[COPIES_TUNED].describe()}): "
-                f"{_counts(outs[COPIES_TUNED])}; {EITHER}: {_counts(outs[EITHER])}; {GAP}: {_counts(outs[GAP])}."
-            )
-    lines.append(
-        '\nWith the training samples in memory (`reference_data="batches"`, a training set of at most '
-        "`calibration_capacity` distinct samples per rank, as every run here), the monitor can count copies "
-        "directly; the copy rules measure the same quantity as the ground truth, on their own probes, so they "
-        "test the monitor's sampling and timing, not the sharpness signal. Without the training samples "
-        "(larger data sets), the sharpness rules are what is left.\n"
-    )
-    return _join(*lines, "")
-
-
 def rules_section(an: StudyAnalysis) -> str:
     sel = an.outcomes["selection"]
     how = {
-        TODAY: "fixed: the library's former defaults",
-        TRACE: 'fixed: the same, `method="trace"` (the cheap tier) on the same probes',
-        AUTO_TODAY: 'fixed: the library\'s defaults (`sigmas="auto"`, its factor and thresholds)',
-        "absolute, tuned": "thresholds tuned on the selection seed",
-        AUTO: "factor and thresholds tuned on the selection seed",
-        LID: "noise level, LID and onset thresholds tuned on the selection seed (not a callback option)",
-        JEON: "Jeon et al.'s detector, the monitor's `hessian_score_norm`, against the run's first check; "
-        "both thresholds tuned on the selection seed",
-        COPIES: 'fixed: `reference_data="batches"`, `onset_on="copies"`, the absolute rule\'s onset threshold',
-        COPIES_TUNED: "the same, onset threshold and patience (1 or 2) tuned on the selection seed",
-        EITHER: 'fixed: `reference_data="batches"`, `onset_on="either"`, the absolute σ and thresholds',
-        GAP: "timestep and threshold tuned on the selection seed",
+        LIBRARY: "fixed: the library's defaults",
+        V22: "fixed: the defaults of study v2.2",
+        SHARP: "factor and thresholds tuned",
+        "LID count, tuned": 'an LID threshold in dimensions (`sharpness.lid.statistic="count"`); '
+        "level and thresholds tuned",
+        JEON: "Jeon et al.'s ‖H s‖ against the run's first check; both thresholds tuned",
+        GAP: "timestep and threshold tuned",
+        **{name: "candidate: level and both thresholds tuned" for name in CANDIDATES},
     }
     rows = [
         [
-            f"**{name}**" if name in _CHOSEN else name,
+            f"**{name}**" if name == an.winner else name,
             rule.describe(),
             how[name],
-            _frac(sel[name].count("right"), sel[name].judged),
-            _frac(sel[name].count("on_time"), sel[name].count("memorizing")),
-            _frac(sel[name].count("false_alarm"), sel[name].count("never")),
+            f"{sel[name].count('right')}/{sel[name].judged}",
+            f"{sel[name].count('on_time')}/{sel[name].count('memorizing')}",
+            f"{sel[name].count('false_alarm')}/{sel[name].count('never')}",
         ]
         for name, rule in an.rules.items()
     ]
     header = ["rule", "setting", "how", "right (sel.)", "on time (sel.)", "false alarms (sel.)"]
+    cfg = an.cfg
     text = (
-        "Tuned rules are chosen on the selection seed by: fewest false alarms, then fewest borderline runs "
+        "Tuned rules are chosen on the selection seeds by: fewest false alarms, then fewest borderline runs "
         "flagged, then most runs right, then most memorizing runs flagged, then the widest margin of the monitored "
-        f"value around the threshold. Grids: factor ∈ {tuple(an.cfg.sigma_factors)}, score_threshold ∈ "
-        f"{an.cfg.score_thresholds}, onset_threshold ∈ {an.cfg.onset_thresholds}, loss-gap threshold ∈ "
-        f"{an.cfg.gap_thresholds} at each loss timestep and their mean. Patience {an.defaults.patience} for all "
-        f"but the tuned copy rule (patience ∈ {COPY_PATIENCES}).\n"
+        f"value around the threshold; the winner among the candidates by the same order. Grids: level ∈ "
+        f"{tuple(cfg.auto_specs())}, ratio threshold ∈ {cfg.ratio_thresholds}, sharp fraction ∈ "
+        f"{cfg.score_thresholds}, LID ∈ {cfg.lid_thresholds}, onset threshold ∈ {cfg.onset_thresholds}, loss gap ∈ "
+        f"{cfg.gap_thresholds} at each loss timestep and their mean. Patience {an.defaults.patience}.\n"
     )
     return _join("## 1. Rules compared\n", md_table(header, rows), "", text)
 
@@ -316,179 +290,115 @@ def _lead_text(out: Outcome) -> str:
     return f"{int(np.median(leads)):+d}" if leads else "–"
 
 
-def _rescale_text(an: StudyAnalysis, group: str, name: str) -> str:
-    rows = rescale_rows(an.groups[group], an.rules[name], an.defaults)
-    within, pairs, worst = rescale_summary(rows, an.every)
-    if not pairs:
-        return "–"
-    return f"{within}/{pairs} (max {_checks(worst)})"
-
-
 def comparison_section(an: StudyAnalysis) -> str:
     parts = ["## 2. The rules side by side\n"]
-    for group in ("report", "fresh"):
-        if group not in an.groups:
-            continue
+    header = ["rule", "right", "on time", "detected", "false alarms", "borderline flagged", "median lead (steps)",
+              "AUROC (pooled)", "TPR @1 % / 5 % FPR"]  # fmt: skip
+    for group in _groups(an):
         rows = []
-        for name, rule in an.rules.items():
-            out = an.outcomes[group][name]
-            roc = an.auroc(group, rule)
+        for name, out in an.outcomes[group].items():
+            st = an.auroc(group, an.rules[name])
             rows.append(
                 [
-                    f"**{name}**" if name in _CHOSEN else name,
-                    _frac(out.count("right"), out.judged),
-                    _frac(out.count("on_time"), out.count("memorizing")),
-                    _frac(out.count("detected"), out.count("memorizing")),
-                    _frac(out.count("false_alarm"), out.count("never")),
-                    _frac(out.count("borderline_flagged"), out.count("borderline")),
+                    f"**{name}**" if name == an.winner else name,
+                    f"{out.count('right')}/{out.judged}",
+                    f"{out.count('on_time')}/{out.count('memorizing')}",
+                    f"{out.count('detected')}/{out.count('memorizing')}",
+                    f"{out.count('false_alarm')}/{out.count('never')}",
+                    f"{out.count('borderline_flagged')}/{out.count('borderline')}",
                     _lead_text(out),
-                    _f(None if roc is None else roc.auroc, 3),
-                    "–" if roc is None else f"{_f(roc.tpr[0.01])} / {_f(roc.tpr[0.05])}",
-                    _rescale_text(an, group, name),
+                    _f(st.auroc if st else None, 3),
+                    "–" if st is None else f"{_f(st.tpr[0.01])} / {_f(st.tpr[0.05])}",
                 ]
             )
-        header = [
-            "rule",
-            "right",
-            "on time",
-            "detected",
-            "false alarms",
-            "borderline flagged",
-            "median lead (steps)",
-            "AUROC (pooled)",
-            "TPR @1 % / 5 % FPR",
-            "rescale: within 1 check",
-        ]
         parts += [
             f"**{group.capitalize()} {an.seeds(group)}** ({len(an.groups[group])} runs)\n",
             md_table(header, rows),
             "",
         ]
     parts.append(
-        "AUROC: the rule's per-probe score (sharp fraction at its noise level) against the NN labels, pooled over "
-        "every check and run of the group; the loss gap is a run-level signal and has none, the copy rules' "
-        "per-probe value is the label itself. Lead = truth − onset (positive: earlier), median over memorizing "
-        "runs flagged.\n"
+        "AUROC: the rule's per-probe score against the NN labels, pooled over every check and run of the group (the "
+        "loss gap is a run-level signal and has none). Lead = truth − onset (positive: earlier), median over "
+        "memorizing runs flagged.\n"
     )
     return _join(*parts)
 
 
 def detection_section(an: StudyAnalysis, figs: Mapping[str, str]) -> str:
-    auto, absolute = an.rules[AUTO].spec, an.rules[TODAY].spec
-    table = an.aurocs["report"]
+    group = "report"
+    table, datasets = an.aurocs[group], an.datasets
 
-    def row(spec: str, signal: str, name: str) -> list[str]:
-        allr = table[("all", spec, signal)]
-        cells = [_f(table[(ds, spec, signal)].auroc) for ds in an.datasets]
-        return [spec, name, *cells, _f(allr.auroc, 3), _f(allr.tpr[0.01]), _f(allr.tpr[0.05])]
+    def row(spec: str, signal: str, label: str) -> list[str]:
+        cells = [_f(table[(ds, spec, signal)].auroc) for ds in datasets]
+        st = table[("all", spec, signal)]
+        return [spec, label, *cells, _f(st.auroc, 3), _f(st.tpr[0.01]), _f(st.tpr[0.05])]
 
-    rows = [
-        row(spec, signal, f"**{sig.label}**" if spec == auto and signal == PRIMARY_SIGNAL else sig.label)
-        for spec in [absolute, *an.cfg.auto_specs()]
-        for signal, sig in SIGNALS.items()
-    ]
-    if ("all", NOISIEST, HS_SIGNAL) in table:
-        rows.append(row(NOISIEST, HS_SIGNAL, "‖H s‖ (Jeon)"))
-    header = ["σ", "signal", *an.datasets, "all", "TPR@1%", "TPR@5%"]
-    pos = ", ".join(
-        f"{ds} {table[(ds, auto, PRIMARY_SIGNAL)].n_pos}/{table[(ds, auto, PRIMARY_SIGNAL)].n}" for ds in an.datasets
-    )
+    rows = [row(spec, sig, label) for spec in an.specs for sig, label in DETECTION_ROWS]
+    rows.append(row(ALL_LEVELS, "profile", "multi-scale profile"))
+    rows.append(row(NOISIEST, HS_SIGNAL, "‖H s‖ (Jeon)"))
+    header = ["σ", "signal", *datasets, "all", "TPR@1%", "TPR@5%"]
     return _join(
-        f"## 3. Per-probe detection ({an.seeds('report')})\n",
-        "AUROC of each signal of the callback's `SharpnessResult` (oriented: higher = more memorized; LID, σ²λ and "
-        "FLIPD negated) against the NN labels, pooled over all checks and runs of a data set. FLIPD is the "
-        "trace-tier quantity (here read from the dense spectrum, d + σ² tr H; on the UNet, whose monitors "
-        "measure on the trace tier, every value is the trace tier's and the eigenvalues are not measured: –); "
-        "Jeon et al.'s ‖H s‖ (one vector-Jacobian product per probe at the noisiest sampler state, the "
-        "monitor's `hessian_score_norm`) is the last row, on the `auto` monitor's probes.\n",
+        f"## 3. Per-probe detection ({an.seeds(group)})\n",
+        "AUROC of each per-probe value against the NN labels (oriented: lower LID or ratio = more memorized), "
+        "pooled over every check and run of a data set. On the UNet every LID is the trace tier's.\n",
         md_table(header, rows),
         "",
-        f"Positives / probes at {auto}: {pos}.\n",
-        f"![AUROC vs factor](img/{figs['auroc']})\n",
-    )
-
-
-def trace_tier_section(an: StudyAnalysis) -> str:
-    """The cheap trace tier against the dense spectrum on the same probes and runs: per-probe
-    AUROC of the sharp fraction, and how often the default rule declares the same onset."""
-    if TRACE not in an.rules:
-        return ""
-    dense, trace = an.rules[TODAY], an.rules[TRACE]
-    rows = []
-    for group in ("selection", "report", "fresh"):
-        if group not in an.groups:
-            continue
-        runs = an.two_tier_runs(group)
-        a, b = (roc_stats(*pooled(runs, rule.spec, PRIMARY_SIGNAL)) for rule in (dense, trace))
-        same = sum(dense.onset(r, an.defaults) == trace.onset(r, an.defaults) for r in runs)
-        rows.append(
-            [
-                an.seeds(group),
-                _f(a.auroc, 3),
-                _f(b.auroc, 3),
-                _f(b.auroc - a.auroc, 3),
-                f"{same}/{len(runs)} = {same / max(len(runs), 1):.0%}",
-            ]
-        )
-    header = ["seeds", f"AUROC, dense ({dense.spec})", f"AUROC, trace tier ({trace.spec})", "Δ", "same onset"]
-    return _join(
-        "## 3b. The cheap trace tier against the dense spectrum\n",
-        f"The absolute rule ({dense.describe()}) measured twice on the same probes of every MLP run: by the "
-        'exact dense spectrum and by `method="trace"` (LID from a Hutchinson estimate of the denoiser '
-        'Jacobian\'s trace, the tier `method="auto"` uses above d = 384). Per-probe AUROC of the sharp '
-        "fraction against the NN labels, pooled; onset: the default rule replayed on each. Targets: AUROC within "
-        "0.02, the same onset on ≥ 90 % of runs.\n",
-        md_table(header, rows),
-        "",
+        f"![AUROC vs noise level](img/{figs['auroc']})\n",
     )
 
 
 def onset_section(an: StudyAnalysis, figs: Mapping[str, str]) -> str:
-    parts = ["## 4. Onset per run\n"]
     names = list(an.rules)
-    for group in ("report", "fresh"):
-        if group not in an.groups:
-            continue
+    parts = ["## 4. Onset per run\n"]
+    for group in _groups(an):
         outs = an.outcomes[group]
         rows = []
-        for i, r0 in enumerate(outs[TODAY].rows):
-            rows.append(
-                [r0.dataset, r0.n, r0.seed, f"{r0.peak:.2f}", r0.kind, _step(r0.truth)]
-                + [_cell(outs[name].rows[i]) for name in names]
-            )
+        for i, r0 in enumerate(outs[names[0]].rows):
+            peak = f"{r0.peak:.2f}"
+            truth = "–" if r0.truth is None else str(r0.truth)
+            rows.append([r0.dataset, r0.n, r0.seed, peak, r0.kind, truth, *(_cell(outs[n].rows[i]) for n in names)])
         header = ["data", "N", "seed", "peak NN", "kind", "NN truth onset", *names]
         parts += [f"**{an.seeds(group)}.** Onset step (lead vs truth in brackets).\n", md_table(header, rows), ""]
-    parts += [f"![onsets](img/{figs['onsets']})\n"]
+    parts.append(f"![onsets](img/{figs['onsets']})\n")
     if "curves" in figs:
-        parts.append(f"![digits at three scales](img/{figs['curves']})\n")
+        parts.append(f"![hard cases](img/{figs['curves']})\n")
     parts.append(f"![loss gap](img/{figs['gap']})\n")
     return _join(*parts)
 
 
-def rescale_section(an: StudyAnalysis) -> str:
-    parts = [
-        "## 5. Rescaling the digits\n",
-        "Onset steps on the same digits (same N, seed, init and batches) at [-1, 1] → rescaled; "
-        "Δ in checks. Rescaling is not a symmetry of training with a fixed noise schedule: the signal-to-noise "
-        "ratio at every timestep changes with the data's scale, so the model itself may memorize at another "
-        'step (the NN truth column); `sigmas="auto"` rescales the measurement with the data, not the training.\n',
-    ]
-    for group in ("report", "fresh"):
-        if group not in an.groups:
-            continue
-        base_rows = rescale_rows(an.groups[group], an.rules[TODAY], an.defaults)
-        per_rule = {name: rescale_rows(an.groups[group], rule, an.defaults) for name, rule in an.rules.items()}
-        rows = []
-        for i, br in enumerate(base_rows):
-            d_truth = checks_apart(br.base_truth, br.truth, an.every)
-            cells = [f"{_step(br.base_truth)} → {_step(br.truth)} (Δ {_checks(d_truth)})"]
-            for name in an.rules:
-                pr = per_rule[name][i]
-                delta = checks_apart(pr.base_onset, pr.onset, an.every)
-                cells.append(f"{_step(pr.base_onset)} → {_step(pr.onset)} (Δ {_checks(delta)})")
-            rows.append([br.variant, br.n, br.seed, *cells])
-        parts += [f"**{an.seeds(group)}**\n", md_table(["copy", "N", "seed", "NN truth", *an.rules], rows), ""]
-    return _join(*parts)
+def _seed_rows(an: StudyAnalysis, name: str) -> list[list[str]]:
+    """The issue's targets for rule ``name``, one block per evaluation seed."""
+    rule = an.rules[name]
+    rows = []
+    for group in _groups(an):
+        for seed, runs in _per_seed(an, group).items():
+            out, gap = evaluate(runs, rule, an.defaults), evaluate(runs, an.rules[GAP], an.defaults)
+            memo = out.count("memorizing")
+            on_time = out.count("on_time")
+            late = ", ".join(f"{r.dataset} N={r.n}" for r in out.rows if r.kind == "memorizing" and not r.on_time)
+            false = ", ".join(f"{r.dataset} N={r.n}" for r in out.rows if r.false_alarm)
+            right, gap_right = out.count("right"), gap.count("right")
+            falses = out.count("false_alarm")
+            rows += [
+                [f"seed {seed}", "more runs right than the loss gap", f"{right} vs {gap_right} of {out.judged}",
+                 _yes(right > gap_right)],
+                [f"seed {seed}", "0 false alarms", f"{falses}/{out.count('never')}" + (f" ({false})" if false else ""),
+                 _yes(falses == 0)],
+                [f"seed {seed}", f"≥ {ON_TIME_TARGET:.0%} of memorizing runs on time",
+                 f"{on_time}/{memo}" + (f"; late or missed: {late}" if late else ""),
+                 _yes(memo > 0 and on_time >= ON_TIME_TARGET * memo)],
+            ]  # fmt: skip
+        st = an.auroc(group, rule)
+        auc = None if st is None else st.auroc
+        rows.append(
+            [
+                an.seeds(group),
+                f"per-probe AUROC ≥ {AUROC_TARGET} (pooled)",
+                _f(auc, 3),
+                _yes(auc is not None and auc >= AUROC_TARGET),
+            ]
+        )
+    return rows
 
 
 def _yes(ok: bool) -> str:
@@ -496,97 +406,105 @@ def _yes(ok: bool) -> str:
 
 
 def targets_section(an: StudyAnalysis) -> str:
-    parts = ["## 6. Targets\n"]
-    for name in _CHOSEN:
+    parts = ["## 5. Targets\n"]
+    for name in dict.fromkeys([an.winner, LIBRARY]):
         parts += [
-            f"**Rule '{name}'** ({an.rules[name].describe()})\n",
-            md_table(["seeds", "target", "measured", "met"], _target_rows(an, name)),
+            f"**{name}** ({an.rules[name].describe()})\n",
+            md_table(["seeds", "target", "measured", "met"], _seed_rows(an, name)),
             "",
         ]
     return _join(*parts)
 
 
-def _target_rows(an: StudyAnalysis, name: str) -> list[list[str]]:
-    rows = []
-    for group in ("report", "fresh"):
-        if group not in an.groups:
-            continue
-        out, gap = an.outcomes[group][name], an.outcomes[group][GAP]
-        roc = an.auroc(group, an.rules[name])
-        memo = out.count("memorizing")
-        on_time = out.count("on_time")
-        rescaled = rescale_rows(an.groups[group], an.rules[name], an.defaults)
-        within, pairs, worst = rescale_summary(rescaled, an.every)
-        truth_moves = max((checks_apart(r.base_truth, r.truth, an.every) for r in rescaled), default=math.nan)
-        late = out.late()
-        rows += [
-            [
-                an.seeds(group),
-                "≥ 90 % of memorizing runs on time",
-                f"{on_time}/{memo} = {on_time / max(memo, 1):.0%}; late by {late} steps, "
-                f"{memo - out.count('detected')} missed",
-                _yes(memo > 0 and on_time >= 0.9 * memo),
-            ],
-            [
-                an.seeds(group),
-                "0 false alarms",
-                f"{out.count('false_alarm')}/{out.count('never')}",
-                _yes(out.count("false_alarm") == 0),
-            ],
-            [
-                an.seeds(group),
-                "more runs right than the loss gap",
-                f"{out.count('right')} vs {gap.count('right')} of {out.judged}",
-                _yes(out.count("right") > gap.count("right")),
-            ],
-            [
-                an.seeds(group),
-                "per-probe AUROC ≥ 0.95 (pooled)",
-                _f(roc.auroc, 3) if roc else "– (no per-probe score: the value is the label)",
-                _yes(roc.auroc >= 0.95) if roc else "–",
-            ],
-            [
-                an.seeds(group),
-                "onset changes ≤ 1 check under rescaling",
-                f"{within}/{pairs} pairs; max Δ {_checks(worst)} checks (the truth's own: {_checks(truth_moves)})"
-                if pairs
-                else "no rescaled runs",
-                _yes(pairs > 0 and within == pairs),
-            ],
-        ]
-    return rows
-
-
 def diagnostics_section(an: StudyAnalysis) -> str:
-    lines = ["## 7. Where the rules go wrong\n"]
-    for group in ("report", "fresh"):
-        if group not in an.groups:
-            continue
-        for name in (*_CHOSEN, TODAY, EITHER, GAP):
+    parts = ["## 6. Where the rules go wrong\n"]
+    for group in _groups(an):
+        for name in dict.fromkeys([an.winner, LIBRARY, GAP]):
             out = an.outcomes[group][name]
-            late = [r for r in out.rows if r.lead is not None and r.lead < 0]
-            missed = [r for r in out.rows if r.kind == "memorizing" and r.onset is None]
-            alarms = [r for r in out.rows if r.false_alarm]
-            desc = []
-            if late:
-                desc.append(
-                    "late: "
-                    + ", ".join(f"{r.dataset} N={r.n} s{r.seed} by {-r.lead // an.every} check(s)" for r in late)
-                )
-            if missed:
-                desc.append(
-                    "missed: " + ", ".join(f"{r.dataset} N={r.n} s{r.seed} (peak {r.peak:.0%})" for r in missed)
-                )
-            if alarms:
-                desc.append(
-                    "false alarms: " + ", ".join(f"{r.dataset} N={r.n} s{r.seed} (peak {r.peak:.0%})" for r in alarms)
-                )
-            lines.append(f"* **{name}** ({an.seeds(group)}): " + ("; ".join(desc) if desc else "no errors") + ".")
-    lines.append(
-        f"\nOne check = {an.every} steps; with patience {an.defaults.patience} the earliest possible onset is the "
-        "second check of a streak, so a truth onset at the first checks cannot be matched.\n"
+            late = [
+                f"{r.dataset} N={r.n} s{r.seed} by {-r.lead // an.every} check(s)"
+                for r in out.rows
+                if r.lead is not None and r.lead < 0
+            ]
+            missed = [
+                f"{r.dataset} N={r.n} s{r.seed} (peak {r.peak:.0%})"
+                for r in out.rows
+                if r.kind == "memorizing" and r.onset is None
+            ]
+            false = [f"{r.dataset} N={r.n} s{r.seed} (peak {r.peak:.0%})" for r in out.rows if r.false_alarm]
+            bits = [
+                f"{what}: {', '.join(xs)}"
+                for what, xs in (("late", late), ("missed", missed), ("false alarms", false))
+                if xs
+            ]
+            parts.append(f"* **{name}** ({an.seeds(group)}): " + ("; ".join(bits) if bits else "none") + ".")
+    return _join(*parts, "")  # fmt: skip
+
+
+def liberal_section(an: StudyAnalysis) -> str:
+    """Each signal at its most runs right on the selection seeds, false alarms allowed."""
+    groups = ["selection", *_groups(an)]
+    header = ["signal", "setting (most runs right on the selection seeds)"]
+    header += [f"{an.seeds(g)}: right / on time / false alarms" for g in groups]
+    rows = []
+    for name, rule in an.liberal.items():
+        cells = []
+        for g in groups:
+            out = an.liberal_outcomes[g][name]
+            cells.append(
+                f"{out.count('right')}/{out.judged} / {out.count('on_time')}/{out.count('memorizing')} / "
+                f"{out.count('false_alarm')}/{out.count('never')}"
+            )
+        rows.append([name, rule.describe(), *cells])
+    return _join(
+        "## 6b. Each signal at its most runs right\n",
+        "The rules of section 1 put false alarms first (the target is none). Here each candidate, the LID count and "
+        "the loss gap take the setting with the most runs right on the selection seeds, false alarms allowed (then "
+        "fewest of them): how far the signal itself goes.\n",
+        md_table(header, rows),
+        "",
     )
-    return _join(*lines)
+
+
+def lid_table_section(an: StudyAnalysis) -> str:
+    """The LIDs behind the candidates, per run of the first report seed, at the library's level."""
+    seed = min(r.seed for r in an.groups["report"])
+    spec = an.defaults.primary_spec
+    rows = []
+    for r in (r for r in an.groups["report"] if r.seed == seed):
+        sig = r.signals[spec]
+
+        def med(name: str, check: int, sig: Mapping[str, np.ndarray] = sig) -> str:
+            return _f(float(np.nanmedian(sig[name][check])), 1)
+
+        rows.append([r.dataset, r.n, run_kind(r), _f(r.data_lid[spec], 1), med("lid", 0), med("lid", -1),
+                     med("flipd", -1), med("denoising_lid", -1)])  # fmt: skip
+    header = ["data", "N", "kind", "data LID", "LID count, first check", "LID count, last", "FLIPD, last",
+              "denoising LID, last"]  # fmt: skip
+    return _join(
+        f"## 8. The LIDs behind the candidates (seed {seed}, {spec})\n",
+        "Medians over the probes; the data LID is the LID signal's own (local PCA of the monitor's reservoir at its "
+        "first check). On the UNet the LID count is the trace tier's FLIPD.\n",
+        md_table(header, rows),
+        "",
+    )
+
+
+def cost_section(an: StudyAnalysis) -> str:
+    runs = [r for rs in an.groups.values() for r in rs]
+    rows = []
+    for ds in an.datasets:
+        mine = [r for r in runs if r.dataset == ds]
+        secs = np.concatenate([r.check_seconds for r in mine])
+        rows.append([ds, mine[0].dim, f"{np.median(secs):.2f}", f"{np.max(secs):.2f}"])
+    return _join(
+        "## 7. Cost of a check\n",
+        "Wall time of one check of the study's monitor (sampling, sharpness at every level, ‖H s‖, the LID "
+        "signal's denoising LID, the copies' ground truth), one thread, on a CPU shared by two runs. The cost of "
+        "each part against the sampling at image scale is `benchmarks/bench_check_cost.py`'s.\n",
+        md_table(["data", "d", "median s per check", "max s per check"], rows),
+        "",
+    )
 
 
 def runtime_section(an: StudyAnalysis, timing: Timing, fresh_timing: Timing | None) -> str:
@@ -597,7 +515,7 @@ def runtime_section(an: StudyAnalysis, timing: Timing, fresh_timing: Timing | No
         + ("" if fresh_timing is None else f"; fresh seed(s): {fresh_timing.seconds:.0f} s")
         + f". Per run {min(r.seconds for r in runs):.0f}–{max(r.seconds for r in runs):.0f} s wall, "
         f"CPU {np.nansum(cpu):.0f} s in all (one thread per run). torch {torch.__version__}, Python "
-        f"{platform.python_version()}, {os.cpu_count()} CPU(s), shared with other jobs while it ran."
+        f"{platform.python_version()}, {os.cpu_count()} CPU(s)."
     )
     if timing.note:
         text += " " + timing.note
@@ -617,11 +535,12 @@ def write_report(an: StudyAnalysis, out: Path, timing: Timing, fresh_timing: Tim
         rules_section(an),
         comparison_section(an),
         detection_section(an, figs),
-        trace_tier_section(an),
         onset_section(an, figs),
-        rescale_section(an),
         targets_section(an),
         diagnostics_section(an),
+        liberal_section(an),
+        cost_section(an),
+        lid_table_section(an),
         runtime_section(an, timing, fresh_timing),
     ]
     text = "\n".join(sections)

@@ -2,11 +2,9 @@
 check, as the callback reported it), :class:`RunRecord` (one run, as plain arrays), and the cache.
 
 Cache format (``torch.save``; plain dicts, lists and numpy arrays only, so a cache loads without
-this package): ``{"format": 3, "runs": [RunRecord.to_dict(), ...], "timing": Timing.to_dict(),
-"config": dataclasses.asdict(StudyConfig)}``. Format 4 (study v2.1: the absolute monitor draws
-its own probes and compares them with the batches it saw; a third monitor measures the same
-probes with the trace tier, ``"trace 0.3"``) does not read older caches. Format 5 (study v2.2)
-adds ``hessian_score_norm``, Jeon et al.'s ‖H s‖ of the truth's probes; format 4 still loads.
+this package): ``{"format": 6, "runs": [RunRecord.to_dict(), ...], "timing": Timing.to_dict(),
+"config": dataclasses.asdict(StudyConfig)}``. Format 6 (study v3: one monitor per run, with the
+LID signal's data LID and denoising LID) does not read older caches.
 """
 
 from __future__ import annotations
@@ -29,22 +27,21 @@ from memwatch import (
     CheckpointOptions,
     CheckResult,
     MemorizationMonitor,
-    OnsetOptions,
     ProbeOptions,
     ReportOptions,
     SharpnessCheckOptions,
     SharpnessResult,
-    defaults,
     median_nn_distance,
 )
 from memwatch.callback import find_score
 from memwatch.data import GaussianMixture, digits, manifold
 from memwatch.errors import MemwatchError
+from memwatch.lid import LidReading
 from memwatch.lossgap import LossGap
 from memwatch.probes import isolated
 
 from .config import (
-    ABSOLUTE_RULE,
+    DUPLICATED,
     GMM_COMPONENTS,
     GMM_SEED,
     GMM_STD,
@@ -59,9 +56,8 @@ from .config import (
     library_defaults,
 )
 
-CACHE_FORMAT = 5
-READS_FORMATS = (4, 5)  # format 4 has no ``hessian_score_norm`` (None after loading)
-ABS_PROBE_SEED = 1000  # the absolute monitor draws its probes with seed + this (the truth's: seed)
+CACHE_FORMAT = 6
+READS_FORMATS = (6,)
 LOSS_GAP_SEED = 7  # the loss gap's subset and noises: seed + this
 
 
@@ -73,50 +69,48 @@ class CheckRecord:
     Attributes:
         step: global step of the check.
         results: evaluation timestep -> :class:`memwatch.SharpnessResult` of the probes.
-        nn_ratio: ``[P]`` float, the probes' ``d₁/d₂`` to the training set.
+        nn_ratio: ``[P]`` float, the probes' ``d₁/d₂`` to the (distinct) training set.
+        lid: the LID signal's reading (:class:`memwatch.lid.LidReading`).
         loss_train, loss_held: ``[K]`` ε-losses at the study's fixed timesteps and noises on the
-            training set and the held-out split (``None`` when the monitor does not record them).
+            training set and the held-out split.
         hessian_score_norm: ``[P]`` Jeon et al.'s ‖H s‖ of the probes at the noisiest sampler state.
     """
 
     step: int
     results: dict[float, SharpnessResult]
-    nn_ratio: torch.Tensor | None
-    loss_train: np.ndarray | None = None
-    loss_held: np.ndarray | None = None
-    hessian_score_norm: torch.Tensor | None = None
+    nn_ratio: torch.Tensor
+    lid: LidReading
+    loss_train: np.ndarray
+    loss_held: np.ndarray
+    hessian_score_norm: torch.Tensor
 
 
 @dataclass(frozen=True, eq=False)
 class RunRecord:
     """Everything the analysis needs from one training run (``C`` checks of ``P`` probes).
 
-    Three monitors watch every run: one with the fixed absolute rule ``config.ABSOLUTE_RULE``
-    (the library's former defaults), its own probes — seed +
-    ``ABS_PROBE_SEED`` — and ``reference_data="batches"``: the detector; one with the same settings
-    and probes measured by the cheap trace tier (``method="trace"``; on a UNet the absolute monitor
-    itself); and one with ``sigmas="auto"`` and every factor of the study (the library's default
-    factor among them), whose probes (seed) against the training set are the ground truth.
+    One monitor watches every run, with the library's defaults but ``sigmas="auto"`` at every
+    factor of the study (the library's default factor among them) and the training set as
+    ``reference_data``: its probes against the training set are the ground truth, and its LID
+    signal, sharpness, ‖H s‖ and loss gap are the candidates and baselines, all on the same probes.
 
     Attributes:
-        dataset, n, seed: which run (data set, training-set size N, seed).
+        dataset, n, seed: which run (data set, training-set size N — distinct samples —, seed).
         dim: data dimension d.
-        median_nn: median nearest-neighbour distance of the training set (all N points).
-        sigma: noise-level name (``"abs 0.3"``, ``"auto 0.2"``) -> σ_t measured (nearest timestep);
-            the ``auto`` levels are the monitor's own calibration (clamped inside the schedule).
+        median_nn: median nearest-neighbour distance of the (distinct) training set.
+        sigma: noise-level name (``"auto 0.1"``) -> σ_t measured (the monitor's own calibration).
         steps: ``[C]`` int, the check steps.
-        nn_ratio: ``[C, P]`` float64, the probes' ``d₁/d₂`` (the ``auto`` monitor's probes).
-        nn_ratio_abs: ``[C, P]`` the absolute monitor's probes' ``d₁/d₂`` to the training
-            samples that monitor saw in the batches (its reservoir; the whole training set here,
-            N ≤ its capacity).
-        signals: noise-level name -> signal name -> ``[C, P]`` float64 raw values.
+        nn_ratio: ``[C, P]`` float64, the probes' ``d₁/d₂``.
+        signals: noise-level name -> signal name -> ``[C, P]`` float64 raw values (with
+            ``"denoising_lid"`` from the LID signal).
+        data_lid: noise-level name -> the LID signal's data LID (dimensions, from the monitor's
+            reservoir at its first check).
         loss_t: ``[K]`` the fixed timesteps of the loss-gap baseline.
         loss_train, loss_held: ``[C, K]`` ε-losses on the training set and the held-out split.
+        hessian_score_norm: ``[C, P]`` Jeon et al.'s ‖H s‖ at the noisiest sampler state.
+        check_seconds: ``[C]`` wall time of each check (s).
         shipped: the callback defaults the run was made with.
-        shipped_onset: the absolute monitor's own onset step (``None``: none declared).
         seconds: wall time of the run; cpu_seconds: its CPU time (one thread).
-        hessian_score_norm: ``[C, P]`` Jeon et al.'s ‖H s‖ of the ``auto`` monitor's probes (the
-            truth's) at the noisiest sampler state; ``None`` in caches of format 4.
     """
 
     dataset: str
@@ -127,16 +121,16 @@ class RunRecord:
     sigma: dict[str, float]
     steps: np.ndarray
     nn_ratio: np.ndarray
-    nn_ratio_abs: np.ndarray
     signals: dict[str, dict[str, np.ndarray]]
+    data_lid: dict[str, float]
     loss_t: np.ndarray
     loss_train: np.ndarray
     loss_held: np.ndarray
+    hessian_score_norm: np.ndarray
+    check_seconds: np.ndarray
     shipped: Defaults
-    shipped_onset: int | None
     seconds: float
     cpu_seconds: float | None = None
-    hessian_score_norm: np.ndarray | None = None
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -209,36 +203,44 @@ def _raw_data(base: str, n: int, seed: int) -> torch.Tensor:
 
 
 def make_data(name: str, n: int, seed: int, held_out: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` training samples of data set ``name`` and ``held_out`` further samples of the same
-    distribution (disjoint draws; float32, seeded). ``name`` is a base set (``"digits"``,
+    """``n`` distinct training samples of data set ``name`` and ``held_out`` further samples of
+    the same distribution (disjoint draws; float32, seeded). ``name`` is a base set (``"digits"``,
     ``"gmm"``, ``"swiss_roll"``, ``"s_curve"``), an upsampled one of :data:`config.IMAGE_SIZES`,
-    or a rescaled one of :data:`config.SCALED`
-    (the same samples, mapped by ``a · x + b``)."""
-    base, (a, b) = SCALED.get(name, (name, (1.0, 0.0)))
+    a rescaled one of :data:`config.SCALED` (the same samples, mapped by ``a · x + b``) or a
+    duplicated one of :data:`config.DUPLICATED` (its base set; :func:`training_set` adds the repeats)."""
+    base, (a, b) = SCALED.get(name, (DUPLICATED.get(name, (name,))[0], (1.0, 0.0)))
     x = _raw_data(base, n + held_out, seed) * a + b
     return x[:n], x[n:]
 
 
+def training_set(name: str, x: torch.Tensor) -> torch.Tensor:
+    """What the model trains on: the distinct samples ``x``, plus, for a data set of
+    :data:`config.DUPLICATED`, its first items repeated (``[N + items · repeats, *shape]``)."""
+    if name not in DUPLICATED:
+        return x
+    _, items, repeats = DUPLICATED[name]
+    return torch.cat([x, x[:items].repeat_interleave(repeats, 0)])
+
+
 # ----------------------------------------------------------------------------- training
 class RecordingMonitor(MemorizationMonitor):
-    """``MemorizationMonitor`` that keeps every check's per-probe results in :attr:`checks` and,
-    given ``loss_gap``, the ε-losses of the loss-gap baseline at each check (per timestep, as
-    the analysis needs them; the monitor's own ``heldout_data`` logs their means)."""
+    """``MemorizationMonitor`` that keeps every check's per-probe results in :attr:`checks`, with
+    the ε-losses of ``study_loss_gap`` at each check (per timestep, as the analysis needs them;
+    the monitor's own ``loss_gap`` logs their means)."""
 
-    def __init__(self, *args: Any, study_loss_gap: LossGap | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, study_loss_gap: LossGap, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.checks: list[CheckRecord] = []
+        self.seconds: list[float] = []
         self.study_loss_gap = study_loss_gap
 
     def on_check_end(self, trainer: Any, pl_module: Any, check: CheckResult) -> None:
-        losses: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
-        if self.study_loss_gap is not None:
-            with isolated(pl_module):
-                losses = tuple(v.numpy() for v in self.study_loss_gap.losses(find_score(pl_module)))
-        ratio = None if check.nn_ratio is None else check.nn_ratio.detach().cpu().clone()
-        hs = None if check.hessian_score_norm is None else check.hessian_score_norm.detach().cpu().clone()
-        self.checks.append(CheckRecord(check.step, dict(check.results), ratio, *losses, hessian_score_norm=hs))
-        self.samples = check.samples  # the last check's probes (the trace monitor must share them)
+        with isolated(pl_module):
+            losses = tuple(v.numpy() for v in self.study_loss_gap.losses(find_score(pl_module)))
+        assert check.nn_ratio is not None and check.lid is not None and check.hessian_score_norm is not None
+        ratio, hs = check.nn_ratio.detach().cpu().clone(), check.hessian_score_norm.detach().cpu().clone()
+        self.checks.append(CheckRecord(check.step, dict(check.results), ratio, check.lid, *losses, hs))
+        self.seconds.append(check.values["check_seconds"])
 
 
 def _training_parts(model: str) -> tuple[type, type]:
@@ -288,42 +290,26 @@ class RunJob:
     seed: int
 
 
-def _monitor(
-    job: RunJob,
-    reference: torch.Tensor | str | None,
-    seed: int,
-    *,
-    sigmas: Any = defaults.SIGMAS,
-    sigma_factors: tuple[float, ...] = defaults.SIGMA_FACTORS,
-    score_threshold: float = defaults.SCORE_THRESHOLD,
-    onset_threshold: float = defaults.ONSET_THRESHOLD,
-    method: str = "auto",
-    loss_gap: LossGap | None = None,
-) -> RecordingMonitor:
-    """A :class:`RecordingMonitor` with the study's cadence and probes (drawn with ``seed``), the
-    ``reference`` data, and the rule's noise levels and thresholds on top of the library defaults."""
+def monitor_for(job: RunJob, reference: torch.Tensor, loss_gap: LossGap, method: str = "auto") -> RecordingMonitor:
+    """The run's :class:`RecordingMonitor`: the library's defaults, but the study's cadence, probes
+    (drawn with the run's seed), every noise factor of the study, the training set as
+    ``reference_data`` (the truth), no checkpoint or figures, and faults raised."""
+    cfg = job.cfg
     return RecordingMonitor(
         every_n_train_steps=job.spec.every,
-        num_probes=job.cfg.num_probes,
-        sigmas=sigmas,
+        num_probes=cfg.num_probes,
         reference_data=reference,
-        probes=ProbeOptions(sampler_steps=job.cfg.sampler_steps, seed=seed, sigma_factors=sigma_factors),
-        sharpness=SharpnessCheckOptions(method=method, score_threshold=score_threshold),
-        onset=OnsetOptions(threshold=onset_threshold),
+        probes=ProbeOptions(sampler_steps=cfg.sampler_steps, seed=job.seed, sigma_factors=cfg.sigma_factors),
+        sharpness=SharpnessCheckOptions(method=method),
         checkpoint=CheckpointOptions(save=False),
         report=ReportOptions(figures=False, verbose=False, raise_errors=True),
         study_loss_gap=loss_gap,
     )
 
 
-def _fit(
-    job: RunJob, x: torch.Tensor, held: torch.Tensor
-) -> tuple[Any, RecordingMonitor, RecordingMonitor, RecordingMonitor]:
-    """Train one model on ``x`` with three :class:`RecordingMonitor` s: the fixed absolute rule
-    (:data:`config.ABSOLUTE_RULE`), the same with the cheap trace tier (``method="trace"``, the same probes), and
-    ``sigmas="auto"`` at every factor of the study (with the loss gap on ``held``); return the
-    module and the monitors. A UNet's monitors all measure on :data:`config.UNET_METHOD`, so its
-    absolute monitor is returned as the trace monitor too (one measurement, not two)."""
+def _fit(job: RunJob, x: torch.Tensor, held: torch.Tensor) -> tuple[Any, RecordingMonitor]:
+    """Train one model on ``x`` (and its repeats, :func:`training_set`) with the study's monitor
+    (the loss gap on ``held``); return the module and the monitor."""
     import lightning.pytorch as pl
 
     module_cls, data_cls = _training_parts(job.spec.model)
@@ -336,16 +322,11 @@ def _fit(
 
         unet = tiny_unet(x.shape[1], x.shape[-1], widths=(spec.hidden, 2 * spec.hidden))
         module = module_cls(unet, DDPMScheduler(), lr=spec.lr)  # the default scheduler: clip_sample, linear betas
-        tier = {"method": UNET_METHOD}
     else:
         module = module_cls(shape=tuple(x.shape[1:]), hidden=spec.hidden, depth=cfg.depth, lr=spec.lr)
-        tier = {}
-    # the detector's probes are not the truth's: its own seed, and copies of the batches it saw
-    absolute = _monitor(job, "batches", job.seed + ABS_PROBE_SEED, **ABSOLUTE_RULE, **tier)
-    # the absolute monitor's probes on the cheap tier (a UNet's absolute monitor is already on it)
-    trace = None if tier else _monitor(job, None, job.seed + ABS_PROBE_SEED, **ABSOLUTE_RULE, method="trace")
-    gap = LossGap(x, held, timesteps=cfg.loss_timesteps, size=cfg.held_out, seed=job.seed + LOSS_GAP_SEED)
-    auto = _monitor(job, x, job.seed, sigmas="auto", sigma_factors=cfg.sigma_factors, loss_gap=gap, **tier)
+    train = training_set(spec.name, x)
+    gap = LossGap(train, held, timesteps=cfg.loss_timesteps, size=cfg.held_out, seed=job.seed + LOSS_GAP_SEED)
+    monitor = monitor_for(job, x, gap, method=UNET_METHOD if spec.model == "unet" else "auto")
     trainer = pl.Trainer(
         max_steps=spec.max_steps,
         accelerator="cpu",
@@ -355,10 +336,10 @@ def _fit(
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[m for m in (auto, absolute, trace) if m is not None],
+        callbacks=[monitor],
     )
-    trainer.fit(module, data_cls(x, spec.batch_size or cfg.batch_size, spec.max_steps, job.seed))
-    return module, absolute, trace or absolute, auto
+    trainer.fit(module, data_cls(train, spec.batch_size or cfg.batch_size, spec.max_steps, job.seed))
+    return module, monitor
 
 
 def _stack(checks: Sequence[CheckRecord], t: float, value: Any) -> np.ndarray:
@@ -367,33 +348,26 @@ def _stack(checks: Sequence[CheckRecord], t: float, value: Any) -> np.ndarray:
 
 
 def _signals(checks: Sequence[CheckRecord], t: float) -> dict[str, np.ndarray]:
-    """Signal name -> ``[C, P]`` at timestep ``t``."""
-    return {name: _stack(checks, t, sig.value) for name, sig in SIGNALS.items()}
-
-
-def _ratios(checks: Sequence[CheckRecord]) -> np.ndarray:
-    return np.stack([c.nn_ratio.double().numpy() for c in checks])
+    """Signal name -> ``[C, P]`` at timestep ``t`` (the denoising LID from the LID signal)."""
+    out = {name: _stack(checks, t, sig.value) for name, sig in SIGNALS.items()}
+    out["denoising_lid"] = np.stack([c.lid.denoising_lid[t].double().numpy() for c in checks])
+    return out
 
 
 def train_run(job: RunJob) -> RunRecord:
-    """Train one model with both monitors (one thread) and return its recorded checks as a :class:`RunRecord`."""
+    """Train one model with the study's monitor (one thread) and return its recorded checks as a :class:`RunRecord`."""
     quiet()
     torch.set_num_threads(1)
     started, cpu_started = time.perf_counter(), time.process_time()
     x, held = make_data(job.spec.name, job.n, job.seed, job.cfg.held_out)
-    module, absolute, trace, auto = _fit(job, x, held)
-    if trace is not absolute and not torch.equal(
-        absolute.samples, trace.samples
-    ):  # the trace tier's labels are the absolute monitor's
-        raise MemwatchError(f"{job.spec.name} N={job.n}: the trace monitor drew other probes than the absolute one")
-    schedule = find_score(module).schedule  # what the monitors found: the module's, or its diffusers scheduler's
-    t_of = {f"abs {s:g}": float(schedule.timestep_for_sigma(float(s))) for s in absolute.sigmas}
-    t_of.update({f"trace {s:g}": float(schedule.timestep_for_sigma(float(s))) for s in trace.sigmas})
-    assert auto.calibrated_sigmas is not None
-    for c, s in zip(job.cfg.sigma_factors, auto.calibrated_sigmas):
-        t_of[f"auto {c:g}"] = float(schedule.timestep_for_sigma(float(s)))
-    monitors = {"abs": absolute, "trace": trace, "auto": auto}
-    checks_of = {key: monitors[key.split()[0]].checks for key in t_of}
+    module, monitor = _fit(job, x, held)
+    schedule = find_score(module).schedule  # what the monitor found: the module's, or its diffusers scheduler's
+    assert monitor.calibrated_sigmas is not None
+    t_of = {
+        f"auto {c:g}": float(schedule.timestep_for_sigma(float(s)))
+        for c, s in zip(job.cfg.sigma_factors, monitor.calibrated_sigmas)
+    }
+    checks = monitor.checks
     return RunRecord(
         dataset=job.spec.name,
         n=job.n,
@@ -401,18 +375,18 @@ def train_run(job: RunJob) -> RunRecord:
         dim=int(x[0].numel()),
         median_nn=median_nn_distance(x),
         sigma={key: float(schedule.sigma(t)) for key, t in t_of.items()},
-        steps=np.array([c.step for c in auto.checks]),
-        nn_ratio=_ratios(auto.checks),
-        nn_ratio_abs=_ratios(absolute.checks),
-        signals={key: _signals(checks_of[key], t) for key, t in t_of.items()},
+        steps=np.array([c.step for c in checks]),
+        nn_ratio=np.stack([c.nn_ratio.double().numpy() for c in checks]),
+        signals={key: _signals(checks, t) for key, t in t_of.items()},
+        data_lid={key: float(checks[0].lid.data_lid[t]) for key, t in t_of.items()},
         loss_t=np.array(job.cfg.loss_timesteps),
-        loss_train=np.stack([c.loss_train for c in auto.checks]),
-        loss_held=np.stack([c.loss_held for c in auto.checks]),
+        loss_train=np.stack([c.loss_train for c in checks]),
+        loss_held=np.stack([c.loss_held for c in checks]),
+        hessian_score_norm=np.stack([c.hessian_score_norm.double().numpy() for c in checks]),
+        check_seconds=np.array(monitor.seconds),
         shipped=library_defaults(),
-        shipped_onset=absolute.onset_step,
         seconds=time.perf_counter() - started,
         cpu_seconds=time.process_time() - cpu_started,  # ≈ wall time on an idle core (1 thread)
-        hessian_score_norm=np.stack([c.hessian_score_norm.double().numpy() for c in auto.checks]),
     )
 
 
