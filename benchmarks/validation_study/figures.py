@@ -15,7 +15,7 @@ from .analysis import ALL_LEVELS, AurocTable, Outcome, Rule, gt_onset, loss_gap,
 from .config import NN_ONSET, PRIMARY_SIGNAL, SIGNALS, Defaults
 from .runs import RunRecord
 
-RUN_COLOURS = ("tab:red", "tab:blue", "tab:green")
+RUN_COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown")
 
 
 def _figure(size: tuple[float, float]) -> Figure:

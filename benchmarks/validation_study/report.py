@@ -135,7 +135,7 @@ def write_figures(an: StudyAnalysis, img: Path) -> dict[str, str]:
     }
     picked = _curve_runs(an)
     if picked:
-        title = f"hard cases ({label}): {an.winner}, {winner.describe()}\nvs NN truth (d1/d2 < 1/3)"
+        title = f"hard cases ({label}): {an.winner} vs NN truth (d1/d2 < 1/3)\n{winner.describe()}"
         curves = run_curves(picked, winner, an.defaults)
         figs["curves"] = save(plot_curves(curves, winner.onset_threshold, title), "curves_hard_cases")
     return figs
