@@ -23,7 +23,7 @@ dimensions and no share of ``d``:
   point, which is ``Σ s_i/(s_i+τ²)`` in expectation over locally Gaussian data and ``→ 0`` at a
   copy; the Jacobian route is the FLIPD of :func:`memwatch.measure_sharpness`;
 * :func:`relative`, :func:`drawdown`, :func:`profile`: the model's LID against the data's, against
-  the probe's own early checks, and averaged over noise levels.
+  the probe's own early checks, and averaged over noise levels; :func:`statistics` composes them.
 
 Example:
     >>> g = torch.Generator().manual_seed(0)
@@ -36,7 +36,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -61,6 +61,7 @@ __all__ = [
     "profile",
     "relative",
     "soft_count",
+    "statistics",
 ]
 
 
@@ -213,6 +214,38 @@ def drawdown(lid: Tensor, baseline: Tensor) -> Tensor:
 def baseline_of(history: Sequence[Tensor]) -> Tensor:
     """``[P]`` the per-probe median over the checks ``history`` (each ``[P]``), ignoring NaN."""
     return torch.stack([h.to(torch.float64) for h in history]).nanmedian(0).values
+
+
+def statistics(
+    model_lid: Mapping[float, Tensor],
+    reference: Mapping[float, float],
+    baseline: Tensor,
+    *,
+    denoising: Mapping[float, Tensor] | None = None,
+    count: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """The LID signal's per-probe statistics (:data:`memwatch.signals.lid.STATISTICS`), elementwise
+    over probes (any shape ``[...]``, e.g. ``[P]`` at a check or ``[C, P]`` over a run).
+
+    Args:
+        model_lid: level -> the probes' FLIPD ``[...]``, the primary level first.
+        reference: level -> the data's LID there (dimensions).
+        baseline: ``[...]`` the probes' own early FLIPD at the primary level (:func:`baseline_of`).
+        denoising: level -> the probes' denoising LID ``[...]`` (``None``: not measured, NaN).
+        count: ``[...]`` the probes' LID at the primary level (``None``: NaN).
+
+    Returns:
+        ``{"relative", "profile", "drawdown", "denoising", "count"}`` -> ``[...]`` float64.
+    """
+    primary = next(iter(model_lid))
+    nan = torch.full_like(model_lid[primary], math.nan, dtype=torch.float64)
+    return {
+        "relative": relative(model_lid[primary], reference[primary]),
+        "profile": profile([relative(v, reference[t]) for t, v in model_lid.items()]),
+        "drawdown": drawdown(model_lid[primary], baseline),
+        "denoising": relative(denoising[primary], reference[primary]) if denoising else nan,
+        "count": nan if count is None else count.to(torch.float64),
+    }
 
 
 def profile(ratios: Sequence[Tensor]) -> Tensor:

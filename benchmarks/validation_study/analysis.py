@@ -18,6 +18,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from memwatch import MEMORIZED_RATIO, lid
 from memwatch.onset import OnsetDetector
+from memwatch.signals.lid import DESCRIPTIONS
 
 from .config import (
     BORDERLINE,
@@ -85,18 +86,13 @@ def lid_statistic(run: RunRecord, statistic: str, spec: str, baseline_checks: in
     """``[C, P]`` the LID signal's per-probe ``statistic`` (``memwatch.signals.lid.STATISTICS``) at
     noise level ``spec`` (the profile: every level), computed as the signal computes it at each
     check (:mod:`memwatch.lid`; the drawdown's baseline from the first ``baseline_checks`` checks)."""
-    flipd = {k: torch.from_numpy(v["flipd"]) for k, v in run.signals.items()}
-    if statistic == "profile":
-        per_level = [lid.relative(flipd[k], run.data_lid[k]) for k in run.signals]
-        return lid.profile(per_level).numpy()
-    if statistic == "relative":
-        return lid.relative(flipd[spec], run.data_lid[spec]).numpy()
-    if statistic == "denoising":
-        return lid.relative(torch.from_numpy(run.signals[spec]["denoising_lid"]), run.data_lid[spec]).numpy()
-    rows = [
-        lid.drawdown(f, lid.baseline_of(flipd[spec][: min(c + 1, baseline_checks)])) for c, f in enumerate(flipd[spec])
-    ]
-    return torch.stack(rows).numpy()
+    first = next(iter(run.signals)) if spec == ALL_LEVELS else spec
+    levels = [first, *(k for k in run.signals if k != first)]  # ``spec`` primary, as the signal's first level
+    flipd = {k: torch.from_numpy(run.signals[k]["flipd"]) for k in levels}
+    denoising = {k: torch.from_numpy(run.signals[k]["denoising_lid"]) for k in levels}
+    early = flipd[first]  # [C, P]; the signal's baseline at check c: its first min(c + 1, baseline_checks) checks
+    baseline = torch.stack([lid.baseline_of(early[: min(c + 1, baseline_checks)]) for c in range(early.shape[0])])
+    return lid.statistics(flipd, run.data_lid, baseline, denoising=denoising)[statistic].numpy()
 
 
 def oriented(run: RunRecord, spec: str, signal: str) -> np.ndarray:
@@ -257,12 +253,7 @@ class Rule:
         if self.kind == "hs":
             return f"‖H s‖ > {self.score_threshold:g} × its first-check median, {onset}"
         if self.kind in CANDIDATES.values():
-            what = {
-                "relative": "FLIPD / data LID",
-                "profile": "mean over levels of FLIPD / data LID",
-                "drawdown": "FLIPD / its first checks' median",
-                "denoising": "denoising LID / data LID",
-            }[self.kind]
+            what = DESCRIPTIONS[self.kind]
             where = "" if self.spec == ALL_LEVELS else f" at {self.spec}"
             return f"{what} < {self.score_threshold:g}{where}, {onset}"
         return f"sharp fraction > {self.score_threshold:g} at {self.spec}, {onset}"

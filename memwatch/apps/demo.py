@@ -47,6 +47,7 @@ from memwatch.loggers import WANDB_MODES, MonitorLogger, finish_wandb, wandb_log
 from memwatch.options import CheckpointOptions, ProbeOptions, ReportOptions
 from memwatch.reporting import CheckResult
 from memwatch.signals import SharpnessCheckOptions
+from memwatch.signals.lid import DESCRIPTIONS
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -227,11 +228,8 @@ def rule_text(monitor: MemorizationMonitor) -> str:
     """The monitor's per-probe rule in words, e.g. ``"FLIPD / data LID < 0.5"``."""
     lid = monitor.sharpness.lid
     if monitor.onset.on == "lid":
-        what = {"relative": "FLIPD / data LID", "profile": "mean FLIPD / data LID over the levels",
-                "drawdown": "FLIPD / its first checks", "denoising": "denoising LID / data LID"}  # fmt: skip
-        if lid.statistic == "count":
-            return f"LID < {lid.count_threshold:g}"
-        return f"{what[lid.statistic]} < {lid.ratio_threshold:g}"
+        limit = lid.count_threshold if lid.statistic == "count" else lid.ratio_threshold
+        return f"{DESCRIPTIONS[lid.statistic]} < {limit:g}"
     return f"sharp fraction > {monitor.sharpness.score_threshold:g}"
 
 

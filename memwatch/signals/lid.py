@@ -36,24 +36,23 @@ from torch import Tensor
 from memwatch import defaults
 from memwatch.errors import MemwatchError
 from memwatch.intake import TrainingSamples
-from memwatch.lid import (
-    LidReading,
-    baseline_of,
-    data_lid,
-    denoising_lid,
-    drawdown,
-    profile,
-    relative,
-)
+from memwatch.lid import LidReading, baseline_of, data_lid, denoising_lid, statistics
 from memwatch.probes import ProbeMeasurement, shard
 from memwatch.score import DiffusionScore
 from memwatch.signals.base import Draft, Run, Signal, gathered, nan_values
 from memwatch.validation import check_fraction, check_int, check_positive
 
-__all__ = ["STATISTICS", "LidOptions", "LidSignal"]
+__all__ = ["DESCRIPTIONS", "STATISTICS", "LidOptions", "LidSignal"]
 
-#: the per-probe statistics: four ratios (1: as the reference; → 0: a copy) and the LID itself
-STATISTICS = ("relative", "profile", "drawdown", "denoising", "count")
+#: the per-probe statistics, in words: four ratios (1: as the reference; → 0: a copy) and the LID itself
+DESCRIPTIONS = {
+    "relative": "FLIPD / data LID",
+    "profile": "mean over levels of FLIPD / data LID",
+    "drawdown": "FLIPD / its first checks' median",
+    "denoising": "denoising LID / data LID",
+    "count": "LID",
+}
+STATISTICS = tuple(DESCRIPTIONS)
 
 
 @dataclass(frozen=True)
@@ -205,14 +204,8 @@ class LidSignal(Signal):
         primary = timesteps[0]
         if len(self.history) < self.options.baseline_checks:
             self.history.append(model[primary])
-        nan = torch.full_like(model[primary], math.nan)
-        stats = {
-            "relative": relative(model[primary], reference[primary]),
-            "profile": profile([relative(model[t], reference[t]) for t in timesteps]),
-            "drawdown": drawdown(model[primary], baseline_of(self.history)),
-            "denoising": relative(denoise[primary], reference[primary]) if denoise else nan,
-            "count": gathered(m.results[primary].lid.double().to(run.device)),
-        }
+        count = gathered(m.results[primary].lid.double().to(run.device))
+        stats = statistics(model, reference, baseline_of(self.history), denoising=denoise, count=count)
         chosen = stats[self.options.statistic]
         finite = torch.isfinite(chosen)
         limit = self.options.count_threshold if self.options.statistic == "count" else self.options.ratio_threshold
