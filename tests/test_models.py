@@ -49,10 +49,14 @@ def _fit(tmp_path, module, data, monitor, max_steps, batch_size=64):
     return trainer
 
 
+#: the LID signal runs in every fit: its data LID, the probes' LIDs and their ratios are finite everywhere
+LID_KEYS = ("lid/data_lid", "lid/model_lid", "lid/relative", "lid/denoising", "lid/count", "lid_memorized_fraction")
+
+
 def _assert_checks_ran(monitor: MemorizationMonitor, n: int, keys=("sharp_fraction_mean", "lid_mean")) -> None:
     assert len(monitor.history) == n, monitor.history
     for h in monitor.history:
-        for key in keys:
+        for key in (*keys, *LID_KEYS):
             assert math.isfinite(h[key]), (key, h)
         assert h["nonfinite_count"] == 0
     assert monitor.last_check is not None and bool(monitor.last_check.primary.finite.all())
