@@ -167,6 +167,8 @@ class MemorizationMonitor(ProbeChecks, Callback):
             method = {} if self.sharpness.method == "auto" else {"method": self.sharpness.method}
             if self.copies_from_batches:  # a monitor of the batches and one of a reference tensor can watch one run
                 method["reference_data"] = "batches"
+            if self.data.ids is not None:  # ... and one counting items (augmented views) beside one counting samples
+                method["copies_of"] = "items"
             conditions = self.signals["conditional"].conditions if "conditional" in self.signals else {}
             self._state_key = self._generate_state_key(
                 num_probes=self.num_probes,
@@ -353,9 +355,12 @@ class MemorizationMonitor(ProbeChecks, Callback):
 
     def _release_samples(self) -> None:
         """Free the training samples held once no signal wants them (calibrated, no copies of the
-        batches): they are held in memory no longer than needed."""
+        batches; the reservoir alone once only the copy index and no loss gap reads them): they
+        are held in memory no longer than needed."""
         if not self._holding:
             self.held_samples = None
+        elif self.held_samples is not None and not self._pending and "loss_gap" not in self.signals:
+            self.held_samples.drop_reservoir()
 
     def _save_clean_checkpoint(self, trainer: pl.Trainer) -> None:
         """Write the clean checkpoint atomically (every rank takes part); a failed save keeps the

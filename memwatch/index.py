@@ -79,7 +79,7 @@ from torch.utils.data import DataLoader, Dataset
 from memwatch.errors import MemwatchError
 from memwatch.groundtruth import first_tensor
 
-__all__ = ["CopyIndex", "Hits", "IndexOptions", "fill_from", "merge_hits", "nearest", "ratio"]
+__all__ = ["CopyIndex", "Hits", "IndexOptions", "content_keys", "fill_from", "merge_hits", "nearest", "ratio"]
 
 _IVF_MIN = 4096  # compressed tier: IVF-PQ candidates from this many held samples on (below: brute force)
 _CHUNK = 65536  # rows compared at once by the torch searches
@@ -233,7 +233,9 @@ class CopyIndex:
 
     # ------------------------------------------------------------------ intake
     @torch.no_grad()
-    def add(self, samples: Tensor, rows: Tensor | None = None, items: Tensor | None = None) -> int:
+    def add(
+        self, samples: Tensor, rows: Tensor | None = None, items: Tensor | None = None, keys: Tensor | None = None
+    ) -> int:
         """Offer training samples ``[m, *sample_shape]``; returns how many were offers (not held before).
 
         Exact repeats of a held sample (or of an earlier row) are skipped by key. Once the index
@@ -245,6 +247,9 @@ class CopyIndex:
             items: ``[m]`` int64 ids of the training items the samples are views of (augmented
                 batches: every view of one item carries its id), or ``None``: each sample is its
                 own item. Either every call gives them or none does.
+            keys: ``[m]`` int64 content keys to hold the samples under instead of their own
+                (:func:`content_keys` of the rows they were encoded from: a latent model's index
+                knows a pixel row it holds before encoding it, :meth:`fresh`).
 
         Raises:
             MemwatchError: wrong shape, a non-finite row, ``rows`` or ``items`` of the wrong size
@@ -260,16 +265,25 @@ class CopyIndex:
         elif not isinstance(rows, Tensor) or rows.shape != (flat.shape[0],):
             raise MemwatchError(f"`rows` must be a tensor [{flat.shape[0]}], got {getattr(rows, 'shape', rows)!r}")
         items = self._checked_items(items, flat.shape[0])
-        keys = _content_keys(flat)
-        fresh, seen = [], set()
-        for i, key in enumerate(keys.tolist()):
-            if key not in self._slot_of and key not in seen:
-                seen.add(key)
-                fresh.append(i)
+        if keys is None:
+            keys = content_keys(flat)
+        elif not isinstance(keys, Tensor) or keys.shape != (flat.shape[0],):
+            raise MemwatchError(f"`keys` must be a tensor [{flat.shape[0]}], got {getattr(keys, 'shape', keys)!r}")
+        fresh = self.fresh(keys).nonzero().flatten().tolist()
         if fresh:
             chosen = None if items is None else items[fresh]
             self._admit(samples.detach()[fresh], keys[fresh], rows.to("cpu", torch.int64)[fresh], chosen)
         return len(fresh)
+
+    def fresh(self, keys: Tensor) -> Tensor:
+        """``[m]`` bool: which of the content ``keys [m]`` would be offers — not held, and not
+        repeating an earlier one of ``keys``."""
+        out, seen = torch.zeros(keys.shape[0], dtype=torch.bool), set()
+        for i, key in enumerate(keys.tolist()):
+            if key not in self._slot_of and key not in seen:
+                seen.add(key)
+                out[i] = True
+        return out
 
     def _checked_items(self, items: Tensor | None, m: int) -> Tensor | None:
         """``items`` as ``[m]`` int64 on the CPU; the first call decides whether the index holds items."""
@@ -654,10 +668,17 @@ def _capacities(options: IndexOptions, v: int, items: bool = False) -> tuple[int
     return exact, max(2, exact, compressed)
 
 
-def _content_keys(flat: Tensor) -> Tensor:
-    """63-bit BLAKE2b keys ``[m]`` int64 of float32 rows ``[m, D]`` (CPU, contiguous): the same
-    on every process (unlike Python's ``hash``)."""
-    rows = flat.numpy()
+def content_keys(samples: Tensor) -> Tensor:
+    """63-bit BLAKE2b keys ``[m]`` int64 of samples ``[m, ...]`` as float32 bytes: the same on every
+    process (unlike Python's ``hash``), equal exactly for equal rows.
+
+    Example:
+        >>> a = torch.tensor([[1.0, 2.0], [1.0, 2.0], [2.0, 1.0]])
+        >>> keys = content_keys(a)
+        >>> bool(keys[0] == keys[1]), bool(keys[0] == keys[2])
+        (True, False)
+    """
+    rows = samples.detach().reshape(samples.shape[0], -1).to("cpu", torch.float32).contiguous().numpy()
     digest = b"".join(hashlib.blake2b(memoryview(r), digest_size=8).digest() for r in rows)
     keys = np.frombuffer(digest, dtype=np.int64) & np.int64(0x7FFFFFFFFFFFFFFF)
     return torch.from_numpy(keys.copy())

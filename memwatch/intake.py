@@ -36,7 +36,7 @@ from torch import Tensor
 from memwatch.calibration import Reservoir
 from memwatch.discovery import check_reference_data, select_data
 from memwatch.errors import MemwatchError
-from memwatch.index import CopyIndex
+from memwatch.index import CopyIndex, content_keys
 from memwatch.options import DataOptions
 
 __all__ = ["STAGE_BYTES", "BatchIntake", "TrainingSamples", "as_float", "in_probe_space", "item_ids"]
@@ -230,7 +230,7 @@ class TrainingSamples:
 
     def __init__(self, intake: BatchIntake, *, seed: int, uses: str, optional: bool = False) -> None:
         self.intake = intake
-        self.reservoir = Reservoir(intake.options.capacity, seed=seed, distinct=True)
+        self.reservoir: Reservoir | None = Reservoir(intake.options.capacity, seed=seed, distinct=True)
         self.index: CopyIndex | None = None  # the copies signal's, with reference_data="batches"
         self.uses = uses
         self.optional = optional
@@ -238,12 +238,24 @@ class TrainingSamples:
         self._warned_latents = False
 
     def __len__(self) -> int:
-        return len(self.reservoir)
+        """Samples in the reservoir (0 once it is dropped)."""
+        return 0 if self.reservoir is None else len(self.reservoir)
 
     @property
     def samples(self) -> Tensor:
-        """``[m, *shape]`` float32 on the CPU (a copy); see :attr:`memwatch.calibration.Reservoir.samples`."""
+        """``[m, *shape]`` float32 on the CPU (a copy); see :attr:`memwatch.calibration.Reservoir.samples`.
+
+        Raises:
+            MemwatchError: the reservoir was dropped (:meth:`drop_reservoir`).
+        """
+        if self.reservoir is None:
+            raise MemwatchError("the training samples' reservoir was dropped once no signal read it")
         return self.reservoir.samples
+
+    def drop_reservoir(self) -> None:
+        """Free the reservoir (the levels and the data LID are fixed and no loss gap reads it); the
+        copy index, if any, goes on taking the batches."""
+        self.reservoir = None
 
     def offer(self, batch: Any, step: int, sample_shape: Sequence[int]) -> None:
         """Stage a training batch (no device synchronization); drained when the stage is full.
@@ -294,11 +306,22 @@ class TrainingSamples:
         if not in_space and encode is None:
             raise MemwatchError(space_message(tuple(rows.shape[1:]), sample_shape, self.uses))
         if self.index is None:  # only the reservoir: of a full one few rows are kept, and only those are encoded
-            self.reservoir.update(rows, transform=None if in_space else lambda x: self._encode(x, sample_shape))
+            if self.reservoir is not None:
+                self.reservoir.update(rows, transform=None if in_space else lambda x: self._encode(x, sample_shape))
             return
-        rows = rows if in_space else self._encode(rows, sample_shape)
-        self.reservoir.update(rows)
-        self.index.add(rows, items=None if ids is None else ids.cpu())
+        items = None if ids is None else ids.cpu()
+        if in_space:
+            if self.reservoir is not None:
+                self.reservoir.update(rows)
+            self.index.add(rows, items=items)
+            return
+        keys = content_keys(rows)  # of the pixels: only the rows the index does not hold yet are encoded
+        fresh = self.index.fresh(keys)
+        if fresh.any():
+            encoded = self._encode(rows[fresh.to(rows.device)], sample_shape)
+            if self.reservoir is not None:
+                self.reservoir.update(encoded)
+            self.index.add(encoded, items=None if items is None else items[fresh], keys=keys[fresh])
 
     def _encode(self, x: Tensor, sample_shape: tuple[int, ...]) -> Tensor:
         """Training samples ``[b, *data shape]`` in the probes' space ``[b, *sample_shape]`` through

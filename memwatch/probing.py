@@ -240,10 +240,14 @@ class ProbeChecks:
                 signal.prepare(run)
 
     @property
+    def _pending(self) -> bool:
+        """Whether the noise levels or the data LID are still to be fixed from training samples."""
+        return (self.calibrating and self.calibrated_sigmas is None) or self.signals["lid"].pending
+
+    @property
     def _holding(self) -> bool:
         """Whether training samples are still wanted (calibration or the data LID pending, or copies of the batches)."""
-        pending = (self.calibrating and self.calibrated_sigmas is None) or self.signals["lid"].pending
-        return self.copies_from_batches or pending
+        return self.copies_from_batches or self._pending
 
     def _uses(self) -> str:
         """The settings that read the training batches, for messages."""

@@ -370,7 +370,8 @@ def test_the_default_monitor_calibrates_its_noise_levels_from_the_training_batch
         levels[name] = monitor.calibrated_sigmas
         state = monitor.state_dict()
         assert state["calibrated_sigmas"] == levels[name] and "samples" not in str(state)  # no training data
-        assert monitor.held_samples is None  # calibrated: the training samples are no longer held
+        held = monitor.held_samples  # calibrated: only the copy index of the batches (the default) holds them
+        assert held is not None and held.reservoir is None and len(held.index) == len(data)
     assert levels["x1"] == pytest.approx((0.1 * 4,)) and levels["x0.5"] == pytest.approx(
         (0.1 * 2,)
     )  # scale-equivariant
