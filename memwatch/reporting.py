@@ -65,7 +65,7 @@ class CheckResult:
             noisiest sampler state (larger = more memorized; ``None`` when not measured).
         lid: the LID signal's reading of every rank's probes (:class:`memwatch.lid.LidReading`).
         rule: the default onset rule in words, as it decided at this check
-            (:attr:`memwatch.signals.alarm.AlarmSignal.rule`; ``""`` where no alarm ran).
+            (:meth:`memwatch.signals.alarm.AlarmSignal.rule`; ``""`` where no alarm ran).
     """
 
     step: int

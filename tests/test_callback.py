@@ -127,7 +127,8 @@ def test_on_check_end_sees_every_check_and_measure_probes_repeats_it(tmp_path):
     hs = last.hessian_score_norm  # Jeon et al.'s ‖H s‖ per probe, whose mean is logged
     assert hs is not None and hs.shape == (monitor.num_probes,) and bool(torch.isfinite(hs).all())
     assert hs.mean().item() == pytest.approx(monitor.history[-1]["hessian_score_norm_mean"], rel=1e-5)
-    assert last.nn_ratio is None and last.samples.shape == (8, 2) and not last.decision.onset
+    assert last.nn_ratio.shape == (8,) and bool(torch.isfinite(last.nn_ratio).all())  # the batches, by default
+    assert last.samples.shape == (8, 2)
     ((t, result),) = last.results.items()
     assert result.sharp_fraction.shape == (8,)
     assert last.values["sharp_fraction_mean"] == pytest.approx(float(result.sharp_fraction.mean()))
@@ -178,14 +179,15 @@ def test_media_of_probes_are_off_by_default(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------ detection
 def _detecting_monitor(**kwargs):
+    """The sharpness rule: these tests follow the decision's machinery on memorized_fraction (the
+    default rule on the same runs: tests/test_end_to_end.py)."""
     return MemorizationMonitor(
+        onset=memwatch.OnsetOptions(on="sharpness", threshold=0.5, patience=2),
         every_n_train_steps=100,
         num_probes=16,
         sampler_steps=20,
         sigmas=(0.2,),
         k=2,
-        patience=2,
-        onset_threshold=0.5,
         stop_on_onset=True,
         verbose=False,
         raise_errors=True,

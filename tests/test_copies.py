@@ -126,7 +126,8 @@ def test_no_training_sample_is_in_the_state_and_a_resumed_monitor_refills_from_t
         save_clean_checkpoint=False, reference_data="batches",
     )  # fmt: skip
     trainer(tmp_path, [monitor], max_steps=100).fit(module_2d(), datamodule(memorizing_data(), batch_size=64))
-    assert monitor.held_samples is not None and len(monitor.held_samples) > 0  # kept after calibration: still needed
+    held = monitor.held_samples  # kept after calibration for the copy index (its reservoir is dropped)
+    assert held is not None and len(held.index) > 0 and held.reservoir is None
     state = monitor.state_dict()
     assert not any(isinstance(v, torch.Tensor) for v in state.values())
     resumed = MemorizationMonitor(
@@ -135,7 +136,8 @@ def test_no_training_sample_is_in_the_state_and_a_resumed_monitor_refills_from_t
     )  # fmt: skip
     resumed.load_state_dict(state)
     assert resumed.calibrated_sigmas == monitor.calibrated_sigmas
-    assert resumed.held_samples is not None and len(resumed.held_samples) == 0  # refills from the batches seen next
+    held = resumed.held_samples  # nothing held: refills from the batches seen next (its index is built at fit start)
+    assert held is not None and held.index is None and len(held) == 0
 
 
 def test_a_failed_comparison_is_a_warning_and_a_failed_check_never_a_clean_one(tmp_path, monkeypatch):

@@ -97,7 +97,10 @@ def test_a_memorizing_fit_logs_a_growing_loss_gap_beside_sharpness(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(heldout_data=torch.randn(4, 2)), r"`loss_gap.heldout_data` is one side .* pass `reference_data`"),
+        (
+            dict(reference_data=None, heldout_data=torch.randn(4, 2)),
+            r"`loss_gap.heldout_data` is one side .* pass `reference_data`",
+        ),
         (dict(reference_data=CORNERS, heldout_data=torch.randn(4, 2), loss_gap_sigmas=()), r"`loss_gap.sigmas` must"),
     ],
 )
