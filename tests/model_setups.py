@@ -92,3 +92,63 @@ def digits_images(n: int, size: int = 8) -> Tensor:
     if size != 8:
         x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     return x.clamp(-1, 1)
+
+
+class DiTDiffusion(pl.LightningModule):
+    """A class-conditional ``DiTTransformer2DModel`` and its ``DDPMScheduler`` kept as attributes,
+    trained as DiT trains: ε on the first ``channels`` outputs (the others are its variance head),
+    the labels dropped to the null class by its ``LabelEmbedding`` (10 % in training mode)."""
+
+    def __init__(self, channels: int = 1, size: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        from diffusers import DDPMScheduler, DiTTransformer2DModel
+
+        torch.manual_seed(0)
+        self.transformer = DiTTransformer2DModel(
+            num_attention_heads=2, attention_head_dim=8, in_channels=channels, out_channels=2 * channels,
+            num_layers=1, sample_size=size, num_embeds_ada_norm=classes,
+        )  # fmt: skip
+        self.scheduler = DDPMScheduler(num_train_timesteps=100)
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        x0, labels = batch
+        t = torch.randint(0, 100, (x0.shape[0],), device=x0.device)
+        eps = torch.randn_like(x0)
+        out = self.transformer(self.scheduler.add_noise(x0, eps, t), t, class_labels=labels).sample
+        return nn.functional.mse_loss(out[:, : x0.shape[1]], eps)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class PixArtDiffusion(pl.LightningModule):
+    """A ``PixArtTransformer2DModel`` and its ``DDPMScheduler`` kept as attributes, trained on one
+    fixed "prompt" embedding ``[tokens, width]`` per class, captions dropped (10 %) to the empty
+    prompt's embedding, which the module keeps as the buffer ``memwatch_null_cond``."""
+
+    def __init__(self, channels: int = 1, size: int = 8, classes: int = 10, tokens: int = 3, width: int = 12) -> None:
+        super().__init__()
+        from diffusers import DDPMScheduler, PixArtTransformer2DModel
+
+        torch.manual_seed(0)
+        self.transformer = PixArtTransformer2DModel(
+            num_attention_heads=2, attention_head_dim=8, in_channels=channels, out_channels=2 * channels,
+            num_layers=1, sample_size=size, cross_attention_dim=16, caption_channels=width,
+        )  # fmt: skip
+        self.scheduler = DDPMScheduler(num_train_timesteps=100)
+        self.register_buffer("prompts", torch.randn(classes, tokens, width))
+        self.register_buffer("memwatch_null_cond", torch.randn(tokens, width))  # the text encoder's ""
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        x0, labels = batch
+        t = torch.randint(0, 100, (x0.shape[0],), device=x0.device)
+        eps = torch.randn_like(x0)
+        dropped = (torch.rand(x0.shape[0], device=x0.device) < 0.1)[:, None, None]
+        captions = torch.where(dropped, self.memwatch_null_cond, self.prompts[labels])
+        sizes = {"resolution": None, "aspect_ratio": None}
+        noisy = self.scheduler.add_noise(x0, eps, t)
+        out = self.transformer(noisy, encoder_hidden_states=captions, timestep=t, added_cond_kwargs=sizes).sample
+        return nn.functional.mse_loss(out[:, : x0.shape[1]], eps)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)

@@ -14,10 +14,11 @@ import pytest
 import torch
 from callback_setup import datamodule, memorizing_data
 from lightning.pytorch.loggers import CSVLogger
-from model_setups import AnyDiffusion, digits_images
+from model_setups import AnyDiffusion, DiTDiffusion, PixArtDiffusion, digits_images
 
 import memwatch
 from memwatch import MemorizationMonitor
+from memwatch.apps.toymodels import TensorDataModule
 from memwatch.apps.toymodels import UNetDDPMModule as UNetDiffusion
 from memwatch.apps.toymodels import tiny_unet
 
@@ -45,7 +46,8 @@ def _fit(tmp_path, module, data, monitor, max_steps, batch_size=64):
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    trainer.fit(module, datamodule(data, batch_size=batch_size))
+    batches = TensorDataModule(*data, batch_size=batch_size) if isinstance(data, tuple) else datamodule(data, batch_size)
+    trainer.fit(module, batches)
     return trainer
 
 
@@ -155,6 +157,40 @@ def test_latent_model_with_decoded_galleries(tmp_path):
     _assert_checks_ran(monitor, 1, keys=("lid_mean", "nn_memorized_fraction"))
     gallery = list(Path(tmp_path).rglob("most_memorized_step10.png"))
     assert gallery and gallery[0].stat().st_size > 1000  # decoded to 1-channel images, not skipped
+
+
+@pytest.mark.parametrize("module", [DiTDiffusion, PixArtDiffusion])
+def test_a_diffusion_transformer_and_its_scheduler_are_found_with_no_glue(tmp_path, module):
+    """The README's UNet recipe with a DiT (its null class found in its label embedding) or a
+    PixArt (its empty prompt kept by the module as `memwatch_null_cond`), the monitor at its defaults."""
+    from memwatch.transformer_score import TransformerScore
+
+    images = digits_images(8)  # [8, 1, 8, 8]: d = 64
+    labels = torch.arange(8) % 4
+    monitor = MemorizationMonitor(every_n_train_steps=5, **SMALL)
+    _fit(tmp_path, module(), (images, labels), monitor, max_steps=10, batch_size=8)
+    _assert_checks_ran(monitor, 2)
+    assert isinstance(monitor._found, TransformerScore)
+    assert all(0 <= h["lid_mean"] <= 64 for h in monitor.history)  # d · (1 - sharp fraction)
+
+
+def test_a_lora_fine_tune_is_measured_as_adapted_and_its_clean_checkpoint_holds_the_adapter(tmp_path):
+    from checkpoint_setup import LoraUNetModule
+
+    from memwatch.checkpoint import load_adapter_checkpoint
+
+    pytest.importorskip("peft")
+    module = LoraUNetModule()  # peft's get_peft_model around a UNet2DModel; its scheduler an attribute
+    monitor = MemorizationMonitor(every_n_train_steps=5, checkpoint=memwatch.CheckpointOptions(mode="adapter"), **SMALL)
+    _fit(tmp_path, module, digits_images(8), monitor, max_steps=10, batch_size=8)
+    _assert_checks_ran(monitor, 2)
+    assert all(0 <= h["lid_mean"] <= 64 for h in monitor.history)
+    assert monitor._found.model is module.unet.base_model.model  # the adapted UNet: LoRA layers in place
+    assert monitor.clean_step == 10 and monitor.clean_checkpoint_path.is_file()
+    fresh, x, t = LoraUNetModule(), digits_images(2), torch.tensor([20, 70])
+    load_adapter_checkpoint(fresh, monitor.clean_checkpoint_path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.unet(x, t).sample, module.unet(x, t).sample, rtol=0, atol=0)
 
 
 def _tiny_vae():
