@@ -15,8 +15,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from callback_setup import trainer as cpu_trainer
 from callback_setup import datamodule
+from callback_setup import trainer as cpu_trainer
 from checkpoint_setup import LoraUNetModule, SaveAt, TinyModule, fit, sha256
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 

@@ -310,7 +310,8 @@ def test_a_pixart_needs_the_empty_prompt_embedding_and_names_the_attribute():
     assert "(3, 12) like `null_cond`" in _error(score.conditional, x, T, torch.zeros(3, 16))
     without_null = find_score(Holder(transformer=net, scheduler=sched))  # only the network checks the width
     message = _error(without_null.conditional, x, T, torch.zeros(2, 3, 16))
-    assert "one prompt embedding [L, 12] per probe (`encoder_hidden_states`); got a torch.float32 condition of per-probe shape (3, 16)" in message
+    expected = "one prompt embedding [L, 12] per probe (`encoder_hidden_states`); got a torch.float32 condition"
+    assert f"{expected} of per-probe shape (3, 16)" in message
     with pytest.raises(MemwatchError, match=r"`Holder.memwatch_null_cond`: `null_cond` must"):
         find_score(Holder(transformer=net, scheduler=sched, memwatch_null_cond="an empty prompt"))
 
@@ -341,7 +342,8 @@ def _prompt(seed, tokens=3):
 def test_sd3_takes_the_joint_condition_of_prompt_and_pooled_projection():
     net = sd3()
     empty, empty_pooled = _prompt(5)
-    score = find_score(Holder(transformer=net, scheduler=scheduler(), memwatch_null_cond=joint_condition(empty, empty_pooled)))
+    null = joint_condition(empty, empty_pooled)
+    score = find_score(Holder(transformer=net, scheduler=scheduler(), memwatch_null_cond=null))
     assert isinstance(score, TransformerScore) and score.cond_shape == (3 * 12 + 6,)
     assert sample_shape_of(score) == (2, 8, 8)
     check_score(score, (2, 8, 8), device="cpu")
@@ -360,7 +362,8 @@ def test_sd3_takes_the_joint_condition_of_prompt_and_pooled_projection():
 def test_flux_packs_the_latents_and_gives_ids_guidance_and_the_time_in_thousandths():
     net = flux()
     empty, empty_pooled = _prompt(5)
-    score = find_score(Holder(transformer=net, scheduler=scheduler(), memwatch_null_cond=joint_condition(empty, empty_pooled)))
+    null = joint_condition(empty, empty_pooled)
+    score = find_score(Holder(transformer=net, scheduler=scheduler(), memwatch_null_cond=null))
     assert isinstance(score, TransformerScore) and sample_shape_of(score) is None  # H, W: from the batches
     check_score(score, (2, 4, 6), device="cpu")
     pipe = diffusers.FluxPipeline  # its own packing is the reference
@@ -377,9 +380,8 @@ def test_flux_packs_the_latents_and_gives_ids_guidance_and_the_time_in_thousandt
     with pytest.raises(MemwatchError, match=r"probes \[n, C, H, W\]; got probes of shape \(6, 8\)"):
         check_score(score, (6, 8), device="cpu")  # packed latents are not the probes
     _adjoint_consistent(score, x)
-    unguided = find_score(Holder(transformer=flux(guidance_embeds=False), scheduler=scheduler(),
-                                 memwatch_null_cond=joint_condition(empty, empty_pooled)))  # fmt: skip
-    check_score(unguided, (2, 4, 6), device="cpu")
+    unguided = Holder(transformer=flux(guidance_embeds=False), scheduler=scheduler(), memwatch_null_cond=null)
+    check_score(find_score(unguided), (2, 4, 6), device="cpu")  # no `guidance` input
 
 
 def _adjoint_consistent(score, x):

@@ -12,15 +12,14 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from callback_setup import datamodule, memorizing_data
+from callback_setup import memorizing_data
 from lightning.pytorch.loggers import CSVLogger
 from model_setups import AnyDiffusion, DiTDiffusion, PixArtDiffusion, digits_images
 
 import memwatch
 from memwatch import MemorizationMonitor
-from memwatch.apps.toymodels import TensorDataModule
+from memwatch.apps.toymodels import TensorDataModule, tiny_unet
 from memwatch.apps.toymodels import UNetDDPMModule as UNetDiffusion
-from memwatch.apps.toymodels import tiny_unet
 
 SMALL = dict(num_probes=4, sampler_steps=8, raise_errors=True)  # verbose, figures, tables: defaults
 
@@ -46,7 +45,8 @@ def _fit(tmp_path, module, data, monitor, max_steps, batch_size=64):
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    batches = TensorDataModule(*data, batch_size=batch_size) if isinstance(data, tuple) else datamodule(data, batch_size)
+    tensors = data if isinstance(data, tuple) else (data,)  # images, or images and their labels
+    batches = TensorDataModule(*tensors, batch_size=batch_size)
     trainer.fit(module, batches)
     return trainer
 
