@@ -14,7 +14,7 @@ import pytest
 import torch
 from callback_setup import memorizing_data
 from lightning.pytorch.loggers import CSVLogger
-from model_setups import AnyDiffusion, DiTDiffusion, PixArtDiffusion, digits_images
+from model_setups import AnyDiffusion, DiTDiffusion, PromptDiffusion, digits_images
 
 import memwatch
 from memwatch import MemorizationMonitor
@@ -159,18 +159,19 @@ def test_latent_model_with_decoded_galleries(tmp_path):
     assert gallery and gallery[0].stat().st_size > 1000  # decoded to 1-channel images, not skipped
 
 
-@pytest.mark.parametrize("module", [DiTDiffusion, PixArtDiffusion])
-def test_a_diffusion_transformer_and_its_scheduler_are_found_with_no_glue(tmp_path, module):
-    """The README's UNet recipe with a DiT (its null class found in its label embedding) or a
-    PixArt (its empty prompt kept by the module as `memwatch_null_cond`), the monitor at its defaults."""
+@pytest.mark.parametrize("family", ["dit", "pixart", "sd3", "flux"])
+def test_a_diffusion_transformer_and_its_scheduler_are_found_with_no_glue(tmp_path, family):
+    """The README's UNet recipe with a DiT (its null class found in its label embedding) or a text
+    transformer (its empty prompt kept by the module as `memwatch_null_cond`), the monitor at its defaults."""
     from memwatch.transformer_score import TransformerScore
 
     images = digits_images(8)  # [8, 1, 8, 8]: d = 64
     labels = torch.arange(8) % 4
+    module = DiTDiffusion() if family == "dit" else PromptDiffusion(family)
     monitor = MemorizationMonitor(every_n_train_steps=5, **SMALL)
-    _fit(tmp_path, module(), (images, labels), monitor, max_steps=10, batch_size=8)
+    _fit(tmp_path, module, (images, labels), monitor, max_steps=10, batch_size=8)
     _assert_checks_ran(monitor, 2)
-    assert isinstance(monitor._found, TransformerScore)
+    assert isinstance(monitor._found, TransformerScore) and monitor._found.model is module.transformer
     assert all(0 <= h["lid_mean"] <= 64 for h in monitor.history)  # d · (1 - sharp fraction)
 
 
