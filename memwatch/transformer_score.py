@@ -2,20 +2,18 @@
 
 memwatch measures every network on probes ``x`` ``[n, C, H, W]`` (latents, as the training
 batches hold them) and a condition ``cond`` ``[n, *cond_shape]``; each transformer family takes
-them differently:
+them differently (the time input is the schedule's timestep ``t``):
 
-==========================  ===============================================  ====================  ================
-network                     condition ``cond`` (one, no batch axis)          null condition        time input
-==========================  ===============================================  ====================  ================
-``DiTTransformer2DModel``   class label ``()`` → ``class_labels``            the dropped label     integer step
-``PixArtTransformer2DModel`` prompt embedding ``[L, caption_channels]`` →    the empty prompt's    integer step
-                            ``encoder_hidden_states`` (+ ``added_cond_kwargs``)
-``SD3Transformer2DModel``   :func:`joint_condition` ``[L·E + P]`` →          the empty prompt's    the step
-                            ``encoder_hidden_states`` + ``pooled_projections``
-``FluxTransformer2DModel``  :func:`joint_condition` ``[L·E + P]``;           the empty prompt's    step / 1000
-                            probes packed to ``[n, (H/2)(W/2), 4C]`` with
-                            ``img_ids`` / ``txt_ids`` (and ``guidance``)
-==========================  ===============================================  ====================  ================
+* ``DiTTransformer2DModel``: one condition is a class label ``()``, passed as ``class_labels``;
+  the null condition is the dropped label; ``timestep=t``.
+* ``PixArtTransformer2DModel``: a prompt embedding ``[L, caption_channels]`` as
+  ``encoder_hidden_states``, with ``added_cond_kwargs`` (the image size in pixels, the latent
+  size × 8, when its config uses size conditions); the null condition is the empty prompt's.
+* ``SD3Transformer2DModel``: a :func:`joint_condition` ``[L·E + P]``, split into
+  ``encoder_hidden_states`` ``[L, E]`` and ``pooled_projections`` ``[P]``; null: the empty prompt's.
+* ``FluxTransformer2DModel``: the same joint condition; the probes packed into 2×2 patches
+  ``[n, (H/2)(W/2), 4C]`` with ``img_ids`` / ``txt_ids`` (and ``guidance`` when the config has
+  ``guidance_embeds``), the output unpacked again; ``timestep=t / 1000``.
 
 ``E`` is ``config.joint_attention_dim`` and ``P`` ``config.pooled_projection_dim``. A network
 that also predicts its variance (DiT, PixArt: ``out_channels = 2 · in_channels``) is measured on

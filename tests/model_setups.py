@@ -110,6 +110,10 @@ class DiTDiffusion(pl.LightningModule):
         )  # fmt: skip
         self.scheduler = DDPMScheduler(num_train_timesteps=100)
 
+    def condition(self, label: int) -> Tensor:
+        """The condition of class ``label`` as memwatch takes it: the label."""
+        return torch.tensor(label)
+
     def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
         x0, labels = batch
         t = torch.randint(0, 100, (x0.shape[0],), device=x0.device)
@@ -136,8 +140,6 @@ class PromptDiffusion(pl.LightningModule):
         super().__init__()
         from diffusers import DDPMScheduler
 
-        from memwatch import joint_condition
-
         torch.manual_seed(0)
         self.family, self.transformer = family, _text_transformer(family, channels, size, width=12, pooled=6)
         self.scheduler = DDPMScheduler(num_train_timesteps=100)
@@ -145,8 +147,17 @@ class PromptDiffusion(pl.LightningModule):
         self.register_buffer("pooled", torch.randn(classes, 6))
         self.register_buffer("empty", torch.randn(3, 12))  # the text encoders' ""
         self.register_buffer("empty_pooled", torch.randn(6))
-        null = self.empty if family == "pixart" else joint_condition(self.empty, self.empty_pooled)
-        self.register_buffer("memwatch_null_cond", null)
+        self.register_buffer("memwatch_null_cond", self._as_condition(self.empty, self.empty_pooled))
+
+    def condition(self, label: int) -> Tensor:
+        """The prompt of class ``label`` as memwatch takes it, in the form of ``memwatch_null_cond``."""
+        return self._as_condition(self.prompts[label], self.pooled[label])
+
+    def _as_condition(self, prompt: Tensor, pooled: Tensor) -> Tensor:
+        """One prompt as memwatch takes it: PixArt its embedding; SD3 / Flux the joint condition."""
+        from memwatch import joint_condition
+
+        return prompt if self.family == "pixart" else joint_condition(prompt, pooled)
 
     def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
         x0, labels = batch

@@ -116,6 +116,9 @@ def test_finds_a_unet2d_condition_model_with_encoder_hidden_states():
     check_score(score, (4, 8, 8), device="cpu", cond=emb)
     with pytest.raises(MemwatchError, match=r"encoder_hidden_states.*null_cond"):
         check_score(score, (4, 8, 8), device="cpu")
+    named = find_score(Holder(unet=net, scheduler=scheduler(), memwatch_null_cond=emb[0]))  # the empty prompt
+    assert torch.equal(named.null_cond, emb[0]) and named.cond_kwarg == "encoder_hidden_states"
+    check_score(named, (4, 8, 8), device="cpu")
     # a guided score without null_cond: the unconditional half is the one that fails
     guided = DiffusionScore(net, score.schedule, cond_kwarg="encoder_hidden_states", guidance_scale=3.0)
     with pytest.raises(MemwatchError, match="null_cond"):

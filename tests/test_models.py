@@ -168,9 +168,12 @@ def test_a_diffusion_transformer_and_its_scheduler_are_found_with_no_glue(tmp_pa
     images = digits_images(8)  # [8, 1, 8, 8]: d = 64
     labels = torch.arange(8) % 4
     module = DiTDiffusion() if family == "dit" else PromptDiffusion(family)
-    monitor = MemorizationMonitor(every_n_train_steps=5, **SMALL)
+    # a prompt to watch, in the form of the null condition (one family: the conditional metrics double the cost)
+    watched = {"class 1": module.condition(1)} if family == "sd3" else None
+    monitor = MemorizationMonitor(every_n_train_steps=5, conditions=watched, **SMALL)
     _fit(tmp_path, module, (images, labels), monitor, max_steps=10, batch_size=8)
-    _assert_checks_ran(monitor, 2)
+    keys = ("sharp_fraction_mean", "lid_mean") + (("cond/class_1/score_diff",) if watched else ())
+    _assert_checks_ran(monitor, 2, keys=keys)
     assert isinstance(monitor._found, TransformerScore) and monitor._found.model is module.transformer
     assert all(0 <= h["lid_mean"] <= 64 for h in monitor.history)  # d · (1 - sharp fraction)
 
