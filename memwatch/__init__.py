@@ -17,6 +17,7 @@ from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore
 from memwatch.sharpness import SharpnessOptions, SharpnessResult, hessian_score_norm, measure_sharpness
 from memwatch.signals import CopyOptions, LidOptions, LossGapOptions, SharpnessCheckOptions
+from memwatch.transformer_score import TransformerScore, joint_condition
 
 __all__ = [
     "MEMORIZED_RATIO",
@@ -42,9 +43,11 @@ __all__ = [
     "SharpnessOptions",
     "SharpnessResult",
     "Trajectory",
+    "TransformerScore",
     "conditional_metrics",
     "copied_items",
     "hessian_score_norm",
+    "joint_condition",
     "measure_sharpness",
     "median_nn_distance",
     "nearest_neighbours",

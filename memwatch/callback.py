@@ -24,7 +24,7 @@ from torch import Tensor
 
 from memwatch import defaults
 from memwatch.attribution import CopiedItem
-from memwatch.checkpoint import CLEAN_CHECKPOINT_NAME, prepare_dirpath, save_clean_checkpoint
+from memwatch.checkpoint import CLEAN_CHECKPOINT_NAME, check_adapters, prepare_dirpath, save_clean_checkpoint
 from memwatch.discovery import (
     ScoreFn,
     batch_range,
@@ -210,6 +210,8 @@ class MemorizationMonitor(ProbeChecks, Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after `configure_model` and the move to the device: the network exists and is in place
         self.prepare(pl_module)
+        if self.checkpoint.save and self.checkpoint.mode == "adapter":
+            check_adapters(pl_module)  # a clean checkpoint of no adapter fails now, not at the first clean check
         steps, every = trainer.max_steps, self.every_n_train_steps
         if every is not None and self.every_n_epochs is None and 0 < steps < every:
             rank_zero_warn(

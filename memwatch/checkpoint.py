@@ -14,7 +14,10 @@ a bad directory) must cost a warning, not the run.
   LightningModule's ``state_dict`` (EMA copies held as submodules or buffers included), the
   loops, the hyper-parameters; it loads with ``LightningModule.load_from_checkpoint``.
   ``mode="full"`` adds the optimizer, LR-scheduler, precision and callback states (resumable with
-  ``Trainer.fit(ckpt_path=...)``): for Adam about three times the bytes.
+  ``Trainer.fit(ckpt_path=...)``): for Adam about three times the bytes. ``mode="adapter"`` keeps
+  only what a parameter-efficient fine-tune trains: the peft adapter weights (LoRA) of every
+  adapted network of the module (:func:`adapter_networks`), loaded back onto the base model with
+  :func:`load_adapter_checkpoint`.
 * **Collective.** :func:`save_clean_checkpoint` goes through ``Trainer.save_checkpoint`` (every
   rank gathers its state, rank 0 writes, then all meet at Lightning's barrier) with the strategy's
   ``checkpoint_io`` replaced for the call by a writer that never raises, so a failed write on rank
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import secrets
 import time
@@ -46,6 +50,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import CheckpointIO
+from torch import nn
 
 from memwatch.errors import MemwatchError
 
@@ -58,16 +63,19 @@ __all__ = [
     "CLEAN_CHECKPOINT_NAME",
     "SAVE_MODES",
     "SaveOutcome",
+    "adapter_networks",
+    "check_adapters",
     "check_dirpath",
     "check_save_mode",
     "default_dirpath",
+    "load_adapter_checkpoint",
     "prepare_dirpath",
     "remove_stale_temp_files",
     "save_clean_checkpoint",
 ]
 
 CLEAN_CHECKPOINT_NAME = "memwatch-clean.ckpt"
-SAVE_MODES = ("weights", "full")
+SAVE_MODES = ("weights", "full", "adapter")
 _PathLike = str | os.PathLike
 _DEFAULT_SUBDIR = "memwatch-clean"  # the default folder's last part below Lightning's ``checkpoints``
 
@@ -80,7 +88,7 @@ class SaveOutcome:
         ok: the checkpoint was written and moved into place.
         path: the checkpoint file when ``ok``, else ``None`` (the previous one, if any, is untouched).
         dirpath: the directory it was written to (or should have been).
-        mode: ``"weights"`` or ``"full"``.
+        mode: one of :data:`SAVE_MODES`.
         step: ``trainer.global_step`` at the save.
         error: ``"<ExceptionType>: <message>"`` of the failure, ``None`` when ``ok``.
         seconds: wall-clock time of the save on rank 0 (gathering the state included), in seconds.
@@ -249,6 +257,116 @@ def prepare_dirpath(trainer: pl.Trainer, dirpath: _PathLike | None) -> Path:
     return Path(path_text)
 
 
+# ------------------------------------------------------------------------ adapters (peft)
+def adapter_networks(module: nn.Module) -> dict[str, nn.Module]:
+    """The peft-adapted networks in ``module``'s tree, by their dotted path in it (``""``: itself).
+
+    A network is adapted when it carries peft's ``peft_config`` (a ``{adapter name: config}``
+    dict): a ``peft.PeftModel`` (``get_peft_model``), a diffusers model after ``add_adapter`` or
+    ``load_lora_adapter``, a model after ``peft.inject_adapter_in_model``. Only the outermost such
+    module of a subtree counts (a ``PeftModel``'s inner ``LoraModel`` is part of it).
+
+    Example:
+        >>> adapter_networks(nn.Sequential(nn.Linear(2, 2)))
+        {}
+    """
+    found: dict[str, nn.Module] = {}
+    for path, sub in module.named_modules():
+        inside = any(not p or path.startswith(p + ".") for p in found)
+        if not inside and isinstance(getattr(sub, "peft_config", None), dict):
+            found[path] = sub
+    return found
+
+
+def check_adapters(module: nn.Module, name: str = "checkpoint.mode") -> dict[str, nn.Module]:
+    """The module's adapted networks (:func:`adapter_networks`), at least one.
+
+    Raises:
+        MemwatchError: none (the message names ``name``, its value ``"adapter"`` and the other modes).
+    """
+    found = adapter_networks(module)
+    if not found:
+        raise MemwatchError(
+            f'`{name}`="adapter" saves the peft adapter weights (LoRA) of the module, but {type(module).__name__} '
+            "has no peft-adapted network (none carries `peft_config`: adapt it with peft's `get_peft_model`, "
+            'diffusers\' `add_adapter` or `inject_adapter_in_model`); use "weights" or "full" to save the whole module'
+        )
+    return found
+
+
+def _adapter_checkpoint(trainer: pl.Trainer) -> dict[str, Any]:
+    """What ``mode="adapter"`` writes: per adapted network and adapter name, peft's state dict of
+    the adapter (``get_peft_model_state_dict``) and its config as JSON, with the step and epoch."""
+    from peft import get_peft_model_state_dict
+
+    weights: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    configs: dict[str, dict[str, str]] = {}
+    for path, network in check_adapters(trainer.lightning_module).items():
+        weights[path] = {
+            adapter: {k: v.detach().cpu() for k, v in get_peft_model_state_dict(network, adapter_name=adapter).items()}
+            for adapter in network.peft_config
+        }
+        configs[path] = {a: json.dumps(c.to_dict(), default=_jsonable) for a, c in network.peft_config.items()}
+    return {
+        "memwatch_adapters": weights,
+        "peft_configs": configs,
+        "global_step": trainer.global_step,
+        "epoch": trainer.current_epoch,
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    """A peft config value JSON cannot write: sets as sorted lists, the rest (enums) as text."""
+    return sorted(value) if isinstance(value, (set, frozenset)) else str(value)
+
+
+def load_adapter_checkpoint(module: nn.Module, path: _PathLike) -> list[str]:
+    """Load a ``mode="adapter"`` clean checkpoint onto ``module``, adapted as it was in training.
+
+    Build the base model and apply the same adapter config first (e.g. ``get_peft_model(unet,
+    lora_config)`` in the module's ``__init__``); the file then sets the adapter weights through
+    ``peft.set_peft_model_state_dict``, the base weights staying as they are.
+
+    Args:
+        module: the module (e.g. a freshly built LightningModule) holding the adapted networks at
+            the paths they had in training.
+        path: the checkpoint file.
+
+    Returns:
+        ``"<network path>:<adapter name>"`` of each adapter loaded.
+
+    Raises:
+        MemwatchError: the file is not an adapter checkpoint; a network path is not adapted in
+            ``module`` or lacks the adapter name; the saved weights do not fit its adapter (the
+            message names the keys).
+    """
+    from peft import set_peft_model_state_dict
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or "memwatch_adapters" not in checkpoint:
+        raise MemwatchError(f'{os.fspath(path)!r} is not a checkpoint of `checkpoint.mode`="adapter"')
+    networks, loaded = adapter_networks(module), []
+    for where, adapters in checkpoint["memwatch_adapters"].items():
+        network = networks.get(where)
+        for adapter, state in adapters.items():
+            if network is None or adapter not in network.peft_config:
+                raise MemwatchError(
+                    f"the adapter checkpoint holds adapter {adapter!r} of the network at {where or '<the module>'!r}, "
+                    f"but {type(module).__name__} has no such adapted network (adapted: "
+                    f"{ {p or '<the module>': list(n.peft_config) for p, n in networks.items()} }); apply the same "
+                    "adapter config to the base model first"
+                )
+            result = set_peft_model_state_dict(network, state, adapter_name=adapter)
+            unexpected = list(getattr(result, "unexpected_keys", []))
+            if unexpected:
+                raise MemwatchError(
+                    f"adapter {adapter!r} of {where or '<the module>'!r}: {len(unexpected)} saved weights fit no "
+                    f"layer of the adapted network, e.g. {unexpected[:3]}; apply the adapter config used in training"
+                )
+            loaded.append(f"{where}:{adapter}")
+    return loaded
+
+
 # ------------------------------------------------------------------------ the atomic file write
 def remove_stale_temp_files(dirpath: _PathLike, filename: str = CLEAN_CHECKPOINT_NAME) -> list[Path]:
     """Delete the temporary files that killed saves of ``filename`` left in ``dirpath``.
@@ -377,8 +495,10 @@ def save_clean_checkpoint(
         trainer: the running Trainer (a model must be attached).
         dirpath: the directory, normally from :func:`prepare_dirpath` (created if missing).
         mode: ``"weights"`` (default: model ``state_dict``, loops and hyper-parameters, loadable
-            with ``LightningModule.load_from_checkpoint``) or ``"full"`` (also optimizer,
-            LR-scheduler, precision and callback states: resumable).
+            with ``LightningModule.load_from_checkpoint``), ``"full"`` (also optimizer,
+            LR-scheduler, precision and callback states: resumable) or ``"adapter"`` (the peft
+            adapter weights only, written by rank 0 from its module: DDP replicas are equal;
+            loadable with :func:`load_adapter_checkpoint`).
         filename: the checkpoint's file name.
         raise_errors: re-raise a failure instead of returning it (rank 0 re-raises the original
             exception, the other ranks a ``RuntimeError`` carrying its text).
@@ -398,7 +518,10 @@ def save_clean_checkpoint(
     failure: Exception | None = None
     try:
         strategy.checkpoint_io = writer
-        trainer.save_checkpoint(target, weights_only=mode == "weights")
+        if mode != "adapter":
+            trainer.save_checkpoint(target, weights_only=mode == "weights")
+        elif trainer.is_global_zero:
+            writer.save_checkpoint(_adapter_checkpoint(trainer), target)
     except Exception as err:  # e.g. a hook failing while the state is gathered
         failure = err
     finally:

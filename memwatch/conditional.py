@@ -62,6 +62,7 @@ which :func:`conditional_metrics` guarantees by giving every condition the same 
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -745,14 +746,9 @@ def _unguided(score: DiffusionScore) -> DiffusionScore:
     """The same score with ``score(x, t, c)`` = the plain conditional score ``s_c``."""
     if score.guidance_scale is None or score.guidance_scale == 1.0:
         return score
-    return DiffusionScore(
-        score.model,
-        score.schedule,
-        score.prediction,
-        null_cond=score.null_cond,
-        cond_kwarg=score.cond_kwarg,
-        time_fn=score.time_fn,
-    )
+    unguided = copy.copy(score)  # subclass and settings kept (e.g. a transformer's call convention)
+    unguided.guidance_scale = None
+    return unguided
 
 
 def _check_model_accepts(

@@ -1,8 +1,8 @@
 """What to measure on a LightningModule, found and checked once before training starts.
 
 * :func:`find_score` — the module's :class:`memwatch.DiffusionScore`: a user ``score_fn``, a
-  ``memwatch_score()`` method, or a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` and its
-  scheduler among the module's attributes (``torch.compile``'d networks included).
+  ``memwatch_score()`` method, or a diffusers UNet or image transformer (DiT, PixArt, SD3, Flux)
+  and its scheduler among the module's attributes (``torch.compile``'d networks included).
 * :func:`measured_score` — the same score on an EMA of the weights (an ``nn.Module`` copy such as
   ``torch.optim.swa_utils.AveragedModel``, or diffusers' ``EMAModel``), the training weights untouched.
 * :func:`sample_shape_of`, :func:`batch_sample_shape` — the shape of one probe, from a diffusers
@@ -35,10 +35,12 @@ from memwatch.groundtruth import first_tensor
 from memwatch.operators import is_out_of_memory
 from memwatch.schedules import NoiseSchedule
 from memwatch.score import PREDICTION_TYPES, DiffusionScore
+from memwatch.transformer_score import TransformerScore, config_value, dropped_label, family_of
 
 __all__ = [
     "batch_range",
     "DIFFUSERS_NETWORKS",
+    "NULL_COND_ATTR",
     "ScoreFn",
     "batch_sample_shape",
     "check_reference_data",
@@ -51,8 +53,20 @@ __all__ = [
 ScoreFn = Callable[[nn.Module], DiffusionScore]
 
 #: diffusers network classes recognised on a module (subclasses too), with the keyword that
-#: carries their condition (``UNet2DModel``: ``class_labels`` only when its config has class embeddings).
-DIFFUSERS_NETWORKS = {"UNet2DModel": "class_labels", "UNet2DConditionModel": "encoder_hidden_states"}
+#: carries their condition (``UNet2DModel``: ``class_labels`` only when its config has class
+#: embeddings; SD3 / Flux: with ``pooled_projections``). The transformers are called as their
+#: pipelines call them (:mod:`memwatch.transformer_score`).
+DIFFUSERS_NETWORKS = {
+    "UNet2DModel": "class_labels",
+    "UNet2DConditionModel": "encoder_hidden_states",
+    "DiTTransformer2DModel": "class_labels",
+    "PixArtTransformer2DModel": "encoder_hidden_states",
+    "SD3Transformer2DModel": "encoder_hidden_states",
+    "FluxTransformer2DModel": "encoder_hidden_states",
+}
+#: the LightningModule attribute that holds the null condition of a conditional network memwatch
+#: finds (the empty prompt's embedding, which only the module's text encoder can make)
+NULL_COND_ATTR = "memwatch_null_cond"
 
 _PROBES = 2  # probes of the dry call in check_score
 
@@ -63,14 +77,20 @@ def find_score(pl_module: nn.Module, score_fn: ScoreFn | None = None, *, ema_att
 
     1. ``score_fn(pl_module)``;
     2. ``pl_module.memwatch_score()``;
-    3. a diffusers ``UNet2DModel`` or ``UNet2DConditionModel`` among the module's attributes (child
-       modules at any depth, plain attributes, pipelines' ``.unet``) with its scheduler (any
-       attribute with ``alphas_cumprod`` and ``config``, e.g. ``DDPMScheduler``): the schedule is
-       :meth:`NoiseSchedule.from_diffusers`, the prediction ``scheduler.config.prediction_type``,
-       the condition keyword ``"encoder_hidden_states"`` for a ``UNet2DConditionModel`` and
-       ``"class_labels"`` for a ``UNet2DModel`` whose config has ``num_class_embeds`` or
-       ``class_embed_type`` (no ``null_cond``: unconditional probes of a conditional network need
-       a ``score_fn`` / ``memwatch_score()`` that sets one).
+    3. a diffusers network of :data:`DIFFUSERS_NETWORKS` among the module's attributes (child
+       modules at any depth, plain attributes, pipelines' ``.unet`` / ``.transformer``) with its
+       scheduler (any attribute with ``alphas_cumprod`` and ``config``, e.g. ``DDPMScheduler``):
+       the schedule is :meth:`NoiseSchedule.from_diffusers`, the prediction
+       ``scheduler.config.prediction_type``. A UNet is called with the condition keyword
+       ``"encoder_hidden_states"`` (``UNet2DConditionModel``) or ``"class_labels"`` (a
+       ``UNet2DModel`` whose config has ``num_class_embeds`` or ``class_embed_type``); an image
+       transformer (DiT, PixArt, SD3, Flux) as its pipeline calls it, through a
+       :class:`memwatch.TransformerScore`. The null condition of a conditional network is the
+       module's ``memwatch_null_cond`` attribute (:data:`NULL_COND_ATTR`: the empty prompt's
+       embedding ``[L, E]``, or :func:`memwatch.joint_condition` of it and its pooled projection
+       for SD3 / Flux) when it has one, else a DiT's dropped class label
+       (:func:`memwatch.transformer_score.dropped_label`), else none (the dry call at fit start
+       then names the attribute to set).
 
     A ``torch.compile``'d network (found, or in the returned score) is replaced by its eager
     ``_orig_mod`` — the same parameters (see the module docstring). EMA copies are never
@@ -128,37 +148,44 @@ def _diffusers_score(pl_module: nn.Module, ema_attr: str | None) -> DiffusionSco
         raise MemwatchError(_not_found_message(pl_module, list(networks.values()), list(schedulers.values())))
     _, network = _one_network(list(networks.values()))
     sched_name, scheduler = _one_scheduler(list(schedulers.values()))
-    prediction = _config_value(scheduler, "prediction_type") or "epsilon"
+    prediction = config_value(scheduler, "prediction_type") or "epsilon"
     if prediction not in PREDICTION_TYPES:
         raise MemwatchError(
             f"the scheduler `{sched_name}` has config.prediction_type={prediction!r}; memwatch supports "
             f"{PREDICTION_TYPES}: pass a `score_fn` that converts the network's output"
         )
-    kind = _network_kind(network)
-    conditional = kind == "UNet2DConditionModel" or any(
-        _config_value(network, key) is not None for key in ("num_class_embeds", "class_embed_type")
-    )
-    return DiffusionScore(
-        network,
-        NoiseSchedule.from_diffusers(scheduler),
-        prediction=prediction,
-        cond_kwarg=DIFFUSERS_NETWORKS[kind] if conditional else None,
-    )
+    schedule, null_cond = NoiseSchedule.from_diffusers(scheduler), getattr(pl_module, NULL_COND_ATTR, None)
+    try:
+        if family_of(network) is not None:
+            null_cond = dropped_label(network) if null_cond is None else null_cond
+            return TransformerScore(network, schedule, prediction, null_cond=null_cond)
+        kind = _network_kind(network)
+        conditional = _takes_a_condition(network, kind)
+        return DiffusionScore(
+            network,
+            schedule,
+            prediction=prediction,
+            null_cond=null_cond if conditional else None,
+            cond_kwarg=DIFFUSERS_NETWORKS[kind] if conditional else None,
+        )
+    except MemwatchError as err:  # the only argument not checked above is the module's null condition
+        raise MemwatchError(f"`{type(pl_module).__name__}.{NULL_COND_ATTR}`: {err}") from err
 
 
 def _attributes(module: nn.Module, prefix: str, skip: set[int]) -> Iterator[tuple[str, Any]]:
     """``(dotted name, value)`` of the plain attributes and child modules of ``module``'s tree.
 
     Does not descend into diffusers networks, ``AveragedModel`` copies (EMAs) or ``skip``; a
-    plain attribute with ``.unet`` and ``.scheduler`` (a pipeline) yields those two.
+    plain attribute with ``.scheduler`` and ``.unet`` or ``.transformer`` (a pipeline) yields those.
     """
     for name, value in vars(module).items():
         if name in ("_modules", "_parameters", "_buffers") or id(value) in skip:
             continue
         yield prefix + name, value
-        if _has_attributes(value, "unet", "scheduler"):  # a pipeline
-            yield f"{prefix}{name}.unet", value.unet
-            yield f"{prefix}{name}.scheduler", value.scheduler
+        for network in ("unet", "transformer"):
+            if _has_attributes(value, network, "scheduler"):  # a pipeline
+                yield f"{prefix}{name}.{network}", getattr(value, network)
+                yield f"{prefix}{name}.scheduler", value.scheduler
     for name, child in module.named_children():
         if id(child) in skip:
             continue
@@ -178,7 +205,7 @@ def _has_attributes(value: Any, *names: str) -> bool:
 
 
 def _network_kind(module: Any) -> str | None:
-    """``"UNet2DModel"`` / ``"UNet2DConditionModel"`` for those classes and their subclasses."""
+    """The name of the class of :data:`DIFFUSERS_NETWORKS` that ``module`` is (or subclasses), or ``None``."""
     return next((c.__name__ for c in type(module).__mro__ if c.__name__ in DIFFUSERS_NETWORKS), None)
 
 
@@ -203,7 +230,7 @@ def _one_scheduler(found: list[tuple[str, Any]]) -> tuple[str, Any]:
     name, first = found[0]
     for other_name, other in found[1:]:
         same = (
-            _config_value(other, "prediction_type") == _config_value(first, "prediction_type")
+            config_value(other, "prediction_type") == config_value(first, "prediction_type")
             and torch.as_tensor(other.alphas_cumprod).shape == torch.as_tensor(first.alphas_cumprod).shape
             and torch.allclose(
                 torch.as_tensor(other.alphas_cumprod, dtype=torch.float64).cpu(),
@@ -232,13 +259,13 @@ def _not_found_message(
     if not found:
         summary = "found no diffusers network and no scheduler. "
     else:
-        missing = "scheduler with `alphas_cumprod`" if networks else "UNet2DModel / UNet2DConditionModel"
+        missing = "scheduler with `alphas_cumprod`" if networks else " / ".join(DIFFUSERS_NETWORKS)
         summary = f"found {' and '.join(found)}, but no {missing}. "
     return (
         f"memwatch cannot find the score of {type(pl_module).__name__}: {summary}"
         "Provide one of: (1) `MemorizationMonitor(score_fn=lambda module: memwatch.DiffusionScore(module.net, "
         "schedule, prediction=...))`; (2) a `memwatch_score()` method on the module returning a "
-        "memwatch.DiffusionScore; (3) a diffusers UNet2DModel or UNet2DConditionModel and its scheduler "
+        f"memwatch.DiffusionScore; (3) a diffusers network ({', '.join(DIFFUSERS_NETWORKS)}) and its scheduler "
         "(e.g. DDPMScheduler) as attributes of the module. A torch.compile'd network is found through its "
         "`_orig_mod`. An EMA (torch.optim.swa_utils.AveragedModel, diffusers' EMAModel) is not the network: "
         "keep the network itself on the module and name the EMA with `ema_attr=` to measure its weights."
@@ -402,7 +429,7 @@ def sample_shape_of(score: DiffusionScore) -> tuple[int, ...] | None:
         True
     """
     model = _eager(score.model)
-    channels, size = _config_value(model, "in_channels"), _config_value(model, "sample_size")
+    channels, size = config_value(model, "in_channels"), config_value(model, "sample_size")
     if isinstance(size, int):
         size = (size, size)
     if not isinstance(channels, int) or not isinstance(size, Sequence) or len(size) != 2:
@@ -537,7 +564,7 @@ def _call_failure(
     """The message of a failed dry call: the network's output, a missing condition, or the shape."""
     name, reason = _model_name(score), f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     if returned:
-        channels = (_config_value(score.model, "in_channels"), _config_value(score.model, "out_channels"))
+        channels = (config_value(score.model, "in_channels"), config_value(score.model, "out_channels"))
         hint = ""
         if None not in channels and channels[0] != channels[1]:
             hint = (
@@ -551,15 +578,37 @@ def _call_failure(
     if unconditional and score.null_cond is None and score.cond_kwarg is not None:
         return (
             f"{name} is conditional (`{score.cond_kwarg}`) and fails without a condition ({reason}); unconditional "
-            "probes need `null_cond=` (the null class label, or the empty-prompt embedding [1, L, E]) in the "
+            f"probes need its null condition (the null class label, or the empty-prompt embedding [L, E]): set "
+            f"`{NULL_COND_ATTR}` on the LightningModule when memwatch finds the network, or pass `null_cond=` to the "
             "DiffusionScore that `score_fn` / `memwatch_score()` returns"
+        )
+    kind = _network_kind(score.model)
+    if score.cond_kwarg is None and kind is not None and _takes_a_condition(score.model, kind):
+        return (
+            f"{name} takes `{DIFFUSERS_NETWORKS[kind]}` in every call, but this DiffusionScore passes no condition "
+            f"(its `cond_kwarg` is None; {reason}). Let memwatch find the network and its scheduler on the module "
+            "(no `score_fn` / `memwatch_score()`: it calls the network as its pipeline does and finds the null "
+            f"condition), or pass `cond_kwarg={DIFFUSERS_NETWORKS[kind]!r}` and `null_cond=`"
         )
     params = next(iter(score.model.parameters()), None) if isinstance(score.model, nn.Module) else None
     where = "" if params is None else f"; its parameters are {params.dtype} on {params.device}"
+    if shape == sample_shape_of(score):
+        return (
+            f"{name} fails on probes of `data.sample_shape`={shape}, the shape its config declares{where}: {reason}. "
+            "The shape is not the cause: check how the score calls the network (`cond_kwarg`, `time_fn`, the "
+            "output) against how `training_step` calls it"
+        )
     return (
         f"{name} fails on probes of `data.sample_shape`={shape}{where}: {reason}. Pass the shape of one sample as the "
         "network takes it (`data.sample_shape`; the latent shape for a latent model)"
     )
+
+
+def _takes_a_condition(network: Any, kind: str) -> bool:
+    """Whether a diffusers network of class ``kind`` fails without its condition keyword."""
+    if kind == "UNet2DModel":
+        return any(config_value(network, key) is not None for key in ("num_class_embeds", "class_embed_type"))
+    return True
 
 
 def _model_name(score: DiffusionScore) -> str:
@@ -696,14 +745,6 @@ def _eager(model: Any) -> Any:
 def _display(name: str) -> str:
     """An attribute path without compile wrappers, e.g. ``unet._orig_mod`` → ``unet``."""
     return name.replace("._orig_mod", "")
-
-
-def _config_value(obj: Any, key: str) -> Any:
-    """``obj.config[key]`` of a diffusers object (a mapping or attributes), or ``None``."""
-    config = getattr(obj, "config", None)
-    if isinstance(config, Mapping):
-        return config.get(key)
-    return getattr(config, key, None)
 
 
 def batch_range(

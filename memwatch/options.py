@@ -256,7 +256,10 @@ class CheckpointOptions:
         dirpath: where it goes; default: the run's own log folder (see
             :func:`memwatch.checkpoint.default_dirpath`), never shared between runs.
         mode: ``"weights"`` (the module's weights, EMA copies included; load it with
-            ``YourModule.load_from_checkpoint``) or ``"full"`` (resumable).
+            ``YourModule.load_from_checkpoint``), ``"full"`` (resumable) or ``"adapter"`` (only
+            the peft adapter weights, e.g. LoRA, of the module's adapted networks; load them onto
+            the base model with :func:`memwatch.checkpoint.load_adapter_checkpoint`; a module
+            with no peft adapter fails at fit start).
     """
 
     save: bool = True

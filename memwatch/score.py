@@ -28,6 +28,7 @@ per-condition shape and :func:`broadcast_condition`'s rules apply (an int or 0-d
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -154,16 +155,10 @@ class DiffusionScore:
         return self.conditional(x, t, cond) - self.unconditional(x, t)
 
     def with_model(self, model: nn.Module | Callable[..., Any]) -> DiffusionScore:
-        """The same score around another network (e.g. an EMA copy of the weights)."""
-        return DiffusionScore(
-            model,
-            self.schedule,
-            self.prediction,
-            null_cond=self.null_cond,
-            guidance_scale=self.guidance_scale,
-            cond_kwarg=self.cond_kwarg,
-            time_fn=self.time_fn,
-        )
+        """The same score (subclass and settings) around another network (e.g. an EMA copy of the weights)."""
+        other = copy.copy(self)
+        other.model = model
+        return other
 
     def timesteps(self, t: Tensor | int | float, n: int, device: torch.device | None = None) -> Tensor:
         """Checked timesteps broadcast to ``[n]`` (long for discrete schedules, float64 otherwise)."""
@@ -212,13 +207,15 @@ class DiffusionScore:
             eps = (x - alpha * out) / sigma
         return -eps / sigma
 
-    def _call_model(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+    def _time_input(self, t: Tensor, x: Tensor) -> Tensor:
+        """The network's time input for timesteps ``t`` ``[n]``: ``time_fn(t)``, else the integer
+        steps of a discrete schedule, else ``t`` in ``x``'s dtype."""
         if self.time_fn is not None:
-            t_in = self.time_fn(t)
-        elif self.schedule.is_discrete:
-            t_in = t
-        else:
-            t_in = t.to(x.dtype)
+            return self.time_fn(t)
+        return t if self.schedule.is_discrete else t.to(x.dtype)
+
+    def _call_model(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        t_in = self._time_input(t, x)
         if cond is None:
             out = self.model(x, t_in)
         elif self.cond_kwarg is not None:

@@ -13,6 +13,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, TensorDataset
 
+from memwatch.apps.toymodels import UNetDDPMModule
 from memwatch.checkpoint import SaveOutcome, save_clean_checkpoint
 
 
@@ -91,3 +92,24 @@ def fit(root: str | Path, callbacks: Sequence[pl.Callback], max_steps: int = 6, 
     fitted = trainer(root, callbacks, max_steps=max_steps, **kwargs)
     fitted.fit(TinyModule())
     return fitted
+
+
+def lora_unet() -> nn.Module:
+    """The same tiny base ``UNet2DModel`` (seeded) with a rank-4 LoRA on its attention projections
+    (peft's ``get_peft_model``): the base frozen, the adapter trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    from memwatch.apps.toymodels import tiny_unet
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    return get_peft_model(tiny_unet(), config)
+
+
+class LoraUNetModule(UNetDDPMModule):
+    """A LoRA fine-tune of a tiny UNet2DModel with its DDPMScheduler, the README's UNet recipe."""
+
+    def __init__(self) -> None:
+        from diffusers import DDPMScheduler
+
+        super().__init__(lora_unet(), DDPMScheduler(num_train_timesteps=100), lr=1e-2)

@@ -92,3 +92,120 @@ def digits_images(n: int, size: int = 8) -> Tensor:
     if size != 8:
         x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     return x.clamp(-1, 1)
+
+
+class DiTDiffusion(pl.LightningModule):
+    """A class-conditional ``DiTTransformer2DModel`` and its ``DDPMScheduler`` kept as attributes,
+    trained as DiT trains: ε on the first ``channels`` outputs (the others are its variance head),
+    the labels dropped to the null class by its ``LabelEmbedding`` (10 % in training mode)."""
+
+    def __init__(self, channels: int = 1, size: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        from diffusers import DDPMScheduler, DiTTransformer2DModel
+
+        torch.manual_seed(0)
+        self.transformer = DiTTransformer2DModel(
+            num_attention_heads=2, attention_head_dim=8, in_channels=channels, out_channels=2 * channels,
+            num_layers=1, sample_size=size, num_embeds_ada_norm=classes,
+        )  # fmt: skip
+        self.scheduler = DDPMScheduler(num_train_timesteps=100)
+
+    def condition(self, label: int) -> Tensor:
+        """The condition of class ``label`` as memwatch takes it: the label."""
+        return torch.tensor(label)
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        x0, labels = batch
+        t = torch.randint(0, 100, (x0.shape[0],), device=x0.device)
+        eps = torch.randn_like(x0)
+        out = self.transformer(self.scheduler.add_noise(x0, eps, t), t, class_labels=labels).sample
+        return nn.functional.mse_loss(out[:, : x0.shape[1]], eps)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class PromptDiffusion(pl.LightningModule):
+    """A text-conditional diffusers transformer (``family``: ``"pixart"``, ``"sd3"``, ``"flux"``) and
+    its ``DDPMScheduler`` kept as attributes, called in ``training_step`` as its pipeline calls it.
+
+    Trained on one fixed "prompt" per class (an embedding ``[tokens, width]`` and a pooled projection
+    ``[pooled]``), captions dropped (10 %) to the empty prompt's, which the module keeps as the buffer
+    ``memwatch_null_cond`` (PixArt: the embedding; SD3 / Flux: their ``memwatch.joint_condition``).
+    SD3 and Flux train with flow matching in their pipelines; the DDPM pairing here is legitimate if
+    unusual, and tests their call conventions.
+    """
+
+    def __init__(self, family: str, channels: int = 1, size: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        from diffusers import DDPMScheduler
+
+        torch.manual_seed(0)
+        self.family, self.transformer = family, _text_transformer(family, channels, size, width=12, pooled=6)
+        self.scheduler = DDPMScheduler(num_train_timesteps=100)
+        self.register_buffer("prompts", torch.randn(classes, 3, 12))
+        self.register_buffer("pooled", torch.randn(classes, 6))
+        self.register_buffer("empty", torch.randn(3, 12))  # the text encoders' ""
+        self.register_buffer("empty_pooled", torch.randn(6))
+        self.register_buffer("memwatch_null_cond", self._as_condition(self.empty, self.empty_pooled))
+
+    def condition(self, label: int) -> Tensor:
+        """The prompt of class ``label`` as memwatch takes it, in the form of ``memwatch_null_cond``."""
+        return self._as_condition(self.prompts[label], self.pooled[label])
+
+    def _as_condition(self, prompt: Tensor, pooled: Tensor) -> Tensor:
+        """One prompt as memwatch takes it: PixArt its embedding; SD3 / Flux the joint condition."""
+        from memwatch import joint_condition
+
+        return prompt if self.family == "pixart" else joint_condition(prompt, pooled)
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        x0, labels = batch
+        t = torch.randint(0, 100, (x0.shape[0],), device=x0.device)
+        eps = torch.randn_like(x0)
+        dropped = torch.rand(x0.shape[0], device=x0.device) < 0.1
+        prompt = torch.where(dropped[:, None, None], self.empty, self.prompts[labels])
+        pooled = torch.where(dropped[:, None], self.empty_pooled, self.pooled[labels])
+        return nn.functional.mse_loss(self._predict(self.scheduler.add_noise(x0, eps, t), t, prompt, pooled), eps)
+
+    def _predict(self, x: Tensor, t: Tensor, prompt: Tensor, pooled: Tensor) -> Tensor:
+        """The noise prediction ``[n, C, H, W]``, as the family's pipeline calls the network."""
+        net = self.transformer
+        if self.family == "pixart":
+            sizes = {"resolution": None, "aspect_ratio": None}
+            return net(x, encoder_hidden_states=prompt, timestep=t, added_cond_kwargs=sizes).sample[:, : x.shape[1]]
+        if self.family == "sd3":
+            return net(x, encoder_hidden_states=prompt, pooled_projections=pooled, timestep=t).sample
+        from diffusers import FluxPipeline
+
+        n, c, h, w = x.shape
+        out = net(
+            FluxPipeline._pack_latents(x, n, c, h, w), encoder_hidden_states=prompt, pooled_projections=pooled,
+            timestep=t / 1000, img_ids=FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, x.device, x.dtype),
+            txt_ids=torch.zeros(prompt.shape[1], 3, device=x.device), guidance=torch.full((n,), 3.5, device=x.device),
+        ).sample  # fmt: skip
+        return FluxPipeline._unpack_latents(out, 8 * h, 8 * w, 8)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def _text_transformer(family: str, channels: int, size: int, width: int, pooled: int) -> nn.Module:
+    """A tiny config-built PixArt / SD3 / Flux transformer (Flux: ``4 · channels`` packed channels)."""
+    import diffusers
+
+    heads = dict(num_attention_heads=2, attention_head_dim=8)
+    if family == "pixart":
+        return diffusers.PixArtTransformer2DModel(
+            **heads, in_channels=channels, out_channels=2 * channels, num_layers=1, sample_size=size,
+            cross_attention_dim=16, caption_channels=width,
+        )  # fmt: skip
+    if family == "sd3":
+        return diffusers.SD3Transformer2DModel(
+            **heads, sample_size=size, patch_size=2, in_channels=channels, out_channels=channels, num_layers=1,
+            joint_attention_dim=width, caption_projection_dim=16, pooled_projection_dim=pooled, pos_embed_max_size=size,
+        )  # fmt: skip
+    return diffusers.FluxTransformer2DModel(
+        **heads, in_channels=4 * channels, num_layers=1, num_single_layers=1, joint_attention_dim=width,
+        pooled_projection_dim=pooled, guidance_embeds=True, axes_dims_rope=(2, 2, 4),
+    )  # fmt: skip

@@ -15,8 +15,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from callback_setup import datamodule
 from callback_setup import trainer as cpu_trainer
-from checkpoint_setup import SaveAt, TinyModule, fit, sha256
+from checkpoint_setup import LoraUNetModule, SaveAt, TinyModule, fit, sha256
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from memwatch.checkpoint import (
@@ -25,6 +26,7 @@ from memwatch.checkpoint import (
     check_dirpath,
     check_save_mode,
     default_dirpath,
+    load_adapter_checkpoint,
     prepare_dirpath,
     remove_stale_temp_files,
     save_clean_checkpoint,
@@ -209,8 +211,54 @@ def test_weights_and_full_contents_and_what_they_restore(tmp_path):
         cpu_trainer(tmp_path, [], max_steps=6).fit(TinyModule(), ckpt_path=w.path)
 
 
+def test_adapter_mode_keeps_the_lora_weights_only_and_they_load_back_onto_the_base(tmp_path, capsys):
+    from model_setups import digits_images
+
+    pytest.importorskip("peft")
+    adapter = SaveAt(tmp_path / "adapter", steps=[4], mode="adapter")
+    weights = SaveAt(tmp_path / "weights", steps=[4], mode="weights")
+    pl.seed_everything(0, verbose=False)
+    module = LoraUNetModule()
+    cpu_trainer(tmp_path, [adapter, weights], max_steps=4).fit(module, datamodule(digits_images(8), batch_size=8))
+    a, w = adapter.outcomes[4], weights.outcomes[4]
+    assert a.ok and a.mode == "adapter" and a.nbytes == a.path.stat().st_size
+    with capsys.disabled():  # the sizes the README quotes
+        print(f"\nLoRA UNet2DModel clean checkpoint: adapter {a.nbytes} bytes, weights {w.nbytes} bytes")
+    assert 10 * a.nbytes < w.nbytes
+    saved = torch.load(a.path, map_location="cpu", weights_only=True)  # tensors, text and numbers only
+    assert saved["global_step"] == 4 and set(saved["memwatch_adapters"]) == {"unet"}
+    lora = saved["memwatch_adapters"]["unet"]["default"]
+    assert lora and all(".lora_A." in k or ".lora_B." in k for k in lora)
+    assert '"r": 4' in saved["peft_configs"]["unet"]["default"]
+
+    x, t = digits_images(4), torch.tensor([10, 30, 60, 90])
+    fresh = LoraUNetModule()  # the same base weights and adapter config, the adapter untrained
+    with torch.no_grad():
+        trained, untrained = module.unet(x, t).sample, fresh.unet(x, t).sample
+        assert not torch.allclose(trained, untrained, atol=1e-4)
+        assert load_adapter_checkpoint(fresh, a.path) == ["unet:default"]
+        torch.testing.assert_close(fresh.unet(x, t).sample, trained, rtol=0, atol=0)
+    with pytest.raises(MemwatchError, match=r"holds adapter 'default' of the network at 'unet'.*no such adapted"):
+        load_adapter_checkpoint(TinyModule(), a.path)
+    with pytest.raises(MemwatchError, match='not a checkpoint of `checkpoint.mode`="adapter"'):
+        load_adapter_checkpoint(fresh, w.path)
+
+
+def test_adapter_mode_on_a_module_without_an_adapter_fails_at_fit_start(tmp_path):
+    from diffusers import DDPMScheduler
+    from model_setups import digits_images
+
+    from memwatch import CheckpointOptions, MemorizationMonitor
+    from memwatch.apps.toymodels import UNetDDPMModule, tiny_unet
+
+    monitor = MemorizationMonitor(every_n_train_steps=2, checkpoint=CheckpointOptions(mode="adapter"))
+    module = UNetDDPMModule(tiny_unet(), DDPMScheduler(num_train_timesteps=100))
+    with pytest.raises(MemwatchError, match=r'`checkpoint.mode`="adapter" saves .*UNetDDPMModule has no peft-adapted'):
+        cpu_trainer(tmp_path, [monitor], max_steps=2).fit(module, datamodule(digits_images(8), batch_size=8))
+
+
 def test_bad_mode_raises_whatever_raise_errors(tmp_path):
-    with pytest.raises(MemwatchError, match=r"`mode` must be one of \('weights', 'full'\), got 'optimizer'"):
+    with pytest.raises(MemwatchError, match=r"`mode` must be one of \('weights', 'full', 'adapter'\), got 'optimizer'"):
         fit(tmp_path, [SaveAt(tmp_path, steps=[1], mode="optimizer")])
     assert check_save_mode("full") == "full"
     with pytest.raises(MemwatchError, match="`clean_checkpoint_mode` must be one of"):

@@ -24,6 +24,7 @@ from memwatch.discovery import (
 from memwatch.errors import MemwatchError
 from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore
+from memwatch.transformer_score import TransformerScore, dropped_label, joint_condition
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -115,6 +116,9 @@ def test_finds_a_unet2d_condition_model_with_encoder_hidden_states():
     check_score(score, (4, 8, 8), device="cpu", cond=emb)
     with pytest.raises(MemwatchError, match=r"encoder_hidden_states.*null_cond"):
         check_score(score, (4, 8, 8), device="cpu")
+    named = find_score(Holder(unet=net, scheduler=scheduler(), memwatch_null_cond=emb[0]))  # the empty prompt
+    assert torch.equal(named.null_cond, emb[0]) and named.cond_kwarg == "encoder_hidden_states"
+    check_score(named, (4, 8, 8), device="cpu")
     # a guided score without null_cond: the unconditional half is the one that fails
     guided = DiffusionScore(net, score.schedule, cond_kwarg="encoder_hidden_states", guidance_scale=3.0)
     with pytest.raises(MemwatchError, match="null_cond"):
@@ -214,6 +218,192 @@ def test_nothing_found_says_what_was_found_and_every_option(attributes, found):
     assert re.search(found, message), message
     for option in ("score_fn=", "memwatch_score()", "UNet2DConditionModel", "torch.compile", "EMAModel", "ema_attr="):
         assert option in message
+
+
+# ------------------------------------------------------------------------ diffusers image transformers
+def dit(learned_sigma=True, classes=3):
+    torch.manual_seed(0)
+    return diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=2, out_channels=4 if learned_sigma else 2,
+        num_layers=1, sample_size=8, num_embeds_ada_norm=classes,
+    )  # fmt: skip
+
+
+def pixart(**kwargs):
+    torch.manual_seed(0)
+    config = dict(num_attention_heads=2, attention_head_dim=8, in_channels=2, out_channels=4, num_layers=1,
+                  sample_size=8, cross_attention_dim=16, caption_channels=12)  # fmt: skip
+    return diffusers.PixArtTransformer2DModel(**{**config, **kwargs})
+
+
+def sd3():
+    torch.manual_seed(0)
+    return diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=2, out_channels=2, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=6,
+        pos_embed_max_size=8,
+    )  # fmt: skip
+
+
+def flux(guidance_embeds=True):
+    torch.manual_seed(0)
+    return diffusers.FluxTransformer2DModel(
+        in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, pooled_projection_dim=6, guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4),
+    )  # fmt: skip
+
+
+def eps_score(eps, schedule, t):
+    """The score of a noise prediction ``eps`` at step ``t``: ``-eps / σ_t`` (the dense reference)."""
+    return -eps / schedule.sigma(torch.tensor(t)).float()
+
+
+def test_a_dit_is_found_with_its_dropped_label_as_null_class_and_its_noise_half():
+    net = dit()
+    score = find_score(Holder(transformer=net, scheduler=scheduler()))
+    assert isinstance(score, TransformerScore) and score.model is net and score.cond_kwarg == "class_labels"
+    assert int(score.null_cond) == 3 == dropped_label(net)  # the row that label dropout trains as "no class"
+    assert sample_shape_of(score) == (2, 8, 8)
+    x, t = probes((2, 8, 8)), torch.full((2,), T)
+    with torch.no_grad():
+        s_uc, s_c = score(x, T), score(x, T, torch.tensor([0, 2]))
+        eps_uc = net(x, t, class_labels=torch.tensor([3, 3])).sample[:, :2]  # as DiTPipeline reads it
+        eps_c = net(x, t, class_labels=torch.tensor([0, 2])).sample[:, :2]
+    torch.testing.assert_close(s_uc, eps_score(eps_uc, score.schedule, T))
+    torch.testing.assert_close(s_c, eps_score(eps_c, score.schedule, T))
+    check_score(score, (2, 8, 8), device="cpu")
+    check_score(score, (2, 8, 8), device="cpu", cond=torch.tensor([1, 1]))
+    pipe = diffusers.DiTPipeline(transformer=net, vae=diffusers.AutoencoderKL(), scheduler=scheduler())
+    assert find_score(Holder(pipeline=pipe)).model is net  # a pipeline's `.transformer`
+
+
+def test_a_dit_in_a_user_score_without_its_class_label_names_the_label_not_the_shape():
+    """The issue's second error: the shape is the config's own, the missing class label is the cause."""
+    net = dit()
+    user = DiffusionScore(net, NoiseSchedule.from_diffusers(scheduler()))
+    with pytest.raises(MemwatchError) as info:
+        check_score(user, (2, 8, 8), device="cpu")
+    message = str(info.value)
+    assert "takes `class_labels` in every call" in message and "cond_kwarg='class_labels'" in message
+    assert "sample_shape" not in message
+
+
+def test_a_shape_the_config_declares_is_never_blamed():
+    broken = DiffusionScore(unet(), NoiseSchedule.from_diffusers(scheduler()), time_fn=lambda t: "not a time")
+    with pytest.raises(MemwatchError, match=r"the shape its config declares.*The shape is not the cause"):
+        check_score(broken, (3, 8, 8), device="cpu")
+    with pytest.raises(MemwatchError, match=r"Pass the shape of one sample"):
+        check_score(broken, (3, 5, 5), device="cpu")
+
+
+def test_a_pixart_needs_the_empty_prompt_embedding_and_names_the_attribute():
+    net, sched = pixart(), scheduler()
+    score = find_score(Holder(transformer=net, scheduler=sched))
+    assert isinstance(score, TransformerScore) and score.null_cond is None
+    with pytest.raises(MemwatchError, match=r"PixArtTransformer2DModel takes a condition.*`memwatch_null_cond`.*empty"):
+        check_score(score, (2, 8, 8), device="cpu")
+    empty = torch.randn(3, 12, generator=torch.Generator().manual_seed(4))
+    score = find_score(Holder(transformer=net, scheduler=sched, memwatch_null_cond=empty))
+    check_score(score, (2, 8, 8), device="cpu")
+    x = probes((2, 8, 8))
+    with torch.no_grad():
+        eps = net(x, encoder_hidden_states=empty.expand(2, 3, 12), timestep=torch.full((2,), T),
+                  added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample[:, :2]  # fmt: skip
+        torch.testing.assert_close(score(x, T), eps_score(eps, score.schedule, T))
+    assert "(3, 12) like `null_cond`" in _error(score.conditional, x, T, torch.zeros(3, 16))
+    without_null = find_score(Holder(transformer=net, scheduler=sched))  # only the network checks the width
+    message = _error(without_null.conditional, x, T, torch.zeros(2, 3, 16))
+    expected = "one prompt embedding [L, 12] per probe (`encoder_hidden_states`); got a torch.float32 condition"
+    assert f"{expected} of per-probe shape (3, 16)" in message
+    with pytest.raises(MemwatchError, match=r"`Holder.memwatch_null_cond`: `null_cond` must"):
+        find_score(Holder(transformer=net, scheduler=sched, memwatch_null_cond="an empty prompt"))
+
+
+def test_a_pixart_with_size_conditions_gets_the_image_size_in_pixels():
+    net = pixart(use_additional_conditions=True, num_attention_heads=3, cross_attention_dim=24)  # sizes: width / 3
+    empty = torch.randn(3, 12, generator=torch.Generator().manual_seed(4))
+    score = find_score(Holder(transformer=net, scheduler=scheduler(), memwatch_null_cond=empty))
+    x = probes((2, 8, 8))
+    sizes = {"resolution": torch.tensor([[64.0, 64.0]] * 2), "aspect_ratio": torch.tensor([[1.0]] * 2)}
+    with torch.no_grad():  # PixArtAlphaPipeline's sizes: the image's pixels, the latent's × 8
+        eps = net(x, encoder_hidden_states=empty.expand(2, 3, 12), timestep=torch.full((2,), T),
+                  added_cond_kwargs=sizes).sample[:, :2]  # fmt: skip
+        torch.testing.assert_close(score(x, T), eps_score(eps, score.schedule, T))
+
+
+def _error(fn, *args):
+    with pytest.raises(MemwatchError) as info:
+        fn(*args)
+    return str(info.value)
+
+
+def _prompt(seed, tokens=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(tokens, 12, generator=g), torch.randn(6, generator=g)
+
+
+def test_sd3_takes_the_joint_condition_of_prompt_and_pooled_projection():
+    net = sd3()
+    empty, empty_pooled = _prompt(5)
+    null = joint_condition(empty, empty_pooled)
+    score = find_score(Holder(transformer=net, scheduler=scheduler(), memwatch_null_cond=null))
+    assert isinstance(score, TransformerScore) and score.cond_shape == (3 * 12 + 6,)
+    assert sample_shape_of(score) == (2, 8, 8)
+    check_score(score, (2, 8, 8), device="cpu")
+    x, (prompt, pooled) = probes((2, 8, 8)), _prompt(6)
+    with torch.no_grad():
+        eps = net(x, encoder_hidden_states=prompt.expand(2, 3, 12), pooled_projections=pooled.expand(2, 6),
+                  timestep=torch.full((2,), T)).sample  # fmt: skip
+        torch.testing.assert_close(score(x, T, joint_condition(prompt, pooled)), eps_score(eps, score.schedule, T))
+    without_null = TransformerScore(net, score.schedule)  # only the network's E and P check the condition
+    message = _error(without_null.conditional, x, T, torch.zeros(2, 40))
+    assert "joint condition [L·E + P] per probe" in message and "[L, E=12]" in message and "[P=6]" in message
+    assert "per-probe shape (40,)" in message
+    _adjoint_consistent(score, x)
+
+
+def test_flux_packs_the_latents_and_gives_ids_guidance_and_the_time_in_thousandths():
+    net = flux()
+    empty, empty_pooled = _prompt(5)
+    null = joint_condition(empty, empty_pooled)
+    score = find_score(Holder(transformer=net, scheduler=scheduler(), memwatch_null_cond=null))
+    assert isinstance(score, TransformerScore) and sample_shape_of(score) is None  # H, W: from the batches
+    check_score(score, (2, 4, 6), device="cpu")
+    pipe = diffusers.FluxPipeline  # its own packing is the reference
+    x = probes((2, 4, 6))
+    with torch.no_grad():
+        out = net(pipe._pack_latents(x, 2, 2, 4, 6), encoder_hidden_states=empty.expand(2, 3, 12),
+                  pooled_projections=empty_pooled.expand(2, 6), timestep=torch.full((2,), T / 1000),
+                  img_ids=pipe._prepare_latent_image_ids(2, 2, 3, "cpu", torch.float32), txt_ids=torch.zeros(3, 3),
+                  guidance=torch.full((2,), 3.5)).sample  # fmt: skip
+        eps = pipe._unpack_latents(out, 4 * 8, 6 * 8, 8)
+        torch.testing.assert_close(score(x, T), eps_score(eps, score.schedule, T))
+    with pytest.raises(MemwatchError, match=r"C = in_channels / 4 = 2 and an even H and W; got .* \(2, 5, 6\)"):
+        check_score(score, (2, 5, 6), device="cpu")
+    with pytest.raises(MemwatchError, match=r"probes \[n, C, H, W\]; got probes of shape \(6, 8\)"):
+        check_score(score, (6, 8), device="cpu")  # packed latents are not the probes
+    _adjoint_consistent(score, x)
+    unguided = Holder(transformer=flux(guidance_embeds=False), scheduler=scheduler(), memwatch_null_cond=null)
+    check_score(find_score(unguided), (2, 4, 6), device="cpu")  # no `guidance` input
+
+
+def _adjoint_consistent(score, x):
+    """The sharpness' Jacobian products through the network pass the adjoint test."""
+    from memwatch.operators import select_jvp_mode
+
+    path = select_jvp_mode(lambda y: score(y, T), x, generator=torch.Generator().manual_seed(0))
+    assert path.consistent, path.message
+
+
+def test_a_transformer_keeps_its_call_convention_on_an_ema_copy():
+    net = dit()
+    averaged = torch.optim.swa_utils.AveragedModel(net)
+    module = Holder(transformer=net, scheduler=scheduler(), ema=averaged)
+    score = find_score(module, ema_attr="ema")
+    with measured_score(score, module, "ema") as measured:
+        assert isinstance(measured, TransformerScore) and measured.model is averaged.module
+        assert measured.null_cond == score.null_cond
+        check_score(measured, (2, 8, 8), device="cpu")
 
 
 # ------------------------------------------------------------------------ EMA

@@ -12,14 +12,14 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from callback_setup import datamodule, memorizing_data
+from callback_setup import memorizing_data
 from lightning.pytorch.loggers import CSVLogger
-from model_setups import AnyDiffusion, digits_images
+from model_setups import AnyDiffusion, DiTDiffusion, PromptDiffusion, digits_images
 
 import memwatch
 from memwatch import MemorizationMonitor
+from memwatch.apps.toymodels import TensorDataModule, tiny_unet
 from memwatch.apps.toymodels import UNetDDPMModule as UNetDiffusion
-from memwatch.apps.toymodels import tiny_unet
 
 SMALL = dict(num_probes=4, sampler_steps=8, raise_errors=True)  # verbose, figures, tables: defaults
 
@@ -45,7 +45,9 @@ def _fit(tmp_path, module, data, monitor, max_steps, batch_size=64):
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    trainer.fit(module, datamodule(data, batch_size=batch_size))
+    tensors = data if isinstance(data, tuple) else (data,)  # images, or images and their labels
+    batches = TensorDataModule(*tensors, batch_size=batch_size)
+    trainer.fit(module, batches)
     return trainer
 
 
@@ -155,6 +157,44 @@ def test_latent_model_with_decoded_galleries(tmp_path):
     _assert_checks_ran(monitor, 1, keys=("lid_mean", "nn_memorized_fraction"))
     gallery = list(Path(tmp_path).rglob("most_memorized_step10.png"))
     assert gallery and gallery[0].stat().st_size > 1000  # decoded to 1-channel images, not skipped
+
+
+@pytest.mark.parametrize("family", ["dit", "pixart", "sd3", "flux"])
+def test_a_diffusion_transformer_and_its_scheduler_are_found_with_no_glue(tmp_path, family):
+    """The README's UNet recipe with a DiT (its null class found in its label embedding) or a text
+    transformer (its empty prompt kept by the module as `memwatch_null_cond`), the monitor at its defaults."""
+    from memwatch.transformer_score import TransformerScore
+
+    images = digits_images(8)  # [8, 1, 8, 8]: d = 64
+    labels = torch.arange(8) % 4
+    module = DiTDiffusion() if family == "dit" else PromptDiffusion(family)
+    # a prompt to watch, in the form of the null condition (one family: the conditional metrics double the cost)
+    watched = {"class 1": module.condition(1)} if family == "sd3" else None
+    monitor = MemorizationMonitor(every_n_train_steps=5, conditions=watched, **SMALL)
+    _fit(tmp_path, module, (images, labels), monitor, max_steps=10, batch_size=8)
+    keys = ("sharp_fraction_mean", "lid_mean") + (("cond/class_1/score_diff",) if watched else ())
+    _assert_checks_ran(monitor, 2, keys=keys)
+    assert isinstance(monitor._found, TransformerScore) and monitor._found.model is module.transformer
+    assert all(0 <= h["lid_mean"] <= 64 for h in monitor.history)  # d · (1 - sharp fraction)
+
+
+def test_a_lora_fine_tune_is_measured_as_adapted_and_its_clean_checkpoint_holds_the_adapter(tmp_path):
+    from checkpoint_setup import LoraUNetModule
+
+    from memwatch.checkpoint import load_adapter_checkpoint
+
+    pytest.importorskip("peft")
+    module = LoraUNetModule()  # peft's get_peft_model around a UNet2DModel; its scheduler an attribute
+    monitor = MemorizationMonitor(every_n_train_steps=5, checkpoint=memwatch.CheckpointOptions(mode="adapter"), **SMALL)
+    _fit(tmp_path, module, digits_images(8), monitor, max_steps=10, batch_size=8)
+    _assert_checks_ran(monitor, 2)
+    assert all(0 <= h["lid_mean"] <= 64 for h in monitor.history)
+    assert monitor._found.model is module.unet.base_model.model  # the adapted UNet: LoRA layers in place
+    assert monitor.clean_step == 10 and monitor.clean_checkpoint_path.is_file()
+    fresh, x, t = LoraUNetModule(), digits_images(2), torch.tensor([20, 70])
+    load_adapter_checkpoint(fresh, monitor.clean_checkpoint_path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.unet(x, t).sample, module.unet(x, t).sample, rtol=0, atol=0)
 
 
 def _tiny_vae():
