@@ -212,7 +212,7 @@ class LidSignal(Signal):
         limit = self.options.count_threshold if self.options.statistic == "count" else self.options.ratio_threshold
         memorized = finite & (chosen < limit)
         fraction = float(memorized.sum() / finite.sum()) if finite.any() else math.nan
-        if not finite.any() and not self._warned_nan:
+        if not finite.any() and not self._warned_nan and not (held is not None and held.refused):
             self._warned_nan = True
             rank_zero_warn(f"memwatch: no probe has a finite `{self.options.statistic}` LID statistic at step "
                            f"{run.step}; lid_memorized_fraction is NaN (warned once)")  # fmt: skip
