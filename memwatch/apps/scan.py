@@ -94,8 +94,8 @@ __all__ = [
 CACHE_NAME = "scan_cache.json"
 SKIPPED_NAME = "skipped.csv"
 _CACHE_VERSION = 1
-_CURVES = ("sharp_fraction_mean", "memorized_fraction", "nn_memorized_fraction")
-_FIRST_COLUMNS = ("sharp_fraction_mean", "memorized_fraction", "nn_memorized_fraction", "auroc", "onset")
+_CURVES = ("alarm_fraction", "sharp_fraction_mean", "memorized_fraction", "nn_memorized_fraction")
+_FIRST_COLUMNS = ("alarm_fraction", "sharp_fraction_mean", "memorized_fraction", "nn_memorized_fraction", "auroc", "onset")
 _WANDB_SCAN_MODES = ("offline", "disabled")
 
 
@@ -146,6 +146,7 @@ class ScanResult:
         wandb_dir: the offline W&B run's folder, or ``None``.
         skipped: the checkpoints that could not be read, with the reason (not measured, not in
             ``checks``).
+        onset_key: the share the onset rule watches (``alarm_fraction`` by default).
     """
 
     checks: list[CheckpointScan]
@@ -155,6 +156,7 @@ class ScanResult:
     files: dict[str, Path] = field(default_factory=dict)
     wandb_dir: Path | None = None
     skipped: list[SkippedCheckpoint] = field(default_factory=list)
+    onset_key: str = "alarm_fraction"
 
     @property
     def history(self) -> list[dict[str, float]]:
@@ -240,7 +242,7 @@ def scan(
     load = functools.partial(_load, roots=roots, module_class=module_class, scheduler=scheduler, device=device)
     checks, skipped, measured = _measure_all(list(roots), checker, cache, load, progress)
     checks, onset, clean = _replay(checker.monitor, checks)
-    result = ScanResult(checks, onset, clean, measured, skipped=skipped)
+    result = ScanResult(checks, onset, clean, measured, skipped=skipped, onset_key=checker.monitor.detector.monitor)
     if out is not None:
         result = _write(result, out, cache.path, wandb_mode)
     return result
@@ -797,7 +799,7 @@ def _write_curves(result: ScanResult, path: Path) -> Path:
         if any(n in c.values for c in result.checks)
     }
     figure = plots.plot_metric_curves(
-        curves, onsets={"memorized_fraction": result.onset_step}, ylabel="value", title="memwatch scan"
+        curves, onsets={result.onset_key: result.onset_step}, ylabel="value", title="memwatch scan"
     )
     return plots.save_figure(figure, path)
 
@@ -1047,7 +1049,7 @@ def _summary(result: ScanResult) -> str:
         v = c.values
         nn = f", copies {v['nn_memorized_fraction']:.0%}" if "nn_memorized_fraction" in v else ""
         lines.append(
-            f"  step {c.step}: sharp fraction {v['sharp_fraction_mean']:.3f}, memorized {v['memorized_fraction']:.0%}"
+            f"  step {c.step}: sharp fraction {v['sharp_fraction_mean']:.3f}, flagged {v[result.onset_key]:.0%}"
             f"{nn}{'  <- onset' if c.step == result.onset_step else ''}"
         )
     lines.extend(f"  skipped {s.path}: {s.reason}" for s in result.skipped)
