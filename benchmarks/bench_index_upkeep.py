@@ -30,8 +30,8 @@ import warnings
 import torch
 
 from memwatch.apps.toymodels import UNetDDPMModule, tiny_unet
-from memwatch.intake import BatchIntake, TrainingSamples
 from memwatch.index import CopyIndex, IndexOptions
+from memwatch.intake import BatchIntake, TrainingSamples
 from memwatch.options import DataOptions
 
 
@@ -86,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*self.log")  # the step runs outside a Trainer
     step = step_seconds(args.batch, args.steps)
-    print(f"training step (batch {args.batch}): {step:.3f} s; an interval of {args.every} steps: {step * args.every:.0f} s")
+    print(
+        f"training step (batch {args.batch}): {step:.3f} s; "
+        f"an interval of {args.every} steps: {step * args.every:.0f} s"
+    )
     upkeep = upkeep_seconds(args.distinct, args.batch, args.every, args.intervals, args.memory_mb)
     for k, seconds in enumerate(upkeep):
         print(

@@ -482,7 +482,9 @@ def select_data(batch: Any, select: Any, what: str = "the training batch", setti
     if isinstance(select, int):
         ok = isinstance(batch, Sequence) and select < len(batch) and isinstance(batch[select], Tensor)
         if not ok:
-            raise MemwatchError(f"`{setting}`={select} is not the index of a tensor in {what} (a {type(batch).__name__})")
+            raise MemwatchError(
+                f"`{setting}`={select} is not the index of a tensor in {what} (a {type(batch).__name__})"
+            )
         return batch[select]
     try:
         return first_tensor(dict(batch) if isinstance(batch, Mapping) else batch)

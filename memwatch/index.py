@@ -287,7 +287,9 @@ class CopyIndex:
 
     def _checked_items(self, items: Tensor | None, m: int) -> Tensor | None:
         """``items`` as ``[m]`` int64 on the CPU; the first call decides whether the index holds items."""
-        if items is not None and not (isinstance(items, Tensor) and items.shape == (m,) and not items.is_floating_point()):
+        if items is not None and not (
+            isinstance(items, Tensor) and items.shape == (m,) and not items.is_floating_point()
+        ):
             raise MemwatchError(f"`items` must be an integer tensor [{m}], got {getattr(items, 'shape', items)!r}")
         holds = self._items is not None
         if self._dim is not None and holds != (items is not None):

@@ -92,8 +92,14 @@ def item_ids(batch: Any, select: Any, size: int) -> Tensor:
             return found.detach().to(torch.int64)
     elif isinstance(found, Sequence) and len(found) == size and all(isinstance(i, (int, str)) for i in found):
         return torch.tensor([i if isinstance(i, int) else _string_id(i) for i in found], dtype=torch.int64)
-    what = type(found).__name__ if not isinstance(found, Tensor) else f"a {found.dtype} tensor of shape {tuple(found.shape)}"
-    raise MemwatchError(f"`data.ids`={select!r} must give {size} integer (or string) ids of the batch's items, got {what}")
+    what = (
+        type(found).__name__
+        if not isinstance(found, Tensor)
+        else f"a {found.dtype} tensor of shape {tuple(found.shape)}"
+    )
+    raise MemwatchError(
+        f"`data.ids`={select!r} must give {size} integer (or string) ids of the batch's items, got {what}"
+    )
 
 
 def _string_id(name: str) -> int:

@@ -83,7 +83,9 @@ def _set(obj: object, name: str, value: object) -> None:
 def _check_selector(name: str, value: Any) -> None:
     """A batch selector: ``None``, a dict key, a tuple index ``>= 0`` or a function."""
     if not (value is None or isinstance(value, (str, int)) or callable(value)):
-        raise MemwatchError(f"`{name}` must be a dict key, a tuple index, a function batch -> Tensor or None, got {value!r}")
+        raise MemwatchError(
+            f"`{name}` must be a dict key, a tuple index, a function batch -> Tensor or None, got {value!r}"
+        )
     if isinstance(value, bool) or (isinstance(value, int) and value < 0):
         raise MemwatchError(f"`{name}` as a tuple index must be an integer >= 0, got {value!r}")
 
@@ -197,8 +199,9 @@ class OnsetOptions:
         patience: ... at this many checks in a row.
         on: ``"auto"`` (default: ``alarm_fraction``, :mod:`memwatch.signals.alarm` — copies of the
             training samples, or isolated peaks within ``confirm_ratio`` of one; without training
-            samples, isolated peaks), ``"sharpness"`` (``memorized_fraction``), ``"lid"`` (``lid_memorized_fraction``: probes
-            whose LID statistic fell below ``sharpness.lid``'s threshold, :mod:`memwatch.signals.lid`),
+            samples, isolated peaks), ``"sharpness"`` (``memorized_fraction``), ``"lid"``
+            (``lid_memorized_fraction``: probes whose LID statistic fell below ``sharpness.lid``'s
+            threshold, :mod:`memwatch.signals.lid`),
             ``"copies"`` (``nn_memorized_fraction``: probes with ``d₁/d₂ < 1/3`` to the training
             samples; needs ``reference_data``) or
             ``"either"`` (``flagged_fraction``: sharp or a copy).

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -326,10 +327,17 @@ class CheckReporter:
         """The onset alert (W&B) and warning, else the result line; the conditional line."""
         values, decision = check.values, check.decision
         if decision.onset:
+            clean_step = _int_or_none(values.get("clean_step"))
             msg = (
                 f"memorization onset at step {check.step} by {onset_rule(check, self.onset_key)}: {decision.reason}"
                 f"{copies_verdict(values, self.onset_key)}. "
-                f"Last clean checkpoint: {clean_checkpoint} (step {_int_or_none(values.get('clean_step'))})"
+                + (
+                    f"Last clean checkpoint: {clean_checkpoint} (step {clean_step})"
+                    if clean_step is not None
+                    else f"No check before it was clean, so there is no clean checkpoint: the model was memorizing "
+                    f"by its first check{_first_step(decision.reason)}. Check sooner (a smaller `every_n_train_steps`, "
+                    "e.g. a quarter of it) to catch the onset"
+                )
             )
             rank_zero_warn(f"memwatch: {msg}")
             self.logger.alert("memwatch: memorization onset", msg)
@@ -446,6 +454,12 @@ def _original_images(reference_images: Tensor, reference: Tensor, nearest: Tenso
 def _plain_id(value: object) -> object:
     """An item id as a table cell: numbers and strings as they are, anything else as text."""
     return value if isinstance(value, (int, float, str)) or value is None else str(value)
+
+
+def _first_step(reason: str) -> str:
+    """`` (step N)`` of the streak's first check, read from the onset reason (``"since step N"``)."""
+    found = re.search(r"since step (\d+)", reason)
+    return f" (step {found.group(1)})" if found else ""
 
 
 def _int_or_none(value: float | None) -> int | None:

@@ -120,7 +120,9 @@ def test_views_of_an_item_count_as_the_item_with_ids_and_agree_with_the_per_item
     truth = _per_item_truth(check.samples, items)
     assert (truth < MEMORIZED_RATIO).float().mean() > 0.5  # the copier copies its items
     torch.testing.assert_close(check.nn_ratio.double(), truth.double(), rtol=1e-4, atol=1e-6)  # probe by probe
-    assert with_ids.history[-1]["nn_memorized_fraction"] == pytest.approx(float((truth < MEMORIZED_RATIO).float().mean()))
+    assert with_ids.history[-1]["nn_memorized_fraction"] == pytest.approx(
+        float((truth < MEMORIZED_RATIO).float().mean())
+    )
     assert with_ids.onset_step is not None and math.isfinite(with_ids.history[-1]["alarm_fraction"])
     # without ids a neighbouring view of the same item is the second neighbour: copies are missed
     missed = without.history[-1]["nn_memorized_fraction"]

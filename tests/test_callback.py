@@ -195,6 +195,14 @@ def _detecting_monitor(**kwargs):
     )
 
 
+def test_the_first_check_comes_at_the_end_of_a_first_epoch_shorter_than_the_cadence(tmp_path):
+    """100 steps an epoch, a check every 500: the first check at step 100 (every sample seen once),
+    a clean checkpoint there; no other epoch end adds one."""
+    monitor = MemorizationMonitor(every_n_train_steps=500, **FAST)
+    _fit(tmp_path, generalizing_data(), monitor, max_steps=300)
+    assert [int(h["step"]) for h in monitor.history] == [100] and monitor.clean_step == 100
+
+
 def test_memorizing_run_stops_early_and_keeps_a_clean_checkpoint(tmp_path):
     monitor = _detecting_monitor(dirpath=tmp_path / "clean")
     t, _ = _fit(tmp_path, memorizing_data(), monitor, max_steps=1500)

@@ -396,7 +396,9 @@ def test_views_of_one_item_are_not_each_others_second_neighbour(engine_name, mon
     assert (ratio(hits) < MEMORIZED_RATIO).all()
     assert torch.equal(hits.key[:, 0], torch.arange(4)) and (hits.key[:, 1] != hits.key[:, 0]).all()
     # the second neighbour is the nearest view of any other item: brute force over the views
-    others = torch.stack([torch.cdist(p.flatten()[None], views[ids != i].flatten(1)).min() for i, p in enumerate(probes)])
+    others = torch.stack(
+        [torch.cdist(p.flatten()[None], views[ids != i].flatten(1)).min() for i, p in enumerate(probes)]
+    )
     torch.testing.assert_close(hits.distance[:, 1], others.double())
 
 

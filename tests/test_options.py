@@ -94,7 +94,10 @@ def test_an_unknown_name_is_a_type_error():
     "build, message",
     [
         (lambda: OnsetOptions(threshold=1.5), r"`onset.threshold` must be a number in \[0, 1\), got 1.5"),
-        (lambda: OnsetOptions(on="loss"), r"`onset.on` must be one of \['auto', 'copies', 'either', 'lid', 'sharpness'\]"),
+        (
+            lambda: OnsetOptions(on="loss"),
+            r"`onset.on` must be one of \['auto', 'copies', 'either', 'lid', 'sharpness'\]",
+        ),
         (lambda: OnsetOptions(min_valid_fraction=0), r"`onset.min_valid_fraction` must be a number in \(0, 1\]"),
         (lambda: ProbeOptions(sampler_steps=1), r"`probes.sampler_steps` must be an integer >= 2, got 1"),
         (lambda: ProbeOptions(sigma_factors=()), r"`probes.sigma_factors` must be a non-empty sequence"),

@@ -73,6 +73,6 @@ def test_the_samples_held_are_stated_as_the_code_holds_them():
     assert f"`data.capacity` ({defaults.CALIBRATION_CAPACITY})" in privacy
     assert f"`copies.index.memory_mb` ({IndexOptions().memory_mb:g} MiB)" in privacy
     assert re.search(rf"`copies.index.memory_mb` =\s+{IndexOptions().memory_mb:g} MiB", README)
-    assert defaults.REFERENCE_DATA == "batches" and "(`reference_data=\"batches\"`, the default" in README
+    assert defaults.REFERENCE_DATA == "batches" and '(`reference_data="batches"`, the default' in README
     # the index of the batches is bounded by its memory budget, never by the reservoir's capacity
     assert not re.search(r'"batches"[^.|]*up to `data\.capacity`', README)

@@ -132,3 +132,30 @@ def test_reference_images_must_match_the_reference(tmp_path, pixels):
         reporter.publish(
             check, [], onset_step=None, clean_checkpoint=None, reference=_encode(pixels), reference_images=pixels[:5]
         )
+
+
+def _onset_alert(tmp_path, values: dict[str, float], clean: str | None) -> str:
+    """The onset alert a reporter sends for a check with ``values`` (``alarm_fraction`` decides)."""
+    check = dataclasses.replace(
+        _check(torch.zeros(N, 1, 4, 4), nearest=False, nn_ratio=True),
+        values={"onset": 1.0, "alarm_fraction": 0.5, "nn_memorized_fraction": 0.5, **values},
+        decision=OnsetDecision(True, True, False, "alarm_fraction=0.5 > 0.3 for 2 consecutive checks since step 10"),
+        rule="copies (d₁/d₂ < 1/3)",
+    )
+    logger = MonitorLogger([CSVLogger(tmp_path, name="csv", version=0)])
+    reporter = CheckReporter(logger, threshold=0.5, log_figures=False, verbose=False, onset_key="alarm_fraction")
+    with pytest.warns(UserWarning, match="memorization onset") as caught:
+        reporter.publish(check, [check.values], onset_step=20, clean_checkpoint=clean)
+    return str(caught[0].message)
+
+
+def test_the_onset_alert_names_the_rule_and_the_clean_checkpoint(tmp_path):
+    said = _onset_alert(tmp_path, {"clean_step": 5.0}, "ckpt/memwatch-clean.ckpt")
+    assert "onset at step 10 by copies (d₁/d₂ < 1/3)" in said
+    assert said.endswith("Last clean checkpoint: ckpt/memwatch-clean.ckpt (step 5)")
+
+
+def test_an_onset_with_no_clean_check_before_it_says_so_and_what_would_have_caught_it(tmp_path):
+    said = _onset_alert(tmp_path, {}, None)
+    assert "no clean checkpoint: the model was memorizing by its first check (step 10)" in said
+    assert "a smaller `every_n_train_steps`" in said and "None (step None)" not in said

@@ -95,7 +95,14 @@ CACHE_NAME = "scan_cache.json"
 SKIPPED_NAME = "skipped.csv"
 _CACHE_VERSION = 1
 _CURVES = ("alarm_fraction", "sharp_fraction_mean", "memorized_fraction", "nn_memorized_fraction")
-_FIRST_COLUMNS = ("alarm_fraction", "sharp_fraction_mean", "memorized_fraction", "nn_memorized_fraction", "auroc", "onset")
+_FIRST_COLUMNS = (
+    "alarm_fraction",
+    "sharp_fraction_mean",
+    "memorized_fraction",
+    "nn_memorized_fraction",
+    "auroc",
+    "onset",
+)
 _WANDB_SCAN_MODES = ("offline", "disabled")
 
 
