@@ -137,7 +137,7 @@ class MemorizationMonitor(ProbeChecks, Callback):
 
     def _init_state(self) -> None:
         """The signals, and what the monitor learns while it runs."""
-        self.detector = self.onset.detector()
+        self.detector = self.onset.detector(compared=self.reference_data is not None)
         self.clean_checkpoint_path: Path | None = None
         self.clean_step: int | None = None
         self.history: list[dict[str, float]] = []
@@ -233,6 +233,8 @@ class MemorizationMonitor(ProbeChecks, Callback):
             self._range_batches += 1
         if self.held_samples is not None and self._holding:
             self.held_samples.offer(batch, step, self.sample_shape)
+            if self.held_samples.refused and not self.detector.history:  # the first batch: the rule without them
+                self.detector = self.onset.detector(compared=False)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

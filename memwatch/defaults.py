@@ -13,6 +13,9 @@ from memwatch.sharpness import SharpnessOptions
 __all__ = [
     "ABSOLUTE_ONSET_THRESHOLD",
     "ABSOLUTE_SIGMAS",
+    "ALARM_FALLBACK_PATIENCE",
+    "ALARM_PATIENCE",
+    "ALARM_THRESHOLD",
     "CALIBRATION_CAPACITY",
     "CONFIRM_RATIO",
     "SIGMA_FACTORS",
@@ -42,8 +45,11 @@ SIGMAS = "auto"  #: evaluation noise levels: "auto" = SIGMA_FACTORS × the train
 ABSOLUTE_SIGMAS = (0.3,)  #: the former default σ_t (data units, for data in about [-1, 1]); the demo's levels
 ABSOLUTE_ONSET_THRESHOLD = 0.2  #: the former default onset threshold, chosen with ABSOLUTE_SIGMAS; the demo's
 SCORE_THRESHOLD = 0.9  #: a probe is memorized when its sharp fraction exceeds this
-ONSET_THRESHOLD = 0.3  #: onset when more than this share of the probes is memorized ...
+ONSET_THRESHOLD = 0.3  #: the other rules' onset: more than this share of the probes memorized ...
 ONSET_ON = "auto"  #: the share the onset rule watches: the alarm (memwatch.signals.alarm; OnsetOptions.on)
+ALARM_THRESHOLD = 0.1  #: the alarm's onset: more than this share of the probes flagged (the truth's own 10 %) ...
+ALARM_PATIENCE = 1  #: ... at one check with training samples compared (study v4, selection seeds) ...
+ALARM_FALLBACK_PATIENCE = 2  #: ... at two in a row without (single-check spikes of the trace tier's LID: study v4)
 CONFIRM_RATIO = 0.5  #: the alarm: an isolated peak counts when its d1/d2 to the training samples is below this
 REFERENCE_DATA = "batches"  #: the probes are compared with the distinct training samples seen (in memory only)
 PATIENCE = 2  #: ... at this many checks in a row

@@ -53,6 +53,7 @@ __all__ = [
     "MemwatchDeprecationWarning",
     "ONSET_VALUES",
     "OnsetOptions",
+    "RULE_DEFAULTS",
     "ProbeOptions",
     "ReportOptions",
     "regroup",
@@ -65,6 +66,17 @@ ONSET_VALUES = {
     "lid": "lid_memorized_fraction",
     "copies": "nn_memorized_fraction",
     "either": "flagged_fraction",
+}
+
+#: each rule's own ``(threshold, patience)`` (``OnsetOptions(threshold="auto", patience="auto")``): the alarm's
+#: chosen on study v4's selection seeds (docs/validation.md), the others' those of studies v2.2 / v3
+RULE_DEFAULTS = {
+    "auto": (defaults.ALARM_THRESHOLD, defaults.ALARM_PATIENCE),
+    "auto without samples": (defaults.ALARM_THRESHOLD, defaults.ALARM_FALLBACK_PATIENCE),
+    "sharpness": (defaults.ONSET_THRESHOLD, defaults.PATIENCE),
+    "lid": (defaults.ONSET_THRESHOLD, defaults.PATIENCE),
+    "copies": (defaults.ONSET_THRESHOLD, defaults.PATIENCE),
+    "either": (defaults.ONSET_THRESHOLD, defaults.PATIENCE),
 }
 
 #: a batch selector: a dict key, a tuple / list index, or ``batch -> Tensor``
@@ -195,8 +207,8 @@ class OnsetOptions:
 
     Attributes:
         threshold: onset when more than this share of the probes is memorized (``[0, 1)``;
-            ``None``: only ``min_delta``) ...
-        patience: ... at this many checks in a row.
+            ``None``: only ``min_delta``; ``"auto"``: the rule's own, :data:`RULE_DEFAULTS`) ...
+        patience: ... at this many checks in a row (``"auto"``: the rule's own).
         on: ``"auto"`` (default: ``alarm_fraction``, :mod:`memwatch.signals.alarm` — copies of the
             training samples, or isolated peaks within ``confirm_ratio`` of one; without training
             samples, isolated peaks), ``"sharpness"`` (``memorized_fraction``), ``"lid"``
@@ -215,8 +227,8 @@ class OnsetOptions:
             (``(0, 1]``) is a failed check: NaN metrics, neither clean nor counted.
     """
 
-    threshold: float | None = defaults.ONSET_THRESHOLD
-    patience: int = defaults.PATIENCE
+    threshold: float | str | None = "auto"
+    patience: int | str = "auto"
     on: str = defaults.ONSET_ON
     confirm_ratio: float = defaults.CONFIRM_RATIO
     min_delta: float | None = None
@@ -225,9 +237,10 @@ class OnsetOptions:
     min_valid_fraction: float = defaults.MIN_VALID_FRACTION
 
     def __post_init__(self) -> None:
-        if self.threshold is not None:
+        if self.threshold not in (None, "auto"):
             check_fraction("onset.threshold", self.threshold)
-        check_int("onset.patience", self.patience, 1)
+        if self.patience != "auto":
+            check_int("onset.patience", self.patience, 1)
         if self.on not in ONSET_VALUES:
             raise MemwatchError(f"`onset.on` must be one of {sorted(ONSET_VALUES)}, got {self.on!r}")
         check_fraction("onset.min_valid_fraction", self.min_valid_fraction, low_open=True, high_closed=True)
@@ -236,13 +249,24 @@ class OnsetOptions:
             raise MemwatchError(f"`onset.confirm_ratio` must be a number in (1/3, 1], got {self.confirm_ratio!r}")
         self.detector()  # the detector checks the rest (min_delta, min_steps, baseline_checks)
 
-    def detector(self) -> OnsetDetector:
-        """A fresh detector with this rule."""
+    def resolved(self, compared: bool = True) -> tuple[float | None, int]:
+        """``(threshold, patience)`` in force: the rule's own where ``"auto"`` (:data:`RULE_DEFAULTS`;
+        ``on="auto"`` without training samples to compare with, ``compared=False``: its fallback's)."""
+        rule = self.on if self.on != "auto" or compared else "auto without samples"
+        threshold, patience = RULE_DEFAULTS[rule]
+        return (
+            threshold if self.threshold == "auto" else self.threshold,  # type: ignore[return-value]
+            patience if self.patience == "auto" else int(self.patience),
+        )
+
+    def detector(self, compared: bool = True) -> OnsetDetector:
+        """A fresh detector with this rule (``compared``: whether training samples are compared with the probes)."""
+        threshold, patience = self.resolved(compared)
         return OnsetDetector(
-            threshold=self.threshold,
+            threshold=threshold,
             min_delta=self.min_delta,
             baseline_checks=self.baseline_checks,
-            patience=self.patience,
+            patience=patience,
             min_steps=self.min_steps,
             monitor=ONSET_VALUES[self.on],
         )

@@ -65,6 +65,8 @@ class CheckResult:
         hessian_score_norm: ``[n]`` Jeon et al.'s ``‖H s‖`` of this rank's probes at the
             noisiest sampler state (larger = more memorized; ``None`` when not measured).
         lid: the LID signal's reading of every rank's probes (:class:`memwatch.lid.LidReading`).
+        alarm: ``[n]`` bool, this rank's probes the default onset rule counts (``alarm_fraction``'s;
+            ``None`` where it could not tell them).
         rule: the default onset rule in words, as it decided at this check
             (:meth:`memwatch.signals.alarm.AlarmSignal.rule`; ``""`` where no alarm ran).
     """
@@ -82,6 +84,7 @@ class CheckResult:
     spectrum: SharpnessResult | None = None
     hessian_score_norm: Tensor | None = None
     lid: LidReading | None = None
+    alarm: Tensor | None = None
     rule: str = ""
 
     @property

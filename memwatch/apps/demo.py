@@ -189,7 +189,8 @@ def fit_digits(
         clean_step=monitor.clean_step,
         sigma=float((monitor.calibrated_sigmas or monitor.sigmas)[0]),
         onset_key=monitor.detector.monitor,
-        onset_threshold=float(monitor.onset.threshold or 0.0),
+        onset_threshold=float(monitor.detector.threshold or 0.0),
+        onset_patience=monitor.detector.patience,
         rule=rule_text(monitor),
         history=list(monitor.history),
         early=early,
@@ -208,7 +209,9 @@ def probe_report(check: CheckResult, monitor: MemorizationMonitor) -> ProbeRepor
     res = check.primary
     if check.nn_ratio is None or check.nearest is None:
         raise MemwatchError("the demo's monitor needs `reference_data` (its report shows the nearest training image)")
-    if monitor.onset.on == "lid" and check.lid is not None and check.lid.memorized is not None:
+    if monitor.onset.on == "auto" and check.alarm is not None:
+        flagged = check.alarm
+    elif monitor.onset.on == "lid" and check.lid is not None and check.lid.memorized is not None:
         flagged = check.lid.memorized
     else:
         flagged = res.memorization_score > monitor.sharpness.score_threshold
@@ -227,6 +230,8 @@ def probe_report(check: CheckResult, monitor: MemorizationMonitor) -> ProbeRepor
 def rule_text(monitor: MemorizationMonitor) -> str:
     """The monitor's per-probe rule in words, e.g. ``"FLIPD / data LID < 0.5"``."""
     lid = monitor.sharpness.lid
+    if monitor.onset.on == "auto" and monitor.last_check is not None:
+        return monitor.last_check.rule
     if monitor.onset.on == "lid":
         limit = lid.count_threshold if lid.statistic == "count" else lid.ratio_threshold
         return f"{DESCRIPTIONS[lid.statistic]} < {limit:g}"

@@ -64,9 +64,14 @@ def memorized_figure(results: Sequence[RunResult]) -> Figure:
         title="Memorized probes: memwatch's flag vs ground truth",
         styles=styles,
         onset_labels=names,
-        hlines={"onset threshold (2 checks in a row above it)": results[0].onset_threshold},
+        hlines={_threshold_label(results[0].onset_patience): results[0].onset_threshold},
         ylim=(-0.02, 1.02),
     )
+
+
+def _threshold_label(patience: int) -> str:
+    """The onset threshold's legend entry: above it at one check, or ``patience`` in a row."""
+    return "onset threshold" + (f" ({patience} checks in a row above it)" if patience > 1 else "")
 
 
 def spectrum_figure(results: Sequence[RunResult], settings: DemoSettings) -> Figure:

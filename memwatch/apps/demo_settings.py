@@ -83,8 +83,8 @@ class RunResult:
         steps: optimizer steps done; seconds: wall time of ``trainer.fit``.
         onset_step, clean_step: from the monitor (``None``: no onset / no clean check).
         sigma: the primary σ_t it measured at (calibrated from the training data); onset_key,
-        onset_threshold: the value its onset rule watches (``lid_memorized_fraction``, …) and the
-        share above which it fires; rule: the rule in words.
+        onset_threshold, onset_patience: the value its onset rule watches (``alarm_fraction``, …),
+        the share above which it fires and at how many checks in a row; rule: the rule in words.
         history: the monitor's per-check values; final: its last check.
         early, late: probe reports at the first check and at the end.
         train_data: ``[N, 1, 8, 8]`` training images; wandb_dir: the W&B run folder (or None).
@@ -101,6 +101,7 @@ class RunResult:
     sigma: float
     onset_key: str
     onset_threshold: float
+    onset_patience: int
     rule: str
     history: list[dict[str, float]]
     early: ProbeReport | None

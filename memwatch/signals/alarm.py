@@ -112,6 +112,7 @@ class AlarmSignal(Signal):
             draft.values["alarm_fraction"] = math.nan
             return
         counted, told = self.flags(m.primary.lid.double(), m.nn_ratio, math.prod(m.samples.shape[1:]))
+        draft.fields["alarm"] = (counted & told).cpu()
         hits, n = _synced_sums(counted & told, told, run.device)
         valid = n > 0 and n >= self.min_valid_fraction * self.num_probes
         draft.values["alarm_fraction"] = hits / n if valid else math.nan
