@@ -205,6 +205,8 @@ class MemorizationMonitor(ProbeChecks, Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after `configure_model` and the move to the device: the network exists and is in place
         self.prepare(pl_module)
+        assert self._reporter is not None
+        self._reporter.use_sampler(self.sampler_settings)
         steps, every = trainer.max_steps, self.every_n_train_steps
         if every is not None and self.every_n_epochs is None and 0 < steps < every:
             rank_zero_warn(

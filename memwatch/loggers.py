@@ -240,6 +240,17 @@ class MonitorLogger:
                     writer.writerow(columns)
                     writer.writerows(data)
 
+    def log_config(self, name: str, params: Mapping[str, Any]) -> None:
+        """Add ``{f"{prefix}/{name}": params}`` to the run's config through every logger's
+        ``log_hyperparams`` (W&B config, ``hparams.yaml``, TensorBoard hparams), once per run.
+
+        Args:
+            name: the config entry, e.g. ``"probe_sampler"``.
+            params: plain values (numbers, strings, booleans).
+        """
+        for logger in self.loggers:
+            logger.log_hyperparams({self._key(name): dict(params)})
+
     def alert(self, title: str, text: str, *, level: str = "WARN") -> None:
         """W&B alert (``run.alert``); other loggers: nothing. A failing W&B call only warns.
 

@@ -23,6 +23,7 @@ from memwatch.errors import MemwatchError
 from memwatch.intake import BatchIntake
 from memwatch.options import DataOptions, ProbeOptions, ReportOptions
 from memwatch.probes import ProbeMeasurement, ProbeSet, evaluation_grid
+from memwatch.sampling import sampler_settings
 from memwatch.sharpness import SharpnessResult
 from memwatch.signals import Draft, Run, Signal
 from memwatch.signals.base import contribute_all, measure_all
@@ -99,6 +100,14 @@ class ProbeChecks:
                 self.sample_shape, self.num_probes, p.sampler_steps, self._eval_timesteps, p.seed, p.sampler
             )
         return self._probe_set
+
+    @property
+    def sampler_settings(self) -> dict[str, Any]:
+        """The settings the probes are drawn with (:func:`memwatch.sampling.sampler_settings`);
+        known once the score is found (:meth:`prepare`)."""
+        if self._found is None:
+            raise MemwatchError("the probes' sampler is known once the model is: call prepare(pl_module) first")
+        return sampler_settings(self._found.schedule, self.probes.sampler_steps, self.probes.sampler)
 
     def prepare(self, pl_module: pl.LightningModule) -> None:
         """Find the module's score, the evaluation timesteps and (when known) the probe shape, and

@@ -22,6 +22,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -33,6 +34,7 @@ from memwatch.lid import LidReading
 from memwatch.loggers import MonitorLogger
 from memwatch.onset import OnsetDecision
 from memwatch.probes import CONDITION_METRICS
+from memwatch.sampling import sampler_summary
 from memwatch.sharpness import SharpnessResult
 
 __all__ = ["CheckReporter", "CheckResult", "copies_verdict", "format_timestep"]
@@ -132,6 +134,7 @@ class CheckReporter:
         self.decode_fn = decode_fn
         self.verbose = verbose
         self.raise_errors = raise_errors
+        self.sampler_text = ""  # the probes' sampler in a few words, once known (:meth:`use_sampler`)
         self._first_density: Tensor | None = None
         self._first_step = 0
         self._gallery_warned = False
@@ -178,6 +181,13 @@ class CheckReporter:
         with self._step("console"):
             self._announce(check, clean_checkpoint)
 
+    def use_sampler(self, settings: dict[str, Any]) -> None:
+        """The settings the probes are drawn with (:func:`memwatch.sampling.sampler_settings`): into
+        the run's config once (``memwatch/probe_sampler``), and named in every result line."""
+        self.sampler_text = sampler_summary(settings)
+        with self._step("run config"):
+            self.logger.log_config("probe_sampler", settings)
+
     def start_line(self, step: int, num_probes: int, num_timesteps: int) -> None:
         """The line that opens a check (with ``verbose``)."""
         if self.verbose:
@@ -200,6 +210,10 @@ class CheckReporter:
         return report
 
     # ------------------------------------------------------------------ private
+    def _sampler_part(self) -> str:
+        """``"; probes: <sampler>"`` for the result line (empty before :meth:`use_sampler`)."""
+        return f"; probes: {self.sampler_text}" if self.sampler_text else ""
+
     @contextlib.contextmanager
     def _step(self, what: str) -> Iterator[None]:
         """Run one publishing step; its failure is a warning unless ``raise_errors``."""
@@ -339,7 +353,7 @@ class CheckReporter:
                 f"memorized {values[self.onset_key]:.2f}"
                 + copies_verdict(values, self.onset_key)
                 + (f", {bad} probe(s) not finite" if bad else "")
-                + f" ({values['check_seconds']:.1f}s)"
+                + f" ({values['check_seconds']:.1f}s{self._sampler_part()})"
             )
         if check.conditions and self.verbose:
             scores = torch.tensor([c["hessian_score_diff"] for c in check.conditions.values()], dtype=torch.float64)

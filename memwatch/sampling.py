@@ -55,6 +55,8 @@ __all__ = [
     "probe_noise",
     "sample",
     "sample_trajectory",
+    "sampler_settings",
+    "sampler_summary",
 ]
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
@@ -262,6 +264,62 @@ def expected_range(schedule: NoiseSchedule) -> tuple[float, float] | None:
     if schedule.scheduler_config is None:
         return None
     return _clip_range(schedule.ddim_scheduler(2).config)  # the values DDIM applies, defaults filled in
+
+
+def sampler_settings(schedule: NoiseSchedule, steps: int, sampler: object | None = None) -> dict[str, Any]:
+    """The settings the probes are drawn with, as plain values for a run's config.
+
+    The same weights give other probes under other settings (a ``DDPMScheduler`` with
+    ``clip_sample=True`` projects x̂_0 into ``[-1, 1]`` at every step, one without does not), so a
+    run says which ones its numbers come from.
+
+    Args:
+        schedule: the score's schedule.
+        steps: the sampler's steps (``probes.sampler_steps``).
+        sampler: the user's :class:`ProbeSampler` (``probes.sampler``), or ``None`` for the default.
+
+    Returns:
+        ``{"sampler": ..., "steps": ...}`` and, for the diffusers DDIM stepping, ``scheduler`` (the
+        class the config came from), ``clip_sample``, ``clip_sample_range``, ``thresholding``,
+        ``timestep_spacing``, ``steps_offset``, ``set_alpha_to_one`` as DDIM applies them.
+
+    Example:
+        >>> sampler_settings(NoiseSchedule.linear(1000), 50)
+        {'sampler': 'memwatch DDIM', 'steps': 50, 'clip_sample': False}
+    """
+    if sampler is not None:
+        name = getattr(sampler, "__qualname__", None) or type(sampler).__qualname__
+        return {"sampler": name, "steps": steps}
+    if schedule.scheduler_config is None:
+        return {"sampler": "memwatch DDIM", "steps": steps, "clip_sample": False}
+    config = schedule.ddim_scheduler(steps).config  # the values DDIM applies, defaults filled in
+    keys = ("clip_sample", "clip_sample_range", "thresholding", "timestep_spacing", "steps_offset", "set_alpha_to_one")
+    return {
+        "sampler": "diffusers DDIMScheduler",
+        "scheduler": schedule.scheduler_class,
+        "steps": steps,
+        **{k: config[k] for k in keys},
+    }
+
+
+def sampler_summary(settings: dict[str, Any]) -> str:
+    """:func:`sampler_settings` in a few words, for a console line.
+
+    Example:
+        >>> sampler_summary({"sampler": "memwatch DDIM", "steps": 50, "clip_sample": False})
+        'memwatch DDIM, 50 steps, no clipping'
+    """
+    words = [settings["sampler"], f"{settings['steps']} steps"]
+    if "scheduler" in settings:
+        words[0] = f"DDIM of the {settings['scheduler']} config"
+        words.append(f"{settings['timestep_spacing']} spacing")
+    if settings.get("thresholding"):
+        words.append("thresholding")
+    elif settings.get("clip_sample"):
+        words.append(f"clip ±{settings['clip_sample_range']:g}")
+    elif "clip_sample" in settings:
+        words.append("no clipping")
+    return ", ".join(words)
 
 
 def out_of_range(samples: Tensor, low: float, high: float, tolerance: float = 0.5) -> Tensor:

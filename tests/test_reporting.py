@@ -8,6 +8,7 @@ title, row labels and image data.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,3 +133,38 @@ def test_reference_images_must_match_the_reference(tmp_path, pixels):
         reporter.publish(
             check, [], onset_step=None, clean_checkpoint=None, reference=_encode(pixels), reference_images=pixels[:5]
         )
+
+
+# ------------------------------------------------------------------ the sampler the probes are drawn with
+@pytest.mark.parametrize("clip", [True, False])
+def test_a_fit_names_the_probes_sampler_in_its_config_and_result_line(tmp_path, caplog, clip):
+    """The same weights give other probes with and without ``clip_sample`` (issue 32, item 6): a
+    real fit of a diffusers-scheduled model puts the sampler's settings into the run's config
+    (``hparams.yaml``) and names them in every result line."""
+    import logging
+
+    import lightning.pytorch as pl
+    import yaml
+    from callback_setup import datamodule, memorizing_data
+    from diffusers import DDPMScheduler
+    from model_setups import AnyDiffusion
+
+    from memwatch import MemorizationMonitor, NoiseSchedule, ProbeOptions, SharpnessCheckOptions
+
+    module = AnyDiffusion("diffusers", "epsilon")
+    module.schedule = NoiseSchedule.from_diffusers(DDPMScheduler(num_train_timesteps=200, clip_sample=clip))
+    monitor = MemorizationMonitor(
+        every_n_train_steps=10, num_probes=4, sigmas=(0.3,), probes=ProbeOptions(sampler_steps=8),
+        sharpness=SharpnessCheckOptions(k=2),
+    )  # fmt: skip
+    logger = CSVLogger(tmp_path)
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=10, callbacks=[monitor], logger=logger, accelerator="cpu",
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):  # the suite quiets Lightning's logger
+        trainer.fit(module, datamodule(memorizing_data()))
+    config = yaml.safe_load((Path(logger.log_dir) / "hparams.yaml").read_text())["memwatch/probe_sampler"]
+    assert config["scheduler"] == "DDPMScheduler" and config["clip_sample"] is clip and config["steps"] == 8
+    lines = [r.getMessage() for r in caplog.records if "sharp fraction" in r.getMessage()]
+    clipping = "clip ±1" if clip else "no clipping"
+    assert lines and all(f"probes: DDIM of the DDPMScheduler config, 8 steps, leading spacing, {clipping}" in line
+                         for line in lines), lines  # fmt: skip
