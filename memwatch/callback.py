@@ -198,7 +198,8 @@ class MemorizationMonitor(ProbeChecks, Callback):
         logger = MonitorLogger.from_trainer(trainer, log_media=r.media)
         self._reporter = CheckReporter(logger, threshold=self.sharpness.threshold, log_figures=r.figures,
                                        log_media=r.media, decode_fn=self.data.decode_fn, verbose=r.verbose,
-                                       raise_errors=r.raise_errors, onset_key=self.detector.monitor)  # fmt: skip
+                                       raise_errors=r.raise_errors, onset_key=self.detector.monitor,
+                                       lid_statistic=self.sharpness.lid.statistic)  # fmt: skip
         if self.checkpoint.save:  # a bad dirpath fails here, on every rank alike
             self._clean_dir = prepare_dirpath(trainer, self.checkpoint.dirpath)
 

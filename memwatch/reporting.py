@@ -37,7 +37,7 @@ from memwatch.probes import CONDITION_METRICS
 from memwatch.sampling import sampler_summary
 from memwatch.sharpness import SharpnessResult
 
-__all__ = ["CheckReporter", "CheckResult", "copies_verdict", "format_timestep"]
+__all__ = ["CONSOLE_LID", "CheckReporter", "CheckResult", "console_lid", "copies_verdict", "format_timestep"]
 
 _SPECTRUM_GRID = torch.linspace(-1.6, 0.4, 201)  # normalized eigenvalues σ_t²λ shown in spectra
 _GALLERY_SIZE = 8
@@ -112,6 +112,8 @@ class CheckReporter:
         raise_errors: re-raise a failing publishing step instead of warning.
         onset_key: the value the onset rule watches (``memorized_fraction``, ``lid_memorized_fraction``, …):
             the result line's "memorized" and the curve the onset is drawn on.
+        lid_statistic: the LID signal's ``sharpness.lid.statistic``: the result line's one "LID" is
+            the probes' median LID that statistic reads (:data:`CONSOLE_LID`).
     """
 
     def __init__(
@@ -125,8 +127,10 @@ class CheckReporter:
         verbose: bool = True,
         raise_errors: bool = False,
         onset_key: str = "memorized_fraction",
+        lid_statistic: str = "relative",
     ) -> None:
         self.logger = logger
+        self.lid_statistic = lid_statistic
         self.onset_key = onset_key
         self.threshold = threshold
         self.log_figures = log_figures
@@ -345,11 +349,9 @@ class CheckReporter:
             self.logger.alert("memwatch: memorization onset", msg)
         elif self.verbose:
             bad = int(values.get("nonfinite_count", 0))
-            lid = ""
-            if math.isfinite(values.get("lid/model_lid", math.nan)):
-                lid = f", LID {values['lid/model_lid']:.1f} (data {values['lid/data_lid']:.1f})"
             rank_zero_info(
-                f"memwatch step {check.step}: sharp fraction {values['sharp_fraction_mean']:.3f}{lid}, "
+                f"memwatch step {check.step}: sharp fraction {values['sharp_fraction_mean']:.3f}"
+                f"{console_lid(values, self.lid_statistic)}, "
                 f"memorized {values[self.onset_key]:.2f}"
                 + copies_verdict(values, self.onset_key)
                 + (f", {bad} probe(s) not finite" if bad else "")
@@ -363,6 +365,31 @@ class CheckReporter:
                 f"memwatch step {check.step}: most memorized condition {check.most_memorized_condition} "
                 f"(Hessian-weighted score difference {top:.3g}, median over conditions {median:.3g})"
             )
+
+
+#: the result line's one "LID": for each ``sharpness.lid.statistic``, the logged median it reads and its name
+CONSOLE_LID = {
+    "relative": ("lid/flipd", "FLIPD"),
+    "profile": ("lid/flipd", "FLIPD"),
+    "drawdown": ("lid/flipd", "FLIPD"),
+    "denoising": ("lid/denoising_lid", "denoising"),
+    "count": ("lid/count", "flat directions"),
+}
+
+
+def console_lid(values: dict[str, float], statistic: str = "relative") -> str:
+    """The result line's LID: the probes' median LID at the primary level as ``statistic`` reads
+    it, named, beside the data's; ``""`` when it was not measured.
+
+    Example:
+        >>> console_lid({"lid/flipd": 2.04, "lid/data_lid": 4.13})
+        ', LID 2.0 (FLIPD; data 4.1)'
+    """
+    key, name = CONSOLE_LID[statistic]
+    value = values.get(key, math.nan)
+    if not math.isfinite(value):
+        return ""
+    return f", LID {value:.1f} ({name}; data {values.get('lid/data_lid', math.nan):.1f})"
 
 
 def copies_verdict(values: dict[str, float], onset_key: str = "memorized_fraction") -> str:

@@ -19,6 +19,7 @@ from memwatch import (
     ReportOptions,
     SharpnessCheckOptions,
 )
+from memwatch.apps.toymodels import DDPMModule
 from memwatch.data import GaussianMixture
 from memwatch.errors import MemwatchError
 from memwatch.lid import baseline_of, data_lid, denoising_lid, drawdown, local_variances, profile, relative, soft_count
@@ -178,7 +179,7 @@ def test_onset_on_lid_fires_on_a_memorizing_run_with_finite_values(tmp_path, sta
         assert math.isfinite(h["lid_memorized_fraction"]) and math.isfinite(h[f"lid/{statistic}"])
         assert h["lid/data_lid"] == pytest.approx(monitor.history[0]["lid/data_lid"])  # fixed at the first check
     reading = monitor.last_check.lid
-    assert set(reading.model_lid) == set(monitor.last_check.results)  # every level, primary first
+    assert set(reading.flipd) == set(monitor.last_check.results)  # every level, primary first
     assert reading.memorized.shape == (16,) and reading.memorized.float().mean() == pytest.approx(
         monitor.history[-1]["lid_memorized_fraction"]
     )
@@ -229,3 +230,35 @@ def test_a_data_lid_below_one_dimension_is_said():
     with pytest.warns(UserWarning, match=r"below one dimension at t=990"):
         signal.fit_reference(x, [10.0, 990.0], SCHEDULE)
     assert signal.reference[10.0] > 1.0 and signal.reference[990.0] < 1.0
+
+
+# ----------------------------------------------------------------------------- no impossible dimension
+class _Overconfident(DDPMModule):
+    """A model whose ε-prediction is 30× its network's (a blown-up output layer, as a run that
+    diverges has): its score contracts faster than the noise, so FLIPD ``d + σ_t² tr H`` < 0."""
+
+    def memwatch_score(self) -> DiffusionScore:
+        return DiffusionScore(lambda x, t: 30.0 * self.net(x, t), self.schedule, prediction="epsilon")
+
+
+@pytest.mark.parametrize("method", ["dense", "trace"])
+def test_no_logged_dimension_or_ratio_leaves_its_range_and_the_clamped_probes_are_counted(tmp_path, method):
+    """Issue 32, item 1: a fit once logged ``lid/model_lid`` −1.03 and ``lid/relative`` −0.09. Every
+    LID is now in ``[0, d]``, every ratio ``>= 0``, the sharp fraction in ``[0, 1]`` (the trace tier
+    estimates it from FLIPD), and the probes whose estimate was clamped are counted."""
+    monitor = MemorizationMonitor(
+        every_n_train_steps=50, num_probes=8, probes=ProbeOptions(sampler_steps=10),
+        sharpness=SharpnessCheckOptions(k=2, method=method), report=ReportOptions(figures=False, raise_errors=True),
+        checkpoint=CheckpointOptions(save=False),
+    )  # fmt: skip
+    trainer(tmp_path, [monitor], max_steps=50).fit(
+        _Overconfident(shape=(2,), hidden=32, depth=2), datamodule(memorizing_data())
+    )
+    (h,) = monitor.history
+    assert monitor.last_check.primary.flipd.min() < 0  # the raw estimate really left the range
+    dims = ("lid_mean", "lid/flipd", "lid/denoising_lid", "lid/count", "lid/data_lid")
+    assert all(0 <= h[k] <= 2 for k in dims), {k: h[k] for k in dims}
+    ratios = {k: h[f"lid/{k}"] for k in ("relative", "profile", "drawdown", "denoising")}
+    assert not any(v < 0 for v in ratios.values()) and math.isfinite(ratios["relative"]), ratios  # NaN: 0 / 0
+    assert 0 <= h["sharp_fraction_mean"] <= 1 and h["lid/clamped_count"] >= 1
+    assert int(monitor.last_check.lid.clamped.sum()) == h["lid/clamped_count"]

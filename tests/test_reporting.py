@@ -166,5 +166,6 @@ def test_a_fit_names_the_probes_sampler_in_its_config_and_result_line(tmp_path, 
     assert config["scheduler"] == "DDPMScheduler" and config["clip_sample"] is clip and config["steps"] == 8
     lines = [r.getMessage() for r in caplog.records if "sharp fraction" in r.getMessage()]
     clipping = "clip ±1" if clip else "no clipping"
+    assert lines and all(line.count("LID") == 1 and "(FLIPD; data " in line for line in lines), lines  # one LID
     assert lines and all(f"probes: DDIM of the DDPMScheduler config, 8 steps, leading spacing, {clipping}" in line
                          for line in lines), lines  # fmt: skip
