@@ -305,7 +305,12 @@ def wandb_logger(mode: str, save_dir: str | Path, **kwargs: Any) -> WandbLogger 
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     kwargs.setdefault("settings", wandb.Settings(silent=True, console="off"))
-    return WandbLogger(save_dir=str(save_dir.resolve()), offline=mode == "offline", **kwargs)
+    logger = WandbLogger(save_dir=str(save_dir.resolve()), offline=mode == "offline", **kwargs)
+    # Lightning passes `anonymous=None` to wandb.init, and wandb warns that the setting has no effect
+    # whatever its value: leave it out, as a user who never set it expects
+    if logger._wandb_init.get("anonymous") is None:
+        logger._wandb_init.pop("anonymous", None)
+    return logger
 
 
 def finish_wandb(logger: WandbLogger) -> Path:
