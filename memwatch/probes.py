@@ -59,6 +59,7 @@ __all__ = [
     "evaluation_timesteps",
     "first_sampler_timestep",
     "isolated",
+    "parameters_finite",
     "shard",
 ]
 
@@ -197,6 +198,22 @@ def isolated(pl_module: nn.Module) -> Iterator[None]:
             m.train(training)
         for p, flag in grads.items():
             p.requires_grad_(flag)
+
+
+def parameters_finite(module: nn.Module) -> bool:
+    """Whether every parameter of ``module`` is finite: one pass over the weights and one device
+    synchronization, far cheaper than the probes. A NaN or Inf weight (a diverged training step)
+    makes every measurement of the model NaN, so a check asks this first.
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> before = parameters_finite(net)
+        >>> _ = net.weight.data[0, 0].fill_(float("nan"))
+        >>> before, parameters_finite(net)
+        (True, False)
+    """
+    flags = [torch.isfinite(p).all() for p in module.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 class ProbeSet:

@@ -185,6 +185,15 @@ class CheckReporter:
         with self._step("console"):
             self._announce(check, clean_checkpoint)
 
+    def publish_unmeasured(self, step: int, values: dict[str, float], reason: str) -> None:
+        """A check that could not be measured: its values (NaN) are logged, and with ``verbose``
+        a line says why (the warning that names the cause is the monitor's, once per run)."""
+        with self._step("scalars"):
+            self.logger.define_metrics()
+            self.logger.log_scalars(values, step)
+        if self.verbose:
+            rank_zero_info(f"memwatch step {step}: not measured: {reason}")
+
     def use_sampler(self, settings: dict[str, Any]) -> None:
         """The settings the probes are drawn with (:func:`memwatch.sampling.sampler_settings`): into
         the run's config once (``memwatch/probe_sampler``), and named in every result line."""

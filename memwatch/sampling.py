@@ -50,6 +50,7 @@ __all__ = [
     "ProbeSampler",
     "Trajectory",
     "check_trajectory",
+    "excursion",
     "expected_range",
     "out_of_range",
     "probe_noise",
@@ -320,6 +321,20 @@ def sampler_summary(settings: dict[str, Any]) -> str:
     elif "clip_sample" in settings:
         words.append("no clipping")
     return ", ".join(words)
+
+
+def excursion(samples: Tensor, low: float, high: float) -> Tensor:
+    """How far each probe ``[n, *shape]`` reaches beyond the data range ``[low, high]``: ``[n]``
+    float64, the largest distance of an element outside it in units of ``high - low`` (0 inside,
+    ``inf`` for a probe that is not finite).
+
+    Example:
+        >>> excursion(torch.tensor([[0.5, -1.0], [0.0, 3.5], [float("nan"), 0.0]]), -1.0, 1.0)
+        tensor([0.0000, 1.2500,    inf], dtype=torch.float64)
+    """
+    flat = (samples.flatten(1) if samples.ndim > 1 else samples[:, None]).to(torch.float64)
+    beyond = torch.maximum(low - flat, flat - high).clamp(min=0).amax(1) / (high - low)
+    return torch.where(torch.isfinite(flat).all(1), beyond, math.inf)
 
 
 def out_of_range(samples: Tensor, low: float, high: float, tolerance: float = 0.5) -> Tensor:

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from callback_setup import datamodule, generalizing_data, memorizing_data, module_2d, trainer
+from callback_setup import Overconfident, datamodule, generalizing_data, memorizing_data, module_2d, trainer
 
 from memwatch import (
     CheckpointOptions,
@@ -19,7 +19,6 @@ from memwatch import (
     ReportOptions,
     SharpnessCheckOptions,
 )
-from memwatch.apps.toymodels import DDPMModule
 from memwatch.data import GaussianMixture
 from memwatch.errors import MemwatchError
 from memwatch.lid import baseline_of, data_lid, denoising_lid, drawdown, local_variances, profile, relative, soft_count
@@ -233,14 +232,6 @@ def test_a_data_lid_below_one_dimension_is_said():
 
 
 # ----------------------------------------------------------------------------- no impossible dimension
-class _Overconfident(DDPMModule):
-    """A model whose ε-prediction is 30× its network's (a blown-up output layer, as a run that
-    diverges has): its score contracts faster than the noise, so FLIPD ``d + σ_t² tr H`` < 0."""
-
-    def memwatch_score(self) -> DiffusionScore:
-        return DiffusionScore(lambda x, t: 30.0 * self.net(x, t), self.schedule, prediction="epsilon")
-
-
 @pytest.mark.parametrize("method", ["dense", "trace"])
 def test_no_logged_dimension_or_ratio_leaves_its_range_and_the_clamped_probes_are_counted(tmp_path, method):
     """Issue 32, item 1: a fit once logged ``lid/model_lid`` −1.03 and ``lid/relative`` −0.09. Every
@@ -252,7 +243,7 @@ def test_no_logged_dimension_or_ratio_leaves_its_range_and_the_clamped_probes_ar
         checkpoint=CheckpointOptions(save=False),
     )  # fmt: skip
     trainer(tmp_path, [monitor], max_steps=50).fit(
-        _Overconfident(shape=(2,), hidden=32, depth=2), datamodule(memorizing_data())
+        Overconfident(shape=(2,), hidden=32, depth=2), datamodule(memorizing_data())
     )
     (h,) = monitor.history
     assert monitor.last_check.primary.flipd.min() < 0  # the raw estimate really left the range
