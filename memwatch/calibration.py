@@ -141,7 +141,7 @@ class Reservoir:
         """
         if self._buffer is None or self._filled is None:
             raise MemwatchError("the reservoir holds no samples yet: call `update(batch)` with training batches first")
-        return self._buffer[self._filled].clone()
+        return self._buffer[self._filled]  # boolean-mask indexing copies (a .clone() would copy it twice)
 
     @torch.no_grad()
     def update(self, batch: Tensor, *, transform: Callable[[Tensor], Tensor] | None = None) -> None:

@@ -40,8 +40,9 @@ from memwatch.probes import ProbeSet, isolated, parameters_finite, shard
 from memwatch.probing import ProbeChecks
 from memwatch.reporting import CheckReporter, CheckResult
 from memwatch.signals import CopyOptions, Draft, LossGapOptions, Run, SharpnessCheckOptions, Signal
-from memwatch.signals.base import measure_all
+from memwatch.signals.base import measure_all, timed
 from memwatch.signals.registry import compose
+from memwatch.timing import PhaseClock
 from memwatch.validation import check_cadence, check_int, check_levels
 
 __all__ = ["MemorizationMonitor", "CheckResult", "find_score"]
@@ -285,32 +286,40 @@ class MemorizationMonitor(ProbeChecks, Callback):
             return
         self._reporter.start_line(step, self.num_probes, len(self._eval_timesteps) or len(self.probes.sigma_factors))
         started = time.perf_counter()
+        clock = PhaseClock(self._reporter.progress(step, started))
         run = Run(pl_module, self._found, tuple(self.sample_shape or ()), trainer.world_size, trainer.global_rank)
         run.strategy, run.step, run.raise_errors = trainer.strategy, step, self.report.raise_errors
         measurement, measured, error = None, {}, None
         try:
             if self.held_samples is not None:
-                self.held_samples.drain(self.sample_shape)
+                with clock.phase("intake"):
+                    self.held_samples.drain(self.sample_shape)
             for signal in self.signals.values():
-                signal.before_check(run)  # the same outcome on every rank (calibration: rank zero's)
+                with timed(clock, signal, "before_check"):
+                    signal.before_check(run)  # the same outcome on every rank (calibration: rank zero's)
             self._release_samples()
             # found again at every check (a `score_fn` may build it from the current module), and
             # before the isolation, which freezes the parameters discovery tells networks apart by
             run.score = self._found = find_score(pl_module, self.score_fn, ema_attr=self.probes.ema_attr)
             with isolated(pl_module):
                 rows = shard(self.num_probes, trainer.world_size, trainer.global_rank)
-                measurement = self.measure_check(pl_module, rows=rows, progress=self._reporter.progress(step, started))
-                measured = measure_all(self.signals, run, measurement, self._scoring(pl_module))
+                measurement = self.measure_check(pl_module, rows=rows, clock=clock)
+                measured = measure_all(self.signals, run, measurement, self._scoring(pl_module), clock)
         except Exception as err:  # noqa: BLE001 - a monitor must not crash training
             if self.report.raise_errors and trainer.world_size == 1:
                 raise
             error = err
         if not self._all_ranks_measured(trainer, error):
             return
-        draft = self._contributions(run, measurement, measured)
+        draft = self._contributions(run, measurement, measured, clock)
+        with clock.phase("decision"):  # the onset rule and the clean checkpoint
+            self._decide(trainer, step, draft)
+        draft.values.update(clock.values())
         draft.values["check_seconds"] = time.perf_counter() - started
-        self._decide(trainer, step, draft)
-        self._publish(trainer, pl_module, step, draft)
+        with clock.phase("publishing"):
+            self._publish(trainer, pl_module, step, draft)
+        self._reporter.publish_time(step, clock.seconds["publishing"])
+        self.history[-1]["time/publishing"] = clock.seconds["publishing"]
 
     def _weights_finite(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> bool:
         """Whether the model's parameters are finite on every rank. When they are not, training

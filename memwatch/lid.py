@@ -50,6 +50,9 @@ from memwatch.score import DiffusionScore
 REACH = 6.0
 #: and holds at most this many times ``neighbours`` points
 MAX_NEIGHBOURS_FACTOR = 8
+#: the local PCA of the data LID works on neighbourhoods of at most this many bytes at once (their
+#: float64 copy, its centred twin and the SVD's workspace): its memory no longer grows with the anchors
+LOCAL_PCA_BYTES = 64 * 2**20
 
 __all__ = [
     "LidReading",
@@ -128,7 +131,9 @@ def data_lid(
     A neighbourhood holds the ``neighbours`` nearest samples, or every sample within
     ``reach · τ`` when there are more (at most ``MAX_NEIGHBOURS_FACTOR × neighbours``): a
     direction counts fully only if the neighbourhood spreads well beyond the noise in it, so a
-    level far above the samples' spacing (a clamped one) still sees the data's extent.
+    level far above the samples' spacing (a clamped one) still sees the data's extent. The
+    neighbourhoods are decomposed a chunk of anchors at a time (``LOCAL_PCA_BYTES``): memory
+    ``O(m · D)`` for the samples plus a fixed bound, whatever ``anchors`` and the reach.
 
     Args:
         samples: ``[m, *shape]`` distinct training samples (e.g. the calibration reservoir), in
@@ -160,8 +165,11 @@ def data_lid(
         k = (dist <= reach * tau).sum(1).clamp(k_min, k_max)  # [a] points per neighbourhood at this level
         counts = torch.empty(len(pick), dtype=torch.float64)
         for size in k.unique().tolist():
-            rows = k == size
-            counts[rows] = soft_count(local_variances(x, order[rows], int(size)), tau.reshape(1))[:, 0]
+            rows = (k == size).nonzero().squeeze(1)
+            # a neighbourhood [size, D] is copied and centred in float64: bounded, not anchors × size × D at once
+            per_chunk = max(1, LOCAL_PCA_BYTES // (3 * int(size) * x.shape[1] * 8))
+            for chunk in rows.split(per_chunk):
+                counts[chunk] = soft_count(local_variances(x, order[chunk], int(size)), tau.reshape(1))[:, 0]
         out[level] = counts.median()
     return out
 

@@ -41,6 +41,9 @@ __all__ = ["CONSOLE_LID", "CheckReporter", "CheckResult", "console_lid", "copies
 
 _SPECTRUM_GRID = torch.linspace(-1.6, 0.4, 201)  # normalized eigenvalues σ_t²λ shown in spectra
 _GALLERY_SIZE = 8
+#: a check's phases get a console line of their own once it has run this long (seconds; with ``verbose``)
+PROGRESS_AFTER_S = 5.0
+PROGRESS_MIN_S = 0.05  #: and a phase shorter than this gets none
 
 
 @dataclass(frozen=True)
@@ -211,16 +214,24 @@ class CheckReporter:
         if self.verbose:
             rank_zero_info(f"memwatch step {step}: {text}")
 
-    def progress(self, step: int, started: float, after_s: float = 5.0) -> Callable[[str], None]:
-        """``text -> None``: a progress line per stage of a check that has run longer than ``after_s``
-        seconds since ``started`` (``time.perf_counter()``)."""
+    def progress(self, step: int, started: float) -> Callable[[str, float, float], None]:
+        """``(phase, seconds, peak_mb) -> None`` (a :class:`memwatch.timing.PhaseClock` listener): a
+        line per phase of a check that has run longer than ``PROGRESS_AFTER_S`` seconds since ``started``
+        (``time.perf_counter()``), with that phase's own time and peak-memory rise — never the
+        time since the check started, which would credit one phase with another's cost. Phases
+        shorter than ``PROGRESS_MIN_S`` are not shown (they are logged as ``time/<phase>``)."""
 
-        def report(text: str) -> None:
-            elapsed = time.perf_counter() - started
-            if elapsed > after_s:
-                self.progress_line(step, f"{text}, {elapsed:.0f}s")
+        def report(phase: str, seconds: float, peak_mb: float) -> None:
+            if time.perf_counter() - started > PROGRESS_AFTER_S and seconds >= PROGRESS_MIN_S:
+                memory = f", peak memory +{peak_mb:.0f} MB" if peak_mb >= 1 else ""
+                self.progress_line(step, f"{phase}: {seconds:.1f}s{memory}")
 
         return report
+
+    def publish_time(self, step: int, seconds: float) -> None:
+        """Log ``time/publishing`` (known only once the check's other values are published)."""
+        with self._step("scalars"):
+            self.logger.log_scalars({"time/publishing": seconds}, step)
 
     # ------------------------------------------------------------------ private
     def _sampler_part(self) -> str:

@@ -253,3 +253,17 @@ def test_no_logged_dimension_or_ratio_leaves_its_range_and_the_clamped_probes_ar
     assert not any(v < 0 for v in ratios.values()) and math.isfinite(ratios["relative"]), ratios  # NaN: 0 / 0
     assert 0 <= h["sharp_fraction_mean"] <= 1 and h["lid/clamped_count"] >= 1
     assert int(monitor.last_check.lid.clamped.sum()) == h["lid/clamped_count"]
+
+
+def test_the_data_lid_is_the_same_one_neighbourhood_at_a_time(monkeypatch):
+    """The local PCA's memory is bounded by chunking the anchors (issue 32, item 2); the result
+    does not depend on the chunk size (here: one neighbourhood per chunk against all at once)."""
+    import memwatch.lid
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(600, 5, generator=g) * torch.tensor([1.0, 1.0, 0.3, 0.01, 0.01])
+    scale = torch.tensor([0.02, 0.2, 2.0])  # the widest reaches MAX_NEIGHBOURS_FACTOR × neighbours points
+    whole = data_lid(x, scale, neighbours=16, anchors=64, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(memwatch.lid, "LOCAL_PCA_BYTES", 1)
+    chunked = data_lid(x, scale, neighbours=16, anchors=64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)

@@ -169,3 +169,49 @@ def test_a_fit_names_the_probes_sampler_in_its_config_and_result_line(tmp_path, 
     assert lines and all(line.count("LID") == 1 and "(FLIPD; data " in line for line in lines), lines  # one LID
     assert lines and all(f"probes: DDIM of the DDPMScheduler config, 8 steps, leading spacing, {clipping}" in line
                          for line in lines), lines  # fmt: skip
+
+
+# ------------------------------------------------------------------ every phase under its own name
+def test_every_phase_of_a_check_is_timed_and_shown_under_its_own_name(tmp_path, caplog, monkeypatch):
+    """Issue 32, item 2: the first check's data LID (local PCA) was shown as part of "32 probes
+    sampled". Each phase now has its own logged time (``memwatch/time/<phase>``) and console line,
+    and the line's seconds are that phase's own."""
+    import logging
+    import math
+    import re
+
+    import lightning.pytorch as pl
+    from callback_setup import datamodule, memorizing_data, module_2d
+
+    import memwatch.reporting
+    from memwatch import MemorizationMonitor, ProbeOptions, SharpnessCheckOptions
+
+    monkeypatch.setattr(memwatch.reporting, "PROGRESS_AFTER_S", 0.0)  # every phase's line, however short
+    monkeypatch.setattr(memwatch.reporting, "PROGRESS_MIN_S", 0.0)
+    monitor = MemorizationMonitor(
+        every_n_train_steps=10, num_probes=8, reference_data=memorizing_data(), probes=ProbeOptions(sampler_steps=8),
+        sharpness=SharpnessCheckOptions(k=2),
+    )  # fmt: skip
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=20, callbacks=[monitor], logger=CSVLogger(tmp_path),
+                         accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False)  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        trainer.fit(module_2d(hidden=32, depth=1), datamodule(memorizing_data()))
+    first, second = monitor.history
+    phases = ("calibration", "data_lid", "sampling", "sharpness", "hessian_score_norm", "lid_passes", "copy_search",
+              "lid", "decision", "publishing")  # fmt: skip
+    for h in (first, second):
+        assert all(h[f"time/{p}"] >= 0 for p in phases), h
+        inside = sum(v for k, v in h.items() if k.startswith("time/") and k != "time/publishing")
+        assert inside <= h["check_seconds"]  # disjoint phases: none counted twice
+    assert first["time/data_lid"] > 0.0 and second["time/data_lid"] < first["time/data_lid"]  # fitted once
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("memwatch step 10: ")]
+    found = (re.fullmatch(r"memwatch step 10: (\w+)[^:]*: ([\d.]+)s(, peak memory .*)?", line) for line in lines)
+    shown: dict[str, float] = {}
+    for m in filter(None, found):  # a phase that runs twice (sharpness: measured, then summarized) sums its lines
+        shown[m[1]] = shown.get(m[1], 0.0) + float(m[2])
+    assert {"data_lid", "sampling"} <= set(shown), lines
+    for phase, seconds in shown.items():  # each line shows its own phase's time, not the time since the check began
+        assert math.isclose(seconds, first[f"time/{phase}"], abs_tol=0.11), (phase, seconds, first)
+    metrics = (Path(trainer.logger.log_dir) / "metrics.csv").read_text()
+    assert "memwatch/time/data_lid" in metrics and "memwatch/time/publishing" in metrics

@@ -111,6 +111,7 @@ class LidSignal(Signal):
     """
 
     name = "lid"
+    phase_names = {"before_check": "data_lid", "measure": "lid_passes"}
     value_names = (
         "lid_memorized_fraction",
         "lid/data_lid",
