@@ -1,8 +1,8 @@
 """Time and peak memory of the LID signal's data LID (local PCA) at a monitor's first check.
 
 What the first check does when the monitor holds ``--samples`` distinct training samples
-(``reference_data="batches"`` with ``data.capacity`` that large): the reservoir's samples are
-copied out, a random 4096 of them (``defaults.CALIBRATION_CAPACITY``) are kept, and
+(``reference_data="batches"`` with ``data.capacity`` that large): a random 4096 of them
+(``defaults.CALIBRATION_CAPACITY``) are copied out of the reservoir, and
 :meth:`memwatch.signals.lid.LidSignal.fit_reference` takes the local PCA of the neighbourhoods of
 256 anchors at each noise level. The samples are ``--shape`` points near an 8-dimensional linear
 subspace (seeded, unit-scale coordinates, noise 0.01). Two levels: the calibrated one
@@ -77,7 +77,10 @@ def child(samples: int, shape: tuple[int, ...], budget_mb: float | None, threads
     baseline = _status_mb("VmRSS")
     signal = LidSignal(LidOptions(), 32, held=lambda: None, timesteps=lambda: levels, seed=0)
     started = time.perf_counter()
-    signal.fit_reference(reservoir.samples, levels, schedule)  # a copy of the reservoir, as the live path takes
+    # what the live path hands over: the held samples, of which only the rows used are copied out (before
+    # this bound, memwatch copied every sample held out of the reservoir first)
+    held = reservoir if hasattr(reservoir, "rows") else reservoir.samples
+    signal.fit_reference(held, levels, schedule)
     seconds = time.perf_counter() - started
     assert signal.reference is not None
     lids = list(signal.reference.values())

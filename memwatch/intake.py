@@ -193,6 +193,11 @@ class TrainingSamples:
         """``[m, *shape]`` float32 on the CPU (a copy); see :attr:`memwatch.calibration.Reservoir.samples`."""
         return self.reservoir.samples
 
+    def rows(self, index: Tensor) -> Tensor:
+        """``[r, *shape]`` the samples at positions ``index`` of :attr:`samples`, copying only those
+        (:meth:`memwatch.calibration.Reservoir.rows`)."""
+        return self.reservoir.rows(index)
+
     def offer(self, batch: Any, step: int, sample_shape: Sequence[int]) -> None:
         """Stage a training batch (no device synchronization); drained when the stage is full.
 

@@ -267,3 +267,24 @@ def test_the_data_lid_is_the_same_one_neighbourhood_at_a_time(monkeypatch):
     monkeypatch.setattr(memwatch.lid, "LOCAL_PCA_BYTES", 1)
     chunked = data_lid(x, scale, neighbours=16, anchors=64, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
+
+
+def test_the_data_lid_of_the_held_samples_copies_out_only_the_rows_it_uses():
+    """Issue 32, item 2: the first check copied every sample held (50 000 rows) out of the
+    reservoir to use 4096 of them; now only those rows are read, with the same result."""
+    from memwatch import defaults
+    from memwatch.calibration import Reservoir
+    from memwatch.signals.lid import LidSignal
+
+    g = torch.Generator().manual_seed(4)
+    reservoir = Reservoir(defaults.CALIBRATION_CAPACITY + 500, seed=0, distinct=True)
+    reservoir.update(torch.randn(defaults.CALIBRATION_CAPACITY + 500, 3, generator=g) * torch.tensor([1.0, 1.0, 0.01]))
+    schedule = NoiseSchedule.linear(100)
+    fits = []
+    for held in (reservoir.samples, reservoir):
+        signal = LidSignal(LidOptions(anchors=32), 8, held=lambda: None, timesteps=lambda: [5.0], seed=0)
+        signal.fit_reference(held, [5.0], schedule)
+        fits.append(signal.reference)
+    assert fits[0] == fits[1] and math.isfinite(fits[0][5.0])
+    pick = torch.tensor([3, 0, 7])
+    torch.testing.assert_close(reservoir.rows(pick), reservoir.samples[pick])

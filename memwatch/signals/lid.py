@@ -37,6 +37,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from memwatch import defaults
+from memwatch.calibration import Reservoir
 from memwatch.errors import MemwatchError
 from memwatch.intake import TrainingSamples
 from memwatch.lid import LidReading, baseline_of, clamp_dimension, data_lid, denoising_lid, statistics
@@ -146,13 +147,19 @@ class LidSignal(Signal):
         """Whether the data LID is still to be estimated (the monitor then holds training samples)."""
         return self.reference is None
 
-    def fit_reference(self, samples: Tensor, timesteps: list[float], schedule: Any) -> None:
+    def fit_reference(
+        self, samples: Tensor | TrainingSamples | Reservoir, timesteps: list[float], schedule: Any
+    ) -> None:
         """Estimate the data's LID at ``timesteps`` from training samples ``[m, *shape]`` (probes'
         space; a random ``defaults.CALIBRATION_CAPACITY`` of them when there are more, the size of
-        the reservoir a live run holds)."""
+        the reservoir a live run holds). From the monitor's held samples (:class:`TrainingSamples`,
+        a :class:`Reservoir`) only those rows are copied out, not every sample held."""
         generator = torch.Generator().manual_seed(self.seed + 4)
-        if samples.shape[0] > defaults.CALIBRATION_CAPACITY:
-            samples = samples[torch.randperm(samples.shape[0], generator=generator)[: defaults.CALIBRATION_CAPACITY]]
+        m = len(samples)
+        pick = torch.arange(m)
+        if m > defaults.CALIBRATION_CAPACITY:
+            pick = torch.randperm(m, generator=generator)[: defaults.CALIBRATION_CAPACITY]
+        samples = samples[pick] if isinstance(samples, Tensor) else samples.rows(pick)
         scale = torch.stack([schedule.sigma(t) / schedule.alpha(t) for t in timesteps]).reshape(-1)
         lid = data_lid(
             samples,
@@ -180,7 +187,7 @@ class LidSignal(Signal):
                 held = self.held()
                 if held is None or len(held) < 2:
                     raise MemwatchError("fewer than two distinct training samples were taken from the batches")
-                self.fit_reference(held.samples, timesteps, run.score.schedule)
+                self.fit_reference(held, timesteps, run.score.schedule)
                 found = self.reference
             except Exception as err:  # noqa: BLE001 - reported on every rank below
                 error = f"{type(err).__name__}: {err}"
