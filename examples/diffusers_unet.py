@@ -141,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"score: {type(score.model).__name__}, prediction={score.prediction!r}, probe shape {monitor.sample_shape}")
     for h in monitor.history:
         print(
-            f"step {int(h['step']):5d}: sharp fraction {h['sharp_fraction_mean']:.2f}, LID {h['lid_mean']:.0f} of 256, "
-            f"flagged {h['memorized_fraction']:.0%}, copies {h.get('nn_memorized_fraction', float('nan')):.0%}"
+            f"step {int(h['step']):5d}: sharp fraction {h['sharp_fraction_mean']:.2f}, "
+            f"flat directions {h['lid_mean']:.0f} of 256, flagged {h['memorized_fraction']:.0%}, "
+            f"copies {h.get('nn_memorized_fraction', float('nan')):.0%}"
         )
     print(f"onset: {monitor.onset_step}")
     if logger is not None:

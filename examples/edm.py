@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     for h in monitor.history:
         print(
             f"  step {int(h['step']):5d}: sharp fraction {h['sharp_fraction_mean']:.3f}, "
-            f"LID {h['lid_mean']:.1f} of 64, memorized {h['memorized_fraction']:.0%}"
+            f"flat directions {h['lid_mean']:.1f} of 64, memorized {h['memorized_fraction']:.0%}"
         )
     print(f"onset: {monitor.onset_step}; last clean checkpoint: {monitor.clean_checkpoint_path}")
     return 0 if monitor.history and all(math.isfinite(h["sharp_fraction_mean"]) for h in monitor.history) else 1

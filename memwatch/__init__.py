@@ -10,8 +10,17 @@ from memwatch.callback import CheckResult, MemorizationMonitor
 from memwatch.conditional import ConditionalResult, conditional_metrics
 from memwatch.errors import MemwatchError
 from memwatch.groundtruth import MEMORIZED_RATIO, median_nn_distance, nearest_neighbours, nn_ratio
-from memwatch.options import CheckpointOptions, DataOptions, OnsetOptions, ProbeOptions, ReportOptions
-from memwatch.probes import ProbeMeasurement, ProbeSet
+from memwatch.index import IndexOptions
+from memwatch.lid import LidReading
+from memwatch.options import (
+    CheckpointOptions,
+    DataOptions,
+    MemwatchDeprecationWarning,
+    OnsetOptions,
+    ProbeOptions,
+    ReportOptions,
+)
+from memwatch.probes import ProbeMeasurement, ProbeSet, evaluation_timesteps, isolated
 from memwatch.sampling import ProbeSampler, Trajectory, sample, sample_trajectory
 from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore
@@ -28,9 +37,12 @@ __all__ = [
     "CopyOptions",
     "DataOptions",
     "DiffusionScore",
+    "IndexOptions",
     "LidOptions",
+    "LidReading",
     "LossGapOptions",
     "MemorizationMonitor",
+    "MemwatchDeprecationWarning",
     "MemwatchError",
     "NoiseSchedule",
     "OnsetOptions",
@@ -46,8 +58,10 @@ __all__ = [
     "TransformerScore",
     "conditional_metrics",
     "copied_items",
+    "evaluation_timesteps",
     "hessian_score_norm",
     "joint_condition",
+    "isolated",
     "measure_sharpness",
     "median_nn_distance",
     "nearest_neighbours",

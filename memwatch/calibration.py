@@ -141,7 +141,18 @@ class Reservoir:
         """
         if self._buffer is None or self._filled is None:
             raise MemwatchError("the reservoir holds no samples yet: call `update(batch)` with training batches first")
-        return self._buffer[self._filled].clone()
+        return self._buffer[self._filled]  # boolean-mask indexing copies (a .clone() would copy it twice)
+
+    def rows(self, index: Tensor) -> Tensor:
+        """The held samples at positions ``index`` ``[r]`` of :attr:`samples` (slot order):
+        ``[r, *shape]``, a copy of those rows only (not of every sample held).
+
+        Raises:
+            MemwatchError: no batch has been seen.
+        """
+        if self._buffer is None or self._filled is None:
+            raise MemwatchError("the reservoir holds no samples yet: call `update(batch)` with training batches first")
+        return self._buffer[self._filled.nonzero().squeeze(1)[index]]
 
     @torch.no_grad()
     def update(self, batch: Tensor, *, transform: Callable[[Tensor], Tensor] | None = None) -> None:

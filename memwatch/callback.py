@@ -10,9 +10,10 @@ It orchestrates: the hooks, the cadence, the agreement of DDP ranks, the decisio
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +36,13 @@ from memwatch.errors import MemwatchError
 from memwatch.intake import BatchIntake, TrainingSamples
 from memwatch.loggers import MonitorLogger
 from memwatch.options import CheckpointOptions, DataOptions, OnsetOptions, ProbeOptions, ReportOptions, regroup
-from memwatch.probes import ProbeSet, isolated, shard
+from memwatch.probes import ProbeSet, isolated, parameters_finite, shard
 from memwatch.probing import ProbeChecks
 from memwatch.reporting import CheckReporter, CheckResult
 from memwatch.signals import CopyOptions, Draft, LossGapOptions, Run, SharpnessCheckOptions, Signal
-from memwatch.signals.base import measure_all
+from memwatch.signals.base import measure_all, timed
 from memwatch.signals.registry import compose
+from memwatch.timing import PhaseClock
 from memwatch.validation import check_cadence, check_int, check_levels
 
 __all__ = ["MemorizationMonitor", "CheckResult", "find_score"]
@@ -150,6 +152,8 @@ class MemorizationMonitor(ProbeChecks, Callback):
         self._seen_range: tuple[float, float] | None = None  # of the first training batches
         self._range_batches = 0
         self._last_checked_step = -1
+        self._finite_step: int | None = None  # the last check at which the model's parameters were finite
+        self._warned_diverged = False
         self._state_key: str | None = None
         self._intake = BatchIntake(self.data, raise_errors=self.report.raise_errors)
         # until the first check (or for good with reference_data="batches"): the LID signal reads them
@@ -203,15 +207,23 @@ class MemorizationMonitor(ProbeChecks, Callback):
         logger = MonitorLogger.from_trainer(trainer, log_media=r.media)
         self._reporter = CheckReporter(logger, threshold=self.sharpness.threshold, log_figures=r.figures,
                                        log_media=r.media, decode_fn=self.data.decode_fn, verbose=r.verbose,
-                                       raise_errors=r.raise_errors, onset_key=self.detector.monitor)  # fmt: skip
+                                       raise_errors=r.raise_errors, onset_key=self.detector.monitor,
+                                       lid_statistic=self._console_lid())  # fmt: skip
         if self.checkpoint.save:  # a bad dirpath fails here, on every rank alike
             self._clean_dir = prepare_dirpath(trainer, self.checkpoint.dirpath)
+
+    def _console_lid(self) -> str:
+        """The LID statistic the result line shows: the one the onset rule reads (the default rule's
+        isolated peaks are counted in flat directions; ``onset.on="lid"`` reads ``sharpness.lid.statistic``)."""
+        return "count" if self.onset.on == "auto" else self.sharpness.lid.statistic
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after `configure_model` and the move to the device: the network exists and is in place
         self.prepare(pl_module)
         if self.checkpoint.save and self.checkpoint.mode == "adapter":
             check_adapters(pl_module)  # a clean checkpoint of no adapter fails now, not at the first clean check
+        assert self._reporter is not None
+        self._reporter.use_sampler(self.sampler_settings)
         steps, every = trainer.max_steps, self.every_n_train_steps
         if every is not None and self.every_n_epochs is None and 0 < steps < every:
             rank_zero_warn(
@@ -296,34 +308,79 @@ class MemorizationMonitor(ProbeChecks, Callback):
             trainer.should_stop = True
             return
         assert self._reporter is not None
+        if not self._weights_finite(trainer, pl_module, step):
+            return
         self._reporter.start_line(step, self.num_probes, len(self._eval_timesteps) or len(self.probes.sigma_factors))
         started = time.perf_counter()
+        clock = PhaseClock(self._reporter.progress(step, started))
         run = Run(pl_module, self._found, tuple(self.sample_shape or ()), trainer.world_size, trainer.global_rank)
         run.strategy, run.step, run.raise_errors = trainer.strategy, step, self.report.raise_errors
         measurement, measured, error = None, {}, None
         try:
             if self.held_samples is not None:
-                self.held_samples.drain(self.sample_shape)
+                with clock.phase("intake"):
+                    self.held_samples.drain(self.sample_shape)
             for signal in self.signals.values():
-                signal.before_check(run)  # the same outcome on every rank (calibration: rank zero's)
+                with timed(clock, signal, "before_check"):
+                    signal.before_check(run)  # the same outcome on every rank (calibration: rank zero's)
             self._release_samples()
             # found again at every check (a `score_fn` may build it from the current module), and
             # before the isolation, which freezes the parameters discovery tells networks apart by
             run.score = self._found = find_score(pl_module, self.score_fn, ema_attr=self.probes.ema_attr)
             with isolated(pl_module):
                 rows = shard(self.num_probes, trainer.world_size, trainer.global_rank)
-                measurement = self.measure_check(pl_module, rows=rows, progress=self._reporter.progress(step, started))
-                measured = measure_all(self.signals, run, measurement, self._scoring(pl_module))
+                measurement = self.measure_check(pl_module, rows=rows, clock=clock)
+                measured = measure_all(self.signals, run, measurement, self._scoring(pl_module), clock)
         except Exception as err:  # noqa: BLE001 - a monitor must not crash training
             if self.report.raise_errors and trainer.world_size == 1:
                 raise
             error = err
         if not self._all_ranks_measured(trainer, error):
             return
-        draft = self._contributions(run, measurement, measured)
+        draft = self._contributions(run, measurement, measured, clock)
+        with clock.phase("decision"):  # the onset rule and the clean checkpoint
+            self._decide(trainer, step, draft)
+        draft.values.update(clock.values())
         draft.values["check_seconds"] = time.perf_counter() - started
-        self._decide(trainer, step, draft)
-        self._publish(trainer, pl_module, step, draft)
+        with clock.phase("publishing"):
+            self._publish(trainer, pl_module, step, draft)
+        self._reporter.publish_time(step, clock.seconds["publishing"])
+        self.history[-1]["time/publishing"] = clock.seconds["publishing"]
+
+    def _weights_finite(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> bool:
+        """Whether the model's parameters are finite on every rank. When they are not, training
+        has diverged and every measurement would be NaN with a warning of its own that points
+        elsewhere (the adjoint test, the sampler, the LID): the check is not measured, its values
+        are logged as NaN (neither clean nor counted toward onset), and one warning per run names
+        the cause."""
+        if trainer.strategy.reduce_boolean_decision(parameters_finite(pl_module), all=True):
+            self._finite_step = step
+            return True
+        since = "the run's start" if self._finite_step is None else f"a step after {self._finite_step}"
+        reason = f"the model's parameters are not finite since {since}"
+        if not self._warned_diverged:
+            self._warned_diverged = True
+            earlier = "" if self._finite_step is None else f"; the check of step {self._finite_step} had finite ones"
+            rank_zero_warn(
+                f"memwatch: {reason} (first seen at the check of step {step}{earlier}): training has diverged, e.g. "
+                "a NaN or Inf loss or gradient went through an optimizer step. Checks are not measured while they "
+                "stay so: their values are NaN, neither clean nor counted toward onset (warned once)"
+            )
+        names = [n for n in self.history[-1] if n != "step"] if self.history else list(self._value_names())
+        values = dict.fromkeys(names, math.nan)
+        values["onset"] = float(self.detector.update(step, math.nan).memorizing)
+        if self.clean_step is not None:
+            values["clean_step"] = float(self.clean_step)
+        self._record(trainer, step, values)
+        assert self._reporter is not None
+        self._reporter.publish_unmeasured(step, values, reason)
+        return False
+
+    def _value_names(self) -> Iterator[str]:
+        """The values a check logs that are known before the first one (the onset rule's share, the signals')."""
+        yield self.detector.monitor
+        for signal in self.signals.values():
+            yield from signal.value_names
 
     def _decide(self, trainer: pl.Trainer, step: int, draft: Draft) -> None:
         """The onset decision, the clean checkpoint and the stop (one decision for all ranks)."""
@@ -340,9 +397,7 @@ class MemorizationMonitor(ProbeChecks, Callback):
 
     def _publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, draft: Draft) -> None:
         values, m = draft.values, draft.measurement
-        self.history.append(dict(values, step=float(step)))
-        for name, value in values.items():  # what EarlyStopping / ModelCheckpoint read
-            trainer.callback_metrics[f"memwatch/{name}"] = torch.tensor(value)
+        self._record(trainer, step, values)
         check = CheckResult(
             step, values, m.results, m.samples, m.nn_ratio, nearest=m.nearest, spectrum=m.spectrum,
             hessian_score_norm=m.hessian_score_norm, **draft.fields,
@@ -355,6 +410,12 @@ class MemorizationMonitor(ProbeChecks, Callback):
                                reference=self.reference, reference_images=originals)  # fmt: skip
         self.last_check = check
         self.on_check_end(trainer, pl_module, check)
+
+    def _record(self, trainer: pl.Trainer, step: int, values: dict[str, float]) -> None:
+        """A finished check's values into the history and where EarlyStopping / ModelCheckpoint read them."""
+        self.history.append(dict(values, step=float(step)))
+        for name, value in values.items():
+            trainer.callback_metrics[f"memwatch/{name}"] = torch.tensor(value)
 
     def _all_ranks_measured(self, trainer: pl.Trainer, error: Exception | None) -> bool:
         """Every rank learns whether every rank measured before any metric is synced: a rank that

@@ -263,6 +263,13 @@ class TrainingSamples:
         copy index, if any, goes on taking the batches."""
         self.reservoir = None
 
+    def rows(self, index: Tensor) -> Tensor:
+        """``[r, *shape]`` the samples at positions ``index`` of :attr:`samples`, copying only those
+        (:meth:`memwatch.calibration.Reservoir.rows`)."""
+        if self.reservoir is None:
+            raise MemwatchError("the training samples' reservoir was dropped once no signal read it")
+        return self.reservoir.rows(index)
+
     def offer(self, batch: Any, step: int, sample_shape: Sequence[int]) -> None:
         """Stage a training batch (no device synchronization); drained when the stage is full.
 

@@ -50,10 +50,14 @@ from memwatch.score import DiffusionScore
 REACH = 6.0
 #: and holds at most this many times ``neighbours`` points
 MAX_NEIGHBOURS_FACTOR = 8
+#: the local PCA of the data LID works on neighbourhoods of at most this many bytes at once (their
+#: float64 copy, its centred twin and the SVD's workspace): its memory no longer grows with the anchors
+LOCAL_PCA_BYTES = 64 * 2**20
 
 __all__ = [
     "LidReading",
     "baseline_of",
+    "clamp_dimension",
     "data_lid",
     "denoising_lid",
     "drawdown",
@@ -72,17 +76,21 @@ class LidReading:
     Attributes:
         data_lid: evaluation timestep -> the data's ``LID_τ`` there (dimensions; NaN when it
             could not be estimated).
-        model_lid: timestep -> ``[P]`` the probes' FLIPD.
-        denoising_lid: timestep -> ``[P]`` the probes' denoising LID (empty with ``lid.draws=0``).
+        flipd: timestep -> ``[P]`` the probes' FLIPD, clamped into ``[0, d]`` (:func:`clamp_dimension`).
+        denoising_lid: timestep -> ``[P]`` the probes' denoising LID, clamped alike (empty with
+            ``lid.draws=0``).
         statistics: name of :data:`memwatch.signals.lid.STATISTICS` -> ``[P]`` ratio (NaN where not measured).
         memorized: ``[P]`` bool, ``lid.statistic < lid.ratio_threshold``.
+        clamped: ``[P]`` bool, probes whose FLIPD or denoising LID at the primary level lay
+            outside ``[0, d]`` before clamping.
     """
 
     data_lid: dict[float, float]
-    model_lid: dict[float, Tensor]
+    flipd: dict[float, Tensor]
     denoising_lid: dict[float, Tensor] = field(default_factory=dict)
     statistics: dict[str, Tensor] = field(default_factory=dict)
     memorized: Tensor | None = None
+    clamped: Tensor | None = None
 
 
 def local_variances(samples: Tensor, anchors: Tensor, k: int) -> Tensor:
@@ -123,7 +131,9 @@ def data_lid(
     A neighbourhood holds the ``neighbours`` nearest samples, or every sample within
     ``reach · τ`` when there are more (at most ``MAX_NEIGHBOURS_FACTOR × neighbours``): a
     direction counts fully only if the neighbourhood spreads well beyond the noise in it, so a
-    level far above the samples' spacing (a clamped one) still sees the data's extent.
+    level far above the samples' spacing (a clamped one) still sees the data's extent. The
+    neighbourhoods are decomposed a chunk of anchors at a time (``LOCAL_PCA_BYTES``): memory
+    ``O(m · D)`` for the samples plus a fixed bound, whatever ``anchors`` and the reach.
 
     Args:
         samples: ``[m, *shape]`` distinct training samples (e.g. the calibration reservoir), in
@@ -155,8 +165,11 @@ def data_lid(
         k = (dist <= reach * tau).sum(1).clamp(k_min, k_max)  # [a] points per neighbourhood at this level
         counts = torch.empty(len(pick), dtype=torch.float64)
         for size in k.unique().tolist():
-            rows = k == size
-            counts[rows] = soft_count(local_variances(x, order[rows], int(size)), tau.reshape(1))[:, 0]
+            rows = (k == size).nonzero().squeeze(1)
+            # a neighbourhood [size, D] is copied and centred in float64: bounded, not anchors × size × D at once
+            per_chunk = max(1, LOCAL_PCA_BYTES // (3 * int(size) * x.shape[1] * 8))
+            for chunk in rows.split(per_chunk):
+                counts[chunk] = soft_count(local_variances(x, order[chunk], int(size)), tau.reshape(1))[:, 0]
         out[level] = counts.median()
     return out
 
@@ -197,6 +210,22 @@ def denoising_lid(
     return resid.double().flatten(1).square().sum(1).reshape(noise.shape[0], -1).mean(0).cpu()
 
 
+def clamp_dimension(lid: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """A dimension estimate held to what a dimension can be: ``lid`` ``[...]`` clamped into
+    ``[0, dim]``, and ``[...]`` bool, True where it lay outside (NaN stays NaN, unflagged).
+
+    Estimates leave the range by their noise (a Hutchinson trace of a few vectors: FLIPD
+    ``d + σ_t² tr H`` below 0 when the model contracts faster than the noise level, above ``d``
+    when it expands) or by a model that is far from a density's score; a count outside
+    ``[0, d]`` is never logged, the flags are counted instead (``lid/clamped_count``).
+
+    Example:
+        >>> clamp_dimension(torch.tensor([-1.03, 2.0, 70.0, float("nan")]), 64)
+        (tensor([ 0.,  2., 64., nan]), tensor([ True, False,  True, False]))
+    """
+    return lid.clamp(0, dim), (lid < 0) | (lid > dim)
+
+
 def relative(lid: Tensor, reference: Tensor | float) -> Tensor:
     """``lid / reference``, NaN where the reference is not positive and finite (no silent zero division)."""
     ref = torch.as_tensor(reference, dtype=torch.float64)
@@ -217,7 +246,7 @@ def baseline_of(history: Sequence[Tensor]) -> Tensor:
 
 
 def statistics(
-    model_lid: Mapping[float, Tensor],
+    flipd: Mapping[float, Tensor],
     reference: Mapping[float, float],
     baseline: Tensor,
     *,
@@ -228,7 +257,7 @@ def statistics(
     over probes (any shape ``[...]``, e.g. ``[P]`` at a check or ``[C, P]`` over a run).
 
     Args:
-        model_lid: level -> the probes' FLIPD ``[...]``, the primary level first.
+        flipd: level -> the probes' FLIPD ``[...]``, the primary level first.
         reference: level -> the data's LID there (dimensions).
         baseline: ``[...]`` the probes' own early FLIPD at the primary level (:func:`baseline_of`).
         denoising: level -> the probes' denoising LID ``[...]`` (``None``: not measured, NaN).
@@ -237,12 +266,12 @@ def statistics(
     Returns:
         ``{"relative", "profile", "drawdown", "denoising", "count"}`` -> ``[...]`` float64.
     """
-    primary = next(iter(model_lid))
-    nan = torch.full_like(model_lid[primary], math.nan, dtype=torch.float64)
+    primary = next(iter(flipd))
+    nan = torch.full_like(flipd[primary], math.nan, dtype=torch.float64)
     return {
-        "relative": relative(model_lid[primary], reference[primary]),
-        "profile": profile([relative(v, reference[t]) for t, v in model_lid.items()]),
-        "drawdown": drawdown(model_lid[primary], baseline),
+        "relative": relative(flipd[primary], reference[primary]),
+        "profile": profile([relative(v, reference[t]) for t, v in flipd.items()]),
+        "drawdown": drawdown(flipd[primary], baseline),
         "denoising": relative(denoising[primary], reference[primary]) if denoising else nan,
         "count": nan if count is None else count.to(torch.float64),
     }

@@ -240,6 +240,17 @@ class MonitorLogger:
                     writer.writerow(columns)
                     writer.writerows(data)
 
+    def log_config(self, name: str, params: Mapping[str, Any]) -> None:
+        """Add ``{f"{prefix}/{name}": params}`` to the run's config through every logger's
+        ``log_hyperparams`` (W&B config, ``hparams.yaml``, TensorBoard hparams), once per run.
+
+        Args:
+            name: the config entry, e.g. ``"probe_sampler"``.
+            params: plain values (numbers, strings, booleans).
+        """
+        for logger in self.loggers:
+            logger.log_hyperparams({self._key(name): dict(params)})
+
     def alert(self, title: str, text: str, *, level: str = "WARN") -> None:
         """W&B alert (``run.alert``); other loggers: nothing. A failing W&B call only warns.
 
@@ -294,7 +305,12 @@ def wandb_logger(mode: str, save_dir: str | Path, **kwargs: Any) -> WandbLogger 
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     kwargs.setdefault("settings", wandb.Settings(silent=True, console="off"))
-    return WandbLogger(save_dir=str(save_dir.resolve()), offline=mode == "offline", **kwargs)
+    logger = WandbLogger(save_dir=str(save_dir.resolve()), offline=mode == "offline", **kwargs)
+    # Lightning passes `anonymous=None` to wandb.init, and wandb warns that the setting has no effect
+    # whatever its value: leave it out, as a user who never set it expects
+    if logger._wandb_init.get("anonymous") is None:
+        logger._wandb_init.pop("anonymous", None)
+    return logger
 
 
 def finish_wandb(logger: WandbLogger) -> Path:

@@ -42,6 +42,21 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4g}"
 
 
+def _baseline_text(values: list[float], complete: int) -> str:
+    """The baseline of the checks before this one, for reasons (rule 3).
+
+    Example:
+        >>> _baseline_text([0.1, 0.2], 3), _baseline_text([], 3)
+        ('baseline 0.15 of the 2 checks so far', 'no baseline yet')
+    """
+    if not values:
+        return "no baseline yet"
+    mean = _fmt(sum(values) / len(values))
+    if len(values) >= complete:
+        return f"baseline {mean}"
+    return f"baseline {mean} of the {len(values)} check{'s' if len(values) > 1 else ''} so far"
+
+
 class OnsetDetector:
     """Declare memorization onset when a monitored value stays past a limit for ``patience`` checks.
 
@@ -53,7 +68,9 @@ class OnsetDetector:
        on either side of it count as consecutive). ``clean`` is False for it.
     3. Baseline: :attr:`baseline` is the mean of the first ``baseline_checks`` finite values at
        ``step >= min_steps``; ``None`` until that many were seen. It is computed whatever the rules
-       (it is reported in reasons), but only ``min_delta`` uses it.
+       (it is reported in reasons), but only ``min_delta`` uses it. A reason reports the baseline
+       as it stood *before* its check, never one that includes the check itself: the mean of the
+       baseline checks seen so far, saying how many while they are fewer than ``baseline_checks``.
     4. A finite value *passes* when, with ``>`` for ``mode="max"`` and ``<`` for ``mode="min"``
        (strict), ``value > threshold`` (if ``threshold`` is not None) or
        ``value > baseline + min_delta`` (``value < baseline - min_delta`` for ``"min"``; if
@@ -195,6 +212,7 @@ class OnsetDetector:
             return OnsetDecision(False, self.memorizing, False, f"{name} is not finite; ignored ({state})")
 
         baseline_before = self.baseline
+        baseline_text = _baseline_text(list(self._baseline_values), self.baseline_checks)  # before this check
         counted = step >= self.min_steps
         if counted and self.baseline is None:  # rule 3
             self._baseline_values.append(value)
@@ -209,7 +227,7 @@ class OnsetDetector:
             if counted:
                 self._streak, self._streak_start = 0, None
             self.last_clean_step = step
-            return OnsetDecision(False, False, True, f"{name} within limits (baseline {_fmt(self.baseline)})")
+            return OnsetDecision(False, False, True, f"{name} within limits ({baseline_text})")
 
         if not counted:
             return OnsetDecision(False, False, False, f"{name} {how}, not counted before min_steps={self.min_steps}")
@@ -219,7 +237,7 @@ class OnsetDetector:
             self._streak_start = step
         span = (
             f"for {self._streak} consecutive check{'s' if self._streak > 1 else ''} "
-            f"since step {self._streak_start} (baseline {_fmt(self.baseline)})"
+            f"since step {self._streak_start} ({baseline_text})"
         )
         if self._streak >= self.patience:  # rule 6
             self.onset_step = step

@@ -46,6 +46,7 @@ ArrayLike = Any  # torch.Tensor | numpy.ndarray | nested sequence of numbers
 
 _FIGSIZE = (6.0, 4.0)  # inches
 _DPI = 100
+_YLABEL_CHARS = 36  # characters of a y-axis label per line: what the axes' height holds at the default font
 
 # numpy >= 2.0 renamed trapz to trapezoid; the project supports numpy >= 1.24
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz
@@ -274,7 +275,7 @@ def plot_metric_curves(
     if ylim is not None:
         ax.set_ylim(*ylim)
     ax.set_xlabel("training step")
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(textwrap.fill(ylabel, _YLABEL_CHARS))  # a longer line is cut at the figure's edges
     ax.set_title(title)
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import lightning.pytorch as pl
@@ -51,6 +51,7 @@ from memwatch.sampling import (
 from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore
 from memwatch.sharpness import SharpnessOptions, SharpnessResult, hessian_score_norm, measure_sharpness
+from memwatch.timing import PhaseClock
 
 __all__ = [
     "ProbeMeasurement",
@@ -59,6 +60,7 @@ __all__ = [
     "evaluation_timesteps",
     "first_sampler_timestep",
     "isolated",
+    "parameters_finite",
     "shard",
 ]
 
@@ -199,6 +201,22 @@ def isolated(pl_module: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def parameters_finite(module: nn.Module) -> bool:
+    """Whether every parameter of ``module`` is finite: one pass over the weights and one device
+    synchronization, far cheaper than the probes. A NaN or Inf weight (a diverged training step)
+    makes every measurement of the model NaN, so a check asks this first.
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> before = parameters_finite(net)
+        >>> _ = net.weight.data[0, 0].fill_(float("nan"))
+        >>> before, parameters_finite(net)
+        (True, False)
+    """
+    flags = [torch.isfinite(p).all() for p in module.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 class ProbeSet:
     """The probes of a monitor: the same start noise, sampler and measurement at every check.
 
@@ -260,7 +278,7 @@ class ProbeSet:
         data_range: tuple[float, float] | None = None,
         range_tolerance: float = 0.5,
         spectrum_options: SharpnessOptions | None = None,
-        progress: Callable[[str], None] | None = None,
+        clock: PhaseClock | None = None,
     ) -> ProbeMeasurement:
         """Draw the probes ``rows`` from ``score`` and measure them at every evaluation timestep.
 
@@ -279,43 +297,50 @@ class ProbeSet:
             range_tolerance: see ``data_range``.
             spectrum_options: also measure the spectrum at the primary timestep with these
                 options (e.g. Lanczos on top of the trace tier), into ``spectrum``.
-            progress: called with a short text after each stage (probes sampled, each timestep
-                measured, the spectrum), e.g. to show progress on long checks.
+            clock: times each phase under its own name (``sampling``, ``sharpness`` — the
+                adjoint test of the first measurement included —, ``spectrum``,
+                ``hessian_score_norm``, ``nearest_neighbours``, ``conditional``) and tells its
+                listener after each, e.g. to show progress on long checks.
 
         Returns:
             :class:`ProbeMeasurement` of the probes ``rows``.
         """
         options = options or SharpnessOptions()
+        clock = clock or PhaseClock()
         device = torch.device(device) if device is not None else score.device
         noise = self.noise(rows)
         noisiest = first_sampler_timestep(score.schedule, self.sampler_steps)
         states_at = list(dict.fromkeys([*self.timesteps, noisiest]))
-        traj = check_trajectory(self._sample(score, noise, states_at, device, options.max_batch), noise, states_at)
-        report = progress or (lambda text: None)
-        report(f"{noise.shape[0]} probes sampled ({self.sampler_steps} steps)")
+        with clock.phase("sampling", f" of {noise.shape[0]} probes ({self.sampler_steps} steps)"):
+            traj = self._sample(score, noise, states_at, device, options.max_batch)
+            traj = check_trajectory(traj, noise, states_at)
         data_range = traj.data_range or data_range
         bad = None if data_range is None else out_of_range(traj.samples.detach().cpu(), *data_range, range_tolerance)
-        options = self._verified(score, traj.states[self.timesteps[0]], self.timesteps[0], options)
         results = {}
         for t in self.timesteps:
-            results[t] = self._sharpness(score, traj.states[t], t, options)
-            report(f"t={t:g} measured ({results[t].method}, {options.num_vectors} vectors per probe)")
+            with clock.phase("sharpness", f" at t={t:g} ({options.resolved_method(traj.states[t][0].numel())})"):
+                if t == self.timesteps[0]:
+                    options = self._verified(score, traj.states[t], t, options)
+                results[t] = self._sharpness(score, traj.states[t], t, options)
         spectrum = None
         if spectrum_options is not None:
             spectrum_options = spectrum_options.replace(jvp_mode=options.jvp_mode)  # the verified path
             t0 = self.timesteps[0]
-            spectrum = self._sharpness(score, traj.states[t0], t0, spectrum_options)
-            report(f"spectrum at t={t0:g} measured (Lanczos, {spectrum_options.num_iters} steps)")
-        jeon = hessian_score_norm(score, traj.states[noisiest], noisiest, options)
+            with clock.phase("spectrum", f" at t={t0:g} (Lanczos, {spectrum_options.num_iters} steps)"):
+                spectrum = self._sharpness(score, traj.states[t0], t0, spectrum_options)
+        with clock.phase("hessian_score_norm"):
+            jeon = hessian_score_norm(score, traj.states[noisiest], noisiest, options)
         samples = traj.samples.detach().cpu()
         nn_ratio = nearest = None
         if reference is not None:
-            dist, idx = nearest_neighbours(samples, reference)
+            with clock.phase("nearest_neighbours"):
+                dist, idx = nearest_neighbours(samples, reference)
             nn_ratio = ratio_of(dist).float()
             nearest = idx[:, 0]
         conditional = None
         if conditions:
-            conditional = self._conditional(score, noise, conditions, condition_first_steps, options, device)
+            with clock.phase("conditional"):
+                conditional = self._conditional(score, noise, conditions, condition_first_steps, options, device)
         return ProbeMeasurement(samples, results, nn_ratio, nearest, conditional, bad, data_range, spectrum, jeon)
 
     # ------------------------------------------------------------------ private

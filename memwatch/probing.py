@@ -23,9 +23,11 @@ from memwatch.errors import MemwatchError
 from memwatch.intake import BatchIntake
 from memwatch.options import DataOptions, ProbeOptions, ReportOptions
 from memwatch.probes import ProbeMeasurement, ProbeSet, evaluation_grid
+from memwatch.sampling import sampler_settings
 from memwatch.sharpness import SharpnessResult
 from memwatch.signals import Draft, Run, Signal
 from memwatch.signals.base import contribute_all, measure_all
+from memwatch.timing import PhaseClock
 
 __all__ = ["ProbeChecks"]
 
@@ -100,6 +102,14 @@ class ProbeChecks:
             )
         return self._probe_set
 
+    @property
+    def sampler_settings(self) -> dict[str, Any]:
+        """The settings the probes are drawn with (:func:`memwatch.sampling.sampler_settings`);
+        known once the score is found (:meth:`prepare`)."""
+        if self._found is None:
+            raise MemwatchError("the probes' sampler is known once the model is: call prepare(pl_module) first")
+        return sampler_settings(self._found.schedule, self.probes.sampler_steps, self.probes.sampler)
+
     def prepare(self, pl_module: pl.LightningModule) -> None:
         """Find the module's score, the evaluation timesteps and (when known) the probe shape, and
         validate them: what fit start does, callable without a Trainer (``memwatch scan``).
@@ -116,12 +126,13 @@ class ProbeChecks:
             self._validate(pl_module)
 
     def measure_check(
-        self, pl_module: pl.LightningModule, rows: slice = slice(None), progress: Callable[[str], None] | None = None
+        self, pl_module: pl.LightningModule, rows: slice = slice(None), clock: PhaseClock | None = None
     ) -> ProbeMeasurement:
         """Draw the probes ``rows`` from the module's current weights (the EMA's, if watched) and
         measure their sharpness (and conditional metrics) as a check does — without the other
-        signals, metrics, decisions or logging. Call :meth:`prepare` first (fit start does) and run
-        it under :func:`memwatch.probes.isolated`.
+        signals, metrics, decisions or logging; each phase timed on ``clock``
+        (:meth:`memwatch.probes.ProbeSet.measure`). Call :meth:`prepare` first (fit start does) and
+        run it under :func:`memwatch.probes.isolated`.
 
         Raises:
             MemwatchError: the monitor is not prepared, or the probe shape is unknown.
@@ -140,7 +151,7 @@ class ProbeChecks:
                 conditions=None if conditional is None else conditional.conditions,
                 condition_first_steps=self.probes.condition_first_steps,
                 data_range=self.data.data_range or _proper(self._seen_range),
-                progress=progress,
+                clock=clock,
             )
 
     def measure_probes(
@@ -168,9 +179,11 @@ class ProbeChecks:
             run, measurement, measure_all(self.signals, run, measurement, self._scoring(pl_module))
         )
 
-    def _contributions(self, run: Run, measurement: ProbeMeasurement, measured: dict[str, Any]) -> Draft:
-        """Every signal's values and fields, and the intake's counts."""
-        draft = contribute_all(self.signals, run, measurement, measured)
+    def _contributions(
+        self, run: Run, measurement: ProbeMeasurement, measured: dict[str, Any], clock: PhaseClock | None = None
+    ) -> Draft:
+        """Every signal's values and fields (each timed on ``clock``), and the intake's counts."""
+        draft = contribute_all(self.signals, run, measurement, measured, clock)
         draft.values["intake_skipped_batches"] = float(self._intake.skipped)
         draft.values["intake_dropped_rows"] = float(self._intake.dropped_rows)
         return draft

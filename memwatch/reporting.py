@@ -23,6 +23,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -34,12 +35,25 @@ from memwatch.lid import LidReading
 from memwatch.loggers import MonitorLogger
 from memwatch.onset import OnsetDecision
 from memwatch.probes import CONDITION_METRICS
+from memwatch.sampling import sampler_summary
 from memwatch.sharpness import SharpnessResult
 
-__all__ = ["RULES", "CheckReporter", "CheckResult", "copies_verdict", "format_timestep", "onset_rule"]
+__all__ = [
+    "CONSOLE_LID",
+    "RULES",
+    "CheckReporter",
+    "CheckResult",
+    "console_lid",
+    "copies_verdict",
+    "format_timestep",
+    "onset_rule",
+]
 
 _SPECTRUM_GRID = torch.linspace(-1.6, 0.4, 201)  # normalized eigenvalues σ_t²λ shown in spectra
 _GALLERY_SIZE = 8
+#: a check's phases get a console line of their own once it has run this long (seconds; with ``verbose``)
+PROGRESS_AFTER_S = 5.0
+PROGRESS_MIN_S = 0.05  #: and a phase shorter than this gets none
 
 
 @dataclass(frozen=True)
@@ -117,6 +131,8 @@ class CheckReporter:
         raise_errors: re-raise a failing publishing step instead of warning.
         onset_key: the value the onset rule watches (``memorized_fraction``, ``lid_memorized_fraction``, …):
             the result line's "memorized" and the curve the onset is drawn on.
+        lid_statistic: the LID signal's ``sharpness.lid.statistic``: the result line's one "LID" is
+            the probes' median LID that statistic reads (:data:`CONSOLE_LID`).
     """
 
     def __init__(
@@ -130,8 +146,10 @@ class CheckReporter:
         verbose: bool = True,
         raise_errors: bool = False,
         onset_key: str = "memorized_fraction",
+        lid_statistic: str = "relative",
     ) -> None:
         self.logger = logger
+        self.lid_statistic = lid_statistic
         self.onset_key = onset_key
         self.threshold = threshold
         self.log_figures = log_figures
@@ -139,6 +157,7 @@ class CheckReporter:
         self.decode_fn = decode_fn
         self.verbose = verbose
         self.raise_errors = raise_errors
+        self.sampler_text = ""  # the probes' sampler in a few words, once known (:meth:`use_sampler`)
         self._first_density: Tensor | None = None
         self._first_step = 0
         self._gallery_warned = False
@@ -185,6 +204,22 @@ class CheckReporter:
         with self._step("console"):
             self._announce(check, clean_checkpoint)
 
+    def publish_unmeasured(self, step: int, values: dict[str, float], reason: str) -> None:
+        """A check that could not be measured: its values (NaN) are logged, and with ``verbose``
+        a line says why (the warning that names the cause is the monitor's, once per run)."""
+        with self._step("scalars"):
+            self.logger.define_metrics()
+            self.logger.log_scalars(values, step)
+        if self.verbose:
+            rank_zero_info(f"memwatch step {step}: not measured: {reason}")
+
+    def use_sampler(self, settings: dict[str, Any]) -> None:
+        """The settings the probes are drawn with (:func:`memwatch.sampling.sampler_settings`): into
+        the run's config once (``memwatch/probe_sampler``), and named in every result line."""
+        self.sampler_text = sampler_summary(settings)
+        with self._step("run config"):
+            self.logger.log_config("probe_sampler", settings)
+
     def start_line(self, step: int, num_probes: int, num_timesteps: int) -> None:
         """The line that opens a check (with ``verbose``)."""
         if self.verbose:
@@ -195,18 +230,30 @@ class CheckReporter:
         if self.verbose:
             rank_zero_info(f"memwatch step {step}: {text}")
 
-    def progress(self, step: int, started: float, after_s: float = 5.0) -> Callable[[str], None]:
-        """``text -> None``: a progress line per stage of a check that has run longer than ``after_s``
-        seconds since ``started`` (``time.perf_counter()``)."""
+    def progress(self, step: int, started: float) -> Callable[[str, float, float], None]:
+        """``(phase, seconds, peak_mb) -> None`` (a :class:`memwatch.timing.PhaseClock` listener): a
+        line per phase of a check that has run longer than ``PROGRESS_AFTER_S`` seconds since ``started``
+        (``time.perf_counter()``), with that phase's own time and peak-memory rise — never the
+        time since the check started, which would credit one phase with another's cost. Phases
+        shorter than ``PROGRESS_MIN_S`` are not shown (they are logged as ``time/<phase>``)."""
 
-        def report(text: str) -> None:
-            elapsed = time.perf_counter() - started
-            if elapsed > after_s:
-                self.progress_line(step, f"{text}, {elapsed:.0f}s")
+        def report(phase: str, seconds: float, peak_mb: float) -> None:
+            if time.perf_counter() - started > PROGRESS_AFTER_S and seconds >= PROGRESS_MIN_S:
+                memory = f", peak memory +{peak_mb:.0f} MB" if peak_mb >= 1 else ""
+                self.progress_line(step, f"{phase}: {seconds:.1f}s{memory}")
 
         return report
 
+    def publish_time(self, step: int, seconds: float) -> None:
+        """Log ``time/publishing`` (known only once the check's other values are published)."""
+        with self._step("scalars"):
+            self.logger.log_scalars({"time/publishing": seconds}, step)
+
     # ------------------------------------------------------------------ private
+    def _sampler_part(self) -> str:
+        """``"; probes: <sampler>"`` for the result line (empty before :meth:`use_sampler`)."""
+        return f"; probes: {self.sampler_text}" if self.sampler_text else ""
+
     @contextlib.contextmanager
     def _step(self, what: str) -> Iterator[None]:
         """Run one publishing step; its failure is a warning unless ``raise_errors``."""
@@ -346,15 +393,13 @@ class CheckReporter:
             self.logger.alert("memwatch: memorization onset", msg)
         elif self.verbose:
             bad = int(values.get("nonfinite_count", 0))
-            lid = ""
-            if math.isfinite(values.get("lid/model_lid", math.nan)):
-                lid = f", LID {values['lid/model_lid']:.1f} (data {values['lid/data_lid']:.1f})"
             rank_zero_info(
-                f"memwatch step {check.step}: sharp fraction {values['sharp_fraction_mean']:.3f}{lid}, "
+                f"memwatch step {check.step}: sharp fraction {values['sharp_fraction_mean']:.3f}"
+                f"{console_lid(values, self.lid_statistic)}, "
                 f"flagged {values[self.onset_key]:.2f} by {onset_rule(check, self.onset_key)}"
                 + copies_verdict(values, self.onset_key)
                 + (f", {bad} probe(s) not finite" if bad else "")
-                + f" ({values['check_seconds']:.1f}s)"
+                + f" ({values['check_seconds']:.1f}s{self._sampler_part()})"
             )
         if check.conditions and self.verbose:
             scores = torch.tensor([c["hessian_score_diff"] for c in check.conditions.values()], dtype=torch.float64)
@@ -380,6 +425,31 @@ def onset_rule(check: CheckResult, onset_key: str) -> str:
     if onset_key == "alarm_fraction":
         return check.rule or "the default rule"
     return RULES[onset_key]
+
+
+#: the result line's one "LID": for each ``sharpness.lid.statistic``, the logged median it reads and its name
+CONSOLE_LID = {
+    "relative": ("lid/flipd", "FLIPD"),
+    "profile": ("lid/flipd", "FLIPD"),
+    "drawdown": ("lid/flipd", "FLIPD"),
+    "denoising": ("lid/denoising_lid", "denoising"),
+    "count": ("lid/count", "flat directions"),
+}
+
+
+def console_lid(values: dict[str, float], statistic: str = "relative") -> str:
+    """The result line's LID: the probes' median LID at the primary level as ``statistic`` reads
+    it, named, beside the data's; ``""`` when it was not measured.
+
+    Example:
+        >>> console_lid({"lid/flipd": 2.04, "lid/data_lid": 4.13})
+        ', LID 2.0 (FLIPD; data 4.1)'
+    """
+    key, name = CONSOLE_LID[statistic]
+    value = values.get(key, math.nan)
+    if not math.isfinite(value):
+        return ""
+    return f", LID {value:.1f} ({name}; data {values.get('lid/data_lid', math.nan):.1f})"
 
 
 def copies_verdict(values: dict[str, float], onset_key: str = "memorized_fraction") -> str:

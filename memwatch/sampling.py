@@ -50,11 +50,14 @@ __all__ = [
     "ProbeSampler",
     "Trajectory",
     "check_trajectory",
+    "excursion",
     "expected_range",
     "out_of_range",
     "probe_noise",
     "sample",
     "sample_trajectory",
+    "sampler_settings",
+    "sampler_summary",
 ]
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
@@ -262,6 +265,76 @@ def expected_range(schedule: NoiseSchedule) -> tuple[float, float] | None:
     if schedule.scheduler_config is None:
         return None
     return _clip_range(schedule.ddim_scheduler(2).config)  # the values DDIM applies, defaults filled in
+
+
+def sampler_settings(schedule: NoiseSchedule, steps: int, sampler: object | None = None) -> dict[str, Any]:
+    """The settings the probes are drawn with, as plain values for a run's config.
+
+    The same weights give other probes under other settings (a ``DDPMScheduler`` with
+    ``clip_sample=True`` projects x̂_0 into ``[-1, 1]`` at every step, one without does not), so a
+    run says which ones its numbers come from.
+
+    Args:
+        schedule: the score's schedule.
+        steps: the sampler's steps (``probes.sampler_steps``).
+        sampler: the user's :class:`ProbeSampler` (``probes.sampler``), or ``None`` for the default.
+
+    Returns:
+        ``{"sampler": ..., "steps": ...}`` and, for the diffusers DDIM stepping, ``scheduler`` (the
+        class the config came from), ``clip_sample``, ``clip_sample_range``, ``thresholding``,
+        ``timestep_spacing``, ``steps_offset``, ``set_alpha_to_one`` as DDIM applies them.
+
+    Example:
+        >>> sampler_settings(NoiseSchedule.linear(1000), 50)
+        {'sampler': 'memwatch DDIM', 'steps': 50, 'clip_sample': False}
+    """
+    if sampler is not None:
+        name = getattr(sampler, "__qualname__", None) or type(sampler).__qualname__
+        return {"sampler": name, "steps": steps}
+    if schedule.scheduler_config is None:
+        return {"sampler": "memwatch DDIM", "steps": steps, "clip_sample": False}
+    config = schedule.ddim_scheduler(steps).config  # the values DDIM applies, defaults filled in
+    keys = ("clip_sample", "clip_sample_range", "thresholding", "timestep_spacing", "steps_offset", "set_alpha_to_one")
+    return {
+        "sampler": "diffusers DDIMScheduler",
+        "scheduler": schedule.scheduler_class,
+        "steps": steps,
+        **{k: config[k] for k in keys},
+    }
+
+
+def sampler_summary(settings: dict[str, Any]) -> str:
+    """:func:`sampler_settings` in a few words, for a console line.
+
+    Example:
+        >>> sampler_summary({"sampler": "memwatch DDIM", "steps": 50, "clip_sample": False})
+        'memwatch DDIM, 50 steps, no clipping'
+    """
+    words = [settings["sampler"], f"{settings['steps']} steps"]
+    if "scheduler" in settings:
+        words[0] = f"DDIM of the {settings['scheduler']} config"
+        words.append(f"{settings['timestep_spacing']} spacing")
+    if settings.get("thresholding"):
+        words.append("thresholding")
+    elif settings.get("clip_sample"):
+        words.append(f"clip ±{settings['clip_sample_range']:g}")
+    elif "clip_sample" in settings:
+        words.append("no clipping")
+    return ", ".join(words)
+
+
+def excursion(samples: Tensor, low: float, high: float) -> Tensor:
+    """How far each probe ``[n, *shape]`` reaches beyond the data range ``[low, high]``: ``[n]``
+    float64, the largest distance of an element outside it in units of ``high - low`` (0 inside,
+    ``inf`` for a probe that is not finite).
+
+    Example:
+        >>> excursion(torch.tensor([[0.5, -1.0], [0.0, 3.5], [float("nan"), 0.0]]), -1.0, 1.0)
+        tensor([0.0000, 1.2500,    inf], dtype=torch.float64)
+    """
+    flat = (samples.flatten(1) if samples.ndim > 1 else samples[:, None]).to(torch.float64)
+    beyond = torch.maximum(low - flat, flat - high).clamp(min=0).amax(1) / (high - low)
+    return torch.where(torch.isfinite(flat).all(1), beyond, math.inf)
 
 
 def out_of_range(samples: Tensor, low: float, high: float, tolerance: float = 0.5) -> Tensor:

@@ -25,7 +25,8 @@ Three methods:
   convergence mask as scipy's ``eigsh`` would report them.
 * ``"trace"``: the cheap tier — no spectrum, only ``tr(∂D/∂x)`` from ``num_vectors`` reverse-mode
   products per sample (Hutchinson or Hutch++, ``trace_estimator``), hence LID / FLIPD with a
-  standard error and the *estimated* sharp fraction ``1 - LID/d``.
+  standard error and the *estimated* sharp fraction ``1 - LID/d``, clamped into ``[0, 1]`` (so
+  ``lid`` lies in ``[0, d]``; ``flipd`` keeps the unclamped estimate beside its standard error).
 
 ``method="auto"`` takes ``"dense"`` for ``d <= DENSE_MAX_DIM`` (crossover measured in
 ``benchmarks/bench_lanczos.py``) and ``"lanczos"`` above; ``"trace"`` is only used when asked for.
@@ -203,7 +204,7 @@ class SharpnessResult:
             Lanczos: SLQ estimate). For ``"trace"`` the estimate ``1 - lid / dim = -σ_t² tr H / d``,
             which equals the share of sharp directions when ``σ_t² λ`` is -1 or 0 in each (the
             copy / manifold picture) and is otherwise a trace-weighted share; it may leave [0, 1].
-        lid: ``[n]`` ``dim · (1 - sharp_fraction)`` (for ``"trace"`` that is ``flipd``).
+        lid: ``[n]`` ``dim · (1 - sharp_fraction)``, in ``[0, dim]`` (for ``"trace"``: ``flipd`` clamped into it).
         trace: ``[n]`` ``tr H`` (exact for dense; a Hutchinson estimate from the Lanczos runs' first
             steps; Hutchinson / Hutch++ for ``"trace"``).
         trace_stderr: ``[n]`` standard error of ``trace`` (0 for dense; NaN for Lanczos with
@@ -599,7 +600,7 @@ def _trace(score, x, tt, cond, sigma, options, generator) -> _Measured:
     trace = (lid - dim) / sigma**2
     nan = torch.full((n, k), float("nan"), dtype=torch.float64)
     return _Measured(
-        sharp=-trace * sigma**2 / dim,
+        sharp=(-trace * sigma**2 / dim).clamp(0, 1),  # a share: FLIPD outside [0, d] is estimator noise
         trace=trace,
         trace_stderr=lid_err / sigma**2,
         eig_k=nan,

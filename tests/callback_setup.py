@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 
+from memwatch import DiffusionScore
 from memwatch.apps.toymodels import DDPMModule, TensorDataModule
 from memwatch.data import manifold
 
@@ -43,3 +44,12 @@ def trainer(tmp_path, callbacks=(), max_steps: int = 200, **kwargs) -> pl.Traine
         deterministic=True,
         **kwargs,
     )
+
+
+class Overconfident(DDPMModule):
+    """A model whose ε-prediction is 30× its network's (a blown-up output layer, as a run that
+    diverges has): its score contracts faster than the noise (FLIPD ``d + σ_t² tr H`` < 0), and
+    memwatch's DDIM carries its probes far out of the data at every check."""
+
+    def memwatch_score(self) -> DiffusionScore:
+        return DiffusionScore(lambda x, t: 30.0 * self.net(x, t), self.schedule, prediction="epsilon")

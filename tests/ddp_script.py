@@ -92,7 +92,11 @@ def main(out: Path, mode: str | None) -> None:
         "world_size": trainer.world_size,
         "onset_step": monitor.onset_step,
         "global_step": trainer.global_step,
-        "history": [{k: round(v, 9) for k, v in h.items() if k != "check_seconds"} for h in monitor.history],
+        # wall times are each rank's own
+        "history": [
+            {k: round(v, 9) for k, v in h.items() if k != "check_seconds" and not k.startswith("time/")}
+            for h in monitor.history
+        ],
         "local_probes": rows.stop - rows.start,
         "clean_step": monitor.clean_step,
     }

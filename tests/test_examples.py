@@ -100,3 +100,23 @@ def test_readme_lid_snippet_builds_the_monitor_it_describes():
     monitor = namespace["monitor"]
     assert monitor.detector.monitor == "lid_memorized_fraction" and "lid" in monitor.signals
     assert (monitor.sharpness.lid.statistic, monitor.sharpness.lid.count_threshold) == ("count", 3.0)
+
+
+def test_every_library_name_the_readme_uses_imports_from_memwatch_itself():
+    """A class or function the README names in backticks that a memwatch module exports is also
+    importable as ``memwatch.<name>`` (a user reads a name and writes ``from memwatch import ...``)."""
+    import importlib
+    import pkgutil
+
+    import memwatch
+
+    exported = {}
+    for info in pkgutil.walk_packages(memwatch.__path__, "memwatch."):
+        if not info.name.startswith("memwatch.apps"):
+            for name in getattr(importlib.import_module(info.name), "__all__", []):
+                exported.setdefault(name, info.name)
+    named = set(re.findall(r"`([A-Za-z_]\w*)(?:\(|`|\.)", (ROOT / "README.md").read_text()))
+    statistics = {"relative", "profile", "drawdown"}  # the LID statistics' names, not functions, in the README
+    missing = {n: exported[n] for n in named - statistics if n in exported and not hasattr(memwatch, n)}
+    assert not missing, f"named in the README but not importable from memwatch: {missing}"
+    assert memwatch.isolated is memwatch.probes.isolated

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import errno
 import math
+import warnings
 
 import pytest
 import torch
 from autograd_ops import OldStyleTanh, OnceTanh
-from callback_setup import datamodule, memorizing_data, module_2d, trainer
+from callback_setup import Overconfident, datamodule, memorizing_data, module_2d, trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from memwatch import MemorizationMonitor
+from memwatch.apps.toymodels import DDPMModule
 from memwatch.sampling import sample_trajectory
 
 FAST = dict(num_probes=8, sampler_steps=10, sigmas=(0.2,), k=2, verbose=False)
@@ -209,3 +211,54 @@ def test_num_iters_below_k_is_ignored_by_dense_and_rejected_for_lanczos():
     MemorizationMonitor(k=8, num_iters=4, method="dense")  # documented as unused by dense
     with pytest.raises(ValueError, match=r"`num_iters` must be >= k=8"):
         MemorizationMonitor(k=8, num_iters=4, method="lanczos")
+
+
+# ------------------------------------------------------------------ a diverged run
+class _LetsANaNThrough(DDPMModule):
+    """A training step that lets one NaN pixel of its batch through at step 15: the loss, the
+    gradients and, after the optimizer step, every weight of the network are NaN."""
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 15:
+            x = (batch if isinstance(batch, torch.Tensor) else batch[0]).clone()
+            x[0, 0] = float("nan")
+            batch = x if isinstance(batch, torch.Tensor) else [x, *batch[1:]]
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_diverged_run_gets_one_diagnosis_and_nan_checks(tmp_path):
+    """Issue 32, item 5: once the weights are NaN, five warnings pointed elsewhere (the adjoint
+    test, a diverging sampler, `probes.sampler`, no finite LID statistic, too few finite probes).
+    Now: one warning naming the real cause and the checks that bracket it; every value of those
+    checks NaN; neither clean nor counted toward onset; training goes on."""
+    monitor = MemorizationMonitor(every_n_train_steps=10, **FAST)
+    module = _LetsANaNThrough(shape=(2,), hidden=32, depth=1, lr=2e-3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t, _ = _fit(tmp_path, monitor, module, max_steps=40)
+    ours = [str(w.message) for w in caught if str(w.message).startswith("memwatch")]
+    assert ours == [
+        "memwatch: the model's parameters are not finite since a step after 10 (first seen at the check of step 20; "
+        "the check of step 10 had finite ones): training has diverged, e.g. a NaN or Inf loss or gradient went "
+        "through an optimizer step. Checks are not measured while they stay so: their values are NaN, neither clean "
+        "nor counted toward onset (warned once)"
+    ]
+    assert t.global_step == 40 and [h["step"] for h in monitor.history] == [10, 20, 30, 40]
+    assert math.isfinite(monitor.history[0]["sharp_fraction_mean"])
+    for h in monitor.history[1:]:
+        assert all(math.isnan(v) for k, v in h.items() if k not in ("step", "onset", "clean_step")), h
+    assert monitor.clean_step == 10 and monitor.onset_step is None
+
+
+def test_probes_that_stay_out_of_the_data_range_are_warned_about_once_from_the_third_check(tmp_path):
+    """Issue 29, item 6: the warning that the probe sampler may be diverging is for probes that
+    do not come back as the model trains (here a score 30× too large: memwatch's DDIM carries every
+    probe far out at every check), given once, at the third check; a model still learning brings
+    its probes back and is not warned about (the demo's runs, ``tests/test_cli.py``)."""
+    monitor = MemorizationMonitor(every_n_train_steps=10, **FAST)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(tmp_path, monitor, Overconfident(shape=(2,), hidden=32, depth=1), max_steps=40)
+    diverging = [str(w.message) for w in caught if "may be diverging" in str(w.message)]
+    assert len(diverging) == 1 and "at step 30" in diverging[0], diverging
+    assert all(h["out_of_range_count"] > 4 for h in monitor.history)  # out at every check, counted at every one

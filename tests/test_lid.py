@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from callback_setup import datamodule, generalizing_data, memorizing_data, module_2d, trainer
+from callback_setup import Overconfident, datamodule, generalizing_data, memorizing_data, module_2d, trainer
 
 from memwatch import (
     CheckpointOptions,
@@ -179,7 +179,7 @@ def test_onset_on_lid_fires_on_a_memorizing_run_with_finite_values(tmp_path, sta
         assert math.isfinite(h["lid_memorized_fraction"]) and math.isfinite(h[f"lid/{statistic}"])
         assert h["lid/data_lid"] == pytest.approx(monitor.history[0]["lid/data_lid"])  # fixed at the first check
     reading = monitor.last_check.lid
-    assert set(reading.model_lid) == set(monitor.last_check.results)  # every level, primary first
+    assert set(reading.flipd) == set(monitor.last_check.results)  # every level, primary first
     assert reading.memorized.shape == (16,) and reading.memorized.float().mean() == pytest.approx(
         monitor.history[-1]["lid_memorized_fraction"]
     )
@@ -230,3 +230,62 @@ def test_a_data_lid_below_one_dimension_is_said():
     with pytest.warns(UserWarning, match=r"below one dimension at t=990"):
         signal.fit_reference(x, [10.0, 990.0], SCHEDULE)
     assert signal.reference[10.0] > 1.0 and signal.reference[990.0] < 1.0
+
+
+# ----------------------------------------------------------------------------- no impossible dimension
+@pytest.mark.parametrize("method", ["dense", "trace"])
+def test_no_logged_dimension_or_ratio_leaves_its_range_and_the_clamped_probes_are_counted(tmp_path, method):
+    """Issue 32, item 1: a fit once logged ``lid/model_lid`` −1.03 and ``lid/relative`` −0.09. Every
+    LID is now in ``[0, d]``, every ratio ``>= 0``, the sharp fraction in ``[0, 1]`` (the trace tier
+    estimates it from FLIPD), and the probes whose estimate was clamped are counted."""
+    monitor = MemorizationMonitor(
+        every_n_train_steps=50, num_probes=8, probes=ProbeOptions(sampler_steps=10),
+        sharpness=SharpnessCheckOptions(k=2, method=method), report=ReportOptions(figures=False, raise_errors=True),
+        checkpoint=CheckpointOptions(save=False),
+    )  # fmt: skip
+    trainer(tmp_path, [monitor], max_steps=50).fit(
+        Overconfident(shape=(2,), hidden=32, depth=2), datamodule(memorizing_data())
+    )
+    (h,) = monitor.history
+    assert monitor.last_check.primary.flipd.min() < 0  # the raw estimate really left the range
+    dims = ("lid_mean", "lid/flipd", "lid/denoising_lid", "lid/count", "lid/data_lid")
+    assert all(0 <= h[k] <= 2 for k in dims), {k: h[k] for k in dims}
+    ratios = {k: h[f"lid/{k}"] for k in ("relative", "profile", "drawdown", "denoising")}
+    assert not any(v < 0 for v in ratios.values()) and math.isfinite(ratios["relative"]), ratios  # NaN: 0 / 0
+    assert 0 <= h["sharp_fraction_mean"] <= 1 and h["lid/clamped_count"] >= 1
+    assert int(monitor.last_check.lid.clamped.sum()) == h["lid/clamped_count"]
+
+
+def test_the_data_lid_is_the_same_one_neighbourhood_at_a_time(monkeypatch):
+    """The local PCA's memory is bounded by chunking the anchors (issue 32, item 2); the result
+    does not depend on the chunk size (here: one neighbourhood per chunk against all at once)."""
+    import memwatch.lid
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(600, 5, generator=g) * torch.tensor([1.0, 1.0, 0.3, 0.01, 0.01])
+    scale = torch.tensor([0.02, 0.2, 2.0])  # the widest reaches MAX_NEIGHBOURS_FACTOR × neighbours points
+    whole = data_lid(x, scale, neighbours=16, anchors=64, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(memwatch.lid, "LOCAL_PCA_BYTES", 1)
+    chunked = data_lid(x, scale, neighbours=16, anchors=64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
+
+
+def test_the_data_lid_of_the_held_samples_copies_out_only_the_rows_it_uses():
+    """Issue 32, item 2: the first check copied every sample held (50 000 rows) out of the
+    reservoir to use 4096 of them; now only those rows are read, with the same result."""
+    from memwatch import defaults
+    from memwatch.calibration import Reservoir
+    from memwatch.signals.lid import LidSignal
+
+    g = torch.Generator().manual_seed(4)
+    reservoir = Reservoir(defaults.CALIBRATION_CAPACITY + 500, seed=0, distinct=True)
+    reservoir.update(torch.randn(defaults.CALIBRATION_CAPACITY + 500, 3, generator=g) * torch.tensor([1.0, 1.0, 0.01]))
+    schedule = NoiseSchedule.linear(100)
+    fits = []
+    for held in (reservoir.samples, reservoir):
+        signal = LidSignal(LidOptions(anchors=32), 8, held=lambda: None, timesteps=lambda: [5.0], seed=0)
+        signal.fit_reference(held, [5.0], schedule)
+        fits.append(signal.reference)
+    assert fits[0] == fits[1] and math.isfinite(fits[0][5.0])
+    pick = torch.tensor([3, 0, 7])
+    torch.testing.assert_close(reservoir.rows(pick), reservoir.samples[pick])

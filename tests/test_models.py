@@ -52,7 +52,7 @@ def _fit(tmp_path, module, data, monitor, max_steps, batch_size=64):
 
 
 #: the LID signal runs in every fit: its data LID, the probes' LIDs and their ratios are finite everywhere
-LID_KEYS = ("lid/data_lid", "lid/model_lid", "lid/relative", "lid/denoising", "lid/count", "lid_memorized_fraction")
+LID_KEYS = ("lid/data_lid", "lid/flipd", "lid/relative", "lid/denoising", "lid/count", "lid_memorized_fraction")
 
 
 def _assert_checks_ran(monitor: MemorizationMonitor, n: int, keys=("sharp_fraction_mean", "lid_mean")) -> None:

@@ -185,3 +185,18 @@ def test_state_dict_is_plain_python():
 def test_decision_is_a_dataclass():
     d = OnsetDecision(onset=False, memorizing=False, clean=True, reason="ok")
     assert d == OnsetDecision(False, False, True, "ok")
+
+
+def test_the_reason_never_counts_the_onset_check_in_its_own_baseline():
+    """Issue 32, item 1: at the default baseline_checks=3, patience=2, an onset at the third check
+    reported a baseline that averaged the onset check itself (0.1, 0.7, 0.8 → 0.5333)."""
+    det = OnsetDetector(threshold=0.5, baseline_checks=3, patience=2, monitor="memorized_fraction")
+    reasons = [det.update(step, v).reason for step, v in [(100, 0.1), (200, 0.7), (300, 0.8)]]
+    assert det.onset_step == 300 and det.baseline == pytest.approx(1.6 / 3)  # the baseline itself is complete
+    assert reasons == [
+        "memorized_fraction=0.1 within limits (no baseline yet)",
+        "memorized_fraction=0.7 > 0.5 for 1 consecutive check since step 200 (baseline 0.1 of the 1 check so far); "
+        "onset at 2",
+        "memorized_fraction=0.8 > 0.5 for 2 consecutive checks since step 200 (baseline 0.4 of the 2 checks so far)",
+    ]
+    assert det.update(400, 0.9).reason == "memorized_fraction=0.9; memorizing since step 300"

@@ -290,3 +290,19 @@ def test_condition_metrics_rejects_bad_input() -> None:
         plot_condition_metrics({"m": [1, 2]}, ["a", "b"], errors={"x": [0, 0]})
     with pytest.raises(ValueError, match="`flagged`"):
         plot_condition_metrics({"m": [1, 2]}, ["a", "b"], flagged=2)
+
+
+def test_the_demo_curves_keep_their_whole_y_label_inside_the_figure():
+    """Issue 32, item 4: ``curves.png`` cut its own y-axis label at the top and bottom."""
+    from types import SimpleNamespace
+
+    from memwatch.apps.demo_figures import curves_figure
+
+    history = [{"step": 250.0 * i, "sharp_fraction_mean": 0.2 * i} for i in range(1, 5)]
+    runs = [SimpleNamespace(label=f"N={n}", history=history, onset_step=None) for n in (8, 256)]
+    fig = curves_figure(runs)
+    fig.canvas.draw()
+    label, frame = fig.axes[0].yaxis.label, fig.bbox
+    box = label.get_window_extent()
+    assert frame.y0 <= box.y0 and box.y1 <= frame.y1 and frame.x0 <= box.x0, (box, frame)
+    assert " ".join(label.get_text().split()) == "mean sharp fraction of the probes (at each run's calibrated σ)"

@@ -8,6 +8,7 @@ title, row labels and image data.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,3 +160,86 @@ def test_an_onset_with_no_clean_check_before_it_says_so_and_what_would_have_caug
     said = _onset_alert(tmp_path, {}, None)
     assert "no clean checkpoint: the model was memorizing by its first check (step 10)" in said
     assert "a smaller `every_n_train_steps`" in said and "None (step None)" not in said
+
+
+# ------------------------------------------------------------------ the sampler the probes are drawn with
+@pytest.mark.parametrize("clip", [True, False])
+def test_a_fit_names_the_probes_sampler_in_its_config_and_result_line(tmp_path, caplog, clip):
+    """The same weights give other probes with and without ``clip_sample`` (issue 32, item 6): a
+    real fit of a diffusers-scheduled model puts the sampler's settings into the run's config
+    (``hparams.yaml``) and names them in every result line."""
+    import logging
+
+    import lightning.pytorch as pl
+    import yaml
+    from callback_setup import datamodule, memorizing_data
+    from diffusers import DDPMScheduler
+    from model_setups import AnyDiffusion
+
+    from memwatch import MemorizationMonitor, NoiseSchedule, ProbeOptions, SharpnessCheckOptions
+
+    module = AnyDiffusion("diffusers", "epsilon")
+    module.schedule = NoiseSchedule.from_diffusers(DDPMScheduler(num_train_timesteps=200, clip_sample=clip))
+    monitor = MemorizationMonitor(
+        every_n_train_steps=10, num_probes=4, sigmas=(0.3,), probes=ProbeOptions(sampler_steps=8),
+        sharpness=SharpnessCheckOptions(k=2),
+    )  # fmt: skip
+    logger = CSVLogger(tmp_path)
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=10, callbacks=[monitor], logger=logger, accelerator="cpu",
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):  # the suite quiets Lightning's logger
+        trainer.fit(module, datamodule(memorizing_data()))
+    config = yaml.safe_load((Path(logger.log_dir) / "hparams.yaml").read_text())["memwatch/probe_sampler"]
+    assert config["scheduler"] == "DDPMScheduler" and config["clip_sample"] is clip and config["steps"] == 8
+    lines = [r.getMessage() for r in caplog.records if "sharp fraction" in r.getMessage()]
+    clipping = "clip ±1" if clip else "no clipping"
+    # one LID: the one the default rule reads, the flat directions' count
+    assert lines and all(line.count("LID") == 1 and "(flat directions; data " in line for line in lines), lines
+    assert lines and all(f"probes: DDIM of the DDPMScheduler config, 8 steps, leading spacing, {clipping}" in line
+                         for line in lines), lines  # fmt: skip
+
+
+# ------------------------------------------------------------------ every phase under its own name
+def test_every_phase_of_a_check_is_timed_and_shown_under_its_own_name(tmp_path, caplog, monkeypatch):
+    """Issue 32, item 2: the first check's data LID (local PCA) was shown as part of "32 probes
+    sampled". Each phase now has its own logged time (``memwatch/time/<phase>``) and console line,
+    and the line's seconds are that phase's own."""
+    import logging
+    import math
+    import re
+
+    import lightning.pytorch as pl
+    from callback_setup import datamodule, memorizing_data, module_2d
+
+    import memwatch.reporting
+    from memwatch import MemorizationMonitor, ProbeOptions, SharpnessCheckOptions
+
+    monkeypatch.setattr(memwatch.reporting, "PROGRESS_AFTER_S", 0.0)  # every phase's line, however short
+    monkeypatch.setattr(memwatch.reporting, "PROGRESS_MIN_S", 0.0)
+    monitor = MemorizationMonitor(
+        every_n_train_steps=10, num_probes=8, reference_data=memorizing_data(), probes=ProbeOptions(sampler_steps=8),
+        sharpness=SharpnessCheckOptions(k=2),
+    )  # fmt: skip
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=20, callbacks=[monitor], logger=CSVLogger(tmp_path),
+                         accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False)  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        trainer.fit(module_2d(hidden=32, depth=1), datamodule(memorizing_data()))
+    first, second = monitor.history
+    phases = ("calibration", "data_lid", "sampling", "sharpness", "hessian_score_norm", "lid_passes", "copy_search",
+              "lid", "decision", "publishing")  # fmt: skip
+    for h in (first, second):
+        assert all(h[f"time/{p}"] >= 0 for p in phases), h
+        inside = sum(v for k, v in h.items() if k.startswith("time/") and k != "time/publishing")
+        assert inside <= h["check_seconds"]  # disjoint phases: none counted twice
+    assert first["time/data_lid"] > 0.0 and second["time/data_lid"] < first["time/data_lid"]  # fitted once
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("memwatch step 10: ")]
+    found = (re.fullmatch(r"memwatch step 10: (\w+)[^:]*: ([\d.]+)s(, peak memory .*)?", line) for line in lines)
+    shown: dict[str, float] = {}
+    for m in filter(None, found):  # a phase that runs twice (sharpness: measured, then summarized) sums its lines
+        shown[m[1]] = shown.get(m[1], 0.0) + float(m[2])
+    assert {"data_lid", "sampling"} <= set(shown), lines
+    for phase, seconds in shown.items():  # each line shows its own phase's time, not the time since the check began
+        assert math.isclose(seconds, first[f"time/{phase}"], abs_tol=0.11), (phase, seconds, first)
+    metrics = (Path(trainer.logger.log_dir) / "metrics.csv").read_text()
+    assert "memwatch/time/data_lid" in metrics and "memwatch/time/publishing" in metrics

@@ -153,9 +153,11 @@ def test_chunking_conditions_and_image_shapes(estimator, num_vectors):
     chunked = measure_sharpness(score, x, 400, cond=cond, generator=_gen(9), max_batch=7, **settings)
     exact = 18 * (1 + sigma2 * cond)
     if estimator == "hutchinson":
-        torch.testing.assert_close(full.lid, exact, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(full.flipd, exact, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(full.trace, 18 * cond, rtol=1e-8, atol=1e-8)
     else:  # full rank: Hutch++ estimates
-        assert ((full.lid - exact).abs() < 4 * sigma2 * full.trace_stderr).all()
-    torch.testing.assert_close(chunked.lid, full.lid)
+        assert ((full.flipd - exact).abs() < 4 * sigma2 * full.trace_stderr).all()
+    torch.testing.assert_close(full.lid, full.flipd.clamp(0, 18))  # a contracting score: FLIPD < 0, the LID 0
+    torch.testing.assert_close(full.sharp_fraction, 1 - full.lid / 18)
+    torch.testing.assert_close(chunked.flipd, full.flipd)
     torch.testing.assert_close(chunked.trace_stderr, full.trace_stderr)

@@ -322,7 +322,7 @@ def run_demo(
 
 
 def summary_table(results: Sequence[RunResult]) -> Table:
-    """One row per run: N, onset, final sharp fraction / LID, flagged and NN-memorized shares."""
+    """One row per run: N, onset, final sharp fraction / flat directions, flagged and NN-memorized shares."""
     from rich.table import Table
 
     steps = ", ".join(sorted({str(r.steps) for r in results}))
@@ -332,7 +332,7 @@ def summary_table(results: Sequence[RunResult]) -> Table:
     table.add_column("N train", justify="right", style="bold")
     table.add_column("onset\nstep", justify="right")
     table.add_column("sharp\nfraction", justify="right")
-    table.add_column("LID\n(of 64)", justify="right")
+    table.add_column("flat dirs\n(of 64)", justify="right")
     table.add_column("flagged\nby memwatch", justify="right")
     table.add_column("copies\n(NN truth)", justify="right")
     table.add_column("AUROC", justify="right")
@@ -365,7 +365,8 @@ def print_summary(
     console.print(summary_table(results))
     console.print(
         f"[dim]sharp fraction: share of the 64 Hessian directions with σ²λ < -0.5 at the probes (1: an isolated"
-        f" peak); LID = 64 x (1 - sharp fraction); flagged: probes with {results[0].rule};"
+        " peak); flat dirs = 64 x (1 - sharp fraction), the probes' LID by the spectrum;"
+        f" flagged: probes with {results[0].rule};"
         " copies: probes whose nearest training image is < 1/3 as far as the 2nd-nearest (ground truth, needs the"
         " training set); AUROC: memwatch's score against that ground truth (– when all probes are alike).[/]"
     )

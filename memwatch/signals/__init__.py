@@ -10,8 +10,9 @@ signal              what it logs under ``memwatch/``
                     ``normalized_eig_mean``, ``memorized_fraction``, ``nonfinite_count``,
                     the same per timestep as ``t{t}/…``, ``hessian_score_norm_mean``,
                     ``out_of_range_count``
-``lid``             ``lid_memorized_fraction``, ``lid/data_lid``, ``lid/model_lid`` and the
-                    medians of the per-probe statistics ``lid/relative`` … (always)
+``lid``             ``lid_memorized_fraction``, ``lid/data_lid``, ``lid/flipd``,
+                    ``lid/denoising_lid``, ``lid/clamped_count`` and the medians of the
+                    per-probe statistics ``lid/relative`` … (always)
 ``conditional``     ``cond/{c}/…`` and ``most_memorized_condition`` (with ``probes.conditions``)
 ``loss_gap``        ``loss_train``, ``loss_heldout``, ``loss_gap`` (with ``loss_gap.heldout_data``)
 ==================  =====================================================================

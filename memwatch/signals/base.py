@@ -19,6 +19,7 @@ state under its :attr:`Signal.name`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import warnings
@@ -33,8 +34,9 @@ from torch import Tensor
 
 from memwatch.probes import ProbeMeasurement
 from memwatch.score import DiffusionScore
+from memwatch.timing import PhaseClock
 
-__all__ = ["Draft", "Run", "Signal", "contribute_all", "gathered", "measure_all", "nan_values"]
+__all__ = ["Draft", "Run", "Signal", "contribute_all", "gathered", "measure_all", "nan_values", "timed"]
 
 
 @dataclass
@@ -97,10 +99,20 @@ class Signal:
     Attributes:
         name: the signal's key in the monitor's state and in its ``signals`` mapping.
         value_names: the values it logs (NaN when it could not measure at a check).
+        phase_names: the names its hooks' costs are timed under (:meth:`phase`).
     """
 
     name: ClassVar[str] = ""
     value_names: tuple[str, ...] = ()
+    #: hook -> the name its cost is timed under (``memwatch/time/<name>``); default: the signal's name
+    phase_names: ClassVar[Mapping[str, str]] = {}
+
+    def phase(self, hook: str) -> str | None:
+        """The phase ``hook`` (``"before_check"``, ``"measure"``, ``"contribute"``) is timed as, or
+        ``None`` when this signal does not override it (it costs nothing)."""
+        if getattr(type(self), hook) is getattr(Signal, hook):
+            return None
+        return self.phase_names.get(hook, self.name)
 
     def prepare(self, run: Run) -> None:
         """Fit start (or ``memwatch scan``): the probes' space is known; validate the signal's data there."""
@@ -135,13 +147,15 @@ def measure_all(
     run: Run,
     measurement: ProbeMeasurement,
     score: Callable[[], AbstractContextManager[DiffusionScore]],
+    clock: PhaseClock | None = None,
 ) -> dict[str, Any]:
-    """Every signal's rank-local :meth:`Signal.measure` (each in ``score()``'s context); a fault
-    makes only that signal's values NaN (a warning), unless ``run.raise_errors`` on one process."""
+    """Every signal's rank-local :meth:`Signal.measure` (each in ``score()``'s context, timed on
+    ``clock`` as its :meth:`Signal.phase`); a fault makes only that signal's values NaN (a
+    warning), unless ``run.raise_errors`` on one process."""
     out = {}
     for name, signal in signals.items():
         try:
-            with score() as measured:
+            with score() as measured, timed(clock, signal, "measure"):
                 out[name] = signal.measure(run, measured, measurement)
         except Exception as err:  # noqa: BLE001 - the other signals still report
             if run.raise_errors and run.world_size == 1:
@@ -156,17 +170,29 @@ def measure_all(
 
 
 def contribute_all(
-    signals: Mapping[str, Signal], run: Run, measurement: ProbeMeasurement, measured: Mapping[str, Any]
+    signals: Mapping[str, Signal],
+    run: Run,
+    measurement: ProbeMeasurement,
+    measured: Mapping[str, Any],
+    clock: PhaseClock | None = None,
 ) -> Draft:
-    """Every signal's synced values and fields, in order, into a new :class:`Draft`; a signal
-    that failed on any rank is :meth:`Signal.unmeasured` on every rank (collectives on every rank)."""
+    """Every signal's synced values and fields, in order, into a new :class:`Draft` (each timed on
+    ``clock``); a signal that failed on any rank is :meth:`Signal.unmeasured` on every rank
+    (collectives on every rank)."""
     draft = Draft(measurement)
     for name, signal in signals.items():
         if run.all_true(measured.get(name) is not _FAILED):
-            signal.contribute(run, draft, measured.get(name))
+            with timed(clock, signal, "contribute"):
+                signal.contribute(run, draft, measured.get(name))
         else:
             signal.unmeasured(draft)
     return draft
+
+
+def timed(clock: PhaseClock | None, signal: Signal, hook: str) -> AbstractContextManager[None]:
+    """``clock``'s phase for ``signal``'s ``hook`` (:meth:`Signal.phase`), or no timing."""
+    phase = signal.phase(hook)
+    return contextlib.nullcontext() if clock is None or phase is None else clock.phase(phase)
 
 
 def nan_values(names: tuple[str, ...] | list[str]) -> dict[str, float]:

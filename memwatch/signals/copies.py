@@ -77,6 +77,7 @@ class CopySignal(Signal):
     """
 
     name = "copies"
+    phase_names = {"contribute": "copy_search"}
     value_names = COPY_VALUES
 
     def __init__(

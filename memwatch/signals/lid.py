@@ -8,14 +8,17 @@ reference (:mod:`memwatch.lid`):
   afterwards) give the data's ``LID_τ`` at every evaluation level, by local PCA
   (``lid/data_lid``; kept in the monitor's state, so a resumed run compares with the same one);
 * at every check each probe's ``LID_τ`` is read twice: from the Jacobian (FLIPD,
-  ``d + σ_t² tr H`` of the sharpness measurement, on any tier) and, with ``sharpness.lid.draws > 0``,
-  from forward passes (the probe's own denoising loss);
+  ``d + σ_t² tr H`` of the sharpness measurement, on any tier; ``lid/flipd``) and, with
+  ``sharpness.lid.draws > 0``, from forward passes (the probe's own denoising loss;
+  ``lid/denoising_lid``); both are clamped into ``[0, d]``, where a dimension lies, and the probes
+  whose estimate lay outside are counted (``lid/clamped_count``), so every ratio below is ``>= 0``;
 * the statistics per probe: ``relative`` (FLIPD / data LID at the primary level), ``profile``
   (that ratio averaged over every level), ``drawdown`` (FLIPD against the median of the probe's
   own first ``sharpness.lid.baseline_checks`` checks) and ``denoising`` (the denoising LID / data LID at the
   primary level);
-* and ``count``, the probe's LID itself in dimensions (no reference; the rule of study v3 that is
-  right more often than the sharp fraction, see ``docs/validation.md``);
+* and ``count``, the probe's count of flat directions ``d · (1 − sharp fraction)`` in dimensions
+  (the sharpness measurement's LID, whose mean is ``lid_mean``; no reference; the rule of study v3
+  that is right more often than the sharp fraction, see ``docs/validation.md``);
 * a probe is memorized when ``sharpness.lid.statistic`` falls below ``sharpness.lid.ratio_threshold`` (``count``:
   ``sharpness.lid.count_threshold``):
   ``lid_memorized_fraction`` is the share (what ``onset.on="lid"`` watches), the statistics'
@@ -34,9 +37,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from memwatch import defaults
+from memwatch.calibration import Reservoir
 from memwatch.errors import MemwatchError
 from memwatch.intake import TrainingSamples
-from memwatch.lid import LidReading, baseline_of, data_lid, denoising_lid, statistics
+from memwatch.lid import LidReading, baseline_of, clamp_dimension, data_lid, denoising_lid, statistics
 from memwatch.probes import ProbeMeasurement, shard
 from memwatch.score import DiffusionScore
 from memwatch.signals.base import Draft, Run, Signal, gathered, nan_values
@@ -108,7 +112,15 @@ class LidSignal(Signal):
     """
 
     name = "lid"
-    value_names = ("lid_memorized_fraction", "lid/data_lid", "lid/model_lid", *(f"lid/{s}" for s in STATISTICS))
+    phase_names = {"before_check": "data_lid", "measure": "lid_passes"}
+    value_names = (
+        "lid_memorized_fraction",
+        "lid/data_lid",
+        "lid/flipd",
+        "lid/denoising_lid",
+        "lid/clamped_count",
+        *(f"lid/{s}" for s in STATISTICS),
+    )
 
     def __init__(
         self,
@@ -135,13 +147,19 @@ class LidSignal(Signal):
         """Whether the data LID is still to be estimated (the monitor then holds training samples)."""
         return self.reference is None
 
-    def fit_reference(self, samples: Tensor, timesteps: list[float], schedule: Any) -> None:
+    def fit_reference(
+        self, samples: Tensor | TrainingSamples | Reservoir, timesteps: list[float], schedule: Any
+    ) -> None:
         """Estimate the data's LID at ``timesteps`` from training samples ``[m, *shape]`` (probes'
         space; a random ``defaults.CALIBRATION_CAPACITY`` of them when there are more, the size of
-        the reservoir a live run holds)."""
+        the reservoir a live run holds). From the monitor's held samples (:class:`TrainingSamples`,
+        a :class:`Reservoir`) only those rows are copied out, not every sample held."""
         generator = torch.Generator().manual_seed(self.seed + 4)
-        if samples.shape[0] > defaults.CALIBRATION_CAPACITY:
-            samples = samples[torch.randperm(samples.shape[0], generator=generator)[: defaults.CALIBRATION_CAPACITY]]
+        m = len(samples)
+        pick = torch.arange(m)
+        if m > defaults.CALIBRATION_CAPACITY:
+            pick = torch.randperm(m, generator=generator)[: defaults.CALIBRATION_CAPACITY]
+        samples = samples[pick] if isinstance(samples, Tensor) else samples.rows(pick)
         scale = torch.stack([schedule.sigma(t) / schedule.alpha(t) for t in timesteps]).reshape(-1)
         lid = data_lid(
             samples,
@@ -169,7 +187,7 @@ class LidSignal(Signal):
                 held = self.held()
                 if held is None or len(held) < 2:
                     raise MemwatchError("fewer than two distinct training samples were taken from the batches")
-                self.fit_reference(held.samples, timesteps, run.score.schedule)
+                self.fit_reference(held, timesteps, run.score.schedule)
                 found = self.reference
             except Exception as err:  # noqa: BLE001 - reported on every rank below
                 error = f"{type(err).__name__}: {err}"
@@ -200,13 +218,14 @@ class LidSignal(Signal):
             rank_zero_warn("memwatch: the LID signal has no data LID (no training samples were seen); its ratios to it "
                            "are NaN (warned once)")  # fmt: skip
         reference = self.reference or dict.fromkeys(timesteps, math.nan)
-        model = {t: gathered(m.results[t].flipd.double().to(run.device)) for t in timesteps}
-        denoise = {t: gathered(v.to(run.device)) for t, v in (measured or {}).items()}
-        primary = timesteps[0]
+        primary, dim = timesteps[0], m.primary.dim
+        flipd, outside = _dimensions({t: m.results[t].flipd for t in timesteps}, dim, run.device)
+        denoise, outside_denoising = _dimensions(measured or {}, dim, run.device)
+        clamped = outside[primary] | outside_denoising.get(primary, torch.zeros_like(outside[primary]))
         if len(self.history) < self.options.baseline_checks:
-            self.history.append(model[primary])
+            self.history.append(flipd[primary])
         count = gathered(m.results[primary].lid.double().to(run.device))
-        stats = statistics(model, reference, baseline_of(self.history), denoising=denoise, count=count)
+        stats = statistics(flipd, reference, baseline_of(self.history), denoising=denoise, count=count)
         chosen = stats[self.options.statistic]
         finite = torch.isfinite(chosen)
         limit = self.options.count_threshold if self.options.statistic == "count" else self.options.ratio_threshold
@@ -220,11 +239,13 @@ class LidSignal(Signal):
             {
                 "lid_memorized_fraction": fraction,
                 "lid/data_lid": float(reference[primary]),
-                "lid/model_lid": _median(model[primary]),
+                "lid/flipd": _median(flipd[primary]),
+                "lid/denoising_lid": _median(denoise[primary]) if denoise else math.nan,
+                "lid/clamped_count": float(clamped.sum()),
                 **{f"lid/{name}": _median(v) for name, v in stats.items()},
             }
         )
-        draft.fields["lid"] = LidReading(reference, model, denoise, stats, memorized)
+        draft.fields["lid"] = LidReading(reference, flipd, denoise, stats, memorized, clamped)
 
     def unmeasured(self, draft: Draft) -> None:
         draft.values.update(nan_values(self.value_names))
@@ -236,6 +257,15 @@ class LidSignal(Signal):
         if state.get("reference") is not None:
             self.reference = {float(t): float(v) for t, v in state["reference"].items()}
         self.history = [torch.tensor(h, dtype=torch.float64) for h in state.get("history", [])]
+
+
+def _dimensions(
+    lids: dict[float, Tensor], dim: int, device: torch.device
+) -> tuple[dict[float, Tensor], dict[float, Tensor]]:
+    """Every rank's per-probe LIDs ``{t: [P]}`` (float64, CPU) clamped into ``[0, dim]``, and where
+    they lay outside (:func:`memwatch.lid.clamp_dimension`)."""
+    held = {t: clamp_dimension(gathered(v.double().to(device)), dim) for t, v in lids.items()}
+    return {t: v for t, (v, _) in held.items()}, {t: o for t, (_, o) in held.items()}
 
 
 def _median(x: Tensor) -> float:
