@@ -220,7 +220,7 @@ class NoiseSchedule:
             [0.75, 0.25, 0.33]
         """
         if num_train_timesteps is not None:
-            _check_steps(num_train_timesteps)
+            _check_steps(num_train_timesteps, "num_train_timesteps")
         if not 0 < sigma_min < sigma_max <= 1:
             raise MemwatchError(f"need 0 < `sigma_min` < `sigma_max` <= 1, got {sigma_min}, {sigma_max}")
         scale = 1.0 if num_train_timesteps is None else float(num_train_timesteps)
@@ -439,12 +439,10 @@ class NoiseSchedule:
 def is_flow_matching(scheduler: Any) -> bool:
     """Whether ``scheduler`` is a diffusers flow-matching scheduler (``FlowMatchEulerDiscreteScheduler``,
     ``FlowMatchHeunDiscreteScheduler``, …): a ``FlowMatch*`` class with a config naming ``num_train_timesteps``."""
+    if not type(scheduler).__name__.startswith("FlowMatch"):
+        return False  # before any attribute lookup, which may raise on arbitrary objects
     config = getattr(scheduler, "config", None)
-    return (
-        type(scheduler).__name__.startswith("FlowMatch")
-        and isinstance(config, Mapping)
-        and "num_train_timesteps" in config
-    )
+    return isinstance(config, Mapping) and "num_train_timesteps" in config
 
 
 def image_seq_len(sample_shape: Sequence[int]) -> int:
