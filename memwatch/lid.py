@@ -58,6 +58,7 @@ __all__ = [
     "denoising_lid",
     "drawdown",
     "local_variances",
+    "possible",
     "profile",
     "relative",
     "soft_count",
@@ -195,6 +196,27 @@ def denoising_lid(
     s = torch.cat([score(xt[i : i + rows], t) for i in range(0, xt.shape[0], rows)])
     resid = eps.flatten(0, 1) + sigma * s.reshape(xt.shape)
     return resid.double().flatten(1).square().sum(1).reshape(noise.shape[0], -1).mean(0).cpu()
+
+
+#: a LID below 0 by more than this many dimensions (beyond three standard errors) is impossible
+IMPOSSIBLE_SLACK = 1.0
+
+
+def possible(lid: Tensor, stderr: Tensor | None = None) -> Tensor:
+    """FLIPD values ``lid`` ``[...]`` with those no score can give made NaN: below 0 by more than
+    ``IMPOSSIBLE_SLACK`` dimensions plus three standard errors (``stderr`` ``[...]``, the
+    estimator's; NaN or ``None``: 0).
+
+    For the exact score ``d + σ_t² tr H = (α_t²/σ_t²) tr Cov[x₀ | x_t] >= 0``, so a value below 0
+    is not a dimension: a score of the wrong prediction type or schedule gives such values. Above
+    ``d`` it is possible (a point between modes, whose posterior spreads over both), so it is kept.
+
+    Example:
+        >>> possible(torch.tensor([-82.6, -0.4, 30.0, 90.0]))
+        tensor([    nan, -0.4000, 30.0000, 90.0000])
+    """
+    err = torch.zeros_like(lid) if stderr is None else torch.nan_to_num(stderr.to(lid), nan=0.0)
+    return torch.where(lid >= -(IMPOSSIBLE_SLACK + 3 * err), lid, math.nan)
 
 
 def relative(lid: Tensor, reference: Tensor | float) -> Tensor:

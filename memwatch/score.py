@@ -134,6 +134,17 @@ class DiffusionScore:
             raise MemwatchError(f"`velocity` needs a flow schedule, got a {self.schedule.kind} schedule")
         return self._guided(self._velocity, x, t, cond)
 
+    def noise_estimates(self, x: Tensor, t: Tensor | int | float) -> dict[str, Tensor]:
+        """ε̂ ``[n, *shape]`` of the unconditional network's output read as each prediction type
+        the schedule admits (the configured one among them), from one forward pass: what
+        :mod:`memwatch.consistency` compares."""
+        out, alpha, sigma = self._output(x, t, self._null_batch(x))
+        readings = {}
+        for prediction in PREDICTION_TYPES:
+            if _refusal(prediction, self.schedule) is None:
+                readings[prediction] = _eps(prediction, out, x, alpha, sigma)
+        return readings
+
     def conditional(self, x: Tensor, t: Tensor | int | float, cond: Tensor | int) -> Tensor:
         """Conditional score ``s_c = ∇ log p_t(x | c)`` ``[n, *shape]``; ``cond`` as in :meth:`batch_condition`."""
         return self._score(x, t, self.batch_condition(cond, x.shape[0], "cond"))
@@ -300,17 +311,25 @@ def _x0(prediction: str, out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -
 
 def _check_pair(prediction: str, schedule: NoiseSchedule) -> None:
     """Refuse the prediction × schedule pairs that are wrong by definition (see the module docstring)."""
+    refusal = _refusal(prediction, schedule)
+    if refusal is not None:
+        raise MemwatchError(refusal)
+
+
+def _refusal(prediction: str, schedule: NoiseSchedule) -> str | None:
+    """Why ``prediction`` cannot be read on ``schedule`` (``None``: it can)."""
     if prediction == "flow_prediction" and schedule.kind != "flow":
-        raise MemwatchError(
+        return (
             f"`prediction`='flow_prediction' (the flow-matching velocity ε - x_0) needs a flow schedule "
             f"(NoiseSchedule.flow() or NoiseSchedule.from_diffusers(FlowMatchEulerDiscreteScheduler())), "
             f"got a {schedule.kind} schedule"
         )
     if prediction == "v_prediction" and schedule.kind == "flow":
-        raise MemwatchError(
+        return (
             "`prediction`='v_prediction' (v = α_t ε - σ_t x_0 of a VP model) does not apply to a flow schedule; "
             "a flow-matching network's velocity ε - x_0 is `prediction`='flow_prediction'"
         )
+    return None
 
 
 def broadcast_condition(cond: object, n: int, name: str = "cond", *, null_cond: Tensor | None = None) -> Tensor:

@@ -287,6 +287,25 @@ class SharpnessResult:
             method=method,
         )
 
+    def as_unmeasured(self) -> SharpnessResult:
+        """This result with every per-sample value NaN and ``finite`` / ``converged`` False (what
+        a measurement that must not be read, e.g. of a misread network, reports).
+
+        Example:
+            >>> res = SharpnessResult.unmeasured(torch.full((2,), 0.3), 16, SharpnessOptions(k=4), "dense")
+            >>> bool(res.as_unmeasured().lid.isnan().all())
+            True
+        """
+        changes = {
+            f.name: torch.full_like(value, float("nan"))
+            for f in dataclasses.fields(self)
+            if isinstance(value := getattr(self, f.name), Tensor) and value.is_floating_point() and f.name != "sigma"
+        }
+        changes["spectrum_weights"] = torch.zeros_like(self.spectrum_weights)  # as `unmeasured`
+        changes["converged"] = torch.zeros_like(self.converged)
+        changes["finite"] = torch.zeros_like(self.finite)
+        return dataclasses.replace(self, **changes)
+
     def density(self, grid: Tensor, bandwidth: float = 0.05) -> Tensor:
         """Gaussian-smoothed density of normalized eigenvalues ``[n, G]`` on ``grid`` ``[G]``;
         NaN rows where nothing was measured (non-finite samples; every row for ``"trace"``)."""
