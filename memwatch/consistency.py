@@ -14,14 +14,14 @@ training mean (``x̂₀ = x̄``). Per noise level, in units of the noise itself:
 admits (one forward pass per level, :meth:`memwatch.DiffusionScore.noise_estimates`) at a small
 level τ (the monitor's primary one, data units ``σ_t/α_t``) and at ``LARGE_FACTOR · τ``:
 
-* ``"fits"``: the configured reading is within ``MISFIT_FACTOR · b`` at both levels;
-* ``"wrong"``: it is not, it does not denoise at the small level (``r >= DENOISES``: no better
-  than leaving the noise in, where any trained reading is), and another reading does, beats ``b``
-  at both levels and is ``MISFIT_FACTOR`` times better where the configured one misfits: the
-  network's output reads as that prediction (named);
-* ``"undecided"``: any other misfit — an untrained network (its output is noise: no reading
+* ``"fits"``: the configured reading denoises at the small level (``r < DENOISES``; 1 is
+  leaving the noise in) and stays within ``MISFIT_FACTOR · b`` at both levels;
+* ``"wrong"``: it does not denoise at the small level, and another reading fits (as above) and
+  is ``MISFIT_FACTOR`` times better at one of the levels: the network's output reads as that
+  prediction (named);
+* ``"undecided"``: anything else — an untrained network (its output is noise: no reading
   denoises), a network not trained at the large level (EDM's ε at σ far above its training
-  range), or a schedule the network was not trained on. It cannot tell those apart, so it says so
+  range), a schedule the network was not trained on. It cannot tell those apart, so it says so
   and judges nothing.
 
 The rules were set on tiny MLPs trained 0 to 400 steps on digits and on four 2-D points, every
@@ -153,19 +153,18 @@ def timestep_for_level(schedule: NoiseSchedule, level: float) -> float:
 
 def _verdict(prediction: str, errors: dict[str, list[float]], baseline: list[float]) -> tuple[str, str | None]:
     """``(verdict, better)`` by the rules of the module docstring."""
+
+    def fits(r: list[float]) -> bool:
+        return r[0] < DENOISES and all(v <= MISFIT_FACTOR * b for v, b in zip(r, baseline))  # NaN: no
+
     mine = errors[prediction]
-    misfit = [r > MISFIT_FACTOR * b for r, b in zip(mine, baseline)]
-    if not any(misfit):
+    if fits(mine):
         return "fits", None
-    if not mine[0] < DENOISES:  # NaN included
-        good = {
-            p: sum(math.log(max(v, 1e-300)) for v in r)
-            for p, r in errors.items()
-            if p != prediction
-            and r[0] < DENOISES
-            and all(v <= b for v, b in zip(r, baseline))
-            and any(m and mine_v > MISFIT_FACTOR * v for m, mine_v, v in zip(misfit, mine, r))
-        }
-        if good:
-            return "wrong", min(good, key=good.__getitem__)
+    good = {
+        p: sum(math.log(max(v, 1e-300)) for v in r)
+        for p, r in errors.items()
+        if p != prediction and not mine[0] < DENOISES and fits(r) and any(m > MISFIT_FACTOR * v for m, v in zip(mine, r))
+    }
+    if good:
+        return "wrong", min(good, key=good.__getitem__)
     return "undecided", None
