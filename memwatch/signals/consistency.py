@@ -10,9 +10,9 @@ passes at the primary noise level and ten times it, in the isolation of the meas
   better, the prediction the network's output reads as; from then on every value of every check
   is NaN (but the counts, ``*_count``) and the per-probe results too, so nothing is logged as a
   number and no onset is declared;
-* ``"undecided"``: one warning says it cannot tell (the network does not denoise its training
-  samples under any reading yet: an untrained network, or a schedule it was not trained on); the
-  values are kept. The check is not repeated: the training samples are dropped after the first check.
+* ``"undecided"``: one warning says it cannot tell (an untrained network, one not trained at the
+  large level, or a schedule it was not trained on); the values are kept, and the LID signal still
+  makes a negative LID NaN (:func:`memwatch.lid.possible`). The check is not repeated: the training samples are dropped after the first check.
 
 It logs no value of its own. It runs last, so that it can overwrite the others' values.
 """
@@ -88,9 +88,10 @@ class ConsistencySignal(Signal):
                 )
             elif self.verdict == "undecided":
                 rank_zero_warn(
-                    f"memwatch: cannot tell yet whether the network fits {description}: it does not denoise its "
-                    "training samples under any reading (untrained, or not trained on this schedule); the values "
-                    "are kept"
+                    f"memwatch: cannot tell whether the network fits {description}: this reading does not both "
+                    "denoise at the small level and stay near them at the large one, and no other reading does (an "
+                    "untrained network, one not trained at the large level, or a schedule it was not trained on); "
+                    "the values are kept"
                 )
         if self.verdict == "wrong":  # counts (of probes out of range, of batches skipped, ...) stay counts
             draft.values.update(dict.fromkeys((k for k in draft.values if not k.endswith("_count")), math.nan))
