@@ -163,7 +163,10 @@ def _verdict(prediction: str, errors: dict[str, list[float]], baseline: list[flo
     good = {
         p: sum(math.log(max(v, 1e-300)) for v in r)
         for p, r in errors.items()
-        if p != prediction and not mine[0] < DENOISES and fits(r) and any(m > MISFIT_FACTOR * v for m, v in zip(mine, r))
+        if p != prediction
+        and not mine[0] < DENOISES
+        and fits(r)
+        and any(m > MISFIT_FACTOR * v for m, v in zip(mine, r))
     }
     if good:
         return "wrong", min(good, key=good.__getitem__)

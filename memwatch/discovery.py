@@ -249,7 +249,8 @@ def _not_found_message(
         "Provide one of: (1) `MemorizationMonitor(score_fn=lambda module: memwatch.DiffusionScore(module.net, "
         "schedule, prediction=...))`; (2) a `memwatch_score()` method on the module returning a "
         "memwatch.DiffusionScore; (3) a diffusers UNet2DModel or UNet2DConditionModel and its scheduler "
-        "(e.g. DDPMScheduler, FlowMatchEulerDiscreteScheduler) as attributes of the module. A torch.compile'd network is found through its "
+        "(e.g. DDPMScheduler, FlowMatchEulerDiscreteScheduler) as attributes of the module. A torch.compile'd "
+        "network is found through its "
         "`_orig_mod`. An EMA (torch.optim.swa_utils.AveragedModel, diffusers' EMAModel) is not the network: "
         "keep the network itself on the module and name the EMA with `ema_attr=` to measure its weights."
     )

@@ -114,7 +114,8 @@ def evaluation_timesteps(
     """The evaluation timesteps in the schedule's units, primary first, without repeats.
 
     ``timesteps`` (schedule units) win over ``sigmas`` (noise levels, each mapped to the timestep
-    whose :meth:`~memwatch.schedules.NoiseSchedule.noise_level` is nearest: σ_t, or σ_t / α_t for flow). ``name`` is the argument the errors name.
+    whose :meth:`~memwatch.schedules.NoiseSchedule.noise_level` is nearest: σ_t, or σ_t / α_t for
+    flow). ``name`` is the argument the errors name.
 
     Raises:
         MemwatchError: a σ outside the schedule's range ``[σ(t_min), σ(t_max)]`` (it would be

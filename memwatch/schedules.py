@@ -32,6 +32,7 @@ through :meth:`NoiseSchedule.flow_scheduler`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -145,32 +146,26 @@ class NoiseSchedule:
             >>> flow.kind, flow.time_scale, round(flow.t_min, 3), flow.t_max
             ('flow', 1000.0, 1.497, 1000.0)
         """
-        config = getattr(scheduler, "config", None)
-        frozen = None if not isinstance(config, Mapping) else tuple(sorted((str(k), _freeze(v)) for k, v in config.items()))
         if is_flow_matching(scheduler):
-            return cls._from_flow_matching(scheduler, frozen)
-        ac = getattr(scheduler, "alphas_cumprod", None)
-        if ac is None:
-            raise MemwatchError(
-                f"`scheduler` must have an `alphas_cumprod` attribute (a diffusers DDPM/DDIM-style "
-                f"scheduler) or be a flow-matching scheduler (FlowMatchEulerDiscreteScheduler, ...), "
-                f"got {type(scheduler).__name__}"
-            )
-        base = cls.from_alphas_cumprod(ac)
-        if frozen is None:
+            base = cls._from_flow_matching(scheduler)
+        else:
+            ac = getattr(scheduler, "alphas_cumprod", None)
+            if ac is None:
+                raise MemwatchError(
+                    f"`scheduler` must have an `alphas_cumprod` attribute (a diffusers DDPM/DDIM-style "
+                    f"scheduler) or be a flow-matching scheduler (FlowMatchEulerDiscreteScheduler, ...), "
+                    f"got {type(scheduler).__name__}"
+                )
+            base = cls.from_alphas_cumprod(ac)
+        config = getattr(scheduler, "config", None)
+        if not isinstance(config, Mapping):
             return base
-        return cls(
-            kind="discrete",
-            alphas_cumprod=base.alphas_cumprod,
-            t_min=base.t_min,
-            t_max=base.t_max,
-            scheduler_class=type(scheduler).__name__,
-            scheduler_config=frozen,
-        )
+        frozen = tuple(sorted((str(k), _freeze(v)) for k, v in config.items()))
+        return dataclasses.replace(base, scheduler_class=type(scheduler).__name__, scheduler_config=frozen)
 
     @classmethod
-    def _from_flow_matching(cls, scheduler: Any, frozen: tuple[tuple[str, Any], ...] | None) -> NoiseSchedule:
-        """:meth:`flow` over a ``FlowMatch*`` scheduler's training sigmas, its config kept."""
+    def _from_flow_matching(cls, scheduler: Any) -> NoiseSchedule:
+        """:meth:`flow` over a ``FlowMatch*`` scheduler's training sigmas."""
         config = scheduler.config
         if config.get("invert_sigmas", False):
             raise MemwatchError(
@@ -185,15 +180,7 @@ class NoiseSchedule:
         sigmas = FlowMatchEulerDiscreteScheduler.from_config(config).sigmas.to(torch.float64)
         # down to half the smallest training σ: the sampler's last grid σ can fall below it by a
         # float32 rounding (``σ · T`` in float32) or by the grid's second shift when shift < 1
-        base = cls.flow(int(config["num_train_timesteps"]), float(sigmas.min()) / 2, float(sigmas.max()))
-        return cls(
-            kind="flow",
-            t_min=base.t_min,
-            t_max=base.t_max,
-            time_scale=base.time_scale,
-            scheduler_class=type(scheduler).__name__,
-            scheduler_config=frozen,
-        )
+        return cls.flow(int(config["num_train_timesteps"]), float(sigmas.min()) / 2, float(sigmas.max()))
 
     @classmethod
     def flow(

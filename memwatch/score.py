@@ -212,7 +212,10 @@ class DiffusionScore:
 
     # ----------------------------------------------------------------- private
     def _guided(
-        self, fn: Callable[[Tensor, Tensor | int | float, Tensor | None], Tensor], x: Tensor, t: Tensor | int | float,
+        self,
+        fn: Callable[[Tensor, Tensor | int | float, Tensor | None], Tensor],
+        x: Tensor,
+        t: Tensor | int | float,
         cond: Tensor | None,
     ) -> Tensor:
         """``fn`` (linear in the network's output) unconditional, conditional, or guided ``f_uc + w (f_c - f_uc)``."""

@@ -114,14 +114,6 @@ def _fit_read_as(tmp_path, trained, read, steps=300):
     return monitor, told
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize(
     ("trained", "read"),
     [

@@ -1,4 +1,5 @@
-"""The consistency signal: is the prediction type and the schedule the monitor reads the network with the pair it was trained with?
+"""The consistency signal: are the prediction type and the schedule the monitor reads the network
+with the pair it was trained with?
 
 A wrong pair still gives finite numbers — sharp fractions, LIDs outside ``[0, d]``, an onset — that
 mean nothing. At the first check, while the monitor still holds training samples, this signal
@@ -12,7 +13,8 @@ passes at the primary noise level and ten times it, in the isolation of the meas
   number and no onset is declared;
 * ``"undecided"``: one warning says it cannot tell (an untrained network, one not trained at the
   large level, or a schedule it was not trained on); the values are kept, and the LID signal still
-  makes a negative LID NaN (:func:`memwatch.lid.possible`). The check is not repeated: the training samples are dropped after the first check.
+  makes a negative LID NaN (:func:`memwatch.lid.possible`). The check is not repeated: the
+  training samples are dropped after the first check.
 
 It logs no value of its own. It runs last, so that it can overwrite the others' values.
 """

@@ -3,8 +3,8 @@
 A factory takes the monitor (it reads its option groups and the few services it offers:
 ``held_samples``, ``signals``, ``use_levels``) and returns its signal,
 or ``None`` when the monitor's settings do not ask for it. The order matters: calibration fixes
-the levels first, the copies' ratios feed the sharpness summary, the consistency check comes last. A new signal is one module with
-a ``build`` factory and one line here.
+the levels first, the copies' ratios feed the sharpness summary, the consistency check comes
+last. A new signal is one module with a ``build`` factory and one line here.
 """
 
 from __future__ import annotations
