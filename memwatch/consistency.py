@@ -38,8 +38,9 @@ import torch
 from torch import Tensor
 
 from memwatch.errors import MemwatchError
+from memwatch.operators import map_chunks
 from memwatch.schedules import NoiseSchedule
-from memwatch.score import DiffusionScore
+from memwatch.score import DiffusionScore, predictions_for
 
 __all__ = ["DENOISES", "LARGE_FACTOR", "MISFIT_FACTOR", "Consistency", "check_consistency", "timestep_for_level"]
 
@@ -86,7 +87,9 @@ class Consistency:
         return head
 
 
-def check_consistency(score: DiffusionScore, x0: Tensor, level: float, *, generator: torch.Generator) -> Consistency:
+def check_consistency(
+    score: DiffusionScore, x0: Tensor, level: float, *, generator: torch.Generator, max_batch: int | None = None
+) -> Consistency:
     """Whether ``score``'s prediction type and schedule fit its network, from training samples.
 
     Args:
@@ -95,6 +98,7 @@ def check_consistency(score: DiffusionScore, x0: Tensor, level: float, *, genera
         level: the small noise level τ in data units (``σ_t/α_t``), ``> 0``; the large one is
             ``LARGE_FACTOR · τ``. Each maps to the timestep nearest it (:func:`timestep_for_level`).
         generator: source of the noise ``ε`` (one draw per sample and level).
+        max_batch: rows per model call (default: all ``m`` at once; halved on out-of-memory).
 
     Returns:
         :class:`Consistency`.
@@ -110,15 +114,21 @@ def check_consistency(score: DiffusionScore, x0: Tensor, level: float, *, genera
     timesteps = (timestep_for_level(schedule, level), timestep_for_level(schedule, LARGE_FACTOR * level))
     x0 = x0.to(score.device, torch.float32)
     spread = float((x0 - x0.mean(0)).double().square().mean())  # E‖x₀ - x̄‖² / d
-    errors: dict[str, list[float]] = {}
+    names = predictions_for(schedule)
+    errors: dict[str, list[float]] = {p: [] for p in names}
     baseline = []
     for t in timesteps:
         alpha, sigma = float(schedule.alpha(t)), float(schedule.sigma(t))
         eps = torch.randn(x0.shape, generator=generator).to(x0.device)
-        with torch.no_grad():
-            readings = score.noise_estimates(alpha * x0 + sigma * eps, t)
-        for prediction, eps_hat in readings.items():
-            errors.setdefault(prediction, []).append(float((eps_hat - eps).double().square().mean()))
+        xt = alpha * x0 + sigma * eps
+
+        def rows(r: slice, xt: Tensor = xt, eps: Tensor = eps, t: float = t) -> tuple[Tensor, ...]:
+            with torch.no_grad():
+                readings = score.noise_estimates(xt[r], t)
+            return tuple((readings[p] - eps[r]).double().square().flatten(1).mean(1) for p in names)
+
+        for p, per_row in zip(names, map_chunks(rows, x0.shape[0], max_batch)):
+            errors[p].append(float(per_row.mean()))
         baseline.append(min(1.0, alpha**2 * spread / sigma**2))
     verdict, better = _verdict(score.prediction, errors, baseline)
     return Consistency(

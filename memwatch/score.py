@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from memwatch.errors import MemwatchError
 from memwatch.schedules import NoiseSchedule
 
-__all__ = ["DiffusionScore", "PREDICTION_TYPES", "broadcast_condition"]
+__all__ = ["DiffusionScore", "PREDICTION_TYPES", "broadcast_condition", "predictions_for"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "score", "flow_prediction")
 
@@ -139,11 +139,7 @@ class DiffusionScore:
         the schedule admits (the configured one among them), from one forward pass: what
         :mod:`memwatch.consistency` compares."""
         out, alpha, sigma = self._output(x, t, self._null_batch(x))
-        readings = {}
-        for prediction in PREDICTION_TYPES:
-            if _refusal(prediction, self.schedule) is None:
-                readings[prediction] = _eps(prediction, out, x, alpha, sigma)
-        return readings
+        return {p: _eps(p, out, x, alpha, sigma) for p in predictions_for(self.schedule)}
 
     def conditional(self, x: Tensor, t: Tensor | int | float, cond: Tensor | int) -> Tensor:
         """Conditional score ``s_c = ∇ log p_t(x | c)`` ``[n, *shape]``; ``cond`` as in :meth:`batch_condition`."""
@@ -310,6 +306,16 @@ def _x0(prediction: str, out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -
     if prediction == "score":
         return (x + sigma**2 * out) / alpha
     return (x - sigma * out) / (alpha + sigma)  # "flow_prediction"
+
+
+def predictions_for(schedule: NoiseSchedule) -> tuple[str, ...]:
+    """The prediction types ``schedule`` admits, in the order of ``PREDICTION_TYPES``.
+
+    Example:
+        >>> predictions_for(NoiseSchedule.flow())
+        ('epsilon', 'sample', 'score', 'flow_prediction')
+    """
+    return tuple(p for p in PREDICTION_TYPES if _refusal(p, schedule) is None)
 
 
 def _check_pair(prediction: str, schedule: NoiseSchedule) -> None:

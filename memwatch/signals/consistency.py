@@ -47,13 +47,17 @@ class ConsistencySignal(Signal):
     Args:
         held: ``() ->`` the monitor's training samples (``None`` once freed).
         seed: seed of the subset and of the noises.
+        max_batch: ``() ->`` rows per model call (the check's bound, or ``None``).
     """
 
     name = "consistency"
 
-    def __init__(self, *, held: Callable[[], TrainingSamples | None], seed: int) -> None:
+    def __init__(
+        self, *, held: Callable[[], TrainingSamples | None], seed: int, max_batch: Callable[[], int | None]
+    ) -> None:
         self.held = held
         self.seed = seed
+        self.max_batch = max_batch
         self.verdict: str | None = None  # "fits", "wrong" or "undecided" once checked
         self._samples: Tensor | None = None  # a subset of the held samples, for this check only
 
@@ -75,7 +79,8 @@ class ConsistencySignal(Signal):
             return None
         t = next(iter(measurement.results))
         level = float(score.schedule.sigma(t) / score.schedule.alpha(t))
-        found = check_consistency(score, samples, level, generator=torch.Generator().manual_seed(self.seed + 7))
+        generator = torch.Generator().manual_seed(self.seed + 7)
+        found = check_consistency(score, samples, level, generator=generator, max_batch=self.max_batch())
         return found.verdict, found.describe()
 
     def contribute(self, run: Run, draft: Draft, measured: tuple[str, str] | None) -> None:
@@ -111,4 +116,5 @@ def build(monitor: Any) -> ConsistencySignal:
     return ConsistencySignal(
         held=lambda: monitor.held_samples,
         seed=monitor.probes.seed,
+        max_batch=lambda: monitor.signals["sharpness"].check_options.max_batch,
     )
