@@ -16,9 +16,9 @@ level τ (the monitor's primary one, data units ``σ_t/α_t``) and at ``LARGE_FA
 
 * ``"fits"``: the configured reading denoises at the small level (``r < DENOISES``; 1 is
   leaving the noise in) and stays within ``MISFIT_FACTOR · b`` at both levels;
-* ``"wrong"``: it does not denoise at the small level, and another reading fits (as above) and
-  is ``MISFIT_FACTOR`` times better at one of the levels: the network's output reads as that
-  prediction (named);
+* ``"wrong"``: it does not denoise at the small level and misfits at a level where another
+  reading, which fits (as above), is ``MISFIT_FACTOR`` times better: the network's output reads
+  as that prediction (named);
 * ``"undecided"``: anything else — an untrained network (its output is noise: no reading
   denoises), a network not trained at the large level (EDM's ε at σ far above its training
   range), a schedule the network was not trained on. It cannot tell those apart, so it says so
@@ -170,13 +170,14 @@ def _verdict(prediction: str, errors: dict[str, list[float]], baseline: list[flo
     mine = errors[prediction]
     if fits(mine):
         return "fits", None
+    misfit = [not m <= MISFIT_FACTOR * b for m, b in zip(mine, baseline)]
     good = {
         p: sum(math.log(max(v, 1e-300)) for v in r)
         for p, r in errors.items()
         if p != prediction
         and not mine[0] < DENOISES
         and fits(r)
-        and any(m > MISFIT_FACTOR * v for m, v in zip(mine, r))
+        and any(bad and m > MISFIT_FACTOR * v for bad, m, v in zip(misfit, mine, r))
     }
     if good:
         return "wrong", min(good, key=good.__getitem__)

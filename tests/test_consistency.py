@@ -54,14 +54,14 @@ def test_the_exact_denoiser_fits_its_own_pair(mixture, kind, prediction):
 @pytest.mark.parametrize(
     ("kind", "trained", "read"),
     [
-        ("linear", "sample", "epsilon"),
         ("linear", "epsilon", "sample"),
+        ("linear", "sample", "score"),
         ("vp", "score", "v_prediction"),
-        ("edm", "sample", "v_prediction"),
         ("edm", "epsilon", "score"),
-        ("flow", "flow_prediction", "epsilon"),
+        ("edm", "v_prediction", "sample"),
         ("flow", "flow_prediction", "sample"),
-        ("flow", "sample", "flow_prediction"),
+        ("flow", "flow_prediction", "score"),
+        ("flow", "score", "flow_prediction"),
     ],
 )
 def test_an_exact_denoiser_read_as_another_prediction_is_wrong_and_the_right_one_named(mixture, kind, trained, read):
