@@ -288,22 +288,32 @@ class SharpnessResult:
         )
 
     def as_unmeasured(self) -> SharpnessResult:
-        """This result with every per-sample value NaN and ``finite`` / ``converged`` False (what
-        a measurement that must not be read, e.g. of a misread network, reports).
+        """This result with every sample :meth:`masked` (what a measurement that must not be read,
+        e.g. of a misread network, reports).
 
         Example:
             >>> res = SharpnessResult.unmeasured(torch.full((2,), 0.3), 16, SharpnessOptions(k=4), "dense")
             >>> bool(res.as_unmeasured().lid.isnan().all())
             True
         """
+        return self.masked(torch.ones_like(self.finite))
+
+    def masked(self, rows: Tensor) -> SharpnessResult:
+        """This result with the samples ``rows`` (``[n]`` bool) unmeasured: their per-sample values
+        NaN (``sigma`` kept, quadrature weights 0) and ``finite`` / ``converged`` False."""
+        rows = rows.to(torch.bool)
+
+        def blank(value: Tensor, fill: float) -> Tensor:
+            return torch.where(rows.reshape(-1, *[1] * (value.ndim - 1)), torch.full_like(value, fill), value)
+
         changes = {
-            f.name: torch.full_like(value, float("nan"))
+            f.name: blank(value, float("nan"))
             for f in dataclasses.fields(self)
             if isinstance(value := getattr(self, f.name), Tensor) and value.is_floating_point() and f.name != "sigma"
         }
-        changes["spectrum_weights"] = torch.zeros_like(self.spectrum_weights)  # as `unmeasured`
-        changes["converged"] = torch.zeros_like(self.converged)
-        changes["finite"] = torch.zeros_like(self.finite)
+        changes["spectrum_weights"] = blank(self.spectrum_weights, 0.0)  # as `unmeasured`
+        changes["converged"] = self.converged & ~rows[:, None]
+        changes["finite"] = self.finite & ~rows
         return dataclasses.replace(self, **changes)
 
     def density(self, grid: Tensor, bandwidth: float = 0.05) -> Tensor:

@@ -155,3 +155,30 @@ def test_the_right_pair_is_not_told(tmp_path):
     monitor, told = _fit_read_as(tmp_path, ("flow", "flow_prediction"), ("flow", "flow_prediction"))
     assert not told and monitor.signals["consistency"].verdict == "fits"
     assert math.isfinite(monitor.history[-1]["lid/model_lid"]) and math.isfinite(monitor.history[-1]["lid_mean"])
+
+
+class _TooSharp(torch.nn.Module):
+    """ε̂ = 10 x: a score -10 x / σ_t whose FLIPD d (1 - 10 σ_t) is negative above σ_t = 0.1."""
+
+    def forward(self, x, t):
+        return 10 * x
+
+
+@pytest.mark.parametrize("method", ["dense", "trace"])
+def test_a_negative_lid_is_never_logged_and_names_the_pair(tmp_path, method):
+    pl.seed_everything(0, verbose=False)
+    schedule = NoiseSchedule.linear(200)
+    monitor = MemorizationMonitor(
+        every_n_train_steps=5, num_probes=8, sigmas=(0.3,), method=method, k=2,
+        score_fn=lambda m: DiffusionScore(_TooSharp(), schedule, "epsilon"),
+    )  # fmt: skip
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, max_steps=10, callbacks=[monitor], accelerator="cpu", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match=r"LID below 0 of 2 dimensions.*prediction='epsilon' on this discrete"):
+        trainer.fit(AnyDiffusion("linear", "epsilon"), datamodule(torch.randn(64, 2)))
+    assert monitor.onset_step is None and len(monitor.history) == 2
+    for check in monitor.history:
+        for key in ("lid_mean", "lid/model_lid", "lid/count", "sharp_fraction_mean", "memorized_fraction"):
+            assert math.isnan(check[key]), (key, check[key])

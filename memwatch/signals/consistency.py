@@ -12,8 +12,8 @@ passes at the primary noise level and ten times it, in the isolation of the meas
   is NaN (but the counts, ``*_count``) and the per-probe results too, so nothing is logged as a
   number and no onset is declared;
 * ``"undecided"``: one warning says it cannot tell (an untrained network, one not trained at the
-  large level, or a schedule it was not trained on); the values are kept, and the LID signal still
-  makes a negative LID NaN (:func:`memwatch.lid.possible`). The check is not repeated: the
+  large level, or a schedule it was not trained on); the values are kept, and the sharpness signal
+  still leaves a probe with a negative LID unmeasured (:func:`memwatch.lid.possible`). The check is not repeated: the
   training samples are dropped after the first check.
 
 It logs no value of its own. It runs last, so that it can overwrite the others' values.

@@ -36,10 +36,9 @@ from torch import Tensor
 from memwatch import defaults
 from memwatch.errors import MemwatchError
 from memwatch.intake import TrainingSamples
-from memwatch.lid import LidReading, baseline_of, data_lid, denoising_lid, possible, statistics
+from memwatch.lid import LidReading, baseline_of, data_lid, denoising_lid, statistics
 from memwatch.probes import ProbeMeasurement, shard
 from memwatch.score import DiffusionScore
-from memwatch.sharpness import SharpnessResult
 from memwatch.signals.base import Draft, Run, Signal, gathered, nan_values
 from memwatch.validation import check_fraction, check_int, check_positive
 
@@ -129,7 +128,7 @@ class LidSignal(Signal):
         self.max_batch = max_batch
         self.reference: dict[float, float] | None = None  # timestep -> data LID, fixed at the first check
         self.history: list[Tensor] = []  # the primary FLIPD [P] of the first baseline_checks checks
-        self._warned = self._warned_nan = self._warned_impossible = False
+        self._warned = self._warned_nan = False
 
     @property
     def pending(self) -> bool:
@@ -200,12 +199,12 @@ class LidSignal(Signal):
             rank_zero_warn("memwatch: the LID signal has no data LID (no training samples were seen); its ratios to it "
                            "are NaN (warned once)")  # fmt: skip
         reference = self.reference or dict.fromkeys(timesteps, math.nan)
-        model = {t: self._possible(run, t, m.results[t], "flipd") for t in timesteps}
+        model = {t: gathered(m.results[t].flipd.double().to(run.device)) for t in timesteps}
         denoise = {t: gathered(v.to(run.device)) for t, v in (measured or {}).items()}
         primary = timesteps[0]
         if len(self.history) < self.options.baseline_checks:
             self.history.append(model[primary])
-        count = self._possible(run, primary, m.results[primary], "lid")
+        count = gathered(m.results[primary].lid.double().to(run.device))
         stats = statistics(model, reference, baseline_of(self.history), denoising=denoise, count=count)
         chosen = stats[self.options.statistic]
         finite = torch.isfinite(chosen)
@@ -225,24 +224,6 @@ class LidSignal(Signal):
             }
         )
         draft.fields["lid"] = LidReading(reference, model, denoise, stats, memorized)
-
-    def _possible(self, run: Run, t: float, result: SharpnessResult, field: str) -> Tensor:
-        """Every rank's probes' ``result.<field>`` (FLIPD or LID) ``[P]``, the impossible (negative) values NaN
-        (:func:`memwatch.lid.possible`; warned once, naming the prediction type and the schedule)."""
-        values = gathered(getattr(result, field).double().to(run.device))
-        stderr = gathered((result.sigma**2 * result.trace_stderr).double().to(run.device))
-        kept = possible(values, stderr)
-        off = int((torch.isfinite(values) & ~torch.isfinite(kept)).sum())
-        if off and not self._warned_impossible:
-            self._warned_impossible = True
-            score = run.score
-            rank_zero_warn(
-                f"memwatch: {off} of {values.numel()} probes have a LID below 0 of {result.dim} dimensions at "
-                f"t={t:g} (e.g. {float(values[torch.isfinite(values) & ~torch.isfinite(kept)][0]):.3g}), which no "
-                f"score gives; they are NaN. Is prediction={score.prediction!r} on this {score.schedule.kind} schedule "
-                "the pair the network was trained with? (warned once)"
-            )
-        return kept
 
     def unmeasured(self, draft: Draft) -> None:
         draft.values.update(nan_values(self.value_names))
