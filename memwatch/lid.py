@@ -198,25 +198,28 @@ def denoising_lid(
     return resid.double().flatten(1).square().sum(1).reshape(noise.shape[0], -1).mean(0).cpu()
 
 
-#: a LID below 0 by more than this many dimensions (beyond three standard errors) is impossible
-IMPOSSIBLE_SLACK = 1.0
+#: a FLIPD below ``-(IMPOSSIBLE_SHARE · d + 1)`` (beyond three standard errors) is impossible: a
+#: learned score may be sharper than the exact one at a copy (σ_t² λ a little below -1 in every
+#: direction gives a FLIPD a little below 0), never by a quarter of the dimensions
+IMPOSSIBLE_SHARE = 0.25
 
 
-def possible(lid: Tensor, stderr: Tensor | None = None) -> Tensor:
+def possible(lid: Tensor, dim: int, stderr: Tensor | None = None) -> Tensor:
     """FLIPD values ``lid`` ``[...]`` with those no score can give made NaN: below 0 by more than
-    ``IMPOSSIBLE_SLACK`` dimensions plus three standard errors (``stderr`` ``[...]``, the
-    estimator's; NaN or ``None``: 0).
+    ``IMPOSSIBLE_SHARE · dim + 1`` dimensions plus three standard errors (``stderr`` ``[...]``, the
+    estimator's; ``None``: 0, an exact value; NaN: unknown, the value is kept).
 
-    For the exact score ``d + σ_t² tr H = (α_t²/σ_t²) tr Cov[x₀ | x_t] >= 0``, so a value below 0
-    is not a dimension: a score of the wrong prediction type or schedule gives such values. Above
+    For the exact score ``d + σ_t² tr H = (α_t²/σ_t²) tr Cov[x₀ | x_t] >= 0``, so a value far below
+    0 is not a dimension: a score of the wrong prediction type or schedule gives such values. Above
     ``d`` it is possible (a point between modes, whose posterior spreads over both), so it is kept.
 
     Example:
-        >>> possible(torch.tensor([-82.6, -0.4, 30.0, 90.0]))
-        tensor([    nan, -0.4000, 30.0000, 90.0000])
+        >>> possible(torch.tensor([-82.6, -10.0, 30.0, 90.0]), 64)
+        tensor([ nan, -10.,  30.,  90.])
     """
-    err = torch.zeros_like(lid) if stderr is None else torch.nan_to_num(stderr.to(lid), nan=0.0)
-    return torch.where(lid >= -(IMPOSSIBLE_SLACK + 3 * err), lid, math.nan)
+    err = torch.zeros_like(lid) if stderr is None else stderr.to(lid)
+    floor = -(IMPOSSIBLE_SHARE * dim + 1 + 3 * err)
+    return torch.where(~(lid < floor), lid, math.nan)  # NaN floor (unknown noise): kept
 
 
 def relative(lid: Tensor, reference: Tensor | float) -> Tensor:

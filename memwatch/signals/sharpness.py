@@ -136,11 +136,11 @@ class SharpnessSignal(Signal):
             draft.values["hessian_score_norm_mean"] = synced_mean(m.hessian_score_norm, run.device)
 
     def _possible(self, run: Run, t: float, res: SharpnessResult) -> SharpnessResult:
-        """``res`` with the probes whose FLIPD no score gives (:func:`memwatch.lid.possible`: below
-        0 beyond its noise) unmeasured — on the trace tier their sharp fraction would exceed 1 and
+        """``res`` with the probes whose FLIPD no score gives (:func:`memwatch.lid.possible`: far
+        below 0) unmeasured — on the trace tier their sharp fraction would exceed 1 and
         read as memorized; warned once, naming the prediction type and the schedule."""
         flipd = res.flipd
-        impossible = torch.isfinite(flipd) & torch.isnan(possible(flipd, res.sigma**2 * res.trace_stderr))
+        impossible = torch.isfinite(flipd) & torch.isnan(possible(flipd, res.dim, res.sigma**2 * res.trace_stderr))
         if not bool(impossible.any()):
             return res
         if not self._warned_impossible:
