@@ -413,7 +413,9 @@ def relative_sigmas(
         floor: smallest level, where the network is resolved; default σ at
             ``RESOLVED_FRACTION`` (2 %) of the timesteps from the clean end: discrete
             ``σ(round(0.02 (T-1)))`` (``≈ 0.080`` for ``NoiseSchedule.linear(1000)``), VP
-            ``σ(t_min + 0.02 (1 - t_min))``, VE the 2 % point of Karras et al.'s ρ = 7 grid.
+            ``σ(t_min + 0.02 (1 - t_min))``, flow the same in data units (``σ_t / α_t``,
+            :meth:`~memwatch.schedules.NoiseSchedule.noise_level`), VE the 2 % point of Karras
+            et al.'s ρ = 7 grid.
         ceiling: largest level, inside the schedule; default σ at 2 % of the timesteps from the
             noisy end (same construction).
 
@@ -463,7 +465,7 @@ def level_range(schedule: NoiseSchedule) -> tuple[float, float]:
 
 def _clamp_range(schedule: NoiseSchedule, floor: float | None, ceiling: float | None) -> tuple[float, float]:
     """``(floor, ceiling)`` after defaults, checked against the schedule's σ range."""
-    s_min, s_max = float(schedule.sigma(schedule.t_min)), float(schedule.sigma(schedule.t_max))
+    s_min, s_max = float(schedule.noise_level(schedule.t_min)), float(schedule.noise_level(schedule.t_max))
     lo = _sigma_at_fraction(schedule, RESOLVED_FRACTION) if floor is None else floor
     hi = _sigma_at_fraction(schedule, 1.0 - RESOLVED_FRACTION) if ceiling is None else ceiling
     for name, value in (("floor", lo), ("ceiling", hi)):
@@ -478,10 +480,11 @@ def _clamp_range(schedule: NoiseSchedule, floor: float | None, ceiling: float | 
 
 
 def _sigma_at_fraction(schedule: NoiseSchedule, fraction: float) -> float:
-    """σ at ``fraction`` of the schedule's timesteps from the clean end (VE: along the ρ = 7 grid)."""
+    """The noise level (:meth:`~memwatch.schedules.NoiseSchedule.noise_level`) at ``fraction`` of the
+    schedule's timesteps from the clean end (VE: along the ρ = 7 grid)."""
     t0, t1 = schedule.t_min, schedule.t_max
     if schedule.kind == "ve":
         a, b = t0 ** (1 / _KARRAS_RHO), t1 ** (1 / _KARRAS_RHO)
         return (a + fraction * (b - a)) ** _KARRAS_RHO
     t = t0 + fraction * (t1 - t0)
-    return float(schedule.sigma(round(t) if schedule.is_discrete else t))
+    return float(schedule.noise_level(round(t) if schedule.is_discrete else t))

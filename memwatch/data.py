@@ -128,7 +128,7 @@ class GaussianMixture:
 
 
 class _AnalyticModel(torch.nn.Module):
-    """The mixture's exact ε / v / x₀ / score prediction, in the dtype of ``x``."""
+    """The mixture's exact ε / v / x₀ / score / flow-velocity prediction, in the dtype of ``x``."""
 
     def __init__(self, gmm: GaussianMixture, schedule: NoiseSchedule, prediction: str) -> None:
         super().__init__()
@@ -141,11 +141,13 @@ class _AnalyticModel(torch.nn.Module):
         alpha, sigma = alpha.reshape(shape), sigma.reshape(shape)
         xd = x.to(torch.float64)
         eps = -sigma * score
+        x0 = (xd - sigma * eps) / alpha
         out = {
             "score": score,
             "epsilon": eps,
-            "sample": (xd - sigma * eps) / alpha,
-            "v_prediction": alpha * eps - sigma * (xd - sigma * eps) / alpha,
+            "sample": x0,
+            "v_prediction": alpha * eps - sigma * x0,
+            "flow_prediction": eps - x0,
         }[self.prediction]
         return out.to(x.dtype)
 

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from memwatch.errors import MemwatchError
 from memwatch.groundtruth import first_tensor
 from memwatch.operators import is_out_of_memory
-from memwatch.schedules import NoiseSchedule
+from memwatch.schedules import NoiseSchedule, is_flow_matching
 from memwatch.score import PREDICTION_TYPES, DiffusionScore
 from memwatch.transformer_score import TransformerScore, config_value, dropped_label, family_of
 
@@ -79,9 +79,10 @@ def find_score(pl_module: nn.Module, score_fn: ScoreFn | None = None, *, ema_att
     2. ``pl_module.memwatch_score()``;
     3. a diffusers network of :data:`DIFFUSERS_NETWORKS` among the module's attributes (child
        modules at any depth, plain attributes, pipelines' ``.unet`` / ``.transformer``) with its
-       scheduler (any attribute with ``alphas_cumprod`` and ``config``, e.g. ``DDPMScheduler``):
-       the schedule is :meth:`NoiseSchedule.from_diffusers`, the prediction
-       ``scheduler.config.prediction_type``. A UNet is called with the condition keyword
+       scheduler (any attribute with ``alphas_cumprod`` and ``config``, e.g. ``DDPMScheduler``, or a
+       flow-matching ``FlowMatch*`` scheduler): the schedule is :meth:`NoiseSchedule.from_diffusers`,
+       the prediction ``scheduler.config.prediction_type`` (``"flow_prediction"`` for flow
+       matching). A UNet is called with the condition keyword
        ``"encoder_hidden_states"`` (``UNet2DConditionModel``) or ``"class_labels"`` (a
        ``UNet2DModel`` whose config has ``num_class_embeds`` or ``class_embed_type``); an image
        transformer (DiT, PixArt, SD3, Flux) as its pipeline calls it, through a
@@ -142,13 +143,14 @@ def _diffusers_score(pl_module: nn.Module, ema_attr: str | None) -> DiffusionSco
     for name, value in _attributes(pl_module, "", skip):
         if isinstance(value, nn.Module) and _network_kind(value) is not None:
             networks.setdefault(id(value), (name, value))
-        elif _has_attributes(value, "alphas_cumprod", "config"):
+        elif _has_attributes(value, "alphas_cumprod", "config") or is_flow_matching(value):
             schedulers.setdefault(id(value), (name, value))
     if not networks or not schedulers:
         raise MemwatchError(_not_found_message(pl_module, list(networks.values()), list(schedulers.values())))
     _, network = _one_network(list(networks.values()))
     sched_name, scheduler = _one_scheduler(list(schedulers.values()))
-    prediction = config_value(scheduler, "prediction_type") or "epsilon"
+    flow = is_flow_matching(scheduler)
+    prediction = config_value(scheduler, "prediction_type") or ("flow_prediction" if flow else "epsilon")
     if prediction not in PREDICTION_TYPES:
         raise MemwatchError(
             f"the scheduler `{sched_name}` has config.prediction_type={prediction!r}; memwatch supports "
@@ -226,17 +228,21 @@ def _one_network(found: list[tuple[str, nn.Module]]) -> tuple[str, nn.Module]:
 
 
 def _one_scheduler(found: list[tuple[str, Any]]) -> tuple[str, Any]:
-    """The first scheduler, when all of ``found`` agree on ``alphas_cumprod`` and prediction type."""
+    """The first scheduler, when all of ``found`` agree on ``alphas_cumprod`` (flow matching: the
+    config) and prediction type."""
     name, first = found[0]
     for other_name, other in found[1:]:
-        same = (
-            config_value(other, "prediction_type") == config_value(first, "prediction_type")
-            and torch.as_tensor(other.alphas_cumprod).shape == torch.as_tensor(first.alphas_cumprod).shape
-            and torch.allclose(
-                torch.as_tensor(other.alphas_cumprod, dtype=torch.float64).cpu(),
-                torch.as_tensor(first.alphas_cumprod, dtype=torch.float64).cpu(),
+        if is_flow_matching(first) or is_flow_matching(other):
+            same = is_flow_matching(first) and is_flow_matching(other) and dict(first.config) == dict(other.config)
+        else:
+            same = (
+                config_value(other, "prediction_type") == config_value(first, "prediction_type")
+                and torch.as_tensor(other.alphas_cumprod).shape == torch.as_tensor(first.alphas_cumprod).shape
+                and torch.allclose(
+                    torch.as_tensor(other.alphas_cumprod, dtype=torch.float64).cpu(),
+                    torch.as_tensor(first.alphas_cumprod, dtype=torch.float64).cpu(),
+                )
             )
-        )
         if not same:
             raise MemwatchError(
                 f"memwatch found schedulers `{_display(name)}` and `{_display(other_name)}` with different noise "
@@ -259,14 +265,19 @@ def _not_found_message(
     if not found:
         summary = "found no diffusers network and no scheduler. "
     else:
-        missing = "scheduler with `alphas_cumprod`" if networks else " / ".join(DIFFUSERS_NETWORKS)
+        missing = (
+            "scheduler with `alphas_cumprod` or flow-matching (FlowMatch*) scheduler"
+            if networks
+            else " / ".join(DIFFUSERS_NETWORKS)
+        )
         summary = f"found {' and '.join(found)}, but no {missing}. "
     return (
         f"memwatch cannot find the score of {type(pl_module).__name__}: {summary}"
         "Provide one of: (1) `MemorizationMonitor(score_fn=lambda module: memwatch.DiffusionScore(module.net, "
         "schedule, prediction=...))`; (2) a `memwatch_score()` method on the module returning a "
         f"memwatch.DiffusionScore; (3) a diffusers network ({', '.join(DIFFUSERS_NETWORKS)}) and its scheduler "
-        "(e.g. DDPMScheduler) as attributes of the module. A torch.compile'd network is found through its "
+        "(e.g. DDPMScheduler, FlowMatchEulerDiscreteScheduler) as attributes of the module. A torch.compile'd "
+        "network is found through its "
         "`_orig_mod`. An EMA (torch.optim.swa_utils.AveragedModel, diffusers' EMAModel) is not the network: "
         "keep the network itself on the module and name the EMA with `ema_attr=` to measure its weights."
     )

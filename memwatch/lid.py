@@ -62,6 +62,7 @@ __all__ = [
     "denoising_lid",
     "drawdown",
     "local_variances",
+    "possible",
     "profile",
     "relative",
     "soft_count",
@@ -224,6 +225,30 @@ def clamp_dimension(lid: Tensor, dim: int) -> tuple[Tensor, Tensor]:
         (tensor([ 0.,  2., 64., nan]), tensor([ True, False,  True, False]))
     """
     return lid.clamp(0, dim), (lid < 0) | (lid > dim)
+
+
+#: a FLIPD below ``-(IMPOSSIBLE_SHARE · d + 1)`` (beyond three standard errors) is impossible: a
+#: learned score may be sharper than the exact one at a copy (σ_t² λ a little below -1 in every
+#: direction gives a FLIPD a little below 0), never by a quarter of the dimensions
+IMPOSSIBLE_SHARE = 0.25
+
+
+def possible(lid: Tensor, dim: int, stderr: Tensor | None = None) -> Tensor:
+    """FLIPD values ``lid`` ``[...]`` with those no score can give made NaN: below 0 by more than
+    ``IMPOSSIBLE_SHARE · dim + 1`` dimensions plus three standard errors (``stderr`` ``[...]``, the
+    estimator's; ``None``: 0, an exact value; NaN: unknown, the value is kept).
+
+    For the exact score ``d + σ_t² tr H = (α_t²/σ_t²) tr Cov[x₀ | x_t] >= 0``, so a value far below
+    0 is not a dimension: a score of the wrong prediction type or schedule gives such values. Above
+    ``d`` it is possible (a point between modes, whose posterior spreads over both), so it is kept.
+
+    Example:
+        >>> possible(torch.tensor([-82.6, -10.0, 30.0, 90.0]), 64)
+        tensor([ nan, -10.,  30.,  90.])
+    """
+    err = torch.zeros_like(lid) if stderr is None else stderr.to(lid)
+    floor = -(IMPOSSIBLE_SHARE * dim + 1 + 3 * err)
+    return torch.where(~(lid < floor), lid, math.nan)  # NaN floor (unknown noise): kept
 
 
 def relative(lid: Tensor, reference: Tensor | float) -> Tensor:

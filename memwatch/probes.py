@@ -115,8 +115,9 @@ def evaluation_timesteps(
 ) -> list[float]:
     """The evaluation timesteps in the schedule's units, primary first, without repeats.
 
-    ``timesteps`` (schedule units) win over ``sigmas`` (noise levels σ_t, each mapped to the
-    timestep whose σ_t is nearest). ``name`` is the argument the errors name.
+    ``timesteps`` (schedule units) win over ``sigmas`` (noise levels, each mapped to the timestep
+    whose :meth:`~memwatch.schedules.NoiseSchedule.noise_level` is nearest: σ_t, or σ_t / α_t for
+    flow). ``name`` is the argument the errors name.
 
     Raises:
         MemwatchError: a σ outside the schedule's range ``[σ(t_min), σ(t_max)]`` (it would be
@@ -131,11 +132,12 @@ def evaluation_timesteps(
     else:
         if not sigmas:
             raise MemwatchError(f"`{name}` must be a non-empty sequence of noise levels, got {sigmas!r}")
-        lo, hi = float(schedule.sigma(schedule.t_min)), float(schedule.sigma(schedule.t_max))
+        lo, hi = float(schedule.noise_level(schedule.t_min)), float(schedule.noise_level(schedule.t_max))
         for s in sigmas:
             if not lo <= s <= hi:
                 raise MemwatchError(
-                    f"`{name}` must lie in this {schedule.kind} schedule's range [{lo:.4g}, {hi:.4g}] of σ_t, got {s!r}"
+                    f"`{name}` must lie in this {schedule.kind} schedule's range [{lo:.4g}, {hi:.4g}] of noise levels "
+                    f"(NoiseSchedule.noise_level), got {s!r}"
                 )
         times = [float(schedule.timestep_for_sigma(s)) for s in sigmas]
     return list(dict.fromkeys(times))

@@ -27,6 +27,19 @@ States at the evaluation timesteps ``states_at`` are x_t at exactly the requeste
   uses it. A t noisier than the grid's first timestep cannot be reached and is refused.
 * memwatch: the requested timesteps are inserted into the grid.
 
+Flow matching (a ``"flow"`` schedule, ``x_t = (1 - σ_t) x_0 + σ_t ε``) is sampled by Euler steps
+on the flow ODE, ``x_{σ'} = x_σ + (σ' - σ) û(x_σ)`` with the velocity ``û = ε̂ - x̂_0``
+(:meth:`~memwatch.score.DiffusionScore.velocity`, the network's own output for
+``"flow_prediction"``) — the DDIM step above written for this interpolant — down to σ = 0:
+
+* diffusers: the schedule came from a ``FlowMatch*`` scheduler; its config's
+  ``FlowMatchEulerDiscreteScheduler`` (:meth:`~memwatch.schedules.NoiseSchedule.flow_scheduler`,
+  μ of dynamic shifting from the probes' shape) is stepped as the SD3 / Flux pipelines step it.
+  A requested t on the grid gets the state the pipeline has there; any other t a side Euler step
+  from the nearest noisier grid state.
+* memwatch: ``schedule.sampling_timesteps(steps)`` (uniform in t) with the requested timesteps
+  inserted.
+
 The start noise comes from an explicit ``generator`` (drawn on the CPU, so the same seed gives
 the same probes on every device) and the update has no randomness: the same seed and weights
 give bit-identical probes.
@@ -146,10 +159,11 @@ def sample_trajectory(
     dtype: torch.dtype = torch.float32,
     max_batch: int | None = None,
 ) -> Trajectory:
-    """Run deterministic DDIM from Gaussian noise and keep the states at ``states_at``.
+    """Run deterministic DDIM (flow matching: Euler) from Gaussian noise and keep the states at ``states_at``.
 
-    Steps with diffusers' ``DDIMScheduler`` when the schedule carries a diffusers config, else
-    with memwatch's own DDIM (see the module docstring for both and for how states are taken).
+    Steps with diffusers' ``DDIMScheduler`` (flow matching: ``FlowMatchEulerDiscreteScheduler``)
+    when the schedule carries a diffusers config, else with memwatch's own DDIM (Euler) (see the
+    module docstring for both and for how states are taken).
 
     Args:
         score: the model's score.
@@ -185,9 +199,16 @@ def sample_trajectory(
     requested = {float(t): schedule.check_t(float(t), "states_at").to(torch.float64) for t in states_at}
     x = noise.to(device=run_device, dtype=dtype)
     eps = _eps_fn(score, cond, x.shape[0], run_device, max_batch)
+    velocity = _batched(score.velocity, cond, x.shape[0], run_device, max_batch)
     data_range = None
     with torch.no_grad():
-        if schedule.scheduler_config is not None:
+        if schedule.kind == "flow" and schedule.scheduler_config is not None:
+            euler = schedule.flow_scheduler(steps, tuple(noise.shape[1:]))
+            samples, states = _diffusers_euler(euler, velocity, x, requested)
+            grid = euler.timesteps.cpu()
+        elif schedule.kind == "flow":
+            samples, states, grid = _memwatch_euler(schedule, velocity, x, steps, requested)
+        elif schedule.scheduler_config is not None:
             ddim = schedule.ddim_scheduler(steps, prediction_type="epsilon")
             samples, states = _diffusers_ddim(ddim, eps, x, requested)
             grid, data_range = ddim.timesteps.cpu(), _clip_range(ddim.config)
@@ -262,7 +283,7 @@ def expected_range(schedule: NoiseSchedule) -> tuple[float, float] | None:
         >>> expected_range(NoiseSchedule.from_diffusers(DDPMScheduler(clip_sample_range=2.0)))
         (-2.0, 2.0)
     """
-    if schedule.scheduler_config is None:
+    if schedule.scheduler_config is None or schedule.kind == "flow":
         return None
     return _clip_range(schedule.ddim_scheduler(2).config)  # the values DDIM applies, defaults filled in
 
@@ -367,29 +388,54 @@ def out_of_range(samples: Tensor, low: float, high: float, tolerance: float = 0.
 
 
 # ------------------------------------------------------------------------------ private
-def _eps_fn(score: DiffusionScore, cond: Any, n: int, device: torch.device, max_batch: int | None) -> EpsFn:
-    """``(x [n, *shape], t) -> ε̂ = -σ_t s(x, t, cond)``, the model called on at most ``max_batch`` rows at a time."""
+def _batched(
+    fn: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    cond: Any,
+    n: int,
+    device: torch.device,
+    max_batch: int | None,
+) -> EpsFn:
+    """``(x [n, *shape], t) -> fn(x, t, cond)``, called on at most ``max_batch`` rows at a time."""
     cond_b = None if cond is None else broadcast_condition(cond, n, "cond").to(device)
     step = min(max_batch or n, n)
 
+    def batched(x: Tensor, t: Tensor) -> Tensor:
+        parts = [fn(x[i : i + step], t, None if cond_b is None else cond_b[i : i + step]) for i in range(0, n, step)]
+        return torch.cat(parts)
+
+    return batched
+
+
+def _eps_fn(score: DiffusionScore, cond: Any, n: int, device: torch.device, max_batch: int | None) -> EpsFn:
+    """``(x [n, *shape], t) -> ε̂ = -σ_t s(x, t, cond)``, the model called on at most ``max_batch`` rows at a time."""
+    scores = _batched(score, cond, n, device, max_batch)
+
     def eps(x: Tensor, t: Tensor) -> Tensor:
-        parts = [score(x[i : i + step], t, None if cond_b is None else cond_b[i : i + step]) for i in range(0, n, step)]
         sigma = score.sigma(torch.as_tensor(t)).to(x.device, x.dtype)
-        return -sigma * torch.cat(parts)
+        return -sigma * scores(x, t)
 
     return eps
 
 
-def _memwatch_ddim(
-    schedule: NoiseSchedule, eps_fn: EpsFn, x: Tensor, steps: int, requested: dict[float, Tensor]
-) -> tuple[Tensor, dict[float, Tensor], Tensor]:
-    """memwatch's DDIM on ``schedule.sampling_timesteps(steps)`` with the requested timesteps inserted."""
+def _with_requested(
+    schedule: NoiseSchedule, steps: int, requested: dict[float, Tensor]
+) -> tuple[Tensor, set[float], float]:
+    """memwatch's grid ``schedule.sampling_timesteps(steps)`` with the requested timesteps inserted
+    (noisiest first), the values to keep states at, and the start noise's scale ``√(α_T² + σ_T²)``."""
     grid = schedule.sampling_timesteps(steps)
     if requested:
         extra = torch.stack(list(requested.values())).to(grid.dtype)
         grid = torch.unique(torch.cat([grid, extra])).flip(0)
     keep = {float(t.to(grid.dtype)) for t in requested.values()}
     start_scale = float((schedule.alpha_bar(grid[:1]) + schedule.sigma(grid[:1]) ** 2).sqrt())
+    return grid, keep, start_scale
+
+
+def _memwatch_ddim(
+    schedule: NoiseSchedule, eps_fn: EpsFn, x: Tensor, steps: int, requested: dict[float, Tensor]
+) -> tuple[Tensor, dict[float, Tensor], Tensor]:
+    """memwatch's DDIM on ``schedule.sampling_timesteps(steps)`` with the requested timesteps inserted."""
+    grid, keep, start_scale = _with_requested(schedule, steps, requested)
     x = x * start_scale
     at: dict[float, Tensor] = {}
     x0_hat = x
@@ -403,6 +449,43 @@ def _memwatch_ddim(
             x = float(schedule.alpha(t_next)) * x0_hat + float(schedule.sigma(t_next)) * eps
     states = {key: at[float(t.to(grid.dtype))] for key, t in requested.items()}
     return x0_hat, states, grid
+
+
+def _memwatch_euler(
+    schedule: NoiseSchedule, velocity: EpsFn, x: Tensor, steps: int, requested: dict[float, Tensor]
+) -> tuple[Tensor, dict[float, Tensor], Tensor]:
+    """Euler on the flow ODE over ``schedule.sampling_timesteps(steps)`` (requested timesteps
+    inserted) and a last step to σ = 0; returns the samples, the states and the grid."""
+    grid, keep, start_scale = _with_requested(schedule, steps, requested)
+    x = x * start_scale
+    sigmas = torch.cat([schedule.sigma(grid), torch.zeros(1, dtype=torch.float64)])
+    at: dict[float, Tensor] = {}
+    for i, t in enumerate(grid):
+        if float(t) in keep:
+            at[float(t)] = x
+        x = x + float(sigmas[i + 1] - sigmas[i]) * velocity(x, t)
+    states = {key: at[float(t.to(grid.dtype))] for key, t in requested.items()}
+    return x, states, grid
+
+
+def _diffusers_euler(
+    euler: Any, velocity: EpsFn, x: Tensor, requested: dict[float, Tensor]
+) -> tuple[Tensor, dict[float, Tensor]]:
+    """The SD3 / Flux pipelines' loop with diffusers' ``FlowMatchEulerDiscreteScheduler`` ``euler``
+    (timesteps set, fed û); states as in the module docstring."""
+    grid = euler.timesteps  # starts at the schedule's t_max (σ_max · T), so every requested t is reached
+    scale = float(euler.config.num_train_timesteps)
+    wanted = {key: float(t) for key, t in requested.items()}
+    euler.set_begin_index(0)
+    states: dict[float, Tensor] = {}
+    for i, t in enumerate(grid):
+        v = velocity(x, t)
+        lower = float(grid[i + 1]) if i + 1 < len(grid) else 0.0
+        for key, tau in wanted.items():  # states whose nearest noisier (or equal) grid timestep is t
+            if lower < tau <= float(t):
+                states[key] = x if tau == float(t) else x + (tau / scale - float(euler.sigmas[i])) * v
+        x = euler.step(v, t, x).prev_sample
+    return x, states
 
 
 def _diffusers_ddim(

@@ -3,14 +3,21 @@
 With ``x_t = α_t x_0 + σ_t ε`` (see :mod:`memwatch.schedules`) a network's output converts to
 the noise estimate ε̂ and then to the score ``s = -ε̂ / σ_t``:
 
-==================  =============================================  ==========================
-``prediction``      network output                                 ε̂
-==================  =============================================  ==========================
-``"epsilon"``       ε̂                                              ε̂
-``"v_prediction"``  v̂ = α_t ε - σ_t x_0                            (α_t v̂ + σ_t x) / (α_t² + σ_t²)
-``"sample"``        x̂_0                                            (x - α_t x̂_0) / σ_t
-``"score"``         ŝ ≈ ∇ log p_t                                  -σ_t ŝ
-==================  =============================================  ==========================
+=====================  ==========================  ==================================  ================================
+``prediction``         network output              ε̂                                   x̂_0
+=====================  ==========================  ==================================  ================================
+``"epsilon"``          ε̂                           ε̂                                   (x - σ_t ε̂) / α_t
+``"v_prediction"``     v̂ = α_t ε - σ_t x_0         (α_t v̂ + σ_t x) / (α_t² + σ_t²)     (α_t x - σ_t v̂) / (α_t² + σ_t²)
+``"sample"``           x̂_0                         (x - α_t x̂_0) / σ_t                 x̂_0
+``"score"``            ŝ ≈ ∇ log p_t               -σ_t ŝ                              (x + σ_t² ŝ) / α_t
+``"flow_prediction"``  û = ε - x_0                 (x + α_t û) / (α_t + σ_t)           (x - σ_t û) / (α_t + σ_t)
+=====================  ==========================  ==================================  ================================
+
+``"flow_prediction"`` is diffusers' name for the velocity of flow matching (rectified flow,
+``x_t = (1 - σ_t) x_0 + σ_t ε``; the SD3 / Flux training scripts' target ``noise - model_input``);
+with ``α_t + σ_t = 1`` its x̂_0 is ``x - σ_t û``. It is accepted on a flow schedule only, and
+``"v_prediction"`` (the VP velocity, a different quantity) is refused there: the two are the
+plausible mix-up, and each is wrong on the other's schedule.
 
 Conditional models take a condition as third argument (or as a keyword, ``cond_kwarg``); with a
 ``null_cond`` (the "empty prompt" / dropped label of classifier-free guidance) and a guidance
@@ -39,9 +46,9 @@ from torch import Tensor, nn
 from memwatch.errors import MemwatchError
 from memwatch.schedules import NoiseSchedule
 
-__all__ = ["DiffusionScore", "PREDICTION_TYPES", "broadcast_condition"]
+__all__ = ["DiffusionScore", "PREDICTION_TYPES", "broadcast_condition", "predictions_for"]
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "score")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "score", "flow_prediction")
 
 
 class DiffusionScore:
@@ -70,7 +77,8 @@ class DiffusionScore:
             (default: integer steps for discrete schedules, the float ``t`` otherwise).
 
     Raises:
-        MemwatchError: unknown ``prediction``; non-positive ``guidance_scale``; a ``null_cond``
+        MemwatchError: unknown ``prediction``; ``"flow_prediction"`` on a schedule that is not a
+            flow, or ``"v_prediction"`` on a flow schedule; non-positive ``guidance_scale``; a ``null_cond``
             that is not an int / tensor, is boolean or complex, empty, or not finite.
 
     Example:
@@ -98,6 +106,7 @@ class DiffusionScore:
             raise MemwatchError(f"`prediction` must be one of {PREDICTION_TYPES}, got {prediction!r}")
         if not isinstance(schedule, NoiseSchedule):
             raise MemwatchError(f"`schedule` must be a memwatch.NoiseSchedule, got {type(schedule).__name__}")
+        _check_pair(prediction, schedule)
         if guidance_scale is not None and not guidance_scale > 0:
             raise MemwatchError(f"`guidance_scale` must be positive, got {guidance_scale}")
         self.model = model
@@ -111,14 +120,27 @@ class DiffusionScore:
     # ------------------------------------------------------------------ public
     def __call__(self, x: Tensor, t: Tensor | int | float, cond: Tensor | None = None) -> Tensor:
         """∇ₓ log p_t(x) at ``x`` ``[n, *shape]``, ``t`` scalar or ``[n]``; guided if ``cond`` given."""
-        if cond is None:
-            return self.unconditional(x, t)
-        s_c = self.conditional(x, t, cond)
-        w = self.guidance_scale
-        if w is None or w == 1.0:
-            return s_c
-        s_uc = self.unconditional(x, t)
-        return s_uc + w * (s_c - s_uc)
+        return self._guided(self._score, x, t, cond)
+
+    def velocity(self, x: Tensor, t: Tensor | int | float, cond: Tensor | None = None) -> Tensor:
+        """The flow-matching velocity ``û = ε̂ - x̂_0 = dx_t/dσ_t`` ``[n, *shape]`` of a flow schedule,
+        from the network's own output (defined at σ_t = 1, where the score holds no x̂_0); guided as
+        :meth:`__call__`. For ``"epsilon"`` and ``"score"`` networks x̂_0 divides by α_t, so
+        ``t`` must have α_t > 0.
+
+        Raises:
+            MemwatchError: the schedule is not a flow.
+        """
+        if self.schedule.kind != "flow":
+            raise MemwatchError(f"`velocity` needs a flow schedule, got a {self.schedule.kind} schedule")
+        return self._guided(self._velocity, x, t, cond)
+
+    def noise_estimates(self, x: Tensor, t: Tensor | int | float) -> dict[str, Tensor]:
+        """ε̂ ``[n, *shape]`` of the unconditional network's output read as each prediction type
+        the schedule admits (the configured one among them), from one forward pass: what
+        :mod:`memwatch.consistency` compares."""
+        out, alpha, sigma = self._output(x, t, self._null_batch(x))
+        return {p: _eps(p, out, x, alpha, sigma) for p in predictions_for(self.schedule)}
 
     def conditional(self, x: Tensor, t: Tensor | int | float, cond: Tensor | int) -> Tensor:
         """Conditional score ``s_c = ∇ log p_t(x | c)`` ``[n, *shape]``; ``cond`` as in :meth:`batch_condition`."""
@@ -126,10 +148,7 @@ class DiffusionScore:
 
     def unconditional(self, x: Tensor, t: Tensor | int | float) -> Tensor:
         """Unconditional score ``s_uc`` (the model with ``null_cond`` if one is set) ``[n, *shape]``."""
-        if self.null_cond is None:
-            return self._score(x, t, None)
-        null = self.null_cond if self.null_cond.device == x.device else self.null_cond.to(x.device)
-        return self._score(x, t, null.expand(x.shape[0], *null.shape))
+        return self._score(x, t, self._null_batch(x))
 
     @property
     def cond_shape(self) -> tuple[int, ...] | None:
@@ -183,7 +202,32 @@ class DiffusionScore:
         return self.schedule.sigma(t)
 
     # ----------------------------------------------------------------- private
-    def _score(self, x: Tensor, t: Tensor | int | float, cond: Tensor | None) -> Tensor:
+    def _guided(
+        self,
+        fn: Callable[[Tensor, Tensor | int | float, Tensor | None], Tensor],
+        x: Tensor,
+        t: Tensor | int | float,
+        cond: Tensor | None,
+    ) -> Tensor:
+        """``fn`` (linear in the network's output) unconditional, conditional, or guided ``f_uc + w (f_c - f_uc)``."""
+        if cond is None:
+            return fn(x, t, self._null_batch(x))
+        f_c = fn(x, t, self.batch_condition(cond, x.shape[0], "cond"))
+        w = self.guidance_scale
+        if w is None or w == 1.0:
+            return f_c
+        f_uc = fn(x, t, self._null_batch(x))
+        return f_uc + w * (f_c - f_uc)
+
+    def _null_batch(self, x: Tensor) -> Tensor | None:
+        """``null_cond`` broadcast to ``x``'s batch on its device, or ``None`` without one."""
+        if self.null_cond is None:
+            return None
+        null = self.null_cond if self.null_cond.device == x.device else self.null_cond.to(x.device)
+        return null.expand(x.shape[0], *null.shape)
+
+    def _output(self, x: Tensor, t: Tensor | int | float, cond: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """The network's output ``[n, *shape]`` and ``α_t``, ``σ_t`` shaped to broadcast against it."""
         n = x.shape[0]
         tt = self.timesteps(t, n, x.device)
         if cond is not None and cond.device != x.device:
@@ -197,15 +241,19 @@ class DiffusionScore:
         shape = (n,) + (1,) * (x.ndim - 1)
         alpha = self.schedule.alpha(tt).to(x.device, x.dtype).reshape(shape)
         sigma = self.schedule.sigma(tt).to(x.device, x.dtype).reshape(shape)
+        return out, alpha, sigma
+
+    def _score(self, x: Tensor, t: Tensor | int | float, cond: Tensor | None) -> Tensor:
+        out, alpha, sigma = self._output(x, t, cond)
         if self.prediction == "score":
             return out
-        if self.prediction == "epsilon":
-            eps = out
-        elif self.prediction == "v_prediction":
-            eps = (alpha * out + sigma * x) / (alpha**2 + sigma**2)
-        else:  # "sample"
-            eps = (x - alpha * out) / sigma
-        return -eps / sigma
+        return -_eps(self.prediction, out, x, alpha, sigma) / sigma
+
+    def _velocity(self, x: Tensor, t: Tensor | int | float, cond: Tensor | None) -> Tensor:
+        out, alpha, sigma = self._output(x, t, cond)
+        if self.prediction == "flow_prediction":
+            return out
+        return _eps(self.prediction, out, x, alpha, sigma) - _x0(self.prediction, out, x, alpha, sigma)
 
     def _time_input(self, t: Tensor, x: Tensor) -> Tensor:
         """The network's time input for timesteps ``t`` ``[n]``: ``time_fn(t)``, else the integer
@@ -229,6 +277,65 @@ class DiffusionScore:
         if not isinstance(out, Tensor):
             raise MemwatchError(f"the model must return a tensor (or .sample / a tuple), got {type(out).__name__}")
         return out
+
+
+def _eps(prediction: str, out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """ε̂ from the network's output (the module docstring's table)."""
+    if prediction == "epsilon":
+        return out
+    if prediction == "v_prediction":
+        return (alpha * out + sigma * x) / (alpha**2 + sigma**2)
+    if prediction == "sample":
+        return (x - alpha * out) / sigma
+    if prediction == "score":
+        return -sigma * out
+    return (x + alpha * out) / (alpha + sigma)  # "flow_prediction"
+
+
+def _x0(prediction: str, out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """x̂_0 from the network's output (the module docstring's table)."""
+    if prediction == "epsilon":
+        return (x - sigma * out) / alpha
+    if prediction == "v_prediction":
+        return (alpha * x - sigma * out) / (alpha**2 + sigma**2)
+    if prediction == "sample":
+        return out
+    if prediction == "score":
+        return (x + sigma**2 * out) / alpha
+    return (x - sigma * out) / (alpha + sigma)  # "flow_prediction"
+
+
+def predictions_for(schedule: NoiseSchedule) -> tuple[str, ...]:
+    """The prediction types ``schedule`` admits, in the order of ``PREDICTION_TYPES``.
+
+    Example:
+        >>> predictions_for(NoiseSchedule.flow())
+        ('epsilon', 'sample', 'score', 'flow_prediction')
+    """
+    return tuple(p for p in PREDICTION_TYPES if _refusal(p, schedule) is None)
+
+
+def _check_pair(prediction: str, schedule: NoiseSchedule) -> None:
+    """Refuse the prediction × schedule pairs that are wrong by definition (see the module docstring)."""
+    refusal = _refusal(prediction, schedule)
+    if refusal is not None:
+        raise MemwatchError(refusal)
+
+
+def _refusal(prediction: str, schedule: NoiseSchedule) -> str | None:
+    """Why ``prediction`` cannot be read on ``schedule`` (``None``: it can)."""
+    if prediction == "flow_prediction" and schedule.kind != "flow":
+        return (
+            f"`prediction`='flow_prediction' (the flow-matching velocity ε - x_0) needs a flow schedule "
+            f"(NoiseSchedule.flow() or NoiseSchedule.from_diffusers(FlowMatchEulerDiscreteScheduler())), "
+            f"got a {schedule.kind} schedule"
+        )
+    if prediction == "v_prediction" and schedule.kind == "flow":
+        return (
+            "`prediction`='v_prediction' (v = α_t ε - σ_t x_0 of a VP model) does not apply to a flow schedule; "
+            "a flow-matching network's velocity ε - x_0 is `prediction`='flow_prediction'"
+        )
+    return None
 
 
 def broadcast_condition(cond: object, n: int, name: str = "cond", *, null_cond: Tensor | None = None) -> Tensor:

@@ -288,6 +288,35 @@ class SharpnessResult:
             method=method,
         )
 
+    def as_unmeasured(self) -> SharpnessResult:
+        """This result with every sample :meth:`masked` (what a measurement that must not be read,
+        e.g. of a misread network, reports).
+
+        Example:
+            >>> res = SharpnessResult.unmeasured(torch.full((2,), 0.3), 16, SharpnessOptions(k=4), "dense")
+            >>> bool(res.as_unmeasured().lid.isnan().all())
+            True
+        """
+        return self.masked(torch.ones_like(self.finite))
+
+    def masked(self, rows: Tensor) -> SharpnessResult:
+        """This result with the samples ``rows`` (``[n]`` bool) unmeasured: their per-sample values
+        NaN (``sigma`` kept, quadrature weights 0) and ``finite`` / ``converged`` False."""
+        rows = rows.to(torch.bool)
+
+        def blank(value: Tensor, fill: float) -> Tensor:
+            return torch.where(rows.reshape(-1, *[1] * (value.ndim - 1)), torch.full_like(value, fill), value)
+
+        changes = {
+            f.name: blank(value, float("nan"))
+            for f in dataclasses.fields(self)
+            if isinstance(value := getattr(self, f.name), Tensor) and value.is_floating_point() and f.name != "sigma"
+        }
+        changes["spectrum_weights"] = blank(self.spectrum_weights, 0.0)  # as `unmeasured`
+        changes["converged"] = self.converged & ~rows[:, None]
+        changes["finite"] = self.finite & ~rows
+        return dataclasses.replace(self, **changes)
+
     def density(self, grid: Tensor, bandwidth: float = 0.05) -> Tensor:
         """Gaussian-smoothed density of normalized eigenvalues ``[n, G]`` on ``grid`` ``[G]``;
         NaN rows where nothing was measured (non-finite samples; every row for ``"trace"``)."""

@@ -26,15 +26,17 @@ def schedule_of(kind: str) -> NoiseSchedule:
         "cosine": lambda: NoiseSchedule.cosine(200),
         "vp": NoiseSchedule.vp,
         "edm": NoiseSchedule.edm,
+        "flow": NoiseSchedule.flow,
     }[kind]()
 
 
 def sample_t(schedule: NoiseSchedule, n: int, generator: torch.Generator | None = None) -> Tensor:
-    """Training timesteps: uniform steps (discrete), uniform t (VP), log-normal σ (EDM)."""
+    """Training timesteps: uniform steps (discrete), uniform t (VP, flow), log-normal σ (EDM)."""
     if schedule.is_discrete:
         return torch.randint(0, schedule.num_timesteps, (n,), generator=generator)
-    if schedule.kind == "vp":
-        return schedule.t_min + (1 - schedule.t_min) * torch.rand(n, generator=generator, dtype=torch.float64)
+    if schedule.kind in ("vp", "flow"):
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        return schedule.t_min + (schedule.t_max - schedule.t_min) * u
     sigma = torch.exp(-1.2 + 1.2 * torch.randn(n, generator=generator, dtype=torch.float64))
     return sigma.clamp(schedule.t_min, schedule.t_max)
 
@@ -47,6 +49,8 @@ def target_of(prediction: str, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Te
         return alpha * eps - sigma * x0
     if prediction == "sample":
         return x0
+    if prediction == "flow_prediction":
+        return eps - x0
     return -eps / sigma  # "score"
 
 
@@ -82,6 +86,27 @@ class AnyDiffusion(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=2e-3)
+
+
+class UNetFlowModule(pl.LightningModule):
+    """A diffusers ``UNet2DModel`` and a ``FlowMatchEulerDiscreteScheduler`` kept as attributes,
+    trained as the diffusers SD3 / Flux scripts train: a training timestep of the scheduler,
+    ``scale_noise`` for x_t, the target ``noise - x_0``."""
+
+    def __init__(self, unet: nn.Module, scheduler: object, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.unet, self.scheduler, self.lr = unet, scheduler, lr
+
+    def training_step(self, batch: Tensor | list[Tensor], batch_idx: int) -> Tensor:
+        x0 = batch if isinstance(batch, Tensor) else batch[0]
+        timesteps = self.scheduler.timesteps
+        t = timesteps[torch.randint(0, len(timesteps), (x0.shape[0],))].to(x0.device)
+        eps = torch.randn_like(x0)
+        noisy = self.scheduler.scale_noise(x0, t, eps)
+        return nn.functional.mse_loss(self.unet(noisy, t).sample, eps - x0)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
 def digits_images(n: int, size: int = 8) -> Tensor:

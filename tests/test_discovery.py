@@ -195,11 +195,29 @@ def test_schedulers_must_agree():
         find_score(Holder(unet=net, scheduler=bad))
 
 
+def test_a_flow_matching_scheduler_is_found_and_read_as_flow():
+    net, flow = unet(), diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    score = find_score(Holder(unet=net, scheduler=flow))
+    assert score.model is net and score.prediction == "flow_prediction"
+    assert score.schedule.kind == "flow" and score.schedule.time_scale == 1000.0
+    assert score.schedule.scheduler_class == "FlowMatchEulerDiscreteScheduler"
+    # the network sees diffusers' timestep σ · 1000 and its velocity is read as ε - x_0
+    x = probes((3, 8, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(score.velocity(x, 400.0), net(x, torch.full((2,), 400.0)).sample)
+    same = diffusers.FlowMatchEulerDiscreteScheduler.from_config(flow.config)
+    assert find_score(Holder(unet=net, scheduler=flow, sampler=same)).model is net
+    with pytest.raises(MemwatchError, match=r"schedulers `scheduler` and `other`"):
+        find_score(Holder(unet=net, scheduler=flow, other=diffusers.FlowMatchEulerDiscreteScheduler()))
+    with pytest.raises(MemwatchError, match=r"schedulers `scheduler` and `other`"):
+        find_score(Holder(unet=net, scheduler=flow, other=scheduler()))
+
+
 @pytest.mark.parametrize(
     "attributes, found",
     [
         ({}, "no diffusers network and no scheduler"),
-        ({"unet": "net"}, r"the network `unet` \(UNet2DModel\).*but no scheduler with `alphas_cumprod`"),
+        ({"unet": "net"}, r"the network `unet` \(UNet2DModel\).*but no scheduler with `alphas_cumprod` or flow-"),
         ({"scheduler": "sched"}, r"the scheduler `scheduler` \(DDPMScheduler\).*but no UNet2DModel / UNet2DCond"),
         ({"ema": "shadow", "scheduler": "sched"}, r"EMAModel `ema` \(shadow weights, not a network\)"),
     ],

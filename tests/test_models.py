@@ -14,7 +14,7 @@ import pytest
 import torch
 from callback_setup import memorizing_data
 from lightning.pytorch.loggers import CSVLogger
-from model_setups import AnyDiffusion, DiTDiffusion, PromptDiffusion, digits_images
+from model_setups import AnyDiffusion, DiTDiffusion, PromptDiffusion, UNetFlowModule, digits_images
 
 import memwatch
 from memwatch import MemorizationMonitor
@@ -65,8 +65,14 @@ def _assert_checks_ran(monitor: MemorizationMonitor, n: int, keys=("sharp_fracti
 
 
 # ------------------------------------------------------------------ schedule × prediction
-@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample", "score"])
-@pytest.mark.parametrize("kind", ["linear", "scaled_linear", "cosine", "diffusers", "vp", "edm"])
+CELLS = [
+    (kind, prediction)
+    for kind in ("linear", "scaled_linear", "cosine", "diffusers", "vp", "edm")
+    for prediction in ("epsilon", "v_prediction", "sample", "score")
+] + [("flow", "flow_prediction"), ("flow", "sample")]  # v_prediction is refused on a flow schedule
+
+
+@pytest.mark.parametrize(("kind", "prediction"), CELLS)
 def test_every_schedule_and_prediction_type_through_the_callback(tmp_path, kind, prediction):
     sigmas = (1.0,) if kind == "edm" else (0.3,)  # EDM data in [-1, 1]: σ_data 0.5 (Karras et al.)
     monitor = MemorizationMonitor(every_n_train_steps=20, sigmas=sigmas, k=2, **SMALL)
@@ -90,6 +96,21 @@ def test_unet_with_a_default_ddpm_scheduler_is_found_and_its_probes_stay_in_rang
     _assert_checks_ran(monitor, 2)
     assert monitor.last_check.samples.abs().max() <= 1.0 + 1e-5  # clipped as diffusers' own DDIM clips
     assert monitor.last_check.primary.method == "dense" and monitor.history[-1]["out_of_range_count"] == 0
+
+
+@pytest.mark.parametrize("scheduler_kwargs", [dict(shift=3.0), dict(use_dynamic_shifting=True)])
+def test_unet_with_a_flow_matching_scheduler_is_found_with_no_glue(tmp_path, scheduler_kwargs):
+    """The SD3 / Flux recipe on a UNet2DModel: the scheduler on the module is all memwatch needs."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    monitor = MemorizationMonitor(every_n_train_steps=10, k=4, **SMALL)
+    module = UNetFlowModule(tiny_unet(), FlowMatchEulerDiscreteScheduler(**scheduler_kwargs))
+    _fit(tmp_path, module, digits_images(8), monitor, max_steps=20, batch_size=8)
+    _assert_checks_ran(monitor, 2)
+    assert monitor._found.prediction == "flow_prediction" and monitor._found.schedule.kind == "flow"
+    d = 64  # 1 × 8 × 8 digits
+    for h in monitor.history:
+        assert 0 <= h["lid_mean"] <= d and 0 <= h["lid/model_lid"] <= d, h
 
 
 def test_a_unet_counts_copies_of_the_images_in_its_batches(tmp_path):

@@ -171,3 +171,57 @@ def test_probes_match_diffusers_in_float64(name, prediction, atol):
     score = DiffusionScore(unet, NoiseSchedule.from_diffusers(scheduler), prediction=prediction)
     traj = sample_trajectory(score, noise=noise, steps=STEPS, dtype=torch.float64)
     torch.testing.assert_close(traj.samples, expected, atol=atol, rtol=0)
+
+
+# ------------------------------------------------------------------ flow matching
+FLOW_SCHEDULERS = {
+    "default": dict(),
+    "shift3": dict(shift=3.0),
+    "dynamic": dict(use_dynamic_shifting=True),
+    "karras+terminal": dict(use_karras_sigmas=True, shift_terminal=0.1),
+}
+
+
+def _flow_loop(unet, scheduler, noise, steps, mu=None):
+    """The SD3 pipeline's denoising loop (no guidance): the network's velocity at ``t.expand(n)``,
+    stepped by a fresh FlowMatchEulerDiscreteScheduler from the config."""
+    euler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+    euler.set_timesteps(steps, mu=mu)
+    x = noise.clone()
+    with torch.no_grad():
+        for t in euler.timesteps:
+            x = euler.step(unet(x, t.expand(x.shape[0])).sample, t, x).prev_sample
+    return x, euler.timesteps
+
+
+@pytest.mark.parametrize("name", list(FLOW_SCHEDULERS))
+def test_probes_match_the_flow_matching_euler_loop(unet, name):
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULERS[name])
+    noise = _noise()
+    mu = 0.5 + 0.65 / 3840 * (16 - 256) if scheduler.config.use_dynamic_shifting else None  # 8×8: 16 tokens
+    expected, grid = _flow_loop(unet, scheduler, noise, STEPS, mu)
+    score = DiffusionScore(unet, NoiseSchedule.from_diffusers(scheduler), prediction="flow_prediction")
+    traj = sample_trajectory(score, noise=noise, steps=STEPS, states_at=[float(grid[3])])
+    torch.testing.assert_close(traj.timesteps, grid)
+    torch.testing.assert_close(traj.samples, expected, atol=1e-5, rtol=0)
+    assert traj.data_range is None  # Euler does not clip
+
+
+@pytest.mark.parametrize("diffusers_grid", [True, False])
+def test_flow_states_and_samples_of_a_point_mass_are_exact(diffusers_grid):
+    """A point mass at μ has the straight path x_σ = (1 - σ) μ + σ ε₀ from the start noise ε₀ and a
+    velocity ε₀ - μ that Euler integrates exactly: every state, on the grid or between, is on it."""
+    mean = torch.tensor([0.5, -0.25, 0.0, 0.75], dtype=torch.float64)
+    noise = probe_noise(3, (4,), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    if diffusers_grid:
+        sched = NoiseSchedule.from_diffusers(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+    else:
+        sched = NoiseSchedule.flow(1000)
+    score = DiffusionScore(lambda x, t: mean.expand_as(x), sched, "sample")  # x̂_0 = μ, exact at every σ
+    grid = sched.sampling_timesteps(STEPS)
+    states_at = [float(grid[0]), float(grid[4]), 437.0, 3.0]
+    traj = sample_trajectory(score, noise=noise, steps=STEPS, states_at=states_at, dtype=torch.float64)
+    for t in states_at:
+        sigma = t / 1000
+        torch.testing.assert_close(traj.states[t], (1 - sigma) * mean + sigma * noise, atol=1e-6, rtol=0)
+    torch.testing.assert_close(traj.samples, mean.expand(3, 4), atol=1e-6, rtol=0)

@@ -131,3 +131,78 @@ def test_ddim_scheduler_overrides_and_agrees_with_the_schedule():
     for steps in (1, 1001):
         with pytest.raises(ValueError, match=r"`steps` must be an integer in \[2, 1000\]"):
             sched.ddim_scheduler(steps)
+
+
+# ------------------------------------------------------------------ flow matching
+@pytest.mark.parametrize("scale", [None, 1000])
+def test_flow_is_the_rectified_interpolant_and_its_levels_are_in_data_units(scale):
+    sched = NoiseSchedule.flow(scale)
+    T = 1.0 if scale is None else 1000.0
+    t = torch.tensor([0.01, 0.25, 0.5, 0.9], dtype=torch.float64) * T
+    sigma = t / T
+    torch.testing.assert_close(sched.sigma(t), sigma)
+    torch.testing.assert_close(sched.alpha(t), 1 - sigma)
+    torch.testing.assert_close(sched.alpha_bar(t), (1 - sigma) ** 2)
+    torch.testing.assert_close(sched.noise_level(t), sigma / (1 - sigma))  # x_t / α_t = x_0 + (σ/α) ε
+    for level in (0.05, 0.3, 1.0, 4.0):
+        assert math.isclose(float(sched.noise_level(sched.timestep_for_sigma(level))), level, rel_tol=1e-12)
+    assert not sched.is_discrete and (sched.t_min, sched.t_max) == (1e-3 * T, T)
+    grid = sched.sampling_timesteps(5)
+    torch.testing.assert_close(grid, torch.linspace(T, 1e-3 * T, 5, dtype=torch.float64))
+    assert math.isinf(float(sched.noise_level(T)))  # pure noise: no signal left
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_train_timesteps=1), "num_train_timesteps"),
+        (dict(sigma_min=0.0), "sigma_min"),
+        (dict(sigma_max=1.5), "sigma_max"),
+    ],
+)
+def test_bad_flow_construction_names_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NoiseSchedule.flow(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(shift=3.0), dict(num_train_timesteps=500, shift=0.7)])
+def test_from_a_flow_matching_scheduler_is_its_forward_process(kwargs):
+    """diffusers' own ``scale_noise`` at each of its training timesteps is x_t = α_t x_0 + σ_t ε of the schedule."""
+    diffusers = pytest.importorskip("diffusers")
+    flow = diffusers.FlowMatchEulerDiscreteScheduler(**kwargs)
+    sched = NoiseSchedule.from_diffusers(flow)
+    assert (sched.kind, sched.time_scale) == ("flow", float(flow.config.num_train_timesteps))
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    t = flow.timesteps[torch.tensor([0, 10, len(flow.timesteps) // 2, len(flow.timesteps) - 1])]
+    expected = sched.alpha(t)[:, None] * x0.double() + sched.sigma(t)[:, None] * eps.double()
+    torch.testing.assert_close(flow.scale_noise(x0, t, eps).double(), expected, atol=1e-6, rtol=0)
+    sched.check_t(t)  # every training timestep lies in the schedule's range
+
+
+def test_a_flow_matching_grid_is_diffusers_own_with_dynamic_shifting_from_the_probe_shape():
+    diffusers = pytest.importorskip("diffusers")
+    from memwatch.schedules import image_seq_len
+
+    flow = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift_terminal=0.05)
+    sched = NoiseSchedule.from_diffusers(flow)
+    for shape, seq in (((16, 64, 64), 1024), ((1024, 64), 1024), ((3, 8, 8), 16), ((2,), 2)):
+        assert image_seq_len(shape) == seq
+        mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (seq - 256)  # the SD3 / Flux pipelines' calculate_shift
+        ref = diffusers.FlowMatchEulerDiscreteScheduler.from_config(flow.config)
+        ref.set_timesteps(12, mu=mu)
+        torch.testing.assert_close(sched.sampling_timesteps(12, shape), ref.timesteps.double())
+    default = diffusers.FlowMatchEulerDiscreteScheduler.from_config(flow.config)
+    default.set_timesteps(12, mu=0.5)  # no shape: base_image_seq_len, μ = base_shift
+    torch.testing.assert_close(sched.sampling_timesteps(12), default.timesteps.double())
+
+
+def test_a_flow_matching_scheduler_that_memwatch_cannot_read_is_refused():
+    diffusers = pytest.importorskip("diffusers")
+    with pytest.raises(ValueError, match="invert_sigmas=True"):
+        NoiseSchedule.from_diffusers(diffusers.FlowMatchEulerDiscreteScheduler(invert_sigmas=True))
+    sched = NoiseSchedule.from_diffusers(diffusers.FlowMatchEulerDiscreteScheduler())
+    with pytest.raises(ValueError, match="flow_scheduler"):
+        sched.ddim_scheduler(10)
+    with pytest.raises(ValueError, match="flow-matching scheduler config"):
+        NoiseSchedule.from_diffusers(diffusers.DDPMScheduler()).flow_scheduler(10)

@@ -10,7 +10,15 @@ SCHEDULES = {
     "cosine": (NoiseSchedule.cosine(1000), torch.tensor([5, 500, 990])),
     "vp": (NoiseSchedule.vp(), torch.tensor([0.05, 0.4, 0.9], dtype=torch.float64)),
     "edm": (NoiseSchedule.edm(), torch.tensor([0.05, 1.0, 20.0], dtype=torch.float64)),
+    "flow": (NoiseSchedule.flow(1000), torch.tensor([2.0, 400.0, 950.0], dtype=torch.float64)),
+    "flow-continuous": (NoiseSchedule.flow(), torch.tensor([0.01, 0.5, 0.99], dtype=torch.float64)),
 }
+#: the prediction × schedule pairs refused by definition
+WRONG_BY_DEFINITION = {("flow_prediction", k) for k in ("linear", "cosine", "vp", "edm")} | {
+    ("v_prediction", "flow"),
+    ("v_prediction", "flow-continuous"),
+}
+PAIRS = [(p, k) for p in PREDICTION_TYPES for k in SCHEDULES if (p, k) not in WRONG_BY_DEFINITION]
 
 
 @pytest.fixture
@@ -19,13 +27,43 @@ def gmm():
     return GaussianMixture.isotropic(torch.randn(3, 4, generator=g, dtype=torch.float64), std=0.2)
 
 
-@pytest.mark.parametrize("name", SCHEDULES)
-@pytest.mark.parametrize("prediction", PREDICTION_TYPES)
+@pytest.mark.parametrize(("prediction", "name"), PAIRS)
 def test_every_prediction_type_gives_the_exact_score(gmm, name, prediction):
     sched, t = SCHEDULES[name]
     x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     score = DiffusionScore(gmm.as_model(sched, prediction), sched, prediction=prediction)
     torch.testing.assert_close(score(x, t), gmm.score(x, t, sched), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(("prediction", "name"), sorted(WRONG_BY_DEFINITION))
+def test_a_prediction_wrong_for_its_schedule_by_definition_is_refused(prediction, name):
+    sched, _ = SCHEDULES[name]
+    with pytest.raises(ValueError, match=f"`prediction`='{prediction}'.*flow") as err:
+        DiffusionScore(lambda x, t: x, sched, prediction=prediction)
+    assert sched.kind in str(err.value) or "flow_prediction" in str(err.value)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "score", "flow_prediction"])
+@pytest.mark.parametrize("name", ["flow", "flow-continuous"])
+def test_flow_velocity_is_the_exact_epsilon_minus_x0(gmm, name, prediction):
+    """û = ε̂ - x̂_0 = dx_t/dσ_t, the posterior mean of ε - x_0, from every prediction type."""
+    sched, t = SCHEDULES[name]
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    score = DiffusionScore(gmm.as_model(sched, prediction), sched, prediction=prediction)
+    alpha, sigma = sched.alpha(t)[:, None], sched.sigma(t)[:, None]
+    s = gmm.score(x, t, sched)
+    eps, x0 = -sigma * s, (x + sigma**2 * s) / alpha  # Tweedie
+    torch.testing.assert_close(score.velocity(x, t), eps - x0, rtol=1e-9, atol=1e-9)
+
+
+def test_flow_velocity_is_defined_at_pure_noise_and_only_on_a_flow_schedule():
+    sched = NoiseSchedule.flow(1000)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    net = DiffusionScore(lambda x, t: 2 * x, sched, prediction="flow_prediction")
+    torch.testing.assert_close(net.velocity(x, 1000.0), 2 * x)  # σ_t = 1, α_t = 0: the network's own output
+    torch.testing.assert_close(net(x, 1000.0), -x)  # p_1 = N(0, I) whatever the network
+    with pytest.raises(ValueError, match="needs a flow schedule"):
+        DiffusionScore(lambda x, t: x, NoiseSchedule.linear(10)).velocity(x, 3)
 
 
 def test_timestep_broadcast_and_shape_checks(gmm):

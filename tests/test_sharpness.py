@@ -53,6 +53,28 @@ def test_eigenvalues_equal_the_analytic_hessian(mixture, method):
     torch.testing.assert_close(res.spectrum_weights.sum(1), torch.ones(4, dtype=torch.float64))
 
 
+def test_a_flow_velocity_gives_the_exact_hessian(mixture):
+    """Under x_t = (1 - σ) x_0 + σ ε the mixture's exact velocity ε - x_0, read as flow_prediction,
+    is its exact score, and the Jacobian of that score its exact Hessian (dense, float64)."""
+    sched = NoiseSchedule.flow(1000)
+    t = torch.tensor([20.0, 150.0, 400.0, 850.0], dtype=torch.float64)
+    noise = 0.2 * torch.randn(4, 12, generator=_gen(2), dtype=torch.float64)
+    x = mixture.means * sched.alpha(t)[:, None] + sched.sigma(t)[:, None] * noise
+    score = DiffusionScore(mixture.as_model(sched, "flow_prediction"), sched, prediction="flow_prediction")
+    res = measure_sharpness(score, x, t, k=5, method="dense", generator=_gen())
+    exact = torch.linalg.eigvalsh(mixture.hessian(x, t, sched))
+    torch.testing.assert_close(res.eigenvalues, exact[:, :5], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(res.normalized, exact[:, :5] * sched.sigma(t)[:, None] ** 2, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(res.trace, exact.sum(1))
+    # one Gaussian of std 0.3: p_t = N((1-σ) m, ((1-σ)² 0.3² + σ²) I), Hessian -I / that variance
+    single = GaussianMixture.isotropic(mixture.means[:1], std=0.3)
+    one = DiffusionScore(single.as_model(sched, "flow_prediction"), sched, prediction="flow_prediction")
+    sigma = sched.sigma(t)
+    variance = (1 - sigma) ** 2 * 0.09 + sigma**2
+    res = measure_sharpness(one, x, t, k=3, method="dense", generator=_gen())
+    torch.testing.assert_close(res.eigenvalues, (-1 / variance)[:, None].expand(4, 3), rtol=1e-9, atol=1e-9)
+
+
 def test_a_memorized_point_has_every_direction_sharp():
     # point masses (std 0): near a training point p_t = N(α x0, σ² I), all eigenvalues = -1/σ²
     gmm = GaussianMixture.isotropic(4 * torch.randn(3, 16, generator=_gen(3), dtype=torch.float64), std=0.0)

@@ -15,6 +15,8 @@ signal              what it logs under ``memwatch/``
                     per-probe statistics ``lid/relative`` … (always)
 ``conditional``     ``cond/{c}/…`` and ``most_memorized_condition`` (with ``probes.conditions``)
 ``loss_gap``        ``loss_train``, ``loss_heldout``, ``loss_gap`` (with ``loss_gap.heldout_data``)
+``consistency``     nothing: at the first check, whether the prediction type and schedule fit
+                    the network; when they do not, every value is NaN from then on
 ==================  =====================================================================
 
 A new signal is a subclass of :class:`Signal` in a module of its own, composed by
@@ -24,6 +26,7 @@ A new signal is a subclass of :class:`Signal` in a module of its own, composed b
 from memwatch.signals.base import Draft, Run, Signal
 from memwatch.signals.calibration import CalibrationSignal
 from memwatch.signals.conditional import ConditionalSignal
+from memwatch.signals.consistency import ConsistencySignal
 from memwatch.signals.copies import CopyOptions, CopySignal
 from memwatch.signals.lid import LidOptions, LidSignal
 from memwatch.signals.lossgap import LossGapOptions, LossGapSignal
@@ -32,6 +35,7 @@ from memwatch.signals.sharpness import SharpnessCheckOptions, SharpnessSignal
 __all__ = [
     "CalibrationSignal",
     "ConditionalSignal",
+    "ConsistencySignal",
     "CopyOptions",
     "CopySignal",
     "Draft",

@@ -64,7 +64,7 @@ class CalibrationSignal(Signal):
     def levels_for(self, samples: Tensor, schedule: NoiseSchedule) -> tuple[DataScale, tuple[float, ...]]:
         """The samples' scale and the noise levels calibrated from them (no state changes)."""
         floor, ceiling = level_range(schedule)
-        first = float(schedule.sigma(self.first_timestep(schedule)))  # the probes start there
+        first = float(schedule.noise_level(self.first_timestep(schedule)))  # the probes start there
         scale = data_scale(samples, generator=torch.Generator().manual_seed(self.seed + 2))
         return scale, relative_sigmas(scale, schedule, self.factors, floor=floor, ceiling=min(ceiling, first))
 

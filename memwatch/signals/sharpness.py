@@ -31,6 +31,7 @@ from torch import Tensor
 from memwatch import defaults
 from memwatch.conditional import default_max_batch
 from memwatch.errors import MemwatchError
+from memwatch.lid import possible
 from memwatch.metrics import MemorizationMetrics
 from memwatch.probes import ProbeMeasurement
 from memwatch.reporting import format_timestep
@@ -99,7 +100,7 @@ class SharpnessSignal(Signal):
         self.tiered = False  # image scale: the trace tier at every check, the spectrum every n-th
         self.timesteps: list[float] = []
         self._metrics: dict[float, MemorizationMetrics] = {}
-        self._warned_range = False
+        self._warned_range = self._warned_impossible = False
         self._reach: list[tuple[int, float]] = []  # (step, the probes' median excursion) of every check
 
     def resolve(self, shape: tuple[int, ...], device: torch.device) -> None:
@@ -130,6 +131,7 @@ class SharpnessSignal(Signal):
         self._metrics = {t: MemorizationMetrics(score_threshold=self.options.score_threshold) for t in timesteps}
 
     def contribute(self, run: Run, draft: Draft, measured: object) -> None:
+        draft.with_measurement(results={t: self._possible(run, t, r) for t, r in draft.measurement.results.items()})
         m = draft.measurement
         for t, res in m.results.items():
             spectrum = m.spectrum if t == self.timesteps[0] else None
@@ -141,6 +143,25 @@ class SharpnessSignal(Signal):
             draft.values["out_of_range_count"] = self._out_of_range(run, m, run.device)
         if m.hessian_score_norm is not None:
             draft.values["hessian_score_norm_mean"] = synced_mean(m.hessian_score_norm, run.device)
+
+    def _possible(self, run: Run, t: float, res: SharpnessResult) -> SharpnessResult:
+        """``res`` with the probes whose FLIPD no score gives (:func:`memwatch.lid.possible`: far
+        below 0) unmeasured — on the trace tier their sharp fraction would exceed 1 and
+        read as memorized; warned once, naming the prediction type and the schedule."""
+        flipd = res.flipd
+        impossible = torch.isfinite(flipd) & torch.isnan(possible(flipd, res.dim, res.sigma**2 * res.trace_stderr))
+        if not bool(impossible.any()):
+            return res
+        if not self._warned_impossible:
+            self._warned_impossible = True
+            score = run.score
+            rank_zero_warn(
+                f"memwatch: {int(impossible.sum())} of {flipd.numel()} probes have a LID below 0 of {res.dim} "
+                f"dimensions at t={t:g} (e.g. {float(flipd[impossible][0]):.3g}), which no score gives; they are "
+                f"not measured. Is prediction={score.prediction!r} on this {score.schedule.kind} schedule the pair "
+                "the network was trained with? (warned once)"
+            )
+        return res.masked(impossible)
 
     @staticmethod
     def _summary(
