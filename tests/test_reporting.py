@@ -172,7 +172,7 @@ def test_a_fit_names_the_probes_sampler_in_its_config_and_result_line(tmp_path, 
 
     import lightning.pytorch as pl
     import yaml
-    from callback_setup import datamodule, memorizing_data
+    from callback_setup import datamodule, generalizing_data
     from diffusers import DDPMScheduler
     from model_setups import AnyDiffusion
 
@@ -188,13 +188,13 @@ def test_a_fit_names_the_probes_sampler_in_its_config_and_result_line(tmp_path, 
     trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=10, callbacks=[monitor], logger=logger, accelerator="cpu",
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
     with caplog.at_level(logging.INFO, logger="lightning.pytorch"):  # the suite quiets Lightning's logger
-        trainer.fit(module, datamodule(memorizing_data()))
+        trainer.fit(module, datamodule(generalizing_data()))  # no onset: the check prints its result line
     config = yaml.safe_load((Path(logger.log_dir) / "hparams.yaml").read_text())["memwatch/probe_sampler"]
     assert config["scheduler"] == "DDPMScheduler" and config["clip_sample"] is clip and config["steps"] == 8
     lines = [r.getMessage() for r in caplog.records if "sharp fraction" in r.getMessage()]
     clipping = "clip ±1" if clip else "no clipping"
-    # one LID: the one the default rule reads, the flat directions' count
-    assert lines and all(line.count("LID") == 1 and "(flat directions; data " in line for line in lines), lines
+    # one LID value: the one the default rule reads (and names, "isolated peaks (LID < …)"), the flat directions' count
+    assert lines and all(line.count(", LID ") == 1 and "(flat directions; data " in line for line in lines), lines
     assert lines and all(f"probes: DDIM of the DDPMScheduler config, 8 steps, leading spacing, {clipping}" in line
                          for line in lines), lines  # fmt: skip
 
