@@ -258,22 +258,10 @@ class MemorizationMonitor(ProbeChecks, Callback):
             self._run_check(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        due = self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs == 0
-        if (due or self._first_epoch_check(trainer)) and trainer.global_step != self._last_checked_step:
+        if self.every_n_epochs is None or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        if trainer.global_step != self._last_checked_step:
             self._run_check(trainer, pl_module)
-
-    def _first_epoch_check(self, trainer: pl.Trainer) -> bool:
-        """Whether the first check comes at the end of the first epoch, sooner than
-        ``every_n_train_steps``: the monitor has then seen every training sample once (its levels,
-        data LID and copy index see the whole set), and a fine-tune of a few images that memorizes
-        within its first few hundred steps keeps a clean checkpoint to fall back to."""
-        every = self.every_n_train_steps
-        return (
-            trainer.current_epoch == 0
-            and self._last_checked_step < 0
-            and every is not None
-            and 0 < trainer.global_step < every
-        )
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -312,6 +312,13 @@ def sampler_settings(schedule: NoiseSchedule, steps: int, sampler: object | None
     if sampler is not None:
         name = getattr(sampler, "__qualname__", None) or type(sampler).__qualname__
         return {"sampler": name, "steps": steps}
+    if schedule.kind == "flow":  # the flow ODE's Euler steps: no clipping to speak of
+        if schedule.scheduler_config is None:
+            return {"sampler": "memwatch Euler (flow)", "steps": steps}
+        config = schedule.flow_scheduler(steps).config
+        shift = {k: config[k] for k in ("shift", "use_dynamic_shifting") if k in config}
+        return {"sampler": "diffusers FlowMatchEulerDiscreteScheduler", "scheduler": schedule.scheduler_class,
+                "steps": steps, **shift}  # fmt: skip
     if schedule.scheduler_config is None:
         return {"sampler": "memwatch DDIM", "steps": steps, "clip_sample": False}
     config = schedule.ddim_scheduler(steps).config  # the values DDIM applies, defaults filled in
@@ -332,7 +339,10 @@ def sampler_summary(settings: dict[str, Any]) -> str:
         'memwatch DDIM, 50 steps, no clipping'
     """
     words = [settings["sampler"], f"{settings['steps']} steps"]
-    if "scheduler" in settings:
+    if "shift" in settings:  # flow matching: the model's own Euler steps
+        words[0] = f"Euler of the {settings['scheduler']} config"
+        words.append("dynamic shift" if settings.get("use_dynamic_shifting") else f"shift {settings['shift']:g}")
+    elif "scheduler" in settings:
         words[0] = f"DDIM of the {settings['scheduler']} config"
         words.append(f"{settings['timestep_spacing']} spacing")
     if settings.get("thresholding"):

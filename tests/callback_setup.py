@@ -51,5 +51,14 @@ class Overconfident(DDPMModule):
     diverges has): its score contracts faster than the noise (FLIPD ``d + σ_t² tr H`` < 0), and
     memwatch's DDIM carries its probes far out of the data at every check."""
 
+    factor = 30.0
+
     def memwatch_score(self) -> DiffusionScore:
-        return DiffusionScore(lambda x, t: 30.0 * self.net(x, t), self.schedule, prediction="epsilon")
+        return DiffusionScore(lambda x, t: self.factor * self.net(x, t), self.schedule, prediction="epsilon")
+
+
+class SlightlyOverconfident(Overconfident):
+    """ε 12× its network's (not 30×): a FLIPD a little below 0, within what a learned
+    score may read there (:func:`memwatch.lid.possible`), so it is clamped, not unmeasured."""
+
+    factor = 12.0

@@ -30,7 +30,10 @@ def test_demo_fast_end_to_end(tmp_path, monkeypatch, capfd):
     # issue 32, item 4: the demo shows nothing that does not apply to it (W&B's `anonymous` setting,
     # a diverging sampler while its models are still learning)
     assert "WARNING" not in captured.err and "anonymous" not in captured.err, captured.err
-    assert not [str(w.message) for w in caught if "memwatch" in str(w.message)]
+    # the one warning that applies to the fast demo: its models, 250 steps in at the first check, are
+    # too little trained to tell whether the prediction type fits (the full demo checks at step 500)
+    undecided = "cannot tell whether the network fits prediction='epsilon'"
+    assert not [str(w.message) for w in caught if "memwatch" in str(w.message) and undecided not in str(w.message)]
 
     plots = {p.name for p in (out / "plots").glob("*.png")}
     assert {"curves.png", "memorized.png", "spectrum.png"} <= plots

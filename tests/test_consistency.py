@@ -147,14 +147,14 @@ def test_a_wrong_schedule_is_told_and_logs_no_impossible_lid(tmp_path, trained, 
     monitor, told = _fit_read_as(tmp_path, trained, read)
     assert told and f"prediction={read[1]!r}" in told[0] and monitor.onset_step is None, told
     (check,) = monitor.history
-    for key in ("lid_mean", "lid/model_lid", "lid/count"):
+    for key in ("lid_mean", "lid/flipd", "lid/count"):
         assert math.isnan(check[key]) or check[key] >= 0, (key, check[key])
 
 
 def test_the_right_pair_is_not_told(tmp_path):
     monitor, told = _fit_read_as(tmp_path, ("flow", "flow_prediction"), ("flow", "flow_prediction"))
     assert not told and monitor.signals["consistency"].verdict == "fits"
-    assert math.isfinite(monitor.history[-1]["lid/model_lid"]) and math.isfinite(monitor.history[-1]["lid_mean"])
+    assert math.isfinite(monitor.history[-1]["lid/flipd"]) and math.isfinite(monitor.history[-1]["lid_mean"])
 
 
 class _TooSharp(torch.nn.Module):
@@ -180,5 +180,5 @@ def test_a_negative_lid_is_never_logged_and_names_the_pair(tmp_path, method):
         trainer.fit(AnyDiffusion("linear", "epsilon"), datamodule(torch.randn(64, 2)))
     assert monitor.onset_step is None and len(monitor.history) == 2
     for check in monitor.history:
-        for key in ("lid_mean", "lid/model_lid", "lid/count", "sharp_fraction_mean", "memorized_fraction"):
+        for key in ("lid_mean", "lid/flipd", "lid/count", "sharp_fraction_mean", "memorized_fraction"):
             assert math.isnan(check[key]), (key, check[key])

@@ -110,7 +110,7 @@ def test_unet_with_a_flow_matching_scheduler_is_found_with_no_glue(tmp_path, sch
     assert monitor._found.prediction == "flow_prediction" and monitor._found.schedule.kind == "flow"
     d = 64  # 1 × 8 × 8 digits
     for h in monitor.history:
-        assert 0 <= h["lid_mean"] <= d and 0 <= h["lid/model_lid"] <= d, h
+        assert 0 <= h["lid_mean"] <= d and 0 <= h["lid/flipd"] <= d, h
 
 
 def test_a_unet_counts_copies_of_the_images_in_its_batches(tmp_path):
