@@ -27,9 +27,13 @@ EXPECTED_FILES = {
     "conditional.py": ["conditional_metrics.png", "csv/version_0/metrics.csv"],
     "text_conditional.py": ["csv/version_0/metrics.csv"],
     "attribution.py": ["attribution.csv"],  # and exit 0 only when the duplicated images come first
+    "flow_dit.py": ["N16/checkpoints/memwatch-clean.ckpt", "N1024/checkpoints/memwatch-clean.ckpt"],
 }
 # one torch thread: the example's own advice for a busy machine (the suite runs beside it)
-ARGS = {name: ["--threads", "1"] for name in ("conditional.py", "attribution.py", "edm.py", "text_conditional.py")}
+ARGS = {
+    name: ["--threads", "1"]
+    for name in ("conditional.py", "attribution.py", "edm.py", "text_conditional.py", "flow_dit.py")
+}
 ARGS["toy2d.py"] = ["--steps", "500"]  # the test reads that it runs and draws; README's numbers come from --fast
 CASES = [(p, ARGS.get(p.name, [])) for p in EXAMPLES if p.name != "diffusers_unet.py"]
 if (ROOT / "examples" / "diffusers_unet.py").exists():
@@ -45,7 +49,7 @@ def _finite_checks(metrics_csv: Path, column: str = "memwatch/sharp_fraction_mea
 
 @pytest.mark.parametrize("script, extra", PARAMS)
 def test_example_runs_fast(script, extra, tmp_path):
-    if script.name == "diffusers_unet.py":
+    if script.name in ("diffusers_unet.py", "flow_dit.py"):
         pytest.importorskip("diffusers")
     out = tmp_path / "out"
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(ROOT))
@@ -67,6 +71,8 @@ def test_example_runs_fast(script, extra, tmp_path):
     if script.name == "diffusers_unet.py":
         prediction = extra[1] if extra else "epsilon"
         assert f"UNet2DModel, prediction={prediction!r}, probe shape (1, 16, 16)" in proc.stdout
+    if script.name == "flow_dit.py":  # found with no glue: the DiT, read as a flow velocity, probed with no class
+        assert "DiTTransformer2DModel, prediction='flow_prediction', schedule flow, null class label 1" in proc.stdout
 
 
 def _readme_snippet(heading: str) -> str:
