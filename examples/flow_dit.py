@@ -22,7 +22,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 import memwatch
+from memwatch import defaults
 from memwatch.apps.toymodels import DigitsDataModule
 from memwatch.discovery import find_score
 from memwatch.groundtruth import MEMORIZED_RATIO
@@ -51,7 +52,7 @@ class FlowDiT(pl.LightningModule):
         lr: Adam's learning rate.
     """
 
-    def __init__(self, width: int = 64, layers: int = 2, lr: float = 1e-3) -> None:
+    def __init__(self, width: int = 64, layers: int = 2, lr: float = 2e-3) -> None:
         super().__init__()
         from diffusers import DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
@@ -97,8 +98,8 @@ class Recipe:
     layers: int = 2
     lr: float = 2e-3
     batch_size: int = 64
-    num_probes: int = memwatch.defaults.NUM_PROBES
-    sampler_steps: int = memwatch.defaults.SAMPLER_STEPS
+    num_probes: int = defaults.NUM_PROBES
+    sampler_steps: int = defaults.SAMPLER_STEPS
 
 
 FULL = Recipe()
@@ -195,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     recipe = FAST if args.fast else FULL
     if args.steps is not None:
-        recipe = Recipe(**{**recipe.__dict__, "steps": args.steps})
+        recipe = replace(recipe, steps=args.steps)
     runs = [run(n, recipe, seed=args.seed, out=args.out) for n in args.n]
     print(f"score found: {runs[0].found}")
     print_table(runs)
