@@ -131,7 +131,9 @@ def test_a_wrong_pair_is_told_once_and_its_values_are_nan(tmp_path, trained, rea
     (check,) = monitor.history
     bookkeeping = ("step", "onset", "check_seconds", "intake_skipped_batches", "intake_dropped_rows")
     numbers = {
-        k: v for k, v in check.items() if not k.endswith("_count") and k not in bookkeeping and not k.startswith("time/")
+        k: v
+        for k, v in check.items()
+        if not k.endswith("_count") and k not in bookkeeping and not k.startswith("time/")
     }  # the phases' times are measured whatever the verdict
     assert all(math.isnan(v) for v in numbers.values()), {k: v for k, v in numbers.items() if not math.isnan(v)}
     assert not bool(monitor.last_check.primary.finite.any()) and bool(monitor.last_check.primary.lid.isnan().all())

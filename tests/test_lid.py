@@ -8,7 +8,14 @@ import warnings
 
 import pytest
 import torch
-from callback_setup import Overconfident, SlightlyOverconfident, datamodule, generalizing_data, memorizing_data, module_2d, trainer
+from callback_setup import (
+    SlightlyOverconfident,
+    datamodule,
+    generalizing_data,
+    memorizing_data,
+    module_2d,
+    trainer,
+)
 
 from memwatch import (
     CheckpointOptions,
