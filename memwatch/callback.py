@@ -51,11 +51,12 @@ _RANGE_BATCHES = 8  # training batches whose value range bounds the probes (with
 class MemorizationMonitor(ProbeChecks, Callback):
     r"""Detect memorization while a diffusion model trains, from the sharpness of its density.
 
-    At each check a probe is *memorized* when its sharp fraction (the share of Hessian
-    eigenvalues with ``σ_t² λ < -sharpness.threshold``) exceeds ``sharpness.score_threshold``;
-    ``memwatch/memorized_fraction`` is the share of such probes at the primary timestep, and onset
-    is declared when the share ``onset.on`` names exceeds ``onset.threshold`` for
-    ``onset.patience`` checks in a row. Logged under ``memwatch/``: see :mod:`memwatch.signals`.
+    At each check the same probes are drawn and compared with the training samples the monitor
+    has seen (a copy: ``d₁/d₂ < 1/3``), and their sharpness and LID measured; onset is declared
+    when the share ``onset.on`` names — by default ``alarm_fraction``, the probes that copy a
+    training item or sit on an isolated peak close to one (:mod:`memwatch.signals.alarm`) —
+    exceeds ``onset.threshold`` for ``onset.patience`` checks in a row. Logged under
+    ``memwatch/``: see :mod:`memwatch.signals`.
     Images of probes and training samples are logged only with ``report=ReportOptions(media=True)``.
 
     Args:
@@ -68,9 +69,11 @@ class MemorizationMonitor(ProbeChecks, Callback):
         sigmas: evaluation noise levels: ``"auto"`` (default: ``probes.sigma_factors`` × the
             median nearest-neighbour distance of the training samples seen before the first
             check; :mod:`memwatch.signals.calibration`) or σ_t values in data units, e.g. ``(0.3,)``.
-        reference_data: training samples ``[N, *shape]`` (or an iterable of batches) to find
-            the probes' copies in, or ``"batches"``: the distinct samples the monitor sees in the
-            training batches, in memory only (:mod:`memwatch.signals.copies`).
+        reference_data: what the probes' copies are looked for in (:mod:`memwatch.signals.copies`):
+            ``"batches"`` (default: the distinct samples the monitor sees in the training
+            batches, in memory only, never logged or saved), training samples ``[N, *shape]`` (or
+            an iterable of batches), or ``None``: no training samples held or compared, and the
+            default onset rule decides on sharpness alone (:mod:`memwatch.signals.alarm`).
         stop_on_onset: set ``trainer.should_stop`` at onset (one decision for all ranks).
         data, probes, sharpness, onset, copies, loss_gap, checkpoint, report: the option groups
             (:mod:`memwatch.options`), each validated when built.
@@ -92,7 +95,7 @@ class MemorizationMonitor(ProbeChecks, Callback):
         every_n_epochs: int | None = None,
         num_probes: int = defaults.NUM_PROBES,
         sigmas: Sequence[float] | str = defaults.SIGMAS,
-        reference_data: Tensor | Any | str | None = None,
+        reference_data: Tensor | Any | str | None = defaults.REFERENCE_DATA,
         stop_on_onset: bool = False,
         data: DataOptions = DataOptions(),
         probes: ProbeOptions = ProbeOptions(),
@@ -128,7 +131,7 @@ class MemorizationMonitor(ProbeChecks, Callback):
     @reference_data.setter
     def reference_data(self, value: Tensor | Any | str | None) -> None:
         # settable before fit (``memwatch fit`` hands the data module's training set over): the signals follow
-        _check_together(value, self.onset, self.copies, self.loss_gap)
+        _check_together(value, self.data, self.onset, self.copies, self.loss_gap)
         self._reference_data = value
         self._init_state()
 
@@ -151,7 +154,7 @@ class MemorizationMonitor(ProbeChecks, Callback):
         self._intake = BatchIntake(self.data, raise_errors=self.report.raise_errors)
         # until the first check (or for good with reference_data="batches"): the LID signal reads them
         self.held_samples: TrainingSamples | None = TrainingSamples(
-            self._intake, seed=self.probes.seed, uses=self._uses()
+            self._intake, seed=self.probes.seed, uses=self._uses(), optional=not self.calibrating
         )
         self.signals: dict[str, Signal] = compose(self)
 
@@ -375,7 +378,14 @@ class MemorizationMonitor(ProbeChecks, Callback):
 
 
 # ---------------------------------------------------------------------- module-level helpers
-def _check_together(reference_data: Any, onset: OnsetOptions, copies: CopyOptions, loss_gap: LossGapOptions) -> None:
+def _describe(value: Any) -> str:
+    """A setting's value in a message: tensors by their shape, not their contents."""
+    return f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else repr(value)
+
+
+def _check_together(
+    reference_data: Any, data: DataOptions, onset: OnsetOptions, copies: CopyOptions, loss_gap: LossGapOptions
+) -> None:
     """Settings that only make sense together."""
     if isinstance(reference_data, str) and reference_data != "batches":
         raise MemwatchError(
@@ -386,6 +396,12 @@ def _check_together(reference_data: Any, onset: OnsetOptions, copies: CopyOption
         raise MemwatchError(
             f"`onset.on`={onset.on!r} needs training samples to compare the probes with: pass `reference_data` "
             '(a tensor, or "batches" for those the monitor sees)'
+        )
+    if data.ids is not None and not isinstance(reference_data, str):
+        raise MemwatchError(
+            "`data.ids` name the items of the training batches' views, which the copy index reads with "
+            f'reference_data="batches" (the default); got reference_data={_describe(reference_data)}: a reference '
+            "tensor's rows are its items"
         )
     if isinstance(reference_data, str) and copies.ids is not None:
         raise MemwatchError(

@@ -14,6 +14,7 @@ __all__ = [
     "ABSOLUTE_ONSET_THRESHOLD",
     "ABSOLUTE_SIGMAS",
     "CALIBRATION_CAPACITY",
+    "CONFIRM_RATIO",
     "SIGMA_FACTORS",
     "SPECTRUM_EVERY_N_CHECKS",
     "EVERY_N_TRAIN_STEPS",
@@ -27,6 +28,7 @@ __all__ = [
     "ONSET_ON",
     "ONSET_THRESHOLD",
     "PATIENCE",
+    "REFERENCE_DATA",
     "SAMPLER_STEPS",
     "SCORE_THRESHOLD",
     "SHARPNESS",
@@ -41,7 +43,9 @@ ABSOLUTE_SIGMAS = (0.3,)  #: the former default σ_t (data units, for data in ab
 ABSOLUTE_ONSET_THRESHOLD = 0.2  #: the former default onset threshold, chosen with ABSOLUTE_SIGMAS; the demo's
 SCORE_THRESHOLD = 0.9  #: a probe is memorized when its sharp fraction exceeds this
 ONSET_THRESHOLD = 0.3  #: onset when more than this share of the probes is memorized ...
-ONSET_ON = "sharpness"  #: the share the onset rule watches: sharp probes (see MemorizationMonitor's onset_on)
+ONSET_ON = "auto"  #: the share the onset rule watches: the alarm (memwatch.signals.alarm; OnsetOptions.on)
+CONFIRM_RATIO = 0.5  #: the alarm: an isolated peak counts when its d1/d2 to the training samples is below this
+REFERENCE_DATA = "batches"  #: the probes are compared with the distinct training samples seen (in memory only)
 PATIENCE = 2  #: ... at this many checks in a row
 MIN_VALID_FRACTION = 0.5  #: a check with fewer finite probes than this share is a failed check
 SIGMA_FACTORS = (0.1,)  #: with sigmas="auto": levels = these × the training set's median NN distance (study v2)

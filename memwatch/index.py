@@ -39,10 +39,14 @@ is offered again: an item repeated in the data (the items that models copy) has 
 each return and is held more often than a singleton (measured: an item 8 times among 200
 singletons, ``C = 50``: held in 57 % of seeds, a singleton in 25 %).
 
-**Keys.** Every held sample carries a key, the 63-bit BLAKE2b hash of its raw float32 bytes:
-exact repeats are held once, and the same sample has the same key on every rank, so
-:func:`merge_hits` counts a sample two ranks hold once. ``row`` is the sample's position in the
-reference data (``-1`` for batches).
+**Keys and items.** Every held sample carries a key, the 63-bit BLAKE2b hash of its raw float32
+bytes: exact repeats are held once, and the same sample has the same key on every rank. It also
+belongs to an *item*: by default itself (its key), or the item id given with it (:meth:`CopyIndex.add`'s
+``items``: the id of the training item an augmented view was made from). The two nearest of a probe
+are of two distinct *items* — views of one item never act as each other's second neighbour, so a
+probe that copies an item is a copy however many views of it are held — and :func:`merge_hits`
+counts an item two ranks hold once. ``row`` is the sample's position in the reference data
+(``-1`` for batches).
 
 Privacy: the index holds training data in memory only; it is never saved (rebuilt after a
 restart: refilled from the reference data, or from the batches seen since).
@@ -127,13 +131,14 @@ class IndexOptions:
 
 @dataclass(frozen=True)
 class Hits:
-    """Per probe, its two nearest distinct held samples (nearest first).
+    """Per probe, its nearest held samples of two distinct items (nearest first).
 
     Attributes:
         distance: ``[n, 2]`` float64, L2 in the index's vector space (in the samples' own
-            space when re-ranked on the reference data); ``+inf`` where fewer than two samples
+            space when re-ranked on the reference data); ``+inf`` where fewer than two items
             are held, NaN for a probe that is not finite.
-        key: ``[n, 2]`` int64 content keys of those samples (the same on every rank); ``-1`` where absent.
+        key: ``[n, 2]`` int64 item keys of those samples (content keys, or the item ids given to
+            :meth:`CopyIndex.add`; the same on every rank); ``-1`` where absent.
         row: ``[n, 2]`` int64 positions in the reference data; ``-1`` where absent or unknown.
         mirror: the same for the probes' mirrors (``IndexOptions.flip``), else ``None``.
     """
@@ -188,6 +193,7 @@ class CopyIndex:
         self._store: Tensor | None = None  # [allocated, v] float32 (exact) or float16 (compressed)
         self._keys = torch.empty(0, dtype=torch.int64)
         self._rows = torch.empty(0, dtype=torch.int64)
+        self._items: Tensor | None = None  # [allocated] int64 item ids, when add() is given them
         self._slot_of: dict[int, int] = {}  # key -> slot
         self._held = 0
         self._offers = 0
@@ -212,7 +218,7 @@ class CopyIndex:
     @property
     def capacity(self) -> int | None:
         """Most samples held, ``C`` (``None`` until the first sample fixes the vector size)."""
-        return None if self._dim is None else _capacities(self.options, self._dim)[1]
+        return None if self._dim is None else _capacities(self.options, self._dim, self._items is not None)[1]
 
     @property
     def nbytes(self) -> int:
@@ -220,14 +226,14 @@ class CopyIndex:
         (a dict, estimated as its own size plus 64 bytes a key)."""
         total = 0 if self._store is None else self._store.numel() * self._store.element_size()
         total += sys.getsizeof(self._slot_of) + 64 * len(self._slot_of)
-        total += 8 * (self._keys.numel() + self._rows.numel())
+        total += 8 * (self._keys.numel() + self._rows.numel() + (0 if self._items is None else self._items.numel()))
         if self._ivf is not None and self._dim is not None:
             total += self._ivf.ntotal * (self._ivf.code_size + 8) + (self._ivf.nlist + 256) * self._dim * 4
         return total
 
     # ------------------------------------------------------------------ intake
     @torch.no_grad()
-    def add(self, samples: Tensor, rows: Tensor | None = None) -> int:
+    def add(self, samples: Tensor, rows: Tensor | None = None, items: Tensor | None = None) -> int:
         """Offer training samples ``[m, *sample_shape]``; returns how many were offers (not held before).
 
         Exact repeats of a held sample (or of an earlier row) are skipped by key. Once the index
@@ -236,10 +242,14 @@ class CopyIndex:
         Args:
             samples: ``[m, *sample_shape]`` real, finite; any device (copied to the CPU).
             rows: ``[m]`` int64 positions in the reference data (kept for :func:`nearest`), or ``None``.
+            items: ``[m]`` int64 ids of the training items the samples are views of (augmented
+                batches: every view of one item carries its id), or ``None``: each sample is its
+                own item. Either every call gives them or none does.
 
         Raises:
-            MemwatchError: wrong shape, a non-finite row, ``rows`` of the wrong size, or an
-                ``embed_fn`` output that is not ``[m, e]`` finite.
+            MemwatchError: wrong shape, a non-finite row, ``rows`` or ``items`` of the wrong size
+                (or ``items`` given to some calls only), or an ``embed_fn`` output that is not
+                ``[m, e]`` finite.
         """
         flat = self._checked(samples, "samples").to("cpu", torch.float32).contiguous()
         bad = (~torch.isfinite(flat)).any(1).nonzero().flatten()
@@ -249,6 +259,7 @@ class CopyIndex:
             rows = torch.full((flat.shape[0],), -1, dtype=torch.int64)
         elif not isinstance(rows, Tensor) or rows.shape != (flat.shape[0],):
             raise MemwatchError(f"`rows` must be a tensor [{flat.shape[0]}], got {getattr(rows, 'shape', rows)!r}")
+        items = self._checked_items(items, flat.shape[0])
         keys = _content_keys(flat)
         fresh, seen = [], set()
         for i, key in enumerate(keys.tolist()):
@@ -256,16 +267,32 @@ class CopyIndex:
                 seen.add(key)
                 fresh.append(i)
         if fresh:
-            self._admit(samples.detach()[fresh], keys[fresh], rows.to("cpu", torch.int64)[fresh])
+            chosen = None if items is None else items[fresh]
+            self._admit(samples.detach()[fresh], keys[fresh], rows.to("cpu", torch.int64)[fresh], chosen)
         return len(fresh)
+
+    def _checked_items(self, items: Tensor | None, m: int) -> Tensor | None:
+        """``items`` as ``[m]`` int64 on the CPU; the first call decides whether the index holds items."""
+        if items is not None and not (isinstance(items, Tensor) and items.shape == (m,) and not items.is_floating_point()):
+            raise MemwatchError(f"`items` must be an integer tensor [{m}], got {getattr(items, 'shape', items)!r}")
+        holds = self._items is not None
+        if self._dim is not None and holds != (items is not None):
+            raise MemwatchError(
+                "`items` must be given with every call of add() or with none: this index "
+                + ("holds item ids" if holds else "holds no item ids")
+            )
+        if items is not None and self._items is None:
+            self._items = torch.empty(0, dtype=torch.int64)
+        return None if items is None else items.to("cpu", torch.int64)
 
     # ------------------------------------------------------------------ search
     @torch.no_grad()
     def search(self, probes: Tensor, reference: Tensor | Dataset | None = None) -> Hits:
-        """The two nearest distinct held samples of each probe ``[n, *sample_shape]``.
+        """The nearest held samples of two distinct items for each probe ``[n, *sample_shape]``.
 
-        Candidates (the ``candidates`` nearest by the tier's search) are re-ranked by
-        ``‖q − x‖₂`` in float64 and the two smallest returned, ascending: on the stored vectors,
+        Candidates (the ``candidates`` nearest by the tier's search; more, 4× at a time, for the
+        probes whose candidates are all views of one item) are re-ranked by ``‖q − x‖₂`` in
+        float64 and the nearest, and the nearest of another item, returned: on the stored vectors,
         or, with ``reference``, on the samples themselves (their flattened values, or
         ``embed_fn``'s features), read back by row: exact in that space whatever the tier and the
         projection, as long as the true two nearest are among the candidates.
@@ -299,16 +326,37 @@ class CopyIndex:
             return Hits(distance, key, row)
         features = self._features(probes.detach()[finite.to(probes.device)])
         q = self._project(features)
-        slots = self._candidates(q)  # [n', c], -1 where none
-        d = self._reranked(q, slots) if reference is None else self._reranked_on(features, slots, reference)
-        best, pos = d.masked_fill(slots < 0, torch.inf).topk(min(2, d.shape[1]), dim=1, largest=False)
-        chosen = slots.gather(1, pos).clamp_min(0)
+        c = min(self.options.candidates, self._held)
+        while True:  # with item ids, every candidate may be a view of the nearest item: widen the search
+            slots = self._candidates(q, c)  # [n', c], -1 where none
+            d = self._reranked(q, slots) if reference is None else self._reranked_on(features, slots, reference)
+            best, chosen = self._two_items(d.masked_fill(slots < 0, torch.inf), slots)
+            lacking = torch.isfinite(best[:, 0]) & ~torch.isfinite(best[:, 1])
+            if not lacking.any() or c >= self._held:
+                break
+            c = min(4 * c, self._held)
         present = torch.isfinite(best)
-        k = best.shape[1]
-        distance[finite, :k] = best
-        key[finite, :k] = torch.where(present, self._keys[chosen], -1)
-        row[finite, :k] = torch.where(present, self._rows[chosen], -1)
+        distance[finite] = best
+        key[finite] = torch.where(present, self._item_keys(chosen.clamp_min(0)), -1)
+        row[finite] = torch.where(present, self._rows[chosen.clamp_min(0)], -1)
         return Hits(distance, key, row)
+
+    def _item_keys(self, slots: Tensor) -> Tensor:
+        """The item keys of held ``slots`` (the content keys when the index holds no item ids)."""
+        return self._keys[slots] if self._items is None else self._items[slots]
+
+    def _two_items(self, d: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+        """Of candidates ``slots [n, c]`` at distances ``d [n, c]`` (``inf``: none), the nearest and
+        the nearest of another item: ``(distances [n, 2], slots [n, 2])``, ``inf`` / ``-1`` where absent."""
+        d, order = d.sort(dim=1)
+        slots = slots.gather(1, order)
+        items = self._item_keys(slots.clamp_min(0))
+        other = (items != items[:, :1]) & torch.isfinite(d)
+        other[:, 0] = False
+        second_d, second = d.masked_fill(~other, torch.inf).min(dim=1)
+        distances = torch.stack([d[:, 0], second_d], 1)
+        chosen = torch.stack([slots[:, 0], slots.gather(1, second[:, None])[:, 0]], 1)
+        return distances, chosen.masked_fill(~torch.isfinite(distances), -1)
 
     def _reranked(self, q: Tensor, slots: Tensor) -> Tensor:
         """``‖q − x‖₂`` ``[n, c]`` float64 to the stored vectors of the candidate slots."""
@@ -331,10 +379,9 @@ class CopyIndex:
         d = torch.linalg.vector_norm(exact[where] - features.to(torch.float64)[:, None], dim=2)
         return d.masked_fill(rows < 0, torch.inf)
 
-    def _candidates(self, q: Tensor) -> Tensor:
-        """Slots ``[n, c]`` of the ``c = min(candidates, held)`` nearest held vectors by the tier's search."""
+    def _candidates(self, q: Tensor, c: int) -> Tensor:
+        """Slots ``[n, c]`` of the ``c <= held`` nearest held vectors by the tier's search."""
         assert self._store is not None
-        c = min(self.options.candidates, self._held)
         if self._ivf is not None:
             _, slots = self._ivf.search(q.numpy(), c)
             return torch.from_numpy(slots).to(torch.int64)
@@ -401,12 +448,12 @@ class CopyIndex:
             raise MemwatchError("`embed_fn` returned non-finite features")
         return out.detach()
 
-    def _admit(self, samples: Tensor, keys: Tensor, rows: Tensor) -> None:
+    def _admit(self, samples: Tensor, keys: Tensor, rows: Tensor, items: Tensor | None) -> None:
         """Offer distinct new samples ``[f, *shape]``: draw their slots, vectorize the winners, write them."""
         if self._dim is None:
             self._vectors(samples[:1])  # fixes the vector size, hence the capacities
         assert self._dim is not None
-        exact_cap, cap = _capacities(self.options, self._dim)
+        exact_cap, cap = _capacities(self.options, self._dim, self._items is not None)
         drawn_from = self._generator.get_state()
         slots, winners = _reservoir_slots(self._offers, samples.shape[0], cap, self._generator)
         self._offers += samples.shape[0]
@@ -430,6 +477,8 @@ class CopyIndex:
         if self.compressed and not torch.isfinite(self._store[slots]).all():
             raise MemwatchError("the index's vectors exceed the float16 range (|x| > 65504): rescale the data")
         self._keys[slots], self._rows[slots] = keys[winners], rows[winners]
+        if self._items is not None and items is not None:
+            self._items[slots] = items[winners]
         for slot, key in zip(slots.tolist(), keys[winners].tolist()):
             self._slot_of[key] = slot
         self._held = held
@@ -441,7 +490,7 @@ class CopyIndex:
         size = 0 if self._store is None else self._store.shape[0]
         if held <= size:
             return
-        exact_cap, cap = _capacities(self.options, self._dim)
+        exact_cap, cap = _capacities(self.options, self._dim, self._items is not None)
         new = min(max(held, 2 * size, 1024), exact_cap if not self.compressed else cap)
         dtype = torch.float16 if self.compressed else torch.float32
         store = torch.empty((new, self._dim), dtype=dtype)
@@ -449,6 +498,8 @@ class CopyIndex:
         if self._store is not None:
             store[:size], keys[:size], rows[:size] = self._store, self._keys, self._rows
         self._store, self._keys, self._rows = store, keys, rows
+        if self._items is not None:
+            self._items = torch.cat([self._items, torch.full((new - self._items.numel(),), -1, dtype=torch.int64)])
 
     def _compress(self) -> None:
         """Pass to the compressed tier: the held vectors in float16."""
@@ -476,10 +527,10 @@ class CopyIndex:
 
 def merge_hits(hits: Sequence[Hits]) -> Hits:
     """The exact union of several indexes' hits for the same probes (DDP ranks): per probe, the
-    two nearest distinct samples among all candidates, a key offered twice counted once.
+    nearest samples of two distinct items among all candidates, an item offered twice counted once.
 
-    Exact because the two nearest distinct samples of the union are each among the two nearest
-    of the index that holds them.
+    Exact because the nearest samples of the union's two nearest items are each among the two
+    nearest items of the index that holds them.
 
     Raises:
         MemwatchError: no hits, or hits for different numbers of probes.
@@ -593,11 +644,13 @@ def _check_int(name: str, value: Any, low: int, high: int | None) -> None:
         raise MemwatchError(f"`{name}` must be an integer {allowed}, got {value!r}")
 
 
-def _capacities(options: IndexOptions, v: int) -> tuple[int, int]:
-    """``(exact_capacity, capacity)`` for vectors of size ``v`` under ``options.memory_mb``."""
+def _capacities(options: IndexOptions, v: int, items: bool = False) -> tuple[int, int]:
+    """``(exact_capacity, capacity)`` for vectors of size ``v`` under ``options.memory_mb``
+    (8 bytes more a sample when the index holds item ids)."""
     budget = options.memory_mb * 2**20
-    exact = min(options.exact_limit, int(budget // (4 * v + 16 + _KEY_BYTES)))
-    compressed = int(budget // (2 * v + max(1, v // 8) + 24 + _KEY_BYTES))
+    extra = _KEY_BYTES + (8 if items else 0)
+    exact = min(options.exact_limit, int(budget // (4 * v + 16 + extra)))
+    compressed = int(budget // (2 * v + max(1, v // 8) + 24 + extra))
     return exact, max(2, exact, compressed)
 
 

@@ -11,6 +11,8 @@ either a clean ``[b, *shape]`` float tensor or nothing, never a crash or a skewe
 * **Shapes.** The first batch fixes the sample shape; a batch of another shape (aspect-ratio
   bucketing) turns the intake off for the rest of the run: the samples held so far are used.
 * **Values.** Rows with a NaN / Inf are dropped and counted.
+* **Items.** With ``data.ids`` every row carries the id of the training item it is a view of
+  (augmented batches), so the copy index counts the views of one item as that item.
 * **Cost.** :meth:`BatchIntake.stage` only keeps a detached copy where the batch is (no
   device synchronization per step); the rows are checked and handed on at :meth:`BatchIntake.drain`,
   at the next check or when the staged rows exceed ``STAGE_BYTES``.
@@ -22,7 +24,8 @@ counted in :attr:`BatchIntake.skipped` / :attr:`BatchIntake.dropped_rows`; with
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -36,7 +39,7 @@ from memwatch.errors import MemwatchError
 from memwatch.index import CopyIndex
 from memwatch.options import DataOptions
 
-__all__ = ["STAGE_BYTES", "BatchIntake", "TrainingSamples", "as_float", "in_probe_space"]
+__all__ = ["STAGE_BYTES", "BatchIntake", "TrainingSamples", "as_float", "in_probe_space", "item_ids"]
 
 STAGE_BYTES = 64 * 2**20  #: staged rows beyond this are drained before the next check
 
@@ -65,6 +68,40 @@ def as_float(data: Tensor, integer_range: tuple[float, float] | None, what: str)
     return low + (high - low) * data.to(torch.float32) / 255
 
 
+def item_ids(batch: Any, select: Any, size: int) -> Tensor:
+    """The ids ``[size]`` int64 of the training items a batch's samples are views of, chosen by
+    ``data.ids`` (a dict key, a tuple index or a function): an integer tensor where it is (no copy
+    to the CPU, no sync), or a list of ints / strings (strings by a 63-bit BLAKE2b hash, the same
+    on every process).
+
+    Raises:
+        MemwatchError: nothing at the selector, or not ``size`` integer ids.
+
+    Example:
+        >>> item_ids({"image": torch.zeros(2, 3), "idx": torch.tensor([7, 9])}, "idx", 2)
+        tensor([7, 9])
+    """
+    if callable(select):
+        found = select(batch)
+    elif isinstance(select, str):
+        found = batch.get(select) if isinstance(batch, Mapping) else None
+    else:
+        found = batch[select] if isinstance(batch, Sequence) and select < len(batch) else None
+    if isinstance(found, Tensor) and not found.is_floating_point() and not found.is_complex():
+        if found.shape == (size,):
+            return found.detach().to(torch.int64)
+    elif isinstance(found, Sequence) and len(found) == size and all(isinstance(i, (int, str)) for i in found):
+        return torch.tensor([i if isinstance(i, int) else _string_id(i) for i in found], dtype=torch.int64)
+    what = type(found).__name__ if not isinstance(found, Tensor) else f"a {found.dtype} tensor of shape {tuple(found.shape)}"
+    raise MemwatchError(f"`data.ids`={select!r} must give {size} integer (or string) ids of the batch's items, got {what}")
+
+
+def _string_id(name: str) -> int:
+    """A 63-bit id of a string item id, the same on every process."""
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFFFFFFFFFF
+
+
 class BatchIntake:
     """Training samples from the batches, checked (see the module docstring).
 
@@ -81,7 +118,7 @@ class BatchIntake:
         self.skipped = 0  # batches not taken (faults, refused units, after the intake turned off)
         self.dropped_rows = 0  # rows with a non-finite value
         self._warned: set[str] = set()
-        self._staged: list[tuple[int, Tensor]] = []
+        self._staged: list[tuple[int, Tensor, Tensor | None]] = []
         self._staged_bytes = 0
 
     def stage(self, batch: Any, step: int) -> None:
@@ -98,19 +135,28 @@ class BatchIntake:
         except Exception as err:  # noqa: BLE001 - a user's selector too: its fault skips the batch, not the run
             self.fault("select", step, f"{_describe(err, 'data.select')}; the batch is skipped")
             return
-        if rows is not None:
-            self._staged.append((step, rows.detach().clone()))
-            self._staged_bytes += rows.numel() * rows.element_size()
+        if rows is None:
+            return
+        ids = None
+        if self.options.ids is not None:
+            try:
+                ids = item_ids(batch, self.options.ids, rows.shape[0]).clone()
+            except Exception as err:  # noqa: BLE001 - as above
+                self.fault("ids", step, f"{_describe(err, 'data.ids')}; the batch is skipped")
+                return
+        self._staged.append((step, rows.detach().clone(), ids))
+        self._staged_bytes += rows.numel() * rows.element_size()
 
     @property
     def full(self) -> bool:
         """Whether the staged rows should be drained now (beyond ``STAGE_BYTES``)."""
         return self._staged_bytes > STAGE_BYTES
 
-    def drain(self) -> list[tuple[int, Tensor]]:
-        """The staged ``(step, rows [b, *shape])`` with the non-finite rows dropped, oldest first."""
+    def drain(self) -> list[tuple[int, Tensor, Tensor | None]]:
+        """The staged ``(step, rows [b, *shape], item ids [b] or None)`` with the non-finite rows
+        dropped, oldest first."""
         out = []
-        for step, rows in self._staged:
+        for step, rows, ids in self._staged:
             finite = torch.isfinite(rows.flatten(1)).all(1)
             bad = int((~finite).sum())
             if bad:
@@ -122,8 +168,9 @@ class BatchIntake:
                     "not taken (counted in memwatch/intake_dropped_rows)",
                 )
                 rows = rows[finite.to(rows.device)]
+                ids = None if ids is None else ids[finite.to(ids.device)]
             if rows.shape[0]:
-                out.append((step, rows))
+                out.append((step, rows, ids))
         self._staged, self._staged_bytes = [], 0
         return out
 
@@ -176,13 +223,18 @@ class TrainingSamples:
         intake: the monitor's batch intake.
         seed: seed of the reservoir.
         uses: the settings that read the batches, for messages (e.g. ``'sigmas="auto"'``).
+        optional: whether the monitor can do without them (no ``sigmas="auto"`` to calibrate):
+            batches that are not in the probes' space are then refused with one warning
+            (:attr:`refused`) instead of failing the run.
     """
 
-    def __init__(self, intake: BatchIntake, *, seed: int, uses: str) -> None:
+    def __init__(self, intake: BatchIntake, *, seed: int, uses: str, optional: bool = False) -> None:
         self.intake = intake
         self.reservoir = Reservoir(intake.options.capacity, seed=seed, distinct=True)
         self.index: CopyIndex | None = None  # the copies signal's, with reference_data="batches"
         self.uses = uses
+        self.optional = optional
+        self.refused: str | None = None  # why no training sample is held (batches outside the probes' space)
         self._warned_latents = False
 
     def __len__(self) -> int:
@@ -204,20 +256,32 @@ class TrainingSamples:
         self.intake.stage(batch, step)
         shape, encode = self.intake.shape, self.intake.options.encode_fn
         if first and shape is not None and encode is None and shape != tuple(sample_shape):
-            raise MemwatchError(space_message(shape, sample_shape, self.uses))
+            if not self.optional:
+                raise MemwatchError(space_message(shape, sample_shape, self.uses))
+            self._refuse(space_message(shape, sample_shape, self.uses))
         if self.intake.full:
             self.drain(sample_shape)
 
+    def _refuse(self, reason: str) -> None:
+        """Hold no training sample for the rest of the run, and say so once."""
+        self.refused = reason
+        self.intake.off = True
+        self.intake.drain()  # the refused batch
+        rank_zero_warn(
+            f"memwatch: {reason}. The monitor holds and compares no training samples for the rest of the run: no "
+            "copies are counted, the LID signal has no data LID, and the onset rule decides on isolated peaks alone"
+        )
+
     def drain(self, sample_shape: Sequence[int]) -> None:
         """Offer the staged rows to the reservoir; a batch that cannot be encoded is skipped (one warning)."""
-        for step, rows in self.intake.drain():
+        for step, rows, ids in self.intake.drain():
             try:
-                self._hold(rows, tuple(sample_shape))
+                self._hold(rows, ids, tuple(sample_shape))
             except Exception as err:  # noqa: BLE001 - the user's encoder: its fault skips the batch, not the run
                 self.intake.fault("encode", step, f"{_describe(err, 'data.encode_fn')}; the batch is not taken")
 
-    def _hold(self, rows: Tensor, sample_shape: tuple[int, ...]) -> None:
-        """Offer ``rows`` to the reservoir and the copy index, in the probes' space."""
+    def _hold(self, rows: Tensor, ids: Tensor | None, sample_shape: tuple[int, ...]) -> None:
+        """Offer ``rows`` (views of the items ``ids``) to the reservoir and the copy index, in the probes' space."""
         encode = self.intake.options.encode_fn
         in_space = tuple(rows.shape[1:]) == sample_shape
         if in_space and encode is not None and not self._warned_latents:
@@ -234,7 +298,7 @@ class TrainingSamples:
             return
         rows = rows if in_space else self._encode(rows, sample_shape)
         self.reservoir.update(rows)
-        self.index.add(rows)
+        self.index.add(rows, items=None if ids is None else ids.cpu())
 
     def _encode(self, x: Tensor, sample_shape: tuple[int, ...]) -> Tensor:
         """Training samples ``[b, *data shape]`` in the probes' space ``[b, *sample_shape]`` through

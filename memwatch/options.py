@@ -60,6 +60,7 @@ __all__ = [
 
 #: the share of the probes each ``onset.on`` watches (a key of the check's values)
 ONSET_VALUES = {
+    "auto": "alarm_fraction",
     "sharpness": "memorized_fraction",
     "lid": "lid_memorized_fraction",
     "copies": "nn_memorized_fraction",
@@ -79,6 +80,14 @@ def _set(obj: object, name: str, value: object) -> None:
     object.__setattr__(obj, name, value)
 
 
+def _check_selector(name: str, value: Any) -> None:
+    """A batch selector: ``None``, a dict key, a tuple index ``>= 0`` or a function."""
+    if not (value is None or isinstance(value, (str, int)) or callable(value)):
+        raise MemwatchError(f"`{name}` must be a dict key, a tuple index, a function batch -> Tensor or None, got {value!r}")
+    if isinstance(value, bool) or (isinstance(value, int) and value < 0):
+        raise MemwatchError(f"`{name}` as a tuple index must be an integer >= 0, got {value!r}")
+
+
 @dataclass(frozen=True, eq=False)
 class DataOptions:
     """How the monitor reads training data: the batches, ``reference_data`` and held-out data.
@@ -87,6 +96,12 @@ class DataOptions:
         select: where a batch holds its samples: a dict key (``"image"``), a tuple / list index
             (``1`` for ``(label, image)`` batches) or a function ``batch -> Tensor [b, ...]``;
             default: the batch itself, or its first tensor.
+        ids: where a batch holds the id of the training item each sample was made from — for
+            augmented batches (random flips, crops, colour jitter), whose views of one item must
+            count as that item in the copy rule (:mod:`memwatch.index`): a dict key, a tuple index
+            or a function ``batch -> Tensor [b]`` (integers; or a list of ints / strings). Ids name
+            the same item on every rank (e.g. the dataset index). ``None`` (default): each distinct
+            sample is its own item.
         sample_shape: the probes' shape (one sample); default: the network's config, else the
             first training batch.
         encode_fn: images → latents (e.g. a VAE's encode), applied to pixel ``reference_data``,
@@ -106,6 +121,7 @@ class DataOptions:
     """
 
     select: Selector = None
+    ids: Selector = None
     sample_shape: Sequence[int] | None = None
     encode_fn: Callable[[Tensor], Tensor] | None = None
     decode_fn: Callable[[Tensor], Tensor] | None = None
@@ -114,13 +130,8 @@ class DataOptions:
     capacity: int = defaults.CALIBRATION_CAPACITY
 
     def __post_init__(self) -> None:
-        if not (self.select is None or isinstance(self.select, (str, int)) or callable(self.select)):
-            raise MemwatchError(
-                f"`data.select` must be a dict key, a tuple index, a function batch -> Tensor or None, "
-                f"got {self.select!r}"
-            )
-        if isinstance(self.select, bool) or (isinstance(self.select, int) and self.select < 0):
-            raise MemwatchError(f"`data.select` as a tuple index must be an integer >= 0, got {self.select!r}")
+        for name in ("select", "ids"):
+            _check_selector(f"data.{name}", getattr(self, name))
         _set(self, "sample_shape", check_shape("data.sample_shape", self.sample_shape))
         _set(self, "data_range", check_range("data.data_range", self.data_range))
         _set(self, "integer_range", check_range("data.integer_range", self.integer_range))
@@ -184,11 +195,15 @@ class OnsetOptions:
         threshold: onset when more than this share of the probes is memorized (``[0, 1)``;
             ``None``: only ``min_delta``) ...
         patience: ... at this many checks in a row.
-        on: ``"sharpness"`` (``memorized_fraction``), ``"lid"`` (``lid_memorized_fraction``: probes
+        on: ``"auto"`` (default: ``alarm_fraction``, :mod:`memwatch.signals.alarm` — copies of the
+            training samples, or isolated peaks within ``confirm_ratio`` of one; without training
+            samples, isolated peaks), ``"sharpness"`` (``memorized_fraction``), ``"lid"`` (``lid_memorized_fraction``: probes
             whose LID statistic fell below ``sharpness.lid``'s threshold, :mod:`memwatch.signals.lid`),
             ``"copies"`` (``nn_memorized_fraction``: probes with ``d₁/d₂ < 1/3`` to the training
             samples; needs ``reference_data``) or
             ``"either"`` (``flagged_fraction``: sharp or a copy).
+        confirm_ratio: with ``on="auto"`` and training samples: an isolated peak (LID below
+            ``sharpness.lid.count_threshold``) counts when its ``d₁/d₂`` is below this (``(1/3, 1]``).
         min_delta: also/instead: onset when the share exceeds the baseline of the first
             ``baseline_checks`` checks by this much.
         min_steps: no onset before this global step.
@@ -200,6 +215,7 @@ class OnsetOptions:
     threshold: float | None = defaults.ONSET_THRESHOLD
     patience: int = defaults.PATIENCE
     on: str = defaults.ONSET_ON
+    confirm_ratio: float = defaults.CONFIRM_RATIO
     min_delta: float | None = None
     min_steps: int = 0
     baseline_checks: int = 3
@@ -212,6 +228,9 @@ class OnsetOptions:
         if self.on not in ONSET_VALUES:
             raise MemwatchError(f"`onset.on` must be one of {sorted(ONSET_VALUES)}, got {self.on!r}")
         check_fraction("onset.min_valid_fraction", self.min_valid_fraction, low_open=True, high_closed=True)
+        ratio = self.confirm_ratio
+        if isinstance(ratio, bool) or not (isinstance(ratio, (int, float)) and 1 / 3 < ratio <= 1):
+            raise MemwatchError(f"`onset.confirm_ratio` must be a number in (1/3, 1], got {self.confirm_ratio!r}")
         self.detector()  # the detector checks the rest (min_delta, min_steps, baseline_checks)
 
     def detector(self) -> OnsetDetector:

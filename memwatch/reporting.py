@@ -35,7 +35,7 @@ from memwatch.onset import OnsetDecision
 from memwatch.probes import CONDITION_METRICS
 from memwatch.sharpness import SharpnessResult
 
-__all__ = ["CheckReporter", "CheckResult", "copies_verdict", "format_timestep"]
+__all__ = ["RULES", "CheckReporter", "CheckResult", "copies_verdict", "format_timestep", "onset_rule"]
 
 _SPECTRUM_GRID = torch.linspace(-1.6, 0.4, 201)  # normalized eigenvalues σ_t²λ shown in spectra
 _GALLERY_SIZE = 8
@@ -64,6 +64,8 @@ class CheckResult:
         hessian_score_norm: ``[n]`` Jeon et al.'s ``‖H s‖`` of this rank's probes at the
             noisiest sampler state (larger = more memorized; ``None`` when not measured).
         lid: the LID signal's reading of every rank's probes (:class:`memwatch.lid.LidReading`).
+        rule: the default onset rule in words, as it decided at this check
+            (:attr:`memwatch.signals.alarm.AlarmSignal.rule`; ``""`` where no alarm ran).
     """
 
     step: int
@@ -79,6 +81,7 @@ class CheckResult:
     spectrum: SharpnessResult | None = None
     hessian_score_norm: Tensor | None = None
     lid: LidReading | None = None
+    rule: str = ""
 
     @property
     def primary(self) -> SharpnessResult:
@@ -324,7 +327,8 @@ class CheckReporter:
         values, decision = check.values, check.decision
         if decision.onset:
             msg = (
-                f"memorization onset at step {check.step}: {decision.reason}{copies_verdict(values, self.onset_key)}. "
+                f"memorization onset at step {check.step} by {onset_rule(check, self.onset_key)}: {decision.reason}"
+                f"{copies_verdict(values, self.onset_key)}. "
                 f"Last clean checkpoint: {clean_checkpoint} (step {_int_or_none(values.get('clean_step'))})"
             )
             rank_zero_warn(f"memwatch: {msg}")
@@ -336,7 +340,7 @@ class CheckReporter:
                 lid = f", LID {values['lid/model_lid']:.1f} (data {values['lid/data_lid']:.1f})"
             rank_zero_info(
                 f"memwatch step {check.step}: sharp fraction {values['sharp_fraction_mean']:.3f}{lid}, "
-                f"memorized {values[self.onset_key]:.2f}"
+                f"flagged {values[self.onset_key]:.2f} by {onset_rule(check, self.onset_key)}"
                 + copies_verdict(values, self.onset_key)
                 + (f", {bad} probe(s) not finite" if bad else "")
                 + f" ({values['check_seconds']:.1f}s)"
@@ -349,6 +353,22 @@ class CheckReporter:
                 f"memwatch step {check.step}: most memorized condition {check.most_memorized_condition} "
                 f"(Hessian-weighted score difference {top:.3g}, median over conditions {median:.3g})"
             )
+
+
+#: the rule each onset share stands for, in words (``"alarm_fraction"``: the check's own :attr:`CheckResult.rule`)
+RULES = {
+    "memorized_fraction": "sharp probes (onset.on='sharpness')",
+    "lid_memorized_fraction": "the LID statistic (onset.on='lid')",
+    "nn_memorized_fraction": "copies, d₁/d₂ < 1/3 (onset.on='copies')",
+    "flagged_fraction": "sharp probes or copies (onset.on='either')",
+}
+
+
+def onset_rule(check: CheckResult, onset_key: str) -> str:
+    """The rule behind the onset share ``onset_key``, in words, for the result line and the alert."""
+    if onset_key == "alarm_fraction":
+        return check.rule or "the default rule"
+    return RULES[onset_key]
 
 
 def copies_verdict(values: dict[str, float], onset_key: str = "memorized_fraction") -> str:

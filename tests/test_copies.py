@@ -107,9 +107,9 @@ def test_onset_on_either_fires_no_later_than_sharpness_alone(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(onset_on="copies"), r"`onset.on`='copies' needs training samples .* pass `reference_data`"),
-        (dict(onset_on="either"), r"`onset.on`='either' needs"),
-        (dict(onset_on="nn"), r"`onset.on` must be one of \['copies', 'either', 'lid', 'sharpness'\], got 'nn'"),
+        (dict(reference_data=None, onset_on="copies"), r"`onset.on`='copies' needs training samples .* `reference_data`"),
+        (dict(reference_data=None, onset_on="either"), r"`onset.on`='either' needs"),
+        (dict(onset_on="nn"), r"`onset.on` must be one of \['auto', 'copies', 'either', 'lid', 'sharpness'\], got 'nn'"),
         (dict(reference_data="batch"), r"`reference_data` must be .* \"batches\" or None, got 'batch'"),
         (dict(reference_data="batches", reference_ids=[0, 1]), r"`copies.ids` name the items"),
         (dict(reference_data="batches", calibration_capacity=1), r"`data.capacity` must be an integer >= 2"),

@@ -365,3 +365,64 @@ def test_an_embed_fn_that_fails_changes_nothing():
     assert len(index) == index.offers == 20
     assert index.add(train[20:]) == 20
     torch.testing.assert_close(ratio(index.search(probes)), nn_ratio(probes, train))
+
+
+def _views(items: torch.Tensor, per_item: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_item`` views of each item (the item plus small distinct perturbations, as augmentations
+    give) ``[m * per_item, *SHAPE]`` and their item ids ``[m * per_item]``."""
+    g = torch.Generator().manual_seed(seed)
+    wiggle = 0.05 * torch.randn(items.shape[0], per_item, *SHAPE, generator=g)
+    wiggle[:, 0] = 0  # the item itself is one of its views
+    views = (items[:, None] + wiggle).flatten(0, 1)
+    return views, torch.arange(items.shape[0]).repeat_interleave(per_item)
+
+
+@pytest.mark.parametrize("engine_name", ["faiss", "torch"])
+def test_views_of_one_item_are_not_each_others_second_neighbour(engine_name, monkeypatch):
+    if engine_name == "torch":
+        monkeypatch.setitem(sys.modules, "faiss", None)
+    items = torch.randn(20, *SHAPE, generator=torch.Generator().manual_seed(3))
+    views, ids = _views(items, per_item=40)  # more views than `candidates`: the search must widen
+    probes = items[:4] + 0.03 * torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(4))
+    plain = CopyIndex(IndexOptions(candidates=8), SHAPE)
+    plain.add(views)
+    by_item = CopyIndex(IndexOptions(candidates=8), SHAPE)
+    by_item.add(views[:500], items=ids[:500])
+    by_item.add(views[500:], items=ids[500:])
+    truth = nn_ratio(probes, items)  # per item: the probe against the items themselves
+    assert (truth < MEMORIZED_RATIO).all()
+    assert (ratio(plain.search(probes)) > MEMORIZED_RATIO).all()  # another view hides the copy
+    hits = by_item.search(probes)
+    assert (ratio(hits) < MEMORIZED_RATIO).all()
+    assert torch.equal(hits.key[:, 0], torch.arange(4)) and (hits.key[:, 1] != hits.key[:, 0]).all()
+    # the second neighbour is the nearest view of any other item: brute force over the views
+    others = torch.stack([torch.cdist(p.flatten()[None], views[ids != i].flatten(1)).min() for i, p in enumerate(probes)])
+    torch.testing.assert_close(hits.distance[:, 1], others.double())
+
+
+def test_item_ids_merge_over_ranks_like_one_index():
+    items = torch.randn(30, *SHAPE, generator=torch.Generator().manual_seed(5))
+    views, ids = _views(items, per_item=6)
+    probes = torch.cat([items[:5] + 0.05, torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(6))])
+    whole = CopyIndex(IndexOptions(), SHAPE)
+    whole.add(views, items=ids)
+    ranks = [CopyIndex(IndexOptions(), SHAPE) for _ in range(2)]
+    for rank, part in zip(ranks, (slice(0, 100), slice(80, None))):  # overlapping shards, as DDP epochs give
+        rank.add(views[part], items=ids[part])
+    merged = merge_hits([rank.search(probes) for rank in ranks])
+    expected = whole.search(probes)
+    torch.testing.assert_close(merged.distance, expected.distance)
+    assert torch.equal(merged.key, expected.key)
+
+
+def test_item_ids_are_given_with_every_add_or_none():
+    index = CopyIndex(IndexOptions(), SHAPE)
+    index.add(torch.randn(3, *SHAPE), items=torch.tensor([1, 1, 2]))
+    with pytest.raises(MemwatchError, match="every call of add"):
+        index.add(torch.randn(2, *SHAPE))
+    with pytest.raises(MemwatchError, match="integer tensor"):
+        index.add(torch.randn(2, *SHAPE), items=torch.tensor([1.0, 2.0]))
+    plain = CopyIndex(IndexOptions(), SHAPE)
+    plain.add(torch.randn(2, *SHAPE))
+    with pytest.raises(MemwatchError, match="holds no item ids"):
+        plain.add(torch.randn(2, *SHAPE), items=torch.tensor([1, 2]))

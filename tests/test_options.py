@@ -94,7 +94,7 @@ def test_an_unknown_name_is_a_type_error():
     "build, message",
     [
         (lambda: OnsetOptions(threshold=1.5), r"`onset.threshold` must be a number in \[0, 1\), got 1.5"),
-        (lambda: OnsetOptions(on="loss"), r"`onset.on` must be one of \['copies', 'either', 'lid', 'sharpness'\]"),
+        (lambda: OnsetOptions(on="loss"), r"`onset.on` must be one of \['auto', 'copies', 'either', 'lid', 'sharpness'\]"),
         (lambda: OnsetOptions(min_valid_fraction=0), r"`onset.min_valid_fraction` must be a number in \(0, 1\]"),
         (lambda: ProbeOptions(sampler_steps=1), r"`probes.sampler_steps` must be an integer >= 2, got 1"),
         (lambda: ProbeOptions(sigma_factors=()), r"`probes.sigma_factors` must be a non-empty sequence"),
@@ -123,13 +123,17 @@ def test_groups_are_frozen():
 
 def test_settings_that_need_each_other_fail_at_construction():
     with pytest.raises(ValueError, match="`onset.on`='copies' needs training samples"):
-        MemorizationMonitor(onset=OnsetOptions(on="copies"))
+        MemorizationMonitor(reference_data=None, onset=OnsetOptions(on="copies"))
     with pytest.raises(ValueError, match="`copies.ids` name the items"):
         MemorizationMonitor(reference_data="batches", copies=CopyOptions(ids=[1, 2]))
     with pytest.raises(ValueError, match="`loss_gap.heldout_data` is one side of the loss gap"):
         import torch
 
-        MemorizationMonitor(loss_gap=LossGapOptions(heldout_data=torch.zeros(4, 2)))
+        MemorizationMonitor(reference_data=None, loss_gap=LossGapOptions(heldout_data=torch.zeros(4, 2)))
+    with pytest.raises(ValueError, match="`data.ids` name the items of the training batches' views"):
+        MemorizationMonitor(reference_data=None, data=DataOptions(ids="idx"))
+    with pytest.raises(ValueError, match=r"`onset.confirm_ratio` must be a number in \(1/3, 1\], got 0.2"):
+        OnsetOptions(confirm_ratio=0.2)
 
 
 def test_jsonargparse_reads_the_groups_as_nested_options_and_yaml_sections():

@@ -7,9 +7,10 @@
   Lightning's ``LightningCLI`` ``fit`` for any LightningModule / LightningDataModule named by
   ``class_path`` in the config; the monitor's arguments are the ``monitor:`` section and
   ``--monitor.*`` flags, other callbacks and loggers come from the config too. When a ``MemorizationMonitor``
-  has no ``reference_data`` and the data module has a ``train_data`` tensor (as
-  :class:`memwatch.apps.toymodels.DigitsDataModule` does), that tensor becomes its reference data,
-  so the nearest-neighbour ground truth is logged as well.
+  reads its copies from the batches (``reference_data="batches"``, the default) and the data module
+  has a ``train_data`` tensor (as :class:`memwatch.apps.toymodels.DigitsDataModule` does), that
+  tensor becomes its reference data: the same samples, with their rows for the copied-items table.
+  ``reference_data: null`` (no training samples compared) is kept.
 
 ``python -m memwatch ...`` is the same as ``memwatch ...``.
 """
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from memwatch.reporting import copies_verdict
+from memwatch.reporting import copies_verdict, onset_rule
 
 __all__ = ["MemwatchCLI", "main"]
 
@@ -66,7 +67,8 @@ class MemwatchCLI(LightningCLI):
 
         train_data = getattr(self.datamodule, "train_data", None)
         for cb in self.trainer.callbacks:
-            if isinstance(cb, MemorizationMonitor) and cb.reference_data is None and train_data is not None:
+            # the data module's training set instead of the batches (the default): the same samples, with their rows
+            if isinstance(cb, MemorizationMonitor) and isinstance(cb.reference_data, str) and train_data is not None:
                 cb.reference_data = train_data
 
     def after_fit(self) -> None:
@@ -141,7 +143,9 @@ def _verdict(monitor: object) -> str:
     last = history[-1]
     detector = getattr(monitor, "detector", None)
     key = "memorized_fraction" if detector is None else detector.monitor  # what the onset rule watches
-    parts = [f"sharp fraction {last['sharp_fraction_mean']:.2f}", f"memorized {last[key]:.0%}"]
+    last_check = getattr(monitor, "last_check", None)
+    rule = "" if last_check is None else f" by {onset_rule(last_check, key)}"
+    parts = [f"sharp fraction {last['sharp_fraction_mean']:.2f}", f"flagged {last[key]:.0%}{rule}"]
     if "nn_memorized_fraction" in last:
         parts.append(f"copies of training data {last['nn_memorized_fraction']:.0%}")
         disagreement = copies_verdict(last, key).partition(": ")[2]  # e.g. flagged but no copies among those compared

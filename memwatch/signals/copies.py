@@ -124,6 +124,9 @@ class CopySignal(Signal):
         return self.held.samples
 
     def contribute(self, run: Run, draft: Draft, measured: object) -> None:
+        if self.held is not None and self.held.refused:  # said once where the batches were refused
+            draft.values.update(nan_values(COPY_VALUES))
+            return
         ratio_all, row_all = self._search(run, draft.measurement)
         if bool(run.all_true(bool(torch.isnan(ratio_all).all()))):
             self._few_samples(run)

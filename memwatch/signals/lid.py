@@ -194,8 +194,9 @@ class LidSignal(Signal):
     def contribute(self, run: Run, draft: Draft, measured: dict[float, Tensor] | None) -> None:
         m = draft.measurement
         timesteps = list(m.results)
-        if self.reference is None and not self._warned:  # e.g. `memwatch scan` without training data
-            self._warned = True
+        held = self.held()
+        if self.reference is None and not self._warned and not (held is not None and held.refused):
+            self._warned = True  # e.g. `memwatch scan` without training data (refused batches were said)
             rank_zero_warn("memwatch: the LID signal has no data LID (no training samples were seen); its ratios to it "
                            "are NaN (warned once)")  # fmt: skip
         reference = self.reference or dict.fromkeys(timesteps, math.nan)

@@ -3,7 +3,7 @@
 A factory takes the monitor (it reads its option groups and the few services it offers:
 ``held_samples``, ``signals``, ``use_levels``) and returns its signal,
 or ``None`` when the monitor's settings do not ask for it. The order matters: calibration fixes
-the levels first, the copies' ratios feed the sharpness summary. A new signal is one module with
+the levels first, the copies' ratios feed the sharpness summary and the alarm. A new signal is one module with
 a ``build`` factory and one line here.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from memwatch.signals import calibration, conditional, copies, lid, lossgap, sharpness
+from memwatch.signals import alarm, calibration, conditional, copies, lid, lossgap, sharpness
 from memwatch.signals.base import Signal
 
 __all__ = ["FACTORIES", "compose"]
@@ -22,6 +22,7 @@ FACTORIES: tuple[Callable[[Any], Signal | None], ...] = (
     copies.build,
     sharpness.build,
     lid.build,
+    alarm.build,
     conditional.build,
     lossgap.build,
 )

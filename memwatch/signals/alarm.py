@@ -1,0 +1,114 @@
+"""The alarm: the share of probes the default onset rule counts (``alarm_fraction``, ``onset.on="auto"``).
+
+The rule uses what the monitor can see:
+
+* **with training samples to compare with** (the copy index of :mod:`memwatch.signals.copies`:
+  ``reference_data="batches"``, the default, or a reference tensor) a probe counts when it
+  *copies* a training item — ``d₁/d₂ < 1/3``, the literature's rule (Carlini et al. 2023; Bonnaire
+  et al. 2025) — or when it is *converging onto* one: an isolated peak (its LID at the primary
+  level below ``sharpness.lid.count_threshold`` dimensions) whose nearest training item is close
+  (``d₁/d₂ < onset.confirm_ratio``). Sharpness thus leads and is confirmed by proximity; alone it
+  never decides (a generalizing model on thin data is sharp too: ``docs/validation.md``);
+* **without** (``reference_data=None``, or training batches the monitor cannot compare with the
+  probes) a probe counts when its LID is below the count threshold — study v3's best rule without
+  training data (no false alarm on its held-out seeds).
+
+A check where the copy ratios could not be told (fewer than two distinct training items held, a
+failed search: the copies signal warns) reads NaN: it is neither clean nor counted, and the rule
+never switches to the other side on its own. The rule in force is said in words (:attr:`AlarmSignal.rule`)
+in the result line, the onset alert and ``memwatch fit``'s summary.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from memwatch.groundtruth import MEMORIZED_RATIO
+from memwatch.intake import TrainingSamples
+from memwatch.signals.base import Draft, Run, Signal
+
+__all__ = ["AlarmSignal"]
+
+
+class AlarmSignal(Signal):
+    """The default onset rule's share of the probes (see the module docstring).
+
+    Args:
+        count_threshold: a probe is an isolated peak when its LID is below this (dimensions).
+        confirm_ratio: with training samples: an isolated peak counts when its ``d₁/d₂`` is below this.
+        without: why no training samples are compared (e.g. ``"reference_data=None"``), or
+            ``None`` when the copy index is there.
+        held: the training samples the copy index is fed from (``reference_data="batches"``): when
+            it refuses the batches (not in the probes' space), the rule decides without them.
+    """
+
+    name = "alarm"
+    value_names = ("alarm_fraction",)
+
+    def __init__(
+        self, count_threshold: float, confirm_ratio: float, without: str | None, held: TrainingSamples | None = None
+    ) -> None:
+        self.count_threshold = count_threshold
+        self.confirm_ratio = confirm_ratio
+        self.without = without
+        self.held = held
+
+    @property
+    def rule(self) -> str:
+        """The rule in words, as the result line and the onset alert say it."""
+        if self.without is None:
+            return (
+                f"copies (d₁/d₂ < 1/3) or isolated peaks (LID < {self.count_threshold:g}) "
+                f"near a training item (d₁/d₂ < {self.confirm_ratio:g})"
+            )
+        return f"isolated peaks (LID < {self.count_threshold:g}); no training samples compared: {self.without}"
+
+    def flags(self, lid: Tensor, nn_ratio: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Per probe ``[n]``: ``(counted, told)`` — whether the rule counts it, and whether it could
+        be told (a finite ratio with training samples; a finite LID without).
+
+        Example:
+            >>> signal = AlarmSignal(count_threshold=3.0, confirm_ratio=0.5, without=None)
+            >>> signal.flags(torch.tensor([1.0, 1.0, 9.0, 1.0]), torch.tensor([0.2, 0.4, 0.2, 0.9]))
+            (tensor([ True,  True,  True, False]), tensor([True, True, True, True]))
+        """
+        peak = lid < self.count_threshold
+        if self.without is not None:
+            return peak, torch.isfinite(lid)
+        assert nn_ratio is not None
+        ratio = nn_ratio.to(lid.device, torch.float64)
+        counted = (ratio < MEMORIZED_RATIO) | (peak & (ratio < self.confirm_ratio))
+        return counted, torch.isfinite(ratio)
+
+    def contribute(self, run: Run, draft: Draft, measured: object) -> None:
+        m = draft.measurement
+        if self.without is None and self.held is not None and self.held.refused:
+            self.without = "the training batches are not in the probes' space (pass `data.encode_fn`)"
+        draft.fields["rule"] = self.rule
+        if self.without is None and m.nn_ratio is None:  # the copies were not told at this check
+            draft.values["alarm_fraction"] = math.nan
+            return
+        counted, told = self.flags(m.primary.lid.double(), m.nn_ratio)
+        draft.values["alarm_fraction"] = _synced_share(counted & told, told, run.device)
+
+
+def _synced_share(hits: Tensor, told: Tensor, device: torch.device) -> float:
+    """``hits.sum() / told.sum()`` over every rank's probes (NaN when none was told)."""
+    from torchmetrics.aggregation import SumMetric
+
+    total, count = SumMetric().to(device), SumMetric().to(device)  # synced over ranks on compute
+    total.update(hits.double().sum().to(device))
+    count.update(told.double().sum().to(device))
+    n = float(count.compute())
+    return float(total.compute()) / n if n > 0 else math.nan
+
+
+def build(monitor: Any) -> AlarmSignal:
+    """The alarm of ``monitor`` (always: ``alarm_fraction`` is logged whatever ``onset.on`` watches)."""
+    without = None if monitor.reference_data is not None else "reference_data=None"
+    held = monitor.held_samples if monitor.copies_from_batches else None
+    return AlarmSignal(monitor.sharpness.lid.count_threshold, monitor.onset.confirm_ratio, without, held)
