@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # the study's package, as `python 
 from validation_study.analysis import (  # noqa: E402
     CANDIDATES,
     MEAN_T,
-    Outcome,
     OnsetRow,
+    Outcome,
     Rule,
     choose,
     evaluate,
@@ -47,6 +47,7 @@ from validation_study.runs import (  # noqa: E402
     load_cache,
     make_data,
     save_cache,
+    training_parts,
     training_set,
 )
 
@@ -89,14 +90,15 @@ def test_fast_validation_writes_tables_and_plots_and_fresh_seeds_change_no_choic
         png = tmp_path / "a" / "img" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"img/{name}" in report
-    # the same runs relabelled as seed 7 stand in for fresh seeds: evaluated, never chosen on
+    # the same runs relabelled as seeds 7, 8 stand in for fresh seeds: evaluated, never chosen on
     runs, timing = load_cache(tmp_path / "runs.pt")
-    save_cache(tmp_path / "fresh.pt", [replace(r, seed=7) for r in runs], timing, FAST)
+    save_cache(tmp_path / "fresh.pt", [replace(r, seed=r.seed + 7) for r in runs], timing, FAST)
     args = ("--from-cache", str(tmp_path / "runs.pt"), "--fresh-cache", str(tmp_path / "fresh.pt"))
     proc = _run(*args, "--out", str(tmp_path / "b"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     with_fresh = (tmp_path / "b" / "validation.md").read_text()
-    assert "**Fresh seed 7** (6 runs)" in with_fresh
+    assert "**Fresh seeds 7, 8** (8 runs)" in with_fresh
+    assert "**Augmented runs**" in report  # the monitor with item ids beside one without, on the same probes
     rules = report.split("## 1. Rules compared")[1].split("## 2.")[0]
     assert rules == with_fresh.split("## 1. Rules compared")[1].split("## 2.")[0]
 
@@ -183,7 +185,14 @@ def test_onset_lead_against_the_ground_truth():
     out = evaluate([run], COPIES, DEFAULTS)
     (row,) = out.rows
     # patience 2: the second check of the streak (step 400) is the onset, one check before the truth
-    assert (row.truth, row.onset, row.lead, row.false_alarm, row.on_time, row.right) == (500, 400, 100, False, True, True)
+    assert (row.truth, row.onset, row.lead, row.false_alarm, row.on_time, row.right) == (
+        500,
+        400,
+        100,
+        False,
+        True,
+        True,
+    )
     assert (out.count("memorizing"), out.count("detected"), out.count("on_time"), out.count("never")) == (1, 1, 1, 0)
     assert out.median_lead == 100 and out.margin == pytest.approx(0.3 - 0.25)  # streak value at the truth onset − θ
     late = evaluate([run], Rule("copies", 0.3, 2), DEFAULTS).rows[0]  # 0.3 no longer passes
@@ -258,10 +267,19 @@ def test_loss_gap_rule_and_its_relative_margin():
 
 
 def test_library_rule_follows_the_librarys_onset_setting():
-    assert library_rule(DEFAULTS) == Rule("sharp", 0.2, 2, sharp_threshold=0.9)
+    sharpness = replace(DEFAULTS, onset_on="sharpness")
+    assert library_rule(sharpness) == Rule("sharp", 0.2, 2, sharp_threshold=0.9)
     assert library_rule(replace(DEFAULTS, onset_on="copies")) == Rule("copies", 0.2, 2)
     count = replace(DEFAULTS, onset_on="lid", lid_statistic="count", lid_count_threshold=3.0)
     assert library_rule(count) == Rule("lid", 0.2, 2, sharp_threshold=3.0)  # the LID itself, in dimensions
+    auto = replace(DEFAULTS, onset_on="auto", lid_count_threshold=4.0, confirm_ratio=0.6)
+    assert library_rule(auto) == Rule("either", 0.2, 2, sharp_threshold=4.0, sharp_by="lid", rho=0.6)
+    run = _record([2] * 8, n_sharp=[6] * 8, n_near=[6] * 8)  # 2 copies, 4 sharp and near: the alarm counts 6
+    np.testing.assert_allclose(library_rule(auto).series(run), 6 / 20)
+    either = library_rule(replace(DEFAULTS, onset_on="either"))  # sharp (at any ratio) or a copy
+    np.testing.assert_allclose(either.series(_record([2] * 8, n_sharp=[5] * 8)), 5 / 20)
+    with pytest.raises(MemwatchError, match="does not replay"):
+        library_rule(replace(DEFAULTS, onset_on="lid", lid_statistic="relative"))
 
 
 # ----------------------------------------------------------------------------- data
@@ -282,6 +300,12 @@ def test_views_flip_then_shift_in_background_and_the_group_enumerates_them():
     for i in (0, 3, 3):
         v, item = data[i]
         assert item == i and any(torch.equal(v, w) for w in views[i])
+    # the study's loader: the item draws and the view draws are independent, so every view of every item comes up
+    _, _, augmented = training_parts("mlp")
+    seen = {(int(i), tuple(v.flatten().tolist())) for vs, ids in augmented(items, 16, 60, 0).train_dataloader()
+            for v, i in zip(vs, ids)}  # fmt: skip
+    assert len(seen) == 5 * 18 and all(any(torch.equal(views[i].flatten(1)[k], torch.tensor(v)) for k in range(18))
+                                       for i, v in seen)  # fmt: skip
 
 
 def test_item_ratio_takes_each_item_at_its_nearest_view():

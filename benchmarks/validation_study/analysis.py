@@ -16,6 +16,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from memwatch import MEMORIZED_RATIO
+from memwatch.errors import MemwatchError
 from memwatch.onset import OnsetDetector
 
 from .config import (
@@ -395,11 +396,19 @@ def lid_grid(cfg: StudyConfig) -> list[Rule]:
 def library_rule(defaults: Defaults) -> Rule:
     """The library's default onset rule as a study :class:`Rule` (at its primary calibrated level)."""
     threshold, patience, spec = float(defaults.onset_threshold or 0.0), defaults.patience, defaults.primary_spec
-    if defaults.onset_on == "copies":
+    on, count = defaults.onset_on, defaults.lid_count_threshold
+    if on == "auto":  # with training samples (every run of the study holds them): memwatch.signals.alarm
+        return Rule("either", threshold, patience, sharp_threshold=count, rho=defaults.confirm_ratio, spec=spec)
+    if on == "copies":
         return Rule("copies", threshold, patience)
-    if defaults.onset_on == "lid":
-        return Rule("lid", threshold, patience, sharp_threshold=defaults.lid_count_threshold, spec=spec)
-    return Rule("sharp", threshold, patience, sharp_threshold=defaults.score_threshold, spec=spec)
+    if on == "either":  # sharp or a copy: an isolated peak at any ratio
+        sharp = defaults.score_threshold
+        return Rule("either", threshold, patience, sharp_threshold=sharp, sharp_by="sharp", rho=math.inf, spec=spec)
+    if on == "lid" and defaults.lid_statistic == "count":
+        return Rule("lid", threshold, patience, sharp_threshold=count, spec=spec)
+    if on == "sharpness":
+        return Rule("sharp", threshold, patience, sharp_threshold=defaults.score_threshold, spec=spec)
+    raise MemwatchError(f"study v4 does not replay onset.on={on!r} with lid.statistic={defaults.lid_statistic!r}")
 
 
 # ----------------------------------------------------------------------------- the whole study

@@ -188,7 +188,11 @@ DEFAULT = StudyConfig(
 FRESH = replace(DEFAULT, seeds=(5,))  # trained after every choice is fixed, evaluated only (``--fresh``)
 
 FAST = StudyConfig(
-    data=(DataSpec("gmm", (4, 512), 600, 100, 128, 3e-3), DataSpec("gmm_dup", (300,), 600, 100, 128, 3e-3)),
+    data=(
+        DataSpec("gmm", (4, 512), 600, 100, 128, 3e-3),
+        DataSpec("gmm_dup", (300,), 600, 100, 128, 3e-3),
+        DataSpec("digits_aug", (4,), 600, 100, 64, 3e-3),
+    ),
     seeds=(0, 1),
     select_seeds=(0,),
     sigma_factors=(0.1,),
@@ -212,9 +216,12 @@ class Defaults:
         score_threshold: a probe is memorized when its sharp fraction exceeds this.
         onset_threshold, onset_min_delta, patience, min_steps, baseline_checks: the
             :class:`memwatch.onset.OnsetDetector` rule on the share ``onset_on`` names.
-        onset_on: ``"sharpness"`` (the sharp fraction above ``score_threshold``) or ``"lid"``
-            (the LID signal's ``lid_statistic`` below ``lid_ratio_threshold``).
+        onset_on: ``"auto"`` (the alarm: a copy, or an LID below ``lid_count_threshold`` with
+            ``d₁/d₂ < confirm_ratio``), ``"copies"``, ``"either"`` (sharp or a copy), ``"sharpness"``
+            (the sharp fraction above ``score_threshold``) or ``"lid"`` (the LID signal's
+            ``lid_statistic`` below ``lid_ratio_threshold``, or the LID below ``lid_count_threshold``).
         lid_statistic, lid_ratio_threshold, lid_count_threshold: the LID signal's rule.
+        confirm_ratio: the alarm's looser ratio for an isolated peak.
     """
 
     sigmas: tuple[float, ...]
@@ -230,6 +237,7 @@ class Defaults:
     lid_statistic: str = "relative"
     lid_ratio_threshold: float = 0.5
     lid_count_threshold: float = 3.0
+    confirm_ratio: float = 0.5
 
     @property
     def primary_spec(self) -> str:
@@ -255,6 +263,7 @@ class Defaults:
             "lid_statistic": self.lid_statistic,
             "lid_ratio_threshold": self.lid_ratio_threshold,
             "lid_count_threshold": self.lid_count_threshold,
+            "confirm_ratio": self.confirm_ratio,
         }
 
     @classmethod
@@ -284,4 +293,5 @@ def library_defaults() -> Defaults:
         lid_statistic=monitor.sharpness.lid.statistic,
         lid_ratio_threshold=monitor.sharpness.lid.ratio_threshold,
         lid_count_threshold=monitor.sharpness.lid.count_threshold,
+        confirm_ratio=monitor.onset.confirm_ratio,
     )

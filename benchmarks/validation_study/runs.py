@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from memwatch import (
-    DataOptions,
     CheckpointOptions,
     CheckResult,
+    DataOptions,
     MemorizationMonitor,
     ProbeOptions,
     ReportOptions,
@@ -64,6 +64,7 @@ from .config import (
 CACHE_FORMAT = 7
 READS_FORMATS = (7,)
 LOSS_GAP_SEED = 7  # the loss gap's subset and noises: seed + this
+VIEW_SEED = 11  # the augmented runs' view draws: seed + this (the item draws use the seed itself)
 
 
 # ----------------------------------------------------------------------------- records
@@ -224,7 +225,9 @@ def load_cache(*paths: Path) -> tuple[list[RunRecord], Timing]:
     first = timings[0]
     if len(timings) == 1:
         return list(runs.values()), first
-    note = f"Wall time summed over {len(timings)} training processes ({', '.join(f'{t.seconds:.0f} s' for t in timings)})."
+    note = (
+        f"Wall time summed over {len(timings)} training processes ({', '.join(f'{t.seconds:.0f} s' for t in timings)})."
+    )
     return list(runs.values()), replace(first, seconds=sum(t.seconds for t in timings), note=note)
 
 
@@ -295,7 +298,7 @@ class RecordingMonitor(MemorizationMonitor):
         self.seconds.append(check.values["check_seconds"])
 
 
-def _training_parts(model: str) -> tuple[type, type, type]:
+def training_parts(model: str) -> tuple[type, type, type]:
     """The training module of ``model`` (``"mlp"``: ``DDPMModule``; ``"unet"``: ``UNetDDPMModule``)
     made not to ``self.log`` the loss; a data module yielding whole batches drawn with replacement
     (both only to save time — measured on the shared 2-core CPU, MLP: 7.3 → 3.8 ms per step;
@@ -338,7 +341,8 @@ def _training_parts(model: str) -> tuple[type, type, type]:
             g = torch.Generator().manual_seed(self.seed)
             draws = RandomSampler(range(len(self.x)), replacement=True, num_samples=self.steps * self.batch_size,
                                   generator=g)  # fmt: skip
-            return DataLoader(AugmentedItems(self.x, self.seed), batch_size=self.batch_size, sampler=draws)
+            views = AugmentedItems(self.x, self.seed + VIEW_SEED)  # its own stream: views independent of the draws
+            return DataLoader(views, batch_size=self.batch_size, sampler=draws)
 
     return Quiet, BatchDataModule, AugmentedDataModule
 
@@ -382,7 +386,10 @@ def monitors_for(job: RunJob, loss_gap: LossGap) -> list[RecordingMonitor]:
     if job.spec.name not in AUGMENTED:
         return [monitor_for(job, loss_gap, DataOptions(), method)]
     with_ids = DataOptions(select=0, ids=1)
-    return [monitor_for(job, loss_gap, with_ids, method), monitor_for(job, None, DataOptions(select=0), method, tag="[no ids]")]
+    return [
+        monitor_for(job, loss_gap, with_ids, method),
+        monitor_for(job, None, DataOptions(select=0), method, tag="[no ids]"),
+    ]
 
 
 def _fit(job: RunJob, x: torch.Tensor, held: torch.Tensor) -> tuple[Any, list[RecordingMonitor]]:
@@ -390,7 +397,7 @@ def _fit(job: RunJob, x: torch.Tensor, held: torch.Tensor) -> tuple[Any, list[Re
     monitors (the loss gap on ``held``); return the module and the monitors."""
     import lightning.pytorch as pl
 
-    module_cls, data_cls, augmented_cls = _training_parts(job.spec.model)
+    module_cls, data_cls, augmented_cls = training_parts(job.spec.model)
     cfg, spec = job.cfg, job.spec
     pl.seed_everything(job.seed, verbose=False)
     if spec.model == "unet":
@@ -506,7 +513,10 @@ def jobs_of(cfg: StudyConfig) -> list[RunJob]:
 
 
 def run_all(
-    cfg: StudyConfig, workers: int, done_runs: Sequence[RunRecord] = (), save: Callable[[list[RunRecord]], None] | None = None
+    cfg: StudyConfig,
+    workers: int,
+    done_runs: Sequence[RunRecord] = (),
+    save: Callable[[list[RunRecord]], None] | None = None,
 ) -> list[RunRecord]:
     """Train every run of ``cfg`` not in ``done_runs`` (``workers`` processes, one thread each),
     printing progress and handing every run so far to ``save`` as each one finishes (a crash
