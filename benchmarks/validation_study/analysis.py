@@ -226,6 +226,10 @@ class Rule:
 
     def onset(self, run: RunRecord, defaults: Defaults) -> int | None:
         """The onset step the rule declares on ``run`` (``None``: none)."""
+        return self.detect(run.steps, self.series(run), defaults)
+
+    def detect(self, steps: np.ndarray, series: np.ndarray, defaults: Defaults) -> int | None:
+        """The onset step of the monitored ``series`` ``[C]`` at check ``steps`` ``[C]`` (``None``: none)."""
         det = OnsetDetector(
             threshold=self.onset_threshold,
             min_delta=None,
@@ -233,7 +237,7 @@ class Rule:
             patience=self.patience,
             min_steps=defaults.min_steps,
         )
-        for step, value in zip(run.steps, self.series(run)):
+        for step, value in zip(steps, series):
             det.update(int(step), float(value))
         return det.onset_step
 
@@ -337,11 +341,11 @@ def evaluate(runs: Sequence[RunRecord], rule: Rule, defaults: Defaults) -> Outco
     out = Outcome()
     scale = rule.onset_threshold if rule.kind == "gap" else 1.0
     for r in runs:
-        row = OnsetRow(
-            r.dataset, r.n, r.seed, gt_onset(r), rule.onset(r, defaults), float(nn_fraction(r).max()), run_kind(r)
-        )
+        series = rule.series(r)
+        onset = rule.detect(r.steps, series, defaults)
+        row = OnsetRow(r.dataset, r.n, r.seed, gt_onset(r), onset, float(nn_fraction(r).max()), run_kind(r))
         out.rows.append(row)
-        streak = streak_values(np.nan_to_num(rule.series(r), nan=-np.inf), rule.patience)
+        streak = streak_values(np.nan_to_num(series, nan=-np.inf), rule.patience)
         if row.kind == "never":
             out.margin = min(out.margin, (rule.onset_threshold - float(streak.max())) / scale)
         elif row.truth is not None:
