@@ -292,10 +292,11 @@ def test_views_flip_then_shift_in_background_and_the_group_enumerates_them():
     torch.testing.assert_close(view(x, False, 1, 0), torch.tensor([[[-1.0, -1, -1], [0, 1, 2], [3, 4, 5]]]))
     torch.testing.assert_close(view(x, True, 0, -1), torch.tensor([[[1.0, 0, -1], [4, 3, -1], [7, 6, -1]]]))
     g = group()
-    assert len(g) == len(set(g)) == 18 and g[0] == (False, 0, 0)
+    assert len(g) == len(set(g)) == 6 and g[0] == (False, 0, 0) and {dy for _, dy, _ in g} == {0}
+    assert len(set(group(vertical=True))) == 18 and len(set(group(2))) == 10
     items = torch.randn(5, 1, 4, 4)
     views = all_views(items)
-    assert views.shape == (5, 18, 1, 4, 4) and torch.equal(views[:, 0], items)
+    assert views.shape == (5, 6, 1, 4, 4) and torch.equal(views[:, 0], items)
     data = AugmentedItems(items, seed=0)
     for i in (0, 3, 3):
         v, item = data[i]
@@ -304,7 +305,7 @@ def test_views_flip_then_shift_in_background_and_the_group_enumerates_them():
     _, _, augmented = training_parts("mlp")
     seen = {(int(i), tuple(v.flatten().tolist())) for vs, ids in augmented(items, 16, 60, 0).train_dataloader()
             for v, i in zip(vs, ids)}  # fmt: skip
-    assert len(seen) == 5 * 18 and all(any(torch.equal(views[i].flatten(1)[k], torch.tensor(v)) for k in range(18))
+    assert len(seen) == 5 * 6 and all(any(torch.equal(views[i].flatten(1)[k], torch.tensor(v)) for k in range(6))
                                        for i, v in seen)  # fmt: skip
 
 
@@ -312,7 +313,7 @@ def test_item_ratio_takes_each_item_at_its_nearest_view():
     items = torch.randn(6, 1, 4, 4, dtype=torch.float64)
     views = all_views(items)
     probes = torch.cat([views[2, 5:6] + 0.01, torch.randn(3, 1, 4, 4, dtype=torch.float64)])
-    dense = torch.stack([torch.stack([(p - v).norm() for v in views.flatten(0, 1)]).reshape(6, 18).amin(1)
+    dense = torch.stack([torch.stack([(p - v).norm() for v in views.flatten(0, 1)]).reshape(6, 6).amin(1)
                          for p in probes])  # fmt: skip
     d = dense.sort(1).values
     torch.testing.assert_close(item_ratio(probes, views), d[:, 0] / d[:, 1])

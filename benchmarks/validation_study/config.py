@@ -178,7 +178,7 @@ DEFAULT = StudyConfig(
         *_digits_specs((16, 1024), 4000, 250, 256, 2e-3, names=tuple(SCALED)),
         DataSpec("digits16_mlp", (16, 1024), 3000, 250, 256, 2e-3),
         DataSpec("digits16", (16, 64, 1024), 3000, 250, 16, 1e-3, model="unet", batch_size=32),
-        DataSpec("digits_aug", (4, 1024), 8000, 250, 256, 2e-3),  # N = 16 does not memorize in 6000 steps (pilot)
+        DataSpec("digits_aug", (4, 1024), 8000, 250, 256, 2e-3),  # N = 8, 16 do not memorize in 8000 steps (pilots)
     ),
     seeds=(0, 1, 2, 3, 4),
     select_seeds=(0, 1, 2),

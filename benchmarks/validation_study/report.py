@@ -38,7 +38,7 @@ from .analysis import (
     probe_auroc,
     run_kind,
 )
-from .augment import SHIFT, group
+from .augment import SHIFT, VERTICAL, group
 from .config import AUGMENTED, BORDERLINE, DUPLICATED, IMAGE_SIZES, NEVER, NN_ONSET, SCALED
 from .figures import plot_curves, plot_loss_gap, plot_onsets, plot_ratios, run_curves
 from .runs import RunRecord, Timing, jobs_of
@@ -248,8 +248,8 @@ def setup_section(an: StudyAnalysis) -> str:
         "diffusers `UNet2DModel` with a default `DDPMScheduler`, found by the monitor without glue and measured on "
         f"the trace tier (`digits16`); the duplication case {dup} (more distinct samples than the old reservoir of "
         f"4096 held); the augmented case {aug}: a `Dataset` returning (random view, item id), a view being a "
-        f"horizontal flip or not and a shift of up to {SHIFT} px along each axis (pad with the background −1, crop; "
-        f"{n_views} views per item).\n\n"
+        f"horizontal flip or not and a shift of up to {SHIFT} px {'along each axis' if VERTICAL else 'sideways'} "
+        f"(pad with the background −1, crop; {n_views} views per item).\n\n"
         '**One monitor per run, as the library runs by default**: `reference_data="batches"` (its own copy index '
         'of the distinct training samples it sees, in memory), `sigmas="auto"` at `sigma_factors='
         f"{tuple(cfg.sigma_factors)}`, but the study's cadence and {cfg.num_probes} probes of {cfg.sampler_steps} "
