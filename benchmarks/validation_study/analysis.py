@@ -1,6 +1,6 @@
-"""Pure post-processing of recorded runs: labels, ROC statistics, onset rules and their offline
-replay, the selection of every free setting on the selection seeds, and the comparisons the
-report quotes (per-run outcomes, rescaling stability).
+"""Pure post-processing of recorded runs: the truth's labels, ROC statistics, the onset rules and
+their offline replay, the selection of every free setting on the selection seeds, and the
+ablation the report quotes.
 
 Nothing here trains, draws or writes; every function takes :class:`RunRecord` s (or results of
 other functions here) and returns numbers.
@@ -9,16 +9,15 @@ other functions here) and returns numbers.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
-import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from memwatch import MEMORIZED_RATIO, lid
+from memwatch import MEMORIZED_RATIO
+from memwatch.errors import MemwatchError
 from memwatch.onset import OnsetDetector
-from memwatch.signals.lid import DESCRIPTIONS
 
 from .config import (
     BORDERLINE,
@@ -27,48 +26,44 @@ from .config import (
     NN_ONSET,
     PRIMARY_SIGNAL,
     SIGNALS,
-    V22_RULE,
+    V3_RULE,
     Defaults,
     StudyConfig,
     library_defaults,
 )
 from .runs import RunRecord
 
-LIBRARY, V22, SHARP, LID_COUNT, JEON, GAP = (
-    "library defaults",
-    "v2.2 defaults (sharp fraction)",
-    "sharp fraction, tuned",
-    "LID count, tuned",
-    "Jeon ‖H s‖, tuned",
-    "loss gap",
-)  # the baselines
-RELATIVE, PROFILE, DRAWDOWN, DENOISING = (
-    "relative LID",
-    "multi-scale profile",
-    "LID drawdown",
-    "denoising LID",
-)  # the candidates: the LID signal's statistics (memwatch.signals.lid.STATISTICS), each tuned
-CANDIDATES = {RELATIVE: "relative", PROFILE: "profile", DRAWDOWN: "drawdown", DENOISING: "denoising"}
+COPIES, CONFIRMED, EITHER, LID_COUNT = (
+    "copies",
+    "confirmed sharpness",
+    "copies or confirmed sharpness",
+    "LID count (no training samples)",
+)  # the candidates; the last is the data-free fallback
+CANDIDATES = (COPIES, CONFIRMED, EITHER)  # the rules that read the training samples: one is chosen
+LIBRARY, V3, GAP = "library defaults", "v3 defaults (sharp fraction)", "loss gap"  # the baselines
+NO_IDS, TRUTH_COPIES = "copies, no item ids", "copies of the truth (oracle)"  # ablation rows
+HS_SIGNAL = "hessian_score_norm"  # Jeon et al.'s ‖H s‖ (noisiest sampler state)
 MEAN_T = "mean"  # the loss gap averaged over the fixed timesteps
-ALL_LEVELS = "all"  # the profile's spec: every noise level measured
-NOISIEST, HS_SIGNAL = "noisiest", "hessian_score_norm"  # Jeon et al.'s ‖H s‖: its one state, its signal name
-HS_RATIOS = (1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)  # ‖H s‖ thresholds tried, × its median at the run's first check
+#: a confirmed probe is sharp by its LID count (``"lid"``: below ``c`` dimensions) or by its sharp
+#: fraction (``"sharp"``: above ``s``)
+SHARP_BY = ("lid", "sharp")
+FAR = 1e3  # added to a score that must never reach the flag level (a probe the rule cannot flag)
 
 
 # ----------------------------------------------------------------------------- labels and signals
 def labels(run: RunRecord) -> np.ndarray:
-    """``[C, P]`` bool: the NN labels of the probes, memorized when ``d₁/d₂ < 1/3`` to the training set."""
+    """``[C, P]`` bool: the study's truth, memorized when ``d₁/d₂ < 1/3`` to the distinct training set."""
     return run.nn_ratio < MEMORIZED_RATIO
 
 
 def nn_fraction(run: RunRecord) -> np.ndarray:
-    """``[C]`` share of the ``auto`` monitor's probes that are NN-memorized: the run's ground truth."""
+    """``[C]`` share of the probes that are memorized by the truth."""
     return labels(run).mean(1)
 
 
 def gt_onset(run: RunRecord) -> int | None:
     """Ground-truth onset: step of the first check with more than ``NN_ONSET`` of its probes
-    NN-memorized (``None``: the run never gets there)."""
+    memorized (``None``: the run never gets there)."""
     hit = np.nonzero(nn_fraction(run) > NN_ONSET)[0]
     return int(run.steps[hit[0]]) if hit.size else None
 
@@ -82,31 +77,6 @@ def run_kind(run: RunRecord) -> str:
     return "never" if peak <= NEVER else "borderline"
 
 
-def lid_statistic(run: RunRecord, statistic: str, spec: str, baseline_checks: int = 2) -> np.ndarray:
-    """``[C, P]`` the LID signal's per-probe ``statistic`` (``memwatch.signals.lid.STATISTICS``) at
-    noise level ``spec`` (the profile: every level), computed as the signal computes it at each
-    check (:mod:`memwatch.lid`; the drawdown's baseline from the first ``baseline_checks`` checks)."""
-    first = next(iter(run.signals)) if spec == ALL_LEVELS else spec
-    levels = [first, *(k for k in run.signals if k != first)]  # ``spec`` primary, as the signal's first level
-    flipd = {k: torch.from_numpy(run.signals[k]["flipd"]) for k in levels}
-    denoising = {k: torch.from_numpy(run.signals[k]["denoising_lid"]) for k in levels}
-    early = flipd[first]  # [C, P]; the signal's baseline at check c: its first min(c + 1, baseline_checks) checks
-    baseline = torch.stack([lid.baseline_of(early[: min(c + 1, baseline_checks)]) for c in range(early.shape[0])])
-    return lid.statistics(flipd, run.data_lid, baseline, denoising=denoising)[statistic].numpy()
-
-
-def oriented(run: RunRecord, spec: str, signal: str) -> np.ndarray:
-    """``[C, P]`` the signal at noise level ``spec``, oriented so that higher = more memorized
-    (``HS_SIGNAL``: Jeon et al.'s ‖H s‖ at the noisiest state, ``spec`` ``NOISIEST``; an LID
-    statistic of :data:`CANDIDATES`: its ratio negated)."""
-    if signal == HS_SIGNAL:
-        return run.hessian_score_norm
-    if signal in CANDIDATES.values():
-        return -lid_statistic(run, signal, spec)
-    sign = -1.0 if signal == "denoising_lid" else SIGNALS[signal].sign  # the raw LIDs: lower = more memorized
-    return sign * run.signals[spec][signal]
-
-
 def memorized_fraction(scores: np.ndarray, score_threshold: float) -> np.ndarray:
     """``[C]`` share of the finite probes of each check with ``score > score_threshold``
     (``scores`` ``[C, P]``; NaN for a check without finite probes)."""
@@ -117,13 +87,21 @@ def memorized_fraction(scores: np.ndarray, score_threshold: float) -> np.ndarray
 
 def loss_gap(run: RunRecord, t: str) -> np.ndarray:
     """``[C]`` relative held-out/train gap of the ε-loss, ``(L_held − L_train) / L_train``, at the
-    fixed timestep ``t`` (``"50"``) or of the losses averaged over all of them (``MEAN_T``)."""
+    fixed timestep ``t`` (``"400"``) or of the losses averaged over all of them (``MEAN_T``)."""
     if t == MEAN_T:
         held, train = run.loss_held.mean(1), run.loss_train.mean(1)
     else:
         k = int(np.nonzero(run.loss_t == int(t))[0][0])
         held, train = run.loss_held[:, k], run.loss_train[:, k]
     return (held - train) / train
+
+
+def copy_ratio(run: RunRecord, which: str) -> np.ndarray:
+    """``[C, P]`` a ``d₁/d₂`` of the probes: ``"monitor"`` (the monitor's own index of the batches),
+    ``"plain"`` (a monitor given no item ids; NaN on runs that are not augmented) or ``"truth"``."""
+    if which == "plain":
+        return run.plain_ratio if run.plain_ratio is not None else np.full_like(run.nn_ratio, np.nan)
+    return run.monitor_ratio if which == "monitor" else run.nn_ratio
 
 
 def streak_values(values: np.ndarray, patience: int) -> np.ndarray:
@@ -144,9 +122,6 @@ class RocStats:
     n: int
 
 
-AurocTable = dict[tuple[str, str, str], RocStats]  # (data set or "all", spec, signal) -> stats
-
-
 def roc_stats(y: np.ndarray, s: np.ndarray) -> RocStats:
     """ROC statistics of scores ``s`` ``[M]`` (higher = positive) against labels ``y`` ``[M]``;
     non-finite scores are left out."""
@@ -159,110 +134,137 @@ def roc_stats(y: np.ndarray, s: np.ndarray) -> RocStats:
     return RocStats(float(roc_auc_score(y, s)), rates, int(y.sum()), int(y.size))
 
 
-def pooled(runs: Sequence[RunRecord], spec: str, signal: str) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and oriented scores of every probe of every check of ``runs``, flattened."""
-    ys = [labels(r).ravel() for r in runs]
-    ss = [oriented(r, spec, signal).ravel() for r in runs]
-    return np.concatenate(ys), np.concatenate(ss)
+def oriented(run: RunRecord, signal: str, spec: str) -> np.ndarray:
+    """``[C, P]`` per-probe value ``signal`` oriented so that higher = more memorized: a copy ratio
+    of :func:`copy_ratio` (``"monitor"``, ``"plain"``, negated), ``HS_SIGNAL``, or a sharpness
+    signal of :data:`config.SIGNALS` / ``"denoising_lid"`` at noise level ``spec``."""
+    if signal in ("monitor", "plain"):
+        return -copy_ratio(run, signal)
+    if signal == HS_SIGNAL:
+        return run.hessian_score_norm
+    sign = -1.0 if signal == "denoising_lid" else SIGNALS[signal].sign
+    return sign * run.signals[spec][signal]
 
 
-def scored_signals(specs: Sequence[str]) -> list[tuple[str, str]]:
-    """Every ``(spec, signal)`` the per-probe table scores: the sharpness signals and the LID
-    statistics at each level, the profile over all of them, Jeon et al.'s ‖H s‖."""
-    per_level = [*SIGNALS, "denoising_lid", "relative", "drawdown", "denoising"]
-    return [(spec, sig) for spec in specs for sig in per_level] + [(ALL_LEVELS, "profile"), (NOISIEST, HS_SIGNAL)]
-
-
-def auroc_table(runs: Sequence[RunRecord], specs: Sequence[str]) -> AurocTable:
-    """:func:`roc_stats` per data set (and ``"all"``), noise level and signal, pooled over the checks of all runs."""
-    table = {}
-    datasets = sorted({r.dataset for r in runs})
-    for spec, signal in scored_signals(specs):
-        for ds in datasets:
-            table[(ds, spec, signal)] = roc_stats(*pooled([r for r in runs if r.dataset == ds], spec, signal))
-        table[("all", spec, signal)] = roc_stats(*pooled(runs, spec, signal))
-    return table
+def probe_auroc(runs: Sequence[RunRecord], score: Callable[[RunRecord], np.ndarray]) -> RocStats:
+    """:func:`roc_stats` of ``score(run)`` ``[C, P]`` against the truth, pooled over every check and run."""
+    ys = np.concatenate([np.zeros(0, bool), *(labels(r).ravel() for r in runs)])
+    ss = np.concatenate([np.zeros(0), *(score(r).ravel() for r in runs)])
+    return roc_stats(ys, ss)
 
 
 # ----------------------------------------------------------------------------- onset rules
 @dataclass(frozen=True)
 class Rule:
-    """An onset rule, replayed offline through :class:`memwatch.onset.OnsetDetector` (the
-    callback's ``patience`` etc.).
+    """An onset rule, replayed offline through :class:`memwatch.onset.OnsetDetector`.
+
+    Each rule but the loss gap flags probes; onset when more than ``onset_threshold`` of a check's
+    probes are flagged at ``patience`` checks in a row. A probe is flagged by
+
+    * ``"copies"``: its copy ratio ``r`` (``ratio``: the monitor's own index, see
+      :func:`copy_ratio`) below 1/3;
+    * ``"confirmed"``: an isolated peak — LID count below ``sharp_threshold`` dimensions
+      (``sharp_by="lid"``) or sharp fraction above it (``"sharp"``) at ``spec`` — *and* ``r < rho``;
+    * ``"either"``: ``"copies"`` or ``"confirmed"``;
+    * ``"lid"``: its LID count below ``sharp_threshold`` (no training samples needed);
+    * ``"sharp"``: its sharp fraction above ``sharp_threshold`` (the v3 defaults);
+
+    and ``"gap"`` watches the relative ε-loss gap at the loss timestep ``spec`` instead.
 
     Attributes:
-        kind: ``"sharp"`` (share of probes whose sharp fraction at ``spec`` exceeds
-            ``score_threshold``: the v2.2 callback), ``"lid"`` (share whose LID at ``spec`` is below
-            ``score_threshold`` dimensions), ``"hs"`` (share whose Jeon et al. ‖H s‖ exceeds
-            ``score_threshold`` × its median at the run's first check; ``spec`` ``NOISIEST``),
-            ``"gap"`` (the relative ε-loss gap at timestep ``spec``), or one of the LID signal's
-            statistics (:data:`CANDIDATES`: share of probes whose ratio is below ``score_threshold``;
-            the callback's ``onset.on="lid"``).
-        spec: noise level (``"auto 0.1"``; ``ALL_LEVELS`` for the profile) or loss timestep
-            (``"50"``, ``MEAN_T``).
-        score_threshold: per-probe threshold (a sharp fraction, an LID, a ratio).
-        onset_threshold: onset when the monitored value exceeds it at ``patience`` checks in a row.
-        patience: checks in a row; ``None``: the callback default's.
+        kind: one of the above.
+        onset_threshold: θ, the share of probes (or the loss gap) that must be exceeded.
+        patience: checks in a row.
+        sharp_threshold: ``c`` (dimensions) or ``s`` (a sharp fraction); ``None`` for copies / gap.
+        sharp_by: ``"lid"`` or ``"sharp"`` (:data:`SHARP_BY`) for ``"confirmed"`` / ``"either"``.
+        rho: the looser ratio of a confirmed probe.
+        spec: noise level (``"auto 0.1"``) or, for the gap, the loss timestep.
+        ratio: which copy ratio (``"monitor"``, ``"plain"``, ``"truth"``).
     """
 
     kind: str
-    spec: str
-    score_threshold: float | None
     onset_threshold: float
-    patience: int | None = None
+    patience: int
+    sharp_threshold: float | None = None
+    sharp_by: str = "lid"
+    rho: float | None = None
+    spec: str = "auto 0.1"
+    ratio: str = "monitor"
 
-    def patience_of(self, defaults: Defaults) -> int:
-        """The rule's patience, else the callback default's."""
-        return defaults.patience if self.patience is None else self.patience
+    @property
+    def by_lid(self) -> bool:
+        """Whether the probes' LID count (not their sharp fraction) says "isolated peak"."""
+        return self.kind == "lid" or (self.kind in ("confirmed", "either") and self.sharp_by == "lid")
+
+    def _sharp_score(self, run: RunRecord) -> np.ndarray:
+        """``[C, P]`` > -1 exactly where the probe is an isolated peak (LID count or sharp fraction)."""
+        assert self.sharp_threshold is not None
+        if self.by_lid:
+            return -run.signals[self.spec]["lid"] / self.sharp_threshold
+        return run.signals[self.spec][PRIMARY_SIGNAL] / self.sharp_threshold - 2.0
+
+    def scores(self, run: RunRecord) -> np.ndarray:
+        """``[C, P]`` the rule's per-probe score, higher = more memorized, flagged exactly where it
+        exceeds -1 (NaN where not measured): ``-r / (1/3)`` for a copy, ``-r / ρ`` for a confirmed
+        probe (``FAR`` lower where not sharp), their maximum for ``"either"``, the LID or sharp
+        fraction scaled to its threshold."""
+        if self.kind in ("lid", "sharp"):
+            return self._sharp_score(run)
+        r = copy_ratio(run, self.ratio)
+        copies = -r / MEMORIZED_RATIO
+        if self.kind == "copies":
+            return copies
+        assert self.rho is not None
+        confirmed = np.where(self._sharp_score(run) > -1.0, -r / self.rho, -r / self.rho - FAR)
+        return confirmed if self.kind == "confirmed" else np.fmax(copies, confirmed)
 
     def series(self, run: RunRecord) -> np.ndarray:
         """``[C]`` the value the rule monitors on ``run``."""
         if self.kind == "gap":
             return loss_gap(run, self.spec)
-        assert self.score_threshold is not None
-        if self.kind == "lid":
-            return memorized_fraction(-run.signals[self.spec]["lid"], -self.score_threshold)
-        if self.kind == "hs":
-            hs = oriented(run, NOISIEST, HS_SIGNAL)
-            return memorized_fraction(hs / np.nanmedian(hs[0]), self.score_threshold)
-        if self.kind in CANDIDATES.values():
-            return memorized_fraction(-lid_statistic(run, self.kind, self.spec), -self.score_threshold)
-        return memorized_fraction(run.signals[self.spec][PRIMARY_SIGNAL], self.score_threshold)
+        return memorized_fraction(self.scores(run), -1.0)
 
     def onset(self, run: RunRecord, defaults: Defaults) -> int | None:
         """The onset step the rule declares on ``run`` (``None``: none)."""
+        return self.detect(run.steps, self.series(run), defaults)
+
+    def detect(self, steps: np.ndarray, series: np.ndarray, defaults: Defaults) -> int | None:
+        """The onset step of the monitored ``series`` ``[C]`` at check ``steps`` ``[C]`` (``None``: none)."""
         det = OnsetDetector(
             threshold=self.onset_threshold,
-            min_delta=None if self.kind == "gap" else defaults.onset_min_delta,
+            min_delta=None,
             baseline_checks=defaults.baseline_checks,
-            patience=self.patience_of(defaults),
+            patience=self.patience,
             min_steps=defaults.min_steps,
         )
-        for step, value in zip(run.steps, self.series(run)):
+        for step, value in zip(steps, series):
             det.update(int(step), float(value))
         return det.onset_step
 
+    def sharp_text(self) -> str:
+        """``"LID < 4"`` / ``"sharp fraction > 0.9"``: what makes a probe an isolated peak."""
+        if self.by_lid:
+            return f"LID < {self.sharp_threshold:g}"
+        return f"sharp fraction > {self.sharp_threshold:g}"
+
     def describe(self) -> str:
-        """``"relative LID < 0.3 at auto 0.1, onset > 0.2"``-style summary."""
-        onset = f"onset > {self.onset_threshold:g}"
+        """``"r < 1/3, onset > 0.1, patience 1"``-style summary."""
+        tail = f"onset > {self.onset_threshold:g}, patience {self.patience}"
+        r = {"monitor": "r", "plain": "r without ids", "truth": "truth r"}[self.ratio]
         if self.kind == "gap":
-            where = "all loss timesteps" if self.spec == MEAN_T else f"t = {self.spec}"
-            return f"ε-loss gap at {where} > {self.onset_threshold:g}"
-        if self.kind == "lid":
-            return f"LID < {self.score_threshold:g} at {self.spec}, {onset}"
-        if self.kind == "hs":
-            return f"‖H s‖ > {self.score_threshold:g} × its first-check median, {onset}"
-        if self.kind in CANDIDATES.values():
-            what = DESCRIPTIONS[self.kind]
-            where = "" if self.spec == ALL_LEVELS else f" at {self.spec}"
-            return f"{what} < {self.score_threshold:g}{where}, {onset}"
-        return f"sharp fraction > {self.score_threshold:g} at {self.spec}, {onset}"
+            return f"ε-loss gap at t = {self.spec} > {self.onset_threshold:g}, patience {self.patience}"
+        if self.kind in ("lid", "sharp"):
+            return f"{self.sharp_text()} at {self.spec}, {tail}"
+        if self.kind == "copies":
+            return f"{r} < 1/3, {tail}"
+        confirmed = f"({self.sharp_text()} and {r} < {self.rho:g})"
+        return f"{confirmed}, {tail}" if self.kind == "confirmed" else f"{r} < 1/3 or {confirmed}, {tail}"
 
 
 @dataclass(frozen=True)
 class OnsetRow:
-    """One run under one rule: ``truth`` (NN ground-truth onset), ``onset`` (the rule's), ``peak``
-    (highest NN-memorized fraction of any check), ``kind`` (:func:`run_kind`); steps, ``None`` = none."""
+    """One run under one rule: ``truth`` (ground-truth onset), ``onset`` (the rule's), ``peak``
+    (highest memorized fraction of any check), ``kind`` (:func:`run_kind`); steps, ``None`` = none."""
 
     dataset: str
     n: int
@@ -295,13 +297,13 @@ class OnsetRow:
 
 @dataclass
 class Outcome:
-    """A rule replayed on a set of runs, against the NN truth.
+    """A rule replayed on a set of runs, against the truth.
 
     Attributes:
         rows: one :class:`OnsetRow` per run, in the order of the runs.
         margin: min over never-memorizing runs of ``onset_threshold`` − the highest streak value,
             and over memorizing runs of the streak value at the truth onset − ``onset_threshold``
-            (relative to ``onset_threshold`` for the loss gap): the selection's tie-break.
+            (relative to ``onset_threshold`` for the loss gap): the selection's last tie-break.
     """
 
     rows: list[OnsetRow] = field(default_factory=list)
@@ -323,25 +325,27 @@ class Outcome:
         """Runs that can be right: memorizing and never-memorizing ones."""
         return self.count("memorizing") + self.count("never")
 
-    def late(self) -> list[int]:
-        """By how many steps each late onset is late, ascending."""
-        return sorted(-r.lead for r in self.rows if r.lead is not None and r.lead < 0)
-
     def leads(self) -> list[int]:
-        """Leads of the memorizing runs that have both onsets."""
+        """Leads of the memorizing runs that have both onsets (steps; positive = before the truth)."""
         return [r.lead for r in self.rows if r.lead is not None]
+
+    @property
+    def median_lead(self) -> float:
+        """Median of :meth:`leads` (NaN when no memorizing run is flagged)."""
+        leads = self.leads()
+        return float(np.median(leads)) if leads else math.nan
 
 
 def evaluate(runs: Sequence[RunRecord], rule: Rule, defaults: Defaults) -> Outcome:
-    """Replay ``rule`` on every run and compare with the NN truth."""
+    """Replay ``rule`` on every run and compare with the truth."""
     out = Outcome()
     scale = rule.onset_threshold if rule.kind == "gap" else 1.0
     for r in runs:
-        row = OnsetRow(
-            r.dataset, r.n, r.seed, gt_onset(r), rule.onset(r, defaults), float(nn_fraction(r).max()), run_kind(r)
-        )
+        series = rule.series(r)
+        onset = rule.detect(r.steps, series, defaults)
+        row = OnsetRow(r.dataset, r.n, r.seed, gt_onset(r), onset, float(nn_fraction(r).max()), run_kind(r))
         out.rows.append(row)
-        streak = streak_values(np.nan_to_num(rule.series(r), nan=-np.inf), rule.patience_of(defaults))
+        streak = streak_values(np.nan_to_num(series, nan=-np.inf), rule.patience)
         if row.kind == "never":
             out.margin = min(out.margin, (rule.onset_threshold - float(streak.max())) / scale)
         elif row.truth is not None:
@@ -350,16 +354,11 @@ def evaluate(runs: Sequence[RunRecord], rule: Rule, defaults: Defaults) -> Outco
     return out
 
 
-def rule_key(res: Outcome) -> tuple[int, int, int, int, float]:
-    """Lexicographic preference: fewest false alarms, then fewest borderline runs flagged, most
-    runs right, most memorizing runs flagged, widest margin."""
-    return (
-        -res.count("false_alarm"),
-        -res.count("borderline_flagged"),
-        res.count("right"),
-        res.count("detected"),
-        res.margin,
-    )
+def rule_key(res: Outcome) -> tuple[int, int, float, float]:
+    """Lexicographic preference: fewest false alarms, then most runs right, then the largest median
+    lead (none flagged: last), then the widest margin."""
+    lead = res.median_lead
+    return (-res.count("false_alarm"), res.count("right"), -math.inf if math.isnan(lead) else lead, res.margin)
 
 
 def choose(runs: Sequence[RunRecord], candidates: Sequence[Rule], defaults: Defaults) -> tuple[Rule, Outcome]:
@@ -368,84 +367,52 @@ def choose(runs: Sequence[RunRecord], candidates: Sequence[Rule], defaults: Defa
     return max(scored, key=lambda ro: rule_key(ro[1]))
 
 
-def sharp_grid(specs: Sequence[str], cfg: StudyConfig) -> list[Rule]:
-    """Every sharp-fraction rule of ``specs`` × ``cfg.score_thresholds`` × ``cfg.onset_thresholds``."""
-    return [Rule("sharp", spec, st, ot) for spec in specs for st in cfg.score_thresholds for ot in cfg.onset_thresholds]
+def copies_grid(cfg: StudyConfig) -> list[Rule]:
+    """Copies alone: θ × patience."""
+    return [Rule("copies", th, p) for p in cfg.patiences for th in cfg.copy_thresholds]
 
 
-def lid_grid(specs: Sequence[str], cfg: StudyConfig) -> list[Rule]:
-    """Every LID-count rule of ``specs`` × ``cfg.lid_thresholds`` × ``cfg.onset_thresholds``."""
-    return [Rule("lid", spec, lt, ot) for spec in specs for lt in cfg.lid_thresholds for ot in cfg.onset_thresholds]
+def confirmed_grid(kind: str, cfg: StudyConfig) -> list[Rule]:
+    """``"confirmed"`` or ``"either"``: (LID < c for c of ``cfg.lid_thresholds``, or sharp fraction
+    > s for s of ``cfg.score_thresholds``) × ρ × θ × patience, at the study's level."""
+    spec = cfg.auto_specs()[0]
+    sharp = [("lid", c) for c in cfg.lid_thresholds] + [("sharp", s) for s in cfg.score_thresholds]
+    return [
+        Rule(kind, th, p, sharp_threshold=t, sharp_by=by, rho=rho, spec=spec)
+        for p in cfg.patiences
+        for th in cfg.copy_thresholds
+        for rho in cfg.rhos
+        for by, t in sharp
+    ]
 
 
-def ratio_grid(statistic: str, specs: Sequence[str], cfg: StudyConfig) -> list[Rule]:
-    """Every rule of an LID statistic: ``specs`` (the profile: all levels) × ``cfg.ratio_thresholds``
-    × ``cfg.onset_thresholds``."""
-    specs = [ALL_LEVELS] if statistic == "profile" else specs
-    thresholds = cfg.ratio_thresholds
-    return [Rule(statistic, spec, rt, ot) for spec in specs for rt in thresholds for ot in cfg.onset_thresholds]
-
-
-def hs_grid(cfg: StudyConfig) -> list[Rule]:
-    """Every Jeon et al. ‖H s‖ rule: ``HS_RATIOS`` × ``cfg.onset_thresholds``."""
-    return [Rule("hs", NOISIEST, r, ot) for r in HS_RATIOS for ot in cfg.onset_thresholds]
-
-
-def gap_grid(cfg: StudyConfig) -> list[Rule]:
-    """Every loss-gap rule: each fixed timestep and their mean × ``cfg.gap_thresholds``."""
-    ts = [str(t) for t in cfg.loss_timesteps] + [MEAN_T]
-    return [Rule("gap", t, None, th) for t in ts for th in cfg.gap_thresholds]
-
-
-def select_rules(sel: Sequence[RunRecord], cfg: StudyConfig, defaults: Defaults) -> dict[str, Rule]:
-    """Every rule of the study; the tuned ones chosen on the selection runs ``sel`` only.
-
-    ``LIBRARY``: the library's defaults when analysed (:func:`library_rule`, fixed). Baselines:
-    ``V22`` the v2.2 defaults (:data:`config.V22_RULE`, fixed: sharp fraction at the
-    calibrated level); ``SHARP`` the same signal with factor and thresholds tuned; ``LID_COUNT``
-    an LID threshold in dimensions, tuned; ``JEON`` Jeon et al.'s ‖H s‖ against its own first
-    check, tuned; ``GAP`` the loss gap, timestep and threshold tuned. Candidates: each statistic
-    of the LID signal (:data:`CANDIDATES`), noise level and both thresholds tuned.
-    """
-    specs = cfg.auto_specs()
-    rules = {LIBRARY: library_rule(defaults), V22: Rule("sharp", *V22_RULE)}
-    rules[SHARP] = choose(sel, sharp_grid(specs, cfg), defaults)[0]
-    rules[LID_COUNT] = choose(sel, lid_grid(specs, cfg), defaults)[0]
-    rules[JEON] = choose(sel, hs_grid(cfg), defaults)[0]
-    rules[GAP] = choose(sel, gap_grid(cfg), defaults)[0]
-    for name, statistic in CANDIDATES.items():
-        rules[name] = choose(sel, ratio_grid(statistic, specs, cfg), defaults)[0]
-    return rules
-
-
-def most_right(sel: Sequence[RunRecord], cfg: StudyConfig, defaults: Defaults) -> dict[str, Rule]:
-    """Each candidate, the LID count and the loss gap at the setting with the most runs right on
-    the selection runs, false alarms allowed (then fewest of them): how far each signal can go
-    when the 0-false-alarm priority of :func:`rule_key` is dropped."""
-    specs = cfg.auto_specs()
-    grids = {name: ratio_grid(stat, specs, cfg) for name, stat in CANDIDATES.items()}
-    grids.update({LID_COUNT: lid_grid(specs, cfg), GAP: gap_grid(cfg)})
-
-    def key(ro: tuple[Rule, Outcome]) -> tuple[int, int]:
-        return (ro[1].count("right"), -ro[1].count("false_alarm"))
-
-    return {name: max(((r, evaluate(sel, r, defaults)) for r in grid), key=key)[0] for name, grid in grids.items()}
+def lid_grid(cfg: StudyConfig) -> list[Rule]:
+    """The LID count alone (the data-free fallback): c × the onset grid × patience."""
+    spec = cfg.auto_specs()[0]
+    return [
+        Rule("lid", th, p, sharp_threshold=c, spec=spec)
+        for p in cfg.patiences
+        for c in cfg.lid_thresholds
+        for th in cfg.onset_thresholds
+    ]
 
 
 def library_rule(defaults: Defaults) -> Rule:
-    """The library's default onset rule as a study :class:`Rule` (its primary calibrated level)."""
-    threshold = float(defaults.onset_threshold or 0.0)
-    if defaults.onset_on == "lid" and defaults.lid_statistic == "count":  # the LID itself: the LID-count rule
-        return Rule("lid", defaults.primary_spec, defaults.lid_count_threshold, threshold)
-    if defaults.onset_on == "lid":
-        spec = ALL_LEVELS if defaults.lid_statistic == "profile" else defaults.primary_spec
-        return Rule(defaults.lid_statistic, spec, defaults.lid_ratio_threshold, threshold)
-    return Rule("sharp", defaults.primary_spec, defaults.score_threshold, threshold)
-
-
-def best_candidate(outcomes: dict[str, Outcome]) -> str:
-    """The candidate (of :data:`CANDIDATES`) with the best :func:`rule_key` on the selection runs."""
-    return max(CANDIDATES, key=lambda name: rule_key(outcomes[name]))
+    """The library's default onset rule as a study :class:`Rule` (at its primary calibrated level)."""
+    threshold, patience, spec = float(defaults.onset_threshold or 0.0), defaults.patience, defaults.primary_spec
+    on, count = defaults.onset_on, defaults.lid_count_threshold
+    if on == "auto":  # with training samples (every run of the study holds them): memwatch.signals.alarm
+        return Rule("either", threshold, patience, sharp_threshold=count, rho=defaults.confirm_ratio, spec=spec)
+    if on == "copies":
+        return Rule("copies", threshold, patience)
+    if on == "either":  # sharp or a copy: an isolated peak at any ratio
+        sharp = defaults.score_threshold
+        return Rule("either", threshold, patience, sharp_threshold=sharp, sharp_by="sharp", rho=math.inf, spec=spec)
+    if on == "lid" and defaults.lid_statistic == "count":
+        return Rule("lid", threshold, patience, sharp_threshold=count, spec=spec)
+    if on == "sharpness":
+        return Rule("sharp", threshold, patience, sharp_threshold=defaults.score_threshold, spec=spec)
+    raise MemwatchError(f"study v4 does not replay onset.on={on!r} with lid.statistic={defaults.lid_statistic!r}")
 
 
 # ----------------------------------------------------------------------------- the whole study
@@ -458,11 +425,10 @@ class StudyAnalysis:
             theirs as ``RunRecord.shipped``).
         datasets: sorted data-set names.
         groups: ``"selection"``, ``"report"`` and (when given) ``"fresh"`` -> their runs.
-        rules: rule name -> :class:`Rule` (see :func:`select_rules`).
-        winner: the candidate chosen on the selection runs (:func:`best_candidate`).
+        rules: rule name -> :class:`Rule`: the candidates (each tuned), the fallback, the baselines
+            and the ablation's rows.
+        winner: the candidate chosen on the selection runs (the default with training samples).
         outcomes: group -> rule name -> :class:`Outcome`.
-        liberal: :func:`most_right`'s rules; liberal_outcomes: group -> their outcomes.
-        aurocs: group -> :class:`AurocTable` over every noise level measured.
     """
 
     cfg: StudyConfig
@@ -472,9 +438,6 @@ class StudyAnalysis:
     rules: dict[str, Rule]
     winner: str
     outcomes: dict[str, dict[str, Outcome]]
-    aurocs: dict[str, AurocTable]
-    liberal: dict[str, Rule]
-    liberal_outcomes: dict[str, dict[str, Outcome]]
 
     def seeds(self, group: str) -> str:
         """``"seed 0"`` / ``"seeds 1, 2"``: the seeds of a group."""
@@ -482,19 +445,59 @@ class StudyAnalysis:
         return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
 
     @property
-    def specs(self) -> list[str]:
-        """Every noise level measured."""
-        return list(self.groups["selection"][0].signals)
+    def spec(self) -> str:
+        """The noise level measured."""
+        return self.cfg.auto_specs()[0]
 
     @property
     def every(self) -> int:
         """The check cadence (all data sets share it)."""
         return self.cfg.data[0].every
 
-    def auroc(self, group: str, rule: Rule) -> RocStats | None:
-        """Pooled per-probe statistics of the rule's per-probe score (``None`` for the loss gap: a run-level signal)."""
-        signal = {"sharp": PRIMARY_SIGNAL, "lid": "lid", "hs": HS_SIGNAL}.get(rule.kind, rule.kind)
-        return None if rule.kind == "gap" else self.aurocs[group][("all", rule.spec, signal)]
+    def auroc(self, group: str, name: str) -> RocStats | None:
+        """Pooled per-probe statistics of rule ``name``'s score (``None`` for the loss gap: a run-level
+        signal); a rule on the ratio without ids over the augmented runs only."""
+        rule = self.rules[name]
+        if rule.kind == "gap":
+            return None
+        return probe_auroc(applicable(self.groups[group], rule), rule.scores)
+
+
+def applicable(runs: Sequence[RunRecord], rule: Rule) -> list[RunRecord]:
+    """The runs ``rule`` can be replayed on: the augmented ones for the ratio without ids, else all."""
+    return [r for r in runs if r.plain_ratio is not None] if rule.ratio == "plain" else list(runs)
+
+
+def select_rules(sel: Sequence[RunRecord], cfg: StudyConfig, defaults: Defaults) -> tuple[dict[str, Rule], str]:
+    """Every rule of the study, the tuned ones chosen on the selection runs ``sel`` only, and the
+    winner among :data:`CANDIDATES`.
+
+    Candidates (each tuned by :func:`rule_key`): ``COPIES`` (θ, patience), ``CONFIRMED`` and
+    ``EITHER`` (what says "sharp", its threshold, ρ, θ, patience); the data-free fallback
+    ``LID_COUNT``. Baselines, fixed: ``LIBRARY`` (the library's defaults when analysed), ``V3``
+    (:data:`config.V3_RULE`), ``GAP`` (study v3's loss gap). Ablation rows: ``NO_IDS`` (the chosen
+    copies rule on the ratio of a monitor given no item ids), ``TRUTH_COPIES`` (on the study's truth).
+    """
+    rules = {
+        COPIES: choose(sel, copies_grid(cfg), defaults)[0],
+        CONFIRMED: choose(sel, confirmed_grid("confirmed", cfg), defaults)[0],
+        EITHER: choose(sel, confirmed_grid("either", cfg), defaults)[0],
+        LID_COUNT: choose(sel, lid_grid(cfg), defaults)[0],
+    }
+    scored = {name: rule_key(evaluate(sel, rules[name], defaults)) for name in CANDIDATES}
+    winner = max(CANDIDATES, key=lambda name: scored[name])
+    spec = cfg.auto_specs()[0]
+    score, onset, patience = V3_RULE
+    rules.update(
+        {
+            LIBRARY: library_rule(defaults),
+            V3: Rule("sharp", onset, patience, sharp_threshold=score, spec=spec),
+            GAP: Rule("gap", cfg.gap_threshold, defaults.patience, spec=str(cfg.gap_timestep)),
+            NO_IDS: replace(rules[COPIES], ratio="plain"),
+            TRUTH_COPIES: replace(rules[COPIES], ratio="truth"),
+        }
+    )
+    return rules, winner
 
 
 def analyse(runs: list[RunRecord], cfg: StudyConfig, fresh: Sequence[RunRecord] = ()) -> StudyAnalysis:
@@ -507,19 +510,17 @@ def analyse(runs: list[RunRecord], cfg: StudyConfig, fresh: Sequence[RunRecord] 
     if fresh:
         groups["fresh"] = list(fresh)
     groups = {g: rs for g, rs in groups.items() if rs}
-    rules = select_rules(groups["selection"], cfg, defaults)
-    specs = list(runs[0].signals)
-    outcomes = {g: {name: evaluate(rs, rule, defaults) for name, rule in rules.items()} for g, rs in groups.items()}
-    liberal = most_right(groups["selection"], cfg, defaults)
+    rules, winner = select_rules(groups["selection"], cfg, defaults)
+    outcomes = {
+        g: {name: evaluate(applicable(rs, rule), rule, defaults) for name, rule in rules.items()}
+        for g, rs in groups.items()
+    }
     return StudyAnalysis(
         cfg=cfg,
         defaults=defaults,
         datasets=sorted({r.dataset for r in [*runs, *fresh]}),
         groups=groups,
         rules=rules,
-        winner=best_candidate(outcomes["selection"]),
+        winner=winner,
         outcomes=outcomes,
-        aurocs={g: auroc_table(rs, specs) for g, rs in groups.items()},
-        liberal=liberal,
-        liberal_outcomes={g: {n: evaluate(rs, r, defaults) for n, r in liberal.items()} for g, rs in groups.items()},
     )

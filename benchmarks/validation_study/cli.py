@@ -22,7 +22,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         description=STUDY_DOC.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--fast", action="store_true", help="CI smoke size (one data set, 2 sizes, 2 seeds; < 1 min)")
+    ap.add_argument("--fast", action="store_true", help="CI smoke size (three small data sets, 2 seeds; < 1 min)")
     ap.add_argument(
         "--out",
         type=Path,
@@ -44,10 +44,29 @@ def parser() -> argparse.ArgumentParser:
         help="train the fresh-seed grid (config.FRESH) into --cache, for --fresh-cache; no report",
     )
     ap.add_argument("--train-only", action="store_true", help="train and save to --cache; write no report")
-    ap.add_argument("--from-cache", type=Path, default=None, help="skip training; analyse saved checks")
+    ap.add_argument(
+        "--selection-out",
+        type=Path,
+        default=None,
+        help="with --from-cache: write only what the selection seeds choose to this markdown file (no report)",
+    )
+    ap.add_argument(
+        "--resume", action="store_true", help="keep the runs already in --cache and train only the missing ones"
+    )
+    ap.add_argument(
+        "--datasets", nargs="+", default=None, help="train only these data sets of the grid (e.g. to train some later)"
+    )
+    ap.add_argument(
+        "--from-cache",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="skip training; analyse saved checks (one or more caches)",
+    )
     ap.add_argument(
         "--fresh-cache",
         type=Path,
+        nargs="+",
         default=None,
         help="saved checks of runs on further seeds (e.g. --seeds 3 4 --cache ...): evaluated, never used to choose",
     )
@@ -74,16 +93,24 @@ def _train(cfg: StudyConfig, args: argparse.Namespace, started: float) -> tuple[
     n_runs = sum(len(d.ns) for d in cfg.data) * len(cfg.seeds)
     size = "fast" if args.fast else "fresh" if args.fresh else "default"
     print(f"memwatch validation ({size}): {n_runs} runs", flush=True)
-    runs = run_all(cfg, args.workers)
-    timing = Timing(
-        size="--fast" if args.fast else "--fresh" if args.fresh else "default",
-        seconds=time.perf_counter() - started,
-        workers=args.workers,
-        machine=machine(),
-    )
-    if args.cache is not None:
-        save_cache(args.cache, runs, timing, cfg)
-    return runs, timing
+    done, before = [], 0.0
+    if args.resume and args.cache is not None and args.cache.exists():
+        done, timing = load_cache(args.cache)
+        before = timing.seconds
+        print(f"resuming: {len(done)} runs already in {args.cache}", flush=True)
+
+    def timing_now() -> Timing:
+        size = "--fast" if args.fast else "--fresh" if args.fresh else "default"
+        return Timing(
+            size=size, seconds=before + time.perf_counter() - started, workers=args.workers, machine=machine()
+        )
+
+    def save(runs: list[RunRecord]) -> None:
+        if args.cache is not None:
+            save_cache(args.cache, runs, timing_now(), cfg)
+
+    runs = run_all(cfg, args.workers, done, save)
+    return runs, timing_now()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     args.train_only = args.train_only or args.fresh
     if args.seeds is not None:
         cfg = replace(cfg, seeds=tuple(args.seeds))
+    if args.datasets is not None:
+        unknown = set(args.datasets) - {d.name for d in cfg.data}
+        if unknown:
+            ap.error(f"--datasets: {sorted(unknown)} not in the grid {[d.name for d in cfg.data]}")
+        cfg = replace(cfg, data=tuple(d for d in cfg.data if d.name in args.datasets))
     analysable = set(cfg.select_seeds) <= set(cfg.seeds)
+    if args.selection_out is not None and args.from_cache is None:
+        ap.error("--selection-out reads the runs of --from-cache")
     if args.from_cache is None and (args.train_only or not analysable) and args.cache is None:
         ap.error(f"--train-only, or --seeds without the selection seed(s) {cfg.select_seeds}, needs --cache")
     if args.workers is None:  # --fast: 4 short runs, not worth a worker's start-up
@@ -103,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     out = output_dir(args)
     started = time.perf_counter()
     if args.from_cache is not None:
-        runs, timing = load_cache(args.from_cache)
+        runs, timing = load_cache(*args.from_cache)
     else:
         runs, timing = _train(cfg, args, started)
         if not analysable or args.train_only:
@@ -112,9 +146,16 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
     from .analysis import analyse  # the training path needs neither
-    from .report import write_report
+    from .report import selection_report, write_report
 
-    fresh, fresh_timing = ([], None) if args.fresh_cache is None else load_cache(args.fresh_cache)
+    if args.selection_out is not None:
+        chosen = [r for r in runs if r.seed in cfg.select_seeds]
+        text = selection_report(analyse(chosen, cfg))
+        args.selection_out.write_text(text)
+        print(text)
+        return 0
+
+    fresh, fresh_timing = ([], None) if args.fresh_cache is None else load_cache(*args.fresh_cache)
     text = write_report(analyse(runs, cfg, fresh), out, timing, fresh_timing)
     print(text)
     print(

@@ -25,10 +25,11 @@ SCALED: dict[str, tuple[str, tuple[float, float]]] = {  # name -> (base data set
     "digits_01": ("digits", (0.5, 0.5)),  # the [-1, 1] digits mapped to [0, 1]
     "digits_x3": ("digits", (3.0, 0.0)),  # the [-1, 1] digits × 3
 }
-# the v2.2 defaults, fixed: sharp fraction > 0.9 at the calibrated level 0.1, onset > 0.3 (patience 2)
-V22_RULE = ("auto 0.1", 0.9, 0.3)
+# the v3 defaults, fixed: sharp fraction > 0.9 at the calibrated level 0.1, onset > 0.3, patience 2
+V3_RULE = (0.9, 0.3, 2)
 IMAGE_SIZES = {"digits16": 16, "digits16_mlp": 16}  # the digits upsampled to this side (d = 256): UNet, MLP
-DUPLICATED = {"gmm_dup": ("gmm", 4, 500)}  # name -> (base set, items repeated, times each): N distinct + the repeats
+DUPLICATED = {"gmm_dup": ("gmm", 4, 2000)}  # name -> (base set, items repeated, times each): N distinct + the repeats
+AUGMENTED = {"digits_aug": "digits"}  # name -> base set: trained on random views (augment.py), item ids in the batches
 UNET_METHOD = "trace"  # the UNet runs' monitor: the tier `method="auto"` uses at image scale
 
 
@@ -66,9 +67,10 @@ PRIMARY_SIGNAL = "sharp_fraction"  # the callback's score
 
 SCORE_THRESHOLDS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)  # per-probe thresholds tried (sharp fraction)
 LID_THRESHOLDS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)  # per-probe LID thresholds tried (dimensions)
-RATIO_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # per-probe LID-ratio thresholds tried
-ONSET_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-GAP_THRESHOLDS = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # loss gap
+ONSET_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the LID count's onset grid (v3's)
+COPY_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.3)  # θ: onset grid of the rules that read copies
+RHOS = (0.4, 0.5, 0.6)  # ρ: the looser ratio of a confirmed probe
+PATIENCES = (1, 2)  # checks in a row
 
 
 # ----------------------------------------------------------------------------- the study grid
@@ -125,8 +127,9 @@ class StudyConfig:
         held_out: size of the held-out split (and of the training subset) of the loss gap.
         num_probes, sampler_steps: probes per check and their DDIM steps.
         depth, batch_size: MLP depth and training batch size.
-        score_thresholds, lid_thresholds, ratio_thresholds, onset_thresholds, gap_thresholds: the
-            grids tried on the selection seeds.
+        gap_timestep, gap_threshold: the loss-gap baseline (one of ``loss_timesteps``; fixed, v3's).
+        score_thresholds, lid_thresholds, onset_thresholds, copy_thresholds, rhos, patiences: the
+            grids tried on the selection seeds (:mod:`.analysis`).
     """
 
     data: tuple[DataSpec, ...]
@@ -139,11 +142,14 @@ class StudyConfig:
     sampler_steps: int = 50
     depth: int = 3
     batch_size: int = 64
+    gap_timestep: int = 400
+    gap_threshold: float = 0.5
     score_thresholds: tuple[float, ...] = SCORE_THRESHOLDS
     lid_thresholds: tuple[float, ...] = LID_THRESHOLDS
-    ratio_thresholds: tuple[float, ...] = RATIO_THRESHOLDS
     onset_thresholds: tuple[float, ...] = ONSET_THRESHOLDS
-    gap_thresholds: tuple[float, ...] = GAP_THRESHOLDS
+    copy_thresholds: tuple[float, ...] = COPY_THRESHOLDS
+    rhos: tuple[float, ...] = RHOS
+    patiences: tuple[int, ...] = PATIENCES
 
     @property
     def report_seeds(self) -> tuple[int, ...]:
@@ -172,20 +178,25 @@ DEFAULT = StudyConfig(
         *_digits_specs((16, 1024), 4000, 250, 256, 2e-3, names=tuple(SCALED)),
         DataSpec("digits16_mlp", (16, 1024), 3000, 250, 256, 2e-3),
         DataSpec("digits16", (16, 64, 1024), 3000, 250, 16, 1e-3, model="unet", batch_size=32),
+        DataSpec("digits_aug", (4, 1024), 8000, 250, 256, 2e-3),  # N = 8, 16 do not memorize in 8000 steps (pilots)
     ),
     seeds=(0, 1, 2, 3, 4),
     select_seeds=(0, 1, 2),
-    sigma_factors=(0.05, 0.1, 0.2),
+    sigma_factors=(0.1,),  # the library's default level only (study v4)
     num_probes=20,
 )
 FRESH = replace(DEFAULT, seeds=(5,))  # trained after every choice is fixed, evaluated only (``--fresh``)
 
 FAST = StudyConfig(
-    data=(DataSpec("gmm", (4, 512), 600, 100, 128, 3e-3), DataSpec("gmm_dup", (300,), 600, 100, 128, 3e-3)),
+    data=(
+        DataSpec("gmm", (4, 512), 600, 100, 128, 3e-3),
+        DataSpec("gmm_dup", (300,), 600, 100, 128, 3e-3),
+        DataSpec("digits_aug", (4,), 600, 100, 64, 3e-3),
+    ),
     seeds=(0, 1),
     select_seeds=(0,),
-    sigma_factors=(0.1, 0.2),
-    loss_timesteps=(50, 200),
+    sigma_factors=(0.1,),
+    loss_timesteps=(50, 400),
     held_out=64,
     num_probes=16,
     sampler_steps=20,
@@ -205,9 +216,12 @@ class Defaults:
         score_threshold: a probe is memorized when its sharp fraction exceeds this.
         onset_threshold, onset_min_delta, patience, min_steps, baseline_checks: the
             :class:`memwatch.onset.OnsetDetector` rule on the share ``onset_on`` names.
-        onset_on: ``"sharpness"`` (the sharp fraction above ``score_threshold``) or ``"lid"``
-            (the LID signal's ``lid_statistic`` below ``lid_ratio_threshold``).
+        onset_on: ``"auto"`` (the alarm: a copy, or an LID below ``lid_count_threshold`` with
+            ``d₁/d₂ < confirm_ratio``), ``"copies"``, ``"either"`` (sharp or a copy), ``"sharpness"``
+            (the sharp fraction above ``score_threshold``) or ``"lid"`` (the LID signal's
+            ``lid_statistic`` below ``lid_ratio_threshold``, or the LID below ``lid_count_threshold``).
         lid_statistic, lid_ratio_threshold, lid_count_threshold: the LID signal's rule.
+        confirm_ratio: the alarm's looser ratio for an isolated peak.
     """
 
     sigmas: tuple[float, ...]
@@ -223,6 +237,7 @@ class Defaults:
     lid_statistic: str = "relative"
     lid_ratio_threshold: float = 0.5
     lid_count_threshold: float = 3.0
+    confirm_ratio: float = 0.5
 
     @property
     def primary_spec(self) -> str:
@@ -248,6 +263,7 @@ class Defaults:
             "lid_statistic": self.lid_statistic,
             "lid_ratio_threshold": self.lid_ratio_threshold,
             "lid_count_threshold": self.lid_count_threshold,
+            "confirm_ratio": self.confirm_ratio,
         }
 
     @classmethod
@@ -277,4 +293,5 @@ def library_defaults() -> Defaults:
         lid_statistic=monitor.sharpness.lid.statistic,
         lid_ratio_threshold=monitor.sharpness.lid.ratio_threshold,
         lid_count_threshold=monitor.sharpness.lid.count_threshold,
+        confirm_ratio=monitor.onset.confirm_ratio,
     )

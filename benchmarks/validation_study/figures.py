@@ -11,8 +11,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .analysis import ALL_LEVELS, AurocTable, Outcome, Rule, gt_onset, loss_gap, nn_fraction
-from .config import NN_ONSET, PRIMARY_SIGNAL, SIGNALS, Defaults
+from .analysis import Outcome, Rule, gt_onset, loss_gap, nn_fraction
+from .config import NN_ONSET, Defaults
 from .runs import RunRecord
 
 RUN_COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown")
@@ -24,40 +24,25 @@ def _figure(size: tuple[float, float]) -> Figure:
     return fig
 
 
-# ----------------------------------------------------------------------------- AUROC vs factor
-#: the per-probe values drawn against the noise level: (signal, label)
-FACTOR_SIGNALS = (
-    ("relative", "relative LID"),
-    ("drawdown", "LID drawdown"),
-    ("denoising", "denoising LID / data LID"),
-    ("flipd", "FLIPD"),
-    (PRIMARY_SIGNAL, SIGNALS[PRIMARY_SIGNAL].label),
-)
-
-
-def plot_auroc_vs_factor(table: AurocTable, factors: Sequence[float], chosen: str, seeds_label: str) -> Figure:
-    """Pooled per-probe AUROC of each value of :data:`FACTOR_SIGNALS` against the ``sigmas="auto"``
-    factor (matplotlib's colour cycle), the multi-scale profile over every level (dash-dotted),
-    the target 0.95 (red dashed) and the ``chosen`` level (dotted vertical; none for the profile)."""
-    fig = _figure((7.5, 4.8))
+# ----------------------------------------------------------------------------- the monitor's copies vs the truth
+def plot_ratios(pairs: Mapping[str, tuple[np.ndarray, np.ndarray]], seeds_label: str) -> Figure:
+    """Per probe, a monitor's ``d₁/d₂`` (y) against the study's truth (x), one colour per label of
+    ``pairs`` (label -> (truth ``[M]``, monitor ``[M]``)), the 1/3 lines dashed: the monitor
+    counts a copy below the horizontal one, the truth left of the vertical one."""
+    fig = _figure((6.6, 6.2))
     ax = fig.add_subplot()
-    for signal, label in FACTOR_SIGNALS:
-        ax.plot(
-            factors, [table[("all", f"auto {f:g}", signal)].auroc for f in factors], marker="o", lw=1.6, label=label
-        )
-    ax.axhline(table[("all", ALL_LEVELS, "profile")].auroc, color="k", ls="-.", lw=1.4, label="multi-scale profile")
-    ax.axhline(0.95, color="tab:red", ls="--", lw=1.0, label="target 0.95")
-    if chosen != ALL_LEVELS:
-        ax.axvline(float(chosen.split()[1]), color="0.3", ls=":", lw=1.4, label=f"chosen: {chosen}")
-    ax.set_xscale("log")
-    ax.set_xticks(list(factors), [f"{f:g}" for f in factors])
-    ax.minorticks_off()
-    ax.set_xlabel(r"sigma_factors: $\sigma_t$ / median NN distance (calibrated by the monitor)")
-    ax.set_ylabel("per-probe AUROC (pooled over every run)")
-    ax.set_ylim(0.4, 1.0)
+    for label, (truth, mon) in pairs.items():
+        ax.scatter(truth, mon, s=6, alpha=0.35, label=f"{label} ({len(truth)} probes)")
+    ax.axhline(1 / 3, color="0.3", ls="--", lw=1.0)
+    ax.axvline(1 / 3, color="0.3", ls="--", lw=1.0)
+    ax.plot([0, 1], [0, 1], color="0.6", lw=0.8)
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("truth d1/d2 (distinct training items; per item on augmented runs)")
+    ax.set_ylabel("monitor's d1/d2 (its own index of the batches)")
+    ax.set_title(f"The monitor's copy ratio vs the truth ({seeds_label})")
     ax.grid(alpha=0.3)
-    ax.set_title(f"Per-probe detection vs calibrated noise level ({seeds_label})")
-    fig.legend(loc="outside lower center", ncols=4, fontsize="small")
+    fig.legend(loc="outside lower center", ncols=1, fontsize="small", markerscale=3)
     return fig
 
 
@@ -133,7 +118,7 @@ class Curve:
 def run_curves(
     picked: Mapping[str, RunRecord], rule: Rule, defaults: Defaults, colours: Sequence[str] = RUN_COLOURS
 ) -> dict[str, Curve]:
-    """Label -> :class:`Curve`: per run of ``picked`` (label -> run), the ``rule``'s memorized
+    """Label -> :class:`Curve`: per run of ``picked`` (label -> run), the ``rule``'s flagged
     fraction (solid, filled circles, onset dashed) and the NN truth's (dashed, open squares,
     onset dotted), one colour per run."""
     curves: dict[str, Curve] = {}
