@@ -107,11 +107,12 @@ class AlarmSignal(Signal):
         m = draft.measurement
         if self.without is None and self.held is not None and self.held.refused:
             self.without = "the training batches are not in the probes' space (pass `data.encode_fn`)"
-        draft.fields["rule"] = self.rule(math.prod(m.samples.shape[1:]))
+        dim = math.prod(m.samples.shape[1:])
+        draft.fields["rule"] = self.rule(dim)
         if self.without is None and m.nn_ratio is None:  # the copies were not told at this check
             draft.values["alarm_fraction"] = math.nan
             return
-        counted, told = self.flags(m.primary.lid.double(), m.nn_ratio, math.prod(m.samples.shape[1:]))
+        counted, told = self.flags(m.primary.lid.double(), m.nn_ratio, dim)
         draft.fields["alarm"] = (counted & told).cpu()
         hits, n = _synced_sums(counted & told, told, run.device)
         valid = n > 0 and n >= self.min_valid_fraction * self.num_probes
