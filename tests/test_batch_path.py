@@ -6,6 +6,7 @@ never fires, a clean record that names only a file on disk, sampling retried on 
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import lightning.pytorch as pl
@@ -279,3 +280,34 @@ def test_a_clean_fit_with_the_defaults_warns_about_nothing_in_the_intake(tmp_pat
         _fit(tmp_path, monitor, _points(20))
     assert not [w for w in seen if "training batch" in str(w.message)]
     assert [h["intake_skipped_batches"] for h in monitor.history] == [0, 0] and _finite(monitor)
+
+
+@pytest.mark.parametrize(
+    ("ids", "said"),
+    [
+        ("idx", r"`data.ids`='idx' must give 16 integer \(or string\) ids of the batch's items, got NoneType"),
+        ("pos", r"`data.ids`='pos' must give 16 integer \(or string\) ids of the batch's items, got a torch.float32"),
+    ],
+)
+def test_item_ids_the_batches_do_not_hold_skip_the_batch_with_one_warning(tmp_path, ids, said):
+    """``data.ids`` pointing at nothing, or at float "ids": every batch is skipped for the copy index, one
+    warning names the setting, training goes on and the checks still run (their copies NaN: nothing held)."""
+    batches = [{"x": b, "pos": b[:, 0]} for b in _points(20)]  # no "idx"; "pos" holds floats
+    module = Selecting(lambda b: b["x"])
+    monitor = MemorizationMonitor(every_n_train_steps=10, sigmas=(0.2,), data=DataOptions(select="x", ids=ids), **QUICK)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _fit(tmp_path, monitor, batches, module=module)
+    told = [str(w.message) for w in seen if "data.ids" in str(w.message)]
+    assert len(told) == 1 and re.search(said, told[0]), told
+    assert len(monitor.history) == 2 and _finite(monitor) and monitor.history[-1]["intake_skipped_batches"] == 20
+    assert len(monitor.signals["copies"].index) == 0 and math.isnan(monitor.history[-1]["nn_memorized_fraction"])
+
+
+def test_string_item_ids_name_one_item_on_every_process():
+    """Ids as a list of strings (a Hugging Face dataset's ``"id"`` column): the same name, the same id."""
+    from memwatch.intake import item_ids
+
+    a = item_ids({"id": ["cat-1", "dog-7", "cat-1"]}, "id", 3)
+    assert a.dtype == torch.int64 and a[0] == a[2] and a[0] != a[1]
+    assert torch.equal(a, item_ids({"id": ["cat-1", "dog-7", "cat-1"]}, "id", 3))
