@@ -470,11 +470,11 @@ def batch_sample_shape(batch: Any, batch_key: Any = None) -> tuple[int, ...]:
     return tuple(data.shape[1:])
 
 
-def select_data(batch: Any, select: Any, what: str = "the training batch", setting: str = "data.select") -> Tensor:
+def select_data(batch: Any, select: Any, what: str = "the training batch") -> Tensor:
     """The data tensor of ``batch`` chosen by ``select`` (see :class:`memwatch.options.DataOptions`).
 
     Raises:
-        MemwatchError: the selector finds no tensor (the message names ``setting`` and what the batch holds).
+        MemwatchError: the selector finds no tensor (the message names ``data.select`` and what the batch holds).
 
     Example:
         >>> select_data((torch.zeros(4), torch.ones(4, 2)), 1).shape
@@ -483,18 +483,18 @@ def select_data(batch: Any, select: Any, what: str = "the training batch", setti
     if callable(select):
         out = select(batch)
         if not isinstance(out, Tensor):
-            raise MemwatchError(f"`{setting}` returned a {type(out).__name__} for {what}, not a tensor")
+            raise MemwatchError(f"`data.select` returned a {type(out).__name__} for {what}, not a tensor")
         return out
     if isinstance(select, str):
         if not isinstance(batch, Mapping) or not isinstance(batch.get(select), Tensor):
             keys = list(batch) if isinstance(batch, Mapping) else f"none (a {type(batch).__name__})"
-            raise MemwatchError(f"`{setting}`={select!r} is not a key of a tensor in {what}; its keys: {keys}")
+            raise MemwatchError(f"`data.select`={select!r} is not a key of a tensor in {what}; its keys: {keys}")
         return batch[select]
     if isinstance(select, int):
         ok = isinstance(batch, Sequence) and select < len(batch) and isinstance(batch[select], Tensor)
         if not ok:
             raise MemwatchError(
-                f"`{setting}`={select} is not the index of a tensor in {what} (a {type(batch).__name__})"
+                f"`data.select`={select} is not the index of a tensor in {what} (a {type(batch).__name__})"
             )
         return batch[select]
     try:
