@@ -177,7 +177,7 @@ class NoiseSchedule:
 
         # the training sigmas from the config (``scheduler.sigmas`` is the inference grid once
         # ``set_timesteps`` ran)
-        sigmas = FlowMatchEulerDiscreteScheduler.from_config(config).sigmas.to(torch.float64)
+        sigmas = FlowMatchEulerDiscreteScheduler.from_config(_euler_config(config)).sigmas.to(torch.float64)
         # down to half the smallest training σ: the sampler's last grid σ can fall below it by a
         # float32 rounding (``σ · T`` in float32) or by the grid's second shift when shift < 1
         return cls.flow(int(config["num_train_timesteps"]), float(sigmas.min()) / 2, float(sigmas.max()))
@@ -389,7 +389,9 @@ class NoiseSchedule:
         _check_steps(steps, "steps")
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        euler = FlowMatchEulerDiscreteScheduler.from_config(config, **{"stochastic_sampling": False, **overrides})
+        euler = FlowMatchEulerDiscreteScheduler.from_config(
+            _euler_config(config), **{"stochastic_sampling": False, **overrides}
+        )
         mu = None
         if euler.config.use_dynamic_shifting:
             c = euler.config
@@ -424,12 +426,41 @@ class NoiseSchedule:
 
 
 def is_flow_matching(scheduler: Any) -> bool:
-    """Whether ``scheduler`` is a diffusers flow-matching scheduler (``FlowMatchEulerDiscreteScheduler``,
-    ``FlowMatchHeunDiscreteScheduler``, …): a ``FlowMatch*`` class with a config naming ``num_train_timesteps``."""
-    if not type(scheduler).__name__.startswith("FlowMatch"):
+    """Whether ``scheduler`` is a diffusers flow-matching scheduler: a ``FlowMatch*`` class
+    (``FlowMatchEulerDiscreteScheduler``, ``FlowMatchHeunDiscreteScheduler``, …), or a multistep
+    solver on flow sigmas (``DPMSolverMultistepScheduler`` / ``UniPCMultistepScheduler`` … with
+    ``use_flow_sigmas=True``, as SANA and Wan ship), with a config naming ``num_train_timesteps``.
+
+    A solver on flow sigmas still has a DDPM ``alphas_cumprod`` from its unused betas: reading that
+    would be a wrong schedule, which is why this test comes first."""
+    if type(scheduler).__module__.split(".")[0] != "diffusers" and not type(scheduler).__name__.startswith("FlowMatch"):
         return False  # before any attribute lookup, which may raise on arbitrary objects
     config = getattr(scheduler, "config", None)
-    return isinstance(config, Mapping) and "num_train_timesteps" in config
+    if not (isinstance(config, Mapping) and "num_train_timesteps" in config):
+        return False
+    return type(scheduler).__name__.startswith("FlowMatch") or bool(config.get("use_flow_sigmas", False))
+
+
+def _euler_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``FlowMatchEulerDiscreteScheduler`` config equivalent to a flow-matching scheduler's ``config``.
+
+    A ``FlowMatch*`` config passes through. A solver on flow sigmas (``use_flow_sigmas=True``)
+    names its shift ``flow_shift``: it becomes Euler's ``shift`` over the same
+    ``num_train_timesteps``; its other keys (betas, solver order, …) do not describe the schedule.
+
+    Raises:
+        MemwatchError: a solver on flow sigmas with ``use_dynamic_shifting=True`` (its μ comes from
+            the pipeline's call, which memwatch cannot know).
+    """
+    if not config.get("use_flow_sigmas", False):
+        return dict(config)
+    if config.get("use_dynamic_shifting", False):
+        raise MemwatchError(
+            "the scheduler has config.use_flow_sigmas=True with use_dynamic_shifting=True: its shift comes "
+            "from the μ the pipeline passes at each call, which memwatch cannot know; pass "
+            "NoiseSchedule.from_diffusers(FlowMatchEulerDiscreteScheduler(shift=...)) with the shift you sample with"
+        )
+    return {"num_train_timesteps": config["num_train_timesteps"], "shift": float(config.get("flow_shift", 1.0))}
 
 
 def image_seq_len(sample_shape: Sequence[int]) -> int:

@@ -206,3 +206,25 @@ def test_a_flow_matching_scheduler_that_memwatch_cannot_read_is_refused():
         sched.ddim_scheduler(10)
     with pytest.raises(ValueError, match="flow-matching scheduler config"):
         NoiseSchedule.from_diffusers(diffusers.DDPMScheduler()).flow_scheduler(10)
+
+
+@pytest.mark.parametrize("solver", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+def test_a_solver_on_flow_sigmas_is_flow_matching_not_its_unused_betas(solver):
+    """SANA / Wan ship a multistep solver with ``use_flow_sigmas=True``: its ``alphas_cumprod`` (from
+    betas it never uses) must not be read; the schedule is flow matching with its ``flow_shift``."""
+    diffusers = pytest.importorskip("diffusers")
+    scheduler = getattr(diffusers, solver)(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")
+    sched = NoiseSchedule.from_diffusers(scheduler)
+    assert (sched.kind, sched.time_scale, sched.scheduler_class) == ("flow", 1000.0, solver)
+    scheduler.set_timesteps(20)
+    t = scheduler.timesteps.double()
+    sigma = scheduler.sigmas[:-1].double()  # the solver's own σ at its timesteps (the last is its final 0)
+    sched.check_t(t)
+    torch.testing.assert_close(sched.sigma(t), sigma, atol=2e-3, rtol=0)  # its timesteps are σ·T rounded
+    torch.testing.assert_close(sched.alpha(t), 1 - sigma, atol=2e-3, rtol=0)
+    euler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    euler.set_timesteps(12)
+    torch.testing.assert_close(sched.sampling_timesteps(12), euler.timesteps.double())  # probes: Euler, same shift
+    dynamic = getattr(diffusers, solver)(use_flow_sigmas=True, use_dynamic_shifting=True)
+    with pytest.raises(ValueError, match="use_dynamic_shifting=True"):
+        NoiseSchedule.from_diffusers(dynamic)
