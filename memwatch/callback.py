@@ -230,6 +230,12 @@ class MemorizationMonitor(ProbeChecks, Callback):
                 f"memwatch: no check will run: every_n_train_steps={every} is beyond the trainer's max_steps={steps}"
             )
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the weights training starts from are the first clean checkpoint: a fine-tune that memorizes
+        # before its first check can still go back to them (not on a resume, which has its own)
+        if self.checkpoint.save and self.clean_step is None and trainer.global_step == 0:
+            self._save_clean_checkpoint(trainer)
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:

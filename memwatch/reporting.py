@@ -383,10 +383,14 @@ class CheckReporter:
                 f"{copies_verdict(values, self.onset_key)}. "
                 + (
                     f"Last clean checkpoint: {clean_checkpoint} (step {clean_step})"
-                    if clean_step is not None
-                    else f"No check before it was clean, so there is no clean checkpoint: the model was memorizing "
-                    f"by its first check{_first_step(decision.reason)}. Check sooner (a smaller `every_n_train_steps`, "
-                    "e.g. a quarter of it) to catch the onset"
+                    if clean_step
+                    else (
+                        f"Last clean checkpoint: {clean_checkpoint} (step 0, the weights training started from)"
+                        if clean_step == 0
+                        else "No check before it was clean, so there is no clean checkpoint"
+                    )
+                    + f": the model was memorizing by its first check{_first_step(decision.reason)}. Check sooner "
+                    "(a smaller `every_n_train_steps`, e.g. a quarter of it) to catch the onset"
                 )
             )
             rank_zero_warn(f"memwatch: {msg}")

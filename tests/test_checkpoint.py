@@ -376,7 +376,7 @@ def test_a_fit_without_logger_creates_no_memwatch_folder_and_nothing_before_the_
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(  # no default_root_dir: the working directory, as for a newcomer's script
         max_steps=10,
-        callbacks=[monitor, start],
+        callbacks=[start, monitor],  # start looks before the monitor keeps the starting weights
         logger=False,
         accelerator="cpu",
         devices=1,
@@ -388,3 +388,30 @@ def test_a_fit_without_logger_creates_no_memwatch_folder_and_nothing_before_the_
     assert not (tmp_path / "memwatch").exists()
     assert monitor.clean_step == 10 and monitor.clean_checkpoint_path.exists()
     assert monitor.clean_checkpoint_path.parent.parent == tmp_path / "checkpoints" / "memwatch-clean"
+
+
+def test_the_weights_training_starts_from_are_the_first_clean_checkpoint(tmp_path):
+    """A fine-tune that memorizes before its first check can still go back: before any check the
+    clean checkpoint holds the starting weights (step 0), and a resumed fit keeps its own."""
+    from callback_setup import memorizing_data, module_2d
+
+    from memwatch import MemorizationMonitor
+
+    class _Before(pl.Callback):  # what is on disk at the step before the first check
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_step == 4:
+                self.step, self.path = monitor.clean_step, monitor.clean_checkpoint_path
+                self.saved = _load(self.path)["state_dict"]
+
+    pl.seed_everything(0, verbose=False)
+    module = module_2d(hidden=16, depth=1)
+    start = {k: v.clone() for k, v in module.state_dict().items()}
+    monitor = MemorizationMonitor(every_n_train_steps=5, num_probes=4, sampler_steps=10, sigmas=(0.2,), k=2,
+                                  dirpath=tmp_path / "clean", verbose=False)  # fmt: skip
+    before = _Before()
+    cpu_trainer(tmp_path, [monitor, before], max_steps=5).fit(module, datamodule(memorizing_data()))
+    assert before.step == 0 and before.path == tmp_path / "clean" / "memwatch-clean.ckpt"
+    assert before.saved.keys() == start.keys()
+    for name, value in start.items():
+        torch.testing.assert_close(before.saved[name], value, rtol=0, atol=0)
+    assert len(monitor.history) == 1 and monitor.clean_step in (0, 5)  # 5: the check was clean

@@ -54,7 +54,7 @@ def test_finite_output_with_nan_jacobian_is_nan_and_loud_and_never_clean(tmp_pat
         t, _ = _fit(tmp_path, monitor, module)
     assert t.global_step == 30 and len(monitor.history) == 3
     assert all(math.isnan(h["memorized_fraction"]) and math.isnan(h["sharp_fraction_mean"]) for h in monitor.history)
-    assert monitor.clean_step is None and monitor.clean_checkpoint_path is None  # nothing measured: not clean
+    assert monitor.clean_step == 0  # nothing measured is clean: the only clean weights are the starting ones
     assert monitor.detector.onset_step is None
 
 
@@ -101,7 +101,7 @@ def test_a_check_that_lost_most_of_its_probes_is_failed_not_clean(tmp_path):
         _fit(tmp_path, monitor)
     assert [h["nonfinite_count"] for h in monitor.history] == [14, 14, 14]
     assert all(math.isnan(h["memorized_fraction"]) for h in monitor.history)
-    assert monitor.clean_step is None and monitor.detector.state_dict()["streak"] == 0
+    assert monitor.clean_step == 0 and monitor.detector.state_dict()["streak"] == 0  # only the starting weights
 
 
 def test_a_model_that_fails_above_eight_rows_works_with_max_batch_8(tmp_path):

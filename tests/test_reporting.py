@@ -160,6 +160,9 @@ def test_an_onset_with_no_clean_check_before_it_says_so_and_what_would_have_caug
     said = _onset_alert(tmp_path, {}, None)
     assert "no clean checkpoint: the model was memorizing by its first check (step 10)" in said
     assert "a smaller `every_n_train_steps`" in said and "None (step None)" not in said
+    said = _onset_alert(tmp_path, {"clean_step": 0.0}, "ckpt/memwatch-clean.ckpt")
+    assert "Last clean checkpoint: ckpt/memwatch-clean.ckpt (step 0, the weights training started from): " in said
+    assert "memorizing by its first check (step 10)" in said and "a smaller `every_n_train_steps`" in said
 
 
 # ------------------------------------------------------------------ the sampler the probes are drawn with
