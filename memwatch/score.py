@@ -179,6 +179,18 @@ class DiffusionScore:
         other.model = model
         return other
 
+    def with_schedule(self, schedule: NoiseSchedule, prediction: str) -> DiffusionScore:
+        """The same network and settings read with another schedule and prediction type (the
+        network's time input still ``time_fn`` of the new schedule's timesteps, or those timesteps).
+
+        Raises:
+            MemwatchError: a pair refused by definition (``"flow_prediction"`` off a flow schedule, ...).
+        """
+        _check_pair(prediction, schedule)
+        other = copy.copy(self)
+        other.schedule, other.prediction = schedule, prediction
+        return other
+
     def timesteps(self, t: Tensor | int | float, n: int, device: torch.device | None = None) -> Tensor:
         """Checked timesteps broadcast to ``[n]`` (long for discrete schedules, float64 otherwise)."""
         tt = self.schedule.check_t(t).to(device)
@@ -290,6 +302,19 @@ def _eps(prediction: str, out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) 
     if prediction == "score":
         return -sigma * out
     return (x + alpha * out) / (alpha + sigma)  # "flow_prediction"
+
+
+def eps_offset(prediction: str, x: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> Tensor:
+    """The part of ε̂ that does not depend on the network: ε̂ = a·output + ``eps_offset`` (the
+    module docstring's table at output 0), ``[n, *shape]`` like ``x``. ``ε - eps_offset`` is what
+    the output, read as ``prediction``, has to explain.
+
+    Example:
+        >>> x = torch.ones(1, 2)
+        >>> eps_offset("epsilon", x, 0.6, 0.8).tolist(), eps_offset("sample", x, 0.6, 0.8).tolist()
+        ([[0.0, 0.0]], [[1.25, 1.25]])
+    """
+    return _eps(prediction, torch.zeros_like(x), x, alpha, sigma)
 
 
 def _x0(prediction: str, out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:

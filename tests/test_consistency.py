@@ -51,26 +51,32 @@ def test_the_exact_denoiser_fits_its_own_pair(mixture, kind, prediction):
     assert found.errors[prediction][0] < 0.5  # it removes most of the noise at the small level
 
 
-@pytest.mark.parametrize(
-    ("kind", "trained", "read"),
-    [
-        ("linear", "epsilon", "sample"),
-        ("linear", "sample", "score"),
-        ("vp", "score", "v_prediction"),
-        ("edm", "epsilon", "score"),
-        ("edm", "v_prediction", "sample"),
-        ("flow", "flow_prediction", "sample"),
-        ("flow", "flow_prediction", "score"),
-        ("flow", "score", "flow_prediction"),
-    ],
-)
+@pytest.mark.parametrize(("kind", "trained", "read"), [(k, p, q) for k, p in PAIRS for k2, q in PAIRS if k2 == k and q != p])
 def test_an_exact_denoiser_read_as_another_prediction_is_wrong_and_the_right_one_named(mixture, kind, trained, read):
+    """Every wrong prediction on every schedule (issue 30: ε read as v and an ε network read as the
+    flow velocity among them)."""
     gmm, x0 = mixture
     schedule = SCHEDULES[kind]
     found = _check(gmm.as_model(schedule, trained), schedule, read, x0)
-    assert (found.verdict, found.better) == ("wrong", trained), found.describe()
+    assert (found.verdict, found.better, found.better_schedule) == ("wrong", trained, None), found.describe()
     message = found.describe()
     assert f"prediction={read!r}" in message and schedule.kind in message and f"prediction={trained!r}" in message
+
+
+OTHER_FAMILY = [  # (trained schedule, its prediction, read schedule, read prediction), one time axis each
+    (NoiseSchedule.flow(1000), "flow_prediction", NoiseSchedule.linear(1000), "v_prediction"),
+    (NoiseSchedule.flow(1000), "flow_prediction", NoiseSchedule.linear(1000), "epsilon"),
+    (NoiseSchedule.flow(), "flow_prediction", NoiseSchedule.vp(), "v_prediction"),  # the issue's own mix-up
+]
+
+
+@pytest.mark.parametrize(("trained", "prediction", "read", "read_as"), OTHER_FAMILY)
+def test_a_network_of_the_other_family_is_wrong_and_its_schedule_named(mixture, trained, prediction, read, read_as):
+    """A flow-matching network read on a DDPM / VP schedule, and back: told, naming what it reads as."""
+    gmm, x0 = mixture
+    found = _check(gmm.as_model(trained, prediction), read, read_as, x0)
+    assert (found.verdict, found.better, found.better_schedule) == ("wrong", prediction, trained.kind), found.describe()
+    assert f"prediction={prediction!r} on a {trained.kind} schedule instead" in found.describe()
 
 
 @pytest.mark.parametrize(("kind", "prediction"), PAIRS)
@@ -121,15 +127,21 @@ def _fit_read_as(tmp_path, trained, read, steps=300):
         (("flow", "flow_prediction"), ("flow", "sample")),
         (("linear", "sample"), ("linear", "epsilon")),
         (("linear", "sample"), ("flow", "flow_prediction")),
+        (("linear", "epsilon"), ("linear", "v_prediction")),  # untold before the unexplained share
+        (("vp", "v_prediction"), ("vp", "epsilon")),
+        (("flow", "epsilon"), ("flow", "flow_prediction")),
+        (("flow", "flow_prediction"), ("vp", "v_prediction")),  # the issue's own mix-up: a wrong schedule
     ],
 )
 def test_a_wrong_pair_is_told_once_and_its_values_are_nan(tmp_path, trained, read):
     monitor, told = _fit_read_as(tmp_path, trained, read)
     assert len(told) == 1 and "does not fit" in told[0], told
-    assert f"prediction={read[1]!r}" in told[0] and f"prediction={trained[1]!r} instead" in told[0]
+    # an x₀ network explains as x₀ on any schedule; a flow velocity only on a flow schedule, which is named
+    where = " on a flow schedule" if "flow_prediction" in trained and read[0] != "flow" else ""
+    assert f"prediction={read[1]!r}" in told[0] and f"prediction={trained[1]!r}{where} instead" in told[0]
     assert monitor.signals["consistency"].verdict == "wrong" and monitor.onset_step is None
     (check,) = monitor.history
-    bookkeeping = ("step", "onset", "check_seconds", "intake_skipped_batches", "intake_dropped_rows")
+    bookkeeping = ("step", "onset", "check_seconds", "intake_skipped_batches", "intake_dropped_rows", "clean_step")
     numbers = {
         k: v
         for k, v in check.items()
@@ -142,7 +154,6 @@ def test_a_wrong_pair_is_told_once_and_its_values_are_nan(tmp_path, trained, rea
 @pytest.mark.parametrize(
     ("trained", "read"),
     [
-        (("flow", "flow_prediction"), ("vp", "v_prediction")),  # the plausible mix-up of issue 30
         (("flow", "flow_prediction"), ("linear", "sample")),
         (("linear", "epsilon"), ("edm", "epsilon")),
     ],

@@ -11,8 +11,8 @@ passes at the primary noise level and ten times it, in the isolation of the meas
   better, the prediction the network's output reads as; from then on every value of every check
   is NaN (but the counts, ``*_count``) and the per-probe results too, so nothing is logged as a
   number and no onset is declared;
-* ``"undecided"``: one warning says it cannot tell (an untrained network, one not trained at the
-  large level, or a schedule it was not trained on); the values are kept, and the sharpness signal
+* ``"undecided"``: one warning says it cannot tell (an untrained network, or one trained on a
+  schedule memwatch cannot guess); the values are kept, and the sharpness signal
   still leaves a probe with a negative LID unmeasured (:func:`memwatch.lid.possible`). The check is not repeated: the
   training samples are dropped after the first check.
 
@@ -95,10 +95,9 @@ class ConsistencySignal(Signal):
                 )
             elif self.verdict == "undecided":
                 rank_zero_warn(
-                    f"memwatch: cannot tell whether the network fits {description}: this reading does not both "
-                    "denoise at the small level and stay near them at the large one, and no other reading does (an "
-                    "untrained network, one not trained at the large level, or a schedule it was not trained on); "
-                    "the values are kept"
+                    f"memwatch: cannot tell whether the network fits {description}: no prediction type explains "
+                    "its output at both levels, on this schedule or on the other family's (an untrained network, or "
+                    "one trained on a schedule memwatch cannot guess); the values are kept"
                 )
         if self.verdict == "wrong":  # counts (of probes out of range, of batches skipped, ...) stay counts
             draft.values.update(dict.fromkeys((k for k in draft.values if not k.endswith("_count")), math.nan))
