@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from memwatch.apps import cli
 from memwatch.apps import scan as scan_app
+from memwatch.apps.scan import check, scanning
 from memwatch.apps.toymodels import DDPMModule, DigitsDataModule
 from memwatch.callback import MemorizationMonitor
 from memwatch.errors import MemwatchError
@@ -101,7 +102,7 @@ def test_scan_reproduces_the_live_checks_in_step_order_and_resumes(trained, tmp_
     def no_measuring(*args, **kwargs):
         raise AssertionError("a cached checkpoint was measured again")
 
-    monkeypatch.setattr(scan_app._OfflineCheck, "measure", no_measuring)
+    monkeypatch.setattr(check._OfflineCheck, "measure", no_measuring)
     again = scan_app.scan(files, DDPMModule, data=train_data, monitor_kwargs=MONITOR, out=out, progress=False)
     assert again.measured == 0 and all(c.cached for c in again.checks)
     assert _same(again.history, result.history)
@@ -166,7 +167,7 @@ def test_the_replay_decides_on_the_share_onset_on_names_and_batches_need_data(tr
     reference = torch.zeros(2, 2)
     for onset_on, onset in (("copies", 150), ("sharpness", None)):
         monitor = MemorizationMonitor(**MONITOR, reference_data=reference, onset_on=onset_on)
-        _, onset_step, _ = scan_app._replay(monitor, copies_only)
+        _, onset_step, _ = check._replay(monitor, copies_only)
         assert onset_step == onset
     files, _, _ = trained
     with pytest.raises(MemwatchError, match="reference_data='batches' compares the probes with training batches"):
@@ -361,7 +362,7 @@ def test_usage_errors_are_one_line_in_the_commands_flags_with_exit_code_2(case, 
         def no_reading(*args, **kwargs):
             raise AssertionError("a checkpoint was read before the arguments were checked")
 
-        monkeypatch.setattr(scan_app, "_global_step", no_reading)
+        monkeypatch.setattr(scanning, "_global_step", no_reading)
     argv = ["scan", "--module", "memwatch.apps.toymodels.DDPMModule", "--out", str(tmp_path / "out"), *FAST]
     argv += [str(files[0].parent), *flags(tmp_path)]  # a later --out wins; a second path follows the first
     assert cli.main(argv) == 2
@@ -387,7 +388,7 @@ def test_an_unexpected_failure_is_one_line_with_exit_code_1(trained, tmp_path, c
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access\nsecond line of the report")
 
-    monkeypatch.setattr(scan_app._OfflineCheck, "measure", broken)
+    monkeypatch.setattr(check._OfflineCheck, "measure", broken)
     argv = ["scan", str(files[0]), "--module", "memwatch.apps.toymodels.DDPMModule", "--data", "8", *FAST]
     assert cli.main([*argv, "--out", str(tmp_path / "out")]) == 1
     line = _one_error_line(capsys.readouterr().err)
