@@ -230,7 +230,36 @@ def test_a_diffusers_folder_without_a_step_or_of_a_conditional_network_is_skippe
     assert not result.checks and len(caught) == 2
     reasons = {s.path.name: s.reason for s in result.skipped}
     assert reasons["final"].startswith("the folder's name holds no step: name it after its global step")
-    assert "holds a 'UNet2DConditionModel'; scan loads UNet2DModel folders" in reasons["checkpoint-5"]
+    assert (
+        "holds a 'UNet2DConditionModel'; scan loads UNet2DModel and DiTTransformer2DModel folders: a "
+        "text-conditional network's unconditional probes need the empty prompt's embedding" in reasons["checkpoint-5"]
+    )
+
+
+def test_a_transformer_checkpoint_folder_with_a_flow_matching_scheduler_above_it_is_scanned(tmp_path):
+    """``checkpoint-N/transformer/`` as the DiT / SD3 / Flux training scripts save it, the scheduler
+    (flow matching) in ``output_dir/scheduler/``: the class from its config, its null condition the
+    dropped label; a text-conditional transformer is skipped naming the prompt embedding it needs."""
+    pytest.importorskip("diffusers")
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from model_setups import DiTDiffusion, PromptDiffusion
+
+    from memwatch.data import digits
+
+    output = tmp_path / "dit-flow"
+    DiTDiffusion().transformer.save_pretrained(output / "checkpoint-100" / "transformer")
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=100).save_pretrained(output / "scheduler")
+    result = scan_app.scan([output], data=digits(8), monitor_kwargs=dict(MONITOR, num_probes=4), progress=False)
+    assert [c.step for c in result.checks] == [100] and not result.skipped
+    assert result.checks[0].path == (output / "checkpoint-100").resolve()
+    assert math.isfinite(result.checks[0].values["sharp_fraction_mean"])
+
+    PromptDiffusion("sd3").transformer.save_pretrained(output / "checkpoint-200" / "transformer")
+    with pytest.warns(UserWarning, match="skipped '.*checkpoint-200'"):
+        again = scan_app.scan([output], data=digits(8), monitor_kwargs=dict(MONITOR, num_probes=4), progress=False)
+    (skipped,) = again.skipped
+    assert "holds a 'SD3Transformer2DModel'" in skipped.reason
+    assert "need the empty prompt's embedding, which only its text encoder makes" in skipped.reason
 
 
 # ------------------------------------------------------------------------------ the command's failures

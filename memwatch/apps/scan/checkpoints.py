@@ -12,7 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from memwatch.apps.scan.diffusers_folders import _is_diffusers_folder, _load_diffusers
+from memwatch.apps.scan.diffusers_folders import _holds_network, _is_diffusers_folder, _load_diffusers
 from memwatch.apps.scan.results import _one_line, _Unreadable
 from memwatch.errors import MemwatchError
 
@@ -49,13 +49,11 @@ def _checkpoint_files(checkpoints: Sequence[str | Path]) -> dict[Path, Path]:
 def _inside(folder: Path) -> list[Path]:
     """The checkpoints in a folder: its ``*.ckpt`` files and diffusers checkpoint folders. In a
     diffusers output folder (``unet/``, ``scheduler/``, ``checkpoint-N/``) or checkpoint folder, the
-    model folders (``unet/``, ``unet_ema/``, ``vae/``) are its parts: only folders holding a
-    ``unet/`` count."""
+    model folders (``unet/``, ``unet_ema/``, ``transformer/``, ``vae/``) are its parts: only folders
+    holding a ``unet/`` or a ``transformer/`` count."""
     parts = _is_diffusers_folder(folder)
     folders = [
-        p
-        for p in sorted(folder.iterdir())
-        if (p / "unet" / "config.json").is_file() or (not parts and (p / "config.json").is_file())
+        p for p in sorted(folder.iterdir()) if _holds_network(p) or (not parts and (p / "config.json").is_file())
     ]
     return sorted(folder.glob("*.ckpt")) + folders
 

@@ -27,16 +27,21 @@ Two kinds of checkpoint, mixed at will:
   step is the checkpoint's own. Loading a checkpoint imports that class and unpickles the file:
   scan only checkpoints you trust.
 * **diffusers folders**, as ``save_pretrained`` writes them and diffusers' training scripts keep
-  them: a model folder (``config.json`` and weights) or a folder with a ``unet/`` model folder
-  (``checkpoint-500/unet/``). A scanned folder that is itself a diffusers output folder
+  them: a model folder (``config.json`` and weights) or a folder with a ``unet/`` or
+  ``transformer/`` model folder (``checkpoint-500/unet/``; ``checkpoint-500/transformer/`` of the
+  DiT / PixArt / SD3 / Flux scripts). A scanned folder that is itself a diffusers output folder
   (``output_dir/unet/``, ``output_dir/scheduler/``, ``output_dir/checkpoint-500/unet/``) gives its
-  ``checkpoint-N`` folders; its own ``unet/`` (the final pipeline, without a step) is a part, not a
-  checkpoint. The network's class comes from its ``config.json`` (``_class_name``, a
-  ``UNet2DModel``); the scheduler from ``scheduler`` (``--scheduler DIR``: e.g. the base model's),
-  else from a ``scheduler/`` folder in the checkpoint folder, else in the folders above it up to
-  the folder scanned (``output_dir/scheduler/``). The global step is the last number in the
-  folder's name (``checkpoint-500`` → 500). The network and its scheduler are measured as a
-  module holding both, which the monitor finds without glue.
+  ``checkpoint-N`` folders; its own ``unet/`` or ``transformer/`` (the final pipeline, without a
+  step) is a part, not a checkpoint. The network's class comes from its ``config.json``
+  (``_class_name``: a ``UNet2DModel`` or a class-conditional ``DiTTransformer2DModel``, whose null
+  condition is its dropped label; a text-conditional network — ``UNet2DConditionModel``, PixArt,
+  SD3, Flux — is skipped, since its unconditional probes need the empty prompt's embedding, which
+  only its text encoder makes); the scheduler (DDPM / DDIM, or ``FlowMatchEulerDiscreteScheduler``
+  for flow matching) from ``scheduler`` (``--scheduler DIR``: e.g. the base model's), else from a
+  ``scheduler/`` folder in the checkpoint folder, else in the folders above it up to the folder
+  scanned (``output_dir/scheduler/``). The global step is the last number in the folder's name
+  (``checkpoint-500`` → 500). The network and its scheduler are measured as a module holding
+  both, which the monitor finds without glue.
 
 Example:
     >>> result = scan(["ckpts/"], DDPMModule, data=train_images, out="scan_out")  # doctest: +SKIP
@@ -111,7 +116,7 @@ def scan(
         scheduler: a diffusers scheduler folder for diffusers checkpoints (default: a
             ``scheduler/`` folder in the checkpoint folder, else in the folders above it up to the
             folder scanned — the layout of diffusers' training scripts, ``output_dir/scheduler/``
-            above ``output_dir/checkpoint-500/unet/``).
+            above ``output_dir/checkpoint-500/unet/`` or ``.../transformer/``).
 
     Returns:
         :class:`ScanResult` (no checks when every checkpoint was skipped).
