@@ -16,12 +16,14 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+import memwatch
 from memwatch.apps import cli
 from memwatch.apps import scan as scan_app
 from memwatch.apps.scan import check, scanning
 from memwatch.apps.toymodels import DDPMModule, DigitsDataModule
 from memwatch.callback import MemorizationMonitor
 from memwatch.errors import MemwatchError
+from memwatch.probes import isolated
 
 MONITOR = {"every_n_train_steps": 50, "num_probes": 8, "sampler_steps": 10, "k": 2, "verbose": False}
 STEPS = 200
@@ -260,6 +262,40 @@ def test_a_transformer_checkpoint_folder_with_a_flow_matching_scheduler_above_it
     (skipped,) = again.skipped
     assert "holds a 'SD3Transformer2DModel'" in skipped.reason
     assert "need the empty prompt's embedding, which only its text encoder makes" in skipped.reason
+
+
+class _PlainScore(torch.nn.Module):
+    """A plain ``nn.Module`` (no ``.device``, no Trainer) with ``memwatch_score()``: an MLP ε-network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.SiLU(), torch.nn.Linear(16, 2))
+
+    def memwatch_score(self):
+        def eps(x, t):
+            return self.net(torch.cat([x, t[:, None].to(x.dtype) / 100], dim=1))
+
+        return memwatch.DiffusionScore(eps, memwatch.NoiseSchedule.linear(100))
+
+
+class _LightningScore(_PlainScore, pl.LightningModule):
+    """The same network as a LightningModule."""
+
+
+def test_the_offline_check_measures_a_plain_module_as_its_lightning_twin():
+    """``offline_check`` takes the device from the module's parameters: a plain ``nn.Module`` gives
+    the numbers the same network gives as a LightningModule."""
+    kwargs = dict(num_probes=4, sampler_steps=5, k=2, sigmas=(0.3,), sample_shape=(2,), verbose=False)
+    values = []
+    for module in (_PlainScore(), _LightningScore()):
+        monitor = MemorizationMonitor(**kwargs, save_clean_checkpoint=False)
+        with isolated(module):
+            monitor.prepare(module)
+            values.append(_compared(monitor.offline_check(module).values))
+    plain, lightning = values
+    assert math.isfinite(plain["sharp_fraction_mean"])
+    assert _same([plain], [lightning])
 
 
 # ------------------------------------------------------------------------------ the command's failures
