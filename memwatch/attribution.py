@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 
 from memwatch.errors import MemwatchError
 from memwatch.groundtruth import MEMORIZED_RATIO, first_tensor, nearest_neighbours
+from memwatch.validation import check_int
 
 __all__ = ["CopiedItem", "copied_items", "item_ids", "probe_neighbours"]
 
@@ -143,8 +144,7 @@ def probe_neighbours(
         >>> index.tolist(), [round(d, 2) for d in dist[0].tolist()]
         ([[2, 1, 0]], [0.1, 1.9, 2.9])
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise MemwatchError(f"`k` must be a positive integer, got {k!r}")
+    check_int("k", k, 1)
     if k <= 2:
         dist, index = nearest_neighbours(samples, reference, chunk_size=chunk_size)
         return dist[:, :k], index[:, :k]

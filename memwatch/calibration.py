@@ -39,6 +39,7 @@ from torch import Tensor
 from memwatch.errors import MemwatchError
 from memwatch.groundtruth import nearest_neighbours
 from memwatch.schedules import NoiseSchedule
+from memwatch.validation import check_int
 
 __all__ = ["DataScale", "Reservoir", "data_scale", "level_range", "relative_sigmas", "RESOLVED_FRACTION"]
 
@@ -100,10 +101,8 @@ class Reservoir:
     """
 
     def __init__(self, capacity: int = 4096, *, seed: int = 0, distinct: bool = False) -> None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 2:
-            raise MemwatchError(f"`capacity` must be an integer >= 2, got {capacity!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise MemwatchError(f"`seed` must be a non-negative integer, got {seed!r}")
+        check_int("capacity", capacity, 2)
+        check_int("seed", seed, 0)
         self.capacity = capacity
         self.seed = seed
         self.distinct = distinct
@@ -362,8 +361,7 @@ def data_scale(samples: Tensor, *, max_queries: int = 2048, generator: torch.Gen
         >>> s.median, s.n, s.num_duplicates
         (1.0, 3, 1)
     """
-    if isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < 1:
-        raise MemwatchError(f"`max_queries` must be an integer >= 1, got {max_queries!r}")
+    check_int("max_queries", max_queries, 1)
     if not isinstance(samples, Tensor) or samples.ndim < 2 or samples.is_complex():
         raise MemwatchError(
             f"`samples` must be a real tensor [m, *shape], got shape {tuple(getattr(samples, 'shape', ()))}"

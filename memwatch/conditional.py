@@ -78,6 +78,7 @@ from memwatch.operators import JVP_MODES, ScoreJacobian, map_chunks
 from memwatch.sampling import probe_noise, sample_trajectory
 from memwatch.score import DiffusionScore
 from memwatch.sharpness import SharpnessOptions, SharpnessResult, measure_sharpness
+from memwatch.validation import check_int
 
 __all__ = [
     "FIRST_STEPS_FRACTION",
@@ -121,8 +122,7 @@ def default_first_steps(steps: int) -> int:
         >>> default_first_steps(50), default_first_steps(20), default_first_steps(1)
         (40, 16, 1)
     """
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise MemwatchError(f"`steps` must be a positive integer, got {steps!r}")
+    check_int("steps", steps, 1)
     return max(1, round(FIRST_STEPS_FRACTION * steps))
 
 
@@ -367,8 +367,8 @@ def default_max_batch(
         42
     """
     for name, value in (("sample_dim", sample_dim), ("bytes_budget", bytes_budget), ("bytes_per_row", bytes_per_row)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise MemwatchError(f"`{name}` must be a positive integer, got {value!r}")
+        if value is not None:
+            check_int(name, value, 1)
     budget = bytes_budget if bytes_budget is not None else MEMORY_FRACTION * available_memory(device)
     per_row = bytes_per_row if bytes_per_row is not None else ROW_BYTES_PER_ELEMENT * sample_dim * dtype.itemsize
     return int(min(4096, max(1, math.floor(budget / per_row))))
@@ -530,8 +530,7 @@ def product_step_indices(first_steps: int, product_steps: int) -> list[int]:
 # ---------------------------------------------------------------------- private
 def _product_timesteps(score: DiffusionScore, steps: int, first_steps: int | None, product_steps: int | None) -> Tensor:
     """``[k]`` the timesteps (schedule units, noisiest first) the products are computed at, checked."""
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise MemwatchError(f"`steps` must be a positive integer, got {steps!r}")
+    check_int("steps", steps, 1)
     m = check_first_steps(first_steps, steps)
     grid = score.schedule.sampling_timesteps(steps)
     return grid[product_step_indices(m, m if product_steps is None else product_steps)]
@@ -559,8 +558,7 @@ def _start_noise(
     if noise is None:
         if n is None or shape is None:
             raise MemwatchError("pass `noise`, or both `n` and `shape`")
-        if not isinstance(n, int) or n < 1:
-            raise MemwatchError(f"`n` must be a positive integer, got {n!r}")
+        check_int("n", n, 1)
         noise = probe_noise(n, tuple(shape), generator=generator, dtype=dtype)
     _check_x(noise, "noise")
     return noise

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from memwatch.errors import MemwatchError
 from memwatch.schedules import NoiseSchedule
+from memwatch.validation import check_int
 
 __all__ = ["digits", "manifold", "GaussianMixture", "MANIFOLDS"]
 
@@ -32,8 +33,7 @@ def digits(
     """
     from sklearn.datasets import load_digits
 
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
-        raise MemwatchError(f"`image_size` must be an integer >= 8, got {image_size!r}")
+    check_int("image_size", image_size, 8)
 
     bunch = load_digits()
     images = torch.as_tensor(bunch.images, dtype=torch.float32) / 8.0 - 1.0

@@ -36,6 +36,7 @@ from memwatch.operators import is_out_of_memory
 from memwatch.schedules import NoiseSchedule, is_flow_matching
 from memwatch.score import PREDICTION_TYPES, DiffusionScore
 from memwatch.transformer_score import TransformerScore, config_value, dropped_label, family_of
+from memwatch.validation import check_int
 
 __all__ = [
     "batch_range",
@@ -689,8 +690,7 @@ def check_reference_data(
         torch.Size([4, 3, 2, 2])
     """
     shape = _check_shape(sample_shape)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise MemwatchError(f"`batch_size` must be a positive integer, got {batch_size!r}")
+    check_int("batch_size", batch_size, 1)
     if not isinstance(reference_data, (Tensor, Iterable)):
         raise MemwatchError(
             f"`{name}` must be a tensor [N, ...] or an iterable of batches, got {type(reference_data).__name__}"

@@ -78,6 +78,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from memwatch.errors import MemwatchError
 from memwatch.groundtruth import first_tensor
+from memwatch.validation import check_int
 
 __all__ = ["CopyIndex", "Hits", "IndexOptions", "content_keys", "fill_from", "merge_hits", "nearest", "ratio"]
 
@@ -121,10 +122,10 @@ class IndexOptions:
             raise MemwatchError(f"`memory_mb` must be a number in (0, 1e7], got {self.memory_mb!r}")
         if self.vectors not in ("raw", "projection"):
             raise MemwatchError(f"`vectors` must be one of 'raw', 'projection', got {self.vectors!r}")
-        _check_int("dim", self.dim, 1, 65536)
-        _check_int("exact_limit", self.exact_limit, 2, None)
-        _check_int("candidates", self.candidates, 2, 256)
-        _check_int("seed", self.seed, 0, None)
+        check_int("dim", self.dim, 1, 65536)
+        check_int("exact_limit", self.exact_limit, 2)
+        check_int("candidates", self.candidates, 2, 256)
+        check_int("seed", self.seed, 0)
         if not isinstance(self.flip, bool):
             raise MemwatchError(f"`flip` must be True or False, got {self.flip!r}")
 
@@ -654,12 +655,6 @@ def _loader_shard(loader: DataLoader, rank: int, world: int) -> Iterable[tuple[i
 
 
 # ---------------------------------------------------------------------- helpers
-def _check_int(name: str, value: Any, low: int, high: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        allowed = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise MemwatchError(f"`{name}` must be an integer {allowed}, got {value!r}")
-
-
 def _capacities(options: IndexOptions, v: int, items: bool = False) -> tuple[int, int]:
     """``(exact_capacity, capacity)`` for vectors of size ``v`` under ``options.memory_mb``
     (8 bytes more a sample when the index holds item ids)."""

@@ -32,6 +32,7 @@ from torch import Tensor
 from memwatch.errors import MemwatchError
 from memwatch.operators import map_chunks
 from memwatch.score import DiffusionScore
+from memwatch.validation import check_int
 
 __all__ = ["LossGap", "relative_gap"]
 
@@ -58,8 +59,7 @@ class LossGap:
     def __init__(
         self, train: Tensor, held: Tensor, *, timesteps: Sequence[float], size: int = 256, seed: int = 0
     ) -> None:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise MemwatchError(f"`size` must be a positive integer, got {size!r}")
+        check_int("size", size, 1)
         for name, x in (("train", train), ("held", held)):
             if not isinstance(x, Tensor) or x.ndim < 2 or x.shape[0] == 0 or not bool(torch.isfinite(x).all()):
                 raise MemwatchError(

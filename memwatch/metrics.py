@@ -41,6 +41,7 @@ from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities.data import dim_zero_cat
 
 from memwatch.errors import MemwatchError
+from memwatch.validation import check_int
 
 __all__ = ["ConditionalMetrics", "MemorizationMetrics", "conditional_summary", "memorization_metrics"]
 
@@ -392,9 +393,7 @@ class ConditionalMetrics(Metric):
 
     def __init__(self, ranking_metric: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if isinstance(ranking_metric, bool) or not isinstance(ranking_metric, int) or ranking_metric < 0:
-            raise MemwatchError(f"`ranking_metric` must be an integer >= 0, got {ranking_metric!r}")
-        self.ranking_metric = ranking_metric
+        self.ranking_metric = check_int("ranking_metric", ranking_metric, 0)
         self.add_state("per_probe", default=[], dist_reduce_fx="cat")
 
     def update(self, per_probe: Tensor) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from memwatch.errors import MemwatchError
+from memwatch.validation import check_int
 
 __all__ = ["OnsetDecision", "OnsetDetector"]
 
@@ -144,8 +145,7 @@ class OnsetDetector:
             ("patience", patience, 1),
             ("min_steps", min_steps, 0),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise MemwatchError(f"`{name}` must be an int >= {low}, got {value!r}")
+            check_int(name, value, low)
         self.threshold = None if threshold is None else float(threshold)
         self.min_delta = None if min_delta is None else float(min_delta)
         self.baseline_checks = baseline_checks

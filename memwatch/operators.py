@@ -59,6 +59,7 @@ from einops import rearrange
 from torch import Tensor
 
 from memwatch.errors import MemwatchError
+from memwatch.validation import check_int
 
 __all__ = [
     "ScoreJacobian",
@@ -380,8 +381,7 @@ def adjoint_error(op: ScoreJacobian, generator: torch.Generator, num_vectors: in
     Raises:
         MemwatchError: ``num_vectors < 1``.
     """
-    if not isinstance(num_vectors, int) or num_vectors < 1:
-        raise MemwatchError(f"`num_vectors` must be an integer >= 1, got {num_vectors!r}")
+    check_int("num_vectors", num_vectors, 1)
     return _adjoint(op._graph, op._jvp, op._x, generator, num_vectors)[0]
 
 
@@ -430,8 +430,7 @@ def select_jvp_mode(
         raise MemwatchError(f"`preferred` must be one of {JVP_MODES}, got {preferred!r}")
     if rtol is not None and not (isinstance(rtol, (int, float)) and 0 < rtol < 1):
         raise MemwatchError(f"`rtol` must be a number in (0, 1) or None, got {rtol!r}")
-    if not isinstance(num_vectors, int) or num_vectors < 1:
-        raise MemwatchError(f"`num_vectors` must be an integer >= 1, got {num_vectors!r}")
+    check_int("num_vectors", num_vectors, 1)
     n, shape = x.shape[0], tuple(x.shape[1:])
     flat = x.detach().reshape(n, -1)
 

@@ -32,7 +32,6 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
@@ -49,7 +48,7 @@ from memwatch.sampling import (
     sample_trajectory,
 )
 from memwatch.schedules import NoiseSchedule
-from memwatch.score import DiffusionScore
+from memwatch.score import DiffusionScore, device_of
 from memwatch.sharpness import SharpnessOptions, SharpnessResult, hessian_score_norm, measure_sharpness
 from memwatch.timing import PhaseClock
 
@@ -189,7 +188,7 @@ def isolated(pl_module: nn.Module) -> Iterator[None]:
     bit-identical with and without the measurement)."""
     modes = {m: m.training for m in pl_module.modules()}
     grads = {p: p.requires_grad for p in pl_module.parameters()}
-    device_type = pl_module.device.type if isinstance(pl_module, pl.LightningModule) else "cpu"
+    device_type = device_of(pl_module).type
     try:
         with isolate_rng(), torch.autocast(device_type=device_type, enabled=False):
             pl_module.eval()

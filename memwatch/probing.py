@@ -24,6 +24,7 @@ from memwatch.intake import BatchIntake
 from memwatch.options import DataOptions, ProbeOptions, ReportOptions
 from memwatch.probes import ProbeMeasurement, ProbeSet, evaluation_grid
 from memwatch.sampling import sampler_settings
+from memwatch.score import device_of
 from memwatch.sharpness import SharpnessResult
 from memwatch.signals import Draft, Run, Signal
 from memwatch.signals.base import contribute_all, measure_all
@@ -147,7 +148,7 @@ class ProbeChecks:
                 options=sharp.check_options,
                 spectrum_options=sharp.spectrum_options(len(self.history)),
                 rows=rows,
-                device=pl_module.device,
+                device=device_of(pl_module),
                 conditions=None if conditional is None else conditional.conditions,
                 condition_first_steps=self.probes.condition_first_steps,
                 data_range=self.data.data_range or _proper(self._seen_range),
@@ -243,11 +244,11 @@ class ProbeChecks:
         are raised whatever ``report.raise_errors`` says."""
         assert self.sample_shape is not None and self._found is not None
         self.sample_shape = tuple(self.sample_shape)
-        self.signals["sharpness"].resolve(self.sample_shape, pl_module.device)
-        trainer = pl_module._trainer  # fit start: the DDP layout (a reference is indexed in shards); scan: none
+        self.signals["sharpness"].resolve(self.sample_shape, device_of(pl_module))
+        trainer = getattr(pl_module, "_trainer", None)  # fit start: the DDP layout (shards of a reference); scan: none
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         with measured_score(self._found, pl_module, self.probes.ema_attr) as score:
-            check_score(score, self.sample_shape, device=pl_module.device)
+            check_score(score, self.sample_shape, device=device_of(pl_module))
             run = Run(pl_module, score, self.sample_shape, world, rank)
             for signal in self.signals.values():
                 signal.prepare(run)

@@ -58,6 +58,7 @@ from torch import Tensor
 from memwatch.errors import MemwatchError
 from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore, broadcast_condition
+from memwatch.validation import check_int
 
 __all__ = [
     "ProbeSampler",
@@ -186,8 +187,8 @@ def sample_trajectory(
             outside the schedule (or noisier than the diffusers grid's first timestep); bad
             ``steps`` or ``max_batch``.
     """
-    if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
-        raise MemwatchError(f"`max_batch` must be a positive integer or None, got {max_batch!r}")
+    if max_batch is not None:
+        check_int("max_batch", max_batch, 1, allow="or None")
     if noise is None:
         if n is None or shape is None:
             raise MemwatchError("pass `noise`, or both `n` and `shape`")

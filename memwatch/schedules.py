@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from memwatch.errors import MemwatchError
+from memwatch.validation import check_int
 
 __all__ = ["NoiseSchedule", "image_seq_len", "is_flow_matching"]
 
@@ -96,7 +97,7 @@ class NoiseSchedule:
     @classmethod
     def linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
         """DDPM's linear β schedule (Ho et al. 2020)."""
-        _check_steps(num_timesteps)
+        check_int("num_timesteps", num_timesteps, 2)
         return cls.from_betas(torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64))
 
     @classmethod
@@ -104,14 +105,14 @@ class NoiseSchedule:
         cls, num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
     ) -> NoiseSchedule:
         """Latent-diffusion's schedule: linear in ``√β``."""
-        _check_steps(num_timesteps)
+        check_int("num_timesteps", num_timesteps, 2)
         betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
         return cls.from_betas(betas)
 
     @classmethod
     def cosine(cls, num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> NoiseSchedule:
         """Nichol & Dhariwal's cosine schedule, ``ᾱ(u) ∝ cos²((u + s)/(1 + s) · π/2)``."""
-        _check_steps(num_timesteps)
+        check_int("num_timesteps", num_timesteps, 2)
         u = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
         f = torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
         betas = (1 - f[1:] / f[:-1]).clamp(max=max_beta)
@@ -207,7 +208,7 @@ class NoiseSchedule:
             [0.75, 0.25, 0.33]
         """
         if num_train_timesteps is not None:
-            _check_steps(num_train_timesteps, "num_train_timesteps")
+            check_int("num_train_timesteps", num_train_timesteps, 2)
         if not 0 < sigma_min < sigma_max <= 1:
             raise MemwatchError(f"need 0 < `sigma_min` < `sigma_max` <= 1, got {sigma_min}, {sigma_max}")
         scale = 1.0 if num_train_timesteps is None else float(num_train_timesteps)
@@ -310,7 +311,7 @@ class NoiseSchedule:
         ``steps`` evenly spaced integers from ``T-1`` down to 0; VP and flow: uniform in
         ``[t_min, t_max]``; VE: Karras et al.'s ρ=7 spacing of σ from ``t_max`` to ``t_min``.
         """
-        _check_steps(steps, "steps")
+        check_int("steps", steps, 2)
         if self.scheduler_config is not None and self.kind == "flow":
             return self.flow_scheduler(steps, sample_shape).timesteps.cpu().to(torch.float64)
         if self.scheduler_config is not None:
@@ -347,8 +348,7 @@ class NoiseSchedule:
                 + (" (a flow-matching schedule samples with `flow_scheduler`)" if self.kind == "flow" else "")
             )
         assert self.alphas_cumprod is not None
-        if not isinstance(steps, int) or not 2 <= steps <= self.alphas_cumprod.numel():
-            raise MemwatchError(f"`steps` must be an integer in [2, {self.alphas_cumprod.numel()}], got {steps!r}")
+        check_int("steps", steps, 2, self.alphas_cumprod.numel())
         from diffusers import DDIMScheduler
 
         try:
@@ -386,7 +386,7 @@ class NoiseSchedule:
                 "this schedule has no diffusers flow-matching scheduler config; build it with "
                 "`NoiseSchedule.from_diffusers(FlowMatchEulerDiscreteScheduler(...))`"
             )
-        _check_steps(steps, "steps")
+        check_int("steps", steps, 2)
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         euler = FlowMatchEulerDiscreteScheduler.from_config(
@@ -489,8 +489,3 @@ def _freeze(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return tuple(_freeze(v) for v in value)
     return value
-
-
-def _check_steps(n: int, name: str = "num_timesteps") -> None:
-    if not isinstance(n, int) or n < 2:
-        raise MemwatchError(f"`{name}` must be an integer >= 2, got {n!r}")

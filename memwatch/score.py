@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from memwatch.errors import MemwatchError
 from memwatch.schedules import NoiseSchedule
 
-__all__ = ["DiffusionScore", "PREDICTION_TYPES", "broadcast_condition", "predictions_for"]
+__all__ = ["DiffusionScore", "PREDICTION_TYPES", "broadcast_condition", "device_of", "predictions_for"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "score", "flow_prediction")
 
@@ -202,12 +202,8 @@ class DiffusionScore:
 
     @property
     def device(self) -> torch.device:
-        """Device of the network's first parameter (the CPU for a parameter-free callable)."""
-        params = getattr(self.model, "parameters", None)
-        if callable(params):
-            for p in params():
-                return p.device
-        return torch.device("cpu")
+        """Where the network runs (:func:`device_of`; the CPU for a parameter-free callable)."""
+        return device_of(self.model)
 
     def sigma(self, t: Tensor) -> Tensor:
         """``σ_t`` ``[n]`` (float64) of the schedule."""
@@ -328,6 +324,25 @@ def _x0(prediction: str, out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -
     if prediction == "score":
         return (x + sigma**2 * out) / alpha
     return (x - sigma * out) / (alpha + sigma)  # "flow_prediction"
+
+
+def device_of(model: object) -> torch.device:
+    """Where a network or module runs: its own ``device`` (a LightningModule's, a diffusers
+    model's), else the device of its first parameter (a plain ``nn.Module``), else the CPU (a
+    parameter-free callable).
+
+    Example:
+        >>> device_of(nn.Linear(2, 2)), device_of(lambda x: x)
+        (device(type='cpu'), device(type='cpu'))
+    """
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    params = getattr(model, "parameters", None)
+    if callable(params):
+        for p in params():
+            return p.device
+    return torch.device("cpu")
 
 
 def predictions_for(schedule: NoiseSchedule) -> tuple[str, ...]:

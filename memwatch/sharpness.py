@@ -64,6 +64,7 @@ from memwatch.lanczos import (
 )
 from memwatch.operators import JVP_MODES, ScoreJacobian, map_chunks
 from memwatch.score import DiffusionScore
+from memwatch.validation import check_int, check_positive
 
 __all__ = [
     "SharpnessOptions",
@@ -131,9 +132,9 @@ class SharpnessOptions:
 
     def __post_init__(self) -> None:
         for name, low in (("k", 1), ("num_iters", 1), ("num_vectors", 1)):
-            _check_int(name, getattr(self, name), low)
+            check_int(name, getattr(self, name), low)
         if self.max_batch is not None:
-            _check_int("max_batch", self.max_batch, 1)
+            check_int("max_batch", self.max_batch, 1)
         for name, allowed in (("method", METHODS), ("jvp_mode", JVP_MODES), ("trace_estimator", TRACE_ESTIMATORS)):
             if getattr(self, name) not in allowed:
                 raise MemwatchError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")
@@ -144,7 +145,7 @@ class SharpnessOptions:
                 "`threshold` must be in (0, 1] (a direction is sharp when σ_t²λ < -threshold, and σ_t²λ ≈ -1 "
                 f"at a copy), got {self.threshold!r}"
             )
-        _check_positive("tol", self.tol)
+        check_positive("tol", self.tol)
         if self.method == "lanczos" and self.num_iters < self.k:
             raise MemwatchError(f"`num_iters` must be >= k={self.k} for method='lanczos', got {self.num_iters}")
         low = _MIN_TRACE_VECTORS[self.trace_estimator]
@@ -175,16 +176,6 @@ class SharpnessOptions:
             raise MemwatchError(f"`k` must be an integer in [1, d={dim}], got {self.k!r}")
         if self.resolved_method(dim) == "lanczos" and min(self.num_iters, dim) < self.k:
             raise MemwatchError(f"`num_iters` must be >= k={self.k}, got {self.num_iters}")
-
-
-def _check_int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise MemwatchError(f"`{name}` must be an integer >= {low}, got {value!r}")
-
-
-def _check_positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise MemwatchError(f"`{name}` must be a positive number, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
-"""Checks of user settings, shared by the option groups: each names the argument, its allowed
-range and the value it got, and raises :class:`memwatch.errors.MemwatchError` (a ``ValueError``).
+"""memwatch's one set of checks of user settings and arguments, shared by the option groups and
+every module that takes an integer, a fraction, a positive number, levels, a range or a shape: each
+names the argument, its allowed range and the value it got, and raises
+:class:`memwatch.errors.MemwatchError` (a ``ValueError``). It imports only :mod:`memwatch.errors`.
 
 Example:
     >>> check_levels("sigmas", [0.3, 1])
@@ -30,10 +32,25 @@ __all__ = [
 ]
 
 
-def check_int(name: str, value: object, low: int, allow: str = "") -> int:
-    """``value`` must be an integer ``>= low`` (``allow`` adds e.g. ``"or None"`` to the message)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        what = "a positive integer" if low == 1 else f"an integer >= {low}"
+def check_int(name: str, value: object, low: int, high: int | None = None, allow: str = "") -> int:
+    """``value`` must be an integer in ``[low, high]`` (``high=None``: ``>= low``; ``allow`` adds
+    e.g. ``"or None"`` to the message).
+
+    Example:
+        >>> check_int("k", 0, 1)
+        Traceback (most recent call last):
+        ...
+        memwatch.errors.MemwatchError: `k` must be a positive integer, got 0
+        >>> check_int("dim", 70000, 1, 65536)
+        Traceback (most recent call last):
+        ...
+        memwatch.errors.MemwatchError: `dim` must be an integer in [1, 65536], got 70000
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        if high is not None:
+            what = f"an integer in [{low}, {high}]"
+        else:
+            what = "a positive integer" if low == 1 else f"an integer >= {low}"
         raise MemwatchError(f"`{name}` must be {what}{' ' + allow if allow else ''}, got {value!r}")
     return value
 

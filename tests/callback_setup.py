@@ -31,8 +31,10 @@ def datamodule(x: torch.Tensor, batch_size: int = 128) -> TensorDataModule:
 
 
 def trainer(tmp_path, callbacks=(), max_steps: int = 200, **kwargs) -> pl.Trainer:
+    """A quiet CPU Trainer (no logger, checkpoints or bars; deterministic unless ``kwargs`` say)."""
     kwargs.setdefault("logger", False)
     kwargs.setdefault("enable_checkpointing", False)
+    kwargs.setdefault("deterministic", True)
     return pl.Trainer(
         default_root_dir=tmp_path,
         max_steps=max_steps,
@@ -41,9 +43,45 @@ def trainer(tmp_path, callbacks=(), max_steps: int = 200, **kwargs) -> pl.Traine
         devices=1,
         enable_progress_bar=False,
         enable_model_summary=False,
-        deterministic=True,
         **kwargs,
     )
+
+
+def fit(
+    tmp_path,
+    data,
+    monitor: pl.Callback | None = None,
+    max_steps: int = 200,
+    seed: int | None = 0,
+    module: pl.LightningModule | None = None,
+    *,
+    hidden: int = 128,
+    depth: int = 2,
+    **kwargs,
+) -> tuple[pl.Trainer, pl.LightningModule]:
+    """One short ``Trainer.fit`` of ``module`` with ``monitor`` (the memwatch callback, or any
+    callback; ``None``: none), the tiny real run each callback feature is tested by.
+
+    Args:
+        tmp_path: the Trainer's root folder.
+        data: a tensor ``[N, *shape]`` (through :func:`datamodule`), or a DataModule / DataLoader.
+        monitor: the one callback.
+        max_steps: training steps.
+        seed: ``pl.seed_everything(seed)`` first, before the default module is built (``None``:
+            no seeding, the caller seeded).
+        module: the LightningModule; default the 2-D MLP DDPM :func:`module_2d` of ``hidden`` units
+            and ``depth`` layers.
+        kwargs: more arguments of :func:`trainer` (``logger``, ``deterministic``, ...).
+
+    Returns:
+        ``(trainer, module)`` after the fit.
+    """
+    if seed is not None:
+        pl.seed_everything(seed, verbose=False)
+    module = module_2d(hidden=hidden, depth=depth) if module is None else module
+    t = trainer(tmp_path, [] if monitor is None else [monitor], max_steps=max_steps, **kwargs)
+    t.fit(module, datamodule(data) if isinstance(data, torch.Tensor) else data)
+    return t, module
 
 
 class Overconfident(DDPMModule):

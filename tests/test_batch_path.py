@@ -12,7 +12,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from callback_setup import CORNERS, module_2d, trainer
+from callback_setup import CORNERS, fit, module_2d, trainer
 from torch.utils.data import DataLoader
 
 from memwatch import (
@@ -71,9 +71,8 @@ def _points(steps: int, n: int = 16, seed: int = 0) -> list[torch.Tensor]:
 
 
 def _fit(tmp_path, monitor, batches, module=None, **kwargs):
-    t = trainer(tmp_path, [monitor], max_steps=len(batches), **kwargs)
-    t.fit(module or module_2d(hidden=32, depth=1), Batches(batches))
-    return t
+    """:func:`callback_setup.fit` on ``batches``, one step each, unseeded, a small MLP by default."""
+    return fit(tmp_path, Batches(batches), monitor, len(batches), None, module, hidden=32, depth=1, **kwargs)[0]
 
 
 def _finite(monitor, key="sharp_fraction_mean"):

@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from callback_setup import datamodule, generalizing_data, memorizing_data, module_2d, trainer
+from callback_setup import datamodule, fit, generalizing_data, memorizing_data, module_2d, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from wandb_offline import find_offline_run, history_values, media_files, read_history
@@ -24,14 +24,6 @@ from memwatch.apps.toymodels import DDPMModule, TensorDataModule
 from memwatch.callback import MemorizationMonitor
 
 FAST = dict(num_probes=8, sampler_steps=10, sigmas=(0.2,), k=2, verbose=False, raise_errors=True)
-
-
-def _fit(tmp_path, data, monitor=None, max_steps=200, seed=0, module=None, **kwargs):
-    pl.seed_everything(seed, verbose=False)
-    module = module or module_2d()
-    t = trainer(tmp_path, [] if monitor is None else [monitor], max_steps=max_steps, **kwargs)
-    t.fit(module, datamodule(data))
-    return t, module
 
 
 # ------------------------------------------------------------------------ configuration
@@ -57,7 +49,7 @@ def test_bad_configuration_fails_at_construction(kwargs, name):
 
 def test_k_larger_than_the_dimension_fails_at_setup(tmp_path):
     with pytest.raises(ValueError, match="`sharpness.k`=3 is larger than the sample dimension d=2"):
-        _fit(tmp_path, memorizing_data(), MemorizationMonitor(every_n_train_steps=10, **dict(FAST, k=3)), max_steps=5)
+        fit(tmp_path, memorizing_data(), MemorizationMonitor(every_n_train_steps=10, **dict(FAST, k=3)), max_steps=5)
 
 
 def test_missing_score_fails_at_setup_with_what_to_add(tmp_path):
@@ -73,15 +65,15 @@ def test_missing_score_fails_at_setup_with_what_to_add(tmp_path):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     with pytest.raises(ValueError, match="memwatch_score"):
-        _fit(tmp_path, memorizing_data(), MemorizationMonitor(**FAST), module=NoScore(), max_steps=2)
+        fit(tmp_path, memorizing_data(), MemorizationMonitor(**FAST), module=NoScore(), max_steps=2)
 
 
 # ------------------------------------------------------------------------ isolation
 def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
     data = generalizing_data()
-    _, plain = _fit(tmp_path / "a", data, None, max_steps=60)
+    _, plain = fit(tmp_path / "a", data, None, max_steps=60)
     monitor = MemorizationMonitor(every_n_train_steps=20, save_clean_checkpoint=False, **FAST)
-    _, watched = _fit(tmp_path / "b", data, monitor, max_steps=60)
+    _, watched = fit(tmp_path / "b", data, monitor, max_steps=60)
     assert len(monitor.history) == 3
     for (name, p), q in zip(plain.state_dict().items(), watched.state_dict().values()):
         assert torch.equal(p, q), name
@@ -92,7 +84,7 @@ def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
 def test_metrics_reach_csv_logger_and_callback_metrics(tmp_path):
     logger = CSVLogger(tmp_path, name="csv")
     monitor = MemorizationMonitor(every_n_train_steps=25, **FAST)
-    t, _ = _fit(tmp_path, generalizing_data(), monitor, max_steps=50, logger=logger)  # no copies: clean checks
+    t, _ = fit(tmp_path, generalizing_data(), monitor, max_steps=50, logger=logger)  # no copies: clean checks
     rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
     logged = [r for r in rows if r.get("memwatch/sharp_fraction_mean")]
     assert [int(r["step"]) for r in logged] == [25, 50]
@@ -106,7 +98,7 @@ def test_metrics_reach_csv_logger_and_callback_metrics(tmp_path):
 def test_log_figures_false_keeps_scalars_and_drops_plots(tmp_path):
     logger = CSVLogger(tmp_path, name="csv")
     monitor = MemorizationMonitor(every_n_train_steps=25, log_figures=False, **FAST)
-    _fit(tmp_path, memorizing_data(), monitor, max_steps=50, logger=logger)
+    fit(tmp_path, memorizing_data(), monitor, max_steps=50, logger=logger)
     rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
     assert len([r for r in rows if r.get("memwatch/sharp_fraction_mean")]) == 2
     assert not list(Path(logger.log_dir).rglob("*.png"))
@@ -120,7 +112,7 @@ def test_on_check_end_sees_every_check_and_measure_probes_repeats_it(tmp_path):
             seen.append(check)
 
     monitor = Hooked(every_n_train_steps=10, **FAST)
-    _, module = _fit(tmp_path, memorizing_data(), monitor, max_steps=30)
+    _, module = fit(tmp_path, memorizing_data(), monitor, max_steps=30)
     assert [c.step for c in seen] == [10, 20, 30] and monitor.last_check is seen[-1]
     last = seen[-1]
     assert last.values["sharp_fraction_mean"] == monitor.history[-1]["sharp_fraction_mean"]
@@ -197,7 +189,7 @@ def _detecting_monitor(**kwargs):
 
 def test_memorizing_run_stops_early_and_keeps_a_clean_checkpoint(tmp_path):
     monitor = _detecting_monitor(dirpath=tmp_path / "clean")
-    t, _ = _fit(tmp_path, memorizing_data(), monitor, max_steps=1500)
+    t, _ = fit(tmp_path, memorizing_data(), monitor, max_steps=1500)
     assert monitor.onset_step is not None and t.global_step == monitor.onset_step < 1500
     assert monitor.clean_step is not None and monitor.clean_step < monitor.onset_step
     ckpt = torch.load(monitor.clean_checkpoint_path, weights_only=False)
@@ -208,7 +200,7 @@ def test_memorizing_run_stops_early_and_keeps_a_clean_checkpoint(tmp_path):
 
 def test_generalizing_run_never_triggers(tmp_path):
     monitor = _detecting_monitor(save_clean_checkpoint=False)
-    t, _ = _fit(tmp_path, generalizing_data(), monitor, max_steps=1000)
+    t, _ = fit(tmp_path, generalizing_data(), monitor, max_steps=1000)
     assert monitor.onset_step is None and t.global_step == 1000
     assert max(h["memorized_fraction"] for h in monitor.history) < 0.5
 
@@ -221,7 +213,7 @@ def test_resume_reaches_the_same_decision(tmp_path):
         return _detecting_monitor(save_clean_checkpoint=False)
 
     full = monitor()
-    _fit(tmp_path / "full", memorizing_data(), full, max_steps=1500)
+    fit(tmp_path / "full", memorizing_data(), full, max_steps=1500)
     first_exceeding = next(int(h["step"]) for h in full.history if h["memorized_fraction"] > 0.5)
     assert full.onset_step == first_exceeding + 100
 
@@ -256,7 +248,7 @@ def test_nan_during_a_check_warns_and_training_continues(tmp_path):
     module.net = Broken(module.net)
     monitor = MemorizationMonitor(every_n_train_steps=10, **dict(FAST, raise_errors=False))
     with pytest.warns(RuntimeWarning, match="not finite"):
-        t, _ = _fit(tmp_path, memorizing_data(), monitor, max_steps=30, module=module)
+        t, _ = fit(tmp_path, memorizing_data(), monitor, max_steps=30, module=module)
     assert t.global_step == 30 and len(monitor.history) == 3
     assert monitor.history[0]["nonfinite_count"] == 8
 
@@ -269,7 +261,7 @@ def test_every_n_epochs_cadence_and_explicit_score_fn(tmp_path):
         return module.memwatch_score()
 
     monitor = MemorizationMonitor(score_fn=score_fn, every_n_train_steps=None, every_n_epochs=1, **FAST)
-    _fit(tmp_path, memorizing_data(), monitor, max_steps=200)  # 2 epochs of 100 steps
+    fit(tmp_path, memorizing_data(), monitor, max_steps=200)  # 2 epochs of 100 steps
     assert [h["step"] for h in monitor.history] == [100.0, 200.0] and calls
 
 
@@ -283,10 +275,10 @@ def test_ema_copy_is_measured_when_asked(tmp_path):
             self.ema.update_parameters(self.net)
 
     monitor = MemorizationMonitor(every_n_train_steps=10, ema_attr="ema", **FAST)
-    _fit(tmp_path, memorizing_data(), monitor, max_steps=10, module=WithEMA())
+    fit(tmp_path, memorizing_data(), monitor, max_steps=10, module=WithEMA())
     assert len(monitor.history) == 1
     with pytest.raises(ValueError, match="ema_attr"):
-        _fit(
+        fit(
             tmp_path,
             memorizing_data(),
             MemorizationMonitor(every_n_train_steps=10, ema_attr="nope", **FAST),
@@ -343,10 +335,10 @@ def test_a_failing_check_warns_and_training_continues(tmp_path):
 
     monitor = MemorizationMonitor(every_n_train_steps=10, score_fn=failing_at_step_20, **dict(FAST, raise_errors=False))
     with pytest.warns(RuntimeWarning, match=r"step 20 failed on rank 0 and was skipped: RuntimeError\('injected"):
-        t, _ = _fit(tmp_path, memorizing_data(), monitor, max_steps=30)
+        t, _ = fit(tmp_path, memorizing_data(), monitor, max_steps=30)
     assert t.global_step == 30 and [int(h["step"]) for h in monitor.history] == [10, 30]
     with pytest.raises(RuntimeError, match="injected failure"):
-        _fit(
+        fit(
             tmp_path,
             memorizing_data(),
             MemorizationMonitor(every_n_train_steps=10, score_fn=failing_at_step_20, **FAST),

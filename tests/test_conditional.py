@@ -225,7 +225,7 @@ def test_hessian_score_difference_in_chunks_equals_one_call(small_score):
     chunks = hessian_score_difference(limited, x, t, cond, max_batch=3)
     for a, b in zip(whole, chunks):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    with pytest.raises(ValueError, match="`max_batch` must be an integer >= 1"):
+    with pytest.raises(ValueError, match="`max_batch` must be a positive integer"):
         hessian_score_difference(small_score, x, t, cond, max_batch=0)
 
 

@@ -10,7 +10,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from callback_setup import datamodule
+from callback_setup import datamodule, fit
 from model_setups import AnyDiffusion, schedule_of, time_input
 
 from memwatch import DiffusionScore, MemorizationMonitor, NoiseSchedule
@@ -109,13 +109,10 @@ def _fit_read_as(tmp_path, trained, read, steps=300):
         num_probes=8,
         score_fn=lambda m: DiffusionScore(m.net, schedule, read[1], time_fn=time_fn),
     )
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path, max_steps=steps, callbacks=[monitor], accelerator="cpu", logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        trainer.fit(module, datamodule(digits(64).flatten(1), batch_size=64))
+        data = datamodule(digits(64).flatten(1), batch_size=64)
+        fit(tmp_path, data, monitor, steps, seed=None, module=module, deterministic=False)
     told = [str(w.message) for w in seen if "memwatch:" in str(w.message) and "fit" in str(w.message)]
     return monitor, told
 
@@ -187,12 +184,9 @@ def test_a_negative_lid_is_never_logged_and_names_the_pair(tmp_path, method):
         every_n_train_steps=5, num_probes=8, sigmas=(0.3,), method=method, k=2,
         score_fn=lambda m: DiffusionScore(_TooSharp(), schedule, "epsilon"),
     )  # fmt: skip
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path, max_steps=10, callbacks=[monitor], accelerator="cpu", logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
+    module, data = AnyDiffusion("linear", "epsilon"), datamodule(torch.randn(64, 2))
     with pytest.warns(UserWarning, match=r"LID below 0 of 2 dimensions.*prediction='epsilon' on this discrete"):
-        trainer.fit(AnyDiffusion("linear", "epsilon"), datamodule(torch.randn(64, 2)))
+        fit(tmp_path, data, monitor, 10, seed=None, module=module, deterministic=False)
     assert monitor.onset_step is None and len(monitor.history) == 2
     for check in monitor.history:
         for key in ("lid_mean", "lid/flipd", "lid/count", "sharp_fraction_mean", "memorized_fraction"):

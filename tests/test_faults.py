@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 from autograd_ops import OldStyleTanh, OnceTanh
-from callback_setup import Overconfident, datamodule, memorizing_data, module_2d, trainer
+from callback_setup import Overconfident, fit, memorizing_data, module_2d, trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from memwatch import MemorizationMonitor
@@ -25,11 +25,8 @@ FAST = dict(num_probes=8, sampler_steps=10, sigmas=(0.2,), k=2, verbose=False)
 
 
 def _fit(tmp_path, monitor, module=None, max_steps=30, **kwargs):
-    torch.manual_seed(0)
-    module = module or module_2d(hidden=32, depth=1)
-    t = trainer(tmp_path, [monitor], max_steps=max_steps, **kwargs)
-    t.fit(module, datamodule(memorizing_data()))
-    return t, module
+    """:func:`callback_setup.fit` on the four corners, a small MLP by default."""
+    return fit(tmp_path, memorizing_data(), monitor, max_steps, module=module, hidden=32, depth=1, **kwargs)
 
 
 # ------------------------------------------------------------------ broken derivatives

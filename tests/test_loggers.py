@@ -12,6 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from callback_setup import fit
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -79,18 +80,8 @@ class _Run(pl.Callback):
 def _fit(tmp_path: Path, logger: Any, action: Callable[[MonitorLogger], None], log_media: bool = False) -> None:
     torch.manual_seed(0)
     data = DataLoader(TensorDataset(torch.randn(4, 2)), batch_size=4)
-    trainer = pl.Trainer(
-        logger=logger,
-        max_steps=1,
-        callbacks=[_Run(action, log_media)],
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        log_every_n_steps=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    trainer.fit(_Tiny(), data)
+    run = _Run(action, log_media)
+    fit(tmp_path, data, run, 1, seed=None, module=_Tiny(), logger=logger, log_every_n_steps=1, deterministic=False)
 
 
 def _figure() -> Figure:

@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from callback_setup import memorizing_data
+from callback_setup import fit, memorizing_data
 from lightning.pytorch.loggers import CSVLogger
 from model_setups import AnyDiffusion, DiTDiffusion, PromptDiffusion, UNetFlowModule, digits_images
 
@@ -33,22 +33,11 @@ def _one_thread():
 
 
 def _fit(tmp_path, module, data, monitor, max_steps, batch_size=64):
-    pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=max_steps,
-        callbacks=[monitor],
-        logger=CSVLogger(tmp_path),
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    tensors = data if isinstance(data, tuple) else (data,)  # images, or images and their labels
+    """:func:`callback_setup.fit` of ``module`` on ``data`` (images, or images and their labels) in
+    batches of ``batch_size``, logged to CSV, not forced deterministic."""
+    tensors = data if isinstance(data, tuple) else (data,)
     batches = TensorDataModule(*tensors, batch_size=batch_size)
-    trainer.fit(module, batches)
-    return trainer
+    return fit(tmp_path, batches, monitor, max_steps, module=module, logger=CSVLogger(tmp_path), deterministic=False)[0]
 
 
 #: the LID signal runs in every fit: its data LID, the probes' LIDs and their ratios are finite everywhere

@@ -107,14 +107,14 @@ def test_accepts_tensor_step_and_value():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"patience": 0}, r"`patience` must be an int >= 1, got 0"),
-        ({"baseline_checks": 0}, r"`baseline_checks` must be an int >= 1, got 0"),
-        ({"min_steps": -1}, r"`min_steps` must be an int >= 0, got -1"),
+        ({"patience": 0}, r"`patience` must be a positive integer, got 0"),
+        ({"baseline_checks": 0}, r"`baseline_checks` must be a positive integer, got 0"),
+        ({"min_steps": -1}, r"`min_steps` must be an integer >= 0, got -1"),
         ({"mode": "maximize"}, r"`mode` must be one of \('max', 'min'\), got 'maximize'"),
         ({"threshold": None, "min_delta": None}, r"`threshold` and `min_delta` are both None"),
         ({"min_delta": -0.1}, r"`min_delta` must be a finite float >= 0 or None, got -0.1"),
         ({"threshold": float("inf")}, r"`threshold` must be a finite float or None, got inf"),
-        ({"patience": 1.5}, r"`patience` must be an int >= 1, got 1.5"),
+        ({"patience": 1.5}, r"`patience` must be a positive integer, got 1.5"),
     ],
 )
 def test_constructor_errors(kwargs, match):

@@ -220,7 +220,7 @@ def test_auto_keeps_forward_mode_silently_for_a_smooth_model():
         (dict(preferred="central"), r"`preferred` must be one of \('auto', 'forward', 'reverse', 'autograd', 'fd'\)"),
         (dict(rtol=0.0), r"`rtol` must be a number in \(0, 1\) or None, got 0.0"),
         (dict(rtol=2), r"`rtol`"),
-        (dict(num_vectors=0), r"`num_vectors` must be an integer >= 1, got 0"),
+        (dict(num_vectors=0), r"`num_vectors` must be a positive integer, got 0"),
     ],
 )
 def test_bad_selection_arguments_are_named(kwargs, match):

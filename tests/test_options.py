@@ -108,7 +108,7 @@ def test_an_unknown_name_is_a_type_error():
         (lambda: DataOptions(capacity=1), r"`data.capacity` must be an integer >= 2, got 1"),
         (lambda: SharpnessCheckOptions(score_threshold=2), r"`sharpness.score_threshold` must be a number in"),
         (lambda: SharpnessCheckOptions(spectrum_every_n_checks=0), r"`sharpness.spectrum_every_n_checks` must be"),
-        (lambda: SharpnessCheckOptions(k=0), r"`k` must be an integer >= 1, got 0"),
+        (lambda: SharpnessCheckOptions(k=0), r"`k` must be a positive integer, got 0"),
         (lambda: CheckpointOptions(mode="all"), r"`checkpoint.mode` must be one of"),
         (lambda: ReportOptions(media="yes"), r"`report.media` must be True or False, got 'yes'"),
         (lambda: LossGapOptions(sigmas=(0.1, -1)), r"`loss_gap.sigmas` must hold finite positive numbers"),

@@ -16,11 +16,14 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+import memwatch
 from memwatch.apps import cli
 from memwatch.apps import scan as scan_app
+from memwatch.apps.scan import check, scanning
 from memwatch.apps.toymodels import DDPMModule, DigitsDataModule
 from memwatch.callback import MemorizationMonitor
 from memwatch.errors import MemwatchError
+from memwatch.probes import isolated
 
 MONITOR = {"every_n_train_steps": 50, "num_probes": 8, "sampler_steps": 10, "k": 2, "verbose": False}
 STEPS = 200
@@ -101,7 +104,7 @@ def test_scan_reproduces_the_live_checks_in_step_order_and_resumes(trained, tmp_
     def no_measuring(*args, **kwargs):
         raise AssertionError("a cached checkpoint was measured again")
 
-    monkeypatch.setattr(scan_app._OfflineCheck, "measure", no_measuring)
+    monkeypatch.setattr(check._OfflineCheck, "measure", no_measuring)
     again = scan_app.scan(files, DDPMModule, data=train_data, monitor_kwargs=MONITOR, out=out, progress=False)
     assert again.measured == 0 and all(c.cached for c in again.checks)
     assert _same(again.history, result.history)
@@ -166,7 +169,7 @@ def test_the_replay_decides_on_the_share_onset_on_names_and_batches_need_data(tr
     reference = torch.zeros(2, 2)
     for onset_on, onset in (("copies", 150), ("sharpness", None)):
         monitor = MemorizationMonitor(**MONITOR, reference_data=reference, onset_on=onset_on)
-        _, onset_step, _ = scan_app._replay(monitor, copies_only)
+        _, onset_step, _ = check._replay(monitor, copies_only)
         assert onset_step == onset
     files, _, _ = trained
     with pytest.raises(MemwatchError, match="reference_data='batches' compares the probes with training batches"):
@@ -229,7 +232,70 @@ def test_a_diffusers_folder_without_a_step_or_of_a_conditional_network_is_skippe
     assert not result.checks and len(caught) == 2
     reasons = {s.path.name: s.reason for s in result.skipped}
     assert reasons["final"].startswith("the folder's name holds no step: name it after its global step")
-    assert "holds a 'UNet2DConditionModel'; scan loads UNet2DModel folders" in reasons["checkpoint-5"]
+    assert (
+        "holds a 'UNet2DConditionModel'; scan loads UNet2DModel and DiTTransformer2DModel folders: a "
+        "text-conditional network's unconditional probes need the empty prompt's embedding" in reasons["checkpoint-5"]
+    )
+
+
+def test_a_transformer_checkpoint_folder_with_a_flow_matching_scheduler_above_it_is_scanned(tmp_path):
+    """``checkpoint-N/transformer/`` as the DiT / SD3 / Flux training scripts save it, the scheduler
+    (flow matching) in ``output_dir/scheduler/``: the class from its config, its null condition the
+    dropped label; a text-conditional transformer is skipped naming the prompt embedding it needs."""
+    pytest.importorskip("diffusers")
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from model_setups import DiTDiffusion, PromptDiffusion
+
+    from memwatch.data import digits
+
+    output = tmp_path / "dit-flow"
+    DiTDiffusion().transformer.save_pretrained(output / "checkpoint-100" / "transformer")
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=100).save_pretrained(output / "scheduler")
+    result = scan_app.scan([output], data=digits(8), monitor_kwargs=dict(MONITOR, num_probes=4), progress=False)
+    assert [c.step for c in result.checks] == [100] and not result.skipped
+    assert result.checks[0].path == (output / "checkpoint-100").resolve()
+    assert math.isfinite(result.checks[0].values["sharp_fraction_mean"])
+
+    PromptDiffusion("sd3").transformer.save_pretrained(output / "checkpoint-200" / "transformer")
+    with pytest.warns(UserWarning, match="skipped '.*checkpoint-200'"):
+        again = scan_app.scan([output], data=digits(8), monitor_kwargs=dict(MONITOR, num_probes=4), progress=False)
+    (skipped,) = again.skipped
+    assert "holds a 'SD3Transformer2DModel'" in skipped.reason
+    assert "need the empty prompt's embedding, which only its text encoder makes" in skipped.reason
+
+
+class _PlainScore(torch.nn.Module):
+    """A plain ``nn.Module`` (no ``.device``, no Trainer) with ``memwatch_score()``: an MLP ε-network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.SiLU(), torch.nn.Linear(16, 2))
+
+    def memwatch_score(self):
+        def eps(x, t):
+            return self.net(torch.cat([x, t[:, None].to(x.dtype) / 100], dim=1))
+
+        return memwatch.DiffusionScore(eps, memwatch.NoiseSchedule.linear(100))
+
+
+class _LightningScore(_PlainScore, pl.LightningModule):
+    """The same network as a LightningModule."""
+
+
+def test_the_offline_check_measures_a_plain_module_as_its_lightning_twin():
+    """``offline_check`` takes the device from the module's parameters: a plain ``nn.Module`` gives
+    the numbers the same network gives as a LightningModule."""
+    kwargs = dict(num_probes=4, sampler_steps=5, k=2, sigmas=(0.3,), sample_shape=(2,), verbose=False)
+    values = []
+    for module in (_PlainScore(), _LightningScore()):
+        monitor = MemorizationMonitor(**kwargs, save_clean_checkpoint=False)
+        with isolated(module):
+            monitor.prepare(module)
+            values.append(_compared(monitor.offline_check(module).values))
+    plain, lightning = values
+    assert math.isfinite(plain["sharp_fraction_mean"])
+    assert _same([plain], [lightning])
 
 
 # ------------------------------------------------------------------------------ the command's failures
@@ -361,7 +427,7 @@ def test_usage_errors_are_one_line_in_the_commands_flags_with_exit_code_2(case, 
         def no_reading(*args, **kwargs):
             raise AssertionError("a checkpoint was read before the arguments were checked")
 
-        monkeypatch.setattr(scan_app, "_global_step", no_reading)
+        monkeypatch.setattr(scanning, "_global_step", no_reading)
     argv = ["scan", "--module", "memwatch.apps.toymodels.DDPMModule", "--out", str(tmp_path / "out"), *FAST]
     argv += [str(files[0].parent), *flags(tmp_path)]  # a later --out wins; a second path follows the first
     assert cli.main(argv) == 2
@@ -387,7 +453,7 @@ def test_an_unexpected_failure_is_one_line_with_exit_code_1(trained, tmp_path, c
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access\nsecond line of the report")
 
-    monkeypatch.setattr(scan_app._OfflineCheck, "measure", broken)
+    monkeypatch.setattr(check._OfflineCheck, "measure", broken)
     argv = ["scan", str(files[0]), "--module", "memwatch.apps.toymodels.DDPMModule", "--data", "8", *FAST]
     assert cli.main([*argv, "--out", str(tmp_path / "out")]) == 1
     line = _one_error_line(capsys.readouterr().err)

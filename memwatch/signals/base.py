@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from memwatch.probes import ProbeMeasurement
-from memwatch.score import DiffusionScore
+from memwatch.score import DiffusionScore, device_of
 from memwatch.timing import PhaseClock
 
 __all__ = ["Draft", "Run", "Signal", "contribute_all", "gathered", "measure_all", "nan_values", "timed"]
@@ -64,7 +64,8 @@ class Run:
 
     @property
     def device(self) -> torch.device:
-        return self.module.device
+        """Where the module runs (:func:`memwatch.score.device_of`: a plain ``nn.Module`` too)."""
+        return device_of(self.module)
 
     @property
     def is_global_zero(self) -> bool:
