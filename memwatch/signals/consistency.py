@@ -95,9 +95,10 @@ class ConsistencySignal(Signal):
                 )
             elif self.verdict == "undecided":
                 rank_zero_warn(
-                    f"memwatch: cannot tell whether the network fits {description}: no prediction type explains "
-                    "its output at both levels, on this schedule or on the other family's (an untrained network, or "
-                    "one trained on a schedule memwatch cannot guess); the values are kept"
+                    f"memwatch: cannot tell whether the network fits {description}: this reading does not explain "
+                    "its target, or another reads it about as well, and none reads it clearly better, on this schedule "
+                    "or on the other family's (an untrained network, one trained on a schedule memwatch cannot guess, "
+                    "or a near pair such as ε read as v); the values are kept"
                 )
         if self.verdict == "wrong":  # counts (of probes out of range, of batches skipped, ...) stay counts
             draft.values.update(dict.fromkeys((k for k in draft.values if not k.endswith("_count")), math.nan))
