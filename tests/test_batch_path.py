@@ -241,7 +241,7 @@ def test_the_clean_record_names_only_a_checkpoint_on_disk(tmp_path, monkeypatch,
 
     def save(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 3:  # the starting weights, step 10, then the fault at step 20
             raise fault("disk vanished")
         return real(*args, **kwargs)
 
