@@ -157,17 +157,20 @@ class PromptDiffusion(pl.LightningModule):
     Trained on one fixed "prompt" per class (an embedding ``[tokens, width]`` and a pooled projection
     ``[pooled]``), captions dropped (10 %) to the empty prompt's, which the module keeps as the buffer
     ``memwatch_null_cond`` (PixArt: the embedding; SD3 / Flux: their ``memwatch.joint_condition``).
-    SD3 and Flux train with flow matching in their pipelines; the DDPM pairing here is legitimate if
-    unusual, and tests their call conventions.
+    With ``flow=True`` it trains as the SD3 / Flux scripts do: a ``FlowMatchEulerDiscreteScheduler``
+    (shift 3), a training timestep drawn uniformly from its own (``timesteps[i]``, ``sigmas[i]``),
+    ``x_t = (1 - σ) x_0 + σ ε`` and the velocity target ``ε - x_0``; else a ``DDPMScheduler`` and the
+    noise target (legitimate if unusual for these families: it tests their call conventions).
     """
 
-    def __init__(self, family: str, channels: int = 1, size: int = 8, classes: int = 10) -> None:
+    def __init__(self, family: str, channels: int = 1, size: int = 8, classes: int = 10, flow: bool = False) -> None:
         super().__init__()
-        from diffusers import DDPMScheduler
+        from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
         torch.manual_seed(0)
         self.family, self.transformer = family, _text_transformer(family, channels, size, width=12, pooled=6)
-        self.scheduler = DDPMScheduler(num_train_timesteps=100)
+        self.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0) if flow else DDPMScheduler(num_train_timesteps=100)
+        self.flow = flow
         self.register_buffer("prompts", torch.randn(classes, 3, 12))
         self.register_buffer("pooled", torch.randn(classes, 6))
         self.register_buffer("empty", torch.randn(3, 12))  # the text encoders' ""
@@ -186,12 +189,18 @@ class PromptDiffusion(pl.LightningModule):
 
     def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
         x0, labels = batch
-        t = torch.randint(0, 100, (x0.shape[0],), device=x0.device)
         eps = torch.randn_like(x0)
         dropped = torch.rand(x0.shape[0], device=x0.device) < 0.1
         prompt = torch.where(dropped[:, None, None], self.empty, self.prompts[labels])
         pooled = torch.where(dropped[:, None], self.empty_pooled, self.pooled[labels])
-        return nn.functional.mse_loss(self._predict(self.scheduler.add_noise(x0, eps, t), t, prompt, pooled), eps)
+        if self.flow:
+            i = torch.randint(0, len(self.scheduler.timesteps), (x0.shape[0],))
+            t, sigma = self.scheduler.timesteps[i].to(x0.device), self.scheduler.sigmas[i].to(x0).view(-1, 1, 1, 1)
+            xt, target = (1 - sigma) * x0 + sigma * eps, eps - x0
+        else:
+            t = torch.randint(0, 100, (x0.shape[0],), device=x0.device)
+            xt, target = self.scheduler.add_noise(x0, eps, t), eps
+        return nn.functional.mse_loss(self._predict(xt, t, prompt, pooled), target)
 
     def _predict(self, x: Tensor, t: Tensor, prompt: Tensor, pooled: Tensor) -> Tensor:
         """The noise prediction ``[n, C, H, W]``, as the family's pipeline calls the network."""

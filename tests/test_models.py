@@ -169,15 +169,18 @@ def test_latent_model_with_decoded_galleries(tmp_path):
     assert gallery and gallery[0].stat().st_size > 1000  # decoded to 1-channel images, not skipped
 
 
-@pytest.mark.parametrize("family", ["dit", "pixart", "sd3", "flux"])
-def test_a_diffusion_transformer_and_its_scheduler_are_found_with_no_glue(tmp_path, family):
+@pytest.mark.parametrize(
+    ("family", "flow"), [("dit", False), ("pixart", False), ("sd3", False), ("flux", False), ("sd3", True), ("flux", True)]
+)
+def test_a_diffusion_transformer_and_its_scheduler_are_found_with_no_glue(tmp_path, family, flow):
     """The README's UNet recipe with a DiT (its null class found in its label embedding) or a text
-    transformer (its empty prompt kept by the module as `memwatch_null_cond`), the monitor at its defaults."""
+    transformer (its empty prompt kept by the module as `memwatch_null_cond`), the monitor at its defaults;
+    SD3 and Flux also as their scripts train them, with a FlowMatch scheduler and the velocity target."""
     from memwatch.transformer_score import TransformerScore
 
     images = digits_images(8)  # [8, 1, 8, 8]: d = 64
     labels = torch.arange(8) % 4
-    module = DiTDiffusion() if family == "dit" else PromptDiffusion(family)
+    module = DiTDiffusion() if family == "dit" else PromptDiffusion(family, flow=flow)
     # a prompt to watch, in the form of the null condition (one family: the conditional metrics double the cost)
     watched = {"class 1": module.condition(1)} if family == "sd3" else None
     monitor = MemorizationMonitor(every_n_train_steps=5, conditions=watched, **SMALL)
@@ -186,6 +189,8 @@ def test_a_diffusion_transformer_and_its_scheduler_are_found_with_no_glue(tmp_pa
     _assert_checks_ran(monitor, 2, keys=keys)
     assert isinstance(monitor._found, TransformerScore) and monitor._found.model is module.transformer
     assert all(0 <= h["lid_mean"] <= 64 for h in monitor.history)  # d · (1 - sharp fraction)
+    found = (monitor._found.schedule.kind, monitor._found.prediction)
+    assert found == (("flow", "flow_prediction") if flow else ("discrete", "epsilon"))
 
 
 def test_a_lora_fine_tune_is_measured_as_adapted_and_its_clean_checkpoint_holds_the_adapter(tmp_path):
