@@ -16,16 +16,19 @@ __all__ = [
     "ALARM_FALLBACK_PATIENCE",
     "ALARM_PATIENCE",
     "ALARM_THRESHOLD",
+    "BUDGET",
     "CALIBRATION_CAPACITY",
     "CONFIRM_RATIO",
     "SIGMA_FACTORS",
     "SPECTRUM_EVERY_N_CHECKS",
     "EVERY_N_TRAIN_STEPS",
+    "FIRST_CHECK",
     "LID_COUNT_THRESHOLD",
     "LID_RATIO_THRESHOLD",
     "LID_STATISTIC",
     "LOSS_GAP_SIGMAS",
     "LOSS_GAP_SIZE",
+    "MIN_CHECK_STEPS",
     "MIN_VALID_FRACTION",
     "NUM_PROBES",
     "ONSET_ON",
@@ -36,9 +39,14 @@ __all__ = [
     "SCORE_THRESHOLD",
     "SHARPNESS",
     "SIGMAS",
+    "STEPS_PER_SAMPLE",
 ]
 
 EVERY_N_TRAIN_STEPS = 500  #: check cadence, optimizer steps
+BUDGET = 0.03  #: the checks' share of training wall time with every_n_train_steps="auto"
+STEPS_PER_SAMPLE = 15.0  #: the cadence's ceiling: steps per effective training sample between checks
+FIRST_CHECK = 500  #: the first check's step with every_n_train_steps="auto" (the former fixed cadence)
+MIN_CHECK_STEPS = 50  #: the cadence's floor: steps between checks
 NUM_PROBES = 32  #: probes per check
 SAMPLER_STEPS = 50  #: sampler steps per probe
 SIGMAS = "auto"  #: evaluation noise levels: "auto" = SIGMA_FACTORS × the training data's median NN distance

@@ -1,0 +1,95 @@
+"""The budgeted cadence (memwatch.cadence): the account against a hand computation, the ceiling
+from the training set's effective size, the floor, the one-time costs paid off, and the sizes
+counted from keys (repeats included)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from memwatch.cadence import BudgetCadence, CadenceOptions, DataSize, SizeCounter
+
+
+def _run(cadence: BudgetCadence, steps: int, step_seconds: float, check_seconds, steady, size=None) -> list[int]:
+    """Simulate ``steps`` steps of ``step_seconds``; a check at step s costs ``check_seconds(s)`` (its
+    steady part ``steady``). Returns the steps checks ran at."""
+    checks = []
+    for step in range(1, steps + 1):
+        cadence.train_seconds(step_seconds)
+        if cadence.due(step):
+            checks.append(step)
+            cadence.checked(step, seconds=check_seconds(step), steady_seconds=steady, size=size)
+    return checks
+
+
+def test_the_account_keeps_the_checks_within_the_budget_with_the_first_checks_extras_paid_off():
+    options = CadenceOptions(budget=0.03, first_check=100, steps_per_sample=1e6, min_steps=1)
+    cadence = BudgetCadence(options)
+    # steady checks cost 3 s, the first 9 s more (its one-time phases), a step 0.1 s: 1000 steps a check
+    checks = _run(cadence, 20_000, 0.1, lambda s: 12.0 if s == 100 else 3.0, 3.0, DataSize(10**6))
+    assert checks[0] == 100 and cadence.bound == "budget"
+    gaps = [b - a for a, b in zip(checks, checks[1:])]
+    assert abs(gaps[0] - (12 + 3 - 0.03 * 10) / (0.03 * 0.1)) <= 1  # the first's extras paid off first
+    assert all(g == 1000 for g in gaps[2:]), gaps  # then one steady check's worth
+    assert cadence.share == pytest.approx(0.03, rel=0.05)  # the account: ≤ the budget, less than one check off
+
+
+def test_the_ceiling_follows_the_effective_size_and_the_floor_holds():
+    options = CadenceOptions(budget=0.03, steps_per_sample=15, first_check=500, min_steps=50)
+    cadence = BudgetCadence(options)
+    assert cadence.ceiling == 500 and cadence.next_step == 500
+    cadence.train_seconds(0.5, steps=500)  # 1 ms a step: the budget alone would wait 100 000 steps a check
+    cadence.checked(500, seconds=3.0, steady_seconds=3.0, size=DataSize(16))
+    assert (cadence.bound, cadence.interval) == ("ceiling", 240)  # 15 steps a sample for 16 samples
+    cadence.checked(740, seconds=3.0, steady_seconds=3.0, size=DataSize(5000, largest_repeat=357.0))
+    assert (cadence.bound, cadence.interval) == ("ceiling", math.ceil(15 * 5000 / 357))  # a repeated item: 14 samples
+    cadence.checked(950, seconds=3.0, steady_seconds=3.0, size=DataSize(2))
+    assert (cadence.bound, cadence.interval) == ("ceiling", 50)  # 30 steps, raised to the floor
+    assert "ceiling: 15 steps a sample for 2 effective training samples" in cadence.describe()
+
+
+def test_a_cheap_check_on_a_slow_step_runs_at_the_floor():
+    cadence = BudgetCadence(CadenceOptions(budget=0.5, first_check=10, min_steps=50, steps_per_sample=1e6))
+    cadence.train_seconds(100.0, steps=10)  # 10 s a step
+    cadence.checked(10, seconds=0.1, steady_seconds=0.1, size=DataSize(10**6))
+    assert (cadence.bound, cadence.next_step) == ("floor", 60)
+
+
+def test_its_state_round_trips_and_another_ranks_next_step_is_taken():
+    cadence = BudgetCadence(CadenceOptions())
+    cadence.train_seconds(50.0, steps=500)
+    cadence.checked(500, seconds=4.0, steady_seconds=3.0, size=DataSize(1024, 1.5))
+    again = BudgetCadence(CadenceOptions())
+    again.load_state_dict(cadence.state_dict())
+    assert again.state_dict() == cadence.state_dict() and again.describe() == cadence.describe()
+    again.use_next_step(777)
+    assert not again.due(776) and again.due(777)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        (dict(budget=0.0), "cadence.budget"),
+        (dict(budget=1.0), "cadence.budget"),
+        (dict(steps_per_sample=0), "cadence.steps_per_sample"),
+        (dict(first_check=0), "cadence.first_check"),
+        (dict(min_steps=0), "cadence.min_steps"),
+    ],
+)
+def test_bad_options_name_the_setting(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        CadenceOptions(**kwargs)
+
+
+def test_sizes_are_counted_exactly_with_repeats_across_batches():
+    counter = SizeCounter()
+    assert counter.size() is None
+    counter.add(torch.arange(5000))
+    counter.add(torch.tensor([7, 8, 9, 10] * 500))  # four items repeated 500 more times
+    size = counter.size()
+    assert size.samples == 5000 and size.largest_repeat == pytest.approx(501 / (7000 / 5000))
+    assert size.effective == pytest.approx(5000 / size.largest_repeat)
+    counter.add(torch.tensor([10**12]))
+    assert counter.size().samples == 5001
