@@ -21,6 +21,7 @@ __all__ = [
     "CONFIRM_RATIO",
     "SIGMA_FACTORS",
     "SPECTRUM_EVERY_N_CHECKS",
+    "SPECTRUM_PROBES",
     "EVERY_N_TRAIN_STEPS",
     "FIRST_CHECK",
     "LID_COUNT_THRESHOLD",
@@ -76,4 +77,5 @@ LID_RATIO_THRESHOLD = 0.5  #: a probe is memorized when that ratio is below this
 LID_COUNT_THRESHOLD = 3.0  #: with lid.statistic="count": ... when its LID is below this many dimensions (study v3)
 LOSS_GAP_SIZE = 256  #: with heldout_data: samples per side of the loss gap
 SPECTRUM_EVERY_N_CHECKS = 10  #: image scale (d > 384, method "auto"): a Lanczos spectrum every n-th check
+SPECTRUM_PROBES = 2  #: probes (per process) the periodic Lanczos spectrum of the trace tier is measured on
 SHARPNESS = SharpnessOptions()  #: spectrum settings (k, threshold τ, method, Lanczos sizes)

@@ -83,7 +83,8 @@ class ProbeMeasurement:
             range is known: see :meth:`ProbeSet.measure`).
         data_range: the ``(low, high)`` range the probes were held against, or ``None``.
         spectrum: the full spectrum (Lanczos) at the primary timestep when it was asked for on
-            top of a cheap trace-tier measurement (``spectrum_options``), else ``None``.
+            top of a cheap trace-tier measurement (``spectrum_options``), of the first
+            ``spectrum_probes`` probes, else ``None``.
         hessian_score_norm: ``[n]`` Jeon et al.'s unconditional detector ``‖H s‖`` at the
             sampler's first (noisiest) state, one reverse-mode product per probe
             (:func:`memwatch.sharpness.hessian_score_norm`).
@@ -279,6 +280,7 @@ class ProbeSet:
         data_range: tuple[float, float] | None = None,
         range_tolerance: float = 0.5,
         spectrum_options: SharpnessOptions | None = None,
+        spectrum_probes: int | None = None,
         clock: PhaseClock | None = None,
     ) -> ProbeMeasurement:
         """Draw the probes ``rows`` from ``score`` and measure them at every evaluation timestep.
@@ -298,6 +300,7 @@ class ProbeSet:
             range_tolerance: see ``data_range``.
             spectrum_options: also measure the spectrum at the primary timestep with these
                 options (e.g. Lanczos on top of the trace tier), into ``spectrum``.
+            spectrum_probes: measure the spectrum on the first this many of ``rows`` only (``None``: all).
             clock: times each phase under its own name (``sampling``, ``sharpness`` — the
                 adjoint test of the first measurement included —, ``spectrum``,
                 ``hessian_score_norm``, ``nearest_neighbours``, ``conditional``) and tells its
@@ -327,8 +330,9 @@ class ProbeSet:
         if spectrum_options is not None:
             spectrum_options = spectrum_options.replace(jvp_mode=options.jvp_mode)  # the verified path
             t0 = self.timesteps[0]
-            with clock.phase("spectrum", f" at t={t0:g} (Lanczos, {spectrum_options.num_iters} steps)"):
-                spectrum = self._sharpness(score, traj.states[t0], t0, spectrum_options)
+            states = traj.states[t0][:spectrum_probes]
+            with clock.phase("spectrum", f" at t={t0:g} (Lanczos, {spectrum_options.num_iters} steps, {len(states)} probes)"):
+                spectrum = self._sharpness(score, states, t0, spectrum_options)
         with clock.phase("hessian_score_norm"):
             jeon = hessian_score_norm(score, traj.states[noisiest], noisiest, options)
         samples = traj.samples.detach().cpu()

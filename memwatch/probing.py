@@ -147,6 +147,7 @@ class ProbeChecks:
                 score,
                 options=sharp.check_options,
                 spectrum_options=sharp.spectrum_options(len(self.history)),
+                spectrum_probes=sharp.options.spectrum_probes,
                 rows=rows,
                 device=device_of(pl_module),
                 conditions=None if conditional is None else conditional.conditions,

@@ -64,16 +64,24 @@ class SharpnessCheckOptions(SharpnessOptions):
             trace tier (LID / FLIPD from ``num_vectors`` reverse-mode products per probe) runs at
             every check and the Lanczos spectrum every n-th check (``lambda_min`` and the
             spectrum panel update then; NaN in between).
+        spectrum_probes: that spectrum is measured on this many probes per process (the first of
+            its shard; ``None``: all of them): the panel draws their mean density, and
+            ``lambda_min`` / ``normalized_eig_mean`` summarize them. The spectrum costs what the
+            trace tier of eight checks does per probe; on a few it is no longer the first
+            check's bulk (the README's Performance section).
     """
 
     score_threshold: float = defaults.SCORE_THRESHOLD
     spectrum_every_n_checks: int = defaults.SPECTRUM_EVERY_N_CHECKS
+    spectrum_probes: int | None = defaults.SPECTRUM_PROBES
     lid: LidOptions = LidOptions()
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_fraction("sharpness.score_threshold", self.score_threshold)
         check_int("sharpness.spectrum_every_n_checks", self.spectrum_every_n_checks, 1)
+        if self.spectrum_probes is not None:
+            check_int("sharpness.spectrum_probes", self.spectrum_probes, 1, allow="or None")
 
     def measure_options(self) -> SharpnessOptions:
         """The spectrum settings alone, as :func:`memwatch.measure_sharpness` takes them."""
@@ -171,9 +179,9 @@ class SharpnessSignal(Signal):
         spectrum: SharpnessResult | None,
         device: torch.device,
     ) -> dict[str, float]:
-        """The synced summary of one timestep; the eigenvalue summaries come from the spectrum
-        when the trace tier measured none (NaN at checks without a spectrum)."""
-        eig = res if res.method != "trace" else spectrum
+        """The synced summary of one timestep; on the trace tier the eigenvalue summaries come from
+        the spectrum's probes (NaN at checks without a spectrum)."""
+        eig = res if res.method != "trace" else None
         metric = metric.to(device)
         metric.reset()
         metric.update(
@@ -184,7 +192,11 @@ class SharpnessSignal(Signal):
             res.memorization_score.to(device),
             None if nn_ratio is None else nn_ratio.to(device),
         )
-        return {name: float(v) for name, v in metric.compute().items()}
+        values = {name: float(v) for name, v in metric.compute().items()}
+        if spectrum is not None:
+            values["lambda_min"] = synced_min(spectrum.eigenvalues[:, 0], device)
+            values["normalized_eig_mean"] = synced_mean(spectrum.normalized.mean(1), device)
+        return values
 
     def _valid_or_nan(self, t: float, values: dict[str, float]) -> dict[str, float]:
         """A check that lost too many probes is a failed measurement: every value but the count
@@ -239,3 +251,13 @@ def synced_mean(x: Tensor, device: torch.device) -> float:
     mean = MeanMetric(nan_strategy="ignore").to(device)  # synced over ranks on compute
     mean.update(x.to(device, torch.float64))
     return float(mean.compute())
+
+
+def synced_min(x: Tensor, device: torch.device) -> float:
+    """Least finite value of every rank's ``x`` (NaN when none is finite)."""
+    from torchmetrics.aggregation import MinMetric
+
+    least = MinMetric(nan_strategy="ignore").to(device)  # synced over ranks on compute
+    least.update(torch.where(torch.isfinite(x), x, torch.nan).to(device, torch.float64))
+    value = float(least.compute())
+    return value if math.isfinite(value) else math.nan
