@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 
+from memwatch.cadence import SizeCounter
 from memwatch.calibration import Reservoir
 from memwatch.discovery import check_reference_data, select_data
 from memwatch.errors import MemwatchError
@@ -241,6 +242,7 @@ class TrainingSamples:
         self.uses = uses
         self.optional = optional
         self.refused: str | None = None  # why no training sample is held (batches outside the probes' space)
+        self.sizes = SizeCounter()  # how many distinct samples (items) the batches held, and their repeats
         self._warned_latents = False
 
     def __len__(self) -> int:
@@ -318,18 +320,19 @@ class TrainingSamples:
             )
         if not in_space and encode is None:
             raise MemwatchError(space_message(tuple(rows.shape[1:]), sample_shape, self.uses))
+        keys = content_keys(rows)  # of the rows as they came (pixels, for a latent model)
+        items = None if ids is None else ids.cpu()
+        self.sizes.add(keys if items is None else items)
         if self.index is None:  # only the reservoir: of a full one few rows are kept, and only those are encoded
             if self.reservoir is not None:
                 self.reservoir.update(rows, transform=None if in_space else lambda x: self._encode(x, sample_shape))
             return
-        items = None if ids is None else ids.cpu()
         if in_space:
             if self.reservoir is not None:
                 self.reservoir.update(rows)
-            self.index.add(rows, items=items)
+            self.index.add(rows, items=items, keys=keys)
             return
-        keys = content_keys(rows)  # of the pixels: only the rows the index does not hold yet are encoded
-        fresh = self.index.fresh(keys)
+        fresh = self.index.fresh(keys)  # only the rows the index does not hold yet are encoded
         if fresh.any():
             encoded = self._encode(rows[fresh.to(rows.device)], sample_shape)
             if self.reservoir is not None:
