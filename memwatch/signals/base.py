@@ -1,6 +1,6 @@
 """What a signal is: the hooks a check calls, and what a signal sees of the run.
 
-A check of :class:`memwatch.MemorizationMonitor` runs in a fixed order on every rank:
+A check of :class:`memwatch.Monitor` runs in a fixed order on every rank:
 
 1. the training samples staged since the last check are drained into what the signals read
    (:class:`memwatch.intake.TrainingSamples`: the calibration's reservoir, the copy index);
@@ -28,10 +28,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import lightning.pytorch as pl
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from memwatch.collective import Collective, SingleProcess
 from memwatch.probes import ProbeMeasurement
 from memwatch.score import DiffusionScore, device_of
 from memwatch.timing import PhaseClock
@@ -41,24 +41,21 @@ __all__ = ["Draft", "Run", "Signal", "contribute_all", "gathered", "measure_all"
 
 @dataclass
 class Run:
-    """What a signal sees of the run at fit start and at a check.
+    """What a signal sees of the run at its start and at a check.
 
     Attributes:
-        module: the LightningModule under training.
-        score: its score as found at fit start (or at this check).
+        module: the module under training (a LightningModule or any ``nn.Module``).
+        score: its score as found at the start (or at this check).
         sample_shape: the probes' shape.
-        world_size, rank: the DDP layout (1, 0 without a Trainer).
-        strategy: the Trainer's strategy for collectives (``None`` without a Trainer).
-        step: the global step of the check (0 at fit start).
+        collective: how the ranks agree (:mod:`memwatch.collective`; one process by default).
+        step: the global step of the check (0 at the start).
         raise_errors: re-raise faults instead of warning.
     """
 
-    module: pl.LightningModule
+    module: nn.Module
     score: DiffusionScore
     sample_shape: tuple[int, ...]
-    world_size: int = 1
-    rank: int = 0
-    strategy: Any = None
+    collective: Collective = field(default_factory=SingleProcess)
     step: int = 0
     raise_errors: bool = False
 
@@ -68,16 +65,24 @@ class Run:
         return device_of(self.module)
 
     @property
+    def world_size(self) -> int:
+        return self.collective.world_size
+
+    @property
+    def rank(self) -> int:
+        return self.collective.rank
+
+    @property
     def is_global_zero(self) -> bool:
         return self.rank == 0
 
     def broadcast(self, obj: Any) -> Any:
         """Rank zero's ``obj`` on every rank."""
-        return obj if self.strategy is None else self.strategy.broadcast(obj, src=0)
+        return self.collective.broadcast(obj)
 
     def all_true(self, flag: bool) -> bool:
         """Whether ``flag`` holds on every rank (one collective)."""
-        return flag if self.strategy is None else bool(self.strategy.reduce_boolean_decision(flag, all=True))
+        return self.collective.all_true(flag)
 
 
 @dataclass

@@ -1,0 +1,156 @@
+"""The framework-free monitor, driven by a plain PyTorch loop: the callback's behaviour without a Trainer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from callback_setup import memorizing_data, module_2d
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from wandb_offline import find_offline_run, history_values, read_history
+
+from memwatch import CheckpointOptions, FileKeeper, MemwatchError, Monitor, MonitorLogger, OnsetOptions
+from memwatch.collective import SingleProcess, StrategyCollective, TorchDistributed, default_collective
+
+FAST = dict(num_probes=8, sampler_steps=10, sigmas=(0.2,), k=2, verbose=False, raise_errors=True)
+
+
+def _loop(steps: int, monitor: Monitor | None = None, *, logger=None, seed: int = 0) -> tuple[nn.Module, dict]:
+    """Train the 2-D MLP DDPM of the callback tests in a plain loop (batches of 128 drawn from the
+    four corners), ``monitor`` watching as a diffusers script would drive it.
+
+    Returns:
+        ``(module, {step: its weights at each check})``, stopped early when the monitor says so.
+    """
+    torch.manual_seed(seed)
+    module = module_2d(hidden=64, depth=2)
+    optimizer = torch.optim.Adam(module.parameters(), lr=2e-3)
+    data, g, weights = memorizing_data(), torch.Generator().manual_seed(seed), {}
+    if monitor is not None:
+        monitor.start(module, logger=logger)
+    for step in range(steps):
+        batch = data[torch.randint(len(data), (128,), generator=g)]
+        if monitor is not None:
+            monitor.observe(batch, step)
+        t = torch.randint(0, module.schedule.num_timesteps, (len(batch),))
+        noise = torch.randn_like(batch)
+        ab = module.alphas_cumprod[t][:, None]
+        loss = nn.functional.mse_loss(module.net(ab.sqrt() * batch + (1 - ab).sqrt() * noise, t), noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if monitor is not None and monitor.due(step + 1):
+            weights[step + 1] = {k: v.clone() for k, v in module.state_dict().items()}
+            monitor.check(module, step + 1)
+            if monitor.should_stop:
+                break
+    return module, weights
+
+
+def test_a_plain_loop_declares_onset_stops_and_keeps_the_clean_weights(tmp_path):
+    onset = OnsetOptions(threshold=0.05, patience=1)
+    monitor = Monitor(every_n_train_steps=10, stop_on_onset=True, onset=onset,
+                      checkpoint=CheckpointOptions(dirpath=tmp_path / "clean"), **FAST)  # fmt: skip
+    module, weights = _loop(200, monitor)
+    assert monitor.onset_step is not None and max(weights) == monitor.onset_step  # stopped at the onset check
+    assert [h["step"] for h in monitor.history] == [float(s) for s in sorted(weights)]
+    assert monitor.history[-1]["onset"] == 1.0 and monitor.last_check.step == monitor.onset_step
+    saved = torch.load(monitor.clean_checkpoint_path, weights_only=True)
+    assert monitor.clean_step < monitor.onset_step and saved["global_step"] == monitor.clean_step
+    expected = weights[monitor.clean_step]  # the weights of the last clean check (a check after step 0)
+    assert all(torch.equal(saved["state_dict"][k], v) for k, v in expected.items())
+
+
+def test_training_is_bit_identical_with_and_without_the_monitor(tmp_path):
+    plain, _ = _loop(30)
+    monitor = Monitor(every_n_train_steps=10, checkpoint=CheckpointOptions(dirpath=tmp_path), **FAST)
+    watched, weights = _loop(30, monitor)
+    assert sorted(weights) == [10, 20, 30] and len(monitor.history) == 3
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), watched.parameters()))
+
+
+def test_the_state_of_a_plain_loop_resumes_and_a_check_is_not_repeated(tmp_path):
+    monitor = Monitor(every_n_train_steps=10, checkpoint=CheckpointOptions(save=False), **FAST)
+    _loop(20, monitor)
+    resumed = Monitor(every_n_train_steps=10, checkpoint=CheckpointOptions(save=False), **FAST)
+    resumed.load_state_dict(monitor.state_dict())
+    assert resumed.history == monitor.history and resumed.detector.history == monitor.detector.history
+    assert not resumed.due(20) and resumed.due(30) and not resumed.due(25)
+    assert resumed.due(40, epoch_end=1) is False  # no epoch cadence set
+
+
+def test_a_plain_loop_logs_to_a_wandb_run(tmp_path):
+    wandb = pytest.importorskip("wandb")
+    run = wandb.init(mode="offline", dir=tmp_path, project="memwatch-test")
+    monitor = Monitor(every_n_train_steps=10, checkpoint=CheckpointOptions(save=False), **FAST)
+    _loop(20, monitor, logger=run)
+    run.finish()
+    rows = read_history(find_offline_run(tmp_path))
+    assert len([v for v in history_values(rows, "memwatch/sharp_fraction_mean") if v == v]) == 2
+
+
+def test_the_logger_protocol_takes_none_a_lightning_logger_or_a_list_and_refuses_the_rest(tmp_path):
+    csv = CSVLogger(tmp_path)
+    assert MonitorLogger.of(None).loggers == [] and MonitorLogger.of(csv).loggers == [csv]
+    assert MonitorLogger.of([csv, csv]).loggers == [csv, csv]
+    with pytest.raises(MemwatchError, match="`logger` must be None, a wandb run.*got str"):
+        MonitorLogger.of("wandb")
+
+
+def test_a_file_keeper_refuses_full_and_reports_a_failed_save(tmp_path):
+    with pytest.raises(MemwatchError, match='`checkpoint.mode`="full" .* only a Lightning Trainer'):
+        FileKeeper(tmp_path, "full")
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    outcome = FileKeeper(blocked).save(nn.Linear(2, 2), step=3, collective=SingleProcess())
+    assert not outcome.ok and outcome.path is None and outcome.step == 3 and "Error" in outcome.error
+    with pytest.raises(OSError):
+        FileKeeper(blocked, raise_errors=True).save(nn.Linear(2, 2), step=3, collective=SingleProcess())
+
+
+def test_a_failed_save_in_a_plain_loop_keeps_the_previous_record_and_warns(tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monitor = Monitor(every_n_train_steps=10, checkpoint=CheckpointOptions(dirpath=blocked),
+                      **{**FAST, "raise_errors": False})  # fmt: skip
+    with pytest.warns(UserWarning, match="could not write the clean checkpoint"):
+        _loop(10, monitor)
+    assert monitor.clean_step is None and monitor.clean_checkpoint_path is None and len(monitor.history) == 1
+
+
+def test_observe_before_start_is_refused():
+    with pytest.raises(MemwatchError, match=r"call `start\(module\)` before `observe"):
+        Monitor(**FAST).observe(torch.zeros(4, 2), 0)
+
+
+class _Strategy:
+    """The two strategy calls the Lightning collective makes, recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def broadcast(self, obj, src):
+        self.calls.append(("broadcast", obj, src))
+        return obj
+
+    def reduce_boolean_decision(self, flag, all):  # noqa: A002 - Lightning's own keyword
+        self.calls.append(("reduce", flag, all))
+        return flag
+
+
+def test_the_collectives_of_one_process_a_strategy_and_torch_distributed(tmp_path):
+    one = default_collective()
+    assert isinstance(one, SingleProcess) and one.broadcast("x") == "x" and one.any_true(True)
+    strategy = _Strategy()
+    lightning = StrategyCollective(strategy, world_size=2, rank=1)
+    assert lightning.broadcast(3) == 3 and lightning.all_true(True) and not lightning.any_true(False)
+    assert strategy.calls == [("broadcast", 3, 0), ("reduce", True, True), ("reduce", False, False)]
+    dist = torch.distributed
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", world_size=1, rank=0)
+    try:
+        group = default_collective()
+        assert isinstance(group, TorchDistributed) and (group.world_size, group.rank) == (1, 0)
+        assert group.broadcast({"a": 1}) == {"a": 1} and group.all_true(True) and not group.all_true(False)
+        assert group.any_true(True) and not group.any_true(False)
+    finally:
+        dist.destroy_process_group()
