@@ -9,6 +9,7 @@ from memwatch.attribution import CopiedItem, copied_items
 from memwatch.callback import CheckResult, MemorizationMonitor
 from memwatch.collective import Collective
 from memwatch.conditional import ConditionalResult, conditional_metrics
+from memwatch.discovery import diffusers_score
 from memwatch.errors import MemwatchError
 from memwatch.groundtruth import MEMORIZED_RATIO, median_nn_distance, nearest_neighbours, nn_ratio
 from memwatch.index import IndexOptions
@@ -67,6 +68,7 @@ __all__ = [
     "TransformerScore",
     "conditional_metrics",
     "copied_items",
+    "diffusers_score",
     "evaluation_timesteps",
     "hessian_score_norm",
     "joint_condition",

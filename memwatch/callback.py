@@ -45,6 +45,7 @@ class MemorizationMonitor(Monitor, Callback):
     ``calibrate`` … — is the callback's own, as in memwatch 0.1).
 
     Example:
+        >>> from memwatch import OnsetOptions
         >>> monitor = MemorizationMonitor(every_n_train_steps=200, onset=OnsetOptions(threshold=0.05, patience=1))
         >>> trainer = pl.Trainer(callbacks=[monitor], max_steps=2000)  # doctest: +SKIP
     """
