@@ -49,6 +49,7 @@ from memwatch.reporting import CheckReporter, CheckResult
 from memwatch.sharpness import SharpnessResult
 from memwatch.signals import CopyOptions, Draft, LossGapOptions, Run, SharpnessCheckOptions
 from memwatch.signals.base import contribute_all, measure_all, timed
+from memwatch.signals.context import SignalContext
 from memwatch.signals.registry import compose
 from memwatch.timing import PhaseClock
 from memwatch.validation import check_cadence, check_int, check_levels
@@ -159,7 +160,12 @@ class Monitor(Probing):
         self.held_samples: TrainingSamples | None = TrainingSamples(
             self._intake, seed=self.probes.seed, uses=self._uses(), optional=not self.calibrating
         )
-        self.signals = compose(self)
+        self.signals = compose(SignalContext(
+            self.num_probes, self.reference_data, self.data, self.probes, self.sharpness, self.onset, self.copies,
+            self.loss_gap, self.calibrating, held=lambda: self.held_samples,
+            timesteps=lambda: list(self._eval_timesteps), max_batch=self._max_batch,
+            training_samples=self._training_samples, use_levels=self.use_levels,
+        ))  # fmt: skip
 
     # ------------------------------------------------------------------ results
     @property
@@ -420,7 +426,7 @@ class Monitor(Probing):
         are held in memory no longer than needed."""
         if not self._holding:
             self.held_samples = None
-        elif self.held_samples is not None and not self._pending and "loss_gap" not in self.signals:
+        elif self.held_samples is not None and not self._pending and not self._reads_reservoir:
             self.held_samples.drop_reservoir()
 
     def _save_clean(self, module: nn.Module, step: int) -> None:
@@ -492,6 +498,18 @@ class Monitor(Probing):
         run = Run(module, self._found, tuple(self.sample_shape or ()), raise_errors=self.report.raise_errors)
         measurement = self.measure_check(module, checks=len(self.history))
         return self._contributions(run, measurement, measure_all(self.signals, run, measurement, self._scoring(module)))
+
+    def _training_samples(self) -> Tensor:
+        """The training side of a comparison ``[m, *shape]``: the reference tensor, or the samples held."""
+        if self.reference is not None:
+            return self.reference
+        assert self.held_samples is not None
+        return self.held_samples.samples
+
+    @property
+    def _reads_reservoir(self) -> bool:
+        """Whether a signal reads the training samples' reservoir at every check."""
+        return any(signal.reads_reservoir for signal in self.signals.values())
 
     @property
     def _holding(self) -> bool:

@@ -222,10 +222,14 @@ class Probing:
             for signal in self.signals.values():
                 signal.prepare(run)
 
+    def _max_batch(self) -> int | None:
+        """Rows per model call: the measurement's resolved bound (``None``: unbounded)."""
+        return self.signals["sharpness"].check_options.max_batch
+
     @property
     def _pending(self) -> bool:
-        """Whether the noise levels or the data LID are still to be fixed from training samples."""
-        return (self.calibrating and self.calibrated_sigmas is None) or self.signals["lid"].pending
+        """Whether a signal still waits for training samples (the noise levels, the data LID)."""
+        return any(signal.pending for signal in self.signals.values())
 
     def see_range(self, batch: Any) -> None:
         """Widen the value range the probes are bounded by with a training batch's (the first

@@ -25,7 +25,6 @@ in the result line, the onset alert and ``memwatch fit``'s summary.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,6 +32,7 @@ from torch import Tensor
 from memwatch.groundtruth import MEMORIZED_RATIO
 from memwatch.intake import TrainingSamples
 from memwatch.signals.base import Draft, Run, Signal
+from memwatch.signals.context import SignalContext
 
 __all__ = ["AlarmSignal"]
 
@@ -52,6 +52,7 @@ class AlarmSignal(Signal):
     """
 
     name = "alarm"
+    after = ("copies",)  # it counts the copies' ratios
     value_names = ("alarm_fraction",)
 
     def __init__(
@@ -129,15 +130,15 @@ def _synced_sums(hits: Tensor, told: Tensor, device: torch.device) -> tuple[floa
     return float(total.compute()), float(count.compute())
 
 
-def build(monitor: Any) -> AlarmSignal:
-    """The alarm of ``monitor`` (always: ``alarm_fraction`` is logged whatever ``onset.on`` watches)."""
-    without = None if monitor.reference_data is not None else "reference_data=None"
-    held = monitor.held_samples if monitor.copies_from_batches else None
+def build(context: SignalContext) -> AlarmSignal:
+    """The alarm (always: ``alarm_fraction`` is logged whatever ``onset.on`` watches)."""
+    without = None if context.reference_data is not None else "reference_data=None"
+    held = context.held() if context.copies_from_batches else None
     return AlarmSignal(
-        monitor.sharpness.lid.count_threshold,
-        monitor.onset.confirm_ratio,
+        context.sharpness.lid.count_threshold,
+        context.onset.confirm_ratio,
         without,
         held,
-        min_valid_fraction=monitor.onset.min_valid_fraction,
-        num_probes=monitor.num_probes,
+        min_valid_fraction=context.onset.min_valid_fraction,
+        num_probes=context.num_probes,
     )

@@ -106,12 +106,24 @@ class Signal:
         name: the signal's key in the monitor's state and in its ``signals`` mapping.
         value_names: the values it logs (NaN when it could not measure at a check).
         phase_names: the names its hooks' costs are timed under (:meth:`phase`).
+        after: the signals whose hooks run before this one's at a check, by name (those not
+            composed impose nothing; ``"*"``: every other signal); the registry orders by them.
+        reads_reservoir: it reads the training samples' reservoir at every check, so the monitor
+            keeps the reservoir for the whole run (otherwise it is freed once nothing is :attr:`pending`).
     """
 
     name: ClassVar[str] = ""
     value_names: tuple[str, ...] = ()
     #: hook -> the name its cost is timed under (``memwatch/time/<name>``); default: the signal's name
     phase_names: ClassVar[Mapping[str, str]] = {}
+    after: ClassVar[tuple[str, ...]] = ()
+    reads_reservoir: ClassVar[bool] = False
+
+    @property
+    def pending(self) -> bool:
+        """Whether the signal still waits for training samples to fix something from (the monitor
+        holds them until no signal is pending)."""
+        return False
 
     def phase(self, hook: str) -> str | None:
         """The phase ``hook`` (``"before_check"``, ``"measure"``, ``"contribute"``) is timed as, or

@@ -22,6 +22,7 @@ from memwatch.discovery import check_score
 from memwatch.metrics import ConditionalMetrics
 from memwatch.probes import CONDITION_METRICS
 from memwatch.signals.base import Draft, Run, Signal
+from memwatch.signals.context import SignalContext
 
 __all__ = ["ConditionalSignal"]
 
@@ -82,6 +83,6 @@ def condition_number(names: list[str], top: str | None) -> float:
     return float(top) if all(n.lstrip("-").isdigit() for n in names) else float(names.index(top))
 
 
-def build(monitor: Any) -> ConditionalSignal | None:
-    """The conditional signal of ``monitor`` (with ``probes.conditions``)."""
-    return None if monitor.probes.conditions is None else ConditionalSignal(monitor.probes.conditions)
+def build(context: SignalContext) -> ConditionalSignal | None:
+    """The conditional signal (with ``probes.conditions``)."""
+    return None if context.probes.conditions is None else ConditionalSignal(context.probes.conditions)

@@ -35,6 +35,7 @@ from memwatch.intake import TrainingSamples, in_probe_space
 from memwatch.options import DataOptions
 from memwatch.probes import ProbeMeasurement, shard
 from memwatch.signals.base import Draft, Run, Signal, gathered, nan_values
+from memwatch.signals.context import SignalContext
 
 __all__ = ["CopyOptions", "CopySignal"]
 
@@ -117,13 +118,6 @@ class CopySignal(Signal):
         plain = isinstance(self.reference_data, Tensor) and self.data.encode_fn is not None
         return self.reference_data.detach().cpu() if plain else None
 
-    def training_samples(self) -> Tensor:
-        """The training samples of the loss gap: the reference tensor, or those held for calibration ``[m, *shape]``."""
-        if self.reference is not None:
-            return self.reference
-        assert self.held is not None
-        return self.held.samples
-
     def contribute(self, run: Run, draft: Draft, measured: object) -> None:
         if self.held is not None and self.held.refused:  # said once where the batches were refused
             draft.values.update(nan_values(COPY_VALUES))
@@ -203,15 +197,15 @@ def _failed_hits(n: int, flip: bool) -> list[Tensor]:
     return [nan, none, none] * (2 if flip else 1)
 
 
-def build(monitor: Any) -> CopySignal | None:
-    """The copies signal of ``monitor`` (with ``reference_data``)."""
-    if monitor.reference_data is None:
+def build(context: SignalContext) -> CopySignal | None:
+    """The copies signal (with ``reference_data``)."""
+    if context.reference_data is None:
         return None
     return CopySignal(
-        monitor.copies,
-        reference_data=monitor.reference_data,
-        data=monitor.data,
-        held=monitor.held_samples if monitor.copies_from_batches else None,
-        num_probes=monitor.num_probes,
-        score_threshold=monitor.sharpness.score_threshold,
+        context.copies,
+        reference_data=context.reference_data,
+        data=context.data,
+        held=context.held() if context.copies_from_batches else None,
+        num_probes=context.num_probes,
+        score_threshold=context.sharpness.score_threshold,
     )
