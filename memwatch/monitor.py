@@ -42,6 +42,7 @@ from memwatch.errors import MemwatchError
 from memwatch.intake import BatchIntake, TrainingSamples
 from memwatch.keepers import FileKeeper, Keeper
 from memwatch.loggers import MonitorLogger
+from memwatch.onset import OnsetDecision
 from memwatch.options import CheckpointOptions, DataOptions, OnsetOptions, ProbeOptions, ReportOptions, regroup
 from memwatch.probes import ProbeMeasurement, isolated, parameters_finite, shard
 from memwatch.probing import Probing
@@ -322,11 +323,11 @@ class Monitor(Probing):
             return None
         draft = self._contributions(run, measurement, measured, clock)
         with clock.phase("decision"):  # the onset rule and the clean checkpoint
-            self._decide(module, step, draft)
+            decision = self._decide(module, step, draft)
         draft.values.update(clock.values())
         draft.values["check_seconds"] = time.perf_counter() - started
         with clock.phase("publishing"):
-            check = self._publish(step, draft)
+            check = self._publish(step, draft, decision)
         self._reporter.publish_time(step, clock.seconds["publishing"])
         self.history[-1]["time/publishing"] = clock.seconds["publishing"]
         return check
@@ -369,13 +370,13 @@ class Monitor(Probing):
     def _contributions(
         self, run: Run, measurement: ProbeMeasurement, measured: dict[str, Any], clock: PhaseClock | None = None
     ) -> Draft:
-        """Every signal's values and fields (each timed on ``clock``), and the intake's counts."""
+        """Every signal's values and readings (each timed on ``clock``), and the intake's counts."""
         draft = contribute_all(self.signals, run, measurement, measured, clock)
         draft.values["intake_skipped_batches"] = float(self._intake.skipped)
         draft.values["intake_dropped_rows"] = float(self._intake.dropped_rows)
         return draft
 
-    def _decide(self, module: nn.Module, step: int, draft: Draft) -> None:
+    def _decide(self, module: nn.Module, step: int, draft: Draft) -> OnsetDecision:
         """The onset decision, the clean weights and the stop (one decision for all ranks)."""
         decision = self.detector.update(step, draft.values[self.detector.monitor])
         if decision.clean and self.keeper is not None:
@@ -385,14 +386,14 @@ class Monitor(Probing):
         draft.values["onset"] = float(decision.memorizing)
         if self.clean_step is not None:
             draft.values["clean_step"] = float(self.clean_step)
-        draft.fields["decision"] = decision
+        return decision
 
-    def _publish(self, step: int, draft: Draft) -> CheckResult:
+    def _publish(self, step: int, draft: Draft, decision: OnsetDecision) -> CheckResult:
         values, m = draft.values, draft.measurement
         self._record(step, values)
         check = CheckResult(
-            step, values, m.results, m.samples, m.nn_ratio, nearest=m.nearest, spectrum=m.spectrum,
-            hessian_score_norm=m.hessian_score_norm, **draft.fields,
+            step, values, m.results, m.samples, m.nn_ratio, decision, nearest=m.nearest, spectrum=m.spectrum,
+            hessian_score_norm=m.hessian_score_norm, readings=draft.readings,
         )  # fmt: skip
         clean = None if self.clean_checkpoint_path is None else str(self.clean_checkpoint_path)
         assert self._reporter is not None
@@ -493,7 +494,7 @@ class Monitor(Probing):
 
     def offline_check(self, module: nn.Module) -> Draft:
         """One check of ``module`` outside a run (``memwatch scan``): all probes drawn and
-        measured, every signal's values and fields, no decision, clean weights or logging. Call
+        measured, every signal's values and readings, no decision, clean weights or logging. Call
         :meth:`prepare` first and run it under :func:`memwatch.probes.isolated`."""
         run = Run(module, self._found, tuple(self.sample_shape or ()), raise_errors=self.report.raise_errors)
         measurement = self.measure_check(module, checks=len(self.history))

@@ -44,6 +44,8 @@ def test_a_new_signal_is_its_module_and_one_registration(tmp_path, monkeypatch):
     check = monitor.last_check
     assert [h["step"] for h in monitor.history] == [10.0, 20.0]
     assert monitor.history[-1]["probe_norm_mean"] == pytest.approx(float(check.samples.norm(dim=1).mean()))
+    torch.testing.assert_close(check.readings["probe_norm"], check.samples.norm(dim=1))  # its reading, by its name
+    assert check.lid is check.readings["lid"] and check.rule == check.readings["alarm"].rule
     assert monitor.state_dict()["signals"]["probe_norm"] == {"checks": 2}
     assert list(monitor.signals)[-1] == "consistency"  # appended, and still before the one declared last
 

@@ -25,6 +25,7 @@ in the result line, the onset alert and ``memwatch fit``'s summary.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -34,7 +35,20 @@ from memwatch.intake import TrainingSamples
 from memwatch.signals.base import Draft, Run, Signal
 from memwatch.signals.context import SignalContext
 
-__all__ = ["AlarmSignal"]
+__all__ = ["AlarmReading", "AlarmSignal"]
+
+
+@dataclass(frozen=True)
+class AlarmReading:
+    """The alarm's reading of one check.
+
+    Attributes:
+        rule: the default onset rule in words, as it decided (:meth:`AlarmSignal.rule`).
+        counted: ``[n]`` bool, this rank's probes the rule counts (``None`` where it could not tell them).
+    """
+
+    rule: str
+    counted: Tensor | None
 
 
 class AlarmSignal(Signal):
@@ -104,20 +118,19 @@ class AlarmSignal(Signal):
         counted = copy | (peak & (ratio < self.confirm_ratio))
         return counted, copy | (torch.isfinite(ratio) & torch.isfinite(lid))
 
-    def contribute(self, run: Run, draft: Draft, measured: object) -> None:
+    def contribute(self, run: Run, draft: Draft, measured: object) -> AlarmReading:
         m = draft.measurement
         if self.without is None and self.held is not None and self.held.refused:
             self.without = "the training batches are not in the probes' space (pass `data.encode_fn`)"
         dim = math.prod(m.samples.shape[1:])
-        draft.fields["rule"] = self.rule(dim)
         if self.without is None and m.nn_ratio is None:  # the copies were not told at this check
             draft.values["alarm_fraction"] = math.nan
-            return
+            return AlarmReading(self.rule(dim), None)
         counted, told = self.flags(m.primary.lid.double(), m.nn_ratio, dim)
-        draft.fields["alarm"] = (counted & told).cpu()
         hits, n = _synced_sums(counted & told, told, run.device)
         valid = n > 0 and n >= self.min_valid_fraction * self.num_probes
         draft.values["alarm_fraction"] = hits / n if valid else math.nan
+        return AlarmReading(self.rule(dim), (counted & told).cpu())
 
 
 def _synced_sums(hits: Tensor, told: Tensor, device: torch.device) -> tuple[float, float]:

@@ -9,7 +9,8 @@ A check of :class:`memwatch.Monitor` runs in a fixed order on every rank:
 4. :meth:`Signal.measure` — rank-local, in the isolation of the measurement (eval mode, frozen
    parameters, isolated RNG); a fault here makes only this signal's values NaN;
 5. :meth:`Signal.contribute` — every rank, after every rank measured: collectives allowed; the
-   signal adds its synced values and its fields of :class:`memwatch.reporting.CheckResult` to the
+   signal adds its synced values to the :class:`Draft` and returns its reading (stored under its
+   name, ``check.readings[name]`` of :class:`memwatch.reporting.CheckResult`) to the
    :class:`Draft`, in the order of the monitor's signals (the copies first: the sharpness summary
    reads their ratios).
 
@@ -88,11 +89,11 @@ class Run:
 @dataclass
 class Draft:
     """A check being assembled: the probes' measurement, the values logged so far and the
-    fields of its :class:`memwatch.reporting.CheckResult` the signals contribute."""
+    signals' readings, each under its signal's name (``CheckResult.readings``)."""
 
     measurement: ProbeMeasurement
     values: dict[str, float] = field(default_factory=dict)
-    fields: dict[str, Any] = field(default_factory=dict)
+    readings: dict[str, Any] = field(default_factory=dict)
 
     def with_measurement(self, **changes: Any) -> None:
         """Replace fields of the measurement (e.g. the copies' ``nn_ratio``)."""
@@ -143,8 +144,10 @@ class Signal:
         what it returns is handed to :meth:`contribute`."""
         return None
 
-    def contribute(self, run: Run, draft: Draft, measured: Any) -> None:
-        """Every rank, after every rank measured: add synced values / fields to ``draft``."""
+    def contribute(self, run: Run, draft: Draft, measured: Any) -> Any:
+        """Every rank, after every rank measured: add synced values to ``draft``; what it returns
+        (its reading of this check, ``None``: none) is kept as ``check.readings[name]``."""
+        return None
 
     def unmeasured(self, draft: Draft) -> None:
         """This signal failed on some rank at this check: its values are NaN."""
@@ -194,14 +197,16 @@ def contribute_all(
     measured: Mapping[str, Any],
     clock: PhaseClock | None = None,
 ) -> Draft:
-    """Every signal's synced values and fields, in order, into a new :class:`Draft` (each timed on
+    """Every signal's synced values and readings, in order, into a new :class:`Draft` (each timed on
     ``clock``); a signal that failed on any rank is :meth:`Signal.unmeasured` on every rank
     (collectives on every rank)."""
     draft = Draft(measurement)
     for name, signal in signals.items():
         if run.all_true(measured.get(name) is not _FAILED):
             with timed(clock, signal, "contribute"):
-                signal.contribute(run, draft, measured.get(name))
+                reading = signal.contribute(run, draft, measured.get(name))
+            if reading is not None:
+                draft.readings[name] = reading
         else:
             signal.unmeasured(draft)
     return draft

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,7 +25,20 @@ from memwatch.probes import CONDITION_METRICS
 from memwatch.signals.base import Draft, Run, Signal
 from memwatch.signals.context import SignalContext
 
-__all__ = ["ConditionalSignal"]
+__all__ = ["ConditionalReading", "ConditionalSignal"]
+
+
+@dataclass(frozen=True)
+class ConditionalReading:
+    """The conditional signal's reading of one check.
+
+    Attributes:
+        conditions: condition name → its metric means over every rank's probes.
+        most_memorized: the condition with the largest Hessian-weighted score difference.
+    """
+
+    conditions: dict[str, dict[str, float]]
+    most_memorized: str | None
 
 
 class ConditionalSignal(Signal):
@@ -49,16 +63,16 @@ class ConditionalSignal(Signal):
         for cond in list(self.conditions.values())[:1]:
             check_score(run.score, run.sample_shape, device=run.device, cond=cond)
 
-    def contribute(self, run: Run, draft: Draft, measured: object) -> None:
+    def contribute(self, run: Run, draft: Draft, measured: object) -> ConditionalReading | None:
         per_condition = draft.measurement.conditional
         if per_condition is None:
-            return
+            return None
         table, top = self._means(per_condition, run.device)
         keys = condition_keys(table)
         for name, metrics in table.items():
             draft.values.update({f"cond/{keys[name]}/{m}": v for m, v in metrics.items()})
         draft.values["most_memorized_condition"] = condition_number(list(table), top)
-        draft.fields.update(conditions=table, most_memorized_condition=top)
+        return ConditionalReading(table, top)
 
     def _means(
         self, per_condition: Mapping[str, Mapping[str, Tensor]], device: torch.device

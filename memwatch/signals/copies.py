@@ -118,21 +118,24 @@ class CopySignal(Signal):
         plain = isinstance(self.reference_data, Tensor) and self.data.encode_fn is not None
         return self.reference_data.detach().cpu() if plain else None
 
-    def contribute(self, run: Run, draft: Draft, measured: object) -> None:
+    def contribute(self, run: Run, draft: Draft, measured: object) -> list[CopiedItem] | None:
+        """The probes' ratios into the measurement; the reading: the reference items copied (with a
+        reference tensor), most copied first."""
         if self.held is not None and self.held.refused:  # said once where the batches were refused
             draft.values.update(nan_values(COPY_VALUES))
-            return
+            return None
         ratio_all, row_all = self._search(run, draft.measurement)
         if bool(run.all_true(bool(torch.isnan(ratio_all).all()))):
             self._few_samples(run)
             draft.values.update(nan_values(COPY_VALUES))
-            return
+            return None
         mine = shard(self.num_probes, run.world_size, run.rank)
         nearest_item = None if self.reference is None else row_all[mine]
         draft.with_measurement(nn_ratio=ratio_all[mine].float(), nearest=nearest_item)
-        if self.reference is not None:
-            flagged = gathered(draft.measurement.primary.memorization_score.to(run.device)) > self.score_threshold
-            draft.fields["copied"] = self._copied(row_all, ratio_all, flagged)
+        if self.reference is None:
+            return None
+        flagged = gathered(draft.measurement.primary.memorization_score.to(run.device)) > self.score_threshold
+        return self._copied(row_all, ratio_all, flagged)
 
     def _copied(self, row: Tensor, ratio_all: Tensor, flagged: Tensor) -> list[CopiedItem]:
         """The reference items every rank's probes copy, most copied first; a probe without a

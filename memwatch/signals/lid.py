@@ -211,7 +211,7 @@ class LidSignal(Signal):
         noise = torch.randn((self.options.draws, self.num_probes, *x0.shape[1:]), generator=generator)[:, rows]
         return {t: denoising_lid(score, x0, t, noise, max_batch=self.max_batch()) for t in measurement.results}
 
-    def contribute(self, run: Run, draft: Draft, measured: dict[float, Tensor] | None) -> None:
+    def contribute(self, run: Run, draft: Draft, measured: dict[float, Tensor] | None) -> LidReading:
         m = draft.measurement
         timesteps = list(m.results)
         held = self.held()
@@ -247,7 +247,7 @@ class LidSignal(Signal):
                 **{f"lid/{name}": _median(v) for name, v in stats.items()},
             }
         )
-        draft.fields["lid"] = LidReading(reference, flipd, denoise, stats, memorized, clamped)
+        return LidReading(reference, flipd, denoise, stats, memorized, clamped)
 
     def unmeasured(self, draft: Draft) -> None:
         draft.values.update(nan_values(self.value_names))
