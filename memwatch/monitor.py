@@ -287,12 +287,16 @@ class Monitor(Probing):
         Returns:
             The published check (also :attr:`last_check`), or ``None`` when it was not measured
             (diverged weights, a failed rank) or training is to stop (:attr:`should_stop`).
+
+        Raises:
+            MemwatchError: :meth:`start` was not called.
         """
+        if self._reporter is None:
+            raise MemwatchError("call `start(module)` before `check(module, step)`")
         self._last_checked_step = step
         if self.detector.memorizing and self.stop_on_onset:  # e.g. resumed after onset: stop again
             self.should_stop = True
             return None
-        assert self._reporter is not None
         if not self._weights_finite(module, step):
             return None
         self._reporter.start_line(step, self.num_probes, len(self._eval_timesteps) or len(self.probes.sigma_factors))

@@ -118,9 +118,11 @@ def test_a_failed_save_in_a_plain_loop_keeps_the_previous_record_and_warns(tmp_p
     assert monitor.clean_step is None and monitor.clean_checkpoint_path is None and len(monitor.history) == 1
 
 
-def test_observe_before_start_is_refused():
+def test_observe_or_check_before_start_is_refused():
     with pytest.raises(MemwatchError, match=r"call `start\(module\)` before `observe"):
         Monitor(**FAST).observe(torch.zeros(4, 2), 0)
+    with pytest.raises(MemwatchError, match=r"call `start\(module\)` before `check"):
+        Monitor(**FAST).check(module_2d(hidden=16, depth=1), 10)
 
 
 class _Strategy:
