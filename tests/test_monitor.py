@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from callback_setup import memorizing_data, module_2d
@@ -15,9 +18,11 @@ from memwatch.collective import SingleProcess, StrategyCollective, TorchDistribu
 FAST = dict(num_probes=8, sampler_steps=10, sigmas=(0.2,), k=2, verbose=False, raise_errors=True)
 
 
-def _loop(steps: int, monitor: Monitor | None = None, *, logger=None, seed: int = 0) -> tuple[nn.Module, dict]:
+def _loop(
+    steps: int, monitor: Monitor | None = None, *, logger=None, seed: int = 0, data_seed: int | None = None
+) -> tuple[nn.Module, dict]:
     """Train the 2-D MLP DDPM of the callback tests in a plain loop (batches of 128 drawn from the
-    four corners), ``monitor`` watching as a diffusers script would drive it.
+    four corners with ``data_seed``, default ``seed``), ``monitor`` watching as a diffusers script would drive it.
 
     Returns:
         ``(module, {step: its weights at each check})``, stopped early when the monitor says so.
@@ -25,7 +30,7 @@ def _loop(steps: int, monitor: Monitor | None = None, *, logger=None, seed: int 
     torch.manual_seed(seed)
     module = module_2d(hidden=64, depth=2)
     optimizer = torch.optim.Adam(module.parameters(), lr=2e-3)
-    data, g, weights = memorizing_data(), torch.Generator().manual_seed(seed), {}
+    data, g, weights = memorizing_data(), torch.Generator().manual_seed(seed if data_seed is None else data_seed), {}
     if monitor is not None:
         monitor.start(module, logger=logger)
     for step in range(steps):
@@ -156,3 +161,34 @@ def test_the_collectives_of_one_process_a_strategy_and_torch_distributed(tmp_pat
         assert group.any_true(True) and not group.any_true(False)
     finally:
         dist.destroy_process_group()
+
+
+def _rank(rank: int, world: int, tmp: str) -> None:
+    """One rank of a plain-loop run under ``torch.distributed`` (gloo), as ``accelerate launch``
+    starts it: the same initial weights, its own batches; writes what its monitor decided."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/store", world_size=world, rank=rank)
+    try:
+        onset = OnsetOptions(threshold=0.05, patience=1)
+        monitor = Monitor(every_n_train_steps=10, stop_on_onset=True, onset=onset,
+                          checkpoint=CheckpointOptions(dirpath=Path(tmp) / "clean"), **FAST)  # fmt: skip
+        _loop(200, monitor, data_seed=rank)
+        history = [  # wall times are each rank's own; NaN as None, which compares equal
+            {k: None if v != v else round(v, 9) for k, v in h.items() if k != "check_seconds" and "time/" not in k}
+            for h in monitor.history
+        ]
+        report = dict(history=history, onset=monitor.onset_step, clean=monitor.clean_step,
+                      probes=len(monitor.last_check.samples), world=monitor.collective.world_size)  # fmt: skip
+        (Path(tmp) / f"rank{rank}.json").write_text(json.dumps(report))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_of_a_plain_loop_under_torch_distributed_reach_one_decision(tmp_path):
+    torch.multiprocessing.spawn(_rank, args=(2, str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world"] == ranks[1]["world"] == 2 and ranks[0]["probes"] + ranks[1]["probes"] == 8
+    assert ranks[0]["history"] == ranks[1]["history"]  # synced values, one decision
+    assert ranks[0]["onset"] == ranks[1]["onset"] is not None and ranks[0]["clean"] == ranks[1]["clean"]
+    saved = torch.load(tmp_path / "clean" / "memwatch-clean.ckpt", weights_only=True)  # written by rank zero
+    assert saved["global_step"] == ranks[0]["clean"]
