@@ -2,7 +2,8 @@
 
 * :func:`find_score` — the module's :class:`memwatch.DiffusionScore`: a user ``score_fn``, a
   ``memwatch_score()`` method, or a diffusers UNet or image transformer (DiT, PixArt, SD3, Flux)
-  and its scheduler among the module's attributes (``torch.compile``'d networks included).
+  and its scheduler among the module's attributes (``torch.compile``'d networks included);
+  :func:`diffusers_score` — the same reading of a network and scheduler a loop holds apart.
 * :func:`measured_score` — the same score on an EMA of the weights (an ``nn.Module`` copy such as
   ``torch.optim.swa_utils.AveragedModel``, or diffusers' ``EMAModel``), the training weights untouched.
 * :func:`sample_shape_of`, :func:`batch_sample_shape` — the shape of one probe, from a diffusers
@@ -17,6 +18,10 @@ training weights. Measuring through the compiled wrapper instead would recompile
 batch sizes, grad modes and train/eval flags (minutes per compilation of a tiny UNet on a busy
 CPU), and with torch 2.13 a first call under ``torch.func.vjp`` produced no graph and left the
 wrapper's later training calls uncompiled too.
+
+Over 600 lines, as one module: finding the score is one precedence (``score_fn``, then
+``memwatch_score()``, then a diffusers pair, EMAs and compiled wrappers set apart) whose refusals
+name every candidate seen; split by model family, each part would restate that order.
 """
 
 from __future__ import annotations
