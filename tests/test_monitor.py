@@ -113,6 +113,34 @@ def test_a_file_keeper_refuses_full_and_reports_a_failed_save(tmp_path):
         FileKeeper(blocked, raise_errors=True).save(nn.Linear(2, 2), step=3, collective=SingleProcess())
 
 
+def test_a_file_keeper_in_adapter_mode_keeps_only_the_peft_adapters(tmp_path):
+    pytest.importorskip("peft")
+    pytest.importorskip("diffusers")
+    from checkpoint_setup import lora_unet
+
+    from memwatch.checkpoint import load_adapter_checkpoint
+
+    trained = lora_unet()
+    with torch.no_grad():  # a trained adapter: LoRA's B starts at zero
+        for name, p in trained.named_parameters():
+            if "lora_B" in name:
+                p.normal_(generator=torch.Generator().manual_seed(1))
+    keeper = FileKeeper(tmp_path, "adapter")
+    keeper.check(trained)
+    assert keeper.save(trained, step=7, collective=SingleProcess()).ok
+    saved = torch.load(keeper.path, weights_only=True)
+    assert saved["global_step"] == 7 and "state_dict" not in saved
+    assert all(".lora_" in k for k in saved["memwatch_adapters"][""]["default"])
+    fresh = lora_unet()  # the same base, the adapter untrained
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 50])  # the tiny UNet's 1×8×8 samples
+    with torch.no_grad():
+        assert not torch.allclose(fresh(x, t).sample, trained(x, t).sample, atol=1e-4)
+        assert load_adapter_checkpoint(fresh, keeper.path) == [":default"]
+        torch.testing.assert_close(fresh(x, t).sample, trained(x, t).sample, rtol=0, atol=0)
+    with pytest.raises(MemwatchError, match='`checkpoint.mode`="adapter" saves the peft adapter weights'):
+        FileKeeper(tmp_path, "adapter").check(nn.Linear(2, 2))
+
+
 def test_a_failed_save_in_a_plain_loop_keeps_the_previous_record_and_warns(tmp_path):
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
