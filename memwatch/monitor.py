@@ -11,13 +11,15 @@ PyTorch or ``accelerate`` loop drives it directly, and :class:`memwatch.Memoriza
 Lightning's hooks onto it.
 
 Example:
-    >>> monitor = Monitor(every_n_train_steps=100, stop_on_onset=True)
+    >>> from memwatch.discovery import diffusers_score
+    >>> score_fn = lambda net: diffusers_score(net, noise_scheduler)  # a diffusers UNet and its scheduler
+    >>> monitor = Monitor(score_fn, every_n_train_steps=100, stop_on_onset=True)
     >>> monitor.start(unet, logger=wandb_run)                    # doctest: +SKIP
-    >>> for step, batch in enumerate(loader, start=1):           # doctest: +SKIP
-    ...     monitor.observe(batch, step)
+    >>> for step, batch in enumerate(loader):                    # doctest: +SKIP
+    ...     monitor.observe(batch, step)                  # before the optimizer step
     ...     train_step(batch)
-    ...     if monitor.due(step):
-    ...         monitor.check(unet, step)
+    ...     if monitor.due(step + 1):                     # after it: step + 1 steps done
+    ...         monitor.check(unet, step + 1)
     ...     if monitor.should_stop:
     ...         break
 """
