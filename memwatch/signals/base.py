@@ -9,10 +9,10 @@ A check of :class:`memwatch.Monitor` runs in a fixed order on every rank:
 4. :meth:`Signal.measure` — rank-local, in the isolation of the measurement (eval mode, frozen
    parameters, isolated RNG); a fault here makes only this signal's values NaN;
 5. :meth:`Signal.contribute` — every rank, after every rank measured: collectives allowed; the
-   signal adds its synced values to the :class:`Draft` and returns its reading (stored under its
-   name, ``check.readings[name]`` of :class:`memwatch.reporting.CheckResult`) to the
-   :class:`Draft`, in the order of the monitor's signals (the copies first: the sharpness summary
-   reads their ratios).
+   signal adds its synced values to the :class:`Draft` and returns its reading (kept under its
+   name, ``check.readings[name]`` of :class:`memwatch.reporting.CheckResult`), in the order of
+   the monitor's signals (each after those it names in :attr:`Signal.after`: the sharpness
+   summary reads the copies' ratios).
 
 Each signal keeps its own state (:meth:`Signal.state_dict`), saved in the monitor's checkpoint
 state under its :attr:`Signal.name`.
