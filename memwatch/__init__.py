@@ -7,11 +7,16 @@ spectrum on probes drawn from the model under training and raises the alarm at o
 
 from memwatch.attribution import CopiedItem, copied_items
 from memwatch.callback import CheckResult, MemorizationMonitor
+from memwatch.collective import Collective
 from memwatch.conditional import ConditionalResult, conditional_metrics
+from memwatch.discovery import diffusers_score
 from memwatch.errors import MemwatchError
 from memwatch.groundtruth import MEMORIZED_RATIO, median_nn_distance, nearest_neighbours, nn_ratio
 from memwatch.index import IndexOptions
+from memwatch.keepers import FileKeeper, Keeper
 from memwatch.lid import LidReading
+from memwatch.loggers import MonitorLogger
+from memwatch.monitor import Monitor
 from memwatch.options import (
     CheckpointOptions,
     DataOptions,
@@ -32,18 +37,23 @@ __all__ = [
     "MEMORIZED_RATIO",
     "CheckResult",
     "CheckpointOptions",
+    "Collective",
     "ConditionalResult",
     "CopiedItem",
     "CopyOptions",
     "DataOptions",
     "DiffusionScore",
+    "FileKeeper",
     "IndexOptions",
+    "Keeper",
     "LidOptions",
     "LidReading",
     "LossGapOptions",
     "MemorizationMonitor",
     "MemwatchDeprecationWarning",
     "MemwatchError",
+    "Monitor",
+    "MonitorLogger",
     "NoiseSchedule",
     "OnsetOptions",
     "ProbeMeasurement",
@@ -58,6 +68,7 @@ __all__ = [
     "TransformerScore",
     "conditional_metrics",
     "copied_items",
+    "diffusers_score",
     "evaluation_timesteps",
     "hessian_score_norm",
     "joint_condition",

@@ -64,6 +64,7 @@ __all__ = [
     "SAVE_MODES",
     "SaveOutcome",
     "adapter_networks",
+    "adapter_state",
     "check_adapters",
     "check_dirpath",
     "check_save_mode",
@@ -72,6 +73,7 @@ __all__ = [
     "prepare_dirpath",
     "remove_stale_temp_files",
     "save_clean_checkpoint",
+    "write_atomic",
 ]
 
 CLEAN_CHECKPOINT_NAME = "memwatch-clean.ckpt"
@@ -294,25 +296,24 @@ def check_adapters(module: nn.Module, name: str = "checkpoint.mode") -> dict[str
     return found
 
 
-def _adapter_checkpoint(trainer: pl.Trainer) -> dict[str, Any]:
-    """What ``mode="adapter"`` writes: per adapted network and adapter name, peft's state dict of
-    the adapter (``get_peft_model_state_dict``) and its config as JSON, with the step and epoch."""
+def adapter_state(module: nn.Module) -> dict[str, Any]:
+    """What ``mode="adapter"`` writes of ``module``: per adapted network and adapter name, peft's
+    state dict of the adapter (``get_peft_model_state_dict``, on the CPU) and its config as JSON.
+
+    Raises:
+        MemwatchError: the module has no peft-adapted network (:func:`check_adapters`).
+    """
     from peft import get_peft_model_state_dict
 
     weights: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     configs: dict[str, dict[str, str]] = {}
-    for path, network in check_adapters(trainer.lightning_module).items():
+    for path, network in check_adapters(module).items():
         weights[path] = {
             adapter: {k: v.detach().cpu() for k, v in get_peft_model_state_dict(network, adapter_name=adapter).items()}
             for adapter in network.peft_config
         }
         configs[path] = {a: json.dumps(c.to_dict(), default=_jsonable) for a, c in network.peft_config.items()}
-    return {
-        "memwatch_adapters": weights,
-        "peft_configs": configs,
-        "global_step": trainer.global_step,
-        "epoch": trainer.current_epoch,
-    }
+    return {"memwatch_adapters": weights, "peft_configs": configs}
 
 
 def _jsonable(value: Any) -> Any:
@@ -411,8 +412,16 @@ def _try_lock(fd: int, blocking: bool = False) -> bool:
     return True
 
 
-def _write_atomic(checkpoint: dict[str, Any], target: Path) -> int:
-    """Stream ``checkpoint`` into a locked temporary sibling of ``target``, fsync, rename; return bytes."""
+def write_atomic(checkpoint: dict[str, Any], target: Path) -> int:
+    """Stream ``checkpoint`` with ``torch.save`` into a locked temporary sibling of ``target``,
+    fsync, rename onto ``target`` (a kill leaves the old file or the new one, never a torn one).
+
+    Returns:
+        The file's size in bytes.
+
+    Raises:
+        OSError: the directory cannot be created or written (the temporary file is removed).
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(target.parent, target.name)
     tmp = target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp"
@@ -461,7 +470,7 @@ class _AtomicWriter(CheckpointIO):
         try:
             if storage_options is not None:
                 raise TypeError(f"memwatch's clean checkpoint takes no storage_options, got {storage_options!r}")
-            self.nbytes = _write_atomic(checkpoint, Path(path))
+            self.nbytes = write_atomic(checkpoint, Path(path))
         except Exception as err:  # reported through SaveOutcome, after the barrier
             self.error = err
 
@@ -521,7 +530,8 @@ def save_clean_checkpoint(
         if mode != "adapter":
             trainer.save_checkpoint(target, weights_only=mode == "weights")
         elif trainer.is_global_zero:
-            writer.save_checkpoint(_adapter_checkpoint(trainer), target)
+            state = adapter_state(trainer.lightning_module)
+            writer.save_checkpoint(dict(state, global_step=trainer.global_step, epoch=trainer.current_epoch), target)
     except Exception as err:  # e.g. a hook failing while the state is gathered
         failure = err
     finally:

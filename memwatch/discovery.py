@@ -2,7 +2,8 @@
 
 * :func:`find_score` — the module's :class:`memwatch.DiffusionScore`: a user ``score_fn``, a
   ``memwatch_score()`` method, or a diffusers UNet or image transformer (DiT, PixArt, SD3, Flux)
-  and its scheduler among the module's attributes (``torch.compile``'d networks included).
+  and its scheduler among the module's attributes (``torch.compile``'d networks included);
+  :func:`diffusers_score` — the same reading of a network and scheduler a loop holds apart.
 * :func:`measured_score` — the same score on an EMA of the weights (an ``nn.Module`` copy such as
   ``torch.optim.swa_utils.AveragedModel``, or diffusers' ``EMAModel``), the training weights untouched.
 * :func:`sample_shape_of`, :func:`batch_sample_shape` — the shape of one probe, from a diffusers
@@ -17,6 +18,10 @@ training weights. Measuring through the compiled wrapper instead would recompile
 batch sizes, grad modes and train/eval flags (minutes per compilation of a tiny UNet on a busy
 CPU), and with torch 2.13 a first call under ``torch.func.vjp`` produced no graph and left the
 wrapper's later training calls uncompiled too.
+
+Over 600 lines, as one module: finding the score is one precedence (``score_fn``, then
+``memwatch_score()``, then a diffusers pair, EMAs and compiled wrappers set apart) whose refusals
+name every candidate seen; split by model family, each part would restate that order.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ __all__ = [
     "DIFFUSERS_NETWORKS",
     "NULL_COND_ATTR",
     "ScoreFn",
+    "diffusers_score",
     "batch_sample_shape",
     "check_reference_data",
     "check_score",
@@ -150,19 +156,53 @@ def _diffusers_score(pl_module: nn.Module, ema_attr: str | None) -> DiffusionSco
         raise MemwatchError(_not_found_message(pl_module, list(networks.values()), list(schedulers.values())))
     _, network = _one_network(list(networks.values()))
     sched_name, scheduler = _one_scheduler(list(schedulers.values()))
+    null_cond, where = getattr(pl_module, NULL_COND_ATTR, None), f"{type(pl_module).__name__}.{NULL_COND_ATTR}"
+    return diffusers_score(network, scheduler, null_cond=null_cond, names=(sched_name, where))
+
+
+def diffusers_score(
+    network: nn.Module,
+    scheduler: Any,
+    *,
+    null_cond: Tensor | None = None,
+    names: tuple[str, str] = ("scheduler", "null_cond"),
+) -> DiffusionScore:
+    """The score of a diffusers network under its scheduler, as :func:`find_score` reads a pair
+    it finds on a module: for a loop that holds the two apart (``score_fn=lambda net:
+    diffusers_score(net, noise_scheduler)``).
+
+    The schedule is :meth:`NoiseSchedule.from_diffusers`, the prediction
+    ``scheduler.config.prediction_type`` (``"flow_prediction"`` for flow matching); a UNet of
+    :data:`DIFFUSERS_NETWORKS` is called with its condition keyword when it takes one, an image
+    transformer through a :class:`memwatch.TransformerScore`.
+
+    Args:
+        network: a diffusers UNet or image transformer.
+        scheduler: its diffusers scheduler (with ``alphas_cumprod`` and ``config``, or ``FlowMatch*``).
+        null_cond: the null condition of a conditional network (a DiT's default: its dropped label).
+        names: the scheduler's and the null condition's names in messages.
+
+    Raises:
+        MemwatchError: the network is no diffusers UNet or image transformer; the prediction
+            type is not one of ``memwatch.score.PREDICTION_TYPES``; ``null_cond`` does not fit.
+    """
     flow = is_flow_matching(scheduler)
     prediction = config_value(scheduler, "prediction_type") or ("flow_prediction" if flow else "epsilon")
     if prediction not in PREDICTION_TYPES:
         raise MemwatchError(
-            f"the scheduler `{sched_name}` has config.prediction_type={prediction!r}; memwatch supports "
+            f"the scheduler `{names[0]}` has config.prediction_type={prediction!r}; memwatch supports "
             f"{PREDICTION_TYPES}: pass a `score_fn` that converts the network's output"
         )
-    schedule, null_cond = NoiseSchedule.from_diffusers(scheduler), getattr(pl_module, NULL_COND_ATTR, None)
+    schedule, kind = NoiseSchedule.from_diffusers(scheduler), _network_kind(network)
+    if kind is None and family_of(network) is None:
+        raise MemwatchError(
+            f"`network` must be a diffusers UNet ({', '.join(DIFFUSERS_NETWORKS)}) or image transformer, got "
+            f"{type(network).__name__}: pass a `score_fn` that builds a memwatch.DiffusionScore"
+        )
     try:
         if family_of(network) is not None:
             null_cond = dropped_label(network) if null_cond is None else null_cond
             return TransformerScore(network, schedule, prediction, null_cond=null_cond)
-        kind = _network_kind(network)
         conditional = _takes_a_condition(network, kind)
         return DiffusionScore(
             network,
@@ -171,8 +211,8 @@ def _diffusers_score(pl_module: nn.Module, ema_attr: str | None) -> DiffusionSco
             null_cond=null_cond if conditional else None,
             cond_kwarg=DIFFUSERS_NETWORKS[kind] if conditional else None,
         )
-    except MemwatchError as err:  # the only argument not checked above is the module's null condition
-        raise MemwatchError(f"`{type(pl_module).__name__}.{NULL_COND_ATTR}`: {err}") from err
+    except MemwatchError as err:  # the only argument not checked above is the null condition
+        raise MemwatchError(f"`{names[1]}`: {err}") from err
 
 
 def _attributes(module: nn.Module, prefix: str, skip: set[int]) -> Iterator[tuple[str, Any]]:

@@ -101,6 +101,30 @@ class MonitorLogger:
         when ``trainer.is_global_zero`` is known."""
         return cls(trainer.loggers, log_media=log_media, prefix=prefix, is_global_zero=trainer.is_global_zero)
 
+    @classmethod
+    def of(
+        cls, target: Any = None, *, log_media: bool = False, prefix: str = "memwatch", is_global_zero: bool = True
+    ) -> MonitorLogger:
+        """A ``MonitorLogger`` for a loop without a Trainer: ``target`` is ``None`` (log nothing), a
+        W&B run (``wandb.init(...)``, wrapped in a ``WandbLogger``), a Lightning logger or a list of them.
+
+        Raises:
+            MemwatchError: ``target`` is none of these (the message names its type).
+        """
+        if target is None:
+            loggers: list[Logger] = []
+        elif isinstance(target, Logger):
+            loggers = [target]
+        elif isinstance(target, Sequence) and all(isinstance(t, Logger) for t in target):
+            loggers = list(target)
+        elif callable(getattr(target, "log", None)) and hasattr(target, "define_metric"):  # a wandb Run
+            loggers = [WandbLogger(experiment=target)]
+        else:
+            raise MemwatchError(
+                f"`logger` must be None, a wandb run, a Lightning logger or a list of them, got {type(target).__name__}"
+            )
+        return cls(loggers, log_media=log_media, prefix=prefix, is_global_zero=is_global_zero)
+
     # ---------------------------------------------------------------------------------------
     def define_metrics(self) -> None:
         """W&B: plot every ``<prefix>/*`` key against ``trainer/global_step``. Idempotent."""

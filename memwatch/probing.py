@@ -1,11 +1,11 @@
-"""The measuring half of :class:`memwatch.MemorizationMonitor`: what a check measures, without a Trainer.
+"""The measuring half of :class:`memwatch.Monitor`: what a check measures, for any module.
 
-:class:`ProbeChecks` finds the module's score and the probes' shape, fixes the evaluation levels
+:class:`Probing` finds the module's score and the probes' shape, fixes the evaluation levels
 (``sigmas``, or the calibrated ones), validates every signal's data in the probes' space, and
 draws and measures the probes — all a live check does before its decision, and all that
-``memwatch scan`` runs on saved checkpoints (:meth:`ProbeChecks.offline_check`). The Lightning
-half — hooks, cadence, DDP agreement, the onset decision, the clean checkpoint, state and
-reporting — is :mod:`memwatch.callback`.
+``memwatch scan`` runs on saved checkpoints. The rest of the monitor — the intake, the order of
+a check, the agreement of ranks, the onset decision, the clean weights, state and reporting —
+is :mod:`memwatch.monitor`; the Lightning hooks are :mod:`memwatch.callback`.
 """
 
 from __future__ import annotations
@@ -14,62 +14,66 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import lightning.pytorch as pl
-from torch import Tensor
+from torch import Tensor, nn
 
 from memwatch.calibration import DataScale
-from memwatch.discovery import check_score, find_score, measured_score, sample_shape_of
+from memwatch.collective import Collective, SingleProcess
+from memwatch.discovery import ScoreFn, batch_range, check_score, find_score, measured_score, sample_shape_of
 from memwatch.errors import MemwatchError
-from memwatch.intake import BatchIntake
-from memwatch.options import DataOptions, ProbeOptions, ReportOptions
+from memwatch.options import DataOptions, ProbeOptions
 from memwatch.probes import ProbeMeasurement, ProbeSet, evaluation_grid
 from memwatch.sampling import sampler_settings
 from memwatch.score import device_of
-from memwatch.sharpness import SharpnessResult
-from memwatch.signals import Draft, Run, Signal
-from memwatch.signals.base import contribute_all, measure_all
+from memwatch.signals import Run, Signal
 from memwatch.timing import PhaseClock
 
-__all__ = ["ProbeChecks"]
+__all__ = ["Probing"]
+
+_RANGE_BATCHES = 8  # training batches whose value range bounds the probes (without `data.data_range`)
 
 
-class ProbeChecks:
-    """Prepare, calibrate and measure a module as the monitor's checks do (a base of
-    :class:`memwatch.MemorizationMonitor`, whose constructor sets the attributes below).
+class Probing:
+    """Prepare, calibrate and measure a module as the monitor's checks do (the base of
+    :class:`memwatch.Monitor`, which composes :attr:`signals` once it is built).
+
+    Args:
+        score_fn: ``module -> DiffusionScore`` (``None``: :func:`memwatch.discovery.find_score`).
+        num_probes: probes per check.
+        sigmas: ``"auto"`` or the evaluation noise levels.
+        data, probes: the monitor's option groups.
 
     Attributes:
-        score_fn, num_probes, sigmas, reference_data: the monitor's own arguments.
-        data, probes, report: its option groups.
-        signals: its signals, in the order a check runs them (:mod:`memwatch.signals.registry`).
+        signals: the monitor's signals, in the order a check runs them (:mod:`memwatch.signals.registry`).
         sample_shape: the probes' shape once known.
-        history: the checks so far (the spectrum's cadence counts them).
+        collective: how the ranks agree (:mod:`memwatch.collective`; one process until a run attaches its own).
     """
 
-    score_fn: Any
-    num_probes: int
-    sigmas: tuple[float, ...] | str
-    data: DataOptions
-    probes: ProbeOptions
-    report: ReportOptions
-    signals: dict[str, Signal]
-    sample_shape: tuple[int, ...] | None
-    history: list[dict[str, float]]
-    _found: Any
-    _eval_timesteps: list[float]
-    _probe_set: ProbeSet | None
-    _intake: BatchIntake
-    _seen_range: tuple[float, float] | None
-    reference_data: Any
+    def __init__(
+        self,
+        score_fn: ScoreFn | None,
+        num_probes: int,
+        sigmas: tuple[float, ...] | str,
+        data: DataOptions,
+        probes: ProbeOptions,
+    ) -> None:
+        self.score_fn, self.num_probes, self.sigmas, self.data, self.probes = score_fn, num_probes, sigmas, data, probes
+        self.sample_shape: tuple[int, ...] | None = data.sample_shape
+        self.signals: dict[str, Signal] = {}
+        self.collective: Collective = SingleProcess()
+        self._forget()
+
+    def _forget(self) -> None:
+        """Forget the model and what was learned of it (the signals are composed anew)."""
+        self._found: Any = None
+        self._eval_timesteps: list[float] = []
+        self._probe_set: ProbeSet | None = None
+        self._seen_range: tuple[float, float] | None = None  # of the first training batches
+        self._range_batches = 0
 
     @property
     def calibrating(self) -> bool:
         """Whether the noise levels come from the training data (``sigmas="auto"``, no ``probes.timesteps``)."""
         return self.sigmas == "auto" and self.probes.timesteps is None
-
-    @property
-    def copies_from_batches(self) -> bool:
-        """Whether the probes are compared with the training samples seen (``reference_data="batches"``)."""
-        return isinstance(self.reference_data, str)
 
     @property
     def calibrated_sigmas(self) -> tuple[float, ...] | None:
@@ -111,7 +115,7 @@ class ProbeChecks:
             raise MemwatchError("the probes' sampler is known once the model is: call prepare(pl_module) first")
         return sampler_settings(self._found.schedule, self.probes.sampler_steps, self.probes.sampler)
 
-    def prepare(self, pl_module: pl.LightningModule) -> None:
+    def prepare(self, pl_module: nn.Module) -> None:
         """Find the module's score, the evaluation timesteps and (when known) the probe shape, and
         validate them: what fit start does, callable without a Trainer (``memwatch scan``).
 
@@ -127,13 +131,14 @@ class ProbeChecks:
             self._validate(pl_module)
 
     def measure_check(
-        self, pl_module: pl.LightningModule, rows: slice = slice(None), clock: PhaseClock | None = None
+        self, pl_module: nn.Module, rows: slice = slice(None), clock: PhaseClock | None = None, checks: int = 0
     ) -> ProbeMeasurement:
         """Draw the probes ``rows`` from the module's current weights (the EMA's, if watched) and
         measure their sharpness (and conditional metrics) as a check does — without the other
         signals, metrics, decisions or logging; each phase timed on ``clock``
         (:meth:`memwatch.probes.ProbeSet.measure`). Call :meth:`prepare` first (fit start does) and
-        run it under :func:`memwatch.probes.isolated`.
+        run it under :func:`memwatch.probes.isolated`. ``checks``: the checks so far (the spectrum's
+        cadence counts them).
 
         Raises:
             MemwatchError: the monitor is not prepared, or the probe shape is unknown.
@@ -146,7 +151,7 @@ class ProbeChecks:
             return self.probe_set.measure(
                 score,
                 options=sharp.check_options,
-                spectrum_options=sharp.spectrum_options(len(self.history)),
+                spectrum_options=sharp.spectrum_options(checks),
                 spectrum_probes=sharp.options.spectrum_probes,
                 rows=rows,
                 device=device_of(pl_module),
@@ -156,41 +161,7 @@ class ProbeChecks:
                 clock=clock,
             )
 
-    def measure_probes(
-        self, pl_module: pl.LightningModule, rows: slice = slice(None)
-    ) -> tuple[Tensor, dict[float, SharpnessResult]]:
-        """Draw this monitor's probes (``rows`` of them) from the module's current weights and
-        measure them at every evaluation timestep, as a check does (prepared on first use; put
-        the module in eval mode first).
-
-        Returns:
-            ``(samples [n, *shape] on the CPU, {timestep: SharpnessResult})``, primary timestep first.
-        """
-        if self._found is None:
-            self.prepare(pl_module)
-        m = self.measure_check(pl_module, rows)
-        return m.samples, m.results
-
-    def offline_check(self, pl_module: pl.LightningModule) -> Draft:
-        """One check of ``pl_module`` without a Trainer (``memwatch scan``): all probes drawn and
-        measured, every signal's values and fields, no decision, checkpoint or logging. Call
-        :meth:`prepare` first and run it under :func:`memwatch.probes.isolated`."""
-        run = Run(pl_module, self._found, tuple(self.sample_shape or ()), raise_errors=self.report.raise_errors)
-        measurement = self.measure_check(pl_module)
-        return self._contributions(
-            run, measurement, measure_all(self.signals, run, measurement, self._scoring(pl_module))
-        )
-
-    def _contributions(
-        self, run: Run, measurement: ProbeMeasurement, measured: dict[str, Any], clock: PhaseClock | None = None
-    ) -> Draft:
-        """Every signal's values and fields (each timed on ``clock``), and the intake's counts."""
-        draft = contribute_all(self.signals, run, measurement, measured, clock)
-        draft.values["intake_skipped_batches"] = float(self._intake.skipped)
-        draft.values["intake_dropped_rows"] = float(self._intake.dropped_rows)
-        return draft
-
-    def _scoring(self, pl_module: pl.LightningModule) -> Callable[[], Any]:
+    def _scoring(self, pl_module: nn.Module) -> Callable[[], Any]:
         """``() ->`` a context holding the score as a check measures it (the EMA's, if watched)."""
         return functools.partial(measured_score, self._found, pl_module, self.probes.ema_attr)
 
@@ -239,39 +210,34 @@ class ProbeChecks:
         self._eval_timesteps = evaluation_grid(self._found.schedule, levels, p.timesteps, p.sampler_steps)
         self.signals["sharpness"].use_timesteps(self._eval_timesteps)
 
-    def _validate(self, pl_module: pl.LightningModule) -> None:
+    def _validate(self, pl_module: nn.Module) -> None:
         """Once the probe shape is known: the spectrum settings fit it, one dry call of the score
         (the EMA's, if watched) on it, and the signals' data in its space. Configuration errors
         are raised whatever ``report.raise_errors`` says."""
         assert self.sample_shape is not None and self._found is not None
         self.sample_shape = tuple(self.sample_shape)
         self.signals["sharpness"].resolve(self.sample_shape, device_of(pl_module))
-        trainer = getattr(pl_module, "_trainer", None)  # fit start: the DDP layout (shards of a reference); scan: none
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         with measured_score(self._found, pl_module, self.probes.ema_attr) as score:
             check_score(score, self.sample_shape, device=device_of(pl_module))
-            run = Run(pl_module, score, self.sample_shape, world, rank)
+            run = Run(pl_module, score, self.sample_shape, self.collective)  # the DDP layout: shards of a reference
             for signal in self.signals.values():
                 signal.prepare(run)
 
+    def _max_batch(self) -> int | None:
+        """Rows per model call: the measurement's resolved bound (``None``: unbounded)."""
+        return self.signals["sharpness"].check_options.max_batch
+
     @property
     def _pending(self) -> bool:
-        """Whether the noise levels or the data LID are still to be fixed from training samples."""
-        return (self.calibrating and self.calibrated_sigmas is None) or self.signals["lid"].pending
+        """Whether a signal still waits for training samples (the noise levels, the data LID)."""
+        return any(signal.pending for signal in self.signals.values())
 
-    @property
-    def _holding(self) -> bool:
-        """Whether training samples are still wanted (calibration or the data LID pending, or copies of the batches)."""
-        return self.copies_from_batches or self._pending
-
-    def _uses(self) -> str:
-        """The settings that read the training batches, for messages."""
-        uses = {
-            'sigmas="auto"': self.calibrating,
-            "the LID signal's data LID": True,
-            'reference_data="batches"': self.copies_from_batches,
-        }
-        return " and ".join(name for name, on in uses.items() if on)
+    def see_range(self, batch: Any) -> None:
+        """Widen the value range the probes are bounded by with a training batch's (the first
+        :data:`_RANGE_BATCHES` batches, without ``data.data_range``)."""
+        if self.data.data_range is None and self._range_batches < _RANGE_BATCHES:
+            self._seen_range = batch_range(batch, self.data.select, self._seen_range)
+            self._range_batches += 1
 
 
 def _proper(span: tuple[float, float] | None) -> tuple[float, float] | None:

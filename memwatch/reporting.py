@@ -69,20 +69,15 @@ class CheckResult:
         nn_ratio: ``[n]`` the probes' ``d₁/d₂`` to ``reference_data`` (``None`` without it).
         decision: the onset detector's decision at this check.
         nearest: ``[n]`` index of each probe's nearest reference item (``None`` without it).
-        conditions: condition name → its synced metric means (empty without ``conditions``).
-        most_memorized_condition: the condition with the largest Hessian-weighted score
-            difference (``None`` without conditions).
-        copied: the training items the probes of every rank copy, most copied first (empty
-            without reference data); see :func:`memwatch.attribution.copied_items`.
         spectrum: the Lanczos spectrum at the primary timestep at checks that measured one on
             top of the trace tier (image-scale ``method="auto"``), else ``None``.
         hessian_score_norm: ``[n]`` Jeon et al.'s ``‖H s‖`` of this rank's probes at the
             noisiest sampler state (larger = more memorized; ``None`` when not measured).
-        lid: the LID signal's reading of every rank's probes (:class:`memwatch.lid.LidReading`).
-        alarm: ``[n]`` bool, this rank's probes the default onset rule counts (``alarm_fraction``'s;
-            ``None`` where it could not tell them).
-        rule: the default onset rule in words, as it decided at this check
-            (:meth:`memwatch.signals.alarm.AlarmSignal.rule`; ``""`` where no alarm ran).
+        readings: signal name → what the signal read at this check (its
+            :meth:`memwatch.signals.base.Signal.contribute`; absent where it read nothing): e.g.
+            ``"lid"`` a :class:`memwatch.lid.LidReading`, ``"alarm"`` an
+            :class:`memwatch.signals.alarm.AlarmReading`, ``"copies"`` the items copied. The
+            properties below name the readings of memwatch's own signals.
     """
 
     step: int
@@ -92,14 +87,45 @@ class CheckResult:
     nn_ratio: Tensor | None
     decision: OnsetDecision
     nearest: Tensor | None = None
-    conditions: dict[str, dict[str, float]] = field(default_factory=dict)
-    most_memorized_condition: str | None = None
-    copied: list[CopiedItem] = field(default_factory=list)
     spectrum: SharpnessResult | None = None
     hessian_score_norm: Tensor | None = None
-    lid: LidReading | None = None
-    alarm: Tensor | None = None
-    rule: str = ""
+    readings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def conditions(self) -> dict[str, dict[str, float]]:
+        """Condition name → its synced metric means (empty without ``probes.conditions``)."""
+        reading = self.readings.get("conditional")
+        return {} if reading is None else reading.conditions
+
+    @property
+    def most_memorized_condition(self) -> str | None:
+        """The condition with the largest Hessian-weighted score difference (``None`` without conditions)."""
+        reading = self.readings.get("conditional")
+        return None if reading is None else reading.most_memorized
+
+    @property
+    def copied(self) -> list[CopiedItem]:
+        """The training items the probes of every rank copy, most copied first (empty without a
+        reference tensor); see :func:`memwatch.attribution.copied_items`."""
+        return self.readings.get("copies", [])
+
+    @property
+    def lid(self) -> LidReading | None:
+        """The LID signal's reading of every rank's probes (:class:`memwatch.lid.LidReading`)."""
+        return self.readings.get("lid")
+
+    @property
+    def alarm(self) -> Tensor | None:
+        """``[n]`` bool, this rank's probes the default onset rule counts (``alarm_fraction``'s;
+        ``None`` where it could not tell them)."""
+        reading = self.readings.get("alarm")
+        return None if reading is None else reading.counted
+
+    @property
+    def rule(self) -> str:
+        """The default onset rule in words, as it decided at this check (``""`` where no alarm ran)."""
+        reading = self.readings.get("alarm")
+        return "" if reading is None else reading.rule
 
     @property
     def primary(self) -> SharpnessResult:

@@ -233,11 +233,11 @@ def test_a_cadence_beyond_max_steps_says_so_at_fit_start(tmp_path):
 
 @pytest.mark.parametrize("fault", [RuntimeError, KeyboardInterrupt])
 def test_the_clean_record_names_only_a_checkpoint_on_disk(tmp_path, monkeypatch, fault):
-    import memwatch.callback as callback
+    import memwatch.keepers as keepers
 
     monitor = MemorizationMonitor(every_n_train_steps=10, sigmas=(0.2,), **{**QUICK, "report": ReportOptions(
         verbose=False, raise_errors=True)})  # fmt: skip
-    real, calls = callback.save_clean_checkpoint, {"n": 0}
+    real, calls = keepers.save_clean_checkpoint, {"n": 0}
 
     def save(*args, **kwargs):
         calls["n"] += 1
@@ -245,7 +245,7 @@ def test_the_clean_record_names_only_a_checkpoint_on_disk(tmp_path, monkeypatch,
             raise fault("disk vanished")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(callback, "save_clean_checkpoint", save)
+    monkeypatch.setattr(keepers, "save_clean_checkpoint", save)
     with pytest.raises((fault, SystemExit)):  # Lightning turns a KeyboardInterrupt into SystemExit(1)
         _fit(tmp_path, monitor, _points(30))
     assert monitor.clean_step == 10 and monitor.clean_checkpoint_path.exists()

@@ -17,6 +17,7 @@ from memwatch.discovery import (
     batch_sample_shape,
     check_reference_data,
     check_score,
+    diffusers_score,
     find_score,
     measured_score,
     sample_shape_of,
@@ -670,3 +671,15 @@ def test_discovery_at_fit_start_sees_a_network_built_in_configure_model(tmp_path
     with torch._dynamo.config.patch(disable=True):
         trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2))
     assert callback.score.model is module.unet._orig_mod and callback.shape == (3, 8, 8)
+
+
+def test_diffusers_score_reads_a_network_and_its_scheduler_held_apart_as_find_score_reads_the_pair():
+    net, sched = unet(), scheduler(prediction_type="v_prediction")
+    apart, found = diffusers_score(net, sched), find_score(Holder(unet=net, scheduler=sched))
+    x, t = torch.randn(2, 3, 8, 8), torch.full((2,), T)
+    assert apart.model is net and (apart.prediction, apart.schedule.kind) == ("v_prediction", found.schedule.kind)
+    torch.testing.assert_close(apart(x, t), found(x, t), rtol=0, atol=0)
+    with pytest.raises(MemwatchError, match=r"`network` must be a diffusers UNet .* got Linear"):
+        diffusers_score(nn.Linear(2, 2), sched)
+    with pytest.raises(MemwatchError, match=r"the scheduler `noise_scheduler` has config.prediction_type='bogus'"):
+        diffusers_score(net, scheduler(prediction_type="bogus"), names=("noise_scheduler", "null_cond"))

@@ -28,11 +28,12 @@ EXPECTED_FILES = {
     "text_conditional.py": ["csv/version_0/metrics.csv"],
     "attribution.py": ["attribution.csv"],  # and exit 0 only when the duplicated images come first
     "flow_dit.py": ["N16/checkpoints/memwatch-clean.ckpt", "N1024/checkpoints/memwatch-clean.ckpt"],
+    "plain_loop.py": ["wandb/offline-run-*", "clean/memwatch-clean.ckpt"],
 }
 # one torch thread: the example's own advice for a busy machine (the suite runs beside it)
 ARGS = {
     name: ["--threads", "1"]
-    for name in ("conditional.py", "attribution.py", "edm.py", "text_conditional.py", "flow_dit.py")
+    for name in ("conditional.py", "attribution.py", "edm.py", "text_conditional.py", "flow_dit.py", "plain_loop.py")
 }
 ARGS["toy2d.py"] = ["--steps", "500"]  # the test reads that it runs and draws; README's numbers come from --fast
 CASES = [(p, ARGS.get(p.name, [])) for p in EXAMPLES if p.name != "diffusers_unet.py"]
@@ -49,7 +50,7 @@ def _finite_checks(metrics_csv: Path, column: str = "memwatch/sharp_fraction_mea
 
 @pytest.mark.parametrize("script, extra", PARAMS)
 def test_example_runs_fast(script, extra, tmp_path):
-    if script.name in ("diffusers_unet.py", "flow_dit.py"):
+    if script.name in ("diffusers_unet.py", "flow_dit.py", "plain_loop.py"):
         pytest.importorskip("diffusers")
     out = tmp_path / "out"
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(ROOT))
@@ -82,6 +83,16 @@ def _readme_snippet(heading: str) -> str:
     found = re.search(r"```python\n(.*?)```", text[start:], flags=re.DOTALL)
     assert found, f"no python block below {heading!r} in README.md"
     return found.group(1)
+
+
+def test_the_readme_plain_loop_is_the_examples_memwatch_code_in_at_most_15_lines():
+    code = [line.split("  #")[0].rstrip() for line in _readme_snippet("## Any training loop").splitlines()]
+    lines = [line for line in code if line.strip() and line.strip() != "..."]
+    example = (ROOT / "examples" / "plain_loop.py").read_text()
+    marked = [line for line in example.splitlines() if line.rstrip().endswith("# memwatch")]
+    assert all(line.strip() in example for line in lines), [line for line in lines if line.strip() not in example]
+    loop = {"for step in range(steps):", "break"}  # the loop's own lines the snippet shows for context
+    assert len([line for line in lines if line.strip() not in loop]) <= 15 and len(marked) + 1 <= 15
 
 
 def test_readme_math_without_lightning_runs_as_written(tmp_path):

@@ -21,6 +21,7 @@ from memwatch.loggers import MonitorLogger
 from memwatch.onset import OnsetDecision
 from memwatch.reporting import GALLERY_TEXT, CheckReporter, CheckResult
 from memwatch.sharpness import SharpnessOptions, SharpnessResult
+from memwatch.signals.alarm import AlarmReading
 
 N, REF = 4, 6  # probes, reference items
 LATENT = (4, 2, 2)  # a "latent" of 16 numbers: a 4×4 image at half the pixels' resolution
@@ -141,7 +142,7 @@ def _onset_alert(tmp_path, values: dict[str, float], clean: str | None) -> str:
         _check(torch.zeros(N, 1, 4, 4), nearest=False, nn_ratio=True),
         values={"onset": 1.0, "alarm_fraction": 0.5, "nn_memorized_fraction": 0.5, **values},
         decision=OnsetDecision(True, True, False, "alarm_fraction=0.5 > 0.3 for 2 consecutive checks since step 10"),
-        rule="copies (d₁/d₂ < 1/3)",
+        readings={"alarm": AlarmReading("copies (d₁/d₂ < 1/3)", None)},
     )
     logger = MonitorLogger([CSVLogger(tmp_path, name="csv", version=0)])
     reporter = CheckReporter(logger, threshold=0.5, log_figures=False, verbose=False, onset_key="alarm_fraction")

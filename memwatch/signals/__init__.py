@@ -19,14 +19,15 @@ signal              what it logs under ``memwatch/``
                     the network; when they do not, every value is NaN from then on
 ==================  =====================================================================
 
-A new signal is a subclass of :class:`Signal` in a module of its own, composed by
-:meth:`memwatch.MemorizationMonitor._compose`.
+A new signal is a subclass of :class:`Signal` in a module of its own with a
+``build(context: SignalContext)`` factory, and one line in :mod:`memwatch.signals.registry`.
 """
 
 from memwatch.signals.base import Draft, Run, Signal
 from memwatch.signals.calibration import CalibrationSignal
 from memwatch.signals.conditional import ConditionalSignal
 from memwatch.signals.consistency import ConsistencySignal
+from memwatch.signals.context import SignalContext
 from memwatch.signals.copies import CopyOptions, CopySignal
 from memwatch.signals.lid import LidOptions, LidSignal
 from memwatch.signals.lossgap import LossGapOptions, LossGapSignal
@@ -47,4 +48,5 @@ __all__ = [
     "SharpnessCheckOptions",
     "SharpnessSignal",
     "Signal",
+    "SignalContext",
 ]

@@ -25,7 +25,7 @@ in the result line, the onset alert and ``memwatch fit``'s summary.
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -33,8 +33,22 @@ from torch import Tensor
 from memwatch.groundtruth import MEMORIZED_RATIO
 from memwatch.intake import TrainingSamples
 from memwatch.signals.base import Draft, Run, Signal
+from memwatch.signals.context import SignalContext
 
-__all__ = ["AlarmSignal"]
+__all__ = ["AlarmReading", "AlarmSignal"]
+
+
+@dataclass(frozen=True)
+class AlarmReading:
+    """The alarm's reading of one check.
+
+    Attributes:
+        rule: the default onset rule in words, as it decided (:meth:`AlarmSignal.rule`).
+        counted: ``[n]`` bool, this rank's probes the rule counts (``None`` where it could not tell them).
+    """
+
+    rule: str
+    counted: Tensor | None
 
 
 class AlarmSignal(Signal):
@@ -52,6 +66,7 @@ class AlarmSignal(Signal):
     """
 
     name = "alarm"
+    after = ("copies",)  # it counts the copies' ratios
     value_names = ("alarm_fraction",)
 
     def __init__(
@@ -103,20 +118,19 @@ class AlarmSignal(Signal):
         counted = copy | (peak & (ratio < self.confirm_ratio))
         return counted, copy | (torch.isfinite(ratio) & torch.isfinite(lid))
 
-    def contribute(self, run: Run, draft: Draft, measured: object) -> None:
+    def contribute(self, run: Run, draft: Draft, measured: object) -> AlarmReading:
         m = draft.measurement
         if self.without is None and self.held is not None and self.held.refused:
             self.without = "the training batches are not in the probes' space (pass `data.encode_fn`)"
         dim = math.prod(m.samples.shape[1:])
-        draft.fields["rule"] = self.rule(dim)
         if self.without is None and m.nn_ratio is None:  # the copies were not told at this check
             draft.values["alarm_fraction"] = math.nan
-            return
+            return AlarmReading(self.rule(dim), None)
         counted, told = self.flags(m.primary.lid.double(), m.nn_ratio, dim)
-        draft.fields["alarm"] = (counted & told).cpu()
         hits, n = _synced_sums(counted & told, told, run.device)
         valid = n > 0 and n >= self.min_valid_fraction * self.num_probes
         draft.values["alarm_fraction"] = hits / n if valid else math.nan
+        return AlarmReading(self.rule(dim), (counted & told).cpu())
 
 
 def _synced_sums(hits: Tensor, told: Tensor, device: torch.device) -> tuple[float, float]:
@@ -129,15 +143,15 @@ def _synced_sums(hits: Tensor, told: Tensor, device: torch.device) -> tuple[floa
     return float(total.compute()), float(count.compute())
 
 
-def build(monitor: Any) -> AlarmSignal:
-    """The alarm of ``monitor`` (always: ``alarm_fraction`` is logged whatever ``onset.on`` watches)."""
-    without = None if monitor.reference_data is not None else "reference_data=None"
-    held = monitor.held_samples if monitor.copies_from_batches else None
+def build(context: SignalContext) -> AlarmSignal:
+    """The alarm (always: ``alarm_fraction`` is logged whatever ``onset.on`` watches)."""
+    without = None if context.reference_data is not None else "reference_data=None"
+    held = context.held() if context.copies_from_batches else None
     return AlarmSignal(
-        monitor.sharpness.lid.count_threshold,
-        monitor.onset.confirm_ratio,
+        context.sharpness.lid.count_threshold,
+        context.onset.confirm_ratio,
         without,
         held,
-        min_valid_fraction=monitor.onset.min_valid_fraction,
-        num_probes=monitor.num_probes,
+        min_valid_fraction=context.onset.min_valid_fraction,
+        num_probes=context.num_probes,
     )

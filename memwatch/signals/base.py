@@ -1,6 +1,6 @@
 """What a signal is: the hooks a check calls, and what a signal sees of the run.
 
-A check of :class:`memwatch.MemorizationMonitor` runs in a fixed order on every rank:
+A check of :class:`memwatch.Monitor` runs in a fixed order on every rank:
 
 1. the training samples staged since the last check are drained into what the signals read
    (:class:`memwatch.intake.TrainingSamples`: the calibration's reservoir, the copy index);
@@ -9,9 +9,10 @@ A check of :class:`memwatch.MemorizationMonitor` runs in a fixed order on every 
 4. :meth:`Signal.measure` — rank-local, in the isolation of the measurement (eval mode, frozen
    parameters, isolated RNG); a fault here makes only this signal's values NaN;
 5. :meth:`Signal.contribute` — every rank, after every rank measured: collectives allowed; the
-   signal adds its synced values and its fields of :class:`memwatch.reporting.CheckResult` to the
-   :class:`Draft`, in the order of the monitor's signals (the copies first: the sharpness summary
-   reads their ratios).
+   signal adds its synced values to the :class:`Draft` and returns its reading (kept under its
+   name, ``check.readings[name]`` of :class:`memwatch.reporting.CheckResult`), in the order of
+   the monitor's signals (each after those it names in :attr:`Signal.after`: the sharpness
+   summary reads the copies' ratios).
 
 Each signal keeps its own state (:meth:`Signal.state_dict`), saved in the monitor's checkpoint
 state under its :attr:`Signal.name`.
@@ -28,10 +29,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import lightning.pytorch as pl
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from memwatch.collective import Collective, SingleProcess
 from memwatch.probes import ProbeMeasurement
 from memwatch.score import DiffusionScore, device_of
 from memwatch.timing import PhaseClock
@@ -41,24 +42,21 @@ __all__ = ["Draft", "Run", "Signal", "contribute_all", "gathered", "measure_all"
 
 @dataclass
 class Run:
-    """What a signal sees of the run at fit start and at a check.
+    """What a signal sees of the run at its start and at a check.
 
     Attributes:
-        module: the LightningModule under training.
-        score: its score as found at fit start (or at this check).
+        module: the module under training (a LightningModule or any ``nn.Module``).
+        score: its score as found at the start (or at this check).
         sample_shape: the probes' shape.
-        world_size, rank: the DDP layout (1, 0 without a Trainer).
-        strategy: the Trainer's strategy for collectives (``None`` without a Trainer).
-        step: the global step of the check (0 at fit start).
+        collective: how the ranks agree (:mod:`memwatch.collective`; one process by default).
+        step: the global step of the check (0 at the start).
         raise_errors: re-raise faults instead of warning.
     """
 
-    module: pl.LightningModule
+    module: nn.Module
     score: DiffusionScore
     sample_shape: tuple[int, ...]
-    world_size: int = 1
-    rank: int = 0
-    strategy: Any = None
+    collective: Collective = field(default_factory=SingleProcess)
     step: int = 0
     raise_errors: bool = False
 
@@ -68,26 +66,34 @@ class Run:
         return device_of(self.module)
 
     @property
+    def world_size(self) -> int:
+        return self.collective.world_size
+
+    @property
+    def rank(self) -> int:
+        return self.collective.rank
+
+    @property
     def is_global_zero(self) -> bool:
         return self.rank == 0
 
     def broadcast(self, obj: Any) -> Any:
         """Rank zero's ``obj`` on every rank."""
-        return obj if self.strategy is None else self.strategy.broadcast(obj, src=0)
+        return self.collective.broadcast(obj)
 
     def all_true(self, flag: bool) -> bool:
         """Whether ``flag`` holds on every rank (one collective)."""
-        return flag if self.strategy is None else bool(self.strategy.reduce_boolean_decision(flag, all=True))
+        return self.collective.all_true(flag)
 
 
 @dataclass
 class Draft:
     """A check being assembled: the probes' measurement, the values logged so far and the
-    fields of its :class:`memwatch.reporting.CheckResult` the signals contribute."""
+    signals' readings, each under its signal's name (``CheckResult.readings``)."""
 
     measurement: ProbeMeasurement
     values: dict[str, float] = field(default_factory=dict)
-    fields: dict[str, Any] = field(default_factory=dict)
+    readings: dict[str, Any] = field(default_factory=dict)
 
     def with_measurement(self, **changes: Any) -> None:
         """Replace fields of the measurement (e.g. the copies' ``nn_ratio``)."""
@@ -101,12 +107,24 @@ class Signal:
         name: the signal's key in the monitor's state and in its ``signals`` mapping.
         value_names: the values it logs (NaN when it could not measure at a check).
         phase_names: the names its hooks' costs are timed under (:meth:`phase`).
+        after: the signals whose hooks run before this one's at a check, by name (those not
+            composed impose nothing; ``"*"``: every other signal); the registry orders by them.
+        reads_reservoir: it reads the training samples' reservoir at every check, so the monitor
+            keeps the reservoir for the whole run (otherwise it is freed once nothing is :attr:`pending`).
     """
 
     name: ClassVar[str] = ""
     value_names: tuple[str, ...] = ()
     #: hook -> the name its cost is timed under (``memwatch/time/<name>``); default: the signal's name
     phase_names: ClassVar[Mapping[str, str]] = {}
+    after: ClassVar[tuple[str, ...]] = ()
+    reads_reservoir: ClassVar[bool] = False
+
+    @property
+    def pending(self) -> bool:
+        """Whether the signal still waits for training samples to fix something from (the monitor
+        holds them until no signal is pending)."""
+        return False
 
     def phase(self, hook: str) -> str | None:
         """The phase ``hook`` (``"before_check"``, ``"measure"``, ``"contribute"``) is timed as, or
@@ -126,8 +144,10 @@ class Signal:
         what it returns is handed to :meth:`contribute`."""
         return None
 
-    def contribute(self, run: Run, draft: Draft, measured: Any) -> None:
-        """Every rank, after every rank measured: add synced values / fields to ``draft``."""
+    def contribute(self, run: Run, draft: Draft, measured: Any) -> Any:
+        """Every rank, after every rank measured: add synced values to ``draft``; what it returns
+        (its reading of this check, ``None``: none) is kept as ``check.readings[name]``."""
+        return None
 
     def unmeasured(self, draft: Draft) -> None:
         """This signal failed on some rank at this check: its values are NaN."""
@@ -177,14 +197,16 @@ def contribute_all(
     measured: Mapping[str, Any],
     clock: PhaseClock | None = None,
 ) -> Draft:
-    """Every signal's synced values and fields, in order, into a new :class:`Draft` (each timed on
+    """Every signal's synced values and readings, in order, into a new :class:`Draft` (each timed on
     ``clock``); a signal that failed on any rank is :meth:`Signal.unmeasured` on every rank
     (collectives on every rank)."""
     draft = Draft(measurement)
     for name, signal in signals.items():
         if run.all_true(measured.get(name) is not _FAILED):
             with timed(clock, signal, "contribute"):
-                signal.contribute(run, draft, measured.get(name))
+                reading = signal.contribute(run, draft, measured.get(name))
+            if reading is not None:
+                draft.readings[name] = reading
         else:
             signal.unmeasured(draft)
     return draft

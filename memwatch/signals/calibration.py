@@ -22,6 +22,7 @@ from memwatch.intake import TrainingSamples
 from memwatch.probes import first_sampler_timestep
 from memwatch.schedules import NoiseSchedule
 from memwatch.signals.base import Run, Signal
+from memwatch.signals.context import SignalContext
 
 __all__ = ["CalibrationSignal"]
 
@@ -104,14 +105,15 @@ class CalibrationSignal(Signal):
             self.sigmas = tuple(state["calibrated_sigmas"])
 
 
-def build(monitor: Any) -> CalibrationSignal | None:
-    """The calibration signal of ``monitor`` (with ``sigmas="auto"``)."""
-    if not monitor.calibrating:
+def build(context: SignalContext) -> CalibrationSignal | None:
+    """The calibration signal (with ``sigmas="auto"``)."""
+    if not context.calibrating:
         return None
+    steps = context.probes.sampler_steps
     return CalibrationSignal(
-        monitor.probes.sigma_factors,
-        held=lambda: monitor.held_samples,
-        first_timestep=lambda schedule: first_sampler_timestep(schedule, monitor.probes.sampler_steps),
-        on_levels=monitor.use_levels,
-        seed=monitor.probes.seed,
+        context.probes.sigma_factors,
+        held=context.held,
+        first_timestep=lambda schedule: first_sampler_timestep(schedule, steps),
+        on_levels=context.use_levels,
+        seed=context.seed,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,8 +23,22 @@ from memwatch.discovery import check_score
 from memwatch.metrics import ConditionalMetrics
 from memwatch.probes import CONDITION_METRICS
 from memwatch.signals.base import Draft, Run, Signal
+from memwatch.signals.context import SignalContext
 
-__all__ = ["ConditionalSignal"]
+__all__ = ["ConditionalReading", "ConditionalSignal"]
+
+
+@dataclass(frozen=True)
+class ConditionalReading:
+    """The conditional signal's reading of one check.
+
+    Attributes:
+        conditions: condition name → its metric means over every rank's probes.
+        most_memorized: the condition with the largest Hessian-weighted score difference.
+    """
+
+    conditions: dict[str, dict[str, float]]
+    most_memorized: str | None
 
 
 class ConditionalSignal(Signal):
@@ -48,16 +63,16 @@ class ConditionalSignal(Signal):
         for cond in list(self.conditions.values())[:1]:
             check_score(run.score, run.sample_shape, device=run.device, cond=cond)
 
-    def contribute(self, run: Run, draft: Draft, measured: object) -> None:
+    def contribute(self, run: Run, draft: Draft, measured: object) -> ConditionalReading | None:
         per_condition = draft.measurement.conditional
         if per_condition is None:
-            return
+            return None
         table, top = self._means(per_condition, run.device)
         keys = condition_keys(table)
         for name, metrics in table.items():
             draft.values.update({f"cond/{keys[name]}/{m}": v for m, v in metrics.items()})
         draft.values["most_memorized_condition"] = condition_number(list(table), top)
-        draft.fields.update(conditions=table, most_memorized_condition=top)
+        return ConditionalReading(table, top)
 
     def _means(
         self, per_condition: Mapping[str, Mapping[str, Tensor]], device: torch.device
@@ -82,6 +97,6 @@ def condition_number(names: list[str], top: str | None) -> float:
     return float(top) if all(n.lstrip("-").isdigit() for n in names) else float(names.index(top))
 
 
-def build(monitor: Any) -> ConditionalSignal | None:
-    """The conditional signal of ``monitor`` (with ``probes.conditions``)."""
-    return None if monitor.probes.conditions is None else ConditionalSignal(monitor.probes.conditions)
+def build(context: SignalContext) -> ConditionalSignal | None:
+    """The conditional signal (with ``probes.conditions``)."""
+    return None if context.probes.conditions is None else ConditionalSignal(context.probes.conditions)

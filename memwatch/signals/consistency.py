@@ -34,6 +34,7 @@ from memwatch.intake import TrainingSamples
 from memwatch.probes import ProbeMeasurement
 from memwatch.score import DiffusionScore
 from memwatch.signals.base import Draft, Run, Signal
+from memwatch.signals.context import SignalContext
 
 __all__ = ["SAMPLES", "ConsistencySignal"]
 
@@ -111,10 +112,6 @@ class ConsistencySignal(Signal):
         self.verdict = state.get("verdict")
 
 
-def build(monitor: Any) -> ConsistencySignal:
-    """The consistency signal of ``monitor`` (always: it reads the training samples held until the first check)."""
-    return ConsistencySignal(
-        held=lambda: monitor.held_samples,
-        seed=monitor.probes.seed,
-        max_batch=lambda: monitor.signals["sharpness"].check_options.max_batch,
-    )
+def build(context: SignalContext) -> ConsistencySignal:
+    """The consistency signal (always: it reads the training samples held until the first check)."""
+    return ConsistencySignal(held=context.held, seed=context.seed, max_batch=context.max_batch)

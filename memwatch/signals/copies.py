@@ -35,6 +35,7 @@ from memwatch.intake import TrainingSamples, in_probe_space
 from memwatch.options import DataOptions
 from memwatch.probes import ProbeMeasurement, shard
 from memwatch.signals.base import Draft, Run, Signal, gathered, nan_values
+from memwatch.signals.context import SignalContext
 
 __all__ = ["CopyOptions", "CopySignal"]
 
@@ -117,28 +118,24 @@ class CopySignal(Signal):
         plain = isinstance(self.reference_data, Tensor) and self.data.encode_fn is not None
         return self.reference_data.detach().cpu() if plain else None
 
-    def training_samples(self) -> Tensor:
-        """The training samples of the loss gap: the reference tensor, or those held for calibration ``[m, *shape]``."""
-        if self.reference is not None:
-            return self.reference
-        assert self.held is not None
-        return self.held.samples
-
-    def contribute(self, run: Run, draft: Draft, measured: object) -> None:
+    def contribute(self, run: Run, draft: Draft, measured: object) -> list[CopiedItem] | None:
+        """The probes' ratios into the measurement; the reading: the reference items copied (with a
+        reference tensor), most copied first."""
         if self.held is not None and self.held.refused:  # said once where the batches were refused
             draft.values.update(nan_values(COPY_VALUES))
-            return
+            return None
         ratio_all, row_all = self._search(run, draft.measurement)
         if bool(run.all_true(bool(torch.isnan(ratio_all).all()))):
             self._few_samples(run)
             draft.values.update(nan_values(COPY_VALUES))
-            return
+            return None
         mine = shard(self.num_probes, run.world_size, run.rank)
         nearest_item = None if self.reference is None else row_all[mine]
         draft.with_measurement(nn_ratio=ratio_all[mine].float(), nearest=nearest_item)
-        if self.reference is not None:
-            flagged = gathered(draft.measurement.primary.memorization_score.to(run.device)) > self.score_threshold
-            draft.fields["copied"] = self._copied(row_all, ratio_all, flagged)
+        if self.reference is None:
+            return None
+        flagged = gathered(draft.measurement.primary.memorization_score.to(run.device)) > self.score_threshold
+        return self._copied(row_all, ratio_all, flagged)
 
     def _copied(self, row: Tensor, ratio_all: Tensor, flagged: Tensor) -> list[CopiedItem]:
         """The reference items every rank's probes copy, most copied first; a probe without a
@@ -203,15 +200,15 @@ def _failed_hits(n: int, flip: bool) -> list[Tensor]:
     return [nan, none, none] * (2 if flip else 1)
 
 
-def build(monitor: Any) -> CopySignal | None:
-    """The copies signal of ``monitor`` (with ``reference_data``)."""
-    if monitor.reference_data is None:
+def build(context: SignalContext) -> CopySignal | None:
+    """The copies signal (with ``reference_data``)."""
+    if context.reference_data is None:
         return None
     return CopySignal(
-        monitor.copies,
-        reference_data=monitor.reference_data,
-        data=monitor.data,
-        held=monitor.held_samples if monitor.copies_from_batches else None,
-        num_probes=monitor.num_probes,
-        score_threshold=monitor.sharpness.score_threshold,
+        context.copies,
+        reference_data=context.reference_data,
+        data=context.data,
+        held=context.held() if context.copies_from_batches else None,
+        num_probes=context.num_probes,
+        score_threshold=context.sharpness.score_threshold,
     )

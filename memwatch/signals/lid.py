@@ -44,6 +44,7 @@ from memwatch.lid import LidReading, baseline_of, clamp_dimension, data_lid, den
 from memwatch.probes import ProbeMeasurement, shard
 from memwatch.score import DiffusionScore
 from memwatch.signals.base import Draft, Run, Signal, gathered, nan_values
+from memwatch.signals.context import SignalContext
 from memwatch.validation import check_fraction, check_int, check_positive
 
 __all__ = ["DESCRIPTIONS", "STATISTICS", "LidOptions", "LidSignal"]
@@ -112,6 +113,7 @@ class LidSignal(Signal):
     """
 
     name = "lid"
+    after = ("calibration",)  # its data LID is fitted at the calibrated levels
     phase_names = {"before_check": "data_lid", "measure": "lid_passes"}
     value_names = (
         "lid_memorized_fraction",
@@ -209,7 +211,7 @@ class LidSignal(Signal):
         noise = torch.randn((self.options.draws, self.num_probes, *x0.shape[1:]), generator=generator)[:, rows]
         return {t: denoising_lid(score, x0, t, noise, max_batch=self.max_batch()) for t in measurement.results}
 
-    def contribute(self, run: Run, draft: Draft, measured: dict[float, Tensor] | None) -> None:
+    def contribute(self, run: Run, draft: Draft, measured: dict[float, Tensor] | None) -> LidReading:
         m = draft.measurement
         timesteps = list(m.results)
         held = self.held()
@@ -245,7 +247,7 @@ class LidSignal(Signal):
                 **{f"lid/{name}": _median(v) for name, v in stats.items()},
             }
         )
-        draft.fields["lid"] = LidReading(reference, flipd, denoise, stats, memorized, clamped)
+        return LidReading(reference, flipd, denoise, stats, memorized, clamped)
 
     def unmeasured(self, draft: Draft) -> None:
         draft.values.update(nan_values(self.value_names))
@@ -274,13 +276,13 @@ def _median(x: Tensor) -> float:
     return float(finite.median()) if finite.numel() else math.nan
 
 
-def build(monitor: Any) -> LidSignal:
-    """The LID signal of ``monitor`` (always: it reads the training samples the monitor holds until its first check)."""
+def build(context: SignalContext) -> LidSignal:
+    """The LID signal (always: it reads the training samples the monitor holds until its first check)."""
     return LidSignal(
-        monitor.sharpness.lid,
-        monitor.num_probes,
-        held=lambda: monitor.held_samples,
-        timesteps=lambda: list(monitor.signals["sharpness"].timesteps),
-        seed=monitor.probes.seed,
-        max_batch=lambda: monitor.signals["sharpness"].check_options.max_batch,
+        context.sharpness.lid,
+        context.num_probes,
+        held=context.held,
+        timesteps=context.timesteps,
+        seed=context.seed,
+        max_batch=context.max_batch,
     )

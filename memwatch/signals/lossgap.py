@@ -24,6 +24,7 @@ from memwatch.options import DataOptions
 from memwatch.probes import ProbeMeasurement, evaluation_timesteps
 from memwatch.score import DiffusionScore
 from memwatch.signals.base import Draft, Run, Signal, gathered
+from memwatch.signals.context import SignalContext
 from memwatch.validation import check_levels
 
 __all__ = ["LossGapOptions", "LossGapSignal"]
@@ -59,6 +60,7 @@ class LossGapSignal(Signal):
     """
 
     name = "loss_gap"
+    reads_reservoir = True  # its training side, with reference_data="batches"
     value_names = ("loss_train", "loss_heldout", "loss_gap")
 
     def __init__(
@@ -105,14 +107,14 @@ class LossGapSignal(Signal):
         )
 
 
-def build(monitor: Any) -> LossGapSignal | None:
-    """The loss-gap signal of ``monitor`` (with ``loss_gap.heldout_data``)."""
-    if monitor.loss_gap.heldout_data is None:
+def build(context: SignalContext) -> LossGapSignal | None:
+    """The loss-gap signal (with ``loss_gap.heldout_data``)."""
+    if context.loss_gap.heldout_data is None:
         return None
     return LossGapSignal(
-        monitor.loss_gap,
-        data=monitor.data,
-        training_samples=lambda: monitor.signals["copies"].training_samples(),
-        seed=monitor.probes.seed,
-        max_batch=lambda: monitor.signals["sharpness"].check_options.max_batch,
+        context.loss_gap,
+        data=context.data,
+        training_samples=context.training_samples,
+        seed=context.seed,
+        max_batch=context.max_batch,
     )

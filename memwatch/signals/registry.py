@@ -1,23 +1,25 @@
 """Which signals a monitor is made of: one factory per signal module, in the order a check runs them.
 
-A factory takes the monitor (it reads its option groups and the few services it offers:
-``held_samples``, ``signals``, ``use_levels``) and returns its signal,
-or ``None`` when the monitor's settings do not ask for it. The order matters: calibration fixes
-the levels first, the copies' ratios feed the sharpness summary and the alarm, the consistency
-check comes last. A new signal is one module with a ``build`` factory and one line here.
+A factory takes the monitor's :class:`memwatch.signals.context.SignalContext` (its option groups
+and the few services it offers) and returns its signal, or ``None`` when the settings do not ask
+for it. The order a check runs them in is declared by the signals (:attr:`Signal.after`: the
+calibration fixes the levels before the LID signal reads them, the copies' ratios feed the
+sharpness summary and the alarm); :data:`FACTORIES` orders the rest (the consistency check
+last). A new signal is one module with a ``build`` factory and one line here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
+from memwatch.errors import MemwatchError
 from memwatch.signals import alarm, calibration, conditional, consistency, copies, lid, lossgap, sharpness
 from memwatch.signals.base import Signal
+from memwatch.signals.context import SignalContext
 
 __all__ = ["FACTORIES", "compose"]
 
-FACTORIES: tuple[Callable[[Any], Signal | None], ...] = (
+FACTORIES: tuple[Callable[[SignalContext], Signal | None], ...] = (
     calibration.build,
     copies.build,
     sharpness.build,
@@ -25,11 +27,28 @@ FACTORIES: tuple[Callable[[Any], Signal | None], ...] = (
     alarm.build,
     conditional.build,
     lossgap.build,
-    consistency.build,  # last: a wrong prediction / schedule pair makes every value before it NaN
+    consistency.build,  # last by its place here: a wrong prediction / schedule pair makes every value before it NaN
 )
 
 
-def compose(monitor: Any) -> dict[str, Signal]:
-    """``{name: signal}`` of ``monitor``, in the order a check runs them."""
-    signals = (factory(monitor) for factory in FACTORIES)
-    return {s.name: s for s in signals if s is not None}
+def compose(context: SignalContext) -> dict[str, Signal]:
+    """``{name: signal}`` of a monitor's ``context``, in the order a check runs them: each after
+    the signals it names in :attr:`Signal.after`, otherwise in the order of :data:`FACTORIES`.
+
+    Raises:
+        MemwatchError: the signals' declared order is circular.
+    """
+    waiting = [s for s in (factory(context) for factory in FACTORIES) if s is not None]
+    names, ordered = {s.name for s in waiting}, {}
+    while waiting:
+        ready = next((s for s in waiting if _needs(s, names) <= ordered.keys()), None)
+        if ready is None:
+            raise MemwatchError(f"the signals' declared order is circular: {[(s.name, s.after) for s in waiting]}")
+        waiting.remove(ready)
+        ordered[ready.name] = ready
+    return ordered
+
+
+def _needs(signal: Signal, names: set[str]) -> set[str]:
+    """The composed signals ``signal`` runs after (every other one for ``"*"``)."""
+    return names - {signal.name} if "*" in signal.after else set(signal.after) & names

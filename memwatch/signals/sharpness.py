@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -38,6 +37,7 @@ from memwatch.reporting import format_timestep
 from memwatch.sampling import excursion
 from memwatch.sharpness import DENSE_MAX_DIM, SharpnessOptions, SharpnessResult
 from memwatch.signals.base import Draft, Run, Signal, gathered
+from memwatch.signals.context import SignalContext
 from memwatch.signals.lid import LidOptions
 from memwatch.validation import check_fraction, check_int
 
@@ -99,6 +99,7 @@ class SharpnessSignal(Signal):
     """
 
     name = "sharpness"
+    after = ("copies",)  # its summary reads the copies' ratios
 
     def __init__(self, options: SharpnessCheckOptions, num_probes: int, min_valid_fraction: float) -> None:
         self.options = options
@@ -239,9 +240,9 @@ class SharpnessSignal(Signal):
         return count
 
 
-def build(monitor: Any) -> SharpnessSignal:
-    """The sharpness signal of ``monitor`` (always)."""
-    return SharpnessSignal(monitor.sharpness, monitor.num_probes, monitor.onset.min_valid_fraction)
+def build(context: SignalContext) -> SharpnessSignal:
+    """The sharpness signal (always)."""
+    return SharpnessSignal(context.sharpness, context.num_probes, context.onset.min_valid_fraction)
 
 
 def synced_mean(x: Tensor, device: torch.device) -> float:

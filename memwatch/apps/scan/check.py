@@ -18,10 +18,10 @@ from torch.utils.data import DataLoader, Dataset
 from memwatch.apps.scan.cache import _item_dict
 from memwatch.apps.scan.results import CheckpointScan, _one_line
 from memwatch.attribution import copied_items
-from memwatch.callback import MemorizationMonitor
 from memwatch.discovery import batch_range
 from memwatch.errors import MemwatchError
 from memwatch.groundtruth import first_tensor
+from memwatch.monitor import Monitor
 from memwatch.options import LEGACY_NAMES, regroup
 from memwatch.probes import isolated
 
@@ -29,15 +29,15 @@ from memwatch.probes import isolated
 class _OfflineCheck:
     """A monitor's check without a Trainer: one measurement of a loaded module, its values.
 
-    It runs the monitor's own code path: :meth:`MemorizationMonitor.prepare` finds the score,
+    It runs the monitor's own code path: :meth:`Monitor.prepare` finds the score,
     the evaluation timesteps and indexes the reference data (as fit start does), and
-    :meth:`~MemorizationMonitor.offline_check` draws and measures all probes and turns every
+    :meth:`~Monitor.offline_check` draws and measures all probes and turns every
     signal's results into the logged scalars.
     """
 
     def __init__(
         self,
-        monitor: MemorizationMonitor,
+        monitor: Monitor,
         *,
         ids: Sequence[Any] | Dataset | None,
         num_items: int | None,
@@ -93,9 +93,7 @@ class _OfflineCheck:
         return f"{str(path)!r}: {err}"
 
 
-def _replay(
-    monitor: MemorizationMonitor, checks: list[CheckpointScan]
-) -> tuple[list[CheckpointScan], int | None, Path | None]:
+def _replay(monitor: Monitor, checks: list[CheckpointScan]) -> tuple[list[CheckpointScan], int | None, Path | None]:
     """Feed the monitor's detector every check in step order: ``onset`` / ``clean_step`` values,
     the onset step and the last clean checkpoint, as the live monitor would have logged them."""
     detector, clean, out = monitor.detector, None, []
@@ -145,9 +143,7 @@ def _checked_data(data: Tensor) -> Tensor:
     return data
 
 
-def _build_monitor(
-    monitor_kwargs: dict[str, Any] | None, reference: Tensor | None
-) -> tuple[MemorizationMonitor, dict[str, Any]]:
+def _build_monitor(monitor_kwargs: dict[str, Any] | None, reference: Tensor | None) -> tuple[Monitor, dict[str, Any]]:
     """The scan's monitor — the one place it is built — and the arguments it was built with (the
     cache's settings): ``monitor_kwargs``, no clean checkpoint, and the training data's reference,
     probe shape and range unless given."""
@@ -163,9 +159,7 @@ def _build_monitor(
         kwargs.setdefault("sample_shape", tuple(reference.shape[1:]))
         kwargs.setdefault("data_range", batch_range(reference))
     # the scan's settings are flat (its flags); the monitor takes them in its option groups
-    groups = {
-        n: p.default for n, p in inspect.signature(MemorizationMonitor).parameters.items() if is_dataclass(p.default)
-    }
+    groups = {n: p.default for n, p in inspect.signature(Monitor).parameters.items() if is_dataclass(p.default)}
     flat = {k: v for k, v in kwargs.items() if k in LEGACY_NAMES}
     top = {k: v for k, v in kwargs.items() if k not in LEGACY_NAMES}
-    return MemorizationMonitor(**top, **regroup(groups, flat, warn=False)), kwargs
+    return Monitor(**top, **regroup(groups, flat, warn=False)), kwargs

@@ -1,6 +1,6 @@
 """``memwatch scan``: run the monitor's check on saved checkpoints, after training.
 
-Each checkpoint is measured exactly as a live check of :class:`memwatch.MemorizationMonitor`
+Each checkpoint is measured exactly as a live check of :class:`memwatch.Monitor`
 would have measured it at that step — the same probes, timesteps, spectrum settings and metrics,
 through the monitor's own code path — and the onset detector is replayed over the checks in the
 order of their global steps, so the onset (and the last clean checkpoint) are the ones the
@@ -105,7 +105,7 @@ def scan(
             ``auroc``), the attribution table, the probe shape and the data range of the monitor
             unless ``monitor_kwargs`` set them. Hold each item once (see :mod:`memwatch.attribution`).
         ids: ids of the items of a tensor ``data`` (default: the index; a Dataset's own ids win).
-        monitor_kwargs: arguments of :class:`MemorizationMonitor` (the live run's, for the same
+        monitor_kwargs: arguments of :class:`memwatch.Monitor` (the live run's, for the same
             numbers); ``save_clean_checkpoint`` is forced off (the checkpoints are on disk).
         out: folder of the outputs and the cache (created); ``None`` writes nothing (and resumes
             nothing).
