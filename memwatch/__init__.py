@@ -6,6 +6,7 @@ spectrum on probes drawn from the model under training and raises the alarm at o
 """
 
 from memwatch.attribution import CopiedItem, copied_items
+from memwatch.cadence import CadenceOptions
 from memwatch.callback import CheckResult, MemorizationMonitor
 from memwatch.collective import Collective
 from memwatch.conditional import ConditionalResult, conditional_metrics
@@ -35,6 +36,7 @@ from memwatch.transformer_score import TransformerScore, joint_condition
 
 __all__ = [
     "MEMORIZED_RATIO",
+    "CadenceOptions",
     "CheckResult",
     "CheckpointOptions",
     "Collective",

@@ -25,6 +25,7 @@ Two bounds keep the account from missing onset or checking for nothing:
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,11 @@ from torch import Tensor
 from memwatch import defaults
 from memwatch.validation import check_fraction, check_int, check_positive
 
-__all__ = ["BudgetCadence", "CadenceOptions", "DataSize", "SizeCounter"]
+__all__ = ["ONE_TIME_PHASES", "BudgetCadence", "CadenceOptions", "DataSize", "SizeCounter"]
+
+#: the phases of a check (``memwatch/time/<phase>``) that not every check pays: the first
+#: check's calibration, data LID and consistency check, and the periodic spectrum
+ONE_TIME_PHASES = ("calibration", "data_lid", "consistency", "spectrum")
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,8 @@ class BudgetCadence:
         self._steps_trained = 0  # the steps behind ``_train``
         self._steady: float | None = None  # the last check's cost without its one-time phases
         self._size: DataSize | None = None
+        self._tick: float | None = None  # perf_counter at the last tick
+        self._inside = 0.0  # the monitor's seconds since the last tick
         self.last_step: int | None = None
         self.next_step: int = options.first_check
         self.bound = "first"  # what set next_step: "first", "budget", "ceiling" or "floor"
@@ -116,13 +123,28 @@ class BudgetCadence:
             self._train += seconds
             self._steps_trained += steps
 
+    def tick(self) -> None:
+        """One optimizer step ended (call once a step): the wall time since the last tick, less the
+        monitor's own time in between (:meth:`spend`, :meth:`checked`), is training time."""
+        now = time.perf_counter()
+        if self._tick is not None:
+            self.train_seconds(now - self._tick - self._inside)
+        self._tick, self._inside = now, 0.0
+
+    def spend(self, seconds: float) -> None:
+        """The monitor spent ``seconds`` outside a check (taking a batch, publishing): on the
+        account, and not training time."""
+        if math.isfinite(seconds) and seconds > 0:
+            self._spent += seconds
+            self._inside += seconds
+
     def checked(self, step: int, *, seconds: float, steady_seconds: float, size: DataSize | None) -> None:
         """A check ran at ``step`` and took ``seconds`` of wall time, ``steady_seconds`` of them what
         every check pays (its one-time phases excluded); ``size``: the training set as known now.
         Fixes :attr:`next_step`: when the account will hold a steady check's cost, within the
         floor and the ceiling."""
         self.last_step = step
-        self._spent += max(seconds, 0.0) if math.isfinite(seconds) else 0.0
+        self.spend(seconds)
         if math.isfinite(steady_seconds) and steady_seconds > 0:
             self._steady = steady_seconds
         if size is not None:
@@ -136,6 +158,13 @@ class BudgetCadence:
         else:
             self.bound, interval = "budget", wanted
         self.next_step = step + interval
+
+    def account(self, step: int, values: dict[str, float], seconds: float, size: DataSize | None) -> None:
+        """:meth:`checked` from a check's logged ``values``: its steady cost is ``seconds`` less the
+        phases of :data:`ONE_TIME_PHASES` it paid (``memwatch/time/<phase>``)."""
+        extra = sum(values.get(f"time/{phase}", 0.0) for phase in ONE_TIME_PHASES)
+        steady = seconds - extra if values else math.nan  # an unmeasured check: the last steady cost stays
+        self.checked(step, seconds=seconds, steady_seconds=steady, size=size)
 
     def use_next_step(self, next_step: int) -> None:
         """Take another process's :attr:`next_step` (rank zero's, so that all ranks agree)."""

@@ -94,10 +94,12 @@ class MemorizationMonitor(Monitor, Callback):
         # after `configure_model` and the move to the device: the network exists and is in place
         self.begin(pl_module)
         steps, every = trainer.max_steps, self.every_n_train_steps
-        if every is not None and self.every_n_epochs is None and 0 < steps < every:
-            rank_zero_warn(
-                f"memwatch: no check will run: every_n_train_steps={every} is beyond the trainer's max_steps={steps}"
-            )
+        budgeted = self.cadence is not None
+        first, setting = (
+            (self.cadence.first_check, "cadence.first_check") if budgeted else (every, "every_n_train_steps")
+        )
+        if first is not None and self.every_n_epochs is None and 0 < steps < first:
+            rank_zero_warn(f"memwatch: no check will run: {setting}={first} is beyond the trainer's max_steps={steps}")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.keep_start(pl_module, trainer.global_step)

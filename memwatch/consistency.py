@@ -36,10 +36,11 @@ so a rival must also denoise clearly better.
 The rules were set on the exact denoisers of a Gaussian mixture (every pair of the four schedules
 below read with every other prediction: all right), on 64-dimensional digits MLPs trained 300 and
 1000 steps with each schedule × prediction pair (read with its own: 26 of 32 ``"fits"`` and 6
-``"undecided"``, never ``"wrong"``; of the 96 other readings of the same schedule, 72 ``"wrong"`` with the right one named and 24 ``"undecided"``: networks whose
-own reading does not explain yet — EDM's score network never learns — and ε networks read as v on
-DDPM / EDM or as the flow velocity, which their ε reading beats by less than ``BETTER``) and on
-untrained ones (``"undecided"``).
+``"undecided"``, never ``"wrong"``; of the 96 other readings of the same schedule, 72 ``"wrong"``
+with the right one named and 24 ``"undecided"``: networks whose own reading does not explain
+yet — EDM's score network never learns — and ε networks read as v on DDPM / EDM or as the flow
+velocity, which their ε reading beats by less than ``BETTER``) and on untrained ones
+(``"undecided"``).
 """
 
 from __future__ import annotations

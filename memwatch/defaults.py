@@ -43,7 +43,7 @@ __all__ = [
     "STEPS_PER_SAMPLE",
 ]
 
-EVERY_N_TRAIN_STEPS = 500  #: check cadence, optimizer steps
+EVERY_N_TRAIN_STEPS = "auto"  #: check cadence: "auto" = within BUDGET (memwatch.cadence), or optimizer steps
 BUDGET = 0.03  #: the checks' share of training wall time with every_n_train_steps="auto"
 STEPS_PER_SAMPLE = 15.0  #: the cadence's ceiling: steps per effective training sample between checks
 FIRST_CHECK = 500  #: the first check's step with every_n_train_steps="auto" (the former fixed cadence)

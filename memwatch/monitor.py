@@ -38,12 +38,14 @@ from torch import Tensor, nn
 
 from memwatch import defaults
 from memwatch.attribution import CopiedItem
+from memwatch.cadence import BudgetCadence, CadenceOptions, DataSize
 from memwatch.collective import Collective, default_collective
 from memwatch.discovery import ScoreFn, batch_sample_shape, find_score
 from memwatch.errors import MemwatchError
 from memwatch.intake import BatchIntake, TrainingSamples
 from memwatch.keepers import FileKeeper, Keeper
 from memwatch.loggers import MonitorLogger
+from memwatch.monitor_settings import cadence_of, check_together
 from memwatch.onset import OnsetDecision
 from memwatch.options import CheckpointOptions, DataOptions, OnsetOptions, ProbeOptions, ReportOptions, regroup
 from memwatch.probes import ProbeMeasurement, isolated, parameters_finite, shard
@@ -78,7 +80,10 @@ class Monitor(Probing):
             else a diffusers network + scheduler found on the module
             (:func:`memwatch.discovery.find_score`); for a bare diffusers network pass
             ``lambda net: memwatch.diffusers_score(net, scheduler)``.
-        every_n_train_steps: check cadence in optimizer steps (``None``: only per epoch).
+        every_n_train_steps: ``"auto"`` (default; ``CadenceOptions()``) or a
+            :class:`memwatch.cadence.CadenceOptions`: checks within its ``budget`` of training time,
+            at most ``steps_per_sample`` steps per training sample apart (:mod:`memwatch.cadence`);
+            an integer: a check every that many optimizer steps; ``None``: only per epoch.
         every_n_epochs: also/instead check at the end of every n-th training epoch.
         num_probes: probes per check (sharded across ranks).
         sigmas: evaluation noise levels: ``"auto"`` (default: ``probes.sigma_factors`` × the
@@ -102,7 +107,7 @@ class Monitor(Probing):
     def __init__(
         self,
         score_fn: ScoreFn | None = None,
-        every_n_train_steps: int | None = defaults.EVERY_N_TRAIN_STEPS,
+        every_n_train_steps: int | str | CadenceOptions | None = defaults.EVERY_N_TRAIN_STEPS,
         every_n_epochs: int | None = None,
         num_probes: int = defaults.NUM_PROBES,
         sigmas: Sequence[float] | str = defaults.SIGMAS,
@@ -124,7 +129,8 @@ class Monitor(Probing):
         super().__init__(score_fn, check_int("num_probes", num_probes, 1), levels, groups["data"], groups["probes"])
         self.sharpness, self.onset, self.copies = groups["sharpness"], groups["onset"], groups["copies"]
         self.loss_gap, self.checkpoint, self.report = groups["loss_gap"], groups["checkpoint"], groups["report"]
-        self.every_n_train_steps = check_cadence("every_n_train_steps", every_n_train_steps)
+        #: the budgeted cadence's options (``None`` with a fixed cadence)
+        self.every_n_train_steps, self.cadence = cadence_of(every_n_train_steps)
         self.every_n_epochs = check_cadence("every_n_epochs", every_n_epochs)
         if every_n_train_steps is None and every_n_epochs is None:
             raise MemwatchError("set `every_n_train_steps` or `every_n_epochs`; both are None")
@@ -139,7 +145,7 @@ class Monitor(Probing):
     @reference_data.setter
     def reference_data(self, value: Tensor | Any | str | None) -> None:
         # settable before the run (``memwatch fit`` hands the data module's training set over): the signals follow
-        _check_together(value, self.data, self.onset, self.copies, self.loss_gap)
+        check_together(value, self.data, self.onset, self.copies, self.loss_gap)
         self._reference_data = value
         self._init_state()
 
@@ -159,6 +165,7 @@ class Monitor(Probing):
         self._finite_step: int | None = None  # the last check at which the model's parameters were finite
         self._warned_diverged = False
         self._intake = BatchIntake(self.data, raise_errors=self.report.raise_errors)
+        self.budget = None if self.cadence is None else BudgetCadence(self.cadence)
         # until the first check (or for good with reference_data="batches"): the LID signal reads them
         self.held_samples: TrainingSamples | None = TrainingSamples(
             self._intake, seed=self.probes.seed, uses=self._uses(), optional=not self.calibrating
@@ -266,19 +273,29 @@ class Monitor(Probing):
             except MemwatchError as err:
                 return self._intake.fault("select", step, f"{err}; the probe shape is taken from a later batch")
             self._validate(self._module)  # a configuration error: raised whatever raise_errors says
+        started = time.perf_counter()
         self.see_range(batch)
         if self.held_samples is not None and self._holding:
             self.held_samples.offer(batch, step, self.sample_shape)
             if self.held_samples.refused and not self.detector.history:  # the first batch: the rule without them
                 self.detector = self.onset.detector(compared=False)
+        if self.budget is not None:
+            self.budget.spend(time.perf_counter() - started)
 
     def due(self, step: int, *, epoch_end: int | None = None) -> bool:
-        """Whether a check is due after optimizer step ``step`` (every ``every_n_train_steps``), or at
-        the end of the 0-based epoch ``epoch_end`` (every ``every_n_epochs``); never twice at one step."""
+        """Whether a check is due after optimizer step ``step`` (with ``every_n_train_steps="auto"``
+        when the budget allows or the ceiling says, :mod:`memwatch.cadence`; else every
+        ``every_n_train_steps``), or at the end of the 0-based epoch ``epoch_end`` (every
+        ``every_n_epochs``); never twice at one step. Ask once after every optimizer step: the
+        budget times training steps by these calls."""
+        if epoch_end is None and self.budget is not None:
+            self.budget.tick()
         if step == self._last_checked_step:
             return False
         if epoch_end is not None:
             return self.every_n_epochs is not None and (epoch_end + 1) % self.every_n_epochs == 0
+        if self.budget is not None:
+            return step > 0 and self.budget.due(step)
         return self.every_n_train_steps is not None and step > 0 and step % self.every_n_train_steps == 0
 
     # ------------------------------------------------------------------ the check
@@ -326,17 +343,38 @@ class Monitor(Probing):
                 raise
             error = err
         if not self._all_ranks_measured(step, error):
+            self._plan(step, {}, time.perf_counter() - started)
             return None
         draft = self._contributions(run, measurement, measured, clock)
         with clock.phase("decision"):  # the onset rule and the clean checkpoint
             decision = self._decide(module, step, draft)
         draft.values.update(clock.values())
         draft.values["check_seconds"] = time.perf_counter() - started
+        self._plan(step, draft.values, draft.values["check_seconds"])
         with clock.phase("publishing"):
             check = self._publish(step, draft, decision)
         self._reporter.publish_time(step, clock.seconds["publishing"])
         self.history[-1]["time/publishing"] = clock.seconds["publishing"]
+        if self.budget is not None:
+            self.budget.spend(clock.seconds["publishing"])
         return check
+
+    def _plan(self, step: int, values: dict[str, float], seconds: float) -> None:
+        """With the budget: the next check's step from this one's cost (rank zero's, on every
+        rank), logged as ``cadence_steps`` and said in the result line."""
+        if self.budget is None:
+            return
+        sizes = self.held_samples.sizes.size() if self.held_samples is not None else None
+        if self.reference is not None:
+            sizes = DataSize(self.reference.shape[0])
+        elif sizes is not None:  # each rank counts its shard of the batches
+            sizes = DataSize(sizes.samples * self.collective.world_size, sizes.largest_repeat)
+        self.budget.account(step, values, seconds, sizes)
+        self.budget.use_next_step(self.collective.broadcast(self.budget.next_step))
+        if values:
+            values["cadence_steps"] = float(self.budget.interval)
+        assert self._reporter is not None
+        self._reporter.use_cadence(self.budget.describe())
 
     def _weights_finite(self, module: nn.Module, step: int) -> bool:
         """Whether the model's parameters are finite on every rank. When they are not, training
@@ -365,6 +403,7 @@ class Monitor(Probing):
         self._record(step, values)
         assert self._reporter is not None
         self._reporter.publish_unmeasured(step, values, reason)
+        self._plan(step, {}, 0.0)
         return False
 
     def _value_names(self) -> Iterator[str]:
@@ -464,6 +503,7 @@ class Monitor(Probing):
             "last_checked_step": self._last_checked_step,
             "calibrated_sigmas": self.calibrated_sigmas,  # also read by memwatch 0.1
             "signals": {name: s.state_dict() for name, s in self.signals.items()},
+            "cadence": None if self.budget is None else self.budget.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -480,6 +520,8 @@ class Monitor(Probing):
         for name, state in states.items():
             if name in self.signals:
                 self.signals[name].load_state_dict(state)
+        if self.budget is not None and state_dict.get("cadence") is not None:
+            self.budget.load_state_dict(state_dict["cadence"])
         self._release_samples()  # a resumed run keeps its levels (training samples were never saved)
 
     # ------------------------------------------------------------------ measuring without a run
@@ -534,38 +576,3 @@ class Monitor(Probing):
 
 
 # ---------------------------------------------------------------------- module-level helpers
-def _describe(value: Any) -> str:
-    """A setting's value in a message: tensors by their shape, not their contents."""
-    return f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else repr(value)
-
-
-def _check_together(
-    reference_data: Any, data: DataOptions, onset: OnsetOptions, copies: CopyOptions, loss_gap: LossGapOptions
-) -> None:
-    """Settings that only make sense together."""
-    if isinstance(reference_data, str) and reference_data != "batches":
-        raise MemwatchError(
-            '`reference_data` must be training samples, an iterable of batches, "batches" or None, '
-            f"got {reference_data!r}"
-        )
-    if onset.on in ("copies", "either") and reference_data is None:
-        raise MemwatchError(
-            f"`onset.on`={onset.on!r} needs training samples to compare the probes with: pass `reference_data` "
-            '(a tensor, or "batches" for those the monitor sees)'
-        )
-    if data.ids is not None and not isinstance(reference_data, str):
-        raise MemwatchError(
-            "`data.ids` name the items of the training batches' views, which the copy index reads with "
-            f'reference_data="batches" (the default); got reference_data={_describe(reference_data)}: a reference '
-            "tensor's rows are its items"
-        )
-    if isinstance(reference_data, str) and copies.ids is not None:
-        raise MemwatchError(
-            '`copies.ids` name the items of a `reference_data` tensor; with reference_data="batches" the monitor holds '
-            "a changing sample of the batches and has no ids: pass `reference_data` as a tensor"
-        )
-    if loss_gap.heldout_data is not None and reference_data is None:
-        raise MemwatchError(
-            "`loss_gap.heldout_data` is one side of the loss gap; the other is training samples: pass `reference_data` "
-            '(a tensor, or "batches" for those the monitor sees)'
-        )

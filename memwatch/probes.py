@@ -331,7 +331,9 @@ class ProbeSet:
             spectrum_options = spectrum_options.replace(jvp_mode=options.jvp_mode)  # the verified path
             t0 = self.timesteps[0]
             states = traj.states[t0][:spectrum_probes]
-            with clock.phase("spectrum", f" at t={t0:g} (Lanczos, {spectrum_options.num_iters} steps, {len(states)} probes)"):
+            with clock.phase(
+                "spectrum", f" at t={t0:g} (Lanczos, {spectrum_options.num_iters} steps, {len(states)} probes)"
+            ):
                 spectrum = self._sharpness(score, states, t0, spectrum_options)
         with clock.phase("hessian_score_norm"):
             jeon = hessian_score_norm(score, traj.states[noisiest], noisiest, options)

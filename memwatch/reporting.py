@@ -184,6 +184,7 @@ class CheckReporter:
         self.verbose = verbose
         self.raise_errors = raise_errors
         self.sampler_text = ""  # the probes' sampler in a few words, once known (:meth:`use_sampler`)
+        self.cadence_text = ""  # the cadence in force and why (:meth:`use_cadence`)
         self._first_density: Tensor | None = None
         self._first_step = 0
         self._gallery_warned = False
@@ -245,6 +246,11 @@ class CheckReporter:
         self.sampler_text = sampler_summary(settings)
         with self._step("run config"):
             self.logger.log_config("probe_sampler", settings)
+
+    def use_cadence(self, text: str) -> None:
+        """The cadence in force and why (:meth:`memwatch.cadence.BudgetCadence.describe`), named in
+        the next result lines."""
+        self.cadence_text = text
 
     def start_line(self, step: int, num_probes: int, num_timesteps: int) -> None:
         """The line that opens a check (with ``verbose``)."""
@@ -416,7 +422,8 @@ class CheckReporter:
                         else "No check before it was clean, so there is no clean checkpoint"
                     )
                     + f": the model was memorizing by its first check{_first_step(decision.reason)}. Check sooner "
-                    "(a smaller `every_n_train_steps`, e.g. a quarter of it) to catch the onset"
+                    "(a smaller `cadence.first_check` and `cadence.steps_per_sample`, or a fixed "
+                    "`every_n_train_steps`) to catch the onset"
                 )
             )
             rank_zero_warn(f"memwatch: {msg}")
@@ -430,6 +437,7 @@ class CheckReporter:
                 + copies_verdict(values, self.onset_key)
                 + (f", {bad} probe(s) not finite" if bad else "")
                 + f" ({values['check_seconds']:.1f}s{self._sampler_part()})"
+                + (f"; {self.cadence_text}" if self.cadence_text else "")
             )
         if check.conditions and self.verbose:
             scores = torch.tensor([c["hessian_score_diff"] for c in check.conditions.values()], dtype=torch.float64)

@@ -19,6 +19,7 @@ import torch
 from callback_setup import datamodule, memorizing_data, module_2d
 
 from memwatch import (
+    CadenceOptions,
     CheckpointOptions,
     LossGapOptions,
     MemorizationMonitor,
@@ -61,7 +62,8 @@ def main(out: Path, mode: str | None) -> None:
         disk_full_on_rank0()
     monitor = MemorizationMonitor(
         score_fn=failing_on_rank1_at_step_200 if faults else None,
-        every_n_train_steps=100,
+        # the budgeted cadence: the next check's step is rank zero's on both ranks (each times its own steps)
+        every_n_train_steps=100 if faults else CadenceOptions(first_check=100, steps_per_sample=10, min_steps=50),
         num_probes=16,
         sigmas=(0.2,),
         stop_on_onset=True,

@@ -93,3 +93,35 @@ def test_sizes_are_counted_exactly_with_repeats_across_batches():
     assert size.effective == pytest.approx(5000 / size.largest_repeat)
     counter.add(torch.tensor([10**12]))
     assert counter.size().samples == 5001
+
+
+# ------------------------------------------------------------------ through a real fit, at the defaults
+def test_the_default_cadence_through_a_fit_says_the_cadence_in_force_and_keeps_it_on_resume(tmp_path, caplog):
+    """``every_n_train_steps="auto"`` (the default): the first check at ``cadence.first_check``, the
+    next ones within the ceiling of a 4-point training set, logged as ``cadence_steps`` and said in
+    the result line; a resumed fit keeps the account."""
+    import logging
+
+    from callback_setup import fit, memorizing_data
+
+    from memwatch import MemorizationMonitor, SharpnessCheckOptions
+
+    options = CadenceOptions(first_check=20, steps_per_sample=5, min_steps=10)
+    monitor = MemorizationMonitor(every_n_train_steps=options, num_probes=8, sharpness=SharpnessCheckOptions(k=2))
+    assert monitor.every_n_train_steps == "auto" and monitor.budget is not None
+    logging.getLogger("lightning.pytorch").addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")
+    try:
+        fit(tmp_path, memorizing_data(), monitor, max_steps=80)
+    finally:
+        logging.getLogger("lightning.pytorch").removeHandler(caplog.handler)
+    steps = [int(h["step"]) for h in monitor.history]
+    assert steps[0] == 20 and len(steps) >= 3, steps
+    gaps = [b - a for a, b in zip(steps, steps[1:])]
+    assert all(10 <= g <= 20 for g in gaps), gaps  # 5 steps a sample for 4 samples: the ceiling, 20
+    assert all(h["cadence_steps"] == 20 and math.isfinite(h["sharp_fraction_mean"]) for h in monitor.history)
+    lines = [r.getMessage() for r in caplog.records if "sharp fraction" in r.getMessage()]
+    assert lines and "next check in 20 steps (ceiling: 5 steps a sample for 4 effective training samples" in lines[-1]
+    again = MemorizationMonitor(every_n_train_steps=options, num_probes=8, sharpness=SharpnessCheckOptions(k=2))
+    again.load_state_dict(monitor.state_dict())
+    assert again.budget.next_step == monitor.budget.next_step and again.budget.describe() == monitor.budget.describe()

@@ -305,7 +305,9 @@ def test_two_process_ddp_reaches_one_decision(tmp_path):
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
     assert ranks[0]["onset_step"] == ranks[1]["onset_step"] is not None
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == ranks[0]["onset_step"]
-    assert ranks[0]["history"] == ranks[1]["history"]  # synced metrics, identical on both ranks
+    assert ranks[0]["history"] == ranks[1]["history"]  # synced metrics and one cadence, identical on both ranks
+    steps = [int(h["step"]) for h in ranks[0]["history"]]
+    assert steps[0] == 100 and all(h["cadence_steps"] >= 50 for h in ranks[0]["history"])  # the budget's, agreed
     assert ranks[0]["local_probes"] + ranks[1]["local_probes"] == 16
     # reference_data="batches": the ratio to the samples both ranks saw is the one to the training set
     assert "nn_memorized_fraction" in ranks[0]["history"][-1] and math.isfinite(ranks[0]["history"][-1]["loss_gap"])

@@ -51,7 +51,9 @@ def test_the_exact_denoiser_fits_its_own_pair(mixture, kind, prediction):
     assert found.errors[prediction][0] < 0.5  # it removes most of the noise at the small level
 
 
-@pytest.mark.parametrize(("kind", "trained", "read"), [(k, p, q) for k, p in PAIRS for k2, q in PAIRS if k2 == k and q != p])
+@pytest.mark.parametrize(
+    ("kind", "trained", "read"), [(k, p, q) for k, p in PAIRS for k2, q in PAIRS if k2 == k and q != p]
+)
 def test_an_exact_denoiser_read_as_another_prediction_is_wrong_and_the_right_one_named(mixture, kind, trained, read):
     """Every wrong prediction on every schedule (issue 30: ε read as v and an ε network read as the
     flow velocity among them)."""

@@ -215,7 +215,9 @@ def test_a_flow_matching_scheduler_is_found_and_read_as_flow():
 
 
 def test_a_solver_on_flow_sigmas_is_found_as_flow_with_its_prediction():
-    solver = diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")
+    solver = diffusers.DPMSolverMultistepScheduler(
+        use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction"
+    )
     score = find_score(Holder(unet=unet(), scheduler=solver))
     assert (score.schedule.kind, score.prediction) == ("flow", "flow_prediction")
     assert score.schedule.scheduler_class == "DPMSolverMultistepScheduler"

@@ -170,7 +170,8 @@ def test_latent_model_with_decoded_galleries(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("family", "flow"), [("dit", False), ("pixart", False), ("sd3", False), ("flux", False), ("sd3", True), ("flux", True)]
+    ("family", "flow"),
+    [("dit", False), ("pixart", False), ("sd3", False), ("flux", False), ("sd3", True), ("flux", True)],
 )
 def test_a_diffusion_transformer_and_its_scheduler_are_found_with_no_glue(tmp_path, family, flow):
     """The README's UNet recipe with a DiT (its null class found in its label embedding) or a text

@@ -160,10 +160,10 @@ def test_the_onset_alert_names_the_rule_and_the_clean_checkpoint(tmp_path):
 def test_an_onset_with_no_clean_check_before_it_says_so_and_what_would_have_caught_it(tmp_path):
     said = _onset_alert(tmp_path, {}, None)
     assert "no clean checkpoint: the model was memorizing by its first check (step 10)" in said
-    assert "a smaller `every_n_train_steps`" in said and "None (step None)" not in said
+    assert "a smaller `cadence.first_check`" in said and "None (step None)" not in said
     said = _onset_alert(tmp_path, {"clean_step": 0.0}, "ckpt/memwatch-clean.ckpt")
     assert "Last clean checkpoint: ckpt/memwatch-clean.ckpt (step 0, the weights training started from): " in said
-    assert "memorizing by its first check (step 10)" in said and "a smaller `every_n_train_steps`" in said
+    assert "memorizing by its first check (step 10)" in said and "a smaller `cadence.first_check`" in said
 
 
 # ------------------------------------------------------------------ the sampler the probes are drawn with
