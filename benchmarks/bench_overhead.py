@@ -1,27 +1,25 @@
-"""Wall-time overhead of MemorizationMonitor at its defaults on a short fit.
+"""Wall-time overhead of MemorizationMonitor at its defaults over a run of many checks.
 
-The same fit runs without and with ``MemorizationMonitor()`` (default cadence: a check every
-500 steps with 32 probes, 50 sampler steps, one noise level), alternating plain / monitored so
-that drifts in
-machine load hit both alike; after one discarded warm-up pair, the median of ``--repeats`` pairs
-is reported as ``monitored / plain`` for wall time and for process CPU time (steadier on a
-shared machine), and the wall time of the checks themselves (probing, measuring, saving the
-clean checkpoint, logging) as a share of the plain fit — on a busy machine the fit-to-fit noise
-(several %) can exceed the monitor's cost, and that share is the steadier figure.
+The same fit runs without and with ``MemorizationMonitor()`` at its defaults — the budgeted
+cadence (``every_n_train_steps="auto"``: the checks within 3 % of training time, at most 15
+steps per effective training sample apart; :mod:`memwatch.cadence`), 32 probes, 50 sampler
+steps, the trace tier and, on the UNet, the Lanczos spectrum every 10th check on 2 probes —
+side by side in one process, plain first. A short warm-up pair (100 steps each) loads what both
+need. Reported: ``monitored / plain`` for wall and process CPU time, the number of checks and
+the cadence the budget chose (and why), each check's wall time, and the first check's one-time
+phases (calibration, data LID, consistency check, spectrum) against a steady check's.
 
 Two models: ``--model mlp`` (DDPMModule, 1024 sklearn digits 8×8, batch 64: dense 64×64
-Hessians) and ``--model unet`` (a diffusers UNet2DModel, widths 32/64, on the digits upsampled to
-3×16×16 = 768 dimensions, batch 32, a default DDPMScheduler: the trace tier at every check and
-the Lanczos spectrum every 10th).
+Hessians) and ``--model unet`` (a diffusers UNet2DModel, widths 32/64, on 1024 digits
+upsampled to 3×16×16 = 768 dimensions, batch 32, a default DDPMScheduler).
 
-    python benchmarks/bench_overhead.py                 # MLP, 2000 steps (4 checks), 5 pairs
-    python benchmarks/bench_overhead.py --model unet --steps 1000 --repeats 3
-    python benchmarks/bench_overhead.py --steps 500 --repeats 1   # a quick look
-    python benchmarks/bench_overhead.py --model unet --reference batches   # the batch intake of "batches"
+    python benchmarks/bench_overhead.py --model unet --steps 7000   # ≥ 10 checks at ~650 steps each
+    python benchmarks/bench_overhead.py --model mlp --steps 140000
+    python benchmarks/bench_overhead.py --model unet --steps 300 --every 100   # a quick look, fixed cadence
 
 The batch intake (what the monitor does with every training batch: select, check, stage a
 detached copy; the rows are hashed and indexed at the next check) is timed inside the monitored
-fits themselves, hook by hook, and printed as a share of a plain fit's step.
+fit, hook by hook, and printed as a share of a plain fit's step.
 """
 
 from __future__ import annotations
@@ -39,6 +37,7 @@ import torch
 
 from memwatch import MemorizationMonitor, ReportOptions
 from memwatch.apps.toymodels import DDPMModule, DigitsDataModule, TensorDataModule, UNetDDPMModule, tiny_unet
+from memwatch.cadence import ONE_TIME_PHASES
 from memwatch.data import digits
 
 
@@ -74,12 +73,13 @@ def setup(model: str, steps: int, seed: int) -> tuple[pl.LightningModule, pl.Lig
 
 
 def fit_once(
-    model: str, steps: int, monitored: bool, root: str, reference: str | None, seed: int = 0
-) -> tuple[float, float, list[float], list[float]]:
-    """One fit; returns (wall seconds, CPU seconds, the wall seconds of each whole check, of each batch intake)."""
+    model: str, steps: int, monitored: bool, root: str, every: int | None, seed: int = 0
+) -> tuple[float, float, TimedMonitor | None]:
+    """One fit; returns (wall seconds, CPU seconds, the monitor or ``None``)."""
     pl.seed_everything(seed, verbose=False)
     module, data = setup(model, steps, seed)
-    monitor = TimedMonitor(reference_data=reference, report=ReportOptions(verbose=False)) if monitored else None
+    cadence = {} if every is None else {"every_n_train_steps": every}
+    monitor = TimedMonitor(report=ReportOptions(verbose=False), **cadence) if monitored else None
     trainer = pl.Trainer(
         max_steps=steps,
         accelerator="cpu",
@@ -93,70 +93,51 @@ def fit_once(
     )
     wall, cpu = time.perf_counter(), time.process_time()
     trainer.fit(module, datamodule=data)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    checks = monitor.check_times if monitor else []
-    return wall, cpu, checks, monitor.intake_times if monitor else []
+    return time.perf_counter() - wall, time.process_time() - cpu, monitor
+
+
+def phases(check: dict[str, float]) -> dict[str, float]:
+    """``{phase: seconds}`` of one check's ``time/<phase>`` values (the ones over 10 ms)."""
+    return {k[5:]: v for k, v in check.items() if k.startswith("time/") and v >= 0.01}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("mlp", "unet"), default="mlp", help="the fit (default mlp)")
-    parser.add_argument("--steps", type=int, default=2000, help="optimizer steps per fit (default 2000: 4 checks)")
-    parser.add_argument("--repeats", type=int, default=5, help="measured plain/monitored pairs (default 5)")
+    parser.add_argument("--model", choices=("mlp", "unet"), default="unet", help="the fit (default unet)")
+    parser.add_argument("--steps", type=int, default=7000, help="optimizer steps per fit (default 7000)")
+    parser.add_argument("--every", type=int, default=None, help="a fixed cadence instead of the default budget")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument(
-        "--reference", choices=("none", "batches"), default="none", help="the monitor's reference_data (default none)"
-    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-
-    walls: dict[bool, list[float]] = {False: [], True: []}
-    cpus: dict[bool, list[float]] = {False: [], True: []}
-    checks: list[float] = []
-    intakes: list[float] = []
-    reference = None if args.reference == "none" else args.reference
     with tempfile.TemporaryDirectory() as root:
-        for rep in range(args.repeats + 1):  # rep 0: warm-up, discarded
-            order = (False, True) if rep % 2 == 0 else (True, False)
-            for monitored in order:
-                wall, cpu, chk, intake = fit_once(args.model, args.steps, monitored, root, reference)
-                if rep:
-                    walls[monitored].append(wall)
-                    cpus[monitored].append(cpu)
-                    checks += chk
-                    intakes += intake
-                print(
-                    f"{'warm-up' if rep == 0 else f'pair {rep}':>8} {'monitored' if monitored else 'plain':>9}: "
-                    f"{wall:6.2f} s wall, {cpu:6.2f} s CPU",
-                    flush=True,
-                )
-    wall_ratios = [m / p for p, m in zip(walls[False], walls[True])]
-    per_fit_checks = sum(checks) / args.repeats  # the checks' own wall time per monitored fit
-    cpu_ratios = [m / p for p, m in zip(cpus[False], cpus[True])]
-    pairs = "  ".join(f"{w:.3f}/{c:.3f}" for w, c in zip(wall_ratios, cpu_ratios))
-    n_checks = args.steps // 500
-    check_line = (
-        f"  one check      median {statistics.median(checks):.3f} s wall, max {max(checks):.3f} s "
-        f"({per_fit_checks:.2f} s per fit, {per_fit_checks / statistics.median(walls[False]):.1%} of the plain fit)\n"
-        if checks
-        else "  no check ran (fewer steps than the cadence): the difference is the batch intake alone\n"
-    )
+        for monitored in (False, True):  # warm-up: imports, kernels, the first allocations
+            fit_once(args.model, 100, monitored, root, 50)
+        plain_wall, plain_cpu, _ = fit_once(args.model, args.steps, False, root, args.every)
+        wall, cpu, monitor = fit_once(args.model, args.steps, True, root, args.every)
+    assert monitor is not None
+    checks, history = monitor.check_times, monitor.history
+    steady = statistics.median(checks[1:]) if len(checks) > 1 else float("nan")
+    first = phases(history[0]) if history else {}
+    extras = {p: first[p] for p in ONE_TIME_PHASES if p in first}
+    step = plain_wall / args.steps
+    intake = statistics.mean(monitor.intake_times)
+    cadence = monitor.budget.describe() if monitor.budget is not None else f"every {args.every} steps (fixed)"
     print(
-        f"\n{args.model}: {args.steps} steps, {n_checks} checks, {args.repeats} pairs, {args.threads} thread(s):\n"
-        f"  plain fit      median {statistics.median(walls[False]):.2f} s wall "
-        f"({statistics.median(cpus[False]):.2f} s CPU)\n"
-        f"  monitored fit  median {statistics.median(walls[True]):.2f} s wall "
-        f"({statistics.median(cpus[True]):.2f} s CPU)\n"
-        f"  per pair (wall/CPU ratio): {pairs}\n"
-        + check_line
-        + f"  overhead ratio (monitored / plain): wall {statistics.median(wall_ratios):.3f}, "
-        f"CPU {statistics.median(cpu_ratios):.3f}\n"
-        f"  batch intake (reference_data={reference!r}, sigmas='auto'): "
-        f"median {statistics.median(intakes) * 1e6:.0f} µs a step, "
-        f"mean {statistics.mean(intakes) * 1e6:.0f} µs (drains included) = "
-        f"{statistics.mean(intakes) / (statistics.median(walls[False]) / args.steps):.2%} of a plain step"
+        f"\n{args.model}: {args.steps} steps, {len(checks)} checks, {args.threads} thread(s), one pair:\n"
+        f"  plain fit      {plain_wall:.1f} s wall ({plain_cpu:.1f} s CPU), {step * 1e3:.1f} ms a step\n"
+        f"  monitored fit  {wall:.1f} s wall ({cpu:.1f} s CPU)\n"
+        f"  overhead ratio (monitored / plain): wall {wall / plain_wall:.3f}, CPU {cpu / plain_cpu:.3f}\n"
+        f"  checks at steps {[int(h['step']) for h in history]}\n"
+        f"  cadence: {cadence}\n"
+        f"  checks' wall time: {sum(checks):.1f} s = {sum(checks) / plain_wall:.1%} of the plain fit; "
+        f"first {checks[0] if checks else float('nan'):.2f} s, steady (median of the others) {steady:.2f} s, "
+        f"first / steady {checks[0] / steady if checks else float('nan'):.2f}\n"
+        f"  the first check's one-time phases: {', '.join(f'{p} {v:.2f} s' for p, v in extras.items()) or 'none'} "
+        f"(sum {sum(extras.values()):.2f} s)\n"
+        f"  a steady check's phases: {', '.join(f'{p} {v:.2f} s' for p, v in phases(history[-1]).items())}\n"
+        f"  batch intake: mean {intake * 1e6:.0f} µs a step (drains included) = {intake / step:.2%} of a plain step"
     )
     return 0
 
