@@ -206,12 +206,12 @@ class BudgetCadence:
 
     @property
     def share(self) -> float:
-        """The checks' share of training wall time so far (NaN before any training)."""
+        """The monitor's share of training wall time so far: checks, intake and publishing (NaN before any training)."""
         return self._spent / self._train if self._train > 0 else math.nan
 
     def describe(self) -> str:
         """The cadence in force and why, for the result line, e.g. ``"next check in 640 steps (budget
-        3%: a check 3.2 s, a step 0.16 s; checks so far 2.9% of training time)"``."""
+        3%: a check 3.2 s, a step 0.16 s; the monitor so far 2.9% of training time)"``."""
         o, step = self.options, self.step_seconds
         if self.last_step is None:
             return f"first check at step {self.next_step}"
@@ -226,7 +226,8 @@ class BudgetCadence:
             "ceiling": f"ceiling: {o.steps_per_sample:g} steps a sample{size}",
             "floor": f"floor: {o.min_steps} steps",
         }[self.bound]
-        return f"next check in {self.interval} steps ({why}: {costs}; checks so far {self.share:.1%} of training time)"
+        share = f"the monitor so far {self.share:.1%} of training time"
+        return f"next check in {self.interval} steps ({why}: {costs}; {share})"
 
     def state_dict(self) -> dict[str, Any]:
         size = None if self._size is None else (self._size.samples, self._size.largest_repeat)
