@@ -58,6 +58,9 @@ prompt → embedding ``[L, E]``) are read once by :func:`parse_conditions`.
 Units: with ``x`` in data units ``[x]``, ``s`` and ``s_Δ`` are in ``1/[x]`` and ``H s_Δ`` in
 ``1/[x]³``; the values are raw (not σ_t-normalized), so compare conditions at the same timesteps,
 which :func:`conditional_metrics` guarantees by giving every condition the same probe noise.
+
+Over 600 lines, as one module: the two metrics, the conditions they are read for and the row bound
+of their Jacobian products are one computation along one trajectory per probe.
 """
 
 from __future__ import annotations

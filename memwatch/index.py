@@ -58,6 +58,10 @@ Example:
     >>> hits = index.search(torch.tensor([[0.1, 0.0], [5.0, 5.0]]))
     >>> hits.distance.shape, ratio(hits)
     (torch.Size([2, 2]), tensor([0.0101, 1.0000], dtype=torch.float64))
+
+Over 600 lines, as one module: the exact and the compressed tier share the slots, the keys and the
+reservoir eviction that make a search answer over distinct items; split by tier, the eviction and
+the keys would be restated.
 """
 
 from __future__ import annotations

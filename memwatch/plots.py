@@ -13,6 +13,9 @@ Example:
     >>> fig = plot_spectrum({"probe 0": (grid, dens)})
     >>> len(fig.axes[0].lines)   # the density and the threshold line
     2
+
+Over 600 lines, as one module: one function per figure the reporter, the demo and ``memwatch scan``
+draw, on shared axes helpers and no state; split, the helpers would be imported back by every part.
 """
 
 from __future__ import annotations

@@ -37,6 +37,10 @@ conditional metric, from one reverse-mode product per sample.
 What was not measured is NaN: a sample whose score, derivatives or computed values are not finite
 gets NaN in every per-sample field (``finite`` False) and one ``RuntimeWarning`` counts those
 samples and says why.
+
+Over 600 lines, as one module: the three tiers (dense, Lanczos, the trace) share one options type,
+one result type and one policy for what was not measured (NaN, convergence flags, warnings); split
+by tier, each would restate that policy.
 """
 
 from __future__ import annotations
