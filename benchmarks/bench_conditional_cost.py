@@ -42,7 +42,7 @@ import torch
 
 import memwatch.conditional as conditional
 import memwatch.probes as probes
-from memwatch.conditional import default_max_batch
+from memwatch.memory import default_max_batch
 from memwatch.probes import ProbeSet, evaluation_timesteps
 from memwatch.schedules import NoiseSchedule
 from memwatch.score import DiffusionScore

@@ -25,7 +25,7 @@ counted in :attr:`BatchIntake.skipped` / :attr:`BatchIntake.dropped_rows`; with
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -35,12 +35,25 @@ from torch import Tensor
 
 from memwatch.cadence import SizeCounter
 from memwatch.calibration import Reservoir
-from memwatch.discovery import check_reference_data, select_data
 from memwatch.errors import MemwatchError
+from memwatch.groundtruth import first_tensor
 from memwatch.index import CopyIndex, content_keys
+from memwatch.operators import is_out_of_memory
 from memwatch.options import DataOptions
+from memwatch.validation import check_int, check_shape
 
-__all__ = ["STAGE_BYTES", "BatchIntake", "TrainingSamples", "as_float", "in_probe_space", "item_ids"]
+__all__ = [
+    "STAGE_BYTES",
+    "BatchIntake",
+    "TrainingSamples",
+    "as_float",
+    "batch_range",
+    "batch_sample_shape",
+    "check_reference_data",
+    "in_probe_space",
+    "item_ids",
+    "select_data",
+]
 
 STAGE_BYTES = 64 * 2**20  #: staged rows beyond this are drained before the next check
 
@@ -388,3 +401,174 @@ def space_message(shape: tuple[int, ...] | None, probes: Sequence[int], uses: st
         "`data.sample_shape` to match the data, `data.select` to point at the samples, or a `data.encode_fn` "
         "that maps the batches there"
     )
+
+
+# ---------------------------------------------------------------------- what a batch holds
+def batch_sample_shape(batch: Any, batch_key: Any = None) -> tuple[int, ...]:
+    """The shape of one sample of a training batch: ``batch[batch_key]`` for dict batches, else
+    the batch itself or its first tensor (tuple / list / dict), without the batch dimension.
+
+    Raises:
+        MemwatchError: ``batch_key`` is not a key of a dict batch (the message lists the keys) or
+            the batch is not a dict; no tensor in the batch; the tensor has no sample dimensions.
+
+    Example:
+        >>> batch_sample_shape({"label": torch.zeros(8), "image": torch.zeros(8, 3, 4, 4)}, "image")
+        (3, 4, 4)
+    """
+    data = select_data(batch, batch_key)
+    if data.ndim < 2:
+        raise MemwatchError(
+            f"the data tensor of the training batch has shape {tuple(data.shape)}, not [batch, *sample_shape]; "
+            "pass `data.sample_shape` (and `data.select` to point at the samples)"
+        )
+    return tuple(data.shape[1:])
+
+
+def select_data(batch: Any, select: Any, what: str = "the training batch") -> Tensor:
+    """The data tensor of ``batch`` chosen by ``select`` (see :class:`memwatch.options.DataOptions`).
+
+    Raises:
+        MemwatchError: the selector finds no tensor (the message names ``data.select`` and what the batch holds).
+
+    Example:
+        >>> select_data((torch.zeros(4), torch.ones(4, 2)), 1).shape
+        torch.Size([4, 2])
+    """
+    if callable(select):
+        out = select(batch)
+        if not isinstance(out, Tensor):
+            raise MemwatchError(f"`data.select` returned a {type(out).__name__} for {what}, not a tensor")
+        return out
+    if isinstance(select, str):
+        if not isinstance(batch, Mapping) or not isinstance(batch.get(select), Tensor):
+            keys = list(batch) if isinstance(batch, Mapping) else f"none (a {type(batch).__name__})"
+            raise MemwatchError(f"`data.select`={select!r} is not a key of a tensor in {what}; its keys: {keys}")
+        return batch[select]
+    if isinstance(select, int):
+        ok = isinstance(batch, Sequence) and select < len(batch) and isinstance(batch[select], Tensor)
+        if not ok:
+            raise MemwatchError(
+                f"`data.select`={select} is not the index of a tensor in {what} (a {type(batch).__name__})"
+            )
+        return batch[select]
+    try:
+        return first_tensor(dict(batch) if isinstance(batch, Mapping) else batch)
+    except MemwatchError as err:
+        raise MemwatchError(
+            f"memwatch cannot find a tensor in {what} (a {type(batch).__name__}); set `data.select` "
+            "(a dict key, a tuple index or a function) or `data.sample_shape`"
+        ) from err
+
+
+# ---------------------------------------------------------------------- reference data
+def check_reference_data(
+    reference_data: Tensor | Iterable[Any],
+    sample_shape: Sequence[int],
+    encode_fn: Callable[[Tensor], Tensor] | None = None,
+    *,
+    batch_key: str | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int = 64,
+    name: str = "reference_data",
+) -> Tensor:
+    """Training samples ``[N, *sample_shape]`` on the CPU, in the space of the probes.
+
+    Args:
+        reference_data: ``[N, ...]`` tensor, or an iterable of batches (tensors, or tuples / lists
+            / dicts whose first tensor — ``batch[batch_key]`` for dicts — is the data).
+        sample_shape: the probes' shape; the data must have it after ``encode_fn``.
+        encode_fn: maps a chunk of data ``[b, ...]`` to the probes' space ``[b, *sample_shape]``
+            (e.g. images → VAE latents,
+            ``lambda x: vae.encode(x).latent_dist.mean * vae.config.scaling_factor``); called
+            without gradients on chunks of ``batch_size`` samples moved to ``device``.
+        batch_key: key of the data in dict batches.
+        device: where ``encode_fn`` runs (default: where the data is).
+        batch_size: samples per ``encode_fn`` call.
+        name: the argument the errors name (``"heldout_data"`` for held-out samples).
+
+    Returns:
+        ``[N, *sample_shape]`` detached CPU tensor.
+
+    Raises:
+        MemwatchError: the data (after ``encode_fn``) is not shaped like the probes — the message
+            names ``name`` / ``encode_fn`` and both shapes; fewer than 2 samples; no
+            tensor in a batch; ``encode_fn`` fails or does not return a tensor.
+
+    Example:
+        >>> check_reference_data(torch.zeros(4, 3, 2, 2), (3, 2, 2)).shape
+        torch.Size([4, 3, 2, 2])
+    """
+    shape = check_shape("sample_shape", sample_shape) or ()
+    check_int("batch_size", batch_size, 1)
+    if not isinstance(reference_data, (Tensor, Iterable)):
+        raise MemwatchError(
+            f"`{name}` must be a tensor [N, ...] or an iterable of batches, got {type(reference_data).__name__}"
+        )
+    batches = [reference_data] if isinstance(reference_data, Tensor) else reference_data
+    parts = []
+    for batch in batches:
+        data = select_data(batch, batch_key, f"a `{name}` batch").detach()
+        encoded = data if encode_fn is None else _encode(encode_fn, data, device, batch_size, name)
+        if tuple(encoded.shape[1:]) != shape:
+            raise MemwatchError(_space_message(tuple(data.shape[1:]), tuple(encoded.shape[1:]), shape, encode_fn, name))
+        parts.append(encoded.cpu())
+    total = sum(p.shape[0] for p in parts)
+    if total < 2:
+        raise MemwatchError(f"`{name}` must hold at least 2 samples, got {total}")
+    return torch.cat(parts)
+
+
+def _encode(encode_fn: Callable[[Tensor], Tensor], data: Tensor, device: Any, batch_size: int, name: str) -> Tensor:
+    """``encode_fn`` over ``batch_size`` chunks of ``data`` (no gradients), concatenated on the CPU."""
+    out = []
+    with torch.no_grad():
+        for chunk in data.split(batch_size):
+            try:
+                encoded = encode_fn(chunk if device is None else chunk.to(device))
+            except Exception as err:  # noqa: BLE001 - the user function's error, re-raised with context
+                if is_out_of_memory(err):
+                    raise
+                raise MemwatchError(
+                    f"`encode_fn` fails on a `{name}` chunk of shape {tuple(chunk.shape)}: {type(err).__name__}: {err}"
+                ) from err
+            if not isinstance(encoded, Tensor):
+                raise MemwatchError(f"`encode_fn` must return a tensor, got {type(encoded).__name__}")
+            out.append(encoded.detach().cpu())
+    return torch.cat(out)
+
+
+def _space_message(
+    given: tuple[int, ...],
+    got: tuple[int, ...],
+    shape: tuple[int, ...],
+    encode_fn: Callable[..., Any] | None,
+    name: str,
+) -> str:
+    if encode_fn is None:
+        return (
+            f"`{name}` samples have shape {given}, but the probes have shape {shape} (`data.sample_shape`); "
+            "pass training samples in the space the model generates, or a `data.encode_fn` that maps them there "
+            "(e.g. images → VAE latents for a latent model)"
+        )
+    return (
+        f"`data.encode_fn` maps `{name}` samples of shape {given} to shape {got}, but the probes have shape "
+        f"{shape} (`data.sample_shape`)"
+    )
+
+
+def batch_range(
+    batch: Any, batch_key: Any = None, seen: tuple[float, float] | None = None
+) -> tuple[float, float] | None:
+    """``(min, max)`` of the finite values of a training batch's float data (chosen by
+    ``batch_key``, see :func:`select_data`), widened by ``seen``; ``seen`` unchanged when the batch
+    holds no finite float value."""
+    try:
+        x = select_data(batch, batch_key).detach()
+    except MemwatchError:
+        return seen
+    x = x[torch.isfinite(x)] if x.is_floating_point() else x[:0]
+    if x.numel() == 0:
+        return seen
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    return (lo, hi) if seen is None else (min(lo, seen[0]), max(hi, seen[1]))

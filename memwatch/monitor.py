@@ -40,9 +40,9 @@ from memwatch import defaults
 from memwatch.attribution import CopiedItem
 from memwatch.cadence import BudgetCadence, CadenceOptions, DataSize
 from memwatch.collective import Collective, default_collective
-from memwatch.discovery import ScoreFn, batch_sample_shape, find_score
+from memwatch.discovery import ScoreFn, find_score
 from memwatch.errors import MemwatchError
-from memwatch.intake import BatchIntake, TrainingSamples
+from memwatch.intake import BatchIntake, TrainingSamples, batch_sample_shape
 from memwatch.keepers import FileKeeper, Keeper
 from memwatch.loggers import MonitorLogger
 from memwatch.monitor_settings import cadence_of, check_together

@@ -18,8 +18,9 @@ from torch import Tensor, nn
 
 from memwatch.calibration import DataScale
 from memwatch.collective import Collective, SingleProcess
-from memwatch.discovery import ScoreFn, batch_range, check_score, find_score, measured_score, sample_shape_of
+from memwatch.discovery import ScoreFn, check_score, find_score, measured_score, sample_shape_of
 from memwatch.errors import MemwatchError
+from memwatch.intake import batch_range
 from memwatch.options import DataOptions, ProbeOptions
 from memwatch.probes import ProbeMeasurement, ProbeSet, evaluation_grid
 from memwatch.sampling import sampler_settings

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import math
-import os
 import time
 from pathlib import Path
 
@@ -20,13 +19,10 @@ from sklearn.metrics import roc_auc_score
 from memwatch.apps.toymodels import MLPDenoiser, TensorDataModule
 from memwatch.callback import MemorizationMonitor
 from memwatch.conditional import (
-    ROW_BYTES_PER_ELEMENT,
-    available_memory,
     check_first_steps,
     condition_keys,
     conditional_metrics,
     default_first_steps,
-    default_max_batch,
     hessian_score_difference,
     parse_conditions,
     product_step_indices,
@@ -246,44 +242,6 @@ def test_options_and_keyword_settings_are_the_same(small_score):
         conditional_metrics(small_score, 1, options={"k": 2}, **kwargs)
     with pytest.raises(ValueError, match=r"`k` must be an integer in \[1, d=3\]"):
         conditional_metrics(small_score, 1, k=4, **kwargs)
-
-
-def test_default_max_batch_follows_its_formula(monkeypatch):
-    import memwatch.conditional as conditional
-
-    d = 3 * 16 * 16
-    assert default_max_batch(d, bytes_budget=2**30) == 2**30 // (ROW_BYTES_PER_ELEMENT * d * 4)
-    assert default_max_batch(d, bytes_budget=2**32, dtype=torch.float64) == 2**32 // (ROW_BYTES_PER_ELEMENT * d * 8)
-    assert default_max_batch(d, bytes_budget=10_000, bytes_per_row=1_000) == 10
-    assert default_max_batch(d, bytes_budget=1) == 1  # never 0
-    assert default_max_batch(1, bytes_budget=2**50) == 4096  # capped
-    free = available_memory("cpu")
-    assert 0 < free <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    monkeypatch.setattr(conditional, "available_memory", lambda device: 2**34)  # 16 GiB free
-    assert default_max_batch(d) == int(0.25 * 2**34) // (ROW_BYTES_PER_ELEMENT * d * 4)
-    for kwargs, match in (
-        (dict(sample_dim=0), "`sample_dim`"),
-        (dict(sample_dim=8, bytes_budget=-1), "`bytes_budget`"),
-    ):
-        with pytest.raises(ValueError, match=match):
-            default_max_batch(**kwargs)
-
-
-def test_available_memory_reads_proc_meminfo_without_psutil(monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_psutil(name, *args, **kwargs):
-        if name == "psutil":
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_psutil)
-    if not Path("/proc/meminfo").exists():
-        pytest.skip("no /proc/meminfo")
-    kib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))
-    assert abs(available_memory("cpu") - kib * 1024) < 2**30  # the figure moves while we read it
 
 
 # ------------------------------------------------------------------------ conditions to watch

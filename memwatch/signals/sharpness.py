@@ -28,9 +28,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from memwatch import defaults
-from memwatch.conditional import default_max_batch
 from memwatch.errors import MemwatchError
 from memwatch.lid import possible
+from memwatch.memory import default_max_batch
 from memwatch.metrics import MemorizationMetrics
 from memwatch.probes import ProbeMeasurement
 from memwatch.reporting import format_timestep

@@ -18,9 +18,9 @@ from torch.utils.data import DataLoader, Dataset
 from memwatch.apps.scan.cache import _item_dict
 from memwatch.apps.scan.results import CheckpointScan, _one_line
 from memwatch.attribution import copied_items
-from memwatch.discovery import batch_range
 from memwatch.errors import MemwatchError
 from memwatch.groundtruth import first_tensor
+from memwatch.intake import batch_range
 from memwatch.monitor import Monitor
 from memwatch.options import LEGACY_NAMES, regroup
 from memwatch.probes import isolated
