@@ -52,6 +52,7 @@ class ConsistencySignal(Signal):
     """
 
     name = "consistency"
+    after = ("*",)  # last: a wrong prediction / schedule pair makes every value before it NaN
 
     def __init__(
         self, *, held: Callable[[], TrainingSamples | None], seed: int, max_batch: Callable[[], int | None]

@@ -4,8 +4,8 @@ A factory takes the monitor's :class:`memwatch.signals.context.SignalContext` (i
 and the few services it offers) and returns its signal, or ``None`` when the settings do not ask
 for it. The order a check runs them in is declared by the signals (:attr:`Signal.after`: the
 calibration fixes the levels before the LID signal reads them, the copies' ratios feed the
-sharpness summary and the alarm); :data:`FACTORIES` orders the rest (the consistency check
-last). A new signal is one module with a ``build`` factory and one line here.
+sharpness summary and the alarm, the consistency check after every other); :data:`FACTORIES`
+orders the rest. A new signal is one module with a ``build`` factory and one line here.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ FACTORIES: tuple[Callable[[SignalContext], Signal | None], ...] = (
     alarm.build,
     conditional.build,
     lossgap.build,
-    consistency.build,  # last by its place here: a wrong prediction / schedule pair makes every value before it NaN
+    consistency.build,  # it declares itself last (after every other)
 )
 
 
