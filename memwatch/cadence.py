@@ -112,6 +112,7 @@ class BudgetCadence:
         self._steady: float | None = None  # the last check's cost without its one-time phases
         self._size: DataSize | None = None
         self._tick: float | None = None  # perf_counter at the last tick
+        self._tick_step: int | None = None  # the step it ticked
         self._inside = 0.0  # the monitor's seconds since the last tick
         self.last_step: int | None = None
         self.next_step: int = options.first_check
@@ -123,13 +124,16 @@ class BudgetCadence:
             self._train += seconds
             self._steps_trained += steps
 
-    def tick(self) -> None:
-        """One optimizer step ended (call once a step): the wall time since the last tick, less the
-        monitor's own time in between (:meth:`spend`, :meth:`checked`), is training time."""
+    def tick(self, step: int) -> None:
+        """Training reached optimizer step ``step``: the wall time since the last step ticked, less
+        the monitor's own time in between (:meth:`spend`, :meth:`checked`), is training time. A
+        tick at a step already ticked (the micro-batches of gradient accumulation) is not one."""
+        if self._tick_step is not None and step <= self._tick_step:
+            return
         now = time.perf_counter()
-        if self._tick is not None:
-            self.train_seconds(now - self._tick - self._inside)
-        self._tick, self._inside = now, 0.0
+        if self._tick is not None and self._tick_step is not None:
+            self.train_seconds(now - self._tick - self._inside, steps=step - self._tick_step)
+        self._tick, self._tick_step, self._inside = now, step, 0.0
 
     def spend(self, seconds: float) -> None:
         """The monitor spent ``seconds`` outside a check (taking a batch, publishing): on the

@@ -289,7 +289,7 @@ class Monitor(Probing):
         ``every_n_epochs``); never twice at one step. Ask once after every optimizer step: the
         budget times training steps by these calls."""
         if epoch_end is None and self.budget is not None:
-            self.budget.tick()
+            self.budget.tick(step)
         if step == self._last_checked_step:
             return False
         if epoch_end is not None:

@@ -57,6 +57,20 @@ def test_a_cheap_check_on_a_slow_step_runs_at_the_floor():
     assert (cadence.bound, cadence.next_step) == ("floor", 60)
 
 
+def test_ticks_count_optimizer_steps_not_micro_batches(monkeypatch):
+    """Gradient accumulation asks ``due`` at every micro-batch of one optimizer step: one tick."""
+    import memwatch.cadence as cadence_module
+
+    clock = iter([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+    monkeypatch.setattr(cadence_module.time, "perf_counter", lambda: next(clock))
+    cadence = BudgetCadence(CadenceOptions())
+    for step in (1, 1, 1, 1, 2, 2, 2, 2, 3):  # four micro-batches a step
+        cadence.tick(step)
+    cadence.spend(0.5)  # the monitor's own time before the next tick is not training
+    cadence.tick(4)
+    assert cadence.step_seconds == pytest.approx((2.0 + 0.5) / 3)  # ticks at 0, 1, 2, then 3 less 0.5 spent
+
+
 def test_its_state_round_trips_and_another_ranks_next_step_is_taken():
     cadence = BudgetCadence(CadenceOptions())
     cadence.train_seconds(50.0, steps=500)
