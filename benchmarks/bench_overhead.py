@@ -98,7 +98,7 @@ def fit_once(
 
 def phases(check: dict[str, float]) -> dict[str, float]:
     """``{phase: seconds}`` of one check's ``time/<phase>`` values (the ones over 10 ms)."""
-    return {k[5:]: v for k, v in check.items() if k.startswith("time/") and k != "time/monitor_share" and v >= 0.01}
+    return {k[5:]: v for k, v in check.items() if k.startswith("time/") and k != "time/monitor_ratio" and v >= 0.01}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -209,8 +209,10 @@ class BudgetCadence:
         return self.next_step - (self.last_step or 0)
 
     @property
-    def share(self) -> float:
-        """The monitor's share of training wall time so far: checks, intake and publishing (NaN before any training)."""
+    def ratio(self) -> float:
+        """The monitor's wall time so far (checks, intake, publishing) over the training's, what the
+        budget bounds: above 1 where the ceiling makes checks cost more than the training between
+        them (NaN before any training)."""
         return self._spent / self._train if self._train > 0 else math.nan
 
     def describe(self) -> str:
@@ -230,7 +232,7 @@ class BudgetCadence:
             "ceiling": f"ceiling: {o.steps_per_sample:g} steps a sample{size}",
             "floor": f"floor: {o.min_steps} steps",
         }[self.bound]
-        share = f"the monitor so far {self.share:.1%} of training time"
+        share = f"the monitor so far {self.ratio:.1%} of training time"
         return f"next check in {self.interval} steps ({why}: {costs}; {share})"
 
     def state_dict(self) -> dict[str, Any]:

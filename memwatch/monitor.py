@@ -361,7 +361,7 @@ class Monitor(Probing):
 
     def _plan(self, step: int, values: dict[str, float], seconds: float) -> None:
         """With the budget: the next check's step from this one's cost (rank zero's, on every
-        rank), logged as ``cadence_steps`` (with ``time/monitor_share``, the monitor's share of training
+        rank), logged as ``cadence_steps`` (with ``time/monitor_ratio``, the monitor's time over training
         time so far, this rank's) and said in the result line."""
         if self.budget is None:
             return
@@ -374,7 +374,7 @@ class Monitor(Probing):
         self.budget.use_next_step(self.collective.broadcast(self.budget.next_step))
         if values:
             values["cadence_steps"] = float(self.budget.interval)
-            values["time/monitor_share"] = self.budget.share
+            values["time/monitor_ratio"] = self.budget.ratio
         assert self._reporter is not None
         self._reporter.use_cadence(self.budget.describe())
 

@@ -33,7 +33,7 @@ def test_the_account_keeps_the_checks_within_the_budget_with_the_first_checks_ex
     gaps = [b - a for a, b in zip(checks, checks[1:])]
     assert abs(gaps[0] - (12 + 3 - 0.03 * 10) / (0.03 * 0.1)) <= 1  # the first's extras paid off first
     assert all(abs(g - 1000) <= 1 for g in gaps[1:]), gaps  # then one steady check's worth (float sums: ±1)
-    assert cadence.share == pytest.approx(0.03, rel=0.05)  # the account: ≤ the budget, less than one check off
+    assert cadence.ratio == pytest.approx(0.03, rel=0.05)  # the account: ≤ the budget, less than one check off
 
 
 def test_the_ceiling_follows_the_effective_size_and_the_floor_holds():
