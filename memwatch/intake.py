@@ -255,7 +255,8 @@ class TrainingSamples:
         self.uses = uses
         self.optional = optional
         self.refused: str | None = None  # why no training sample is held (batches outside the probes' space)
-        self.sizes = SizeCounter()  # how many distinct samples (items) the batches held, and their repeats
+        # with the copy index: how many distinct samples (items) the batches held, and their repeats
+        self.sizes = SizeCounter()
         self._warned_latents = False
 
     def __len__(self) -> int:
@@ -333,13 +334,13 @@ class TrainingSamples:
             )
         if not in_space and encode is None:
             raise MemwatchError(space_message(tuple(rows.shape[1:]), sample_shape, self.uses))
-        keys = content_keys(rows)  # of the rows as they came (pixels, for a latent model)
-        items = None if ids is None else ids.cpu()
-        self.sizes.add(keys if items is None else items)
         if self.index is None:  # only the reservoir: of a full one few rows are kept, and only those are encoded
             if self.reservoir is not None:
                 self.reservoir.update(rows, transform=None if in_space else lambda x: self._encode(x, sample_shape))
             return
+        keys = content_keys(rows)  # of the rows as they came (pixels, for a latent model)
+        items = None if ids is None else ids.cpu()
+        self.sizes.add(keys if items is None else items)
         if in_space:
             if self.reservoir is not None:
                 self.reservoir.update(rows)

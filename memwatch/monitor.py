@@ -365,11 +365,11 @@ class Monitor(Probing):
         time so far, this rank's) and said in the result line."""
         if self.budget is None:
             return
-        sizes = self.held_samples.sizes.size() if self.held_samples is not None else None
+        sizes = None
         if self.reference is not None:
             sizes = DataSize(self.reference.shape[0])
-        elif sizes is not None:  # each rank counts its shard of the batches
-            sizes = DataSize(sizes.samples * self.collective.world_size, sizes.largest_repeat)
+        elif self.held_samples is not None and (seen := self.held_samples.sizes.size()) is not None:
+            sizes = DataSize(seen.samples * self.collective.world_size, seen.largest_repeat)  # each rank its shard
         self.budget.account(step, values, seconds, sizes)
         self.budget.use_next_step(self.collective.broadcast(self.budget.next_step))
         if values:
