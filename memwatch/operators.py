@@ -239,7 +239,8 @@ class ScoreJacobian:
         self.n = x.shape[0]
         self.sample_shape = tuple(x.shape[1:])
         self.dim = x[0].numel()
-        self._x = x.detach().reshape(self.n, self.dim)
+        # its own memory: forward AD refuses a primal whose rows share it (a probe repeated by ``expand``)
+        self._x = x.detach().reshape(self.n, self.dim).contiguous()
         self._fn = fn
         self.path: JacobianPath | None = None
         if mode == "auto":

@@ -38,6 +38,15 @@ def test_products_match_dense_reference(mode):
     torch.testing.assert_close(op.output, net(x).detach())
 
 
+@pytest.mark.parametrize("mode", ["forward", "reverse", "autograd"])
+def test_a_probe_repeated_without_a_copy_is_differentiated_like_its_copies(mode):
+    """Lanczos repeats each probe for its start vectors (``einops.repeat``: a view whose rows share
+    memory, for one probe); forward AD refuses such a primal unless the operator copies it."""
+    net, x = _mlp(), torch.randn(1, 6, dtype=torch.float64)
+    op = ScoreJacobian(net, x.expand(3, 6), mode=mode)
+    torch.testing.assert_close(op.dense(symmetric=False), reference_jacobian(net, x).expand(3, 6, 6))
+
+
 def test_image_shaped_inputs_are_flattened():
     conv = torch.nn.Conv2d(2, 2, 3, padding=1).double()
     x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
