@@ -64,13 +64,12 @@ class MemorizationMonitor(Monitor, Callback):
                 method["reference_data"] = "batches"
             if self.data.ids is not None:  # ... and one counting items (augmented views) beside one counting samples
                 method["copies_of"] = "items"
-            conditions = self.signals["conditional"].conditions if "conditional" in self.signals else {}
             self._state_key = self._generate_state_key(
                 num_probes=self.num_probes,
                 sigmas=self.sigmas,
                 timesteps=self.probes.timesteps,
                 seed=self.probes.seed,
-                conditions=tuple(conditions),
+                conditions=tuple(self.meter.conditions),
                 **method,
             )
         return self._state_key

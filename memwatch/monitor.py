@@ -52,10 +52,10 @@ from memwatch.probes import ProbeMeasurement, isolated, parameters_finite, shard
 from memwatch.probing import Probing
 from memwatch.reporting import CheckReporter, CheckResult
 from memwatch.sharpness import SharpnessResult
-from memwatch.signals import CopyOptions, Draft, LossGapOptions, Run, SharpnessCheckOptions
+from memwatch.signals import CopyOptions, CopySignal, Draft, LossGapOptions, Run, SharpnessCheckOptions
 from memwatch.signals.base import contribute_all, measure_all, timed
 from memwatch.signals.context import SignalContext
-from memwatch.signals.registry import compose
+from memwatch.signals.registry import compose, find
 from memwatch.timing import PhaseClock
 from memwatch.validation import check_cadence, check_int, check_levels
 
@@ -126,8 +126,9 @@ class Monitor(Probing):
         groups = dict(data=data, probes=probes, sharpness=sharpness, onset=onset, copies=copies)
         groups = regroup(dict(groups, loss_gap=loss_gap, checkpoint=checkpoint, report=report), deprecated)
         levels: tuple[float, ...] | str = sigmas if sigmas == "auto" else check_levels("sigmas", sigmas)
-        super().__init__(score_fn, check_int("num_probes", num_probes, 1), levels, groups["data"], groups["probes"])
-        self.sharpness, self.onset, self.copies = groups["sharpness"], groups["onset"], groups["copies"]
+        num_probes = check_int("num_probes", num_probes, 1)
+        super().__init__(score_fn, num_probes, levels, groups["data"], groups["probes"], groups["sharpness"])
+        self.onset, self.copies = groups["onset"], groups["copies"]
         self.loss_gap, self.checkpoint, self.report = groups["loss_gap"], groups["checkpoint"], groups["report"]
         #: the budgeted cadence's options (``None`` with a fixed cadence)
         self.every_n_train_steps, self.cadence = cadence_of(every_n_train_steps)
@@ -159,7 +160,6 @@ class Monitor(Probing):
         self.last_check: CheckResult | None = None
         self.should_stop = False
         self.keeper: Keeper | None = None
-        self._module: nn.Module | None = None  # the module :meth:`start` prepared
         self._reporter: CheckReporter | None = None
         self._last_checked_step = -1
         self._finite_step: int | None = None  # the last check at which the model's parameters were finite
@@ -173,7 +173,7 @@ class Monitor(Probing):
         self.signals = compose(SignalContext(
             self.num_probes, self.reference_data, self.data, self.probes, self.sharpness, self.onset, self.copies,
             self.loss_gap, self.calibrating, held=lambda: self.held_samples,
-            timesteps=lambda: list(self._eval_timesteps), max_batch=self._max_batch,
+            timesteps=lambda: list(self._eval_timesteps), max_batch=lambda: self.meter.max_batch,
             training_samples=self._training_samples, use_levels=self.use_levels,
         ))  # fmt: skip
 
@@ -240,7 +240,6 @@ class Monitor(Probing):
 
     def begin(self, module: nn.Module) -> None:
         """Find ``module``'s score and validate the settings on it (after :meth:`attach`)."""
-        self._module = module
         self.prepare(module)
         if self.keeper is not None:
             self.keeper.check(module)  # e.g. a clean checkpoint of no adapter fails now, not at the first clean check
@@ -444,7 +443,7 @@ class Monitor(Probing):
         )  # fmt: skip
         clean = None if self.clean_checkpoint_path is None else str(self.clean_checkpoint_path)
         assert self._reporter is not None
-        copies = self.signals.get("copies")
+        copies = find(self.signals, CopySignal)
         originals = None if copies is None else copies.original_images
         self._reporter.publish(check, self.history, onset_step=self.onset_step, clean_checkpoint=clean,
                                reference=self.reference, reference_images=originals)  # fmt: skip
@@ -474,7 +473,7 @@ class Monitor(Probing):
         are held in memory no longer than needed."""
         if not self._holding:
             self.held_samples = None
-        elif self.held_samples is not None and not self._pending and not self._reads_reservoir:
+        elif self.held_samples is not None and not self.pending and not self._reads_reservoir:
             self.held_samples.drop_reservoir()
 
     def _save_clean(self, module: nn.Module, step: int) -> None:
@@ -565,7 +564,7 @@ class Monitor(Probing):
     @property
     def _holding(self) -> bool:
         """Whether training samples are still wanted (calibration or the data LID pending, or copies of the batches)."""
-        return self.copies_from_batches or self._pending
+        return self.copies_from_batches or self.pending
 
     def _uses(self) -> str:
         """The settings that read the training batches, for messages."""

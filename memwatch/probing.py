@@ -2,7 +2,8 @@
 
 :class:`Probing` finds the module's score and the probes' shape, fixes the evaluation levels
 (``sigmas``, or the calibrated ones), validates every signal's data in the probes' space, and
-draws and measures the probes — all a live check does before its decision, and all that
+draws and measures the probes with its :class:`memwatch.meter.ProbeMeter` — all a live check
+does before its decision, and all that
 ``memwatch scan`` runs on saved checkpoints. The rest of the monitor — the intake, the order of
 a check, the agreement of ranks, the onset decision, the clean weights, state and reporting —
 is :mod:`memwatch.monitor`; the Lightning hooks are :mod:`memwatch.callback`.
@@ -21,11 +22,13 @@ from memwatch.collective import Collective, SingleProcess
 from memwatch.discovery import ScoreFn, check_score, find_score, measured_score, sample_shape_of
 from memwatch.errors import MemwatchError
 from memwatch.intake import batch_range
+from memwatch.meter import ProbeMeter
 from memwatch.options import DataOptions, ProbeOptions
 from memwatch.probes import ProbeMeasurement, ProbeSet, evaluation_grid
 from memwatch.sampling import sampler_settings
 from memwatch.score import device_of
-from memwatch.signals import Run, Signal
+from memwatch.signals import CalibrationSignal, CopySignal, Run, SharpnessCheckOptions, Signal
+from memwatch.signals.registry import find
 from memwatch.timing import PhaseClock
 
 __all__ = ["Probing"]
@@ -41,9 +44,11 @@ class Probing:
         score_fn: ``module -> DiffusionScore`` (``None``: :func:`memwatch.discovery.find_score`).
         num_probes: probes per check.
         sigmas: ``"auto"`` or the evaluation noise levels.
-        data, probes: the monitor's option groups.
+        data, probes, sharpness: the monitor's option groups.
 
     Attributes:
+        meter: how the probes are measured (:class:`memwatch.meter.ProbeMeter`: the timesteps,
+            the resolved sharpness settings, the conditions).
         signals: the monitor's signals, in the order a check runs them (:mod:`memwatch.signals.registry`).
         sample_shape: the probes' shape once known.
         collective: how the ranks agree (:mod:`memwatch.collective`; one process until a run attaches its own).
@@ -56,8 +61,10 @@ class Probing:
         sigmas: tuple[float, ...] | str,
         data: DataOptions,
         probes: ProbeOptions,
+        sharpness: SharpnessCheckOptions,
     ) -> None:
         self.score_fn, self.num_probes, self.sigmas, self.data, self.probes = score_fn, num_probes, sigmas, data, probes
+        self.sharpness = sharpness
         self.sample_shape: tuple[int, ...] | None = data.sample_shape
         self.signals: dict[str, Signal] = {}
         self.collective: Collective = SingleProcess()
@@ -65,7 +72,11 @@ class Probing:
 
     def _forget(self) -> None:
         """Forget the model and what was learned of it (the signals are composed anew)."""
+        s = self.sharpness
+        self.meter = ProbeMeter(s.measure_options(), s.spectrum_every_n_checks, s.spectrum_probes,
+                                self.probes.conditions, self.probes.condition_first_steps)  # fmt: skip
         self._found: Any = None
+        self._module: nn.Module | None = None  # the module :meth:`prepare` found its score on
         self._eval_timesteps: list[float] = []
         self._probe_set: ProbeSet | None = None
         self._seen_range: tuple[float, float] | None = None  # of the first training batches
@@ -79,18 +90,21 @@ class Probing:
     @property
     def calibrated_sigmas(self) -> tuple[float, ...] | None:
         """With ``sigmas="auto"``: the levels fixed at the first check (``None`` before)."""
-        return self.signals["calibration"].sigmas if self.calibrating else None
+        calibration = find(self.signals, CalibrationSignal)
+        return None if calibration is None else calibration.sigmas
 
     @property
     def data_scale(self) -> DataScale | None:
         """With ``sigmas="auto"``: the training samples' scale the levels were calibrated from."""
-        return self.signals["calibration"].scale if self.calibrating else None
+        calibration = find(self.signals, CalibrationSignal)
+        return None if calibration is None else calibration.scale
 
     @property
     def reference(self) -> Tensor | None:
         """A tensor ``reference_data`` as checked at fit start: ``[N, *shape]`` in the probes'
         space (through ``data.encode_fn``); ``None`` otherwise (``"batches"`` included)."""
-        return self.signals["copies"].reference if "copies" in self.signals else None
+        copies = find(self.signals, CopySignal)
+        return None if copies is None else copies.reference
 
     @property
     def probe_set(self) -> ProbeSet:
@@ -124,6 +138,7 @@ class Probing:
             MemwatchError: no score is found, or a setting does not fit the model.
         """
         self._found = find_score(pl_module, self.score_fn, ema_attr=self.probes.ema_attr)
+        self._module = pl_module
         if not self.calibrating or self.calibrated_sigmas is not None:
             self.use_levels(self.calibrated_sigmas or self.sigmas)
         if self.sample_shape is None:
@@ -146,18 +161,13 @@ class Probing:
         """
         if self._found is None:
             raise MemwatchError("call `prepare(pl_module)` (or fit) before measuring")
-        sharp = self.signals["sharpness"]
-        conditional = self.signals.get("conditional")
         with measured_score(self._found, pl_module, self.probes.ema_attr) as score:
-            return self.probe_set.measure(
+            return self.meter.measure(
+                self.probe_set,
                 score,
-                options=sharp.check_options,
-                spectrum_options=sharp.spectrum_options(checks),
-                spectrum_probes=sharp.options.spectrum_probes,
                 rows=rows,
                 device=device_of(pl_module),
-                conditions=None if conditional is None else conditional.conditions,
-                condition_first_steps=self.probes.condition_first_steps,
+                checks_done=checks,
                 data_range=self.data.data_range or _proper(self._seen_range),
                 clock=clock,
             )
@@ -167,8 +177,8 @@ class Probing:
         return functools.partial(measured_score, self._found, pl_module, self.probes.ema_attr)
 
     def calibrate(self, samples: Tensor) -> tuple[float, ...]:
-        """Fix the noise levels of ``sigmas="auto"`` from training samples ``[m, *shape]`` in the
-        probes' space (what a live run does at its first check; ``memwatch scan`` with its data).
+        """Fix the noise levels of ``sigmas="auto"`` (and what else the signals fix from training
+        samples: :meth:`fit_data`) from training samples ``[m, *shape]`` in the probes' space.
         Call after :meth:`prepare` (or fit start).
 
         Returns:
@@ -182,34 +192,32 @@ class Probing:
             raise MemwatchError(
                 f'calibrate() needs sigmas="auto" and no `probes.timesteps`; got sigmas={self.sigmas!r}'
             )
-        if self._found is None:
-            raise MemwatchError("calibrate() needs the model: call prepare(pl_module) first (fit start does)")
-        calibration = self.signals["calibration"]
-        calibration.use(*calibration.levels_for(samples, self._found.schedule))
-        self.reference_lid(samples)
-        return calibration.sigmas
+        self.fit_data(samples)
+        assert self.calibrated_sigmas is not None
+        return self.calibrated_sigmas
 
-    def reference_lid(self, samples: Tensor) -> dict[float, float]:
-        """Fix the LID signal's data LID at the evaluation levels from training samples
-        ``[m, *shape]`` in the probes' space (a live run does it at its first check; ``memwatch
-        scan`` with its data). Call after the levels are known (:meth:`prepare`, :meth:`calibrate`).
+    def fit_data(self, samples: Tensor) -> None:
+        """Fix what the signals fix from training samples — the calibrated noise levels, the LID
+        signal's data LID — from these ``[m, *shape]`` in the probes' space, as a live run does from
+        the batches at its first check (``memwatch scan`` with its data;
+        :meth:`memwatch.signals.Signal.fit_data`). Call after :meth:`prepare` (or fit start).
 
-        Returns:
-            Evaluation timestep -> the data's LID there (dimensions).
+        Raises:
+            MemwatchError: the model is not found yet, or a signal cannot fit these samples (e.g.
+                fewer than two distinct rows to calibrate from).
         """
-        if self._found is None or not self._eval_timesteps:
-            raise MemwatchError("reference_lid() needs the evaluation levels: call prepare(pl_module) first")
-        lid = self.signals["lid"]
-        lid.fit_reference(samples, self._eval_timesteps, self._found.schedule)
-        assert lid.reference is not None
-        return lid.reference
+        if self._found is None or self._module is None:
+            raise MemwatchError("fitting to training data needs the model: call prepare(pl_module) first (fit start)")
+        run = Run(self._module, self._found, tuple(self.sample_shape or samples.shape[1:]), self.collective)
+        for signal in self.signals.values():  # in order: the calibration's levels first, then what is fitted at them
+            signal.fit_data(run, samples)
 
     def use_levels(self, sigmas: Sequence[float] | str) -> None:
         """Measure at these noise levels (or ``probes.timesteps``) from now on."""
         levels = None if sigmas == "auto" else sigmas
         p = self.probes
         self._eval_timesteps = evaluation_grid(self._found.schedule, levels, p.timesteps, p.sampler_steps)
-        self.signals["sharpness"].use_timesteps(self._eval_timesteps)
+        self.meter.use_timesteps(self._eval_timesteps)
 
     def _validate(self, pl_module: nn.Module) -> None:
         """Once the probe shape is known: the spectrum settings fit it, one dry call of the score
@@ -217,19 +225,15 @@ class Probing:
         are raised whatever ``report.raise_errors`` says."""
         assert self.sample_shape is not None and self._found is not None
         self.sample_shape = tuple(self.sample_shape)
-        self.signals["sharpness"].resolve(self.sample_shape, device_of(pl_module))
         with measured_score(self._found, pl_module, self.probes.ema_attr) as score:
             check_score(score, self.sample_shape, device=device_of(pl_module))
+            self.meter.prepare(score, self.sample_shape, device_of(pl_module))
             run = Run(pl_module, score, self.sample_shape, self.collective)  # the DDP layout: shards of a reference
             for signal in self.signals.values():
                 signal.prepare(run)
 
-    def _max_batch(self) -> int | None:
-        """Rows per model call: the measurement's resolved bound (``None``: unbounded)."""
-        return self.signals["sharpness"].check_options.max_batch
-
     @property
-    def _pending(self) -> bool:
+    def pending(self) -> bool:
         """Whether a signal still waits for training samples (the noise levels, the data LID)."""
         return any(signal.pending for signal in self.signals.values())
 

@@ -5,7 +5,8 @@ A check of :class:`memwatch.Monitor` runs in a fixed order on every rank:
 1. the training samples staged since the last check are drained into what the signals read
    (:class:`memwatch.intake.TrainingSamples`: the calibration's reservoir, the copy index);
 2. :meth:`Signal.before_check` — every rank, collectives allowed (calibration agrees here).
-3. the probes are drawn and their sharpness measured (:class:`memwatch.probes.ProbeSet`);
+3. the probes are drawn and their sharpness measured by the monitor's meter
+   (:class:`memwatch.meter.ProbeMeter`), into the check's :class:`memwatch.probes.ProbeMeasurement`;
 4. :meth:`Signal.measure` — rank-local, in the isolation of the measurement (eval mode, frozen
    parameters, isolated RNG); a fault here makes only this signal's values NaN;
 5. :meth:`Signal.contribute` — every rank, after every rank measured: collectives allowed; the
@@ -135,6 +136,10 @@ class Signal:
 
     def prepare(self, run: Run) -> None:
         """Fit start (or ``memwatch scan``): the probes' space is known; validate the signal's data there."""
+
+    def fit_data(self, run: Run, samples: Tensor) -> None:
+        """Fix what this signal fixes from training samples, from these ``[m, *shape]`` in the
+        probes' space instead of the batches (``memwatch scan`` with its data; :meth:`memwatch.Monitor.calibrate`)."""
 
     def before_check(self, run: Run) -> None:
         """Every rank, before the probes are drawn; collectives allowed."""

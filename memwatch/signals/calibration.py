@@ -74,6 +74,10 @@ class CalibrationSignal(Signal):
         self.scale, self.sigmas = scale, tuple(sigmas)
         self.on_levels(self.sigmas)
 
+    def fit_data(self, run: Run, samples: Tensor) -> None:
+        """The levels calibrated from ``samples`` (rank-local: every rank is given the same)."""
+        self.use(*self.levels_for(samples, run.score.schedule))
+
     def before_check(self, run: Run) -> None:
         """At the first check: rank zero's levels on every rank; then the samples are freed.
 

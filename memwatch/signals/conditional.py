@@ -13,13 +13,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from memwatch.conditional import condition_keys, parse_conditions
-from memwatch.discovery import check_score
+from memwatch.conditional import condition_keys
 from memwatch.metrics import ConditionalMetrics
 from memwatch.probes import CONDITION_METRICS
 from memwatch.signals.base import Draft, Run, Signal
@@ -42,26 +40,14 @@ class ConditionalReading:
 
 
 class ConditionalSignal(Signal):
-    """Per-condition metrics over every rank's probes (see the module docstring).
-
-    Args:
-        conditions: ``probes.conditions`` as the user gave them.
-    """
+    """Per-condition metrics over every rank's probes (see the module docstring); the conditions
+    are measured by the monitor's meter (:class:`memwatch.meter.ProbeMeter`)."""
 
     name = "conditional"
     value_names = ("most_memorized_condition",)
 
-    def __init__(self, conditions: Any) -> None:
-        self.given = conditions
-        self.conditions: dict[str, Tensor] = parse_conditions(conditions)
+    def __init__(self) -> None:
         self._metrics = ConditionalMetrics(ranking_metric=CONDITION_METRICS.index("hessian_score_diff"))
-
-    def prepare(self, run: Run) -> None:
-        """Parse the conditions again now that the null condition's shape is known; one dry call
-        of the model with the first of them."""
-        self.conditions = parse_conditions(self.given, null_cond_shape=run.score.cond_shape)
-        for cond in list(self.conditions.values())[:1]:
-            check_score(run.score, run.sample_shape, device=run.device, cond=cond)
 
     def contribute(self, run: Run, draft: Draft, measured: object) -> ConditionalReading | None:
         per_condition = draft.measurement.conditional
@@ -99,4 +85,4 @@ def condition_number(names: list[str], top: str | None) -> float:
 
 def build(context: SignalContext) -> ConditionalSignal | None:
     """The conditional signal (with ``probes.conditions``)."""
-    return None if context.probes.conditions is None else ConditionalSignal(context.probes.conditions)
+    return None if context.probes.conditions is None else ConditionalSignal()

@@ -179,6 +179,10 @@ class LidSignal(Signal):
                 "it says little; pass `sigmas` or smaller `probes.sigma_factors`"
             )
 
+    def fit_data(self, run: Run, samples: Tensor) -> None:
+        """The data LID at the evaluation levels from ``samples`` (rank-local: every rank is given the same)."""
+        self.fit_reference(samples, self.timesteps(), run.score.schedule)
+
     def before_check(self, run: Run) -> None:
         """At the first check: rank zero's data LID on every rank (NaN, warned, when it cannot be had)."""
         if self.reference is not None:

@@ -10,14 +10,17 @@ orders the rest. A new signal is one module with a ``build`` factory and one lin
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 from memwatch.errors import MemwatchError
 from memwatch.signals import alarm, calibration, conditional, consistency, copies, lid, lossgap, sharpness
 from memwatch.signals.base import Signal
 from memwatch.signals.context import SignalContext
 
-__all__ = ["FACTORIES", "compose"]
+__all__ = ["FACTORIES", "compose", "find"]
+
+S = TypeVar("S", bound=Signal)
 
 FACTORIES: tuple[Callable[[SignalContext], Signal | None], ...] = (
     calibration.build,
@@ -52,3 +55,9 @@ def compose(context: SignalContext) -> dict[str, Signal]:
 def _needs(signal: Signal, names: set[str]) -> set[str]:
     """The composed signals ``signal`` runs after (every other one for ``"*"``)."""
     return names - {signal.name} if "*" in signal.after else set(signal.after) & names
+
+
+def find(signals: Mapping[str, Signal], kind: type[S]) -> S | None:
+    """The composed signal of type ``kind`` (``None`` when the settings left it out): typed, for the
+    monitor's own views of one signal (the calibrated levels, the reference of the copies)."""
+    return next((s for s in signals.values() if isinstance(s, kind)), None)

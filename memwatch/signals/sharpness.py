@@ -28,14 +28,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from memwatch import defaults
-from memwatch.errors import MemwatchError
 from memwatch.lid import possible
-from memwatch.memory import default_max_batch
 from memwatch.metrics import MemorizationMetrics
 from memwatch.probes import ProbeMeasurement
 from memwatch.reporting import format_timestep
 from memwatch.sampling import excursion
-from memwatch.sharpness import DENSE_MAX_DIM, SharpnessOptions, SharpnessResult
+from memwatch.sharpness import SharpnessOptions, SharpnessResult
 from memwatch.signals.base import Draft, Run, Signal, gathered
 from memwatch.signals.context import SignalContext
 from memwatch.signals.lid import LidOptions
@@ -105,53 +103,30 @@ class SharpnessSignal(Signal):
         self.options = options
         self.num_probes = num_probes
         self.min_valid_fraction = min_valid_fraction
-        self.check_options: SharpnessOptions = options.measure_options()  # resolved for d once it is known
-        self.tiered = False  # image scale: the trace tier at every check, the spectrum every n-th
-        self.timesteps: list[float] = []
-        self._metrics: dict[float, MemorizationMetrics] = {}
+        self._metrics: dict[float, MemorizationMetrics] = {}  # per evaluation timestep
         self._warned_range = self._warned_impossible = False
         self._reach: list[tuple[int, float]] = []  # (step, the probes' median excursion) of every check
-
-    def resolve(self, shape: tuple[int, ...], device: torch.device) -> None:
-        """The measurement settings for probes of ``shape``: the trace tier at image scale, a memory bound.
-
-        Raises:
-            MemwatchError: ``k`` (or another spectrum setting) does not fit the sample dimension.
-        """
-        dim = math.prod(shape)
-        base = self.options.measure_options()
-        self.tiered = base.method == "auto" and dim > DENSE_MAX_DIM
-        resolved = base.replace(method="trace") if self.tiered else base
-        if base.max_batch is None:  # every model call of a check bounded by the memory there is
-            resolved = resolved.replace(max_batch=default_max_batch(dim, device=device))
-        if base.k > dim:
-            raise MemwatchError(f"`sharpness.k`={base.k} is larger than the sample dimension d={dim} (shape {shape})")
-        base.check_dim(dim)
-        self.check_options = resolved
-
-    def spectrum_options(self, checks_done: int) -> SharpnessOptions | None:
-        """The Lanczos settings when this check also measures the spectrum (every n-th check of the tier)."""
-        due = self.tiered and checks_done % self.options.spectrum_every_n_checks == 0
-        return self.check_options.replace(method="lanczos") if due else None
-
-    def use_timesteps(self, timesteps: list[float]) -> None:
-        """Measure at these evaluation timesteps (primary first) from now on."""
-        self.timesteps = list(timesteps)
-        self._metrics = {t: MemorizationMetrics(score_threshold=self.options.score_threshold) for t in timesteps}
 
     def contribute(self, run: Run, draft: Draft, measured: object) -> None:
         draft.with_measurement(results={t: self._possible(run, t, r) for t, r in draft.measurement.results.items()})
         m = draft.measurement
+        primary = next(iter(m.results))
         for t, res in m.results.items():
-            spectrum = m.spectrum if t == self.timesteps[0] else None
-            computed = self._valid_or_nan(t, self._summary(self._metrics[t], res, m.nn_ratio, spectrum, run.device))
+            spectrum = m.spectrum if t == primary else None
+            computed = self._valid_or_nan(t, self._summary(self._metric(t), res, m.nn_ratio, spectrum, run.device))
             draft.values.update({f"t{format_timestep(t)}/{name}": v for name, v in computed.items()})
-            if t == self.timesteps[0]:
+            if t == primary:
                 draft.values.update(computed)
         if m.out_of_range is not None:
             draft.values["out_of_range_count"] = self._out_of_range(run, m, run.device)
         if m.hessian_score_norm is not None:
             draft.values["hessian_score_norm_mean"] = synced_mean(m.hessian_score_norm, run.device)
+
+    def _metric(self, t: float) -> MemorizationMetrics:
+        """The summary metric of timestep ``t`` (made at its first check)."""
+        if t not in self._metrics:
+            self._metrics[t] = MemorizationMetrics(score_threshold=self.options.score_threshold)
+        return self._metrics[t]
 
     def _possible(self, run: Run, t: float, res: SharpnessResult) -> SharpnessResult:
         """``res`` with the probes whose FLIPD no score gives (:func:`memwatch.lid.possible`: far

@@ -60,15 +60,14 @@ class _OfflineCheck:
                 monitor.prepare(module)
             except MemwatchError as err:
                 raise MemwatchError(self._refusal(err, path)) from err
-            if monitor.calibrating and monitor.calibrated_sigmas is None:  # once, as a live run at its first check
-                if monitor.reference is None:
+            if monitor.pending:  # once, as a live run at its first check: the levels, the data LID
+                if monitor.reference is not None:
+                    monitor.fit_data(monitor.reference)
+                elif monitor.calibrated_sigmas is None and monitor.calibrating:
                     raise MemwatchError(
                         'sigmas="auto" (the default) sets the noise levels from the training data, and a scan sees '
                         "no batches: pass the training data as `data`, or noise levels as `sigmas`"
                     )
-                monitor.calibrate(monitor.reference)
-            elif monitor.reference is not None and monitor.signals["lid"].pending:
-                monitor.reference_lid(monitor.reference)  # the LID signal's data LID, from the data
             draft = monitor.offline_check(module)  # the copies from the monitor's copy index of `data`
         values, measurement = draft.values, draft.measurement
         values["check_seconds"] = time.perf_counter() - started
