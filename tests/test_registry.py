@@ -85,3 +85,28 @@ def test_the_context_offers_the_monitors_services_not_the_monitor(monkeypatch):
     assert context.timesteps() == monitor._eval_timesteps and len(context.timesteps()) == 1
     monitor.observe(data, 0)  # the probe shape: the reference is checked in the probes' space
     torch.testing.assert_close(context.training_samples(), data)
+    assert context.max_batch() == monitor.meter.max_batch is not None  # the meter's bound, resolved at the start
+
+
+def test_a_signal_that_fails_is_unmeasured_alone_and_named(tmp_path, monkeypatch):
+    class Failing(ProbeNorm):
+        name, value_names = "failing", ("failing_value",)
+
+        def measure(self, run: Run, score, measurement) -> None:
+            raise RuntimeError("broken on purpose")
+
+    monkeypatch.setattr(registry, "FACTORIES", (*registry.FACTORIES, lambda c: Failing(c.num_probes)))
+    monitor = MemorizationMonitor(every_n_train_steps=10, sigmas=(0.2,), **dict(FAST, raise_errors=False))
+    with pytest.warns(RuntimeWarning, match=r"the failing signal failed at step 10: RuntimeError\('broken on purpose'\)"):
+        fit(tmp_path, memorizing_data(), monitor, max_steps=10)
+    (values,) = monitor.history
+    assert values["failing_value"] != values["failing_value"]  # NaN
+    assert 0 <= values["sharp_fraction_mean"] <= 1 and "failing" not in monitor.last_check.readings
+
+
+def test_find_gives_the_composed_signal_of_a_type():
+    from memwatch.signals import CalibrationSignal, LossGapSignal
+
+    monitor = Monitor(**FAST)
+    assert registry.find(monitor.signals, CalibrationSignal) is monitor.signals["calibration"]
+    assert registry.find(monitor.signals, LossGapSignal) is None  # left out by the default settings
