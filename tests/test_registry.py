@@ -97,7 +97,7 @@ def test_a_signal_that_fails_is_unmeasured_alone_and_named(tmp_path, monkeypatch
 
     monkeypatch.setattr(registry, "FACTORIES", (*registry.FACTORIES, lambda c: Failing(c.num_probes)))
     monitor = MemorizationMonitor(every_n_train_steps=10, sigmas=(0.2,), **dict(FAST, raise_errors=False))
-    with pytest.warns(RuntimeWarning, match=r"the failing signal failed at step 10: RuntimeError\('broken on purpose'\)"):
+    with pytest.warns(RuntimeWarning, match=r"the failing signal failed at step 10: RuntimeError\('broken"):
         fit(tmp_path, memorizing_data(), monitor, max_steps=10)
     (values,) = monitor.history
     assert values["failing_value"] != values["failing_value"]  # NaN
