@@ -72,7 +72,7 @@ LOSS_GAP_SIGMAS = (
     0.586,
     0.898,
 )  #: with heldout_data: σ_t of the study's t = 20…400 (linear, T = 1000)
-LID_STATISTIC = "relative"  #: the LID signal's per-probe ratio (memwatch.signals.lid.STATISTICS)
+LID_STATISTIC = "relative"  #: the LID signal's per-probe ratio (memwatch.signals.options.STATISTICS)
 LID_RATIO_THRESHOLD = 0.5  #: a probe is memorized when that ratio is below this
 LID_COUNT_THRESHOLD = 3.0  #: with lid.statistic="count": ... when its LID is below this many dimensions (study v3)
 LOSS_GAP_SIZE = 256  #: with heldout_data: samples per side of the loss gap

@@ -80,7 +80,7 @@ class LidReading:
         flipd: timestep -> ``[P]`` the probes' FLIPD, clamped into ``[0, d]`` (:func:`clamp_dimension`).
         denoising_lid: timestep -> ``[P]`` the probes' denoising LID, clamped alike (empty with
             ``lid.draws=0``).
-        statistics: name of :data:`memwatch.signals.lid.STATISTICS` -> ``[P]`` ratio (NaN where not measured).
+        statistics: name of :data:`memwatch.signals.options.STATISTICS` -> ``[P]`` ratio (NaN where not measured).
         memorized: ``[P]`` bool, ``lid.statistic < lid.ratio_threshold``.
         clamped: ``[P]`` bool, probes whose FLIPD or denoising LID at the primary level lay
             outside ``[0, d]`` before clamping.
@@ -278,7 +278,7 @@ def statistics(
     denoising: Mapping[float, Tensor] | None = None,
     count: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """The LID signal's per-probe statistics (:data:`memwatch.signals.lid.STATISTICS`), elementwise
+    """The LID signal's per-probe statistics (:data:`memwatch.signals.options.STATISTICS`), elementwise
     over probes (any shape ``[...]``, e.g. ``[P]`` at a check or ``[C, P]`` over a run).
 
     Args:

@@ -3,9 +3,9 @@
 :class:`memwatch.MemorizationMonitor` takes the handful of settings nearly every user sets as
 arguments of its own and the rest as one group each — what the probes are (:class:`ProbeOptions`),
 how training batches are read (:class:`DataOptions`), how sharp a probe must be
-(:class:`memwatch.signals.sharpness.SharpnessCheckOptions`), when onset is declared
+(:class:`memwatch.signals.options.SharpnessCheckOptions`), when onset is declared
 (:class:`OnsetOptions`), what the copies and loss-gap signals compare with
-(:class:`memwatch.signals.copies.CopyOptions`, :class:`memwatch.signals.lossgap.LossGapOptions`),
+(:class:`memwatch.signals.options.CopyOptions`, :class:`memwatch.signals.options.LossGapOptions`),
 what is kept (:class:`CheckpointOptions`) and what is reported (:class:`ReportOptions`). Each group
 checks its own fields when it is built, and the message names ``group.field``, the allowed range
 and the value. LightningCLI / jsonargparse reads the groups as nested options

@@ -47,7 +47,7 @@ from memwatch.loggers import WANDB_MODES, MonitorLogger, finish_wandb, wandb_log
 from memwatch.options import CheckpointOptions, ProbeOptions, ReportOptions
 from memwatch.reporting import CheckResult
 from memwatch.signals import SharpnessCheckOptions
-from memwatch.signals.lid import DESCRIPTIONS
+from memwatch.signals.options import DESCRIPTIONS
 
 if TYPE_CHECKING:
     from rich.console import Console

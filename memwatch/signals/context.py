@@ -18,9 +18,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from memwatch.intake import TrainingSamples
     from memwatch.options import DataOptions, OnsetOptions, ProbeOptions
-    from memwatch.signals.copies import CopyOptions
-    from memwatch.signals.lossgap import LossGapOptions
-    from memwatch.signals.sharpness import SharpnessCheckOptions
+    from memwatch.signals.options import CopyOptions, LossGapOptions, SharpnessCheckOptions
 
 __all__ = ["SignalContext"]
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,40 +27,18 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from memwatch.attribution import CopiedItem, copied_items
-from memwatch.errors import MemwatchError
-from memwatch.index import CopyIndex, Hits, IndexOptions, fill_from, merge_hits, nearest, ratio
+from memwatch.index import CopyIndex, Hits, fill_from, merge_hits, nearest, ratio
 from memwatch.intake import TrainingSamples, in_probe_space
 from memwatch.options import DataOptions
 from memwatch.probes import ProbeMeasurement, shard
 from memwatch.signals.base import Draft, Run, Signal, gathered, nan_values
 from memwatch.signals.context import SignalContext
+from memwatch.signals.options import CopyOptions
 
 __all__ = ["CopyOptions", "CopySignal"]
 
 #: the values that need a ratio per probe
 COPY_VALUES = ("nn_memorized_fraction", "auroc", "flagged_fraction")
-
-
-@dataclass(frozen=True, eq=False)
-class CopyOptions:
-    """What the probes' copies are found in, and named by.
-
-    Attributes:
-        ids: ids of the ``reference_data`` items (a list, or a Dataset returning ``(data, id)`` /
-            ``{"id": …}``), shown in the attribution table (indices and counts only, never pixels).
-        index: the copy index's settings (memory budget, vectors, exact/compressed tiers, mirrored
-            probes): :class:`memwatch.index.IndexOptions`.
-        embed_fn: a feature map ``[m, *shape] -> [m, e]`` (e.g. a frozen SSCD / DINO network)
-            applied to the probes and the training samples alike: copies by L2 on its features.
-    """
-
-    ids: Sequence[Any] | None = None
-    index: IndexOptions = IndexOptions()
-    embed_fn: Callable[[Tensor], Tensor] | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.index, IndexOptions):
-            raise MemwatchError(f"`copies.index` must be an IndexOptions, got {type(self.index).__name__}")
 
 
 class CopySignal(Signal):

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,59 +44,9 @@ from memwatch.probes import ProbeMeasurement, shard
 from memwatch.score import DiffusionScore
 from memwatch.signals.base import Draft, Run, Signal, gathered, nan_values
 from memwatch.signals.context import SignalContext
-from memwatch.validation import check_fraction, check_int, check_positive
+from memwatch.signals.options import DESCRIPTIONS, STATISTICS, LidOptions
 
 __all__ = ["DESCRIPTIONS", "STATISTICS", "LidOptions", "LidSignal"]
-
-#: the per-probe statistics, in words: four ratios (1: as the reference; → 0: a copy) and the LID itself
-DESCRIPTIONS = {
-    "relative": "FLIPD / data LID",
-    "profile": "mean over levels of FLIPD / data LID",
-    "drawdown": "FLIPD / its first checks' median",
-    "denoising": "denoising LID / data LID",
-    "count": "LID",
-}
-STATISTICS = tuple(DESCRIPTIONS)
-
-
-@dataclass(frozen=True)
-class LidOptions:
-    """How the LID signal measures and decides (see :mod:`memwatch.signals.lid`).
-
-    Attributes:
-        statistic: the per-probe statistic a probe is judged on, one of :data:`STATISTICS`
-            (``"count"``: the probe's LID at the primary level itself, in dimensions — the
-            sharpness measurement's count of flat directions, FLIPD on the trace tier).
-        ratio_threshold: a probe is memorized when its ratio is below this (``(0, 1]``).
-        count_threshold: with ``statistic="count"``: a probe is memorized when its LID is below
-            this many dimensions (``> 0``).
-        neighbours: the fewest points per local-PCA neighbourhood of the data LID (``>= 2``;
-            more when the noise reaches further, :func:`memwatch.lid.data_lid`).
-        anchors: neighbourhoods the data LID's median is taken over (``>= 1``).
-        draws: noise draws per probe and level of the denoising LID (``0``: not measured; the
-            ``denoising`` statistic needs ``>= 1``).
-        baseline_checks: the first checks forming each probe's own baseline (``drawdown``).
-    """
-
-    statistic: str = defaults.LID_STATISTIC
-    ratio_threshold: float = defaults.LID_RATIO_THRESHOLD
-    count_threshold: float = defaults.LID_COUNT_THRESHOLD
-    neighbours: int = 32
-    anchors: int = 256
-    draws: int = 8
-    baseline_checks: int = 2
-
-    def __post_init__(self) -> None:
-        if self.statistic not in STATISTICS:
-            raise MemwatchError(f"`sharpness.lid.statistic` must be one of {list(STATISTICS)}, got {self.statistic!r}")
-        check_fraction("sharpness.lid.ratio_threshold", self.ratio_threshold, low_open=True, high_closed=True)
-        check_positive("sharpness.lid.count_threshold", self.count_threshold)
-        check_int("sharpness.lid.neighbours", self.neighbours, 2)
-        check_int("sharpness.lid.anchors", self.anchors, 1)
-        check_int("sharpness.lid.draws", self.draws, 0)
-        check_int("sharpness.lid.baseline_checks", self.baseline_checks, 1)
-        if self.statistic == "denoising" and self.draws == 0:
-            raise MemwatchError('`sharpness.lid.statistic`="denoising" needs `sharpness.lid.draws` >= 1, got 0')
 
 
 class LidSignal(Signal):

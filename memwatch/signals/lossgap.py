@@ -10,9 +10,7 @@ these three values NaN.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -25,27 +23,9 @@ from memwatch.probes import ProbeMeasurement, evaluation_timesteps
 from memwatch.score import DiffusionScore
 from memwatch.signals.base import Draft, Run, Signal, gathered
 from memwatch.signals.context import SignalContext
-from memwatch.validation import check_levels
+from memwatch.signals.options import LossGapOptions
 
 __all__ = ["LossGapOptions", "LossGapSignal"]
-
-
-@dataclass(frozen=True, eq=False)
-class LossGapOptions:
-    """The held-out side of the loss gap.
-
-    Attributes:
-        heldout_data: samples ``[M, *shape]`` (or an iterable of batches; through
-            ``data.encode_fn`` like ``reference_data``) the model never trains on; ``None``: no
-            loss gap. Needs ``reference_data`` for the training side.
-        sigmas: its noise levels σ_t (the validation study's timesteps).
-    """
-
-    heldout_data: Tensor | Any | None = None
-    sigmas: Sequence[float] = defaults.LOSS_GAP_SIGMAS
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "sigmas", check_levels("loss_gap.sigmas", self.sigmas))
 
 
 class LossGapSignal(Signal):

@@ -21,23 +21,20 @@ than at the first check, ``DIVERGING_CHECKS`` checks or more into the run
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from memwatch import defaults
 from memwatch.lid import possible
 from memwatch.metrics import MemorizationMetrics
 from memwatch.probes import ProbeMeasurement
 from memwatch.reporting import format_timestep
 from memwatch.sampling import excursion
-from memwatch.sharpness import SharpnessOptions, SharpnessResult
+from memwatch.sharpness import SharpnessResult
 from memwatch.signals.base import Draft, Run, Signal, gathered
 from memwatch.signals.context import SignalContext
-from memwatch.signals.lid import LidOptions
-from memwatch.validation import check_fraction, check_int
+from memwatch.signals.options import SharpnessCheckOptions
 
 __all__ = ["SharpnessCheckOptions", "SharpnessSignal"]
 
@@ -45,46 +42,6 @@ __all__ = ["SharpnessCheckOptions", "SharpnessSignal"]
 #: least ``DIVERGING_CHECKS`` checks, is a diverging sampler (warned once)
 DIVERGING_SHARE = 0.5
 DIVERGING_CHECKS = 3
-
-
-@dataclass(frozen=True)
-class SharpnessCheckOptions(SharpnessOptions):
-    """How sharp a probe must be, and how its spectrum is measured at a check.
-
-    The fields of :class:`memwatch.SharpnessOptions` (``k``, ``threshold``, ``method``,
-    ``num_iters``, ``num_vectors``, ``max_batch``, …) plus:
-
-    Attributes:
-        score_threshold: a probe counts as memorized when its sharp fraction exceeds this (``[0, 1)``).
-        lid: the LID signal's options (:class:`memwatch.signals.lid.LidOptions`): the probes' LID
-            against the data's, and the rule of ``onset.on="lid"``.
-        spectrum_every_n_checks: with ``method="auto"`` at image scale (``d > 384``) the cheap
-            trace tier (LID / FLIPD from ``num_vectors`` reverse-mode products per probe) runs at
-            every check and the Lanczos spectrum every n-th check (``lambda_min`` and the
-            spectrum panel update then; NaN in between).
-        spectrum_probes: that spectrum is measured on this many probes per process (the first of
-            its shard; ``None``: all of them): the panel draws their mean density, and
-            ``lambda_min`` / ``normalized_eig_mean`` summarize them. The spectrum costs what the
-            trace tier of eight checks does per probe; on a few it is no longer the first
-            check's bulk (the README's Performance section).
-    """
-
-    score_threshold: float = defaults.SCORE_THRESHOLD
-    spectrum_every_n_checks: int = defaults.SPECTRUM_EVERY_N_CHECKS
-    spectrum_probes: int | None = defaults.SPECTRUM_PROBES
-    lid: LidOptions = LidOptions()
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_fraction("sharpness.score_threshold", self.score_threshold)
-        check_int("sharpness.spectrum_every_n_checks", self.spectrum_every_n_checks, 1)
-        if self.spectrum_probes is not None:
-            check_int("sharpness.spectrum_probes", self.spectrum_probes, 1, allow="or None")
-
-    def measure_options(self) -> SharpnessOptions:
-        """The spectrum settings alone, as :func:`memwatch.measure_sharpness` takes them."""
-        names = SharpnessOptions.__dataclass_fields__
-        return SharpnessOptions(**{n: getattr(self, n) for n in names})
 
 
 class SharpnessSignal(Signal):
