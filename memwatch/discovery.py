@@ -50,6 +50,7 @@ __all__ = [
     "check_score",
     "find_score",
     "measured_score",
+    "network_of",
     "sample_shape_of",
 ]
 
@@ -619,6 +620,19 @@ def _eval_mode(model: Any) -> Iterator[None]:
     finally:
         for m, training in modes.items():
             m.train(training)
+
+
+def network_of(module: nn.Module) -> nn.Module:
+    """The network inside data-parallel wrappers — ``DistributedDataParallel`` (what
+    ``accelerate``'s ``prepare`` and torchrun scripts train) and ``DataParallel`` —, else ``module``.
+
+    A check measures and keeps the network itself: the same parameters, its own ``state_dict`` keys
+    (a wrapper's are ``module.…``, which a fresh network does not load), and its forward without the
+    wrapper's collectives (a check's calls differ between ranks).
+    """
+    while isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        module = module.module
+    return module
 
 
 # ---------------------------------------------------------------------- small helpers

@@ -40,7 +40,7 @@ from memwatch import defaults
 from memwatch.attribution import CopiedItem
 from memwatch.cadence import BudgetCadence, CadenceOptions, DataSize
 from memwatch.collective import Collective, default_collective
-from memwatch.discovery import ScoreFn, find_score
+from memwatch.discovery import ScoreFn, find_score, network_of
 from memwatch.errors import MemwatchError
 from memwatch.intake import BatchIntake, TrainingSamples, batch_sample_shape
 from memwatch.keepers import FileKeeper, Keeper
@@ -208,7 +208,10 @@ class Monitor(Probing):
         fix what can be fixed, and keep its starting weights as the first clean ones (at ``step`` 0).
 
         Args:
-            module: the network under training (any ``nn.Module``; see ``score_fn``).
+            module: the network under training (any ``nn.Module``; see ``score_fn``), also as a
+                loop holds it in a data-parallel wrapper (``accelerator.prepare``'s
+                ``DistributedDataParallel``): the network inside is watched and kept
+                (:func:`memwatch.discovery.network_of`), so the clean weights load into a fresh one.
             step: the global step training starts from (a resumed run keeps its clean weights).
             logger: where checks are logged: ``None``, a W&B run, a Lightning logger or a list of them
                 (:meth:`memwatch.loggers.MonitorLogger.of`).
@@ -219,7 +222,7 @@ class Monitor(Probing):
         Raises:
             MemwatchError: no score is found, or a setting does not fit the model.
         """
-        collective = collective or default_collective()
+        module, collective = network_of(module), collective or default_collective()
         if keeper is None and self.checkpoint.save:
             dirpath = self.checkpoint.dirpath or _DEFAULT_CLEAN_DIR
             keeper = FileKeeper(dirpath, self.checkpoint.mode, raise_errors=self.report.raise_errors)
@@ -311,6 +314,7 @@ class Monitor(Probing):
         """
         if self._reporter is None:
             raise MemwatchError("call `start(module)` before `check(module, step)`")
+        module = network_of(module)
         self._last_checked_step = step
         if self.detector.memorizing and self.stop_on_onset:  # e.g. resumed after onset: stop again
             self.should_stop = True
@@ -536,6 +540,7 @@ class Monitor(Probing):
         Returns:
             ``(samples [n, *shape] on the CPU, {timestep: SharpnessResult})``, primary timestep first.
         """
+        module = network_of(module)
         if self._found is None:
             self.prepare(module)
         m = self.measure_check(module, rows, checks=len(self.history))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from wandb_offline import find_offline_run, history_values, read_history
 
-from memwatch import CheckpointOptions, FileKeeper, MemwatchError, Monitor, MonitorLogger, OnsetOptions
+from memwatch import CheckpointOptions, DiffusionScore, FileKeeper, MemwatchError, Monitor, MonitorLogger, OnsetOptions
 from memwatch.collective import SingleProcess, StrategyCollective, TorchDistributed, default_collective
 
 FAST = dict(num_probes=8, sampler_steps=10, sigmas=(0.2,), k=2, verbose=False, raise_errors=True)
@@ -220,3 +221,57 @@ def test_two_ranks_of_a_plain_loop_under_torch_distributed_reach_one_decision(tm
     assert ranks[0]["onset"] == ranks[1]["onset"] is not None and ranks[0]["clean"] == ranks[1]["clean"]
     saved = torch.load(tmp_path / "clean" / "memwatch-clean.ckpt", weights_only=True)  # written by rank zero
     assert saved["global_step"] == ranks[0]["clean"]
+
+
+def _accelerate_rank(rank: int, world: int, tmp: str) -> None:
+    """One process of an ``accelerate`` loop on CPUs (the environment ``accelerate launch`` sets;
+    the process group on a file store, which ``accelerate`` adopts, instead of a TCP port another
+    run could take): the network is prepared (wrapped in DistributedDataParallel) and handed to
+    the monitor as the loop holds it."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="0", OMP_NUM_THREADS="1")
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/store", world_size=world, rank=rank)
+    from accelerate import Accelerator
+
+    torch.set_num_threads(1)
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.num_processes == world and accelerator.process_index == rank
+    torch.manual_seed(0)
+    module = module_2d(hidden=64, depth=2)
+    optimizer = torch.optim.Adam(module.net.parameters(), lr=2e-3)
+    net, optimizer = accelerator.prepare(module.net, optimizer)
+    monitor = Monitor(lambda network: DiffusionScore(network, module.schedule), every_n_train_steps=10,
+                      stop_on_onset=True, onset=OnsetOptions(threshold=0.05, patience=1),
+                      checkpoint=CheckpointOptions(dirpath=Path(tmp) / "clean"), **FAST)  # fmt: skip
+    monitor.start(net)
+    data, g = memorizing_data(), torch.Generator().manual_seed(rank)
+    for step in range(200):
+        batch = data[torch.randint(len(data), (128,), generator=g)]
+        monitor.observe(batch, step)
+        t = torch.randint(0, module.schedule.num_timesteps, (len(batch),))
+        noise = torch.randn_like(batch)
+        ab = module.alphas_cumprod[t][:, None]
+        loss = nn.functional.mse_loss(net(ab.sqrt() * batch + (1 - ab).sqrt() * noise, t), noise)
+        optimizer.zero_grad()
+        accelerator.backward(loss)
+        optimizer.step()
+        if monitor.due(step + 1):
+            monitor.check(net, step + 1)
+        if monitor.should_stop:
+            break
+    history = [{k: None if v != v else round(v, 9) for k, v in h.items() if k != "check_seconds" and "time/" not in k}
+               for h in monitor.history]  # fmt: skip
+    report = dict(history=history, onset=monitor.onset_step, clean=monitor.clean_step, wrapped=type(net).__name__)
+    (Path(tmp) / f"rank{rank}.json").write_text(json.dumps(report))
+    torch.distributed.destroy_process_group()
+
+
+def test_an_accelerate_loop_on_two_processes_hands_its_wrapped_network_over(tmp_path):
+    torch.multiprocessing.spawn(_accelerate_rank, args=(2, str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["wrapped"] == "DistributedDataParallel"
+    assert ranks[0]["history"] == ranks[1]["history"] and len(ranks[0]["history"]) >= 2
+    assert ranks[0]["onset"] == ranks[1]["onset"] is not None and ranks[0]["clean"] == ranks[1]["clean"]
+    saved = torch.load(tmp_path / "clean" / "memwatch-clean.ckpt", weights_only=True)
+    fresh = module_2d(hidden=64, depth=2).net
+    fresh.load_state_dict(saved["state_dict"])  # the network's own keys, not the wrapper's (`module.…`)
