@@ -263,9 +263,15 @@ def _accelerate_rank(rank: int, world: int, tmp: str) -> None:
                for h in monitor.history]  # fmt: skip
     report = dict(history=history, onset=monitor.onset_step, clean=monitor.clean_step, wrapped=type(net).__name__)
     (Path(tmp) / f"rank{rank}.json").write_text(json.dumps(report))
-    torch.distributed.destroy_process_group()
+    # the end of diffusers' scripts, with the wrapper (and its hold on the process group) freed before
+    # the group: a gloo group freed after its destruction can wait on the other rank forever
+    accelerator.wait_for_everyone()
+    del net, optimizer
+    accelerator.free_memory()
+    accelerator.end_training()
 
 
+@pytest.mark.timeout(180)  # two processes of a few seconds each: a hang fails in minutes, not at the suite's limit
 def test_an_accelerate_loop_on_two_processes_hands_its_wrapped_network_over(tmp_path):
     torch.multiprocessing.spawn(_accelerate_rank, args=(2, str(tmp_path)), nprocs=2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
