@@ -173,7 +173,7 @@ class Monitor(Probing):
         self.signals = compose(SignalContext(
             self.num_probes, self.reference_data, self.data, self.probes, self.sharpness, self.onset, self.copies,
             self.loss_gap, self.calibrating, held=lambda: self.held_samples,
-            timesteps=lambda: list(self._eval_timesteps), max_batch=lambda: self.meter.max_batch,
+            timesteps=lambda: list(self.meter.timesteps), max_batch=lambda: self.meter.max_batch,
             training_samples=self._training_samples, use_levels=self.use_levels,
         ))  # fmt: skip
 
@@ -321,7 +321,7 @@ class Monitor(Probing):
             return None
         if not self._weights_finite(module, step):
             return None
-        self._reporter.start_line(step, self.num_probes, len(self._eval_timesteps) or len(self.probes.sigma_factors))
+        self._reporter.start_line(step, self.num_probes, len(self.meter.timesteps) or len(self.probes.sigma_factors))
         started = time.perf_counter()
         clock = PhaseClock(self._reporter.progress(step, started))
         world, rank = self.collective.world_size, self.collective.rank

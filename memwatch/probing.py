@@ -77,7 +77,6 @@ class Probing:
                                 self.probes.conditions, self.probes.condition_first_steps)  # fmt: skip
         self._found: Any = None
         self._module: nn.Module | None = None  # the module :meth:`prepare` found its score on
-        self._eval_timesteps: list[float] = []
         self._probe_set: ProbeSet | None = None
         self._seen_range: tuple[float, float] | None = None  # of the first training batches
         self._range_batches = 0
@@ -115,10 +114,10 @@ class Probing:
         """
         if self.sample_shape is None:
             raise MemwatchError("memwatch could not infer the probe shape; pass `data.sample_shape`")
-        if self._probe_set is None or self._probe_set.timesteps != self._eval_timesteps:
+        if self._probe_set is None or self._probe_set.timesteps != self.meter.timesteps:
             p = self.probes
             self._probe_set = ProbeSet(
-                self.sample_shape, self.num_probes, p.sampler_steps, self._eval_timesteps, p.seed, p.sampler
+                self.sample_shape, self.num_probes, p.sampler_steps, self.meter.timesteps, p.seed, p.sampler
             )
         return self._probe_set
 
@@ -216,8 +215,7 @@ class Probing:
         """Measure at these noise levels (or ``probes.timesteps``) from now on."""
         levels = None if sigmas == "auto" else sigmas
         p = self.probes
-        self._eval_timesteps = evaluation_grid(self._found.schedule, levels, p.timesteps, p.sampler_steps)
-        self.meter.use_timesteps(self._eval_timesteps)
+        self.meter.use_timesteps(evaluation_grid(self._found.schedule, levels, p.timesteps, p.sampler_steps))
 
     def _validate(self, pl_module: nn.Module) -> None:
         """Once the probe shape is known: the spectrum settings fit it, one dry call of the score

@@ -82,7 +82,7 @@ def test_the_context_offers_the_monitors_services_not_the_monitor(monkeypatch):
     assert context.timesteps() == [] and context.max_batch() is None
     monitor.start(module_2d(hidden=16, depth=1))
     context.use_levels((0.3,))  # what the calibration does with its levels
-    assert context.timesteps() == monitor._eval_timesteps and len(context.timesteps()) == 1
+    assert context.timesteps() == monitor.meter.timesteps and len(context.timesteps()) == 1
     monitor.observe(data, 0)  # the probe shape: the reference is checked in the probes' space
     torch.testing.assert_close(context.training_samples(), data)
     assert context.max_batch() == monitor.meter.max_batch is not None  # the meter's bound, resolved at the start
